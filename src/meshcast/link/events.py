@@ -1,0 +1,96 @@
+"""Effects returned by link state machines, and the interface every link offers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from meshcast.ids import NodeId
+
+
+@dataclass(frozen=True, slots=True)
+class Transmit:
+    """Send these bytes to that neighbour (one datagram, or one chunk of a stream)."""
+
+    to: NodeId
+    datagram: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A complete message arrived from `peer` (handed up at once, in arrival order)."""
+
+    peer: NodeId
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LinkEstablished:
+    peer: NodeId
+
+
+@dataclass(frozen=True, slots=True)
+class LinkFailed:
+    """The link gave up; `reason` says why. A failed link stays failed."""
+
+    peer: NodeId
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRestarted:
+    """The peer came back with a new incarnation; `discarded` queued messages were dropped."""
+
+    peer: NodeId
+    discarded: int
+
+
+LinkEffect = Transmit | Delivered | LinkEstablished | LinkFailed | PeerRestarted
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStats:
+    """Counters of one link endpoint (a frozen snapshot)."""
+
+    messages_sent: int = 0
+    messages_delivered: int = 0
+    bytes_delivered: int = 0
+    packets_sent: int = 0
+    packets_received: int = 0
+    retransmissions: int = 0
+    probes_sent: int = 0
+    nacks_sent: int = 0
+    state_packets_sent: int = 0
+    duplicates_dropped: int = 0
+    malformed_dropped: int = 0
+    foreign_dropped: int = 0
+    stale_dropped: int = 0
+    out_of_window_dropped: int = 0
+    protocol_violations: int = 0
+    queued_messages: int = 0
+    queued_bytes: int = 0
+    unacked_packets: int = 0
+    reassembly_bytes: int = 0
+    srtt: float = 0.0
+
+
+class Link(Protocol):
+    """What the overlay, the simulator and the runtime rely on; Hop and TCP both offer it.
+
+    Inputs return the effects they caused and never raise on bad peer input.
+    """
+
+    @property
+    def peer(self) -> NodeId: ...
+    @property
+    def established(self) -> bool: ...
+    @property
+    def failed(self) -> bool: ...
+
+    def start(self, now: float) -> list[LinkEffect]: ...
+    def can_send(self, size: int) -> bool: ...
+    def send(self, payload: bytes, now: float) -> list[LinkEffect]: ...
+    def datagram_received(self, datagram: bytes, now: float) -> list[LinkEffect]: ...
+    def on_timer(self, now: float) -> list[LinkEffect]: ...
+    def next_deadline(self) -> float | None: ...
+    def statistics(self) -> LinkStats: ...
