@@ -24,6 +24,7 @@ class LinkConfig:
     heartbeat_interval: float = 0.5  # s: liveness probe and RTT sample
     hello_interval: float = 0.25  # s: handshake retry
     failure_rounds: int = 8  # unanswered heartbeat or NACK rounds before the link fails
+    idle_duplicate_retransmits: bool = True  # send retransmissions twice when nothing new waits
     max_reassembly_bytes: int = 48 * 1024 * 1024  # bytes of partially received messages
 
     def __post_init__(self) -> None:
@@ -31,7 +32,7 @@ class LinkConfig:
             raise ConfigError(f"must be between {MIN_MTU} and {MAX_MTU}", key="link.mtu")
         for f in fields(self):
             value = getattr(self, f.name)
-            if value <= 0:
+            if not isinstance(value, bool) and value <= 0:
                 raise ConfigError(f"must be positive, got {value!r}", key=f"link.{f.name}")
         if self.max_send_queue_bytes < self.max_message_size:
             raise ConfigError(

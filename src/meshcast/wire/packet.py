@@ -19,7 +19,7 @@ Link-state block (``STATE_BLOCK``), what the sender knows of the reverse stream:
     ack_epoch u32 | cum_ack u64 | send_high u64 | n_nacks u16 | n_nacks x (first u64, count u32)
 
 Bodies by type: DATA carries fragments (see below); STATE has none (the block is
-mandatory); HEARTBEAT is ``kind u8 | stamp u64``; HELLO is ``seen_epoch u32 | mtu u16``.
+mandatory); HEARTBEAT is ``kind u8 | stamp u64``; HELLO is ``seen_epoch u32 | mtu u16 | established u8``.
 
 Fragments in a DATA body, one after another, at least one::
 
@@ -49,7 +49,7 @@ HEADER = struct.Struct("!HBBBBHIIQ")
 STATE_BLOCK = struct.Struct("!IQQH")
 NACK_RANGE = struct.Struct("!QI")
 HEARTBEAT_BODY = struct.Struct("!BQ")
-HELLO_BODY = struct.Struct("!IH")
+HELLO_BODY = struct.Struct("!IHB")
 WHOLE_HEAD = struct.Struct("!BH")
 PIECE_HEAD = struct.Struct("!BIIIH")
 
@@ -123,6 +123,7 @@ class Heartbeat:
 class Hello:
     seen_epoch: int  # the peer's epoch as the sender knows it, 0 if unknown
     mtu: int
+    established: bool = False  # the sender finished the handshake: no reply needed
 
 
 Body = tuple[Fragment, ...] | Heartbeat | Hello | None
@@ -189,7 +190,7 @@ def encode(packet: Packet) -> bytes:
     if isinstance(body, Heartbeat):
         parts.append(HEARTBEAT_BODY.pack(body.kind, body.stamp))
     elif isinstance(body, Hello):
-        parts.append(HELLO_BODY.pack(body.seen_epoch, body.mtu))
+        parts.append(HELLO_BODY.pack(body.seen_epoch, body.mtu, int(body.established)))
     elif isinstance(body, tuple):
         parts.extend(encode_fragment(f) for f in body)
     parts.append(packet.tag)
@@ -302,10 +303,12 @@ def decode(datagram: bytes | memoryview) -> Packet:
     elif header.ptype is PacketType.HELLO:
         if end - pos != HELLO_BODY.size:
             raise DecodeError("hello body has the wrong size")
-        seen, mtu = HELLO_BODY.unpack_from(data, pos)
+        seen, mtu, established = HELLO_BODY.unpack_from(data, pos)
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise DecodeError(f"hello announces an invalid MTU {mtu}")
-        body = Hello(seen, mtu)
+        if established > 1:
+            raise DecodeError(f"hello has an invalid established flag {established}")
+        body = Hello(seen, mtu, bool(established))
         pos = end
     if pos != end:
         raise DecodeError(f"{end - pos} trailing bytes after the packet body")

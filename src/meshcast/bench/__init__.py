@@ -1,0 +1,1 @@
+"""Benchmarks behind `meshcast bench`: each suite returns plain numbers for JSON output."""

@@ -1,0 +1,635 @@
+"""The Hop link protocol: reliable, non-blocking, paced delivery to one neighbour.
+
+Theory of operation: docs/design/link.md. In short (Amir, Danilov, Stanton, DSN 2000):
+
+* every packet gets a link sequence number and is handed up the moment it arrives, even
+  when earlier ones are missing (non-blocking); duplicates are suppressed;
+* the receiver NACKs a gap only after `nack_delay_interval` (so reordered packets are not
+  requested) and re-NACKs it about every 1.5 RTT until it arrives (lazy selective NACKs);
+* the sender keeps every packet until it is cumulatively acknowledged and retransmits it
+  on NACK, ahead of new data; a probe after an ack-less RTO recovers lost tail packets;
+* a token bucket paces everything at the link's rate, and at most
+  `max_unacked_packets` may be outstanding, so memory is bounded on both sides;
+* after `failure_rounds` silent heartbeat rounds, or a packet NACKed
+  `max_nack_rounds` times in vain, the link reports `LinkFailed`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from dataclasses import dataclass
+
+from meshcast import wire
+from meshcast.errors import DecodeError
+from meshcast.ids import NodeId
+from meshcast.link.config import LinkConfig
+from meshcast.link.events import (
+    Delivered,
+    LinkEffect,
+    LinkEstablished,
+    LinkFailed,
+    LinkStats,
+    PeerRestarted,
+    Transmit,
+)
+from meshcast.link.pacer import Pacer
+from meshcast.link.reassembly import Reassembler
+from meshcast.link.rtt import RttEstimator
+from meshcast.link.sendqueue import SendQueue
+from meshcast.wire.packet import (
+    FLAG_STATE,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    NACK_RANGE,
+    STATE_BLOCK,
+    U32_MAX,
+    U64_MAX,
+    VERSION,
+    Heartbeat,
+    HeartbeatKind,
+    Hello,
+    LinkState,
+    MessagePiece,
+    Packet,
+    PacketType,
+)
+
+log = logging.getLogger(__name__)
+
+_DATA = int(PacketType.DATA)
+_STATE = int(PacketType.STATE)
+_MAX_NACK_ROUNDS = 40  # a packet NACKed this often in vain means the link eats it
+_PROBE_BACKOFF_LIMIT = 6  # probe interval doubles at most this many times
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    body: bytes
+    sent_at: float
+
+
+@dataclass(slots=True)
+class _Gap:
+    nack_at: float
+    rounds: int = 0
+
+
+class HopLink:
+    """One endpoint of a Hop link to `peer`. Sans-I/O: time comes in, effects go out."""
+
+    def __init__(self, local: NodeId, peer: NodeId, config: LinkConfig, *, epoch: int) -> None:
+        if not 0 < epoch <= U32_MAX:
+            raise ValueError(f"epoch must be a non-zero u32, got {epoch}")
+        self._local = local
+        self._peer = peer
+        self._config = config
+        self._body_budget = config.mtu - HEADER_SIZE - STATE_BLOCK.size
+        self._max_nacks_per_packet = min(
+            wire.MAX_NACK_RANGES, (config.mtu - HEADER_SIZE - STATE_BLOCK.size) // NACK_RANGE.size
+        )
+        self._epoch = epoch
+        self._established = False
+        self._failed = False
+        self._started = False
+        self._rtt = RttEstimator(config.initial_rtt)
+        self._pacer = Pacer(config.rate_bps, config.burst_bytes)
+        # sending side
+        self._queue = SendQueue(config.max_send_queue_bytes, config.max_message_size)
+        self._next_seq = 1
+        self._cum_acked = 0
+        self._unacked: dict[int, _Outstanding] = {}
+        self._retransmit: list[int] = []  # min-heap: oldest NACKed packet first
+        self._retransmit_set: set[int] = set()
+        self._suspects: set[int] = set()  # NACKed at least once and still unacknowledged
+        self._probe_at: float | None = None
+        self._probe_backoff = 0
+        # receiving side
+        self._peer_epoch = 0
+        self._rcv_cum = 0
+        self._rcv_high = 0
+        self._rcv_above: set[int] = set()
+        self._gaps: dict[int, _Gap] = {}
+        self._gap_heap: list[tuple[float, int]] = []
+        self._ack_pending = 0
+        self._ack_due_at: float | None = None
+        self._reassembly = Reassembler(config.max_message_size, config.max_reassembly_bytes)
+        # liveness
+        self._last_heard_at = 0.0
+        self._pacer_clock = 0.0  # time of the latest input, for next_deadline()
+        self._heartbeat_at: float | None = None
+        self._hello_at: float | None = None
+        self._counters: dict[str, int] = dict.fromkeys(
+            (
+                "messages_sent",
+                "messages_delivered",
+                "bytes_delivered",
+                "packets_sent",
+                "packets_received",
+                "retransmissions",
+                "probes_sent",
+                "nacks_sent",
+                "state_packets_sent",
+                "duplicates_dropped",
+                "malformed_dropped",
+                "foreign_dropped",
+                "stale_dropped",
+                "out_of_window_dropped",
+                "protocol_violations",
+            ),
+            0,
+        )
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def peer(self) -> NodeId:
+        return self._peer
+
+    @property
+    def established(self) -> bool:
+        return self._established
+
+    @property
+    def failed(self) -> bool:
+        return self._failed
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def can_send(self, size: int) -> bool:
+        return not self._failed and self._queue.can_accept(size)
+
+    def statistics(self) -> LinkStats:
+        return LinkStats(
+            **self._counters,
+            queued_messages=len(self._queue),
+            queued_bytes=self._queue.queued_bytes,
+            unacked_packets=len(self._unacked),
+            reassembly_bytes=self._reassembly.buffered_bytes,
+            srtt=self._rtt.srtt,
+        )
+
+    def next_deadline(self) -> float | None:
+        if self._failed or not self._started:
+            return None
+        deadlines = [self._last_heard_at + self._silence_timeout()]
+        if self._hello_at is not None:
+            deadlines.append(self._hello_at)
+        if self._heartbeat_at is not None:
+            deadlines.append(self._heartbeat_at)
+        if self._ack_due_at is not None:
+            deadlines.append(self._ack_due_at)
+        if self._gap_heap:
+            deadlines.append(self._gap_heap[0][0])
+        if self._probe_at is not None:
+            deadlines.append(self._probe_at)
+        if self._suspects and self._established:
+            resend_at = self._idle_resend_at()
+            if resend_at is not None:
+                deadlines.append(max(resend_at, self._pacer.ready_at(self._pacer_clock)))
+        if self._has_sendable():
+            deadlines.append(self._pacer.ready_at(self._pacer_clock))
+        return min(deadlines)
+
+    # ------------------------------------------------------------------ inputs
+
+    def start(self, now: float) -> list[LinkEffect]:
+        """Begin the handshake. Call once, before anything else."""
+        self._started = True
+        self._last_heard_at = now
+        self._pacer_clock = now
+        effects: list[LinkEffect] = []
+        self._send_hello(now, effects)
+        return effects
+
+    def send(self, payload: bytes, now: float, *, flush: bool = True) -> list[LinkEffect]:
+        """Queue one message. Raises `MessageTooLarge` or `BufferFull` (see `can_send`).
+
+        With `flush=False` the message only joins the queue, so a driver holding a batch
+        can queue it all and let the next `on_timer` (due at once) pack it densely.
+        """
+        if self._failed:
+            return []
+        self._queue.push(payload)
+        effects: list[LinkEffect] = []
+        if flush:
+            self._pump(now, effects)
+        else:
+            self._pacer_clock = now
+        return effects
+
+    def on_timer(self, now: float) -> list[LinkEffect]:
+        effects: list[LinkEffect] = []
+        if self._failed or not self._started:
+            return effects
+        if now - self._last_heard_at >= self._silence_timeout():
+            silent = now - self._last_heard_at
+            self._fail(f"no packet from peer for {silent:.3f} s", effects)
+            return effects
+        if self._hello_at is not None and now >= self._hello_at:
+            self._send_hello(now, effects)
+        if self._heartbeat_at is not None and now >= self._heartbeat_at:
+            self._send_heartbeat(now, effects)
+        if self._gap_heap and self._gap_heap[0][0] <= now:
+            if not self._send_nacks(now, effects):
+                return effects
+        if self._ack_due_at is not None and now >= self._ack_due_at:
+            self._send_state(now, effects)
+        if self._probe_at is not None and now >= self._probe_at:
+            self._probe(now)
+        self._pump(now, effects)
+        return effects
+
+    def datagram_received(self, datagram: bytes, now: float) -> list[LinkEffect]:
+        effects: list[LinkEffect] = []
+        if self._failed:
+            return effects
+        try:
+            packet = wire.decode(datagram)
+        except DecodeError as exc:
+            self._counters["malformed_dropped"] += 1
+            log.debug("link %s->%s: drop malformed datagram: %s", self._local, self._peer, exc)
+            return effects
+        header = packet.header
+        if header.sender != self._peer:
+            self._counters["foreign_dropped"] += 1
+            return effects
+        if header.ptype is PacketType.HELLO:
+            self._counters["packets_received"] += 1
+            assert isinstance(packet.body, Hello)
+            self._on_hello(header.epoch, packet.body, now, effects)
+            self._pump(now, effects)
+            return effects
+        if self._peer_epoch == 0 or header.epoch != self._peer_epoch:
+            self._counters["stale_dropped"] += 1
+            return effects
+        self._counters["packets_received"] += 1
+        self._last_heard_at = now
+        if packet.state is not None:
+            self._on_state(packet.state, now)
+        if header.ptype is PacketType.DATA:
+            self._on_data(packet, now, effects)
+        elif header.ptype is PacketType.HEARTBEAT:
+            assert isinstance(packet.body, Heartbeat)
+            self._on_heartbeat(packet.body, now, effects)
+        self._pump(now, effects)
+        if self._ack_due_at is not None and self._ack_due_at <= now:
+            self._send_state(now, effects)
+        return effects
+
+    # ------------------------------------------------------------------ handshake
+
+    def _send_hello(self, now: float, effects: list[LinkEffect]) -> None:
+        hello = Hello(self._peer_epoch, self._config.mtu, self._established)
+        datagram = wire.encode(
+            Packet(wire.Header(PacketType.HELLO, self._local, self._epoch), body=hello)
+        )
+        self._emit(datagram, now, effects)
+        # Retry until the peer confirms our epoch; the silence timeout bounds the retries.
+        self._hello_at = None if self._established else now + self._config.hello_interval
+
+    def _on_hello(
+        self, peer_epoch: int, hello: Hello, now: float, effects: list[LinkEffect]
+    ) -> None:
+        self._last_heard_at = now
+        new_peer = peer_epoch != self._peer_epoch
+        if new_peer:
+            if self._peer_epoch != 0:
+                log.info(
+                    "link %s->%s: peer restarted (epoch %d)", self._local, self._peer, peer_epoch
+                )
+            self._reset_receiver(peer_epoch)
+            if self._established and hello.seen_epoch != self._epoch:
+                # The peer lost our stream: start a fresh one it can follow from seq 1.
+                self._reset_sender(effects)
+        if hello.seen_epoch == self._epoch and not self._established:
+            self._established = True
+            self._hello_at = None
+            self._heartbeat_at = now
+            effects.append(LinkEstablished(self._peer))
+        if not hello.established or new_peer:
+            self._send_hello(now, effects)
+
+    def _reset_receiver(self, peer_epoch: int) -> None:
+        self._peer_epoch = peer_epoch
+        self._rcv_cum = 0
+        self._rcv_high = 0
+        self._rcv_above.clear()
+        self._gaps.clear()
+        self._gap_heap.clear()
+        self._ack_pending = 0
+        self._ack_due_at = None
+        self._reassembly.clear()
+
+    def _reset_sender(self, effects: list[LinkEffect]) -> None:
+        discarded = self._queue.clear() + len(self._unacked)
+        self._epoch = self._epoch % U32_MAX + 1
+        self._next_seq = 1
+        self._cum_acked = 0
+        self._unacked.clear()
+        self._retransmit.clear()
+        self._retransmit_set.clear()
+        self._probe_at = None
+        self._established = False
+        effects.append(PeerRestarted(self._peer, discarded))
+
+    # ------------------------------------------------------------------ receiving
+
+    def _on_data(self, packet: Packet, now: float, effects: list[LinkEffect]) -> None:
+        seq = packet.header.seq
+        if seq <= self._rcv_cum or seq in self._rcv_above:
+            self._counters["duplicates_dropped"] += 1
+            # The sender may have missed our ACK (a probe or a spurious retransmission).
+            self._ack_due_at = now
+            return
+        if seq > self._rcv_cum + self._config.max_unacked_packets:
+            self._counters["out_of_window_dropped"] += 1
+            return
+        if seq == self._rcv_cum + 1:
+            self._rcv_cum = seq
+            above = self._rcv_above
+            while self._rcv_cum + 1 in above:
+                self._rcv_cum += 1
+                above.remove(self._rcv_cum)
+        else:
+            self._rcv_above.add(seq)
+        if seq > self._rcv_high:
+            self._open_gaps(self._rcv_high + 1, seq, now)
+            self._rcv_high = seq
+        else:
+            self._gaps.pop(seq, None)
+        self._ack_pending += 1
+        if self._ack_pending >= self._config.ack_every_packets:
+            self._ack_due_at = now
+        elif self._ack_due_at is None:
+            self._ack_due_at = now + self._config.ack_delay_interval
+        assert isinstance(packet.body, tuple)
+        self._deliver(packet.body, effects)
+
+    def _deliver(self, fragments: tuple[wire.Fragment, ...], effects: list[LinkEffect]) -> None:
+        counters = self._counters
+        for fragment in fragments:
+            if isinstance(fragment, MessagePiece):
+                try:
+                    payload = self._reassembly.add(
+                        fragment.msg_id, fragment.total, fragment.offset, fragment.data
+                    )
+                except ValueError as exc:
+                    counters["protocol_violations"] += 1
+                    log.warning("link %s->%s: dropped piece: %s", self._local, self._peer, exc)
+                    continue
+                if payload is None:
+                    continue
+            else:
+                payload = fragment.data
+            counters["messages_delivered"] += 1
+            counters["bytes_delivered"] += len(payload)
+            effects.append(Delivered(self._peer, payload))
+
+    def _open_gaps(self, first: int, end: int, now: float) -> None:
+        """Seqs in [first, end) are missing: NACK them after the reorder allowance."""
+        nack_at = now + self._config.nack_delay_interval
+        gaps = self._gaps
+        for seq in range(first, end):
+            gaps[seq] = _Gap(nack_at)
+        if end > first:
+            heapq.heappush(self._gap_heap, (nack_at, first))
+
+    def _renack_interval(self) -> float:
+        return max(
+            self._config.min_renack_interval,
+            1.2 * self._rtt.srtt + self._config.nack_delay_interval,
+        )
+
+    def _send_nacks(self, now: float, effects: list[LinkEffect]) -> bool:
+        """NACK every gap that is due; False if one was NACKed too often (link failed)."""
+        heap = self._gap_heap
+        while heap and heap[0][0] <= now:
+            heapq.heappop(heap)
+        due = sorted(seq for seq, gap in self._gaps.items() if gap.nack_at <= now)
+        if not due:
+            return True
+        renack_at = now + self._renack_interval()
+        ranges: list[tuple[int, int]] = []
+        for seq in due:
+            gap = self._gaps[seq]
+            gap.rounds += 1
+            if gap.rounds > _MAX_NACK_ROUNDS:
+                self._fail(f"packet {seq} not recovered after {_MAX_NACK_ROUNDS} NACKs", effects)
+                return False
+            gap.nack_at = renack_at
+            if ranges and ranges[-1][0] + ranges[-1][1] == seq:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
+            else:
+                ranges.append((seq, 1))
+        heapq.heappush(heap, (renack_at, due[0]))
+        step = self._max_nacks_per_packet
+        for i in range(0, len(ranges), step):
+            self._counters["nacks_sent"] += 1
+            self._send_state(now, effects, tuple(ranges[i : i + step]))
+        return True
+
+    def _send_state(
+        self, now: float, effects: list[LinkEffect], nacks: tuple[tuple[int, int], ...] = ()
+    ) -> None:
+        block = LinkState(self._peer_epoch, self._rcv_cum, self._next_seq - 1, nacks)
+        datagram = HEADER.pack(
+            MAGIC, VERSION, _STATE, FLAG_STATE, 0, 0, self._local, self._epoch, 0
+        ) + wire.encode_state(block)
+        self._counters["state_packets_sent"] += 1
+        self._ack_pending = 0
+        self._ack_due_at = None
+        self._emit(datagram, now, effects)
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def _silence_timeout(self) -> float:
+        return self._config.failure_rounds * self._config.heartbeat_interval
+
+    def _send_heartbeat(self, now: float, effects: list[LinkEffect]) -> None:
+        stamp = int(now * 1e6) & U64_MAX
+        self._emit_heartbeat(HeartbeatKind.REQUEST, stamp, now, effects)
+        silent = now - self._last_heard_at
+        # Probe faster once half the silence budget is gone, so a slow answer still counts.
+        fast = silent > self._silence_timeout() / 2
+        interval = self._config.heartbeat_interval / (4 if fast else 1)
+        self._heartbeat_at = now + interval
+
+    def _emit_heartbeat(
+        self, kind: HeartbeatKind, stamp: int, now: float, effects: list[LinkEffect]
+    ) -> None:
+        body = Heartbeat(kind, stamp)
+        header = wire.Header(PacketType.HEARTBEAT, self._local, self._epoch)
+        self._emit(wire.encode(Packet(header, body=body)), now, effects)
+
+    def _on_heartbeat(self, heartbeat: Heartbeat, now: float, effects: list[LinkEffect]) -> None:
+        if heartbeat.kind is HeartbeatKind.REQUEST:
+            self._emit_heartbeat(HeartbeatKind.REPLY, heartbeat.stamp, now, effects)
+            return
+        sample = now - heartbeat.stamp / 1e6
+        if 0 <= sample < self._silence_timeout():
+            self._rtt.observe(sample)
+
+    # ------------------------------------------------------------------ sending
+
+    def _on_state(self, state: LinkState, now: float) -> None:
+        if state.send_high > self._rcv_high and self._peer_epoch:
+            # The peer sent packets we never saw: the tail of its stream was lost.
+            end = min(state.send_high, self._rcv_cum + self._config.max_unacked_packets) + 1
+            if end > self._rcv_high + 1:
+                self._open_gaps(self._rcv_high + 1, end, now)
+                self._rcv_high = end - 1
+        if state.ack_epoch != self._epoch:
+            return  # feedback about a stream of ours that no longer exists
+        cum = state.cum_ack
+        if cum >= self._next_seq:
+            self._counters["protocol_violations"] += 1
+            return
+        if cum > self._cum_acked:
+            unacked = self._unacked
+            suspects = self._suspects
+            for seq in range(self._cum_acked + 1, cum + 1):
+                unacked.pop(seq, None)
+                suspects.discard(seq)
+            self._cum_acked = cum
+            self._probe_backoff = 0
+            self._probe_at = self._probe_deadline(now) if unacked else None
+        spacing = 0.75 * self._rtt.srtt
+        for first, count in state.nacks:
+            for seq in range(max(first, self._cum_acked + 1), min(first + count, self._next_seq)):
+                outstanding = self._unacked.get(seq)
+                if (
+                    outstanding is not None
+                    and seq not in self._retransmit_set
+                    and now - outstanding.sent_at >= spacing
+                ):
+                    self._retransmit_set.add(seq)
+                    self._suspects.add(seq)
+                    heapq.heappush(self._retransmit, seq)
+
+    def _idle_resend_interval(self) -> float:
+        rtt = self._rtt
+        return rtt.srtt + self._config.ack_delay_interval + max(4 * rtt.rttvar, 0.005)
+
+    def _idle_resend_at(self) -> float | None:
+        """When the link has nothing new to send, when a suspect is due to be resent."""
+        if not self._suspects or len(self._queue) or self._retransmit:
+            return None
+        unacked = self._unacked
+        oldest = min(
+            (unacked[seq].sent_at for seq in self._suspects if seq in unacked), default=None
+        )
+        return None if oldest is None else oldest + self._idle_resend_interval()
+
+    def _resend_suspects(self, now: float) -> bool:
+        """Spare capacity: resend NACKed packets whose retransmission seems lost too.
+
+        This does not wait for the receiver's next NACK round, which matters at the tail of
+        a burst where every extra round adds a whole RTT to the last delivery.
+        """
+        interval = self._idle_resend_interval()
+        unacked = self._unacked
+        due = [
+            seq
+            for seq in self._suspects
+            if seq in unacked
+            and unacked[seq].sent_at + interval <= now  # same sum as _idle_resend_at
+            and seq not in self._retransmit_set
+        ]
+        for seq in due:
+            self._retransmit_set.add(seq)
+            heapq.heappush(self._retransmit, seq)
+        return bool(due)
+
+    def _probe_deadline(self, now: float) -> float:
+        pto = self._rtt.srtt + 4 * self._rtt.rttvar + self._config.ack_delay_interval
+        return now + pto * (1 << self._probe_backoff)
+
+    def _probe(self, now: float) -> None:
+        """No ACK progress for a whole probe timeout: resend the newest unacked packet.
+
+        Its arrival (or its duplicate) makes the receiver ACK and reveals any hole before it.
+        """
+        self._probe_backoff = min(self._probe_backoff + 1, _PROBE_BACKOFF_LIMIT)
+        self._probe_at = self._probe_deadline(now) if self._unacked else None
+        if self._unacked:
+            newest = self._next_seq - 1
+            if newest in self._unacked and newest not in self._retransmit_set:
+                self._counters["probes_sent"] += 1
+                self._retransmit_set.add(newest)
+                heapq.heappush(self._retransmit, newest)
+
+    def _window_open(self) -> bool:
+        return self._next_seq - self._cum_acked <= self._config.max_unacked_packets
+
+    def _has_sendable(self) -> bool:
+        return self._established and (
+            bool(self._retransmit) or (len(self._queue) > 0 and self._window_open())
+        )
+
+    def _pump(self, now: float, effects: list[LinkEffect]) -> None:
+        """Send retransmissions, then new packets, while the pacer and window allow."""
+        self._pacer_clock = now
+        if not self._established:
+            return
+        pacer = self._pacer
+        while pacer.ready(now):
+            if self._retransmit:
+                seq = heapq.heappop(self._retransmit)
+                self._retransmit_set.discard(seq)
+                outstanding = self._unacked.get(seq)
+                if outstanding is None:
+                    continue
+                outstanding.sent_at = now
+                self._counters["retransmissions"] += 1
+                self._emit_data(seq, outstanding.body, now, effects)
+                if self._config.idle_duplicate_retransmits and not len(self._queue):
+                    # Nothing new waits: spend idle capacity on a second copy, so one more
+                    # loss does not cost the last delivery another round trip.
+                    self._counters["retransmissions"] += 1
+                    self._emit_data(seq, outstanding.body, now, effects)
+            elif len(self._queue) and self._window_open():
+                body, finished = self._queue.pop_body(self._body_budget)
+                seq = self._next_seq
+                self._next_seq += 1
+                self._unacked[seq] = _Outstanding(body, now)
+                self._counters["messages_sent"] += finished
+                self._emit_data(seq, body, now, effects)
+                if self._probe_at is None:
+                    self._probe_at = self._probe_deadline(now)
+            elif not (self._suspects and not len(self._queue) and self._resend_suspects(now)):
+                break
+
+    def _emit_data(self, seq: int, body: bytes, now: float, effects: list[LinkEffect]) -> None:
+        if self._ack_due_at is not None:
+            # Piggyback the pending ACK instead of sending a packet of its own.
+            block = STATE_BLOCK.pack(self._peer_epoch, self._rcv_cum, self._next_seq - 1, 0)
+            header = HEADER.pack(
+                MAGIC, VERSION, _DATA, FLAG_STATE, 0, 0, self._local, self._epoch, seq
+            )
+            datagram = header + block + body
+            self._ack_pending = 0
+            self._ack_due_at = None
+        else:
+            header = HEADER.pack(MAGIC, VERSION, _DATA, 0, 0, 0, self._local, self._epoch, seq)
+            datagram = header + body
+        self._emit(datagram, now, effects)
+
+    def _emit(self, datagram: bytes, now: float, effects: list[LinkEffect]) -> None:
+        self._counters["packets_sent"] += 1
+        self._pacer.consume(len(datagram), now)
+        effects.append(Transmit(self._peer, datagram))
+
+    def _fail(self, reason: str, effects: list[LinkEffect]) -> None:
+        log.warning("link %s->%s failed: %s", self._local, self._peer, reason)
+        self._failed = True
+        # A failed link is dead for good: release its buffers at once.
+        self._queue.clear()
+        self._unacked.clear()
+        self._retransmit.clear()
+        self._retransmit_set.clear()
+        self._reassembly.clear()
+        effects.append(LinkFailed(self._peer, reason))

@@ -1,0 +1,1 @@
+"""Overlay: daemon membership, routing trees, multi-destination forwarding."""

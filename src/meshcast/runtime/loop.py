@@ -1,0 +1,27 @@
+"""Running a coroutine on the fastest event loop available (uvloop when installed)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """`uvloop.new_event_loop` when uvloop is importable, else None (the default loop)."""
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
+    """Run `main` to completion like `asyncio.run`, on uvloop when it is installed."""
+    factory = loop_factory() if use_uvloop else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
