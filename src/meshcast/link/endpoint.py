@@ -1,9 +1,10 @@
-"""All the links of one daemon behind one datagram socket."""
+"""All the links of one daemon behind one datagram socket (or one simulated node)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
+from meshcast.errors import UsageError
 from meshcast.ids import NodeId
 from meshcast.link.events import Link, LinkEffect
 
@@ -12,14 +13,23 @@ class LinkEndpoint:
     """Routes each datagram to the link of the neighbour it came from and merges timers.
 
     Datagrams from a node we have no link to are counted in `foreign_dropped` and ignored.
+    The runtime and the simulator drive the same object::
+
+        endpoint = LinkEndpoint(me, {peer: HopLink(me, peer, config, epoch=e) for peer in peers})
+        effects = endpoint.start(now)
     """
 
-    def __init__(self, local: NodeId) -> None:
+    __slots__ = ("_links", "foreign_dropped", "local")
+
+    def __init__(self, local: NodeId, links: Mapping[NodeId, Link] | None = None) -> None:
         self.local = local
-        self._links: dict[NodeId, Link] = {}
+        self._links: dict[NodeId, Link] = dict(links or {})
         self.foreign_dropped = 0
 
+    # ---------------------------------------------------------------- membership
+
     def add(self, link: Link, now: float) -> list[LinkEffect]:
+        """Add a link to a new neighbour and start it."""
         self._links[link.peer] = link
         return link.start(now)
 
@@ -27,13 +37,34 @@ class LinkEndpoint:
         self._links.pop(peer, None)
 
     def link(self, peer: NodeId) -> Link:
-        return self._links[peer]
+        try:
+            return self._links[peer]
+        except KeyError:
+            raise UsageError(f"no link to node {peer}") from None
+
+    @property
+    def peers(self) -> list[NodeId]:
+        return list(self._links)
 
     def __contains__(self, peer: NodeId) -> bool:
         return peer in self._links
 
     def __iter__(self) -> Iterator[Link]:
         return iter(list(self._links.values()))
+
+    # ---------------------------------------------------------------- inputs
+
+    def start(self, now: float) -> list[LinkEffect]:
+        """Start every link given to the constructor."""
+        effects: list[LinkEffect] = []
+        for link in self._links.values():
+            effects.extend(link.start(now))
+        return effects
+
+    def send(
+        self, peer: NodeId, payload: bytes, now: float, *, flush: bool = True
+    ) -> list[LinkEffect]:
+        return self.link(peer).send(payload, now, flush=flush)
 
     def datagram_received(self, src: NodeId, datagram: bytes, now: float) -> list[LinkEffect]:
         link = self._links.get(src)
@@ -51,5 +82,7 @@ class LinkEndpoint:
         return effects
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for link in self._links.values() if (d := link.next_deadline()) is not None]
-        return min(deadlines) if deadlines else None
+        return min(
+            (d for link in self._links.values() if (d := link.next_deadline()) is not None),
+            default=None,
+        )

@@ -233,9 +233,9 @@ class HopLink:
             self._send_hello(now, effects)
         if self._heartbeat_at is not None and now >= self._heartbeat_at:
             self._send_heartbeat(now, effects)
-        if self._gap_heap and self._gap_heap[0][0] <= now:
-            if not self._send_nacks(now, effects):
-                return effects
+        due_gaps = bool(self._gap_heap) and self._gap_heap[0][0] <= now
+        if due_gaps and not self._send_nacks(now, effects):
+            return effects
         if self._ack_due_at is not None and now >= self._ack_due_at:
             self._send_state(now, effects)
         if self._probe_at is not None and now >= self._probe_at:

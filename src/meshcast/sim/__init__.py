@@ -11,11 +11,10 @@ The protocol state machines run under it unchanged (docs/design/sim.md)::
 """
 
 from meshcast.sim.network import LinkModel, PipeStats
-from meshcast.sim.node import LinkHost, NodeFactory, Observer, SimNode, StartHook
+from meshcast.sim.node import NodeFactory, Observer, SimNode, StartHook
 from meshcast.sim.simulator import Simulator
 
 __all__ = [
-    "LinkHost",
     "LinkModel",
     "NodeFactory",
     "Observer",

@@ -1,4 +1,4 @@
-"""LinkHost: link state machines (anything with the Link interface) under the simulator."""
+"""LinkEndpoint: link state machines (anything with the Link interface) under the simulator."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 
 from meshcast.errors import UsageError
 from meshcast.ids import NodeId
+from meshcast.link import LinkEndpoint
 from meshcast.link.events import Delivered, LinkEffect, LinkStats, Transmit
-from meshcast.sim import LinkHost, LinkModel, Simulator
+from meshcast.sim import LinkModel, Simulator
 
 A, B, C = NodeId(1), NodeId(2), NodeId(3)
 
@@ -59,9 +60,9 @@ class StubLink:
         return LinkStats()
 
 
-def host_factory(node_id: NodeId, now: float, rng: random.Random) -> LinkHost:
+def host_factory(node_id: NodeId, now: float, rng: random.Random) -> LinkEndpoint:
     peers = {A: [B, C], B: [A], C: [A]}[node_id]
-    return LinkHost({p: StubLink(p, interval=0.3 if p == C else 0.5, now=now) for p in peers})
+    return LinkEndpoint(node_id, {p: StubLink(p, interval=0.3 if p == C else 0.5, now=now) for p in peers})
 
 
 def build() -> tuple[Simulator, list[tuple[NodeId, object, float]]]:
@@ -93,7 +94,7 @@ def test_links_start_send_and_deliver_by_source() -> None:
 def test_each_link_timer_fires_at_its_own_deadline() -> None:
     sim, _ = build()
     sim.run(until=1.0)
-    host = sim.node_as(A, LinkHost)
+    host = sim.node_as(A, LinkEndpoint)
     to_b = host.link(B)
     to_c = host.link(C)
     assert isinstance(to_b, StubLink)
@@ -104,10 +105,10 @@ def test_each_link_timer_fires_at_its_own_deadline() -> None:
 
 
 def test_unknown_source_is_counted_and_unknown_peer_is_a_usage_error() -> None:
-    host = LinkHost({A: StubLink(A, 1.0, 0.0)})
+    host = LinkEndpoint(B, {A: StubLink(A, 1.0, 0.0)})
     assert host.datagram_received(C, b"stray", 0.0) == []
-    assert host.unknown_source_dropped == 1
+    assert host.foreign_dropped == 1
     assert host.peers == [A]
     with pytest.raises(UsageError):
         host.link(C)
-    assert LinkHost({}).next_deadline() is None
+    assert LinkEndpoint(B).next_deadline() is None

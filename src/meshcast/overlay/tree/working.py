@@ -26,9 +26,16 @@ class WorkingTree:
 
     @classmethod
     def from_parent(cls, parent: IntArray, source: int) -> WorkingTree:
+        """The tree a parent array describes; nodes not connected to `source` stay detached."""
         tree = cls(len(parent), source)
+        below: list[list[int]] = [[] for _ in range(len(parent))]
         for child in np.flatnonzero(parent != NO_PARENT).tolist():
-            tree.attach(child, int(parent[child]))
+            below[int(parent[child])].append(child)
+        frontier = [source]
+        for node in frontier:  # breadth first: every parent is attached before its children
+            for child in below[node]:
+                tree.attach(child, node)
+                frontier.append(child)
         return tree
 
     def attach(self, child: int, parent: int) -> None:
