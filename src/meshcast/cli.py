@@ -1,0 +1,104 @@
+"""The `meshcast` command: demo, bench and sim (more subcommands arrive with their layers).
+
+Results go to stdout (`bench --json`: exactly one JSON object); logs and progress go to
+stderr. Exit status: 0 success, 1 runtime failure, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from meshcast.errors import MeshcastError
+
+BENCH_SUITES = {
+    "link": "meshcast.bench.link",
+
+}
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from meshcast.runtime.demo import run_demo
+    from meshcast.runtime.loop import run
+
+    return run(run_demo(messages=args.messages, loss=args.loss, delay=args.delay, seed=args.seed))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    result = args.bench_module.run(args)
+    text = json.dumps(result, indent=None if args.json else 2, sort_keys=False)
+    print(text)
+    return 0
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from meshcast.sim.scenarios import run_scenario
+
+    report = run_scenario(args.scenario, seed=args.seed, trace_out=args.trace)
+    print(json.dumps(report, indent=2))
+    return 0 if report.get("ok", False) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshcast",
+        description="Reliable group communication and bulk replication over an overlay.",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more log output on stderr (-v info, -vv debug)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="two local daemons exchange messages over a lossy link")
+    demo.add_argument("--messages", type=int, default=3000, help="messages each way")
+    demo.add_argument("--loss", type=float, default=0.05, help="emulated loss per direction")
+    demo.add_argument("--delay", type=float, default=0.020, help="emulated one-way delay (s)")
+    demo.add_argument("--seed", type=int, default=1, help="seed of the emulated impairments")
+    demo.set_defaults(handler=_demo)
+
+    bench = sub.add_parser("bench", help="run a benchmark suite")
+    suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    for name, module_name in BENCH_SUITES.items():
+        module = importlib.import_module(module_name)
+        suite = suites.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        suite.add_argument(
+            "--json", action="store_true", help="print the result as one compact JSON object"
+        )
+        module.add_arguments(suite)
+        suite.set_defaults(handler=_bench, bench_module=module)
+
+    sim = sub.add_parser("sim", help="run or replay a seeded simulator scenario")
+    sim.add_argument("--scenario", required=True, help="scenario name (see --list)")
+    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--trace", metavar="FILE", help="write the JSON-lines trace here")
+    sim.set_defaults(handler=_sim)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        code: int = args.handler(args)
+    except MeshcastError as exc:
+        print(f"meshcast: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
