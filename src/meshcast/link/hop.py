@@ -38,6 +38,7 @@ from meshcast.link.reassembly import Reassembler
 from meshcast.link.rtt import RttEstimator
 from meshcast.link.sendqueue import SendQueue
 from meshcast.wire.packet import (
+    FLAG_AUTH,
     FLAG_STATE,
     HEADER,
     HEADER_SIZE,
@@ -225,7 +226,7 @@ class HopLink:
         effects: list[LinkEffect] = []
         if self._failed or not self._started:
             return effects
-        if now - self._last_heard_at >= self._silence_timeout():
+        if now >= self._last_heard_at + self._silence_timeout():  # the sum next_deadline uses
             silent = now - self._last_heard_at
             self._fail(f"no packet from peer for {silent:.3f} s", effects)
             return effects
@@ -247,34 +248,50 @@ class HopLink:
         effects: list[LinkEffect] = []
         if self._failed:
             return effects
+        counters = self._counters
         try:
-            packet = wire.decode(datagram)
+            header = wire.decode_header(datagram)
         except DecodeError as exc:
-            self._counters["malformed_dropped"] += 1
+            counters["malformed_dropped"] += 1
             log.debug("link %s->%s: drop malformed datagram: %s", self._local, self._peer, exc)
             return effects
-        header = packet.header
         if header.sender != self._peer:
-            self._counters["foreign_dropped"] += 1
+            counters["foreign_dropped"] += 1
+            return effects
+        if header.flags & FLAG_AUTH:
+            # No keys at this layer yet: an authenticated packet cannot be verified, so it
+            # cannot be trusted either.
+            counters["malformed_dropped"] += 1
+            return effects
+        try:
+            if header.ptype is PacketType.DATA:
+                state, fragments = wire.decode_data(datagram, header)
+                body: wire.Body = None
+            else:
+                packet = wire.decode(datagram)
+                state, fragments, body = packet.state, [], packet.body
+        except DecodeError as exc:
+            counters["malformed_dropped"] += 1
+            log.debug("link %s->%s: drop malformed datagram: %s", self._local, self._peer, exc)
             return effects
         if header.ptype is PacketType.HELLO:
-            self._counters["packets_received"] += 1
-            assert isinstance(packet.body, Hello)
-            self._on_hello(header.epoch, packet.body, now, effects)
+            counters["packets_received"] += 1
+            assert isinstance(body, Hello)
+            self._on_hello(header.epoch, body, now, effects)
             self._pump(now, effects)
             return effects
         if self._peer_epoch == 0 or header.epoch != self._peer_epoch:
-            self._counters["stale_dropped"] += 1
+            counters["stale_dropped"] += 1
             return effects
-        self._counters["packets_received"] += 1
+        counters["packets_received"] += 1
         self._last_heard_at = now
-        if packet.state is not None:
-            self._on_state(packet.state, now)
+        if state is not None:
+            self._on_state(state, now)
         if header.ptype is PacketType.DATA:
-            self._on_data(packet, now, effects)
+            self._on_data(header.seq, fragments, now, effects)
         elif header.ptype is PacketType.HEARTBEAT:
-            assert isinstance(packet.body, Heartbeat)
-            self._on_heartbeat(packet.body, now, effects)
+            assert isinstance(body, Heartbeat)
+            self._on_heartbeat(body, now, effects)
         self._pump(now, effects)
         if self._ack_due_at is not None and self._ack_due_at <= now:
             self._send_state(now, effects)
@@ -338,8 +355,13 @@ class HopLink:
 
     # ------------------------------------------------------------------ receiving
 
-    def _on_data(self, packet: Packet, now: float, effects: list[LinkEffect]) -> None:
-        seq = packet.header.seq
+    def _on_data(
+        self,
+        seq: int,
+        fragments: list[bytes | MessagePiece],
+        now: float,
+        effects: list[LinkEffect],
+    ) -> None:
         if seq <= self._rcv_cum or seq in self._rcv_above:
             self._counters["duplicates_dropped"] += 1
             # The sender may have missed our ACK (a probe or a spurious retransmission).
@@ -366,13 +388,13 @@ class HopLink:
             self._ack_due_at = now
         elif self._ack_due_at is None:
             self._ack_due_at = now + self._config.ack_delay_interval
-        assert isinstance(packet.body, tuple)
-        self._deliver(packet.body, effects)
+        self._deliver(fragments, effects)
 
-    def _deliver(self, fragments: tuple[wire.Fragment, ...], effects: list[LinkEffect]) -> None:
+    def _deliver(self, fragments: list[bytes | MessagePiece], effects: list[LinkEffect]) -> None:
         counters = self._counters
         for fragment in fragments:
-            if isinstance(fragment, MessagePiece):
+            if fragment.__class__ is MessagePiece:
+                assert isinstance(fragment, MessagePiece)
                 try:
                     payload = self._reassembly.add(
                         fragment.msg_id, fragment.total, fragment.offset, fragment.data
@@ -384,7 +406,8 @@ class HopLink:
                 if payload is None:
                     continue
             else:
-                payload = fragment.data
+                assert isinstance(fragment, bytes)
+                payload = fragment
             counters["messages_delivered"] += 1
             counters["bytes_delivered"] += len(payload)
             effects.append(Delivered(self._peer, payload))

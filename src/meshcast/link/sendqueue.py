@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 from meshcast.errors import BufferFull, MessageTooLarge
-from meshcast.wire import PIECE_HEAD, WHOLE_HEAD, encode_piece, encode_whole
+from meshcast.wire import PIECE_HEAD, WHOLE_HEAD, encode_piece
 
 _MIN_PIECE = 64  # bytes of payload; smaller leftovers wait for the next packet
 
@@ -75,7 +75,8 @@ class SendQueue:
             if self._head_offset == 0 and size + WHOLE_HEAD.size <= budget:
                 if size + WHOLE_HEAD.size > room:
                     break  # fits a fresh packet whole: do not split it
-                parts.append(encode_whole(message))
+                parts.append(WHOLE_HEAD.pack(0, size))  # FRAG_WHOLE; payload joins once below
+                parts.append(message)
                 room -= size + WHOLE_HEAD.size
                 messages.popleft()
                 self.queued_bytes -= size

@@ -62,6 +62,7 @@ class RelayNode:
     def next_deadline(self) -> float | None:
         return self.endpoint.next_deadline()
 
+
 SOURCE = NodeId(1)  # node ids start at 1 (0 is reserved on the wire); the source is node 1
 
 
@@ -145,7 +146,9 @@ SCENARIOS = {
 }
 
 
-def run_scenario(name: str, *, seed: int, trace_out: str | None = None) -> dict[str, object]:
+def run_scenario(
+    name: str, *, seed: int, trace_out: str | None = None, messages: int | None = None
+) -> dict[str, object]:
     """Run one named scenario; the report says whether every receiver got every message once."""
     from meshcast.errors import UsageError
 
@@ -166,8 +169,9 @@ def run_scenario(name: str, *, seed: int, trace_out: str | None = None) -> dict[
             got[node].append(int.from_bytes(effect.payload[:4], "big"))
 
     sim.observe(observe)
+    count = scenario.messages if messages is None else messages
     rng = random.Random(seed)
-    sizes = [rng.choice((16, 200, 1024, 3000, 20_000)) for _ in range(scenario.messages)]
+    sizes = [rng.choice((16, 200, 1024, 3000, 20_000)) for _ in range(count)]
 
     def send_all(relay: RelayNode, now: float) -> list[object]:
         effects: list[object] = []
@@ -177,9 +181,9 @@ def run_scenario(name: str, *, seed: int, trace_out: str | None = None) -> dict[
 
     sim.run(until=1.0)
     sim.act(SOURCE, send_all)
-    expected = list(range(scenario.messages))
+    expected = list(range(count))
     for _ in range(600):
-        if all(len(ids) >= scenario.messages for ids in got.values()):
+        if all(len(ids) >= count for ids in got.values()):
             break
         sim.run(until=sim.now + 1.0)
     sim.run(until=sim.now + 2.0)  # late duplicates must not be handed up again
@@ -196,7 +200,7 @@ def run_scenario(name: str, *, seed: int, trace_out: str | None = None) -> dict[
         "exactly_once": exact,
         "in_order": ordered,
         "delivered": {str(n): len(ids) for n, ids in got.items()},
-        "expected": scenario.messages,
+        "expected": count,
         "virtual_seconds": round(sim.now, 6),
         "events": sim.events_processed,
         "trace_digest": sim.trace_digest() if trace_out is not None else None,

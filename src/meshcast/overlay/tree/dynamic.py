@@ -30,11 +30,16 @@ class DynamicConfig:
     # Rebuild when rate < rebuild_below * (rate after the last rebuild), that reference
     # scaled by how the cheap upper bound on the rate moved since (see `_rate_ceiling`).
     rebuild_below: float = 0.9
+    # After each event, up to this many attempts to lift the rate to the next value above
+    # it by local repair (0: only the patent's join/leave/rebuild).
+    raise_attempts: int = 4
     improvement: Improvement = field(default=DEFAULT_IMPROVEMENT)  # for joins and rebuilds
 
     def __post_init__(self) -> None:
         if not 0 <= self.rebuild_below <= 1:
             raise ConfigError("must be within [0, 1]", key="tree.dynamic.rebuild_below")
+        if self.raise_attempts < 0:
+            raise ConfigError("must not be negative", key="tree.dynamic.raise_attempts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,19 +142,8 @@ class DynamicTree:
         if not math.isfinite(self._rate):  # a lone source: any edge will do
             self._attach_where_widest(root)
             return
-        graph = ReducedGraph.at(universe, self._rate)
-        senders = graph.senders_into(root)  # edges at least as wide as the rate, widest first
-        senders = senders[tree.attached[senders]]
-        with_room = senders[graph.bound[senders] > tree.fanout[senders]]
-        if len(with_room):
-            tree.reattach(root, int(with_room[0]))
+        if self._place_within(ReducedGraph.at(universe, self._rate), root):
             return
-        for parent in senders.tolist():
-            tree.reattach(root, parent)
-            if self._config.improvement.relieve(graph, tree, parent):
-                return
-            assert tree.parent[root] == parent  # a failed move leaves the overload in place
-            tree.detach(root)
         self._attach_where_widest(root)
 
     def _attach_where_widest(self, root: int) -> None:
@@ -168,6 +162,9 @@ class DynamicTree:
 
     def _settle(self, node: int, before: IntArray, exempt: int) -> MembershipChanged:
         self._rate = self._current_rate()
+        for _ in range(self._config.raise_attempts):
+            if not self._raise_rate():
+                break
         reparented = _count_moved(before, self._tree.parent, exempt)
         rebuilt = self._needs_rebuild()
         if rebuilt:
@@ -175,6 +172,60 @@ class DynamicTree:
             self._rebuild()
             reparented += _count_moved(moved_before_rebuild, self._tree.parent, exempt)
         return MembershipChanged(node, reparented, rebuilt, self._rate)
+
+    def _raise_rate(self) -> bool:
+        """Try to repair the tree locally so it carries more than its current rate: re-home
+        every subtree hanging from a too-narrow edge, relieve every node over its bound at
+        the higher target. All or nothing: on failure the tree is left as it was."""
+        if not math.isfinite(self._rate):
+            return False
+        target = float(np.nextafter(self._rate, math.inf))  # same reduced graph as the next value
+        graph = ReducedGraph.at(self._universe, target)
+        tree = self._tree
+        before = tree.parent.copy()
+        child = np.flatnonzero(before != NO_PARENT)
+        narrow = child[self._universe.bandwidth_between(before[child], child) < target]
+        for root in narrow.tolist():
+            tree.detach(root)
+        if self._relieve_overloads(graph) and self._place_all(graph, narrow.tolist()):
+            self._rate = self._current_rate()
+            return True
+        self._tree = WorkingTree.from_parent(before, self._universe.source)
+        return False
+
+    def _relieve_overloads(self, graph: ReducedGraph) -> bool:
+        tree = self._tree
+        for node in np.flatnonzero(tree.attached & (tree.fanout > graph.bound)).tolist():
+            while tree.fanout[node] > graph.bound[node]:
+                if not self._config.improvement.relieve(graph, tree, node):
+                    return False
+        return True
+
+    def _place_all(self, graph: ReducedGraph, roots: list[int]) -> bool:
+        """Attach detached subtrees within the graph's bounds; a root may need another
+        subtree placed first, so sweep until nothing moves."""
+        while roots:
+            left = [root for root in roots if not self._place_within(graph, root)]
+            if len(left) == len(roots):
+                return False
+            roots = left
+        return True
+
+    def _place_within(self, graph: ReducedGraph, root: int) -> bool:
+        tree = self._tree
+        senders = graph.senders_into(root)
+        senders = senders[tree.attached[senders]]
+        with_room = senders[graph.bound[senders] > tree.fanout[senders]]
+        if len(with_room):
+            tree.reattach(root, int(with_room[0]))
+            return True
+        for parent in senders.tolist():
+            tree.reattach(root, parent)
+            if self._config.improvement.relieve(graph, tree, parent):
+                return True
+            assert tree.parent[root] == parent  # a failed move leaves the overload in place
+            tree.detach(root)
+        return False
 
     def _needs_rebuild(self) -> bool:
         if not math.isfinite(self._rate) or not math.isfinite(self._reference_rate):
