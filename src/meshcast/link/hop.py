@@ -69,6 +69,7 @@ _PROBE_BACKOFF_LIMIT = 6  # probe interval doubles at most this many times
 class _Outstanding:
     body: bytes
     sent_at: float
+    retransmitted: bool = False
 
 
 @dataclass(slots=True)
@@ -103,7 +104,6 @@ class HopLink:
         self._unacked: dict[int, _Outstanding] = {}
         self._retransmit: list[int] = []  # min-heap: oldest NACKed packet first
         self._retransmit_set: set[int] = set()
-        self._suspects: set[int] = set()  # NACKed at least once and still unacknowledged
         self._probe_at: float | None = None
         self._probe_backoff = 0
         # receiving side
@@ -187,10 +187,6 @@ class HopLink:
             deadlines.append(self._gap_heap[0][0])
         if self._probe_at is not None:
             deadlines.append(self._probe_at)
-        if self._suspects and self._established:
-            resend_at = self._idle_resend_at()
-            if resend_at is not None:
-                deadlines.append(max(resend_at, self._pacer.ready_at(self._pacer_clock)))
         if self._has_sendable():
             deadlines.append(self._pacer.ready_at(self._pacer_clock))
         return min(deadlines)
@@ -455,9 +451,24 @@ class HopLink:
             self._send_state(now, effects, tuple(ranges[i : i + step]))
         return True
 
+    def _known_holes(self) -> tuple[tuple[int, int], ...]:
+        """Gaps NACKed at least once, as ranges: every ACK repeats them, so the sender
+        learns at once when a retransmission was lost too (a NACK round costs an RTT)."""
+        ranges: list[tuple[int, int]] = []
+        for seq in sorted(seq for seq, gap in self._gaps.items() if gap.rounds):
+            if ranges and ranges[-1][0] + ranges[-1][1] == seq:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
+            elif len(ranges) == self._max_nacks_per_packet:
+                break
+            else:
+                ranges.append((seq, 1))
+        return tuple(ranges)
+
     def _send_state(
         self, now: float, effects: list[LinkEffect], nacks: tuple[tuple[int, int], ...] = ()
     ) -> None:
+        if not nacks and self._gaps:
+            nacks = self._known_holes()
         block = LinkState(self._peer_epoch, self._rcv_cum, self._next_seq - 1, nacks)
         datagram = HEADER.pack(
             MAGIC, VERSION, _STATE, FLAG_STATE, 0, 0, self._local, self._epoch, 0
@@ -513,59 +524,28 @@ class HopLink:
             return
         if cum > self._cum_acked:
             unacked = self._unacked
-            suspects = self._suspects
             for seq in range(self._cum_acked + 1, cum + 1):
                 unacked.pop(seq, None)
-                suspects.discard(seq)
             self._cum_acked = cum
             self._probe_backoff = 0
             self._probe_at = self._probe_deadline(now) if unacked else None
-        spacing = 0.75 * self._rtt.srtt
+        # A NACK for a packet sent once is acted on at once (the receiver already allowed
+        # for reordering). A NACK for a retransmitted packet counts only if it was written
+        # after that retransmission should have arrived, i.e. one RTT after we sent it.
+        rtt = self._rtt
+        resend_after = rtt.srtt + max(4 * rtt.rttvar, 0.002)
+        unacked = self._unacked
+        queued = self._retransmit_set
         for first, count in state.nacks:
             for seq in range(max(first, self._cum_acked + 1), min(first + count, self._next_seq)):
-                outstanding = self._unacked.get(seq)
+                outstanding = unacked.get(seq)
                 if (
                     outstanding is not None
-                    and seq not in self._retransmit_set
-                    and now - outstanding.sent_at >= spacing
+                    and seq not in queued
+                    and (not outstanding.retransmitted or now - outstanding.sent_at >= resend_after)
                 ):
-                    self._retransmit_set.add(seq)
-                    self._suspects.add(seq)
+                    queued.add(seq)
                     heapq.heappush(self._retransmit, seq)
-
-    def _idle_resend_interval(self) -> float:
-        rtt = self._rtt
-        return rtt.srtt + self._config.ack_delay_interval + max(4 * rtt.rttvar, 0.005)
-
-    def _idle_resend_at(self) -> float | None:
-        """When the link has nothing new to send, when a suspect is due to be resent."""
-        if not self._suspects or len(self._queue) or self._retransmit:
-            return None
-        unacked = self._unacked
-        oldest = min(
-            (unacked[seq].sent_at for seq in self._suspects if seq in unacked), default=None
-        )
-        return None if oldest is None else oldest + self._idle_resend_interval()
-
-    def _resend_suspects(self, now: float) -> bool:
-        """Spare capacity: resend NACKed packets whose retransmission seems lost too.
-
-        This does not wait for the receiver's next NACK round, which matters at the tail of
-        a burst where every extra round adds a whole RTT to the last delivery.
-        """
-        interval = self._idle_resend_interval()
-        unacked = self._unacked
-        due = [
-            seq
-            for seq in self._suspects
-            if seq in unacked
-            and unacked[seq].sent_at + interval <= now  # same sum as _idle_resend_at
-            and seq not in self._retransmit_set
-        ]
-        for seq in due:
-            self._retransmit_set.add(seq)
-            heapq.heappush(self._retransmit, seq)
-        return bool(due)
 
     def _probe_deadline(self, now: float) -> float:
         pto = self._rtt.srtt + 4 * self._rtt.rttvar + self._config.ack_delay_interval
@@ -607,6 +587,7 @@ class HopLink:
                 if outstanding is None:
                     continue
                 outstanding.sent_at = now
+                outstanding.retransmitted = True
                 self._counters["retransmissions"] += 1
                 self._emit_data(seq, outstanding.body, now, effects)
                 if self._config.idle_duplicate_retransmits and not len(self._queue):
@@ -623,7 +604,7 @@ class HopLink:
                 self._emit_data(seq, body, now, effects)
                 if self._probe_at is None:
                     self._probe_at = self._probe_deadline(now)
-            elif not (self._suspects and not len(self._queue) and self._resend_suspects(now)):
+            else:
                 break
 
     def _emit_data(self, seq: int, body: bytes, now: float, effects: list[LinkEffect]) -> None:
