@@ -628,7 +628,7 @@ class HopLink:
         effects.append(Transmit(self._peer, datagram))
 
     def _fail(self, reason: str, effects: list[LinkEffect]) -> None:
-        log.warning("link %s->%s failed: %s", self._local, self._peer, reason)
+        log.info("link %s->%s failed: %s", self._local, self._peer, reason)
         self._failed = True
         # A failed link is dead for good: release its buffers at once.
         self._queue.clear()

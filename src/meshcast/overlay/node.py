@@ -1,0 +1,526 @@
+"""One overlay daemon as a sans-I/O state machine.
+
+It owns the Hop links to its configured neighbours, floods link-state, installs views,
+routes every source's messages over that source's tree with explicit destination lists
+split per next hop (seed 001, claim 4), paces each source at its tree's bottleneck rate
+(seed 000, claim 1) and limits it to a window of messages the slowest destination has not
+yet delivered (Spread §2.1). Theory: docs/design/overlay.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from meshcast.errors import BufferFull, DecodeError, UsageError
+from meshcast.ids import NodeId
+from meshcast.link import (
+    Delivered,
+    HopLink,
+    LinkConfig,
+    LinkEffect,
+    LinkEndpoint,
+    LinkEstablished,
+    LinkFailed,
+    PeerRestarted,
+    Transmit,
+)
+from meshcast.link.pacer import Pacer
+from meshcast.overlay.routing import RoutingTable
+from meshcast.overlay.view import LinkStateDatabase, View
+from meshcast.wire.overlay import (
+    MAX_HOPS,
+    Data,
+    Feedback,
+    Lsa,
+    LsaEntry,
+    decode_overlay,
+    encode_data_head,
+    encode_feedback,
+    encode_lsa,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbour:
+    weight: float  # routing cost of the link
+    bandwidth_bps: float  # capacity of the link; its Hop pacer runs at this rate
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayConfig:
+    neighbours: Mapping[NodeId, Neighbour]
+    upload_bps: Mapping[NodeId, float]  # every daemon's upload capacity, for tree rates
+    link: LinkConfig = field(default_factory=LinkConfig)
+    policy: str = "shortest-path"
+    view_settle_interval: float = 0.05  # s: let a burst of LSAs land before recomputing
+    link_retry_interval: float = 1.0  # s: a failed link is rebuilt after this pause
+    max_dests_per_packet: int = 50  # destinations listed in one data message
+    window_messages: int = 1000  # a source's messages not yet delivered by some destination
+    max_outbox_messages: int = 10_000  # accepted but not yet sent (rate or window limited)
+    feedback_every: int = 64  # a destination reports progress after this many messages
+    feedback_interval: float = 0.05  # s: ...or after this long with unreported progress
+    dedup_window: int = 65_536  # recent message ids remembered per source
+    multi_destination: bool = True  # False: one copy per destination (the unicast baseline)
+
+    def __post_init__(self) -> None:
+        if self.max_dests_per_packet < 1 or self.window_messages < 1:
+            raise UsageError("max_dests_per_packet and window_messages must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayDelivered:
+    """A message for this daemon arrived (each message is delivered once)."""
+
+    source: NodeId
+    seq: int
+    payload: bytes
+    hops: int  # overlay links it crossed
+
+
+@dataclass(frozen=True, slots=True)
+class ViewInstalled:
+    view: View
+
+
+@dataclass(frozen=True, slots=True)
+class ViewAgreed:
+    """Every member of the view reported having installed it."""
+
+    view: View
+
+
+@dataclass(frozen=True, slots=True)
+class NeighbourChanged:
+    neighbour: NodeId
+    up: bool
+    reason: str
+
+
+OverlayEffect = Transmit | OverlayDelivered | ViewInstalled | ViewAgreed | NeighbourChanged
+
+
+@dataclass(slots=True)
+class _SourceState:
+    """What a destination remembers about one source incarnation."""
+
+    incarnation: int
+    delivered: int = 0
+    reported: int = 0
+    report_due_at: float | None = None
+    recent: deque[int] = field(default_factory=deque)
+    recent_set: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class OverlayStats:
+    data_originated: int = 0
+    data_forwarded: int = 0
+    data_delivered: int = 0
+    duplicates_dropped: int = 0
+    unroutable_dropped: int = 0
+    malformed_dropped: int = 0
+    hop_limit_dropped: int = 0
+    lsas_flooded: int = 0
+    views_installed: int = 0
+    link_messages_sent: int = 0
+
+
+class OverlayNode:
+    """The overlay layer of one daemon. Inputs return effects; nothing here does I/O."""
+
+    def __init__(
+        self, local: NodeId, config: OverlayConfig, *, incarnation: int, rng: random.Random
+    ) -> None:
+        self.local = local
+        self.config = config
+        self.incarnation = incarnation
+        self._rng = rng
+        self._endpoint = LinkEndpoint(local)
+        self._up: set[NodeId] = set()
+        self._retry_at: dict[NodeId, float] = {}
+        self._lsdb = LinkStateDatabase(local, incarnation)
+        self._routing = RoutingTable(local, config.policy, config.upload_bps)
+        self._view: View | None = None
+        self._agreed_digest: bytes | None = None
+        self._view_due_at: float | None = None
+        self._seq = 0
+        self._outbox: deque[tuple[tuple[NodeId, ...], bytes]] = deque()
+        self._pacer: Pacer | None = None
+        self._sent_to: dict[NodeId, int] = {}
+        self._acked_by: dict[NodeId, int] = {}
+        self._sources: dict[NodeId, _SourceState] = {}
+        self._next_report_at: float | None = None
+        self.stats = OverlayStats()
+        self._started = False
+        self._clock = 0.0  # time of the latest input, for next_deadline()
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def view(self) -> View | None:
+        return self._view
+
+    @property
+    def routing(self) -> RoutingTable:
+        return self._routing
+
+    @property
+    def neighbours_up(self) -> frozenset[NodeId]:
+        return frozenset(self._up)
+
+    @property
+    def endpoint(self) -> LinkEndpoint:
+        return self._endpoint
+
+    def can_multicast(self) -> bool:
+        return len(self._outbox) < self.config.max_outbox_messages
+
+    def window_open(self) -> bool:
+        view = self._view
+        if view is None:
+            return False
+        window = self.config.window_messages
+        acked = self._acked_by
+        return all(
+            sent - acked.get(dest, 0) < window
+            for dest, sent in self._sent_to.items()
+            if dest in view
+        )
+
+    def next_deadline(self) -> float | None:
+        if not self._started:
+            return None
+        deadlines = [
+            d for d in (self._endpoint.next_deadline(), self._view_due_at) if d is not None
+        ]
+        deadlines.extend(self._retry_at.values())
+        if self._next_report_at is not None:
+            deadlines.append(self._next_report_at)
+        if self._outbox and self._pacer is not None and self.window_open():
+            deadlines.append(self._pacer.ready_at(self._clock))
+        return min(deadlines, default=None)
+
+    # ------------------------------------------------------------------ inputs
+
+    def start(self, now: float) -> list[OverlayEffect]:
+        self._started = True
+        self._clock = now
+        effects: list[OverlayEffect] = []
+        for peer in sorted(self.config.neighbours):
+            self._open_link(peer, now, effects)
+        self._originate(now, effects)
+        self._view_due_at = now
+        return effects
+
+    def multicast(self, dests: Sequence[NodeId], payload: bytes, now: float) -> list[OverlayEffect]:
+        """Send one message to the listed daemons (this one included if listed).
+
+        Raises `BufferFull` when the outbox is full: the caller waits (`can_multicast`).
+        """
+        if not dests:
+            raise UsageError("a multicast needs at least one destination")
+        if len(self._outbox) >= self.config.max_outbox_messages:
+            raise BufferFull(f"{len(self._outbox)} messages wait for the source's rate and window")
+        self._outbox.append((tuple(sorted(set(dests))), payload))
+        effects: list[OverlayEffect] = []
+        self._pump(now, effects)
+        return effects
+
+    def datagram_received(self, src: NodeId, datagram: bytes, now: float) -> list[OverlayEffect]:
+        self._clock = now
+        effects: list[OverlayEffect] = []
+        self._on_link_effects(self._endpoint.datagram_received(src, datagram, now), now, effects)
+        self._pump(now, effects)
+        return effects
+
+    def on_timer(self, now: float) -> list[OverlayEffect]:
+        self._clock = now
+        effects: list[OverlayEffect] = []
+        self._on_link_effects(self._endpoint.on_timer(now), now, effects)
+        for peer, at in list(self._retry_at.items()):
+            if at <= now:
+                del self._retry_at[peer]
+                self._open_link(peer, now, effects)
+        if self._view_due_at is not None and now >= self._view_due_at:
+            self._view_due_at = None
+            self._recompute_view(now, effects)
+        if self._next_report_at is not None and now >= self._next_report_at:
+            self._send_reports(now, effects)
+        self._pump(now, effects)
+        return effects
+
+    # ------------------------------------------------------------------ links
+
+    def _open_link(self, peer: NodeId, now: float, effects: list[OverlayEffect]) -> None:
+        neighbour = self.config.neighbours[peer]
+        link_config = replace(self.config.link, rate_bps=neighbour.bandwidth_bps)
+        link = HopLink(self.local, peer, link_config, epoch=self._rng.randrange(1, 2**32))
+        self._endpoint.remove(peer)
+        self._emit_link_effects(self._endpoint.add(link, now), effects)
+
+    def _on_link_effects(
+        self, link_effects: list[LinkEffect], now: float, effects: list[OverlayEffect]
+    ) -> None:
+        for effect in link_effects:
+            if isinstance(effect, Transmit):
+                effects.append(effect)
+            elif isinstance(effect, Delivered):
+                self._on_message(effect.peer, effect.payload, now, effects)
+            elif isinstance(effect, LinkEstablished):
+                self._neighbour_up(effect.peer, now, effects)
+            elif isinstance(effect, LinkFailed):
+                self._neighbour_down(effect.peer, effect.reason, now, effects)
+                self._endpoint.remove(effect.peer)
+                self._retry_at[effect.peer] = now + self.config.link_retry_interval
+            elif isinstance(effect, PeerRestarted):
+                self._neighbour_down(effect.peer, "peer restarted", now, effects)
+
+    def _emit_link_effects(
+        self, link_effects: list[LinkEffect], effects: list[OverlayEffect]
+    ) -> None:
+        """Effects of a send: only transmissions can come back from it."""
+        effects.extend(e for e in link_effects if isinstance(e, Transmit))
+
+    def _neighbour_up(self, peer: NodeId, now: float, effects: list[OverlayEffect]) -> None:
+        self._up.add(peer)
+        effects.append(NeighbourChanged(peer, True, "link established"))
+        # Database exchange: the new neighbour learns everything we know at once.
+        for lsa in self._lsdb.lsas():
+            self._send_link(peer, encode_lsa(lsa), now, effects)
+        self._originate(now, effects)
+
+    def _neighbour_down(
+        self, peer: NodeId, reason: str, now: float, effects: list[OverlayEffect]
+    ) -> None:
+        if peer in self._up:
+            self._up.discard(peer)
+            effects.append(NeighbourChanged(peer, False, reason))
+            self._originate(now, effects)
+
+    def _send_link(
+        self, peer: NodeId, message: bytes, now: float, effects: list[OverlayEffect]
+    ) -> bool:
+        link = self._endpoint.link(peer)
+        if not link.can_send(len(message)):
+            # The link's bounded queue is full: the layer above counts on flow control
+            # (source window, rate) to keep this from happening to data.
+            log.warning("node %s: link to %s is full, message dropped", self.local, peer)
+            return False
+        self.stats.link_messages_sent += 1
+        self._emit_link_effects(link.send(message, now), effects)
+        return True
+
+    # ------------------------------------------------------------------ membership
+
+    def _originate(self, now: float, effects: list[OverlayEffect]) -> None:
+        entries = tuple(
+            LsaEntry(
+                peer,
+                self.config.neighbours[peer].weight,
+                self.config.neighbours[peer].bandwidth_bps,
+            )
+            for peer in sorted(self._up)
+        )
+        digest = self._view.digest if self._view is not None else bytes(8)
+        lsa = self._lsdb.originate(entries, digest)
+        self._flood(lsa, None, now, effects)
+        self._schedule_view(now)
+
+    def _flood(
+        self, lsa: Lsa, came_from: NodeId | None, now: float, effects: list[OverlayEffect]
+    ) -> None:
+        message = encode_lsa(lsa)
+        for peer in sorted(self._up):
+            if peer != came_from:
+                self._send_link(peer, message, now, effects)
+                self.stats.lsas_flooded += 1
+
+    def _schedule_view(self, now: float) -> None:
+        if self._view_due_at is None:
+            self._view_due_at = now + self.config.view_settle_interval
+
+    def _recompute_view(self, now: float, effects: list[OverlayEffect]) -> None:
+        view = self._lsdb.compute_view()
+        if self._view is not None and view.digest == self._view.digest:
+            self._check_agreed(effects)
+            return
+        self._view = view
+        self._routing.install(view)
+        self.stats.views_installed += 1
+        # Destinations that left stop holding the window; sources that left are forgotten.
+        self._sent_to = {d: n for d, n in self._sent_to.items() if d in view}
+        self._acked_by = {d: n for d, n in self._acked_by.items() if d in view}
+        self._sources = {s: st for s, st in self._sources.items() if s in view}
+        self._lsdb.forget({NodeId(lsa.origin) for lsa in self._lsdb.lsas()} - set(view.members))
+        tree = self._routing.tree(self.local)
+        rate = tree.rate_bps if tree is not None else float("inf")
+        self._pacer = Pacer(rate, 64 * 1024, now) if rate != float("inf") else None
+        effects.append(ViewInstalled(view))
+        self._originate(now, effects)  # announce the digest we installed
+
+    def _check_agreed(self, effects: list[OverlayEffect]) -> None:
+        view = self._view
+        if view is not None and self._agreed_digest != view.digest and self._lsdb.agreed(view):
+            self._agreed_digest = view.digest
+            effects.append(ViewAgreed(view))
+
+    # ------------------------------------------------------------------ messages
+
+    def _on_message(
+        self, peer: NodeId, message: bytes, now: float, effects: list[OverlayEffect]
+    ) -> None:
+        try:
+            decoded = decode_overlay(message)
+        except DecodeError as exc:
+            self.stats.malformed_dropped += 1
+            log.debug("node %s: malformed overlay message from %s: %s", self.local, peer, exc)
+            return
+        if isinstance(decoded, Data):
+            self._on_data(decoded, now, effects)
+        elif isinstance(decoded, Lsa):
+            if self._lsdb.consider(decoded):
+                self._flood(decoded, peer, now, effects)
+                self._schedule_view(now)
+            self._check_agreed(effects)
+        else:
+            self._on_feedback(decoded, now, effects)
+
+    def _on_data(self, data: Data, now: float, effects: list[OverlayEffect]) -> None:
+        source = NodeId(data.source)
+        remaining = [NodeId(d) for d in data.dests if d != self.local]
+        if len(remaining) != len(data.dests):
+            self._deliver(source, data, now, effects)
+        if remaining:
+            if data.hops >= MAX_HOPS:
+                self.stats.hop_limit_dropped += 1
+                return
+            self.stats.data_forwarded += 1
+            self._forward(
+                source,
+                data.incarnation,
+                data.seq,
+                data.hops + 1,
+                remaining,
+                data.payload,
+                now,
+                effects,
+            )
+
+    def _forward(
+        self,
+        source: NodeId,
+        incarnation: int,
+        seq: int,
+        hops: int,
+        dests: Sequence[NodeId],
+        payload: bytes,
+        now: float,
+        effects: list[OverlayEffect],
+    ) -> None:
+        """Split `dests` per next hop on `source`'s tree; one copy per next hop (claim 4)."""
+        by_hop: dict[NodeId, list[NodeId]] = {}
+        for dest in dests:
+            hop = self._routing.next_hop(source, dest)
+            if hop is None or hop not in self._up:
+                self.stats.unroutable_dropped += 1
+                continue
+            by_hop.setdefault(hop, []).append(dest)
+        limit = self.config.max_dests_per_packet if self.config.multi_destination else 1
+        for hop in sorted(by_hop):
+            group = by_hop[hop]
+            for i in range(0, len(group), limit):
+                head = encode_data_head(source, incarnation, seq, hops, tuple(group[i : i + limit]))
+                self._send_link(hop, head + payload, now, effects)
+
+    def _deliver(
+        self, source: NodeId, data: Data, now: float, effects: list[OverlayEffect]
+    ) -> None:
+        state = self._sources.get(source)
+        if state is None or state.incarnation != data.incarnation:
+            state = _SourceState(data.incarnation)
+            self._sources[source] = state
+        if data.seq in state.recent_set:
+            self.stats.duplicates_dropped += 1
+            return
+        state.recent.append(data.seq)
+        state.recent_set.add(data.seq)
+        if len(state.recent) > self.config.dedup_window:
+            state.recent_set.discard(state.recent.popleft())
+        state.delivered += 1
+        self.stats.data_delivered += 1
+        effects.append(OverlayDelivered(source, data.seq, data.payload, data.hops))
+        if source == self.local:
+            self._acked_by[self.local] = state.delivered
+        elif state.delivered - state.reported >= self.config.feedback_every:
+            self._report(source, state, now, effects)
+        elif state.report_due_at is None:
+            state.report_due_at = now + self.config.feedback_interval
+            if self._next_report_at is None or state.report_due_at < self._next_report_at:
+                self._next_report_at = state.report_due_at
+
+    # ------------------------------------------------------------------ flow control
+
+    def _report(
+        self, source: NodeId, state: _SourceState, now: float, effects: list[OverlayEffect]
+    ) -> None:
+        state.reported = state.delivered
+        state.report_due_at = None
+        feedback = Feedback(source, state.incarnation, state.delivered, self.local)
+        self._route_feedback(feedback, now, effects)
+
+    def _send_reports(self, now: float, effects: list[OverlayEffect]) -> None:
+        self._next_report_at = None
+        for source, state in self._sources.items():
+            if state.report_due_at is None:
+                continue
+            if state.report_due_at <= now:
+                self._report(source, state, now, effects)
+            elif self._next_report_at is None or state.report_due_at < self._next_report_at:
+                self._next_report_at = state.report_due_at
+
+    def _route_feedback(self, feedback: Feedback, now: float, effects: list[OverlayEffect]) -> None:
+        hop = self._routing.next_hop(self.local, NodeId(feedback.source))
+        if hop is None or hop not in self._up:
+            self.stats.unroutable_dropped += 1
+            return
+        self._send_link(hop, encode_feedback(feedback), now, effects)
+
+    def _on_feedback(self, feedback: Feedback, now: float, effects: list[OverlayEffect]) -> None:
+        if feedback.source != self.local:
+            self._route_feedback(feedback, now, effects)
+            return
+        if feedback.incarnation != self.incarnation:
+            return  # progress report about an earlier life of ours
+        reporter = NodeId(feedback.reporter)
+        if feedback.delivered > self._acked_by.get(reporter, 0):
+            self._acked_by[reporter] = min(feedback.delivered, self._sent_to.get(reporter, 0))
+
+    def _pump(self, now: float, effects: list[OverlayEffect]) -> None:
+        """Send queued messages while the tree's rate and the window allow."""
+        while self._outbox and self._view is not None and self.window_open():
+            pacer = self._pacer
+            if pacer is not None and not pacer.ready(now):
+                return
+            dests, payload = self._outbox.popleft()
+            self._seq += 1
+            self.stats.data_originated += 1
+            reachable = [d for d in dests if d in self._view]
+            for dest in reachable:
+                self._sent_to[dest] = self._sent_to.get(dest, 0) + 1
+            if pacer is not None:
+                pacer.consume(len(payload), now)
+            if self.local in reachable:
+                data = Data(self.local, self.incarnation, self._seq, 0, (self.local,), payload)
+                self._deliver(self.local, data, now, effects)
+            others = [d for d in reachable if d != self.local]
+            self.stats.unroutable_dropped += len(dests) - len(reachable)
+            if others:
+                self._forward(
+                    self.local, self.incarnation, self._seq, 1, others, payload, now, effects
+                )

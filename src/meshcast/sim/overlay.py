@@ -1,0 +1,107 @@
+"""Overlay daemons in the simulator: topologies, and a harness that records what happened."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from meshcast.ids import NodeId
+from meshcast.link import LinkConfig
+from meshcast.overlay.node import (
+    Neighbour,
+    OverlayConfig,
+    OverlayDelivered,
+    OverlayNode,
+    ViewAgreed,
+    ViewInstalled,
+)
+from meshcast.overlay.view import View
+from meshcast.sim.network import LinkModel
+from meshcast.sim.simulator import Simulator
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayEdge:
+    a: int
+    b: int
+    delay: float = 0.005  # s one way
+    bandwidth_bps: float = 100e6
+    weight: float = 1.0
+    loss: float = 0.0
+
+
+def full_mesh(n: int, **kwargs: float) -> list[OverlayEdge]:
+    return [OverlayEdge(a, b, **kwargs) for a in range(1, n + 1) for b in range(a + 1, n + 1)]
+
+
+def random_graph(n: int, degree: int, rng: random.Random, **kwargs: float) -> list[OverlayEdge]:
+    """A connected random graph: a random spanning tree plus random extra edges."""
+    order = list(range(1, n + 1))
+    rng.shuffle(order)
+    pairs = {tuple(sorted((order[i], order[rng.randrange(i)]))) for i in range(1, n)}
+    while len(pairs) < min(n * degree // 2, n * (n - 1) // 2):
+        a, b = rng.sample(range(1, n + 1), 2)
+        pairs.add(tuple(sorted((a, b))))
+    return [OverlayEdge(a, b, weight=float(rng.randint(1, 10)), **kwargs) for a, b in sorted(pairs)]
+
+
+@dataclass
+class OverlayRecorder:
+    """Everything the daemons of a simulation reported, for invariant checks."""
+
+    delivered: dict[NodeId, list[OverlayDelivered]] = field(default_factory=dict)
+    views: dict[NodeId, list[tuple[float, View]]] = field(default_factory=dict)
+    agreed: dict[NodeId, list[tuple[float, View]]] = field(default_factory=dict)
+
+    def __call__(self, node: NodeId, effect: object, now: float) -> None:
+        if isinstance(effect, OverlayDelivered):
+            self.delivered.setdefault(node, []).append(effect)
+        elif isinstance(effect, ViewInstalled):
+            self.views.setdefault(node, []).append((now, effect.view))
+        elif isinstance(effect, ViewAgreed):
+            self.agreed.setdefault(node, []).append((now, effect.view))
+
+    def current_view(self, node: NodeId) -> View | None:
+        history = self.views.get(node)
+        return history[-1][1] if history else None
+
+
+def build_overlay(
+    edges: Iterable[OverlayEdge],
+    *,
+    seed: int,
+    policy: str = "shortest-path",
+    upload_bps: Mapping[int, float] | None = None,
+    link: LinkConfig | None = None,
+    trace: bool = False,
+    **overlay_options: object,
+) -> tuple[Simulator, OverlayRecorder]:
+    edges = list(edges)
+    nodes = sorted({n for e in edges for n in (e.a, e.b)})
+    neighbours: dict[int, dict[NodeId, Neighbour]] = {n: {} for n in nodes}
+    for e in edges:
+        neighbours[e.a][NodeId(e.b)] = Neighbour(e.weight, e.bandwidth_bps)
+        neighbours[e.b][NodeId(e.a)] = Neighbour(e.weight, e.bandwidth_bps)
+    uploads = {NodeId(n): float((upload_bps or {}).get(n, float("inf"))) for n in nodes}
+    link_config = link or LinkConfig(heartbeat_interval=0.1, failure_rounds=5)
+    sim = Simulator(seed=seed, trace=trace)
+    recorder = OverlayRecorder()
+    sim.observe(recorder)
+
+    def factory(node_id: NodeId, now: float, rng: random.Random) -> OverlayNode:
+        config = OverlayConfig(
+            neighbours=neighbours[node_id],
+            upload_bps=uploads,
+            link=link_config,
+            policy=policy,
+            **overlay_options,  # type: ignore[arg-type]
+        )
+        return OverlayNode(node_id, config, incarnation=sim.incarnation(node_id) + 1, rng=rng)
+
+    for n in nodes:
+        sim.add_node(NodeId(n), factory, start=lambda node, now: node.start(now))
+    for e in edges:
+        model = LinkModel(delay=e.delay, bandwidth_bps=e.bandwidth_bps, loss=e.loss)
+        sim.add_link(NodeId(e.a), NodeId(e.b), model)
+    return sim, recorder

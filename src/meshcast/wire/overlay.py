@@ -1,0 +1,159 @@
+"""Overlay messages: what daemons say to each other inside Hop link messages.
+
+Every overlay message starts with one kind byte:
+
+    0x01 LSA       origin u32 | incarnation u32 | seq u32 | view_digest 8s | n u16 |
+                   n x (neighbour u32 | weight f64 | bandwidth_bps f64)
+    0x02 DATA      source u32 | incarnation u32 | seq u64 | hops u8 | n u16 | n x dest u32 |
+                   payload (the rest)
+    0x03 FEEDBACK  source u32 | incarnation u32 | delivered u64 | reporter u32
+
+* LSA: a daemon's live overlay links (link-state advertisement), flooded to all daemons;
+  `view_digest` is the view the origin has installed, so daemons can tell when they agree.
+* DATA: one message from `source` for the explicit list of destination daemons (seed 001,
+  claim 4); every daemon on the way splits the list per next hop. `hops` counts links.
+* FEEDBACK: a destination tells a source how many of its messages it has delivered, for
+  the source's end-to-end window (Spread §2.1: a slow receiver slows the sender).
+
+Decoders raise only `DecodeError`.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+from meshcast.errors import DecodeError
+
+KIND_LSA = 0x01
+KIND_DATA = 0x02
+KIND_FEEDBACK = 0x03
+
+LSA_HEAD = struct.Struct("!BIII8sH")
+LSA_ENTRY = struct.Struct("!Idd")
+DATA_HEAD = struct.Struct("!BIIQBH")
+DEST = struct.Struct("!I")
+FEEDBACK = struct.Struct("!BIIQI")
+
+MAX_LSA_ENTRIES = 4096
+MAX_DESTS = 4096
+MAX_HOPS = 255
+
+
+@dataclass(frozen=True, slots=True)
+class LsaEntry:
+    neighbour: int
+    weight: float
+    bandwidth_bps: float
+
+
+@dataclass(frozen=True, slots=True)
+class Lsa:
+    origin: int
+    incarnation: int
+    seq: int
+    view_digest: bytes  # 8 bytes; zeros before the first view
+    entries: tuple[LsaEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    source: int
+    incarnation: int
+    seq: int
+    hops: int
+    dests: tuple[int, ...]
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    source: int
+    incarnation: int
+    delivered: int
+    reporter: int
+
+
+OverlayMessage = Lsa | Data | Feedback
+
+
+def encode_lsa(lsa: Lsa) -> bytes:
+    if len(lsa.view_digest) != 8:
+        raise ValueError("view digest must be 8 bytes")
+    parts = [
+        LSA_HEAD.pack(
+            KIND_LSA, lsa.origin, lsa.incarnation, lsa.seq, lsa.view_digest, len(lsa.entries)
+        )
+    ]
+    parts.extend(LSA_ENTRY.pack(e.neighbour, e.weight, e.bandwidth_bps) for e in lsa.entries)
+    return b"".join(parts)
+
+
+def encode_data_head(
+    source: int, incarnation: int, seq: int, hops: int, dests: tuple[int, ...]
+) -> bytes:
+    """Everything of a DATA message but its payload, so a forwarder re-heads without copying twice."""
+    if not dests or len(dests) > MAX_DESTS:
+        raise ValueError(f"a data message needs 1..{MAX_DESTS} destinations, got {len(dests)}")
+    return DATA_HEAD.pack(KIND_DATA, source, incarnation, seq, hops, len(dests)) + struct.pack(
+        f"!{len(dests)}I", *dests
+    )
+
+
+def encode_data(data: Data) -> bytes:
+    return (
+        encode_data_head(data.source, data.incarnation, data.seq, data.hops, data.dests)
+        + data.payload
+    )
+
+
+def encode_feedback(feedback: Feedback) -> bytes:
+    return FEEDBACK.pack(
+        KIND_FEEDBACK, feedback.source, feedback.incarnation, feedback.delivered, feedback.reporter
+    )
+
+
+def decode_overlay(message: bytes) -> OverlayMessage:
+    """Parse one overlay message; raises `DecodeError` on anything malformed."""
+    if not message:
+        raise DecodeError("empty overlay message")
+    kind = message[0]
+    if kind == KIND_DATA:
+        if len(message) < DATA_HEAD.size:
+            raise DecodeError("truncated data header")
+        _, source, incarnation, seq, hops, n = DATA_HEAD.unpack_from(message)
+        if n == 0 or n > MAX_DESTS:
+            raise DecodeError(f"data message with {n} destinations")
+        end = DATA_HEAD.size + n * DEST.size
+        if len(message) < end:
+            raise DecodeError("truncated destination list")
+        dests = struct.unpack_from(f"!{n}I", message, DATA_HEAD.size)
+        if len(set(dests)) != n:
+            raise DecodeError("duplicate destination in a data message")
+        return Data(source, incarnation, seq, hops, dests, message[end:])
+    if kind == KIND_LSA:
+        if len(message) < LSA_HEAD.size:
+            raise DecodeError("truncated LSA header")
+        _, origin, incarnation, seq, digest, n = LSA_HEAD.unpack_from(message)
+        if n > MAX_LSA_ENTRIES:
+            raise DecodeError(f"LSA with {n} entries")
+        if len(message) != LSA_HEAD.size + n * LSA_ENTRY.size:
+            raise DecodeError("LSA length does not match its entry count")
+        entries = []
+        for i in range(n):
+            neighbour, weight, bandwidth = LSA_ENTRY.unpack_from(
+                message, LSA_HEAD.size + i * LSA_ENTRY.size
+            )
+            if not (
+                math.isfinite(weight) and weight > 0 and math.isfinite(bandwidth) and bandwidth > 0
+            ):
+                raise DecodeError(f"LSA entry for {neighbour} has a bad weight or bandwidth")
+            entries.append(LsaEntry(neighbour, weight, bandwidth))
+        return Lsa(origin, incarnation, seq, digest, tuple(entries))
+    if kind == KIND_FEEDBACK:
+        if len(message) != FEEDBACK.size:
+            raise DecodeError("feedback has the wrong size")
+        _, source, incarnation, delivered, reporter = FEEDBACK.unpack(message)
+        return Feedback(source, incarnation, delivered, reporter)
+    raise DecodeError(f"unknown overlay message kind 0x{kind:02x}")
