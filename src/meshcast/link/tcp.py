@@ -2,9 +2,10 @@
 
 It carries the same messages in the same datagrams as the Hop link (`meshcast.wire`
 packets) but behaves like a Linux TCP socket with TCP_NODELAY: a three-way handshake,
-cumulative ACKs with delayed ACK, NewReno congestion control, the RFC 6298 retransmission
-timer, no pacing, and above all in-order delivery. A lost segment holds back everything
-behind it until it is repaired, and then the backlog comes out in one burst.
+cumulative ACKs with delayed ACK, SACK with RFC 6675 loss recovery and PRR (or NewReno
+when `TcpConfig.sack` is off), Reno window growth, the RFC 6298 retransmission timer, no
+pacing, and above all in-order delivery. A lost segment holds back everything behind it
+until it is repaired, and then the backlog comes out in one burst.
 
 Wire use:
 
@@ -13,7 +14,11 @@ Wire use:
   link-state block acknowledges our epoch.
 * DATA: ``seq`` is the segment number (1, 2, ...); the body packs small messages whole and
   cuts large ones into pieces, as Hop does. Every DATA packet carries our cumulative ACK.
-* STATE: a pure ACK. ``cum_ack`` is the last in-order segment; no NACK ranges (no SACK).
+* STATE: a pure ACK. ``cum_ack`` is the last in-order segment.
+* SACK (RFC 2018): the link-state block's ``nacks`` field, which Hop fills with *missing*
+  ranges, carries *received* ranges here: ``(first, count)`` blocks of segments held
+  above ``cum_ack``, most recently changed first, at most `TcpConfig.sack_blocks` and
+  only as many as fit in the datagram. Empty with `TcpConfig.sack` off.
 * HEARTBEAT: keepalive probe and reply, only when `TcpConfig.keepalive_interval` is set.
 
 A HELLO from a new incarnation of the peer resets the connection (as an RST would) and
@@ -41,10 +46,12 @@ from meshcast.link.events import (
     Transmit,
 )
 from meshcast.link.sendqueue import SendQueue
-from meshcast.link.tcp_congestion import NewReno, RtoEstimator
+from meshcast.link.tcp_congestion import NewReno, RtoEstimator, SackReno
 from meshcast.wire.packet import (
     FLAG_STATE,
     HEADER_SIZE,
+    MAX_NACK_RANGES,
+    NACK_RANGE,
     STATE_BLOCK,
     U32_MAX,
     U64_MAX,
@@ -76,8 +83,13 @@ class TcpConfig:
     initial_cwnd_segments: int = 10  # segments: RFC 6928, Linux TCP_INIT_CWND
     loss_cwnd_segments: int = 1  # segments: cwnd after a retransmission timeout (RFC 5681)
     min_ssthresh_segments: int = 2  # segments: floor of ssthresh after a loss (RFC 5681)
-    dupack_threshold: int = 3  # duplicate ACKs that trigger fast retransmit (RFC 5681)
+    dupack_threshold: int = 3  # DupThresh: dup ACKs (or SACKed segments above a hole)
     limited_transmit: bool = True  # RFC 3042: one new segment on each of the first 2 dup ACKs
+    # SACK (RFC 2018) with RFC 6675 loss recovery, as Linux (tcp_sack=1); False: NewReno.
+    # Both ends must agree: the model's SYN has no SACK-permitted option.
+    sack: bool = True
+    sack_blocks: int = 3  # SACK blocks per ACK: Linux fits 3 beside the timestamp option
+    prr: bool = True  # RFC 6937 Proportional Rate Reduction in SACK recovery (Linux)
     slow_start_after_idle: bool = True  # RFC 5681 §4.1; Linux tcp_slow_start_after_idle=1
     initial_rto: float = 1.0  # s: RTO before an RTT sample, also the SYN timeout (RFC 6298)
     min_rto: float = 0.2  # s: Linux TCP_RTO_MIN
@@ -105,6 +117,8 @@ class TcpConfig:
             raise ConfigError("must not exceed tcp.max_rto", key="tcp.min_rto")
         if self.initial_rto > self.max_rto:
             raise ConfigError("must not exceed tcp.max_rto", key="tcp.initial_rto")
+        if self.sack_blocks > MAX_NACK_RANGES:
+            raise ConfigError(f"must not exceed {MAX_NACK_RANGES}", key="tcp.sack_blocks")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +130,13 @@ class TcpStats:
     rto: float  # s, back-off included
     srtt: float  # s, 0.0 before the first sample
     rttvar: float  # s
-    in_recovery: bool  # NewReno fast recovery in progress
-    fast_retransmits: int
+    in_recovery: bool  # fast recovery in progress (NewReno, or SACK recovery)
+    fast_retransmits: int  # recoveries started by duplicate ACKs or SACKs
     timeouts: int  # retransmission timer expiries
-    dup_acks_received: int
+    dup_acks_received: int  # RFC 5681 duplicate ACKs, or with SACK those of RFC 6675
+    pipe: int  # segments presumed in the network (RFC 6675 SetPipe; flight for NewReno)
+    sacked: int  # outstanding segments the peer reported holding (0 without SACK)
+    lost_retransmissions: int  # retransmissions presumed lost again (SACK mode)
 
 
 @dataclass(slots=True)
@@ -170,6 +187,7 @@ class _Counters:
     fast_retransmits: int = 0
     timeouts: int = 0
     dup_acks_received: int = 0
+    lost_retransmissions: int = 0
 
 
 def _payload_size(fragments: tuple[Fragment, ...]) -> int:
@@ -229,12 +247,14 @@ class TcpLink:
         self._syn_sent = _Sent()
         self._synack_sent = _Sent()
         self._segment_size = self._config.mtu  # datagram bytes; min of both MTUs once up
-        # Sender. Outstanding segments are snd_una .. snd_nxt-1; after a timeout those
-        # from rtx_next on are presumed lost and resent first (go-back-N, as without SACK).
+        # Sender. Outstanding segments are snd_una .. snd_nxt-1. With SACK the scoreboard
+        # says which to resend; NewReno after a timeout presumes those from rtx_next on
+        # lost and resends them first (go-back-N, as without SACK).
         self._segments: dict[int, _Segment] = {}
         self._snd_una = 1
         self._snd_nxt = 1
         self._rtx_next = 1
+        self._dupacks = 0  # SACK mode: RFC 6675 DupAcks (NewReno counts its own)
         self._rto_at: float | None = None
         self._last_data_sent_at: float | None = None
         self._rto = RtoEstimator(
@@ -244,17 +264,31 @@ class TcpLink:
             granularity=tcp.rto_granularity,
             linux_floor=tcp.linux_rto_floor,
         )
-        self._cc = NewReno(
-            initial_cwnd=tcp.initial_cwnd_segments,
-            loss_cwnd=tcp.loss_cwnd_segments,
-            min_ssthresh=tcp.min_ssthresh_segments,
-            dupack_threshold=tcp.dupack_threshold,
-            initial_ssthresh=math.inf,
-        )
+        self._cc: NewReno | SackReno
+        if tcp.sack:
+            self._cc = SackReno(
+                initial_cwnd=tcp.initial_cwnd_segments,
+                loss_cwnd=tcp.loss_cwnd_segments,
+                min_ssthresh=tcp.min_ssthresh_segments,
+                dupack_threshold=tcp.dupack_threshold,
+                initial_ssthresh=math.inf,
+                prr=tcp.prr,
+            )
+        else:
+            self._cc = NewReno(
+                initial_cwnd=tcp.initial_cwnd_segments,
+                loss_cwnd=tcp.loss_cwnd_segments,
+                min_ssthresh=tcp.min_ssthresh_segments,
+                dupack_threshold=tcp.dupack_threshold,
+                initial_ssthresh=math.inf,
+            )
         # Receiver.
         self._rcv_cum = 0  # every segment <= this has been delivered
         self._ooo: dict[int, tuple[Fragment, ...]] = {}  # arrived after a hole
         self._ooo_bytes = 0
+        # SACK: the runs of segments held above rcv_cum, as [first, last], the most
+        # recently extended first (RFC 2018 §4); empty with SACK off.
+        self._sack_runs: list[tuple[int, int]] = []
         self._partial: _Partial | None = None
         self._ack_now = False
         self._ack_at: float | None = None
@@ -327,16 +361,24 @@ class TcpLink:
 
     def tcp_statistics(self) -> TcpStats:
         """TCP-only state for benchmarks and tests: window, timer and recovery events."""
+        cc = self._cc
+        if isinstance(cc, SackReno):
+            pipe, sacked = cc.board.pipe, cc.board.sacked
+        else:
+            pipe, sacked = self._rtx_next - self._snd_una, 0
         return TcpStats(
-            cwnd=self._cc.cwnd,
-            ssthresh=self._cc.ssthresh,
+            cwnd=cc.cwnd,
+            ssthresh=cc.ssthresh,
             rto=self._rto.rto,
             srtt=self._rto.srtt or 0.0,
             rttvar=self._rto.rttvar,
-            in_recovery=self._cc.in_recovery,
+            in_recovery=cc.in_recovery,
             fast_retransmits=self._stats.fast_retransmits,
             timeouts=self._stats.timeouts,
             dup_acks_received=self._stats.dup_acks_received,
+            pipe=pipe,
+            sacked=sacked,
+            lost_retransmissions=self._stats.lost_retransmissions,
         )
 
     # ---------------------------------------------------------------- inputs
@@ -506,30 +548,66 @@ class TcpLink:
             and now - self._last_data_sent_at >= self._rto.rto
         ):
             self._cc.restart_after_idle()
+        if isinstance(self._cc, SackReno):
+            self._send_segments_sack(self._cc, now, effects)
+        else:
+            self._send_segments_newreno(self._cc, now, effects)
+
+    def _send_segments_newreno(self, cc: NewReno, now: float, effects: list[LinkEffect]) -> None:
         in_loss = self._rtx_next < self._snd_nxt
-        window = self._cc.window(limited_transmit=self._tcp.limited_transmit and not in_loss)
-        rwnd = self._config.max_unacked_packets
+        window = cc.window(limited_transmit=self._tcp.limited_transmit and not in_loss)
         while self._rtx_next - self._snd_una < window:
             if self._rtx_next < self._snd_nxt:
                 seq = self._rtx_next
                 self._rtx_next += 1
                 self._transmit_segment(seq, now, effects, retransmit=True)
-            elif self._queue and self._snd_nxt - self._snd_una < rwnd:
-                seq = self._snd_nxt
-                body, _ = self._queue.pop_body(self._body_budget())
-                self._segments[seq] = _Segment(body, now)
-                self._snd_nxt += 1
-                self._rtx_next = self._snd_nxt
-                self._transmit_segment(seq, now, effects, retransmit=False)
+            elif self._may_send_new():
+                self._transmit_segment(self._new_segment(now), now, effects, retransmit=False)
             else:
                 break
 
-    def _body_budget(self) -> int:
-        """Bytes of fragments per segment: Hop's packing, at the negotiated size."""
-        return self._segment_size - HEADER_SIZE - STATE_BLOCK.size
+    def _send_segments_sack(self, cc: SackReno, now: float, effects: list[LinkEffect]) -> None:
+        """RFC 6675 NextSeg() rules 1 and 2: lost segments first, lowest first, then new
+        data, while the pipe is below cwnd. Limited transmit (RFC 3042) is built in:
+        each SACKed segment leaves the pipe.
+        """
+        board = cc.board
+        while board.pipe < cc.window():
+            seq = board.next_lost()
+            if seq is not None:
+                self._transmit_segment(seq, now, effects, retransmit=True)
+            elif self._may_send_new():
+                self._transmit_segment(self._new_segment(now), now, effects, retransmit=False)
+            else:
+                break
 
-    def _state_block(self) -> bytes:
-        return encode_state(LinkState(self._peer_epoch, self._rcv_cum, self._snd_nxt - 1))
+    def _may_send_new(self) -> bool:
+        """Queued data and room in the receive window."""
+        return bool(self._queue) and (
+            self._snd_nxt - self._snd_una < self._config.max_unacked_packets
+        )
+
+    def _new_segment(self, now: float) -> int:
+        """Cut the next segment from the send queue; return its number."""
+        seq = self._snd_nxt
+        body, _ = self._queue.pop_body(self._body_budget())
+        self._segments[seq] = _Segment(body, now)
+        self._snd_nxt += 1
+        self._rtx_next = self._snd_nxt
+        return seq
+
+    def _body_budget(self) -> int:
+        """Bytes of fragments per segment: Hop's packing, at the negotiated size, less
+        the room of the SACK blocks we report now (as Linux `tcp_current_mss`).
+        """
+        sack = min(len(self._sack_runs), self._tcp.sack_blocks) * NACK_RANGE.size
+        return self._segment_size - HEADER_SIZE - STATE_BLOCK.size - sack
+
+    def _state_block(self, room: int) -> bytes:
+        """Our ACK: the cumulative ACK, and as many SACK blocks as `room` bytes hold."""
+        runs = self._sack_runs[: min(self._tcp.sack_blocks, max(room, 0) // NACK_RANGE.size)]
+        blocks = tuple((first, last - first + 1) for first, last in runs)
+        return encode_state(LinkState(self._peer_epoch, self._rcv_cum, self._snd_nxt - 1, blocks))
 
     def _transmit_segment(
         self, seq: int, now: float, effects: list[LinkEffect], *, retransmit: bool
@@ -540,16 +618,23 @@ class TcpLink:
             self._stats.retransmissions += 1
         segment.sent_at = now
         head = encode_header(PacketType.DATA, self._local, self._epoch, seq, FLAG_STATE)
-        effects.append(Transmit(self._peer, head + self._state_block() + segment.body))
+        room = self._segment_size - HEADER_SIZE - STATE_BLOCK.size - len(segment.body)
+        effects.append(Transmit(self._peer, head + self._state_block(room) + segment.body))
         self._stats.packets_sent += 1
         self._last_data_sent_at = now
         self._ack_sent()  # every segment carries our cumulative ACK
+        if isinstance(self._cc, SackReno):
+            self._cc.board.sent(seq, now, retransmit=retransmit)
+            self._cc.on_sent()
+            if retransmit and seq == self._snd_una:
+                self._rto_at = now + self._rto.rto  # Linux re-arms it when the head is resent
         if self._rto_at is None:
             self._rto_at = now + self._rto.rto  # RFC 6298 §5.1
 
     def _send_ack(self, effects: list[LinkEffect]) -> None:
         head = encode_header(PacketType.STATE, self._local, self._epoch, 0, FLAG_STATE)
-        effects.append(Transmit(self._peer, head + self._state_block()))
+        room = self._segment_size - HEADER_SIZE - STATE_BLOCK.size
+        effects.append(Transmit(self._peer, head + self._state_block(room)))
         self._stats.packets_sent += 1
         self._stats.state_packets_sent += 1
         self._ack_sent()
@@ -567,20 +652,24 @@ class TcpLink:
         if not self._established:
             self._establish(now, self._synack_sent, effects)  # third leg of the handshake
         cum = state.cum_ack
+        cc = self._cc
         if cum >= self._snd_nxt:
             self._stats.protocol_violations += 1  # acknowledges segments never sent
+        elif isinstance(cc, SackReno):
+            self._on_sack_ack(cc, state, now, pure=pure)
         elif cum >= self._snd_una:
-            self._on_new_ack(cum, now, effects)
+            self._on_new_ack(cc, cum, now, effects)
         elif pure and cum == self._snd_una - 1 and self._snd_una < self._snd_nxt:
             # RFC 5681 §2: no data, no progress, data outstanding: a duplicate ACK.
             self._stats.dup_acks_received += 1
-            if self._cc.on_dupack(cum, self._snd_nxt - self._snd_una, self._snd_nxt - 1):
+            if cc.on_dupack(cum, self._snd_nxt - self._snd_una, self._snd_nxt - 1):
                 self._stats.fast_retransmits += 1
                 self._transmit_segment(self._snd_una, now, effects, retransmit=True)
 
-    def _on_new_ack(self, cum: int, now: float, effects: list[LinkEffect]) -> None:
-        acked = cum - self._snd_una + 1
-        pipe_before = self._rtx_next - self._snd_una
+    def _take_acked(self, cum: int, now: float) -> None:
+        """Segments up to `cum` are acknowledged: free them and take an RTT sample from
+        the newest unless one of them was resent (Karn).
+        """
         sample_ok = True
         newest = self._segments[cum]
         for seq in range(self._snd_una, cum + 1):
@@ -590,12 +679,65 @@ class TcpLink:
             self._rto.sample(now - newest.sent_at)
         self._rto.progressed()
         self._snd_una = cum + 1
-        self._rtx_next = max(self._rtx_next, self._snd_una)
-        window = self._cc.window(limited_transmit=False)
-        cwnd_limited = pipe_before >= window or (
-            self._cc.in_slow_start and self._cc.cwnd < 2 * pipe_before
+
+    def _on_sack_ack(self, cc: SackReno, state: LinkState, now: float, *, pure: bool) -> None:
+        """An ACK in SACK mode: scoreboard, RFC 6675 recovery with PRR, growth, timer.
+
+        The sending itself happens in `_flush`, which every input ends with.
+        """
+        board = cc.board
+        outstanding = self._snd_una < self._snd_nxt
+        pipe_before = board.pipe
+        cwnd_limited = pipe_before >= cc.window() or (
+            cc.in_slow_start and cc.cwnd < 2 * pipe_before
         )
-        outcome = self._cc.on_new_ack(
+        advanced = state.cum_ack >= self._snd_una
+        if advanced:
+            self._take_acked(state.cum_ack, now)
+        # An older ACK (reordered) still brings its SACK blocks.
+        update = board.ack(self._snd_una - 1, state.nacks, now, self._rto.min_rtt or 0.0)
+        if update.beyond_sent:
+            self._stats.protocol_violations += 1  # SACKs segments never sent
+        self._stats.lost_retransmissions += update.lost_retransmissions
+        if update.delivered:
+            self._rto.progressed()
+        if advanced:
+            self._dupacks = 0
+        elif update.newly_sacked or (
+            # RFC 5681 §2 duplicate ACK, from a peer that sends no SACK blocks.
+            pure and outstanding and not state.nacks and state.cum_ack == self._snd_una - 1
+        ):
+            self._dupacks += 1
+            self._stats.dup_acks_received += 1
+        if cc.in_recovery and self._snd_una > cc.recover:
+            cc.end_recovery()
+        if (
+            self._snd_una < self._snd_nxt
+            and cc.may_enter_recovery(self._snd_una - 1)
+            and (board.is_lost(self._snd_una) or self._dupacks >= self._tcp.dupack_threshold)
+        ):
+            board.mark_head_lost()
+            cc.enter_recovery(self._snd_nxt - self._snd_una, self._snd_nxt - 1)
+            self._stats.fast_retransmits += 1
+        cc.on_ack(
+            update.delivered,
+            board.pipe,
+            safe=advanced and update.newly_lost == 0,
+            cwnd_limited=cwnd_limited,
+        )
+        if self._snd_una == self._snd_nxt:
+            self._rto_at = None
+        elif advanced:
+            self._rto_at = now + self._rto.rto  # RFC 6298 §5.3
+
+    def _on_new_ack(self, cc: NewReno, cum: int, now: float, effects: list[LinkEffect]) -> None:
+        acked = cum - self._snd_una + 1
+        pipe_before = self._rtx_next - self._snd_una
+        self._take_acked(cum, now)
+        self._rtx_next = max(self._rtx_next, self._snd_una)
+        window = cc.window(limited_transmit=False)
+        cwnd_limited = pipe_before >= window or (cc.in_slow_start and cc.cwnd < 2 * pipe_before)
+        outcome = cc.on_new_ack(
             acked, cum, self._snd_nxt - self._snd_una, cwnd_limited=cwnd_limited
         )
         if self._snd_una == self._snd_nxt:
@@ -620,6 +762,7 @@ class TcpLink:
         )
         self._rto.back_off()
         self._rtx_next = self._snd_una  # everything outstanding is presumed lost
+        self._dupacks = 0
         # `on_timer` flushes next: the head goes out with cwnd 1 and re-arms the timer.
 
     # ---------------------------------------------------------------- receiver
@@ -649,6 +792,8 @@ class TcpLink:
             self._ooo[seq] = fragments
             self._ooo_bytes += _payload_size(fragments)
             self._ack_now = True
+            if self._tcp.sack:
+                self._note_sack(seq)
             return
         filled_hole = bool(self._ooo)
         self._rcv_cum = seq
@@ -658,6 +803,8 @@ class TcpLink:
             held = self._ooo.pop(self._rcv_cum)
             self._ooo_bytes -= _payload_size(held)
             self._deliver(held, effects)
+        if self._sack_runs:
+            self._sack_runs = [run for run in self._sack_runs if run[0] > self._rcv_cum]
         self._unacked_bytes += size
         full = (self._tcp.delayed_ack_segments - 1) * self._segment_size
         if filled_hole or self._quickacks > 0 or self._unacked_bytes > full:
@@ -665,6 +812,21 @@ class TcpLink:
             self._ack_now = True
         elif self._ack_at is None:
             self._ack_at = now + self._tcp.delayed_ack_timeout
+
+    def _note_sack(self, seq: int) -> None:
+        """RFC 2018 §4: the block holding the segment just received goes first; the
+        others follow in the order they last changed.
+        """
+        first = last = seq
+        others: list[tuple[int, int]] = []
+        for run in self._sack_runs:
+            if run[1] + 1 == first:
+                first = run[0]
+            elif run[0] - 1 == last:
+                last = run[1]
+            else:
+                others.append(run)
+        self._sack_runs = [(first, last), *others]
 
     def _deliver(self, fragments: tuple[Fragment, ...], effects: list[LinkEffect]) -> None:
         for fragment in fragments:
@@ -756,6 +918,7 @@ class TcpLink:
         self._segments.clear()
         self._ooo.clear()
         self._ooo_bytes = 0
+        self._sack_runs.clear()
         self._partial = None
         logger.info("%d: link to %d failed: %s", self._local, self._peer, reason)
         effects.append(LinkFailed(self._peer, reason))

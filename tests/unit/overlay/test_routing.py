@@ -66,7 +66,7 @@ def test_shortest_path_tree_spans_and_is_shortest(seed: int) -> None:
     tree = shortest_path_tree(view, NodeId(1), {})
     assert set(tree.parent) == set(view.members) - {1}
     # Compare with Bellman-Ford distances.
-    dist = {m: math.inf for m in view.members}
+    dist = dict.fromkeys(view.members, math.inf)
     dist[NodeId(1)] = 0.0
     for _ in view.members:
         for e in view.edges:

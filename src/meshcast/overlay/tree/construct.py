@@ -22,9 +22,6 @@ from meshcast.overlay.tree.working import WorkingTree
 _log = logging.getLogger(__name__)
 
 
-
-
-
 def max_throughput_tree(
     instance: TreeInstance, improvement: Improvement = DEFAULT_IMPROVEMENT
 ) -> Tree:

@@ -18,11 +18,20 @@ import numpy as np
 
 from meshcast.errors import ConfigError, UsageError
 from meshcast.overlay.tree.construct import max_throughput_tree
-from meshcast.overlay.tree.improvement import DEFAULT_IMPROVEMENT, Improvement
+from meshcast.overlay.tree.improvement import (
+    DEFAULT_IMPROVEMENT,
+    FirstOf,
+    Improvement,
+    Splice,
+    Triangular,
+)
 from meshcast.overlay.tree.instance import NO_PARENT, IntArray, Tree, TreeInstance
 from meshcast.overlay.tree.rate import tree_rate
 from meshcast.overlay.tree.reduced import ReducedGraph
 from meshcast.overlay.tree.working import WorkingTree
+
+
+LOCAL_REPAIR = FirstOf((Triangular(), Splice()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,11 +42,17 @@ class DynamicConfig:
     # After each event, up to this many attempts to lift the rate to the next value above
     # it by local repair (0: only the patent's join/leave/rebuild).
     raise_attempts: int = 4
-    improvement: Improvement = field(default=DEFAULT_IMPROVEMENT)  # for joins and rebuilds
+    # moves for local repair (joins, leaves, raises): cheap ones, tried once per candidate parent
+    repair: Improvement = field(default=LOCAL_REPAIR)
+    rebuild_improvement: Improvement = field(default=DEFAULT_IMPROVEMENT)  # for rebuilds
+    # full members (widest edge first) below which a join tries to make room by a repair move
+    repair_candidates: int = 8
 
     def __post_init__(self) -> None:
         if not 0 <= self.rebuild_below <= 1:
             raise ConfigError("must be within [0, 1]", key="tree.dynamic.rebuild_below")
+        if self.repair_candidates < 0:
+            raise ConfigError("must not be negative", key="tree.dynamic.repair_candidates")
         if self.raise_attempts < 0:
             raise ConfigError("must not be negative", key="tree.dynamic.raise_attempts")
 
@@ -197,7 +212,7 @@ class DynamicTree:
         tree = self._tree
         for node in np.flatnonzero(tree.attached & (tree.fanout > graph.bound)).tolist():
             while tree.fanout[node] > graph.bound[node]:
-                if not self._config.improvement.relieve(graph, tree, node):
+                if not self._config.repair.relieve(graph, tree, node):
                     return False
         return True
 
@@ -219,9 +234,9 @@ class DynamicTree:
         if len(with_room):
             tree.reattach(root, int(with_room[0]))
             return True
-        for parent in senders.tolist():
+        for parent in senders[: self._config.repair_candidates].tolist():
             tree.reattach(root, parent)
-            if self._config.improvement.relieve(graph, tree, parent):
+            if self._config.repair.relieve(graph, tree, parent):
                 return True
             assert tree.parent[root] == parent  # a failed move leaves the overload in place
             tree.detach(root)
@@ -235,7 +250,9 @@ class DynamicTree:
 
     def _rebuild(self) -> None:
         members = np.flatnonzero(self._tree.attached)
-        fresh = max_throughput_tree(self._universe.restrict(members), self._config.improvement)
+        fresh = max_throughput_tree(
+            self._universe.restrict(members), self._config.rebuild_improvement
+        )
         parent = np.full(self._universe.n, NO_PARENT, dtype=np.int64)
         has_parent = fresh.parent != NO_PARENT
         parent[members[has_parent]] = members[fresh.parent[has_parent]]
@@ -271,4 +288,3 @@ def _count_moved(before: IntArray, after: IntArray, exempt: int) -> int:
     if exempt != NO_PARENT:
         moved[exempt] = False
     return int(moved.sum())
-
