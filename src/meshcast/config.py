@@ -1,0 +1,1179 @@
+"""Cluster configuration: one TOML file describing daemons, sites, overlay links and policies.
+
+`load_config(path)` reads a file, `parse_config(text)` a string and `default_config()` the
+embedded default (``default-cluster.toml`` in this package, used by ``meshcast demo``).
+Each returns a `ClusterConfig`, a tree of frozen dataclasses. Every mistake in a file
+raises `ConfigError` naming the file, the key path (``daemons[2].port``,
+``links.edge[0].b``) and what is wrong; unknown keys are errors, so typos never pass
+silently. Host names are never resolved: hosts are IP addresses or ``localhost``.
+
+`dump_config(config)` writes a config back as TOML that parses to an equal config (every
+link explicit, every value in base units); a demo that picked free ports with
+`ClusterConfig.with_ports` hands the result to its daemon processes that way.
+
+The schema, with every key, type, unit and default, is documented in docs/config.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import Field, dataclass, field, fields, replace
+from fractions import Fraction
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from meshcast.errors import ConfigError
+from meshcast.ids import MAX_NODE_ID
+from meshcast.link.config import LinkConfig
+
+__all__ = [
+    "DEFAULT_SOURCE",
+    "ROUTING_POLICIES",
+    "ClusterConfig",
+    "DaemonSpec",
+    "Emulation",
+    "LimitsConfig",
+    "LinkSpec",
+    "MembershipConfig",
+    "RoutingPolicy",
+    "SecurityConfig",
+    "SiteSpec",
+    "default_config",
+    "dump_config",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_rate",
+    "parse_size",
+]
+
+RoutingPolicy = Literal["shortest-path", "fanout", "max-throughput"]
+ROUTING_POLICIES: tuple[RoutingPolicy, ...] = ("shortest-path", "fanout", "max-throughput")
+SiteMesh = Literal["full", "none"]
+WanMesh = Literal["full", "gateways", "none"]
+
+DEFAULT_SOURCE = "<embedded default>"
+DEFAULT_RESOURCE = "default-cluster.toml"
+MAX_NAME_LENGTH = 64  # characters of a cluster, site or daemon name
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------
+# Units
+# ---------------------------------------------------------------------------------------
+
+_NUMBER_AND_UNIT = re.compile(
+    r"\s*(?P<number>(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*(?P<unit>\S*)\s*\Z"
+)
+_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
+_SIZE_UNITS = {
+    "B": 1,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+    "kB": 10**3,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+}
+_DURATION_UNITS = {"us": Fraction(1, 10**6), "µs": Fraction(1, 10**6), "ms": Fraction(1, 1000)}
+_DURATION_UNITS |= {"s": Fraction(1), "min": Fraction(60)}
+
+
+def _toml_type(value: object) -> str:
+    """The TOML name of a parsed value's type, for error messages."""
+    match value:
+        case bool():
+            return "boolean"
+        case int():
+            return "integer"
+        case float():
+            return "float"
+        case str():
+            return "string"
+        case dict():
+            return "table"
+        case list():
+            return "array"
+        case _:
+            return "date-time"
+
+
+def _describe(value: object) -> str:
+    return (
+        f"{_toml_type(value)} {value!r}"
+        if not isinstance(value, (dict, list))
+        else _toml_type(value)
+    )
+
+
+def _split_unit(text: str, kind: str, example: str, key: str) -> tuple[Fraction, str]:
+    match = _NUMBER_AND_UNIT.match(text)
+    if match is None:
+        raise ConfigError(f"cannot parse {kind} {text!r}: expected e.g. {example!r}", key=key)
+    unit = match["unit"]
+    if not unit:
+        raise ConfigError(
+            f"{kind} {text!r} has no unit: write e.g. {example!r}, or a number without quotes",
+            key=key,
+        )
+    return Fraction(match["number"]), unit
+
+
+def _plain_number(value: object, kind: str, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(
+            f"must be a number or a string with a unit ({kind}), got {_describe(value)}", key=key
+        )
+    if not math.isfinite(value):
+        raise ConfigError(f"must be finite, got {value!r}", key=key)
+    return float(value)
+
+
+def parse_rate(value: object, key: str = "") -> float:
+    """Bits/s from a number (bits/s) or a string such as ``"100Mbit"``, ``"1.5 Gbit"``.
+
+    Units are decimal and case-insensitive: ``bit``, ``kbit``, ``Mbit``, ``Gbit``, ``Tbit``.
+    ``bps`` spellings are refused, since ``MBps`` and ``Mbps`` differ eightfold.
+    Raises `ConfigError` (with `key`) on anything else. The sign is not checked here.
+    """
+    if not isinstance(value, str):
+        return _plain_number(value, "bits/s", key)
+    number, unit = _split_unit(value, "rate", "100Mbit", key)
+    multiplier = _RATE_UNITS.get(unit.lower())
+    if multiplier is None:
+        hint = " (bps spellings are ambiguous)" if unit.lower().endswith(("bps", "/s")) else ""
+        raise ConfigError(
+            f"unknown rate unit {unit!r} in {value!r}{hint}: use bit, kbit, Mbit, Gbit or Tbit",
+            key=key,
+        )
+    return float(number * multiplier)
+
+
+def parse_size(value: object, key: str = "") -> int:
+    """Bytes from an integer (bytes) or a string such as ``"16MiB"``, ``"1.5 KiB"``, ``"9kB"``.
+
+    Units (case-sensitive): ``B``, ``KiB``, ``MiB``, ``GiB``, ``TiB`` (powers of 1024) and
+    ``kB``/``KB``, ``MB``, ``GB``, ``TB`` (powers of 1000). The result must be a whole
+    number of bytes. Raises `ConfigError` (with `key`) on anything else.
+    """
+    if not isinstance(value, str):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(
+                f"must be an integer (bytes) or a string with a unit such as '16MiB', "
+                f"got {_describe(value)}",
+                key=key,
+            )
+        return value
+    number, unit = _split_unit(value, "size", "16MiB", key)
+    multiplier = _SIZE_UNITS.get(unit)
+    if multiplier is None:
+        raise ConfigError(
+            f"unknown size unit {unit!r} in {value!r}: use B, KiB, MiB, GiB, TiB, kB, MB, GB or TB",
+            key=key,
+        )
+    size = number * multiplier
+    if size.denominator != 1:
+        raise ConfigError(f"{value!r} is not a whole number of bytes", key=key)
+    return int(size)
+
+
+def parse_duration(value: object, key: str = "") -> float:
+    """Seconds from a number (seconds) or a string such as ``"20ms"``, ``"1.5s"``, ``"250us"``.
+
+    Units (case-sensitive): ``us`` (or ``µs``), ``ms``, ``s``, ``min``. Raises `ConfigError`
+    (with `key`) on anything else. The sign is not checked here.
+    """
+    if not isinstance(value, str):
+        return _plain_number(value, "seconds", key)
+    number, unit = _split_unit(value, "duration", "20ms", key)
+    multiplier = _DURATION_UNITS.get(unit)
+    if multiplier is None:
+        raise ConfigError(
+            f"unknown duration unit {unit!r} in {value!r}: use us, ms, s or min", key=key
+        )
+    return float(number * multiplier)
+
+
+# ---------------------------------------------------------------------------------------
+# The configuration dataclasses
+# ---------------------------------------------------------------------------------------
+
+
+def _check_name(value: str, key: str) -> None:
+    if not (_NAME.match(value) and len(value) <= MAX_NAME_LENGTH):
+        raise ConfigError(
+            f"must be 1 to {MAX_NAME_LENGTH} letters, digits, '_', '.' or '-' "
+            f"starting with a letter or digit, got {value!r}",
+            key=key,
+        )
+
+
+def _check_positive(value: float, key: str, unit: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"must be a positive number of {unit}, got {value!r}", key=key)
+
+
+def _canonical_host(host: str, key: str) -> str:
+    """The host as written canonically; refuses anything but an IP address or localhost."""
+    if host == "localhost":
+        return host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"must be an IP address or 'localhost' (host names are not resolved), got {host!r}",
+            key=key,
+        ) from None
+    if address.is_unspecified or address.is_multicast:
+        raise ConfigError(f"must be an address other daemons can send to, got {host!r}", key=key)
+    return str(address)
+
+
+def _endpoint_keys(host: str, port: int) -> set[tuple[str, int]]:
+    """Addresses a daemon may answer on: `localhost` collides with 127.0.0.1 and ::1."""
+    if host == "localhost":
+        return {("localhost", port), ("127.0.0.1", port), ("::1", port)}
+    return {(host, port)}
+
+
+@dataclass(frozen=True, slots=True)
+class SiteSpec:
+    """A site: daemons close to each other (one data centre, one LAN)."""
+
+    name: str  # identifier: letters, digits, '_', '.', '-'; unique in the cluster
+    gateway: str | None = (
+        None  # daemon name: this site's end of generated WAN links; None: first daemon
+    )
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "name")
+        if self.gateway is not None:
+            _check_name(self.gateway, "gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonSpec:
+    """One daemon of the overlay. Error keys are the TOML spellings (`id`, `upload`)."""
+
+    name: str  # identifier, unique in the cluster
+    node_id: int  # the daemon's id on the wire: 1..2**32-1, unique
+    host: str  # IP address (stored canonically) or "localhost"; never resolved
+    port: int  # UDP port of the daemon's overlay endpoint, 1..65535
+    site: str  # name of the site the daemon belongs to
+    upload_bps: float  # bits/s the daemon can send in total, all links together
+    download_bps: float  # bits/s the daemon can receive in total
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "name")
+        if not 1 <= self.node_id <= MAX_NODE_ID:
+            raise ConfigError(f"must be in 1..{MAX_NODE_ID}, got {self.node_id!r}", key="id")
+        object.__setattr__(self, "host", _canonical_host(self.host, "host"))
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"must be in 1..65535, got {self.port!r}", key="port")
+        _check_name(self.site, "site")
+        _check_positive(self.upload_bps, "upload", "bits/s")
+        _check_positive(self.download_bps, "download", "bits/s")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the daemon's overlay endpoint."""
+        return (self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Emulation:
+    """User-space impairment of one overlay edge, applied in each direction.
+
+    For demos and tests on loopback (kernel netem is not available): each endpoint puts
+    the shim (`meshcast.runtime.impair`) on its outgoing path to the other.
+    """
+
+    delay: float = 0.0  # s: one-way delay added to every datagram
+    jitter: float = 0.0  # s: uniform random extra delay in [0, jitter); reorders datagrams
+    loss: float = 0.0  # probability in [0, 1) that a datagram is dropped
+    rate_bps: float | None = None  # bits/s of an emulated bottleneck; None: unlimited
+
+    def __post_init__(self) -> None:
+        for key, value in (("delay", self.delay), ("jitter", self.jitter)):
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ConfigError(f"must be >= 0 s, got {value!r}", key=key)
+        if not 0.0 <= self.loss < 1.0:
+            raise ConfigError(f"must be in [0, 1), got {self.loss!r}", key="loss")
+        if self.rate_bps is not None:
+            _check_positive(self.rate_bps, "rate", "bits/s")
+
+    @property
+    def is_noop(self) -> bool:
+        """True when the emulation changes nothing (no delay, jitter, loss or rate cap)."""
+        return self == Emulation()
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSpec:
+    """An undirected overlay edge between two daemons, named by daemon name."""
+
+    a: str  # daemon name
+    b: str  # daemon name, not a
+    weight: float  # routing cost (> 0): shortest-path routing minimises the sum along a path
+    bandwidth_bps: float  # bits/s the edge carries in each direction
+    emulation: Emulation | None = None  # impairment on both directions; None: none
+
+    def __post_init__(self) -> None:
+        if self.a == self.b:
+            raise ConfigError(f"links daemon {self.a!r} to itself", key="b")
+        _check_positive(self.weight, "weight", "cost units")
+        _check_positive(self.bandwidth_bps, "bandwidth", "bits/s")
+
+    def other(self, name: str) -> str:
+        """The end of the edge that is not `name`."""
+        return self.b if name == self.a else self.a
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipConfig:
+    """Timers of the daemon membership protocol (overlay layer)."""
+
+    hello_interval: float = 1.0  # s: a daemon tells its overlay neighbours it is alive
+    lsa_refresh_interval: float = 10.0  # s: a daemon re-floods its link-state advertisement
+    view_settle_interval: float = 0.2  # s: quiet time after a change before a new view installs
+    failure_timeout: float = 3.0  # s: no hello from a neighbour for this long: it is down
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            _check_positive(value, f"membership.{f.name}", "seconds")
+        if self.failure_timeout < 2 * self.hello_interval:
+            raise ConfigError(
+                f"must be at least 2 × hello_interval ({2 * self.hello_interval!r} s) so one "
+                f"lost hello does not fail a daemon, got {self.failure_timeout!r}",
+                key="membership.failure_timeout",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """Authentication of daemon traffic (placeholder until the AEAD issue lands)."""
+
+    key_file: str | None = None  # path of the cluster's shared key; None: no key
+    require_auth: bool = False  # drop unauthenticated datagrams; needs key_file
+
+    def __post_init__(self) -> None:
+        if self.key_file is not None and not os.path.isfile(self.key_file):
+            what = "is not a file" if os.path.exists(self.key_file) else "does not exist"
+            raise ConfigError(f"{self.key_file!r} {what}", key="security.key_file")
+        if self.require_auth and self.key_file is None:
+            raise ConfigError("needs security.key_file", key="security.require_auth")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Bounds a daemon enforces on clients and traffic."""
+
+    max_message_size: int = 16 * 1024 * 1024  # bytes of one client message's payload
+    max_dests_per_packet: int = 50  # daemons named in one multi-destination packet
+    window_messages: int = 1000  # end-to-end window: outstanding messages per source
+    max_clients: int = 1000  # client sessions per daemon
+    max_groups_per_client: int = 100  # groups one client session may join
+    max_group_name: int = 64  # bytes of a group name (UTF-8)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value < 1:
+                raise ConfigError(f"must be at least 1, got {value!r}", key=f"limits.{f.name}")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """A whole cluster: its daemons, sites, overlay links and the policies of every layer.
+
+    Constructing one checks the cross-references (unique names, ids and addresses, known
+    sites and daemons, a connected overlay) and raises `ConfigError` naming `source`.
+    """
+
+    name: str  # identifier of the cluster
+    daemons: tuple[DaemonSpec, ...]  # in file order
+    sites: tuple[SiteSpec, ...]  # in file order
+    links: tuple[LinkSpec, ...]  # each edge once; loaded: a has the lower node id, sorted
+    routing: RoutingPolicy = "shortest-path"  # how a source's routing tree is built
+    link: LinkConfig = field(default_factory=LinkConfig)  # Hop link parameters
+    membership: MembershipConfig = field(default_factory=MembershipConfig)  # daemon timers
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # authentication
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # bounds on clients, traffic
+    source: str = field(default="<code>", compare=False)  # file path or "<embedded default>"
+    # Indexes built by __post_init__: name -> daemon, node id -> daemon, name -> neighbours.
+    _by_name: Mapping[str, DaemonSpec] = field(init=False, repr=False, compare=False)
+    _by_id: Mapping[int, DaemonSpec] = field(init=False, repr=False, compare=False)
+    _adjacent: Mapping[str, tuple[tuple[DaemonSpec, LinkSpec], ...]] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        source = self.source
+        try:
+            _check_name(self.name, "cluster.name")
+        except ConfigError as exc:
+            raise _relocated(exc, "cluster.name", source) from None
+        if self.routing not in ROUTING_POLICIES:
+            raise ConfigError(
+                f"must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}",
+                key="cluster.routing",
+                source=source,
+            )
+        _check_nodes(self.sites, self.daemons, source)
+        by_name = {d.name: d for d in self.daemons}
+        _check_links(by_name, self.links, source)
+        _check_connected(self.daemons, self.links, source)
+        if self.limits.max_message_size > self.link.max_message_size:
+            raise ConfigError(
+                f"must not exceed link.max_message_size ({self.link.max_message_size} B), "
+                f"got {self.limits.max_message_size}",
+                key="limits.max_message_size",
+                source=source,
+            )
+        adjacent: dict[str, list[tuple[DaemonSpec, LinkSpec]]] = {d.name: [] for d in self.daemons}
+        for link in self.links:
+            adjacent[link.a].append((by_name[link.b], link))
+            adjacent[link.b].append((by_name[link.a], link))
+        object.__setattr__(self, "_by_name", by_name)
+        object.__setattr__(self, "_by_id", {d.node_id: d for d in self.daemons})
+        object.__setattr__(self, "_adjacent", {k: tuple(v) for k, v in adjacent.items()})
+
+    def daemon(self, name: str) -> DaemonSpec:
+        """The daemon called `name`; `ConfigError` naming it if there is none."""
+        spec = self._by_name.get(name)
+        if spec is None:
+            raise ConfigError(
+                f"unknown daemon {name!r}; daemons are {_names(self._by_name)}",
+                key="daemons",
+                source=self.source,
+            )
+        return spec
+
+    def by_id(self, node_id: int) -> DaemonSpec:
+        """The daemon whose node id is `node_id`; `ConfigError` if there is none."""
+        spec = self._by_id.get(node_id)
+        if spec is None:
+            raise ConfigError(f"no daemon has id {node_id!r}", key="daemons", source=self.source)
+        return spec
+
+    def neighbours(self, name: str) -> list[tuple[DaemonSpec, LinkSpec]]:
+        """The overlay neighbours of daemon `name`, each with the edge to it, by edge order."""
+        self.daemon(name)
+        return list(self._adjacent[name])
+
+    def site_members(self, site: str) -> list[DaemonSpec]:
+        """The daemons of `site`, in file order (empty for a site without daemons)."""
+        return [d for d in self.daemons if d.site == site]
+
+    def with_ports(self, ports: Mapping[str, int]) -> ClusterConfig:
+        """A copy whose daemons named in `ports` listen on the given ports instead."""
+        for name in ports:
+            self.daemon(name)
+        daemons = tuple(
+            replace(d, port=ports[d.name]) if d.name in ports else d for d in self.daemons
+        )
+        return replace(self, daemons=daemons)
+
+
+def _names(names: Iterable[str], limit: int = 12) -> str:
+    listed = list(names)
+    shown = ", ".join(listed[:limit])
+    return shown + (f" … (+{len(listed) - limit} more)" if len(listed) > limit else "")
+
+
+def _check_nodes(sites: Sequence[SiteSpec], daemons: Sequence[DaemonSpec], source: str) -> None:
+    """Unique site and daemon names, ids and addresses; known sites and gateways."""
+    if not daemons:
+        raise ConfigError("at least one daemon is required", key="daemons", source=source)
+    site_at: dict[str, int] = {}
+    for i, site in enumerate(sites):
+        if site.name in site_at:
+            raise ConfigError(
+                f"duplicate site name {site.name!r} (also sites[{site_at[site.name]}])",
+                key=f"sites[{i}].name",
+                source=source,
+            )
+        site_at[site.name] = i
+    name_at: dict[str, int] = {}
+    id_at: dict[int, int] = {}
+    endpoint_at: dict[tuple[str, int], int] = {}
+    for i, d in enumerate(daemons):
+        if d.name in name_at:
+            raise ConfigError(
+                f"duplicate daemon name {d.name!r} (also daemons[{name_at[d.name]}])",
+                key=f"daemons[{i}].name",
+                source=source,
+            )
+        name_at[d.name] = i
+        if d.node_id in id_at:
+            raise ConfigError(
+                f"duplicate node id {d.node_id} (also daemons[{id_at[d.node_id]}])",
+                key=f"daemons[{i}].id",
+                source=source,
+            )
+        id_at[d.node_id] = i
+        if d.site not in site_at:
+            defined = f"defined sites: {_names(site_at)}" if site_at else "no [[sites]] are defined"
+            raise ConfigError(
+                f"unknown site {d.site!r}; {defined}", key=f"daemons[{i}].site", source=source
+            )
+        for endpoint in _endpoint_keys(d.host, d.port):
+            if endpoint in endpoint_at:
+                raise ConfigError(
+                    f"address {d.host}:{d.port} is already used by daemons[{endpoint_at[endpoint]}]",
+                    key=f"daemons[{i}].port",
+                    source=source,
+                )
+        endpoint_at.update(dict.fromkeys(_endpoint_keys(d.host, d.port), i))
+    for i, site in enumerate(sites):
+        if site.gateway is None:
+            continue
+        if site.gateway not in name_at:
+            raise ConfigError(
+                f"unknown daemon {site.gateway!r}", key=f"sites[{i}].gateway", source=source
+            )
+        if daemons[name_at[site.gateway]].site != site.name:
+            raise ConfigError(
+                f"daemon {site.gateway!r} is in site {daemons[name_at[site.gateway]].site!r}, "
+                f"not {site.name!r}",
+                key=f"sites[{i}].gateway",
+                source=source,
+            )
+
+
+def _check_links(by_name: Mapping[str, DaemonSpec], links: Sequence[LinkSpec], source: str) -> None:
+    pair_at: dict[frozenset[str], int] = {}
+    for i, link in enumerate(links):
+        for end, name in (("a", link.a), ("b", link.b)):
+            if name not in by_name:
+                raise ConfigError(
+                    f"unknown daemon {name!r}; daemons are {_names(by_name)}",
+                    key=f"links[{i}].{end}",
+                    source=source,
+                )
+        pair = frozenset((link.a, link.b))
+        if pair in pair_at:
+            raise ConfigError(
+                f"duplicate edge {link.a}–{link.b} (also links[{pair_at[pair]}])",
+                key=f"links[{i}]",
+                source=source,
+            )
+        pair_at[pair] = i
+
+
+def _check_connected(daemons: Sequence[DaemonSpec], links: Sequence[LinkSpec], source: str) -> None:
+    adjacent: dict[str, list[str]] = {d.name: [] for d in daemons}
+    for link in links:
+        adjacent[link.a].append(link.b)
+        adjacent[link.b].append(link.a)
+    component_of: dict[str, int] = {}
+    components: list[list[str]] = []
+    for d in daemons:
+        if d.name in component_of:
+            continue
+        component_of[d.name] = len(components)
+        members: list[str] = []
+        stack = [d.name]
+        while stack:
+            name = stack.pop()
+            members.append(name)
+            for other in adjacent[name]:
+                if other not in component_of:
+                    component_of[other] = len(components)
+                    stack.append(other)
+        components.append(members)
+    if len(components) > 1:
+        order = {d.name: i for i, d in enumerate(daemons)}
+        shown = " | ".join(
+            "{" + _names(sorted(c, key=order.__getitem__), limit=8) + "}" for c in components
+        )
+        raise ConfigError(
+            f"the overlay graph is disconnected, {len(components)} components: {shown}; "
+            f"add [[links.edge]] entries or change links.within_sites / links.between_sites",
+            key="links",
+            source=source,
+        )
+
+
+def _bare_message(exc: ConfigError) -> str:
+    """The message of `exc` without the ``source:key: `` prefix ConfigError adds."""
+    where = ":".join(part for part in (exc.source, exc.key) if part)
+    text = str(exc)
+    prefix = f"{where}: "
+    return text[len(prefix) :] if where and text.startswith(prefix) else text
+
+
+def _relocated(exc: ConfigError, key: str, source: str) -> ConfigError:
+    return ConfigError(_bare_message(exc), key=key, source=source)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading TOML
+# ---------------------------------------------------------------------------------------
+
+_TOP_KEYS = ("cluster", "sites", "daemons", "links", "link", "membership", "security", "limits")
+_CLUSTER_KEYS = ("name", "routing")
+_SITE_KEYS = ("name", "gateway")
+_DAEMON_KEYS = ("name", "id", "host", "port", "site", "upload", "download")
+_LINKS_KEYS = (
+    "within_sites",
+    "between_sites",
+    "site_weight",
+    "wan_weight",
+    "site_emulate",
+    "wan_emulate",
+    "edge",
+)
+_EDGE_KEYS = ("a", "b", "weight", "bandwidth", "emulate")
+_EMULATE_KEYS = ("delay", "delay_ms", "jitter", "jitter_ms", "loss", "rate")
+_SECURITY_KEYS = ("key_file", "require_auth")
+_SITE_MESH: dict[str, SiteMesh] = {"full": "full", "none": "none"}
+_WAN_MESH: dict[str, WanMesh] = {"full": "full", "gateways": "gateways", "none": "none"}
+_POLICIES: dict[str, RoutingPolicy] = {policy: policy for policy in ROUTING_POLICIES}
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldKey:
+    """How one dataclass field is spelt and parsed in its TOML section."""
+
+    field: str  # dataclass field name
+    kind: Literal["bool", "int", "number", "size", "rate", "duration"]
+
+
+def _field_keys(dataclass_fields: Iterable[Field[object]]) -> dict[str, _FieldKey]:
+    """TOML key -> field: `rate_bps` is spelt `rate`; units follow the field's name."""
+    keys: dict[str, _FieldKey] = {}
+    for f in dataclass_fields:
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        name = f.name
+        if annotation == "bool":
+            keys[name] = _FieldKey(name, "bool")
+        elif annotation == "float" and name.endswith("_bps"):
+            keys[name.removesuffix("_bps")] = _FieldKey(name, "rate")
+        elif annotation == "float" and name.endswith(("_interval", "_timeout", "_rtt", "_delay")):
+            keys[name] = _FieldKey(name, "duration")
+        elif annotation == "float":
+            keys[name] = _FieldKey(name, "number")
+        elif annotation == "int" and (name.endswith(("_bytes", "_size")) or name == "mtu"):
+            keys[name] = _FieldKey(name, "size")
+        elif annotation == "int":
+            keys[name] = _FieldKey(name, "int")
+        else:
+            raise TypeError(f"no TOML spelling for field {name}: {annotation}")
+    return keys
+
+
+_LINK_CONFIG_KEYS = _field_keys(fields(LinkConfig))
+_MEMBERSHIP_KEYS = _field_keys(fields(MembershipConfig))
+_LIMITS_KEYS = _field_keys(fields(LimitsConfig))
+# Keys people put in the wrong one of [link] (Hop parameters) and [links] (overlay edges).
+_WRONG_SECTION = {
+    "link": (frozenset(_LINKS_KEYS), "overlay edges are configured in [links]"),
+    "links": (frozenset(_LINK_CONFIG_KEYS), "Hop link parameters go in [link]"),
+}
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+class _Reader:
+    """Turns the dict tomllib produced into a ClusterConfig, checking every value."""
+
+    def __init__(self, source: str, base_dir: Path) -> None:
+        self.source = source
+        self.base_dir = base_dir
+
+    def error(self, message: str, key: str) -> ConfigError:
+        return ConfigError(message, key=key, source=self.source)
+
+    def relocated(self, exc: ConfigError, key: str) -> ConfigError:
+        return _relocated(exc, key, self.source)
+
+    # -- structure --------------------------------------------------------------------
+
+    def table(self, value: object, key: str, allowed: Sequence[str]) -> dict[str, object]:
+        """`value` as a table whose keys are all in `allowed`."""
+        if not isinstance(value, dict):
+            hint = "; explicit edges go in [[links.edge]]" if key == "links" else ""
+            raise self.error(f"must be a table, got {_describe(value)}{hint}", key)
+        for name in value:
+            if name not in allowed:
+                raise self.error(self.unknown_key_message(name, key, allowed), _key(key, name))
+        return {str(k): v for k, v in value.items()}
+
+    def unknown_key_message(self, name: str, section: str, allowed: Sequence[str]) -> str:
+        message = "unknown key"
+        if section in _WRONG_SECTION and name in _WRONG_SECTION[section][0]:
+            return f"{message} ({_WRONG_SECTION[section][1]})"
+        close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+        if not close and len(name) >= 3:  # a truncated or over-long spelling: hello, rate_bps
+            close = [k for k in allowed if k.startswith(name) or name.startswith(k)][:1]
+        if close:
+            message += f"; did you mean {close[0]!r}?"
+        else:
+            message += f"; expected one of: {', '.join(allowed)}"
+        return message
+
+    def array_of_tables(
+        self, value: object, key: str, allowed: Sequence[str]
+    ) -> list[dict[str, object]]:
+        if not isinstance(value, list):
+            raise self.error(
+                f"must be an array of tables ([[{key}]] entries), got {_describe(value)}", key
+            )
+        return [self.table(item, f"{key}[{i}]", allowed) for i, item in enumerate(value)]
+
+    def get(
+        self,
+        table: Mapping[str, object],
+        name: str,
+        prefix: str,
+        convert: Callable[[object, str], T],
+    ) -> T | None:
+        """The converted value of `name`, or None if the table does not have it."""
+        if name not in table:
+            return None
+        return convert(table[name], _key(prefix, name))
+
+    def need(
+        self,
+        table: Mapping[str, object],
+        name: str,
+        prefix: str,
+        convert: Callable[[object, str], T],
+    ) -> T:
+        value = self.get(table, name, prefix, convert)
+        if value is None:
+            raise self.error("missing required key", _key(prefix, name))
+        return value
+
+    # -- scalar converters: (raw value, key) -> typed value --------------------------
+
+    def string(self, value: object, key: str) -> str:
+        if not isinstance(value, str):
+            raise self.error(f"must be a string, got {_describe(value)}", key)
+        return value
+
+    def integer(self, value: object, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(f"must be an integer, got {_describe(value)}", key)
+        return value
+
+    def boolean(self, value: object, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(f"must be true or false, got {_describe(value)}", key)
+        return value
+
+    def number(self, value: object, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(f"must be a number, got {_describe(value)}", key)
+        if not math.isfinite(value):
+            raise self.error(f"must be finite, got {value!r}", key)
+        return float(value)
+
+    def rate(self, value: object, key: str) -> float:
+        return self.located(parse_rate, value, key)
+
+    def size(self, value: object, key: str) -> int:
+        return self.located(parse_size, value, key)
+
+    def duration(self, value: object, key: str) -> float:
+        return self.located(parse_duration, value, key)
+
+    def located(self, parse: Callable[[object, str], T], value: object, key: str) -> T:
+        try:
+            return parse(value, key)
+        except ConfigError as exc:
+            raise self.relocated(exc, key) from None
+
+    def converter(self, kind: str) -> Callable[[object, str], object]:
+        converters: dict[str, Callable[[object, str], object]] = {
+            "bool": self.boolean,
+            "int": self.integer,
+            "number": self.number,
+            "size": self.size,
+            "rate": self.rate,
+            "duration": self.duration,
+        }
+        return converters[kind]
+
+    def build(
+        self, factory: Callable[..., T], prefix: str, rename: Mapping[str, str], **kwargs: object
+    ) -> T:
+        """`factory(**kwargs)`, its ConfigError's key re-rooted at `prefix` and renamed."""
+        try:
+            return factory(**kwargs)
+        except ConfigError as exc:
+            relative = exc.key.split(".", 1)[1] if "." in exc.key else exc.key
+            raise self.relocated(exc, _key(prefix, rename.get(relative, relative))) from None
+
+    # -- sections ---------------------------------------------------------------------
+
+    def section(
+        self,
+        root: Mapping[str, object],
+        name: str,
+        factory: Callable[..., T],
+        keys: Mapping[str, _FieldKey],
+    ) -> T:
+        """A [name] section of scalar keys mapped onto a config dataclass."""
+        table = self.table(root.get(name, {}), name, tuple(keys))
+        kwargs = {
+            keys[k].field: self.converter(keys[k].kind)(v, _key(name, k)) for k, v in table.items()
+        }
+        rename = {spec.field: k for k, spec in keys.items()}
+        return self.build(factory, name, rename, **kwargs)
+
+    def security(self, root: Mapping[str, object]) -> SecurityConfig:
+        table = self.table(root.get("security", {}), "security", _SECURITY_KEYS)
+        key_file = self.get(table, "key_file", "security", self.string)
+        if key_file is not None:
+            key_file = str(self.base_dir / Path(key_file).expanduser())
+        require_auth = self.get(table, "require_auth", "security", self.boolean) or False
+        return self.build(
+            SecurityConfig, "security", {}, key_file=key_file, require_auth=require_auth
+        )
+
+    def sites(self, root: Mapping[str, object]) -> tuple[SiteSpec, ...]:
+        sites = []
+        for i, table in enumerate(self.array_of_tables(root.get("sites", []), "sites", _SITE_KEYS)):
+            prefix = f"sites[{i}]"
+            sites.append(
+                self.build(
+                    SiteSpec,
+                    prefix,
+                    {},
+                    name=self.need(table, "name", prefix, self.string),
+                    gateway=self.get(table, "gateway", prefix, self.string),
+                )
+            )
+        return tuple(sites)
+
+    def daemons(self, root: Mapping[str, object]) -> tuple[DaemonSpec, ...]:
+        if "daemons" not in root:
+            raise self.error("at least one [[daemons]] entry is required", "daemons")
+        tables = self.array_of_tables(root["daemons"], "daemons", _DAEMON_KEYS)
+        if not tables:
+            raise self.error("at least one [[daemons]] entry is required", "daemons")
+        explicit = [self.get(t, "id", f"daemons[{i}]", self.integer) for i, t in enumerate(tables)]
+        taken = {node_id for node_id in explicit if node_id is not None}
+        free = (n for n in range(1, MAX_NODE_ID + 1) if n not in taken)
+        daemons = []
+        for i, (table, node_id) in enumerate(zip(tables, explicit, strict=True)):
+            prefix = f"daemons[{i}]"
+            daemons.append(
+                self.build(
+                    DaemonSpec,
+                    prefix,
+                    {},
+                    name=self.need(table, "name", prefix, self.string),
+                    node_id=node_id if node_id is not None else next(free),
+                    host=self.need(table, "host", prefix, self.string),
+                    port=self.need(table, "port", prefix, self.integer),
+                    site=self.need(table, "site", prefix, self.string),
+                    upload_bps=self.need(table, "upload", prefix, self.rate),
+                    download_bps=self.need(table, "download", prefix, self.rate),
+                )
+            )
+        return tuple(daemons)
+
+    def emulation(self, value: object, key: str) -> Emulation | None:
+        table = self.table(value, key, _EMULATE_KEYS)
+        kwargs: dict[str, object] = {}
+        rename: dict[str, str] = {}
+        for name in ("delay", "jitter"):
+            if name in table and f"{name}_ms" in table:
+                raise self.error(f"give {name} or {name}_ms, not both", _key(key, f"{name}_ms"))
+            if f"{name}_ms" in table:
+                millis = self.number(table[f"{name}_ms"], _key(key, f"{name}_ms"))
+                if millis < 0:
+                    raise self.error(f"must be >= 0 ms, got {millis!r}", _key(key, f"{name}_ms"))
+                kwargs[name] = millis / 1000
+                rename[name] = f"{name}_ms"
+            elif name in table:
+                kwargs[name] = self.duration(table[name], _key(key, name))
+        if "loss" in table:
+            kwargs["loss"] = self.number(table["loss"], _key(key, "loss"))
+        if "rate" in table:
+            kwargs["rate_bps"] = self.rate(table["rate"], _key(key, "rate"))
+        emulation = self.build(Emulation, key, rename, **kwargs)
+        return None if emulation.is_noop else emulation
+
+    def links(
+        self, root: Mapping[str, object], daemons: Sequence[DaemonSpec], sites: Sequence[SiteSpec]
+    ) -> tuple[LinkSpec, ...]:
+        table = self.table(root.get("links", {}), "links", _LINKS_KEYS)
+        within = self.get(table, "within_sites", "links", self.choice(_SITE_MESH)) or "full"
+        between = self.get(table, "between_sites", "links", self.choice(_WAN_MESH)) or "gateways"
+        site_weight = self.get(table, "site_weight", "links", self.positive) or 1.0
+        wan_weight = self.get(table, "wan_weight", "links", self.positive) or 10.0
+        site_emulation = self.get(table, "site_emulate", "links", self.emulation)
+        wan_emulation = self.get(table, "wan_emulate", "links", self.emulation)
+
+        by_name = {d.name: d for d in daemons}
+
+        def default_emulation(a: str, b: str) -> Emulation | None:
+            return site_emulation if by_name[a].site == by_name[b].site else wan_emulation
+
+        def make(
+            a: str,
+            b: str,
+            key: str,
+            emulation: Emulation | None,
+            weight: float | None = None,
+            bandwidth: float | None = None,
+        ) -> LinkSpec:
+            x, y = sorted((by_name[a], by_name[b]), key=lambda d: d.node_id)
+            if weight is None:
+                weight = site_weight if x.site == y.site else wan_weight
+            if bandwidth is None:
+                bandwidth = min(x.upload_bps, y.download_bps, y.upload_bps, x.download_bps)
+            return self.build(
+                LinkSpec,
+                key,
+                {},
+                a=x.name,
+                b=y.name,
+                weight=weight,
+                bandwidth_bps=bandwidth,
+                emulation=emulation,
+            )
+
+        generated: dict[frozenset[str], LinkSpec] = {}
+        members = {s.name: [d.name for d in daemons if d.site == s.name] for s in sites}
+        if within == "full":
+            for names in members.values():
+                for i, a in enumerate(names):
+                    for b in names[i + 1 :]:
+                        generated[frozenset((a, b))] = make(
+                            a, b, "links.within_sites", site_emulation
+                        )
+        if between == "full":
+            for i, x in enumerate(daemons):
+                for y in daemons[i + 1 :]:
+                    if x.site != y.site:
+                        generated[frozenset((x.name, y.name))] = make(
+                            x.name, y.name, "links.between_sites", wan_emulation
+                        )
+        elif between == "gateways":
+            gateways = [s.gateway or members[s.name][0] for s in sites if members[s.name]]
+            for i, a in enumerate(gateways):
+                for b in gateways[i + 1 :]:
+                    generated[frozenset((a, b))] = make(a, b, "links.between_sites", wan_emulation)
+
+        edges = self.get(
+            table, "edge", "links", lambda v, k: self.array_of_tables(v, k, _EDGE_KEYS)
+        )
+        edge_at: dict[frozenset[str], int] = {}
+        for i, edge in enumerate(edges or []):
+            prefix = f"links.edge[{i}]"
+            ends = []
+            for end in ("a", "b"):
+                name = self.need(edge, end, prefix, self.string)
+                if name not in by_name:
+                    raise self.error(
+                        f"unknown daemon {name!r}; daemons are {_names(by_name)}",
+                        _key(prefix, end),
+                    )
+                ends.append(name)
+            a, b = ends
+            if a == b:
+                raise self.error(f"links daemon {a!r} to itself", _key(prefix, "b"))
+            pair = frozenset((a, b))
+            if pair in edge_at:
+                raise self.error(
+                    f"duplicate edge {a}–{b} (also links.edge[{edge_at[pair]}])", prefix
+                )
+            edge_at[pair] = i
+            emulation = (
+                self.get(edge, "emulate", prefix, self.emulation)
+                if "emulate" in edge
+                else default_emulation(a, b)
+            )
+            generated[pair] = make(
+                a,
+                b,
+                prefix,
+                emulation,
+                weight=self.get(edge, "weight", prefix, self.number),
+                bandwidth=self.get(edge, "bandwidth", prefix, self.rate),
+            )
+        order = {d.name: d.node_id for d in daemons}
+        return tuple(sorted(generated.values(), key=lambda s: (order[s.a], order[s.b])))
+
+    def choice(self, options: Mapping[str, T]) -> Callable[[object, str], T]:
+        def convert(value: object, key: str) -> T:
+            text = self.string(value, key)
+            if text not in options:
+                raise self.error(f"must be one of {', '.join(options)}, got {text!r}", key)
+            return options[text]
+
+        return convert
+
+    def positive(self, value: object, key: str) -> float:
+        number = self.number(value, key)
+        if number <= 0:
+            raise self.error(f"must be positive, got {value!r}", key)
+        return number
+
+    # -- the whole file ---------------------------------------------------------------
+
+    def cluster(self, root: dict[str, object]) -> ClusterConfig:
+        self.table(root, "", _TOP_KEYS)
+        cluster = self.table(root.get("cluster", {}), "cluster", _CLUSTER_KEYS)
+        name = self.get(cluster, "name", "cluster", self.string) or "meshcast"
+        routing = self.get(cluster, "routing", "cluster", self.choice(_POLICIES)) or "shortest-path"
+        sites = self.sites(root)
+        daemons = self.daemons(root)
+        _check_nodes(sites, daemons, self.source)
+        links = self.links(root, daemons, sites)
+        return ClusterConfig(
+            name=name,
+            daemons=daemons,
+            sites=sites,
+            links=links,
+            routing=routing,
+            link=self.section(root, "link", LinkConfig, _LINK_CONFIG_KEYS),
+            membership=self.section(root, "membership", MembershipConfig, _MEMBERSHIP_KEYS),
+            security=self.security(root),
+            limits=self.section(root, "limits", LimitsConfig, _LIMITS_KEYS),
+            source=self.source,
+        )
+
+
+def _parse(text: str, source: str, base_dir: Path) -> ClusterConfig:
+    try:
+        root = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", source=source) from None
+    return _Reader(source, base_dir).cluster(root)
+
+
+def parse_config(text: str, source: str = "<string>") -> ClusterConfig:
+    """Parse TOML `text`; errors name `source`. A relative key_file is relative to the cwd."""
+    return _parse(text, source, Path.cwd())
+
+
+def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
+    """Read and parse the cluster configuration file at `path`.
+
+    Raises `ConfigError` naming the file if it cannot be read, is not UTF-8, is not valid
+    TOML (the message gives line and column) or any value is wrong (naming the key).
+    A relative ``security.key_file`` is taken relative to the file's directory.
+    """
+    file = Path(path)
+    source = os.fspath(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror or exc}", source=source) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"not UTF-8 text: {exc.reason} at byte {exc.start}", source=source
+        ) from None
+    return _parse(text, source, file.parent.absolute())
+
+
+@cache
+def default_config() -> ClusterConfig:
+    """The embedded default: 6 daemons in 3 sites on 127.0.0.1..6 (serves ``meshcast demo``)."""
+    text = resources.files("meshcast").joinpath(DEFAULT_RESOURCE).read_text(encoding="utf-8")
+    return _parse(text, DEFAULT_SOURCE, Path.cwd())
+
+
+# ---------------------------------------------------------------------------------------
+# Writing TOML
+# ---------------------------------------------------------------------------------------
+
+
+def _toml(value: object) -> str:
+    match value:
+        case bool():
+            return "true" if value else "false"
+        case int() | float():
+            return repr(value)
+        case str():
+            return json.dumps(value, ensure_ascii=False)
+        case Emulation():
+            parts = [
+                f"delay = {value.delay!r}",
+                f"jitter = {value.jitter!r}",
+                f"loss = {value.loss!r}",
+            ]
+            if value.rate_bps is not None:
+                parts.append(f"rate = {value.rate_bps!r}")
+            return "{ " + ", ".join(parts) + " }"
+        case _:
+            raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_config(config: ClusterConfig) -> str:
+    """`config` as TOML that `parse_config` reads back to an equal config.
+
+    Every link is written as an explicit edge (generation off) and every value in base
+    units (bits/s, bytes, seconds), so the text does not depend on any default.
+    """
+    lines = [
+        "# meshcast cluster configuration, written by meshcast.config.dump_config",
+        f"# from {config.source}",
+        "",
+        "[cluster]",
+        f"name = {_toml(config.name)}",
+        f"routing = {_toml(config.routing)}",
+    ]
+    for site in config.sites:
+        lines += ["", "[[sites]]", f"name = {_toml(site.name)}"]
+        if site.gateway is not None:
+            lines.append(f"gateway = {_toml(site.gateway)}")
+    for d in config.daemons:
+        lines += [
+            "",
+            "[[daemons]]",
+            f"name = {_toml(d.name)}",
+            f"id = {d.node_id}",
+            f"host = {_toml(d.host)}",
+            f"port = {d.port}",
+            f"site = {_toml(d.site)}",
+            f"upload = {_toml(d.upload_bps)}",
+            f"download = {_toml(d.download_bps)}",
+        ]
+    lines += ["", "[links]", 'within_sites = "none"', 'between_sites = "none"']
+    for link in config.links:
+        lines += [
+            "",
+            "[[links.edge]]",
+            f"a = {_toml(link.a)}",
+            f"b = {_toml(link.b)}",
+            f"weight = {_toml(link.weight)}",
+            f"bandwidth = {_toml(link.bandwidth_bps)}",
+        ]
+        if link.emulation is not None:
+            lines.append(f"emulate = {_toml(link.emulation)}")
+    for section, value, keys in (
+        ("link", config.link, _LINK_CONFIG_KEYS),
+        ("membership", config.membership, _MEMBERSHIP_KEYS),
+        ("limits", config.limits, _LIMITS_KEYS),
+    ):
+        lines += ["", f"[{section}]"]
+        lines += [f"{k} = {_toml(getattr(value, spec.field))}" for k, spec in keys.items()]
+    lines += ["", "[security]"]
+    if config.security.key_file is not None:
+        lines.append(f"key_file = {_toml(config.security.key_file)}")
+    lines.append(f"require_auth = {_toml(config.security.require_auth)}")
+    return "\n".join(lines) + "\n"
