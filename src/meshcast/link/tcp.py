@@ -255,6 +255,7 @@ class TcpLink:
         self._snd_nxt = 1
         self._rtx_next = 1
         self._dupacks = 0  # SACK mode: RFC 6675 DupAcks (NewReno counts its own)
+        self._peer_sacks = False  # SACK mode: the peer has sent a SACK block
         self._rto_at: float | None = None
         self._last_data_sent_at: float | None = None
         self._rto = RtoEstimator(
@@ -698,14 +699,15 @@ class TcpLink:
         update = board.ack(self._snd_una - 1, state.nacks, now, self._rto.min_rtt or 0.0)
         if update.beyond_sent:
             self._stats.protocol_violations += 1  # SACKs segments never sent
+        self._peer_sacks = self._peer_sacks or bool(state.nacks)
         self._stats.lost_retransmissions += update.lost_retransmissions
         if update.delivered:
             self._rto.progressed()
         if advanced:
             self._dupacks = 0
         elif update.newly_sacked or (
-            # RFC 5681 §2 duplicate ACK, from a peer that sends no SACK blocks.
-            pure and outstanding and not state.nacks and state.cum_ack == self._snd_una - 1
+            # RFC 5681 §2 duplicate ACK, from a peer that has sent no SACK block so far.
+            pure and outstanding and not self._peer_sacks and state.cum_ack == self._snd_una - 1
         ):
             self._dupacks += 1
             self._stats.dup_acks_received += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 from collections.abc import Callable
 
@@ -28,7 +29,7 @@ from meshcast.link import (
     Transmit,
 )
 from meshcast.link.tcp import TcpConfig, TcpLink
-from meshcast.link.tcp_congestion import NewReno, RtoEstimator
+from meshcast.link.tcp_congestion import NewReno, RtoEstimator, SackReno, Scoreboard
 from meshcast.wire import (
     Header,
     Hello,
@@ -268,12 +269,19 @@ def random_messages(rng: random.Random, count: int) -> list[bytes]:
     return [rng.randbytes(size) for size in sizes]
 
 
+@pytest.mark.parametrize("sack", [True, False], ids=["sack", "newreno"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("loss", [0.0, 0.05, 0.1, 0.2, 0.3])
-def test_every_message_delivered_once_in_order(loss: float, seed: int) -> None:
+def test_every_message_delivered_once_in_order(loss: float, seed: int, sack: bool) -> None:
     rng = random.Random(seed)
     config = LinkConfig(failure_rounds=30)  # at 30 % loss 8 lost rounds in a row happen
-    pump, a, b = established_pump(config, loss=loss, seed=seed)
+    sizes: list[int] = []
+
+    def measure(node: NodeId, datagram: bytes) -> bool:
+        sizes.append(len(datagram))
+        return False
+
+    pump, a, b = established_pump(config, TcpConfig(sack=sack), loss=loss, seed=seed, drop=measure)
     from_a = random_messages(rng, 150)
     from_b = random_messages(rng, 60)
     for message in from_a[:100]:
@@ -301,12 +309,16 @@ def test_every_message_delivered_once_in_order(loss: float, seed: int) -> None:
         assert stats.protocol_violations == 0
     assert b.statistics().messages_delivered == len(from_a)
     assert a.statistics().bytes_delivered == sum(map(len, from_b))
+    # Data segments carrying SACK blocks for the reverse stream still fit the MTU.
+    assert max(sizes) <= config.mtu
 
 
+@pytest.mark.parametrize("sack", [True, False], ids=["sack", "newreno"])
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_reordering_and_duplicates_keep_exactly_once_in_order(seed: int) -> None:
+def test_reordering_and_duplicates_keep_exactly_once_in_order(seed: int, sack: bool) -> None:
     rng = random.Random(seed)
-    a, b = make_pair(LinkConfig(failure_rounds=30))
+    a, b = make_pair(LinkConfig(failure_rounds=30), TcpConfig(sack=sack))
+
     pump = Pump(a, b, loss=0.05, seed=seed, jitter=0.03, duplicate=0.1)
     from_a = random_messages(rng, 120)
     from_b = random_messages(rng, 40)
@@ -607,6 +619,337 @@ def test_rto_estimator_rfc6298_and_linux_floor() -> None:
     assert linux.rto == pytest.approx(0.3)
 
 
+# ---------------------------------------------------------------- SACK
+
+
+def data_from_a(seq: int, payload: bytes = b"x") -> bytes:
+    """A DATA segment as a would send it, for driving b's receiver by hand."""
+    header = Header(PacketType.DATA, A, EPOCH_A, seq)
+    return encode(Packet(header, LinkState(EPOCH_B, 0, seq), (WholeMessage(payload),)))
+
+
+def ack_state(effects: list[LinkEffect]) -> LinkState:
+    [ack] = transmits(effects)
+    assert ack.header.ptype is PacketType.STATE
+    assert ack.state is not None
+    return ack.state
+
+
+def test_receiver_reports_sack_blocks_most_recent_first() -> None:
+    pump, _, b = established_pump()
+    now = pump.now
+    assert ack_state(b.datagram_received(data_from_a(1), now)).nacks == ()
+    # Each out-of-order arrival is acknowledged at once; its block comes first
+    # (RFC 2018 §4), the others follow, at most three (as Linux with timestamps).
+    expected = {
+        3: ((3, 1),),
+        5: ((5, 1), (3, 1)),
+        7: ((7, 1), (5, 1), (3, 1)),
+        9: ((9, 1), (7, 1), (5, 1)),
+        4: ((3, 3), (9, 1), (7, 1)),  # 4 joins 3 and 5 into one block
+        10: ((9, 2), (3, 3), (7, 1)),
+    }
+    for seq, blocks in expected.items():
+        state = ack_state(b.datagram_received(data_from_a(seq), now))
+        assert state.cum_ack == 1
+        assert state.nacks == blocks
+    # Filling the first hole moves the cumulative ACK over 2..5; those blocks go.
+    state = ack_state(b.datagram_received(data_from_a(2), now))
+    assert (state.cum_ack, state.nacks) == (5, ((9, 2), (7, 1)))
+    state = ack_state(b.datagram_received(data_from_a(6), now))
+    assert (state.cum_ack, state.nacks) == (7, ((9, 2),))
+    state = ack_state(b.datagram_received(data_from_a(8), now))
+    assert (state.cum_ack, state.nacks) == (10, ())
+    assert b.statistics().reassembly_bytes == 0
+
+
+def test_receiver_without_sack_reports_no_blocks() -> None:
+    pump, _, b = established_pump(tcp=TcpConfig(sack=False))
+    now = pump.now
+    b.datagram_received(data_from_a(1), now)
+    for seq in (3, 5, 7):
+        state = ack_state(b.datagram_received(data_from_a(seq), now))
+        assert (state.cum_ack, state.nacks) == (1, ())
+
+
+def test_sack_blocks_take_room_from_data_not_beyond_the_mtu() -> None:
+    config = LinkConfig(mtu=600)
+    pump, _, b = established_pump(config)
+    now = pump.now
+    b.datagram_received(data_from_a(1), now)
+    for seq in (3, 5, 7, 9):
+        b.datagram_received(data_from_a(seq), now)
+    segments = datagrams(b.send(bytes(2000), now))  # a large message, cut to fit
+    assert len(segments) == 4
+    for datagram in segments:
+        state = decode(datagram).state
+        assert state is not None
+        assert len(state.nacks) == 3
+        assert len(datagram) <= config.mtu
+    assert len(segments[0]) == config.mtu
+
+
+def make_board(sent: int) -> Scoreboard:
+    board = Scoreboard(dupthresh=3)
+    for seq in range(1, sent + 1):
+        board.sent(seq, 0.0, retransmit=False)
+    return board
+
+
+def test_scoreboard_is_lost_needs_dupthresh_sacked_segments_above() -> None:
+    board = make_board(10)
+    assert (board.una, board.nxt, board.pipe) == (1, 11, 10)
+    update = board.ack(0, [(3, 2)], 0.1, 0.1)
+    assert (update.delivered, update.newly_sacked, update.newly_lost) == (2, 2, 0)
+    assert board.pipe == 8
+    assert not board.is_lost(1)
+    assert board.next_lost() is None
+    # A third SACKed segment above 1 and 2 makes them lost; 5 has one above it.
+    update = board.ack(0, [(6, 1), (3, 2)], 0.1, 0.1)
+    assert (update.delivered, update.newly_sacked, update.newly_lost) == (1, 1, 2)
+    assert [board.is_lost(seq) for seq in (1, 2, 5)] == [True, True, False]
+    assert board.pipe == 10 - 3 - 2  # outstanding − SACKed − lost
+    # Holes go out lowest first; a retransmission in flight counts in the pipe again.
+    assert board.next_lost() == 1
+    board.sent(1, 0.2, retransmit=True)
+    assert board.pipe == 6
+    assert board.next_lost() == 2
+    board.sent(2, 0.2, retransmit=True)
+    assert board.next_lost() is None
+    # The cumulative ACK covers 1..4: 1 and 2 are newly delivered, 3 and 4 were SACKed.
+    update = board.ack(4, [(6, 3)], 0.3, 0.1)
+    assert (update.delivered, update.newly_sacked, update.newly_lost) == (4, 2, 1)
+    assert (board.una, board.sacked) == (5, 3)
+    assert board.is_lost(5)  # 6, 7 and 8 are above it
+    assert board.pipe == 6 - 3 - 1
+    assert board.next_lost() == 5
+
+
+def test_scoreboard_detects_a_lost_retransmission() -> None:
+    board = make_board(6)
+    board.ack(0, [(2, 3)], 0.1, 0.1)
+    assert board.next_lost() == 1
+    board.sent(1, 0.1, retransmit=True)
+    board.sent(7, 0.1, retransmit=False)  # new data after the retransmission
+    # 7 arrives but 1 does not: the retransmission was lost (RACK), resend it.
+    update = board.ack(0, [(7, 1), (2, 3)], 0.2, 0.1)
+    assert update.lost_retransmissions == 1
+    assert board.next_lost() == 1
+    assert board.pipe == 7 - 4 - 1
+
+
+def test_scoreboard_ignores_ambiguous_deliveries_of_resent_segments() -> None:
+    board = make_board(8)
+    board.ack(0, [(4, 3)], 0.1, 0.1)  # 1..3 lost
+    board.sent(1, 0.1, retransmit=True)
+    board.sent(2, 0.11, retransmit=True)
+    # 2 is SACKed 10 ms after its retransmission, less than min_rtt: that was its
+    # original copy arriving late, so it says nothing about the retransmission of 1.
+    update = board.ack(0, [(2, 1), (4, 3)], 0.12, 0.1)
+    assert update.lost_retransmissions == 0
+    assert board.next_lost() == 3
+
+
+def test_scoreboard_timeout_keeps_sacked_segments() -> None:
+    board = make_board(10)
+    board.ack(2, [(4, 2), (8, 2)], 0.1, 0.1)
+    board.sent(3, 0.2, retransmit=True)
+    board.timeout()
+    # Everything not SACKed is lost, the retransmission too: 3, 6, 7, 10.
+    assert board.lost == 4
+    assert board.pipe == 0
+    resent = []
+    while (seq := board.next_lost()) is not None:
+        board.sent(seq, 0.5, retransmit=True)
+        resent.append(seq)
+    assert resent == [3, 6, 7, 10]
+
+
+def test_scoreboard_forgets_sacks_after_reneging() -> None:
+    board = make_board(6)
+    board.ack(0, [(2, 3)], 0.1, 0.1)
+    board.ack(1, [(2, 3)], 0.2, 0.1)  # stops just below a SACKed segment: reneged
+    board.timeout()
+    assert board.sacked == 0
+    assert board.lost == 5
+
+
+def test_scoreboard_clips_blocks_beyond_what_was_sent() -> None:
+    board = make_board(4)
+    update = board.ack(0, [(3, 2**32 - 1)], 0.1, 0.1)
+    assert update.beyond_sent
+    assert update.newly_sacked == 2
+
+
+def make_sack_reno(*, prr: bool) -> SackReno:
+    return SackReno(
+        initial_cwnd=10,
+        loss_cwnd=1,
+        min_ssthresh=2,
+        dupack_threshold=3,
+        initial_ssthresh=math.inf,
+        prr=prr,
+    )
+
+
+def sends_per_ack_in_recovery(reno: SackReno, flight: int, lost: int) -> list[int]:
+    """Deliver the `flight - lost` survivors one ACK at a time; what may go out each."""
+    reno.enter_recovery(flight, high_sent=flight)
+    pipe = flight - lost
+    sends = []
+    for _ in range(flight - lost):
+        pipe -= 1
+        reno.on_ack(1, pipe, safe=False, cwnd_limited=True)
+        sent = 0
+        while pipe < reno.window():
+            pipe += 1
+            sent += 1
+            reno.on_sent()
+        sends.append(sent)
+    return sends
+
+
+def test_prr_spreads_the_reduction_over_the_round_trip() -> None:
+    sends = sends_per_ack_in_recovery(make_sack_reno(prr=True), flight=20, lost=1)
+    assert sends[0] == 1  # the fast retransmit leaves at once
+    assert max(sends) == 1  # no burst
+    assert sum(sends) == 10  # ssthresh per RecoverFS delivered: half of 19, rounded up
+    # Without PRR cwnd drops to ssthresh at once: silence for half a window.
+    sends = sends_per_ack_in_recovery(make_sack_reno(prr=False), flight=20, lost=1)
+    assert sends[:9] == [0] * 9
+    assert sum(sends) == 10
+
+
+def test_prr_slow_starts_back_to_ssthresh_after_heavy_loss() -> None:
+    reno = make_sack_reno(prr=True)
+    reno.enter_recovery(20, high_sent=20)
+    assert reno.ssthresh == 10
+    # 15 of 20 lost: the pipe is far below ssthresh. A safe ACK (the cumulative ACK
+    # moved, no new loss) may send what was delivered plus one (PRR-SSRB).
+    reno.on_ack(1, 4, safe=True, cwnd_limited=True)
+    assert reno.cwnd == 4 + 2
+    reno.on_ack(1, 4, safe=False, cwnd_limited=True)
+    assert reno.cwnd == 4 + 1  # otherwise no more than was delivered
+    reno.end_recovery()
+    assert (reno.cwnd, reno.in_recovery) == (10, False)
+
+
+def drop_first_copies(*seqs: int, times: int = 1) -> tuple[Drop, list[int]]:
+    """Drop the first `times` copies of a's DATA segments `seqs`; log every seq a sends."""
+    dropped = dict.fromkeys(seqs, 0)
+    sent: list[int] = []
+
+    def drop(node: NodeId, datagram: bytes) -> bool:
+        header = decode(datagram).header
+        if node != A or header.ptype is not PacketType.DATA:
+            return False
+        sent.append(header.seq)
+        if header.seq in dropped and dropped[header.seq] < times:
+            dropped[header.seq] += 1
+            return True
+        return False
+
+    return drop, sent
+
+
+@pytest.mark.parametrize("sack", [True, False], ids=["sack", "newreno"])
+def test_several_holes_in_one_window(sack: bool) -> None:
+    holes = (2, 5, 8, 11)
+    drop, sent = drop_first_copies(*holes)
+    tcp = TcpConfig(sack=sack, initial_cwnd_segments=40)
+    pump, a, _ = established_pump(tcp=tcp, drop=drop)
+    start = pump.now
+    messages = [bytes([i]) * 1000 for i in range(30)]  # one segment each
+    for message in messages:
+        pump.send(A, message)
+    pump.run(until=start + 10.0, done=lambda: len(pump.delivered[B]) == len(messages))
+    assert pump.delivered[B] == messages
+    finished = pump.delivered_at[B][-1] - start
+    stats = a.tcp_statistics()
+    assert stats.timeouts == 0
+    assert stats.fast_retransmits == 1
+    assert a.statistics().retransmissions == len(holes)  # no segment resent needlessly
+    rtt = 2 * DELAY
+    if sack:
+        # All four holes are resent when the SACKs come back: one RTT of repair.
+        assert sorted(sent[30:]) == list(holes)
+        assert finished == pytest.approx(DELAY + rtt)
+    else:
+        # NewReno learns of the next hole only from the partial ACK: one per RTT.
+        assert sent[30:] == list(holes)
+        assert finished == pytest.approx(DELAY + rtt * len(holes))
+
+
+@pytest.mark.parametrize("sack", [True, False], ids=["sack", "newreno"])
+def test_after_a_timeout_only_unsacked_segments_are_resent(sack: bool) -> None:
+    # 1 is lost twice (no new data follows its fast retransmit, so only the RTO
+    # finds out), and 5 once.
+    drop, sent = drop_first_copies(1, 5, times=2)
+    pump, a, b = established_pump(tcp=TcpConfig(sack=sack), drop=drop)
+    start = pump.now
+    messages = [bytes([i]) * 1000 for i in range(10)]
+    for message in messages:
+        pump.send(A, message)
+    pump.run(until=start + 30.0, done=lambda: len(pump.delivered[B]) == len(messages))
+    assert pump.delivered[B] == messages
+    assert a.tcp_statistics().timeouts >= 1
+    if sack:
+        resent = sent[10:]
+        assert set(resent) == {1, 5}  # 2-4 and 6-10 were SACKed: never resent
+        assert b.statistics().duplicates_dropped == 0
+    else:
+        assert b.statistics().duplicates_dropped > 0  # go-back-N resent what b held
+
+
+def test_lost_retransmission_is_repaired_without_a_timeout() -> None:
+    drop, sent = drop_first_copies(3, times=2)
+    pump, a, _ = established_pump(drop=drop)
+    start = pump.now
+    messages = [bytes([i % 256]) * 1000 for i in range(40)]
+    for message in messages:
+        pump.send(A, message)
+    pump.run(until=start + 10.0, done=lambda: len(pump.delivered[B]) == len(messages))
+    assert pump.delivered[B] == messages
+    stats = a.tcp_statistics()
+    assert stats.timeouts == 0
+    assert stats.lost_retransmissions == 1
+    assert sent.count(3) == 3
+    assert pump.delivered_at[B][-1] - start < 0.5  # an RTO would cost 0.3 s on its own
+
+
+@pytest.mark.parametrize(("sack_a", "sack_b"), [(True, False), (False, True)])
+def test_mismatched_sack_settings_still_deliver_everything(sack_a: bool, sack_b: bool) -> None:
+    # The model's SYN cannot negotiate SACK; a mismatch is only slower.
+    config = LinkConfig(failure_rounds=30)
+    a = TcpLink(A, B, config, epoch=EPOCH_A, tcp=TcpConfig(sack=sack_a))
+    b = TcpLink(B, A, config, epoch=EPOCH_B, tcp=TcpConfig(sack=sack_b))
+    pump = Pump(a, b, loss=0.1, seed=5)
+    rng = random.Random(5)
+    from_a = random_messages(rng, 100)
+    from_b = random_messages(rng, 100)
+    for message in from_a:
+        pump.send(A, message)
+    for message in from_b:
+        pump.send(B, message)
+    pump.start(A, B)
+
+    def done() -> bool:
+        return len(pump.delivered[B]) == len(from_a) and len(pump.delivered[A]) == len(from_b)
+
+    pump.run(until=1200.0, done=done)
+    assert pump.delivered[B] == from_a
+    assert pump.delivered[A] == from_b
+
+
+def test_sack_ack_beyond_what_was_sent_is_a_protocol_violation() -> None:
+    pump, a, _ = established_pump()
+    a.send(b"one", pump.now)
+    state = LinkState(EPOCH_A, 0, 0, ((5, 3),))
+    a.datagram_received(encode(Packet(Header(PacketType.STATE, B, EPOCH_B), state)), pump.now)
+    assert a.statistics().protocol_violations == 1
+    assert a.established
+
+
 # ---------------------------------------------------------------- failure
 
 
@@ -753,8 +1096,14 @@ def packets_from_b(draw: st.DrawFn) -> Packet:
     ptype = draw(st.sampled_from([PacketType.DATA, PacketType.STATE, PacketType.HELLO]))
     epoch = draw(st.sampled_from([EPOCH_B, EPOCH_B, EPOCH_B + 1]))
     small_or_huge = st.integers(0, 20) | st.integers(0, 2**64 - 1)
+    sack_block = st.tuples(
+        st.integers(1, 20) | st.integers(1, 2**63), st.integers(1, 5) | st.integers(1, 2**32 - 1)
+    )
     state = LinkState(
-        draw(st.sampled_from([0, EPOCH_A, EPOCH_A, 5])), draw(small_or_huge), draw(small_or_huge)
+        draw(st.sampled_from([0, EPOCH_A, EPOCH_A, 5])),
+        draw(small_or_huge),
+        draw(small_or_huge),
+        tuple(draw(st.lists(sack_block, max_size=4))),
     )
     if ptype is PacketType.HELLO:
         hello = Hello(draw(st.sampled_from([0, EPOCH_A, 3])), draw(st.integers(512, 9000)))
@@ -816,6 +1165,8 @@ def test_send_buffer_drains_as_segments_are_cut() -> None:
         ("min_rto", 0.0),
         ("delayed_ack_timeout", float("inf")),
         ("keepalive_interval", 0.0),
+        ("sack_blocks", 0),
+        ("sack_blocks", 257),
     ],
 )
 def test_bad_tcp_config_names_the_key(field: str, value: float) -> None:
