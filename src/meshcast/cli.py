@@ -17,6 +17,7 @@ from meshcast.errors import MeshcastError
 
 BENCH_SUITES = {
     "link": "meshcast.bench.link",
+    "overlay": "meshcast.bench.overlay",
 
 }
 
