@@ -18,6 +18,7 @@ from meshcast.errors import MeshcastError
 BENCH_SUITES = {
     "link": "meshcast.bench.link",
     "overlay": "meshcast.bench.overlay",
+    "tree": "meshcast.bench.tree",
 
 }
 

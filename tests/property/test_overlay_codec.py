@@ -38,7 +38,7 @@ datas = st.builds(
     st.lists(u32, min_size=1, max_size=60, unique=True).map(tuple),
     st.binary(max_size=500),
 )
-feedbacks = st.builds(Feedback, u32, u32, st.integers(0, 2**64 - 1), u32)
+feedbacks = st.builds(Feedback, u32, u32, st.integers(0, 2**64 - 1), u32, u32)
 
 
 @given(lsas)

@@ -127,15 +127,6 @@ def test_source_is_paced_at_its_tree_rate(case: str, seed: int) -> None:
     check_exactly_once(h, min_required=100)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "overlay bug: OverlayNode._pump charges the source pacer len(payload) (+28 B UDP/IP) "
-        "per message, but each copy on a link also carries the Hop header, fragment head and "
-        "DATA head with its destination list; the source's wire rate exceeds rate_bps "
-        "(~6 % for 1 KiB, ~50 % for 64 B messages) (docs/design/overlay-tests.md, finding 3)"
-    ),
-    strict=True,
-)
 @pytest.mark.parametrize("size", [64, SIZE])
 def test_source_wire_rate_never_exceeds_tree_rate(size: int) -> None:
     """The bottleneck rate is a wire rate (link bandwidths count every header, UDP/IP
@@ -230,16 +221,6 @@ def test_full_outbox_raises_buffer_full_and_drains() -> None:
     assert check_exactly_once(h, min_required=accepted * 5) == accepted * 5
 
 
-@pytest.mark.xfail(
-    reason=(
-        "overlay bug: a destination that restarts before its neighbours notice stays in the "
-        "view, so the source keeps _sent_to/_acked_by of its old incarnation; the new "
-        "incarnation reports delivered counts from 0, which _on_feedback ignores (not > "
-        "_acked_by), the window never reopens and the source stalls for every destination "
-        "(docs/design/overlay-tests.md, finding 2)"
-    ),
-    strict=True,
-)
 def test_quick_restart_of_a_destination_does_not_stall_the_source() -> None:
     h = OverlayHarness(full_mesh(3), seed=1, window_messages=50)
     h.run(2.0)

@@ -126,16 +126,6 @@ def test_daemon_restarted_before_detection_rejoins(seed: int) -> None:
     assert victim in h.overlay(victim).view.members  # type: ignore[union-attr]
 
 
-@pytest.mark.xfail(
-    reason=(
-        "overlay bug: after LinkFailed, OverlayNode drops the link for link_retry_interval "
-        "(datagrams from the peer are foreign-dropped) and a fresh HopLink gives up after "
-        "failure_rounds*heartbeat_interval without an answer; both ends cycle with the same "
-        "1.5 s period and stay out of phase forever when the restart comes >~0.5 s off "
-        "their phase (docs/design/overlay-tests.md, finding 1)"
-    ),
-    strict=True,
-)
 def test_daemon_restarted_after_its_neighbours_gave_up_rejoins() -> None:
     # The neighbour detects the crash at ~1.5 s and then retries every 1.5 s; restart
     # offsets spread over one whole period must all lead back to one view.

@@ -548,7 +548,10 @@ class HopLink:
                     heapq.heappush(self._retransmit, seq)
 
     def _probe_deadline(self, now: float) -> float:
-        pto = self._rtt.srtt + 4 * self._rtt.rttvar + self._config.ack_delay_interval
+        # RTT samples come from heartbeats, so RTTVAR can decay to nothing; without a floor
+        # the ACK of a lone packet (sent after ack_delay) would race the probe every time.
+        rtt = self._rtt
+        pto = rtt.srtt + max(4 * rtt.rttvar, rtt.srtt / 4, 0.002) + self._config.ack_delay_interval
         return now + pto * (1 << self._probe_backoff)
 
     def _probe(self, now: float) -> None:

@@ -33,8 +33,13 @@ class Pacer:
         return self._tokens > 0.0
 
     def consume(self, datagram_size: int, now: float) -> None:
+        """Charge one datagram of `datagram_size` bytes (IP/UDP headers are added)."""
+        self.charge(datagram_size + UDP_IP_OVERHEAD, now)
+
+    def charge(self, wire_bytes: int, now: float) -> None:
+        """Charge bytes already counted with every header."""
         self._refill(now)
-        self._tokens -= datagram_size + UDP_IP_OVERHEAD
+        self._tokens -= wire_bytes
 
     def ready_at(self, now: float) -> float:
         """Earliest time at which `ready()` turns true."""

@@ -31,6 +31,7 @@ from meshcast.link import (
 from meshcast.link.pacer import Pacer
 from meshcast.overlay.routing import RoutingTable
 from meshcast.overlay.view import LinkStateDatabase, View
+from meshcast.wire import HEADER_SIZE, PIECE_HEAD, UDP_IP_OVERHEAD, WHOLE_HEAD
 from meshcast.wire.overlay import (
     MAX_HOPS,
     Data,
@@ -42,6 +43,7 @@ from meshcast.wire.overlay import (
     encode_feedback,
     encode_lsa,
 )
+from meshcast.wire.packet import STATE_BLOCK
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +61,21 @@ class OverlayConfig:
     link: LinkConfig = field(default_factory=LinkConfig)
     policy: str = "shortest-path"
     view_settle_interval: float = 0.05  # s: let a burst of LSAs land before recomputing
-    link_retry_interval: float = 1.0  # s: a failed link is rebuilt after this pause
     max_dests_per_packet: int = 50  # destinations listed in one data message
     window_messages: int = 1000  # a source's messages not yet delivered by some destination
     max_outbox_messages: int = 10_000  # accepted but not yet sent (rate or window limited)
     feedback_every: int = 64  # a destination reports progress after this many messages
     feedback_interval: float = 0.05  # s: ...or after this long with unreported progress
     dedup_window: int = 65_536  # recent message ids remembered per source
+    rate_share: float = 0.97  # of the tree's bottleneck rate the source's data may use:
+    # the rest is for control traffic sharing the links (ACKs, LSAs, progress reports)
     multi_destination: bool = True  # False: one copy per destination (the unicast baseline)
 
     def __post_init__(self) -> None:
         if self.max_dests_per_packet < 1 or self.window_messages < 1:
             raise UsageError("max_dests_per_packet and window_messages must be positive")
+        if not 0 < self.rate_share <= 1:
+            raise UsageError("rate_share must be in (0, 1]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +148,6 @@ class OverlayNode:
         self._rng = rng
         self._endpoint = LinkEndpoint(local)
         self._up: set[NodeId] = set()
-        self._retry_at: dict[NodeId, float] = {}
         self._lsdb = LinkStateDatabase(local, incarnation)
         self._routing = RoutingTable(local, config.policy, config.upload_bps)
         self._view: View | None = None
@@ -153,7 +157,7 @@ class OverlayNode:
         self._outbox: deque[tuple[tuple[NodeId, ...], bytes]] = deque()
         self._pacer: Pacer | None = None
         self._sent_to: dict[NodeId, int] = {}
-        self._acked_by: dict[NodeId, int] = {}
+        self._acked_by: dict[NodeId, int] = {}  # per destination, of its current incarnation
         self._sources: dict[NodeId, _SourceState] = {}
         self._next_report_at: float | None = None
         self.stats = OverlayStats()
@@ -199,7 +203,6 @@ class OverlayNode:
         deadlines = [
             d for d in (self._endpoint.next_deadline(), self._view_due_at) if d is not None
         ]
-        deadlines.extend(self._retry_at.values())
         if self._next_report_at is not None:
             deadlines.append(self._next_report_at)
         if self._outbox and self._pacer is not None and self.window_open():
@@ -243,10 +246,6 @@ class OverlayNode:
         self._clock = now
         effects: list[OverlayEffect] = []
         self._on_link_effects(self._endpoint.on_timer(now), now, effects)
-        for peer, at in list(self._retry_at.items()):
-            if at <= now:
-                del self._retry_at[peer]
-                self._open_link(peer, now, effects)
         if self._view_due_at is not None and now >= self._view_due_at:
             self._view_due_at = None
             self._recompute_view(now, effects)
@@ -276,8 +275,10 @@ class OverlayNode:
                 self._neighbour_up(effect.peer, now, effects)
             elif isinstance(effect, LinkFailed):
                 self._neighbour_down(effect.peer, effect.reason, now, effects)
-                self._endpoint.remove(effect.peer)
-                self._retry_at[effect.peer] = now + self.config.link_retry_interval
+                # A fresh link listens and says HELLO at once: there is never a moment
+                # when the neighbour's datagrams would find no link (both ends would
+                # otherwise retry out of phase forever).
+                self._open_link(effect.peer, now, effects)
             elif isinstance(effect, PeerRestarted):
                 self._neighbour_down(effect.peer, "peer restarted", now, effects)
 
@@ -307,6 +308,8 @@ class OverlayNode:
         self, peer: NodeId, message: bytes, now: float, effects: list[OverlayEffect]
     ) -> bool:
         link = self._endpoint.link(peer)
+        if link.failed:
+            return False  # replaced by a fresh link within this same input
         if not link.can_send(len(message)):
             # The link's bounded queue is full: the layer above counts on flow control
             # (source window, rate) to keep this from happening to data.
@@ -360,7 +363,9 @@ class OverlayNode:
         self._lsdb.forget({NodeId(lsa.origin) for lsa in self._lsdb.lsas()} - set(view.members))
         tree = self._routing.tree(self.local)
         rate = tree.rate_bps if tree is not None else float("inf")
-        self._pacer = Pacer(rate, 64 * 1024, now) if rate != float("inf") else None
+        self._pacer = (
+            Pacer(rate * self.config.rate_share, 64 * 1024, now) if rate != float("inf") else None
+        )
         effects.append(ViewInstalled(view))
         self._originate(now, effects)  # announce the digest we installed
 
@@ -384,7 +389,11 @@ class OverlayNode:
         if isinstance(decoded, Data):
             self._on_data(decoded, now, effects)
         elif isinstance(decoded, Lsa):
+            origin = NodeId(decoded.origin)
+            before = self._lsdb.get(origin)
             if self._lsdb.consider(decoded):
+                if before is not None and before.incarnation != decoded.incarnation:
+                    self._forget_incarnation(origin)
                 self._flood(decoded, peer, now, effects)
                 self._schedule_view(now)
             self._check_agreed(effects)
@@ -422,8 +431,12 @@ class OverlayNode:
         payload: bytes,
         now: float,
         effects: list[OverlayEffect],
-    ) -> None:
-        """Split `dests` per next hop on `source`'s tree; one copy per next hop (claim 4)."""
+    ) -> int:
+        """Split `dests` per next hop on `source`'s tree; one copy per next hop (claim 4).
+
+        Returns the wire bytes put on the busiest link, which is what the source's pacer
+        must be charged (the tree's rate bounds every link).
+        """
         by_hop: dict[NodeId, list[NodeId]] = {}
         for dest in dests:
             hop = self._routing.next_hop(source, dest)
@@ -432,11 +445,25 @@ class OverlayNode:
                 continue
             by_hop.setdefault(hop, []).append(dest)
         limit = self.config.max_dests_per_packet if self.config.multi_destination else 1
+        busiest = 0
         for hop in sorted(by_hop):
             group = by_hop[hop]
+            wire_bytes = 0
             for i in range(0, len(group), limit):
                 head = encode_data_head(source, incarnation, seq, hops, tuple(group[i : i + limit]))
                 self._send_link(hop, head + payload, now, effects)
+                wire_bytes += self._wire_size(len(head) + len(payload))
+            busiest = max(busiest, wire_bytes)
+        return busiest
+
+    def _wire_size(self, message: int) -> int:
+        """Bytes one link message puts on the wire: Hop and IP/UDP headers included."""
+        per_datagram = HEADER_SIZE + UDP_IP_OVERHEAD
+        budget = self.config.link.mtu - HEADER_SIZE - STATE_BLOCK.size
+        if message + WHOLE_HEAD.size <= budget:
+            return message + WHOLE_HEAD.size + per_datagram
+        pieces = -(-message // (budget - PIECE_HEAD.size))
+        return message + pieces * (PIECE_HEAD.size + per_datagram)
 
     def _deliver(
         self, source: NodeId, data: Data, now: float, effects: list[OverlayEffect]
@@ -471,7 +498,9 @@ class OverlayNode:
     ) -> None:
         state.reported = state.delivered
         state.report_due_at = None
-        feedback = Feedback(source, state.incarnation, state.delivered, self.local)
+        feedback = Feedback(
+            source, state.incarnation, state.delivered, self.local, self.incarnation
+        )
         self._route_feedback(feedback, now, effects)
 
     def _send_reports(self, now: float, effects: list[OverlayEffect]) -> None:
@@ -491,6 +520,17 @@ class OverlayNode:
             return
         self._send_link(hop, encode_feedback(feedback), now, effects)
 
+    def _forget_incarnation(self, daemon: NodeId) -> None:
+        """`daemon` restarted: what it delivered before is gone, and so is its old stream.
+
+        Its window restarts empty, so a quick restart (one its neighbours never noticed,
+        hence no view change) does not leave our window waiting for progress reports that
+        its new incarnation, counting from zero, will never send.
+        """
+        self._sent_to.pop(daemon, None)
+        self._acked_by.pop(daemon, None)
+        self._sources.pop(daemon, None)
+
     def _on_feedback(self, feedback: Feedback, now: float, effects: list[OverlayEffect]) -> None:
         if feedback.source != self.local:
             self._route_feedback(feedback, now, effects)
@@ -498,6 +538,9 @@ class OverlayNode:
         if feedback.incarnation != self.incarnation:
             return  # progress report about an earlier life of ours
         reporter = NodeId(feedback.reporter)
+        known = self._lsdb.get(reporter)
+        if known is None or known.incarnation != feedback.reporter_incarnation:
+            return  # from an incarnation of the reporter we do not (or no longer) count
         if feedback.delivered > self._acked_by.get(reporter, 0):
             self._acked_by[reporter] = min(feedback.delivered, self._sent_to.get(reporter, 0))
 
@@ -513,14 +556,14 @@ class OverlayNode:
             reachable = [d for d in dests if d in self._view]
             for dest in reachable:
                 self._sent_to[dest] = self._sent_to.get(dest, 0) + 1
-            if pacer is not None:
-                pacer.consume(len(payload), now)
             if self.local in reachable:
                 data = Data(self.local, self.incarnation, self._seq, 0, (self.local,), payload)
                 self._deliver(self.local, data, now, effects)
             others = [d for d in reachable if d != self.local]
             self.stats.unroutable_dropped += len(dests) - len(reachable)
             if others:
-                self._forward(
+                busiest = self._forward(
                     self.local, self.incarnation, self._seq, 1, others, payload, now, effects
                 )
+                if pacer is not None:
+                    pacer.charge(busiest, now)

@@ -6,7 +6,8 @@ Every overlay message starts with one kind byte:
                    n x (neighbour u32 | weight f64 | bandwidth_bps f64)
     0x02 DATA      source u32 | incarnation u32 | seq u64 | hops u8 | n u16 | n x dest u32 |
                    payload (the rest)
-    0x03 FEEDBACK  source u32 | incarnation u32 | delivered u64 | reporter u32
+    0x03 FEEDBACK  source u32 | incarnation u32 | delivered u64 | reporter u32 |
+                   reporter_incarnation u32
 
 * LSA: a daemon's live overlay links (link-state advertisement), flooded to all daemons;
   `view_digest` is the view the origin has installed, so daemons can tell when they agree.
@@ -34,7 +35,7 @@ LSA_HEAD = struct.Struct("!BIII8sH")
 LSA_ENTRY = struct.Struct("!Idd")
 DATA_HEAD = struct.Struct("!BIIQBH")
 DEST = struct.Struct("!I")
-FEEDBACK = struct.Struct("!BIIQI")
+FEEDBACK = struct.Struct("!BIIQII")
 
 MAX_LSA_ENTRIES = 4096
 MAX_DESTS = 4096
@@ -73,6 +74,7 @@ class Feedback:
     incarnation: int
     delivered: int
     reporter: int
+    reporter_incarnation: int  # a restarted destination counts from 0 again
 
 
 OverlayMessage = Lsa | Data | Feedback
@@ -110,7 +112,12 @@ def encode_data(data: Data) -> bytes:
 
 def encode_feedback(feedback: Feedback) -> bytes:
     return FEEDBACK.pack(
-        KIND_FEEDBACK, feedback.source, feedback.incarnation, feedback.delivered, feedback.reporter
+        KIND_FEEDBACK,
+        feedback.source,
+        feedback.incarnation,
+        feedback.delivered,
+        feedback.reporter,
+        feedback.reporter_incarnation,
     )
 
 
@@ -154,6 +161,6 @@ def decode_overlay(message: bytes) -> OverlayMessage:
     if kind == KIND_FEEDBACK:
         if len(message) != FEEDBACK.size:
             raise DecodeError("feedback has the wrong size")
-        _, source, incarnation, delivered, reporter = FEEDBACK.unpack(message)
-        return Feedback(source, incarnation, delivered, reporter)
+        _, source, incarnation, delivered, reporter, reporter_incarnation = FEEDBACK.unpack(message)
+        return Feedback(source, incarnation, delivered, reporter, reporter_incarnation)
     raise DecodeError(f"unknown overlay message kind 0x{kind:02x}")

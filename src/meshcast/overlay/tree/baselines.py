@@ -96,10 +96,7 @@ def _dijkstra(instance: TreeInstance, *, widest: bool) -> Tree:
         span = slice(outgoing.start[node], outgoing.start[node + 1])
         peers = outgoing.peer[span]
         bandwidth = outgoing.bandwidth[span]
-        if widest:
-            keys = np.maximum(key, -bandwidth)
-        else:
-            keys = key + 1.0 / bandwidth
+        keys = np.maximum(key, -bandwidth) if widest else key + 1.0 / bandwidth
         better = (keys < best[peers]) & ~done[peers]
         for peer, peer_key in zip(peers[better].tolist(), keys[better].tolist(), strict=True):
             best[peer] = peer_key

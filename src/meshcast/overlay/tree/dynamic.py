@@ -17,21 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshcast.errors import ConfigError, UsageError
-from meshcast.overlay.tree.construct import max_throughput_tree
-from meshcast.overlay.tree.improvement import (
-    DEFAULT_IMPROVEMENT,
-    FirstOf,
-    Improvement,
-    Splice,
-    Triangular,
-)
+from meshcast.overlay.tree.construct import DEFAULT_SEARCH, SearchConfig, max_throughput_tree
+from meshcast.overlay.tree.improvement import DEFAULT_IMPROVEMENT, Improvement
 from meshcast.overlay.tree.instance import NO_PARENT, IntArray, Tree, TreeInstance
 from meshcast.overlay.tree.rate import tree_rate
 from meshcast.overlay.tree.reduced import ReducedGraph
+from meshcast.overlay.tree.repair import place_subtree, repair_to_target
 from meshcast.overlay.tree.working import WorkingTree
-
-
-LOCAL_REPAIR = FirstOf((Triangular(), Splice()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +35,10 @@ class DynamicConfig:
     # it by local repair (0: only the patent's join/leave/rebuild).
     raise_attempts: int = 4
     # moves for local repair (joins, leaves, raises): cheap ones, tried once per candidate parent
-    repair: Improvement = field(default=LOCAL_REPAIR)
-    rebuild_improvement: Improvement = field(default=DEFAULT_IMPROVEMENT)  # for rebuilds
+    repair: Improvement = field(default=DEFAULT_IMPROVEMENT)
+    rebuild: SearchConfig = field(default=DEFAULT_SEARCH)  # for rebuilds from scratch
     # full members (widest edge first) below which a join tries to make room by a repair move
-    repair_candidates: int = 8
+    repair_candidates: int = 4
 
     def __post_init__(self) -> None:
         if not 0 <= self.rebuild_below <= 1:
@@ -118,20 +110,26 @@ class DynamicTree:
 
     def leave(self, node: int) -> MembershipChanged:
         """Remove a member; its orphaned children rejoin with their subtrees.
-        Raises UsageError for the source or a non-member."""
+        Raises UsageError for the source, a non-member, or when an orphan has no edge from
+        any remaining member (the tree is then left as it was)."""
         self._check_node(node)
         if node == self._universe.source:
             raise UsageError("the source cannot leave its own tree")
         if not self._tree.attached[node]:
             raise UsageError(f"node {node} is not a member")
-        before = self._tree.parent.copy()
+        before, rate = self._tree.parent.copy(), self._rate
         orphans = sorted(self._tree.children[node])
         for child in orphans:
             self._tree.detach(child)
         self._tree.detach(node)
         self._rate = self._current_rate()
-        for child in orphans:
-            self._place(child)
+        try:
+            for child in orphans:
+                self._place(child)
+        except UsageError:
+            self._tree = WorkingTree.from_parent(before, self._universe.source)
+            self._rate = rate
+            raise
         return self._settle(node, before, exempt=node)
 
     def rebuild(self) -> MembershipChanged:
@@ -153,11 +151,12 @@ class DynamicTree:
 
     def _place(self, root: int) -> None:
         """Attach the detached subtree rooted at `root` (claims 8-9)."""
-        tree, universe = self._tree, self._universe
         if not math.isfinite(self._rate):  # a lone source: any edge will do
             self._attach_where_widest(root)
             return
-        if self._place_within(ReducedGraph.at(universe, self._rate), root):
+        graph = ReducedGraph.at(self._universe, self._rate)
+        config = self._config
+        if place_subtree(graph, self._tree, root, config.repair, config.repair_candidates):
             return
         self._attach_where_widest(root)
 
@@ -189,57 +188,18 @@ class DynamicTree:
         return MembershipChanged(node, reparented, rebuilt, self._rate)
 
     def _raise_rate(self) -> bool:
-        """Try to repair the tree locally so it carries more than its current rate: re-home
-        every subtree hanging from a too-narrow edge, relieve every node over its bound at
-        the higher target. All or nothing: on failure the tree is left as it was."""
+        """Try to repair the tree locally so it carries more than its current rate. All or
+        nothing: on failure the tree is left as it was."""
         if not math.isfinite(self._rate):
             return False
         target = float(np.nextafter(self._rate, math.inf))  # same reduced graph as the next value
         graph = ReducedGraph.at(self._universe, target)
-        tree = self._tree
-        before = tree.parent.copy()
-        child = np.flatnonzero(before != NO_PARENT)
-        narrow = child[self._universe.bandwidth_between(before[child], child) < target]
-        for root in narrow.tolist():
-            tree.detach(root)
-        if self._relieve_overloads(graph) and self._place_all(graph, narrow.tolist()):
+        before = self._tree.parent.copy()
+        config = self._config
+        if repair_to_target(graph, self._tree, config.repair, config.repair_candidates):
             self._rate = self._current_rate()
             return True
         self._tree = WorkingTree.from_parent(before, self._universe.source)
-        return False
-
-    def _relieve_overloads(self, graph: ReducedGraph) -> bool:
-        tree = self._tree
-        for node in np.flatnonzero(tree.attached & (tree.fanout > graph.bound)).tolist():
-            while tree.fanout[node] > graph.bound[node]:
-                if not self._config.repair.relieve(graph, tree, node):
-                    return False
-        return True
-
-    def _place_all(self, graph: ReducedGraph, roots: list[int]) -> bool:
-        """Attach detached subtrees within the graph's bounds; a root may need another
-        subtree placed first, so sweep until nothing moves."""
-        while roots:
-            left = [root for root in roots if not self._place_within(graph, root)]
-            if len(left) == len(roots):
-                return False
-            roots = left
-        return True
-
-    def _place_within(self, graph: ReducedGraph, root: int) -> bool:
-        tree = self._tree
-        senders = graph.senders_into(root)
-        senders = senders[tree.attached[senders]]
-        with_room = senders[graph.bound[senders] > tree.fanout[senders]]
-        if len(with_room):
-            tree.reattach(root, int(with_room[0]))
-            return True
-        for parent in senders[: self._config.repair_candidates].tolist():
-            tree.reattach(root, parent)
-            if self._config.repair.relieve(graph, tree, parent):
-                return True
-            assert tree.parent[root] == parent  # a failed move leaves the overload in place
-            tree.detach(root)
         return False
 
     def _needs_rebuild(self) -> bool:
@@ -250,9 +210,7 @@ class DynamicTree:
 
     def _rebuild(self) -> None:
         members = np.flatnonzero(self._tree.attached)
-        fresh = max_throughput_tree(
-            self._universe.restrict(members), self._config.rebuild_improvement
-        )
+        fresh = max_throughput_tree(self._universe.restrict(members), self._config.rebuild)
         parent = np.full(self._universe.n, NO_PARENT, dtype=np.int64)
         has_parent = fresh.parent != NO_PARENT
         parent[members[has_parent]] = members[fresh.parent[has_parent]]

@@ -49,13 +49,12 @@ class EdgeTable:
         return np.diff(self.start)
 
 
-def _group(
-    n: int, key: IntArray, other: IntArray, bandwidth: FloatArray
-) -> tuple[IntArray, IntArray, FloatArray]:
+def _table(n: int, key: IntArray, other: IntArray, bandwidth: FloatArray) -> EdgeTable:
+    """Group edges by `key` (the sender or the receiver), widest first within a group."""
     order = np.lexsort((-bandwidth, key))
     start = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(key, minlength=n), out=start[1:])
-    return start, other[order], bandwidth[order]
+    return EdgeTable(_frozen(start), _frozen(other[order]), _frozen(bandwidth[order]))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -117,8 +116,8 @@ class TreeInstance:
         return cls(
             capacity=_frozen(cap),
             source=source,
-            outgoing=EdgeTable(*map(_frozen, _group(n, snd, rcv, bw))),
-            incoming=EdgeTable(*map(_frozen, _group(n, rcv, snd, bw))),
+            outgoing=_table(n, snd, rcv, bw),
+            incoming=_table(n, rcv, snd, bw),
             edge_key=_frozen(sorted_key),
             edge_key_bandwidth=_frozen(bw[key_order]),
         )

@@ -25,6 +25,7 @@ class InstanceModel:
     decades: float = 2.0  # capacities span low .. low * 10**decades, log-uniform
     narrow_share: float = 0.2  # fraction of nodes behind a narrow uplink
     narrow_factor: float = 0.1  # such a node uploads this much slower
+    source_uplink: float | None = None  # the source's a_u in rate units; None: drawn as any node
 
     def __post_init__(self) -> None:
         if not self.low > 0:
@@ -35,16 +36,21 @@ class InstanceModel:
             raise ConfigError("must be within [0, 1]", key="tree.instance.narrow_share")
         if not 0 < self.narrow_factor <= 1:
             raise ConfigError("must be within (0, 1]", key="tree.instance.narrow_factor")
+        if self.source_uplink is not None and not self.source_uplink > 0:
+            raise ConfigError("must be positive", key="tree.instance.source_uplink")
 
     def _log_uniform(self, rng: np.random.Generator, size: int | tuple[int, ...]) -> FloatArray:
         values: FloatArray = self.low * 10.0 ** rng.uniform(0.0, self.decades, size)
         return values
 
-    def upload_capacity(self, n: int, rng: np.random.Generator) -> FloatArray:
+    def upload_capacity(self, n: int, source: int, rng: np.random.Generator) -> FloatArray:
         """a_u per node, narrow uplinks applied."""
         narrow = rng.random(n) < self.narrow_share
         scale: FloatArray = np.where(narrow, self.narrow_factor, 1.0)
-        return self._log_uniform(rng, n) * scale
+        capacity = self._log_uniform(rng, n) * scale
+        if self.source_uplink is not None:
+            capacity[source] = self.source_uplink
+        return capacity
 
     def path_bandwidth(self, rng: np.random.Generator, size: int | tuple[int, ...]) -> FloatArray:
         return self._log_uniform(rng, size)
@@ -55,7 +61,7 @@ def dense_instance(
 ) -> TreeInstance:
     """A fully connected overlay of n nodes: every ordered pair is a candidate edge."""
     model = model or InstanceModel()
-    capacity = model.upload_capacity(n, rng)
+    capacity = model.upload_capacity(n, source, rng)
     bandwidth = np.minimum(capacity[:, None], model.path_bandwidth(rng, (n, n)))
     return TreeInstance.from_matrix(capacity, bandwidth, source)
 
@@ -70,7 +76,7 @@ def sparse_instance(
     """Each node measured `peers` random others in each direction: n * peers candidate
     edges per direction (duplicates merged), plus a random ring so the graph is connected."""
     model = model or InstanceModel()
-    capacity = model.upload_capacity(n, rng)
+    capacity = model.upload_capacity(n, source, rng)
     peers = min(peers, n - 1)
     node = np.repeat(np.arange(n, dtype=np.int64), peers)
     # a random offset in 1..n-1 never points a node at itself

@@ -10,7 +10,7 @@ from meshcast.overlay.tree.instance import NO_PARENT, IntArray
 class WorkingTree:
     """Parent pointers over n node slots; a slot not yet attached has no parent.
 
-    Kept consistent by the only mutators, `attach`, `detach` and `move`, so `fanout`
+    Kept consistent by the only mutators (`attach`, `detach`, `reattach`, `move`), so `fanout`
     always equals the size of each child set.
     """
 
@@ -39,7 +39,8 @@ class WorkingTree:
         return tree
 
     def attach(self, child: int, parent: int) -> None:
-        assert not self.attached[child] and self.attached[parent], (child, parent)
+        assert not self.attached[child], child
+        assert self.attached[parent], parent
         self.parent[child] = parent
         self.fanout[parent] += 1
         self.children[parent].add(child)
@@ -55,7 +56,8 @@ class WorkingTree:
 
     def reattach(self, child: int, parent: int) -> None:
         """Hang a detached subtree rooted at `child` under attached `parent`."""
-        assert not self.attached[child] and self.attached[parent], (child, parent)
+        assert not self.attached[child], child
+        assert self.attached[parent], parent
         self.parent[child] = parent
         self.fanout[parent] += 1
         self.children[parent].add(child)
