@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from meshcast import wire
 from meshcast.errors import DecodeError
@@ -73,6 +73,27 @@ class _Outstanding:
 
 
 @dataclass(slots=True)
+class _Counters:
+    """The cumulative counters of `LinkStats`, updated in place on the hot path."""
+
+    messages_sent: int = 0
+    messages_delivered: int = 0
+    bytes_delivered: int = 0
+    packets_sent: int = 0
+    packets_received: int = 0
+    retransmissions: int = 0
+    probes_sent: int = 0
+    nacks_sent: int = 0
+    state_packets_sent: int = 0
+    duplicates_dropped: int = 0
+    malformed_dropped: int = 0
+    foreign_dropped: int = 0
+    stale_dropped: int = 0
+    out_of_window_dropped: int = 0
+    protocol_violations: int = 0
+
+
+@dataclass(slots=True)
 class _Gap:
     nack_at: float
     rounds: int = 0
@@ -121,26 +142,7 @@ class HopLink:
         self._pacer_clock = 0.0  # time of the latest input, for next_deadline()
         self._heartbeat_at: float | None = None
         self._hello_at: float | None = None
-        self._counters: dict[str, int] = dict.fromkeys(
-            (
-                "messages_sent",
-                "messages_delivered",
-                "bytes_delivered",
-                "packets_sent",
-                "packets_received",
-                "retransmissions",
-                "probes_sent",
-                "nacks_sent",
-                "state_packets_sent",
-                "duplicates_dropped",
-                "malformed_dropped",
-                "foreign_dropped",
-                "stale_dropped",
-                "out_of_window_dropped",
-                "protocol_violations",
-            ),
-            0,
-        )
+        self._counters = _Counters()
 
     # ------------------------------------------------------------------ queries
 
@@ -165,7 +167,7 @@ class HopLink:
 
     def statistics(self) -> LinkStats:
         return LinkStats(
-            **self._counters,
+            **asdict(self._counters),
             queued_messages=len(self._queue),
             queued_bytes=self._queue.queued_bytes,
             unacked_packets=len(self._unacked),
@@ -248,16 +250,16 @@ class HopLink:
         try:
             header = wire.decode_header(datagram)
         except DecodeError as exc:
-            counters["malformed_dropped"] += 1
+            counters.malformed_dropped += 1
             log.debug("link %s->%s: drop malformed datagram: %s", self._local, self._peer, exc)
             return effects
         if header.sender != self._peer:
-            counters["foreign_dropped"] += 1
+            counters.foreign_dropped += 1
             return effects
         if header.flags & FLAG_AUTH:
             # No keys at this layer yet: an authenticated packet cannot be verified, so it
             # cannot be trusted either.
-            counters["malformed_dropped"] += 1
+            counters.malformed_dropped += 1
             return effects
         try:
             if header.ptype is PacketType.DATA:
@@ -267,19 +269,19 @@ class HopLink:
                 packet = wire.decode(datagram)
                 state, fragments, body = packet.state, [], packet.body
         except DecodeError as exc:
-            counters["malformed_dropped"] += 1
+            counters.malformed_dropped += 1
             log.debug("link %s->%s: drop malformed datagram: %s", self._local, self._peer, exc)
             return effects
         if header.ptype is PacketType.HELLO:
-            counters["packets_received"] += 1
+            counters.packets_received += 1
             assert isinstance(body, Hello)
             self._on_hello(header.epoch, body, now, effects)
             self._pump(now, effects)
             return effects
         if self._peer_epoch == 0 or header.epoch != self._peer_epoch:
-            counters["stale_dropped"] += 1
+            counters.stale_dropped += 1
             return effects
-        counters["packets_received"] += 1
+        counters.packets_received += 1
         self._last_heard_at = now
         if state is not None:
             self._on_state(state, now)
@@ -359,12 +361,12 @@ class HopLink:
         effects: list[LinkEffect],
     ) -> None:
         if seq <= self._rcv_cum or seq in self._rcv_above:
-            self._counters["duplicates_dropped"] += 1
+            self._counters.duplicates_dropped += 1
             # The sender may have missed our ACK (a probe or a spurious retransmission).
             self._ack_due_at = now
             return
         if seq > self._rcv_cum + self._config.max_unacked_packets:
-            self._counters["out_of_window_dropped"] += 1
+            self._counters.out_of_window_dropped += 1
             return
         if seq == self._rcv_cum + 1:
             self._rcv_cum = seq
@@ -396,7 +398,7 @@ class HopLink:
                         fragment.msg_id, fragment.total, fragment.offset, fragment.data
                     )
                 except ValueError as exc:
-                    counters["protocol_violations"] += 1
+                    counters.protocol_violations += 1
                     log.warning("link %s->%s: dropped piece: %s", self._local, self._peer, exc)
                     continue
                 if payload is None:
@@ -404,8 +406,8 @@ class HopLink:
             else:
                 assert isinstance(fragment, bytes)
                 payload = fragment
-            counters["messages_delivered"] += 1
-            counters["bytes_delivered"] += len(payload)
+            counters.messages_delivered += 1
+            counters.bytes_delivered += len(payload)
             effects.append(Delivered(self._peer, payload))
 
     def _open_gaps(self, first: int, end: int, now: float) -> None:
@@ -447,7 +449,7 @@ class HopLink:
         heapq.heappush(heap, (renack_at, due[0]))
         step = self._max_nacks_per_packet
         for i in range(0, len(ranges), step):
-            self._counters["nacks_sent"] += 1
+            self._counters.nacks_sent += 1
             self._send_state(now, effects, tuple(ranges[i : i + step]))
         return True
 
@@ -473,7 +475,7 @@ class HopLink:
         datagram = HEADER.pack(
             MAGIC, VERSION, _STATE, FLAG_STATE, 0, 0, self._local, self._epoch, 0
         ) + wire.encode_state(block)
-        self._counters["state_packets_sent"] += 1
+        self._counters.state_packets_sent += 1
         self._ack_pending = 0
         self._ack_due_at = None
         self._emit(datagram, now, effects)
@@ -520,7 +522,7 @@ class HopLink:
             return  # feedback about a stream of ours that no longer exists
         cum = state.cum_ack
         if cum >= self._next_seq:
-            self._counters["protocol_violations"] += 1
+            self._counters.protocol_violations += 1
             return
         if cum > self._cum_acked:
             unacked = self._unacked
@@ -564,7 +566,7 @@ class HopLink:
         if self._unacked:
             newest = self._next_seq - 1
             if newest in self._unacked and newest not in self._retransmit_set:
-                self._counters["probes_sent"] += 1
+                self._counters.probes_sent += 1
                 self._retransmit_set.add(newest)
                 heapq.heappush(self._retransmit, newest)
 
@@ -591,19 +593,19 @@ class HopLink:
                     continue
                 outstanding.sent_at = now
                 outstanding.retransmitted = True
-                self._counters["retransmissions"] += 1
+                self._counters.retransmissions += 1
                 self._emit_data(seq, outstanding.body, now, effects)
                 if self._config.idle_duplicate_retransmits and not len(self._queue):
                     # Nothing new waits: spend idle capacity on a second copy, so one more
                     # loss does not cost the last delivery another round trip.
-                    self._counters["retransmissions"] += 1
+                    self._counters.retransmissions += 1
                     self._emit_data(seq, outstanding.body, now, effects)
             elif len(self._queue) and self._window_open():
                 body, finished = self._queue.pop_body(self._body_budget)
                 seq = self._next_seq
                 self._next_seq += 1
                 self._unacked[seq] = _Outstanding(body, now)
-                self._counters["messages_sent"] += finished
+                self._counters.messages_sent += finished
                 self._emit_data(seq, body, now, effects)
                 if self._probe_at is None:
                     self._probe_at = self._probe_deadline(now)
@@ -626,7 +628,7 @@ class HopLink:
         self._emit(datagram, now, effects)
 
     def _emit(self, datagram: bytes, now: float, effects: list[LinkEffect]) -> None:
-        self._counters["packets_sent"] += 1
+        self._counters.packets_sent += 1
         self._pacer.consume(len(datagram), now)
         effects.append(Transmit(self._peer, datagram))
 
