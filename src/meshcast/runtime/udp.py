@@ -45,6 +45,7 @@ from meshcast.link.events import (
     Transmit,
 )
 from meshcast.link.hop import HopLink
+from meshcast.runtime.datagram import DatagramForwarder
 from meshcast.runtime.impair import ImpairedSender, Impairment
 from meshcast.runtime.inbox import Inbox
 from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
@@ -129,22 +130,6 @@ def _grow_buffer(sock: socket.socket, forced: int, plain: int, size: int) -> Non
             sock.setsockopt(socket.SOL_SOCKET, plain, size)
         except OSError as exc:
             log.debug("cannot set socket buffer option %d: %s", plain, exc)
-
-
-class _DatagramForwarder(asyncio.DatagramProtocol):
-    """Hands socket events to the driver; deliberately no logic here (STYLE.md, runtime)."""
-
-    def __init__(self, driver: UdpLinkDriver) -> None:
-        self._driver = driver
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self._driver._on_datagram(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        self._driver._on_socket_error(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._driver._on_connection_lost(exc)
 
 
 @dataclass(slots=True)
@@ -251,7 +236,10 @@ class UdpLinkDriver:
         sock = open_udp_socket(listen, socket_buffer_bytes)
         try:
             transport, _ = await driver._loop.create_datagram_endpoint(
-                lambda: _DatagramForwarder(driver), sock=sock
+                lambda: DatagramForwarder(
+                    driver._on_datagram, driver._on_socket_error, driver._on_connection_lost
+                ),
+                sock=sock,
             )
         except BaseException:
             sock.close()

@@ -1,0 +1,763 @@
+"""The overlay daemon on a real UDP socket: what `meshcast daemon --config FILE --name NAME` runs.
+
+Theory of operation: docs/design/daemon.md. `OverlayDaemon` drives one `OverlayNode` (Hop
+links to the overlay neighbours, link-state membership, views, source trees,
+multi-destination forwarding) the way `UdpLinkDriver` drives links: it feeds each input (a
+datagram, the timer, a probe) to the node, applies the effects that came back, and re-arms
+one timer from `OverlayNode.next_deadline()`. Every input runs inside a bulkhead.
+
+State changes are logged as events: one JSON object per line on stderr once
+`configure_logging` has installed `JsonLineFormatter` (the ``meshcast daemon`` command
+does). `run_daemon` is the whole life of one daemon: bind, start, serve until SIGTERM or
+SIGINT (or `stop`), drain, log the final statistics, return the exit status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import secrets
+import signal
+import struct
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from meshcast.config import ClusterConfig, DaemonSpec, Emulation
+from meshcast.errors import BufferFull, ConfigError, MeshcastError, UsageError
+from meshcast.ids import NodeId
+from meshcast.link import LinkConfig, LinkStats, Transmit
+from meshcast.overlay.node import (
+    Neighbour,
+    NeighbourChanged,
+    OverlayConfig,
+    OverlayDelivered,
+    OverlayEffect,
+    OverlayNode,
+    OverlayStats,
+    ViewAgreed,
+    ViewInstalled,
+)
+from meshcast.overlay.routing import BUILDERS, Tree
+from meshcast.overlay.view import View
+from meshcast.runtime.datagram import DatagramForwarder
+from meshcast.runtime.impair import ImpairedSender, Impairment
+from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
+from meshcast.runtime.stats import ImpairmentStats
+from meshcast.runtime.udp import DEFAULT_SOCKET_BUFFER_BYTES, Address, open_udp_socket
+from meshcast.wire.packet import U32_MAX
+
+log = logging.getLogger(__name__)
+EVENTS_LOGGER = "meshcast.daemon"  # state-change events: one JSON object per line
+events_log = logging.getLogger(EVENTS_LOGGER)
+
+INCARNATION_EPOCH = 1_704_067_200  # 2024-01-01T00:00:00Z: incarnations count from here
+DRAIN_TIMEOUT = 2.0  # s: on SIGTERM, wait at most this long for unacknowledged packets
+PROBE_MAGIC = b"MCPROBE1"
+_PROBE = struct.Struct("!8sQd")  # magic, probe number, sender's wall clock (s)
+_QUARANTINE_INTERVAL = 0.05  # s: timer back-off after the node raised in on_timer
+_LOOPBACK = "127.0.0.1"  # what a configured "localhost" binds to and sends from
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+def incarnation_now(wall_clock: float | None = None) -> int:
+    """A u32 that grows with the wall clock (deciseconds since 2024): a restart is newer.
+
+    The link-state database keeps a daemon's newest LSA by (incarnation, seq), so a
+    restarted daemon must never come back with a smaller incarnation than before.
+    """
+    now = time.time() if wall_clock is None else wall_clock
+    return max(1, min(int((now - INCARNATION_EPOCH) * 10), U32_MAX))
+
+
+def membership_link_config(config: ClusterConfig) -> LinkConfig:
+    """The Hop parameters of the daemon's overlay links, liveness set by [membership].
+
+    A neighbour is declared down when its link hears nothing for
+    ``failure_rounds × heartbeat_interval``. The heartbeat runs at least as often as both
+    ``link.heartbeat_interval`` and ``membership.hello_interval`` ask, and the number of
+    rounds is chosen so that this silence timeout is ``membership.failure_timeout``
+    (rounded up to a whole number of heartbeats).
+    """
+    membership = config.membership
+    heartbeat = min(config.link.heartbeat_interval, membership.hello_interval)
+    rounds = max(2, math.ceil(membership.failure_timeout / heartbeat - 1e-9))
+    return replace(config.link, heartbeat_interval=heartbeat, failure_rounds=rounds)
+
+
+def failure_detection_bound(config: ClusterConfig) -> float:
+    """Seconds from a daemon's death to its neighbours declaring it down (see above)."""
+    link = membership_link_config(config)
+    return link.failure_rounds * link.heartbeat_interval
+
+
+def overlay_config(config: ClusterConfig, name: str) -> OverlayConfig:
+    """The `OverlayConfig` of daemon `name`, as `sim.overlay.build_overlay` builds one.
+
+    Raises `ConfigError` for an unknown name or a routing policy this overlay lacks.
+    """
+    config.daemon(name)
+    if config.routing not in BUILDERS:
+        raise ConfigError(
+            f"routing policy {config.routing!r} is not available in the overlay yet; "
+            f"use one of {', '.join(BUILDERS)}",
+            key="cluster.routing",
+            source=config.source,
+        )
+    neighbours = {
+        NodeId(spec.node_id): Neighbour(link.weight, link.bandwidth_bps)
+        for spec, link in config.neighbours(name)
+    }
+    return OverlayConfig(
+        neighbours=neighbours,
+        upload_bps={NodeId(d.node_id): d.upload_bps for d in config.daemons},
+        link=membership_link_config(config),
+        policy=config.routing,
+        view_settle_interval=config.membership.view_settle_interval,
+        max_dests_per_packet=config.limits.max_dests_per_packet,
+        window_messages=config.limits.window_messages,
+    )
+
+
+def daemon_address(spec: DaemonSpec) -> Address:
+    """The numeric (host, port) a daemon binds and sends from."""
+    host = _LOOPBACK if spec.host == "localhost" else spec.host
+    return host, spec.port
+
+
+def impairment_for(emulation: Emulation, local: int, peer: int) -> Impairment:
+    """The shim for one direction of an emulated edge (seeded by its two ends)."""
+    return Impairment(
+        loss=emulation.loss,
+        delay=emulation.delay,
+        jitter=emulation.jitter,
+        rate_bps=emulation.rate_bps,
+        seed=local * 1_000_003 + peer,
+    )
+
+
+# ---------------------------------------------------------------------- structured logging
+
+
+def _json_value(value: object) -> object:
+    """JSON has no infinity: an unbounded rate is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+class JsonLineFormatter(logging.Formatter):
+    """Each record as one JSON object on one line.
+
+    Event records (logged by `EventLog`) become ``{"ts", "level", "event", ...fields}``;
+    any other record becomes ``{"ts", "level", "event": "log", "logger", "message"}``, with
+    ``"traceback"`` when it carries one.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+        }
+        event = getattr(record, "event", None)
+        fields = getattr(record, "fields", None)
+        if isinstance(event, str) and isinstance(fields, dict):
+            entry["event"] = event
+            entry.update(fields)
+        else:
+            entry["event"] = "log"
+            entry["logger"] = record.name
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(_json_value(entry), default=str, allow_nan=False)
+
+
+def configure_logging(verbosity: int, stream: Any = None) -> None:
+    """JSON lines on stderr for every record; events always, other records by `verbosity`.
+
+    0: warnings, 1: info, 2+: debug. Replaces the formatter of the root logger's handlers
+    (adding a stderr handler when there is none), so the whole process logs one format.
+    """
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler(sys.stderr if stream is None else stream))
+    formatter = JsonLineFormatter()
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+    root.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG))
+    events_log.setLevel(logging.INFO)
+
+
+class EventLog:
+    """State-change events of one daemon, each tagged with its name and node id."""
+
+    def __init__(self, name: str, node: int) -> None:
+        self._tags = {"daemon": name, "node": node}
+
+    def emit(self, event: str, /, **fields: object) -> None:
+        """Log `event` at INFO with `fields` (JSON-ready values)."""
+        self._log(logging.INFO, event, fields)
+
+    def error(self, event: str, /, **fields: object) -> None:
+        """Log `event` at ERROR with `fields`."""
+        self._log(logging.ERROR, event, fields)
+
+    def _log(self, level: int, event: str, fields: dict[str, object]) -> None:
+        events_log.log(level, event, extra={"event": event, "fields": {**self._tags, **fields}})
+
+
+# ---------------------------------------------------------------------- the daemon
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonStats:
+    """Counters of one daemon (a frozen snapshot, logged with ``daemon_stopped``)."""
+
+    datagrams_received: int = 0  # datagrams read from the socket
+    datagrams_sent: int = 0  # datagrams handed to the socket (or to an impairment shim)
+    foreign_dropped: int = 0  # from an address that is no configured neighbour's
+    unroutable_dropped: int = 0  # transmissions to a node that is not a neighbour
+    socket_errors: int = 0  # errors the socket reported (ICMP port unreachable, ...)
+    internal_errors: int = 0  # unexpected exceptions contained by the bulkhead
+    probes_sent: int = 0  # probes multicast (--probe-interval)
+    probes_skipped: int = 0  # probes not sent because the source's outbox was full
+    probes_received: int = 0  # probes delivered here
+    other_delivered: int = 0  # overlay messages delivered here that are not probes
+    view_members: tuple[int, ...] | None = None  # members of the current view
+    overlay: OverlayStats = field(default_factory=OverlayStats)
+    links: dict[NodeId, LinkStats] = field(default_factory=dict)  # per neighbour
+    impairment: dict[NodeId, ImpairmentStats] = field(default_factory=dict)  # emulated links
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain JSON-ready form (peer ids become strings)."""
+        data = asdict(self)
+        data["links"] = {str(peer): asdict(stats) for peer, stats in self.links.items()}
+        data["impairment"] = {str(peer): asdict(stats) for peer, stats in self.impairment.items()}
+        return data
+
+
+class OverlayDaemon:
+    """One overlay daemon on one UDP socket, driven on the running event loop.
+
+    Create with `await OverlayDaemon.open(config, name)`; `serve(stop)` runs it until
+    `stop` is set, then drains and closes. Datagrams are routed to the node by source
+    address; an address that is not a configured neighbour's is a counted drop.
+    """
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        name: str,
+        *,
+        probe_interval: float | None,
+        incarnation: int,
+    ) -> None:
+        """Use `open`: the daemon is not usable before it has a socket."""
+        if probe_interval is not None and not (
+            math.isfinite(probe_interval) and probe_interval > 0
+        ):
+            raise UsageError(
+                f"probe interval must be a positive number of seconds, got {probe_interval!r}"
+            )
+        self.config = config
+        self.spec = config.daemon(name)
+        self.local = NodeId(self.spec.node_id)
+        self.probe_interval = probe_interval
+        self.node = OverlayNode(
+            self.local,
+            overlay_config(config, name),
+            incarnation=incarnation,
+            rng=random.Random(secrets.randbits(64)),
+        )
+        self.events = EventLog(name, self.local)
+        self._log = NodeLogAdapter(log, self.local)
+        self._loop = asyncio.get_running_loop()
+        self._names = {NodeId(d.node_id): d.name for d in config.daemons}
+        self._addresses: dict[NodeId, Address] = {}
+        self._by_address: dict[Address, NodeId] = {}
+        self._emulations: dict[NodeId, Emulation] = {}
+        for spec, link in config.neighbours(name):
+            peer = NodeId(spec.node_id)
+            address = daemon_address(spec)
+            self._addresses[peer] = address
+            self._by_address[address] = peer
+            if link.emulation is not None:
+                self._emulations[peer] = link.emulation
+        self._senders: dict[NodeId, Callable[[bytes, Address], None]] = {}
+        self._impaired: dict[NodeId, ImpairedSender] = {}
+        self._transport: asyncio.DatagramTransport | None = None
+        self._bound: Address = ("", 0)
+        self._lost: asyncio.Future[None] = self._loop.create_future()
+        self._failure: str | None = None
+        self._stop: asyncio.Event | None = None
+        self._stop_reason = "stop requested"
+        self._closed = False
+        self._clock = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._quarantine_until = 0.0
+        self._draining = False
+        self._drained = asyncio.Event()
+        self._limiter = RateLimiter()
+        self._probe_number = 0
+        # counters (reported by `statistics()`)
+        self._datagrams_received = 0
+        self._datagrams_sent = 0
+        self._foreign_dropped = 0
+        self._unroutable_dropped = 0
+        self._socket_errors = 0
+        self._internal_errors = 0
+        self._probes_sent = 0
+        self._probes_skipped = 0
+        self._probes_received = 0
+        self._other_delivered = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(
+        cls,
+        config: ClusterConfig,
+        name: str,
+        *,
+        probe_interval: float | None = None,
+        incarnation: int | None = None,
+    ) -> OverlayDaemon:
+        """Bind the daemon's configured host:port. Raises `ConfigError` or `OSError`."""
+        daemon = cls(
+            config,
+            name,
+            probe_interval=probe_interval,
+            incarnation=incarnation_now() if incarnation is None else incarnation,
+        )
+        sock = open_udp_socket(daemon_address(daemon.spec), DEFAULT_SOCKET_BUFFER_BYTES)
+        try:
+            transport, _ = await daemon._loop.create_datagram_endpoint(
+                lambda: DatagramForwarder(
+                    daemon._on_datagram, daemon._on_socket_error, daemon._on_connection_lost
+                ),
+                sock=sock,
+            )
+        except BaseException:
+            sock.close()
+            raise
+        daemon._attach(transport, sock.getsockname())
+        return daemon
+
+    def _attach(self, transport: asyncio.DatagramTransport, sockname: tuple[str, int]) -> None:
+        self._transport = transport
+        self._bound = (sockname[0], sockname[1])
+        send: Callable[[bytes, Address], None] = transport.sendto
+        for peer in self._addresses:
+            emulation = self._emulations.get(peer)
+            if emulation is None:
+                self._senders[peer] = send
+            else:
+                shim = ImpairedSender(impairment_for(emulation, self.local, peer), send)
+                self._impaired[peer] = shim
+                self._senders[peer] = shim
+
+    @property
+    def address(self) -> Address:
+        """The bound (host, port)."""
+        return self._bound
+
+    @property
+    def failure(self) -> str | None:
+        """Why the daemon stopped by itself (its socket went away), else None."""
+        return self._failure
+
+    def request_stop(self, reason: str) -> None:
+        """Begin a clean stop (what SIGTERM and SIGINT do); idempotent."""
+        if self._stop is not None and not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Start the node, serve until `stop` is set, then drain and close."""
+        self._stop = stop
+        self.events.emit(
+            "daemon_started",
+            host=self._bound[0],
+            port=self._bound[1],
+            pid=os.getpid(),
+            incarnation=self.node.incarnation,
+            cluster=self.config.name,
+            site=self.spec.site,
+            policy=self.config.routing,
+            neighbours=[
+                {
+                    "node": int(peer),
+                    "name": self._names[peer],
+                    "weight": self.node.config.neighbours[peer].weight,
+                    "bandwidth_bps": self.node.config.neighbours[peer].bandwidth_bps,
+                    "emulated": peer in self._emulations,
+                }
+                for peer in sorted(self._addresses)
+            ],
+            heartbeat_interval=self.node.config.link.heartbeat_interval,
+            failure_timeout=failure_detection_bound(self.config),
+            view_settle_interval=self.node.config.view_settle_interval,
+            probe_interval=self.probe_interval,
+        )
+        self._run_input("start", lambda now: self.node.start(now))
+        async with asyncio.TaskGroup() as tasks:
+            probes = (
+                tasks.create_task(self._probe_loop(self.probe_interval))
+                if self.probe_interval is not None
+                else None
+            )
+            await stop.wait()
+            if probes is not None:
+                probes.cancel()
+        self.events.emit("daemon_stopping", reason=self._stop_reason)
+        started = self._loop.time()
+        drained = self._failure is None and await self._drain(DRAIN_TIMEOUT)
+        drain_seconds = self._loop.time() - started
+        stats = self.statistics()
+        await self.aclose()
+        self.events.emit(
+            "daemon_stopped",
+            reason=self._stop_reason,
+            drained=drained,
+            drain_seconds=round(drain_seconds, 4),
+            stats=stats.as_dict(),
+        )
+
+    def close(self) -> None:
+        """Stop at once: cancel the timer, drop held-back datagrams, close the socket."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for shim in self._impaired.values():
+            shim.close()
+        if self._transport is not None:
+            self._transport.close()
+        elif not self._lost.done():
+            self._lost.set_result(None)
+
+    async def aclose(self) -> None:
+        """`close`, then wait until the transport has let go of the socket."""
+        self.close()
+        await asyncio.shield(self._lost)
+
+    async def _drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - the bound is the point
+        """Wait (at most `timeout` s) until every live link has everything acknowledged."""
+        self._draining = True
+        if self._is_drained():
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._drained.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _is_drained(self) -> bool:
+        endpoint = self.node.endpoint
+        for peer in self.node.neighbours_up:
+            if peer in endpoint:
+                stats = endpoint.link(peer).statistics()
+                if stats.queued_messages or stats.unacked_packets:
+                    return False
+        return True
+
+    # ------------------------------------------------------------------ queries
+
+    def statistics(self) -> DaemonStats:
+        """A snapshot of the daemon's counters, its node's and each of its links'."""
+        endpoint = self.node.endpoint
+        view = self.node.view
+        return DaemonStats(
+            datagrams_received=self._datagrams_received,
+            datagrams_sent=self._datagrams_sent,
+            foreign_dropped=self._foreign_dropped,
+            unroutable_dropped=self._unroutable_dropped,
+            socket_errors=self._socket_errors,
+            internal_errors=self._internal_errors,
+            probes_sent=self._probes_sent,
+            probes_skipped=self._probes_skipped,
+            probes_received=self._probes_received,
+            other_delivered=self._other_delivered,
+            view_members=None if view is None else tuple(int(m) for m in view.members),
+            overlay=replace(self.node.stats),
+            links={peer: endpoint.link(peer).statistics() for peer in endpoint.peers},
+            impairment={peer: shim.statistics() for peer, shim in self._impaired.items()},
+        )
+
+    # ------------------------------------------------------------------ inputs
+
+    def _on_datagram(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        self._datagrams_received += 1
+        if self._closed:
+            return
+        peer = self._by_address.get((str(addr[0]), int(addr[1])))
+        if peer is None:
+            self._foreign_dropped += 1
+            if self._limiter.allows(self._foreign_dropped):
+                self._log.debug(
+                    "drop datagram of %d bytes from unknown address %s", len(data), addr
+                )
+            return
+        now = self._now()
+        try:
+            effects = self.node.datagram_received(peer, data, now)
+        except Exception:
+            self._contain("datagram_received")
+        else:
+            self._apply(effects)
+        self._settle()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self._now(max(self._timer_at, self._loop.time()))
+        self._timer_at = math.inf
+        try:
+            effects = self.node.on_timer(now)
+        except Exception:
+            self._contain("on_timer")
+            self._quarantine_until = now + _QUARANTINE_INTERVAL
+        else:
+            self._apply(effects)
+        self._settle()
+
+    def _run_input(self, where: str, feed: Callable[[float], list[OverlayEffect]]) -> None:
+        try:
+            effects = feed(self._now())
+        except Exception:
+            self._contain(where)
+        else:
+            self._apply(effects)
+        self._settle()
+
+    async def _probe_loop(self, interval: float) -> None:
+        next_at = self._loop.time() + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_at - self._loop.time()))
+            next_at = max(next_at + interval, self._loop.time())
+            self._send_probe()
+
+    def _send_probe(self) -> None:
+        """Multicast one probe to every other member of the current view."""
+        view = self.node.view
+        if view is None or self._closed:
+            return
+        dests = [m for m in view.members if m != self.local]
+        if not dests:
+            return
+        if not self.node.can_multicast():
+            self._probes_skipped += 1
+            return
+        self._probe_number += 1
+        payload = _PROBE.pack(PROBE_MAGIC, self._probe_number, time.time())
+        try:
+            effects = self.node.multicast(dests, payload, self._now())
+        except BufferFull:
+            self._probes_skipped += 1
+            return
+        except Exception:
+            self._contain("multicast")
+        else:
+            self._probes_sent += 1
+            self._apply(effects)
+        self._settle()
+
+    def _on_socket_error(self, exc: Exception) -> None:
+        # ICMP port unreachable while a neighbour is down: expected, counted, rarely logged.
+        self._socket_errors += 1
+        if self._limiter.allows(self._socket_errors):
+            self._log.debug("socket error: %s", exc)
+
+    def _on_connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self._failure = f"UDP socket closed unexpectedly: {exc}"
+            self._log.error("%s", self._failure)
+            self.close()
+            self.request_stop("socket lost")
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    # ------------------------------------------------------------------ effects
+
+    def _apply(self, effects: list[OverlayEffect]) -> None:
+        for effect in effects:
+            if type(effect) is Transmit:
+                send = self._senders.get(effect.to)
+                address = self._addresses.get(effect.to)
+                if send is None or address is None or self._closed:
+                    self._unroutable_dropped += 1
+                    continue
+                self._datagrams_sent += 1
+                send(effect.datagram, address)
+            else:
+                try:
+                    self._on_event(effect)
+                except Exception:
+                    self._contain(f"logging {type(effect).__name__}")
+
+    def _on_event(self, effect: OverlayEffect) -> None:
+        match effect:
+            case OverlayDelivered():
+                self._on_delivered(effect)
+            case NeighbourChanged(neighbour, up, reason):
+                self.events.emit(
+                    "neighbour_up" if up else "neighbour_down",
+                    neighbour=int(neighbour),
+                    neighbour_name=self._names.get(neighbour, "?"),
+                    reason=reason,
+                )
+            case ViewInstalled(view):
+                self.events.emit(
+                    "view_installed",
+                    **self._describe_view(view),
+                    tree=self._describe_tree(self.node.routing.tree(self.local)),
+                )
+            case ViewAgreed(view):
+                self.events.emit("view_agreed", **self._describe_view(view))
+
+    def _on_delivered(self, delivered: OverlayDelivered) -> None:
+        payload = delivered.payload
+        if len(payload) != _PROBE.size or not payload.startswith(PROBE_MAGIC):
+            self._other_delivered += 1
+            return
+        _, number, sent_at = _PROBE.unpack(payload)
+        self._probes_received += 1
+        source = delivered.source
+        tree = self.node.routing.tree(source)
+        self.events.emit(
+            "probe_received",
+            source=int(source),
+            source_name=self._names.get(source, "?"),
+            seq=delivered.seq,
+            probe=number,
+            hops=delivered.hops,
+            depth=tree.depth(self.local)
+            if tree is not None and self.local in tree.parent
+            else None,
+            latency_ms=round((time.time() - sent_at) * 1000, 3),
+        )
+
+    def _describe_view(self, view: View) -> dict[str, object]:
+        return {
+            "members": [int(m) for m in view.members],
+            "names": [self._names.get(m, "?") for m in view.members],
+            "digest": view.digest.hex(),
+            "edges": [[int(e.a), int(e.b), e.weight, e.bandwidth_bps] for e in view.edges],
+        }
+
+    def _describe_tree(self, tree: Tree | None) -> dict[str, object] | None:
+        if tree is None:
+            return None
+        depth = max((tree.depth(node) for node in tree.parent), default=0)
+        return {
+            "source": int(tree.source),
+            "edges": [[int(parent), int(child)] for child, parent in sorted(tree.parent.items())],
+            "depth": depth,
+            "rate_bps": tree.rate_bps,
+        }
+
+    # ------------------------------------------------------------------ timer
+
+    def _settle(self) -> None:
+        """After an input: re-arm the one timer; note when a drain has completed."""
+        if self._closed:
+            return
+        try:
+            deadline = self.node.next_deadline()
+        except Exception:
+            self._contain("next_deadline")
+            deadline = self._now() + _QUARANTINE_INTERVAL
+        if deadline is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+                self._timer_at = math.inf
+        else:
+            deadline = max(deadline, self._quarantine_until)
+            if deadline < self._timer_at:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer_at = deadline
+                self._timer = self._loop.call_at(deadline, self._on_timer)
+        if self._draining and not self._drained.is_set() and self._is_drained():
+            self._drained.set()
+
+    def _now(self, at_least: float = 0.0) -> float:
+        """The loop clock, never going backwards (a timer may pass its deadline as now)."""
+        now = max(self._loop.time(), at_least)
+        if now > self._clock:
+            self._clock = now
+        return self._clock
+
+    def _contain(self, where: str) -> None:
+        """The bulkhead: log the node's unexpected exception and keep serving."""
+        self._internal_errors += 1
+        if self._limiter.allows(self._internal_errors):
+            self._log.exception(
+                "bug contained: overlay node raised in %s (%d so far)", where, self._internal_errors
+            )
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+async def run_daemon(
+    config: ClusterConfig,
+    name: str,
+    *,
+    probe_interval: float | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run daemon `name` of `config` until stopped; returns the exit status.
+
+    Without `stop`, SIGTERM and SIGINT stop the daemon (drain, log, return 0). Returns 1
+    when the socket cannot be bound or goes away. Raises `ConfigError` for an unknown
+    name or an unusable configuration (before anything is bound).
+    """
+    loop = asyncio.get_running_loop()
+    spec = config.daemon(name)
+    overlay_config(config, name)  # every ConfigError before the socket is bound
+    events = EventLog(name, spec.node_id)
+    try:
+        daemon = await OverlayDaemon.open(config, name, probe_interval=probe_interval)
+    except (OSError, MeshcastError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        host, port = daemon_address(spec)
+        events.error("daemon_failed", error=f"cannot bind {host}:{port}: {exc}")
+        return 1
+    signals: list[signal.Signals] = []
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, daemon.request_stop, sig.name)
+            except (NotImplementedError, RuntimeError):  # not the main thread / no support
+                continue
+            signals.append(sig)
+    try:
+        await daemon.serve(stop)
+    finally:
+        daemon.close()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    if daemon.failure is not None:
+        events.error("daemon_failed", error=daemon.failure)
+        return 1
+    return 0

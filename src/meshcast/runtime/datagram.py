@@ -1,0 +1,34 @@
+"""The socket side of a UDP driver: an `asyncio.DatagramProtocol` that only forwards.
+
+STYLE.md keeps logic out of protocol subclasses: this one hands each socket event to a
+callback of its driver (`UdpLinkDriver`, `OverlayDaemon`) and does nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+DatagramCallback = Callable[[bytes, tuple[str | int, ...]], None]
+ErrorCallback = Callable[[Exception], None]
+LostCallback = Callable[[Exception | None], None]
+
+
+class DatagramForwarder(asyncio.DatagramProtocol):
+    """Hands socket events to the driver's callbacks; deliberately no logic here."""
+
+    def __init__(
+        self, on_datagram: DatagramCallback, on_error: ErrorCallback, on_lost: LostCallback
+    ) -> None:
+        self._on_datagram = on_datagram
+        self._on_error = on_error
+        self._on_lost = on_lost
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        self._on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self._on_error(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost(exc)
