@@ -70,12 +70,20 @@ class OverlayConfig:
     rate_share: float = 0.97  # of the tree's bottleneck rate the source's data may use:
     # the rest is for control traffic sharing the links (ACKs, LSAs, progress reports)
     multi_destination: bool = True  # False: one copy per destination (the unicast baseline)
+    # A measured link rate is advertised (and the trees rebuilt) only once it differs from
+    # the advertised one by more than this fraction of it: hysteresis against churn.
+    rate_change_threshold: float = 0.2
+    # False: the source sends as fast as its window allows, ignoring the tree's rate. A
+    # baseline for the pacing experiment (meshcast.bench.pacing) only; never in a daemon.
+    source_pacing: bool = True
 
     def __post_init__(self) -> None:
         if self.max_dests_per_packet < 1 or self.window_messages < 1:
             raise UsageError("max_dests_per_packet and window_messages must be positive")
         if not 0 < self.rate_share <= 1:
             raise UsageError("rate_share must be in (0, 1]")
+        if not 0 <= self.rate_change_threshold < 1:
+            raise UsageError("rate_change_threshold must be in [0, 1)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +157,8 @@ class OverlayNode:
         self._endpoint = LinkEndpoint(local)
         self._up: set[NodeId] = set()
         self._lsdb = LinkStateDatabase(local, incarnation)
+        # The bandwidth our LSA reports per link: configured, then measured (update_link_rate)
+        self._advertised = {peer: n.bandwidth_bps for peer, n in config.neighbours.items()}
         self._routing = RoutingTable(local, config.policy, config.upload_bps)
         self._view: View | None = None
         self._agreed_digest: bytes | None = None
@@ -163,6 +173,7 @@ class OverlayNode:
         self.stats = OverlayStats()
         self._started = False
         self._clock = 0.0  # time of the latest input, for next_deadline()
+        self._leaving = False
 
     # ------------------------------------------------------------------ queries
 
@@ -181,6 +192,10 @@ class OverlayNode:
     @property
     def endpoint(self) -> LinkEndpoint:
         return self._endpoint
+
+    def advertised_bandwidth(self, peer: NodeId) -> float:
+        """The bandwidth (bits/s) our LSA reports for the link to `peer`."""
+        return self._advertised[peer]
 
     def can_multicast(self) -> bool:
         return len(self._outbox) < self.config.max_outbox_messages
@@ -221,6 +236,16 @@ class OverlayNode:
         self._view_due_at = now
         return effects
 
+    def leave(self, now: float) -> list[OverlayEffect]:
+        """Withdraw from the overlay before stopping: flood an LSA without links, so the
+        others drop this daemon from their views at once instead of after the failure
+        timeout. Links stay up to deliver what is in flight; nothing new is sent."""
+        self._leaving = True
+        self._outbox.clear()
+        effects: list[OverlayEffect] = []
+        self._originate(now, effects)
+        return effects
+
     def multicast(self, dests: Sequence[NodeId], payload: bytes, now: float) -> list[OverlayEffect]:
         """Send one message to the listed daemons (this one included if listed).
 
@@ -228,11 +253,38 @@ class OverlayNode:
         """
         if not dests:
             raise UsageError("a multicast needs at least one destination")
+        if self._leaving:
+            raise UsageError("this daemon is leaving the overlay")
         if len(self._outbox) >= self.config.max_outbox_messages:
             raise BufferFull(f"{len(self._outbox)} messages wait for the source's rate and window")
         self._outbox.append((tuple(sorted(set(dests))), payload))
         effects: list[OverlayEffect] = []
         self._pump(now, effects)
+        return effects
+
+    def update_link_rate(
+        self, peer: NodeId, measured_bps: float, now: float
+    ) -> list[OverlayEffect]:
+        """A measurement of the rate the link to `peer` can carry (bits/s), from the driver.
+
+        The link's bandwidth enters the views, hence every daemon's trees and tree rates,
+        through our LSA (the view takes the lesser of both ends' reports), so all daemons
+        keep building the same trees. A measurement is capped at the configured bandwidth
+        (the link's Hop pacer never sends faster) and changes what we advertise only when
+        it differs from it by more than `rate_change_threshold`; then a new LSA floods and
+        the views and trees are rebuilt everywhere.
+        Raises UsageError if `peer` is not a configured neighbour.
+        """
+        if peer not in self._advertised:
+            raise UsageError(f"{peer} is not a neighbour of {self.local}")
+        self._clock = now
+        rate = min(max(measured_bps, 0.0), self.config.neighbours[peer].bandwidth_bps)
+        advertised = self._advertised[peer]
+        effects: list[OverlayEffect] = []
+        if abs(rate - advertised) > self.config.rate_change_threshold * advertised:
+            self._advertised[peer] = rate
+            if self._started and peer in self._up:
+                self._originate(now, effects)
         return effects
 
     def datagram_received(self, src: NodeId, datagram: bytes, now: float) -> list[OverlayEffect]:
@@ -322,13 +374,10 @@ class OverlayNode:
     # ------------------------------------------------------------------ membership
 
     def _originate(self, now: float, effects: list[OverlayEffect]) -> None:
+        up = () if self._leaving else sorted(self._up)
         entries = tuple(
-            LsaEntry(
-                peer,
-                self.config.neighbours[peer].weight,
-                self.config.neighbours[peer].bandwidth_bps,
-            )
-            for peer in sorted(self._up)
+            LsaEntry(peer, self.config.neighbours[peer].weight, self._advertised[peer])
+            for peer in up
         )
         digest = self._view.digest if self._view is not None else bytes(8)
         lsa = self._lsdb.originate(entries, digest)
@@ -363,9 +412,8 @@ class OverlayNode:
         self._lsdb.forget({NodeId(lsa.origin) for lsa in self._lsdb.lsas()} - set(view.members))
         tree = self._routing.tree(self.local)
         rate = tree.rate_bps if tree is not None else float("inf")
-        self._pacer = (
-            Pacer(rate * self.config.rate_share, 64 * 1024, now) if rate != float("inf") else None
-        )
+        paced = self.config.source_pacing and rate != float("inf")
+        self._pacer = Pacer(rate * self.config.rate_share, 64 * 1024, now) if paced else None
         effects.append(ViewInstalled(view))
         self._originate(now, effects)  # announce the digest we installed
 

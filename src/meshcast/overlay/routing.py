@@ -4,11 +4,15 @@
   broken by the smaller parent id, so every daemon builds the very same tree.
 * `fanout`: the source sends straight to every daemon it has a link to; daemons it has no
   link to hang off the shortest-path tree.
-* `max-throughput`: the tree of seed 000 (`meshcast.overlay.tree`), when available.
+* `max-throughput`: the tree of seed 000 (`meshcast.overlay.tree`) over the view's links,
+  the spanning tree with the highest bottleneck rate the construction finds, given each
+  daemon's upload capacity. It depends only on the view and the upload capacities (sorted
+  members and edges in, a deterministic construction), so every daemon builds the same one.
 
 A tree also knows its bottleneck rate — the least of its edge bandwidths and of each
 forwarding daemon's upload capacity shared among its children — at which the source is
-paced (seed 000, claim 1).
+paced (seed 000, claim 1). Every policy computes it with the same rule (`_tree`).
+Theory of the max-throughput policy: docs/design/tree.md, "Integration".
 """
 
 from __future__ import annotations
@@ -91,6 +95,60 @@ def shortest_path_tree(view: View, source: NodeId, upload_bps: Mapping[NodeId, f
     return _tree(source, _dijkstra(view, source), view, upload_bps)
 
 
+# An unknown (infinite) upload or link bandwidth enters the construction as this, since its
+# instance needs finite numbers: 1 Pbit/s, far above any rate a daemon is configured with.
+UNBOUNDED_BPS = 1e15
+
+
+def max_throughput_tree(view: View, source: NodeId, upload_bps: Mapping[NodeId, float]) -> Tree:
+    """The maximum-throughput tree (seed 000, claims 5-6) over the view's links.
+
+    Only view edges are candidates (the overlay graph is sparse), each usable in both
+    directions at its bandwidth. A member without a known upload capacity counts as
+    unbounded. The rate is recomputed with `_tree`'s rule, as for every policy.
+    """
+    # numpy is loaded on first use, so importing routing (every daemon does) stays cheap
+    from meshcast.overlay.tree import NO_PARENT, TreeInstance
+    from meshcast.overlay.tree import max_throughput_tree as construct
+
+    members = view.members  # sorted: the same local numbering in every daemon
+    index = {member: i for i, member in enumerate(members)}
+    capacity = [_finite(upload_bps.get(member, math.inf)) for member in members]
+    sender: list[int] = []
+    receiver: list[int] = []
+    bandwidth: list[float] = []
+    for e in view.edges:  # sorted by (a, b)
+        rate = _finite(e.bandwidth_bps)
+        sender += [index[e.a], index[e.b]]
+        receiver += [index[e.b], index[e.a]]
+        bandwidth += [rate, rate]
+    instance = TreeInstance.from_edges(capacity, sender, receiver, bandwidth, index[source])
+    built = construct(instance)
+    parent = {
+        members[child]: members[up]
+        for child, up in enumerate(built.parent.tolist())
+        if up != NO_PARENT
+    }
+    tree = _tree(source, parent, view, upload_bps)
+    # Both rules take the least of the same edge bandwidths and upload / fan-out quotients,
+    # so they agree exactly, unless an unbounded input bites (the construction then saw
+    # UNBOUNDED_BPS) or the tree uses a link reported dead (it saw 1 bit/s).
+    assert (
+        tree.rate_bps == built.rate
+        or built.rate >= UNBOUNDED_BPS / len(members)
+        or tree.rate_bps <= 0
+    ), (tree.rate_bps, built.rate)
+    return tree
+
+
+def _finite(rate_bps: float) -> float:
+    """A rate the construction accepts: unknown (inf) becomes UNBOUNDED_BPS; a rate that
+    is not positive (a link measured dead) becomes 1 bit/s, the last edge to be picked."""
+    if math.isnan(rate_bps) or rate_bps <= 0:
+        return 1.0
+    return min(rate_bps, UNBOUNDED_BPS)
+
+
 def fanout_tree(view: View, source: NodeId, upload_bps: Mapping[NodeId, float]) -> Tree:
     parent = _dijkstra(view, source)
     for neighbour, _, _ in view.adjacency()[source]:
@@ -104,6 +162,7 @@ TreeBuilder = Callable[[View, NodeId, Mapping[NodeId, float]], Tree]
 BUILDERS: dict[str, TreeBuilder] = {
     "shortest-path": shortest_path_tree,
     "fanout": fanout_tree,
+    "max-throughput": max_throughput_tree,
 }
 
 

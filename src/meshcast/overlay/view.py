@@ -34,13 +34,21 @@ class View:
     members: tuple[NodeId, ...]  # sorted
     edges: tuple[Edge, ...]  # sorted by (a, b)
     digest: bytes = field(default=NO_DIGEST)
+    incarnations: tuple[int, ...] = ()  # of each member, in the order of `members`
 
     @staticmethod
-    def of(members: tuple[NodeId, ...], edges: tuple[Edge, ...]) -> View:
-        canonical = struct.pack(f"!{len(members)}I", *members) + b"".join(
-            struct.pack("!IIdd", e.a, e.b, e.weight, e.bandwidth_bps) for e in edges
+    def of(
+        members: tuple[NodeId, ...], edges: tuple[Edge, ...], incarnations: tuple[int, ...] = ()
+    ) -> View:
+        """A view and its digest. A daemon that restarted is a new member: its incarnation
+        is part of the digest, so even a restart too quick to break a link changes the view."""
+        incarnations = incarnations or (0,) * len(members)
+        canonical = (
+            struct.pack(f"!{len(members)}I", *members)
+            + struct.pack(f"!{len(members)}I", *incarnations)
+            + b"".join(struct.pack("!IIdd", e.a, e.b, e.weight, e.bandwidth_bps) for e in edges)
         )
-        return View(members, edges, hashlib.sha256(canonical).digest()[:8])
+        return View(members, edges, hashlib.sha256(canonical).digest()[:8], incarnations)
 
     def adjacency(self) -> dict[NodeId, list[tuple[NodeId, float, float]]]:
         """node -> [(neighbour, weight, bandwidth)] sorted by neighbour id."""
@@ -121,7 +129,10 @@ class LinkStateDatabase:
                     )
                 )
         edges.sort(key=lambda e: (e.a, e.b))
-        return View.of(members, tuple(edges))
+        incarnations = tuple(
+            self.incarnation if m == self.local else self._lsas[m].incarnation for m in members
+        )
+        return View.of(members, tuple(edges), incarnations)
 
     def forget(self, origins: set[NodeId]) -> None:
         """Drop LSAs of daemons that left the view long ago (bounded memory)."""

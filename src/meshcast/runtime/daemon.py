@@ -458,7 +458,9 @@ class OverlayDaemon:
         await asyncio.shield(self._lost)
 
     async def _drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - the bound is the point
-        """Wait (at most `timeout` s) until every live link has everything acknowledged."""
+        """Tell the others we leave, then wait (at most `timeout` s) until every live link
+        has everything acknowledged."""
+        self._run_input("leave", lambda now: self.node.leave(now))
         self._draining = True
         if self._is_drained():
             return True
