@@ -20,15 +20,23 @@ BENCH_SUITES = {
     "link": "meshcast.bench.link",
     "overlay": "meshcast.bench.overlay",
     "tree": "meshcast.bench.tree",
-
 }
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from meshcast.runtime.demo import run_demo
     from meshcast.runtime.loop import run
 
-    return run(run_demo(messages=args.messages, loss=args.loss, delay=args.delay, seed=args.seed))
+    if args.link:
+        from meshcast.runtime.demo import run_demo
+
+        return run(
+            run_demo(messages=args.messages, loss=args.loss, delay=args.delay, seed=args.seed)
+        )
+    from meshcast.config import load_config
+    from meshcast.runtime.cluster_demo import run_cluster_demo
+
+    config = load_config(args.config) if args.config else None
+    return run(run_cluster_demo(config, victim=args.kill))
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -60,11 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="two local daemons exchange messages over a lossy link")
-    demo.add_argument("--messages", type=int, default=3000, help="messages each way")
-    demo.add_argument("--loss", type=float, default=0.05, help="emulated loss per direction")
-    demo.add_argument("--delay", type=float, default=0.020, help="emulated one-way delay (s)")
-    demo.add_argument("--seed", type=int, default=1, help="seed of the emulated impairments")
+    demo = sub.add_parser(
+        "demo", help="a local multi-site cluster of daemons: views, trees, a crash"
+    )
+    demo.add_argument("--config", metavar="FILE", help="cluster file (default: embedded)")
+    demo.add_argument("--kill", metavar="NAME", help="daemon to SIGKILL (default: D3)")
+    link = demo.add_argument_group("link demo (--link): two endpoints over one lossy link")
+    link.add_argument("--link", action="store_true", help="run the link demo instead")
+    link.add_argument("--messages", type=int, default=3000, help="messages each way")
+    link.add_argument("--loss", type=float, default=0.05, help="emulated loss per direction")
+    link.add_argument("--delay", type=float, default=0.020, help="emulated one-way delay (s)")
+    link.add_argument("--seed", type=int, default=1, help="seed of the emulated impairments")
     demo.set_defaults(handler=_demo)
 
     bench = sub.add_parser("bench", help="run a benchmark suite")
