@@ -1,0 +1,1019 @@
+"""Client ↔ daemon protocol: the frames a client library and its daemon exchange.
+
+Spoken over a stream (a Unix-domain socket or TCP). Every frame is length-prefixed::
+
+    0        4      5
+    | length | type | body ...             length = 1 + len(body), 1 <= length <= max frame size
+    | u32    | u8   |
+
+All integers are big-endian. Strings are UTF-8 with a length prefix: ``str8`` is
+``len u8 | bytes``, ``str16`` is ``len u16 | bytes``. Bodies by type (direction in brackets)::
+
+    0x01 HELLO       [c→d] magic "MCCP" | min_version u16 | max_version u16 | flags u16 | name str8
+    0x02 JOIN        [c→d] request_id u32 | policy u8 | group str8
+    0x03 LEAVE       [c→d] request_id u32 | group str8
+    0x04 MULTICAST   [c→d] request_id u32 | service u8 | msg_type u16 | n u16 | n x group str8 |
+                           payload (the rest)
+    0x41 WELCOME     [d→c] magic "MCCP" | version u16 | private_name str8 |
+                           max_message_size u32 | max_group_name u8 | max_groups_per_client u32
+    0x42 MESSAGE     [d→c] service u8 | msg_type u16 | sender str8 | n u16 | n x group str8 |
+                           payload (the rest)
+    0x43 MEMBERSHIP  [d→c] group str8 | view_counter u64 | view_coordinator u32 | cause u8 |
+                           n u32 | n x member str8 | m u32 | m x who str8
+    0x44 ERROR       [d→c] code u16 | request_id u32 | text str16
+    0x81 PING        [both] nonce u64
+    0x82 PONG        [both] nonce u64 (echoes the PING)
+    0x83 GOODBYE     [both] (empty)
+
+The handshake, the meaning of every field, the error codes and the slow-receiver policies
+are in docs/client-protocol.md. `encode` refuses (``ValueError``) any frame that `decode`
+would refuse, so a frame that encodes always decodes to an equal frame. Decoders raise
+only `DecodeError`, naming the frame type and what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Container, Iterator
+from dataclasses import dataclass, field
+from enum import IntEnum, IntFlag, StrEnum
+from functools import lru_cache
+
+from meshcast.errors import DecodeError
+
+# ---------------------------------------------------------------- protocol constants
+
+MAGIC = b"MCCP"  # first bytes of HELLO and WELCOME bodies: "meshcast client protocol"
+VERSION = 1  # the newest version this module speaks
+MIN_VERSION = 1  # the oldest version this module speaks
+
+LENGTH = struct.Struct("!I")
+LENGTH_SIZE = LENGTH.size  # 4
+U8_MAX = 0xFF
+U16_MAX = 0xFFFF
+U32_MAX = 0xFFFF_FFFF
+U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+
+# Protocol ceilings: hard limits of the format itself. A daemon's configured limits
+# (`DaemonLimits`, announced in WELCOME) are at most these.
+MAX_CLIENT_NAME = 32  # bytes (UTF-8) of the name a client asks for in HELLO
+MAX_DAEMON_NAME = 64  # bytes of the daemon part of a private name (config names: 64 chars)
+MAX_PRIVATE_NAME = 2 + MAX_CLIENT_NAME + MAX_DAEMON_NAME  # "#client#daemon": 98 bytes
+MAX_GROUP_NAME = 255  # bytes of a group name (a str8)
+MAX_DEST_GROUPS = 256  # groups named in one MULTICAST or MESSAGE
+MAX_MEMBERS = 65_535  # members listed in one MEMBERSHIP (and entries of its `who`)
+MAX_ERROR_TEXT = 1024  # bytes of the text of an ERROR
+MAX_MESSAGE_SIZE = 1 << 30  # bytes: the largest max_message_size a daemon may announce
+
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # bytes; equals LimitsConfig.max_message_size
+DEFAULT_MAX_GROUP_NAME = 64  # bytes; equals LimitsConfig.max_group_name
+DEFAULT_MAX_GROUPS_PER_CLIENT = 100  # equals LimitsConfig.max_groups_per_client
+
+HELLO_HEAD = struct.Struct("!HHH")  # after the magic: min_version, max_version, flags
+WELCOME_HEAD = struct.Struct("!H")  # after the magic: version; then private_name str8
+WELCOME_LIMITS = struct.Struct("!IBI")  # max_message_size, max_group_name, max_groups_per_client
+JOIN_HEAD = struct.Struct("!IB")  # request_id, policy; then group str8
+LEAVE_HEAD = struct.Struct("!I")  # request_id; then group str8
+MULTICAST_HEAD = struct.Struct("!IBHH")  # request_id, service, msg_type, n groups
+MESSAGE_HEAD = struct.Struct("!BH")  # service, msg_type; then sender str8, n u16, groups
+VIEW_AND_CAUSE = struct.Struct("!QIB")  # view counter, view coordinator, cause
+ERROR_HEAD = struct.Struct("!HI")  # code, request_id; then text str16
+NONCE = struct.Struct("!Q")
+U16 = struct.Struct("!H")
+U32 = struct.Struct("!I")
+
+
+def frame_size_limit(max_message_size: int) -> int:
+    """The largest frame (its length field) either side may send, given the daemon's limit.
+
+    Big enough for a MULTICAST or MESSAGE carrying `max_message_size` bytes to the most
+    groups with the longest names, and for the largest MEMBERSHIP the format allows.
+    """
+    names = MAX_DEST_GROUPS * (1 + MAX_GROUP_NAME)
+    multicast = 1 + MULTICAST_HEAD.size + names
+    message = 1 + MESSAGE_HEAD.size + 1 + MAX_PRIVATE_NAME + U16.size + names
+    membership = (
+        1
+        + 1
+        + MAX_GROUP_NAME
+        + VIEW_AND_CAUSE.size
+        + 2 * (4 + MAX_MEMBERS * (1 + MAX_PRIVATE_NAME))
+    )
+    return max(max(multicast, message) + max_message_size, membership)
+
+
+DEFAULT_MAX_FRAME_SIZE = frame_size_limit(DEFAULT_MAX_MESSAGE_SIZE)
+
+
+# ---------------------------------------------------------------- enumerations
+
+
+class FrameType(IntEnum):
+    HELLO = 0x01
+    JOIN = 0x02
+    LEAVE = 0x03
+    MULTICAST = 0x04
+    WELCOME = 0x41
+    MESSAGE = 0x42
+    MEMBERSHIP = 0x43
+    ERROR = 0x44
+    PING = 0x81
+    PONG = 0x82
+    GOODBYE = 0x83
+
+
+_FRAME_TYPES = {int(t): t for t in FrameType}
+
+FROM_CLIENT = frozenset(
+    {
+        FrameType.HELLO,
+        FrameType.JOIN,
+        FrameType.LEAVE,
+        FrameType.MULTICAST,
+        FrameType.PING,
+        FrameType.PONG,
+        FrameType.GOODBYE,
+    }
+)  # what a daemon accepts from its clients
+FROM_DAEMON = frozenset(
+    {
+        FrameType.WELCOME,
+        FrameType.MESSAGE,
+        FrameType.MEMBERSHIP,
+        FrameType.ERROR,
+        FrameType.PING,
+        FrameType.PONG,
+        FrameType.GOODBYE,
+    }
+)  # what a client accepts from its daemon
+ANY_FRAME = frozenset(FrameType)
+
+
+class ServiceLevel(IntEnum):
+    """Delivery guarantee of a message, weakest first (so ``service >= FIFO`` reads right)."""
+
+    UNRELIABLE = 0  # may be lost or reordered
+    RELIABLE = 1  # delivered unless the sender's daemon fails; any order
+    FIFO = 2  # reliable, in the order each sender sent
+    CAUSAL = 3  # reliable, respecting causality across senders
+    AGREED = 4  # total order (respecting causality): every member delivers in the same order
+    SAFE = 5  # agreed, and delivered only once every daemon in the view has the message
+
+
+_SERVICES = {int(s): s for s in ServiceLevel}
+
+
+class SlowReceiverPolicy(StrEnum):
+    """What a daemon does when a member of a group cannot keep up (chosen in JOIN)."""
+
+    BLOCK = "block"  # back-pressure: the group's senders slow down to this receiver
+    DISCONNECT = "disconnect"  # the slow client is disconnected; nobody waits for it
+    DROP_UNRELIABLE = "drop-unreliable"  # UNRELIABLE messages are dropped; others block
+
+
+_POLICY_CODES = {
+    SlowReceiverPolicy.BLOCK: 0,
+    SlowReceiverPolicy.DISCONNECT: 1,
+    SlowReceiverPolicy.DROP_UNRELIABLE: 2,
+}
+_POLICIES = {code: policy for policy, code in _POLICY_CODES.items()}
+
+
+class Cause(StrEnum):
+    """Why a group's membership changed."""
+
+    JOIN = "join"  # `who` joined (it is in the new view)
+    LEAVE = "leave"  # `who` left on purpose (it is not in the new view)
+    DISCONNECT = "disconnect"  # `who`'s connection to its daemon ended
+    NETWORK = "network"  # daemons became unreachable or reachable again
+
+
+_CAUSE_CODES = {Cause.JOIN: 0, Cause.LEAVE: 1, Cause.DISCONNECT: 2, Cause.NETWORK: 3}
+_CAUSES = {code: cause for cause, code in _CAUSE_CODES.items()}
+
+
+class HelloFlag(IntFlag):
+    MEMBERSHIP = 0x0001  # deliver MEMBERSHIP events (without it: MESSAGE frames only)
+
+
+KNOWN_HELLO_FLAGS = int(HelloFlag.MEMBERSHIP)  # other bits must be 0
+
+
+class ErrorCode(IntEnum):
+    """Codes of ERROR frames. 1xx end the session, 2xx reject one request, 3xx inform."""
+
+    BAD_FRAME = 101  # a frame failed to decode (the text says why)
+    UNSUPPORTED_VERSION = 102  # no version in common with HELLO's range
+    UNEXPECTED_FRAME = 103  # a frame not allowed now (before HELLO, a second HELLO, ...)
+    NAME_IN_USE = 104  # another client of this daemon has the name HELLO asked for
+    DAEMON_FULL = 105  # the daemon serves max_clients sessions already
+    SLOW_RECEIVER = 106  # disconnected by the `disconnect` slow-receiver policy
+    SHUTTING_DOWN = 107  # the daemon is stopping
+    GROUP_NAME_TOO_LONG = 201  # longer than the daemon's max_group_name
+    TOO_MANY_GROUPS = 202  # JOIN beyond max_groups_per_client
+    MESSAGE_TOO_LARGE = 203  # payload beyond max_message_size
+    NOT_A_MEMBER = 204  # LEAVE of a group the client has not joined
+    ALREADY_MEMBER = 205  # JOIN of a group the client is in already
+    SERVICE_NOT_SUPPORTED = 206  # the daemon does not offer this service level
+    INTERNAL_ERROR = 207  # the daemon failed on this request (a bug; it keeps serving)
+    MESSAGES_DROPPED = 301  # the `drop-unreliable` policy dropped messages for this client
+
+    @property
+    def ends_session(self) -> bool:
+        """The daemon closes the connection after sending this code."""
+        return 100 <= self.value < 200
+
+
+_ERROR_CODES = {int(c): c for c in ErrorCode}
+
+
+# ---------------------------------------------------------------- frames
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonLimits:
+    """The limits a daemon enforces on its clients, announced in WELCOME."""
+
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE  # bytes of one payload, 1..MAX_MESSAGE_SIZE
+    max_group_name: int = DEFAULT_MAX_GROUP_NAME  # bytes (UTF-8) of a group name, 1..255
+    max_groups_per_client: int = DEFAULT_MAX_GROUPS_PER_CLIENT  # groups one session may join
+
+    @property
+    def max_frame_size(self) -> int:
+        """The cap on frames of a session with these limits (`frame_size_limit`)."""
+        return frame_size_limit(self.max_message_size)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ViewId:
+    """Identifies one view of a group; ordered by (counter, coordinator).
+
+    `counter` grows with every view change of the group; `coordinator` is the node id of
+    the daemon that installed the view, so the views of two partitioned components that
+    reach the same counter still differ.
+    """
+
+    counter: int  # u64, >= 1
+    coordinator: int  # u32 daemon node id, >= 1 (0 is reserved)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Client → daemon, first frame of a session: versions spoken, the name wanted."""
+
+    name: str = ""  # "" lets the daemon pick; else 1..32 bytes, no '#', whitespace, controls
+    min_version: int = MIN_VERSION
+    max_version: int = VERSION
+    flags: HelloFlag = HelloFlag.MEMBERSHIP
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Daemon → client: the handshake succeeded."""
+
+    version: int  # the version both sides speak from now on
+    private_name: str  # "#client#daemon", unique among the daemon's sessions
+    limits: DaemonLimits = field(default_factory=DaemonLimits)
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    group: str
+    policy: SlowReceiverPolicy = SlowReceiverPolicy.BLOCK
+    request_id: int = 0  # u32 echoed by an ERROR about this request; 0: none
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    group: str
+    request_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Multicast:
+    """Client → daemon: send `payload` to every member of each of `groups`."""
+
+    groups: tuple[str, ...]  # 1..256 distinct group names
+    payload: bytes
+    service: ServiceLevel = ServiceLevel.RELIABLE
+    msg_type: int = 0  # u16 tag for the application, delivered unchanged
+    request_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Daemon → client: a message delivered to this client."""
+
+    sender: str  # private name of the sending client
+    groups: tuple[str, ...]  # every group the sender named (not only the receiver's)
+    service: ServiceLevel
+    msg_type: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """Daemon → client: a new view of a group the client is in (or just left)."""
+
+    group: str
+    view_id: ViewId
+    members: tuple[str, ...]  # private names, distinct; same order at every member
+    cause: Cause
+    who: tuple[str, ...]  # JOIN/LEAVE/DISCONNECT: exactly one; NETWORK: whoever came or went
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReport:
+    """Daemon → client: a request failed, the session ends, or a notice (see `ErrorCode`)."""
+
+    code: ErrorCode
+    text: str  # human-readable detail, <= 1024 bytes, no control characters
+    request_id: int = 0  # the failed request's id; 0 when not about one request
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    nonce: int  # u64, echoed by the PONG
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    """Closing: the client's last frame; the daemon answers with its own last frame."""
+
+
+ClientFrame = Hello | Join | Leave | Multicast | Ping | Pong | Goodbye
+DaemonFrame = Welcome | Message | Membership | ErrorReport | Ping | Pong | Goodbye
+Frame = (
+    Hello
+    | Join
+    | Leave
+    | Multicast
+    | Welcome
+    | Message
+    | Membership
+    | ErrorReport
+    | Ping
+    | Pong
+    | Goodbye
+)
+
+FRAME_TYPE_OF: dict[type[Frame], FrameType] = {
+    Hello: FrameType.HELLO,
+    Join: FrameType.JOIN,
+    Leave: FrameType.LEAVE,
+    Multicast: FrameType.MULTICAST,
+    Welcome: FrameType.WELCOME,
+    Message: FrameType.MESSAGE,
+    Membership: FrameType.MEMBERSHIP,
+    ErrorReport: FrameType.ERROR,
+    Ping: FrameType.PING,
+    Pong: FrameType.PONG,
+    Goodbye: FrameType.GOODBYE,
+}
+
+
+# ---------------------------------------------------------------- validation
+
+
+class _Fault(Exception):
+    """What is wrong with a frame; `encode` turns it into ValueError, `decode` into DecodeError."""
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
+
+
+def _text_fault(text: str, what: str, max_bytes: int) -> str | None:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        return f"{what} {text!r} cannot be encoded as UTF-8 ({exc.reason} at index {exc.start})"
+    if size > max_bytes:
+        return f"{what} {text!r} is {size} bytes, more than {max_bytes}"
+    control = _CONTROL.search(text)
+    if control is not None:
+        return f"{what} {text!r} has a control character at index {control.start()}"
+    return None
+
+
+def _word_fault(text: object, what: str, max_bytes: int) -> str | None:
+    """A client or daemon name: 1..max_bytes bytes, no '#', no whitespace, no controls."""
+    if not isinstance(text, str):
+        return f"{what} must be a str, not {type(text).__name__}"
+    fault = _text_fault(text, what, max_bytes)
+    if fault is not None:
+        return fault
+    if not text:
+        return f"{what} is empty"
+    if "#" in text:
+        return f"{what} {text!r} contains '#'"
+    for index, char in enumerate(text):
+        if char.isspace():
+            return f"{what} {text!r} has whitespace at index {index}"
+    return None
+
+
+@lru_cache(maxsize=4096)
+def _valid_group(name: str) -> bool:
+    """Names repeat on every message: remember the valid ones (a pure function)."""
+    return _group_fault_of(name, "") is None
+
+
+@lru_cache(maxsize=4096)
+def _valid_private(name: str) -> bool:
+    return _private_fault_of(name, "") is None
+
+
+def _group_fault(name: object, what: str = "group name") -> str | None:
+    if isinstance(name, str) and _valid_group(name):
+        return None
+    return _group_fault_of(name, what)
+
+
+def _private_fault(name: object, what: str) -> str | None:
+    if isinstance(name, str) and _valid_private(name):
+        return None
+    return _private_fault_of(name, what)
+
+
+def _group_fault_of(name: object, what: str) -> str | None:
+    if not isinstance(name, str):
+        return f"{what} must be a str, not {type(name).__name__}"
+    fault = _text_fault(name, what, MAX_GROUP_NAME)
+    if fault is not None:
+        return fault
+    if not name:
+        return f"{what} is empty"
+    if name.startswith("#"):
+        return f"{what} {name!r} starts with '#' (reserved for private names)"
+    return None
+
+
+def _private_fault_of(name: object, what: str) -> str | None:
+    if not isinstance(name, str):
+        return f"{what} must be a str, not {type(name).__name__}"
+    fault = _text_fault(name, what, MAX_PRIVATE_NAME)
+    if fault is not None:
+        return fault
+    parts = name.split("#")
+    if len(parts) != 3 or parts[0]:
+        return f"{what} {name!r} is not of the form '#client#daemon'"
+    return _word_fault(parts[1], f"client part of {what}", MAX_CLIENT_NAME) or _word_fault(
+        parts[2], f"daemon part of {what}", MAX_DAEMON_NAME
+    )
+
+
+def _range_fault(value: object, what: str, low: int, high: int) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"{what} must be an int, not {type(value).__name__}"
+    if not low <= value <= high:
+        return f"{what} {value} is outside {low}..{high}"
+    return None
+
+
+def _names_fault(names: object, what: str, low: int, high: int, *, private: bool) -> str | None:
+    """A list of distinct group names or private names; `what` names the list."""
+    if not isinstance(names, tuple):
+        return f"{what} must be a tuple of names, not {type(names).__name__}"
+    if not low <= len(names) <= high:
+        return f"{what} has {len(names)} names; allowed: {low}..{high}"
+    for name in names:
+        fault = _private_fault(name, f"name in {what}") if private else _group_fault(name)
+        if fault is not None:
+            return fault
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                return f"{what} lists {name!r} twice"
+            seen.add(name)
+    return None
+
+
+def _check(frame: object) -> None:
+    """Raise `_Fault` naming what makes `frame` invalid; shared by encode and decode."""
+    fault: str | None = None
+    match frame:
+        case Hello(name, min_version, max_version, flags):
+            fault = (
+                (_word_fault(name, "client name", MAX_CLIENT_NAME) if name != "" else None)
+                or _range_fault(min_version, "min_version", 1, U16_MAX)
+                or _range_fault(max_version, "max_version", 1, U16_MAX)
+                or _range_fault(flags, "flags", 0, U16_MAX)
+            )
+            if fault is None and min_version > max_version:
+                fault = f"min_version {min_version} is above max_version {max_version}"
+            if fault is None and int(flags) & ~KNOWN_HELLO_FLAGS:
+                fault = f"unknown flags 0x{int(flags) & ~KNOWN_HELLO_FLAGS:04x}"
+        case Welcome(version, private_name, limits):
+            fault = _range_fault(version, "version", 1, U16_MAX) or _private_fault(
+                private_name, "private name"
+            )
+            fault = fault or _limits_fault(limits)
+        case Join(group, policy, request_id):
+            fault = _group_fault(group) or _range_fault(request_id, "request_id", 0, U32_MAX)
+            fault = fault or _member_fault(policy, _POLICY_CODES, "slow-receiver policy")
+        case Leave(group, request_id):
+            fault = _group_fault(group) or _range_fault(request_id, "request_id", 0, U32_MAX)
+        case Multicast(groups, payload, service, msg_type, request_id):
+            fault = (
+                _names_fault(groups, "groups", 1, MAX_DEST_GROUPS, private=False)
+                or _service_fault(service)
+                or _range_fault(msg_type, "msg_type", 0, U16_MAX)
+                or _range_fault(request_id, "request_id", 0, U32_MAX)
+                or _payload_fault(payload)
+            )
+        case Message(sender, groups, service, msg_type, payload):
+            fault = (
+                _private_fault(sender, "sender")
+                or _names_fault(groups, "groups", 1, MAX_DEST_GROUPS, private=False)
+                or _service_fault(service)
+                or _range_fault(msg_type, "msg_type", 0, U16_MAX)
+                or _payload_fault(payload)
+            )
+        case Membership(group, view_id, members, cause, who):
+            fault = _group_fault(group) or _membership_fault(view_id, members, cause, who)
+        case ErrorReport(code, text, request_id):
+            fault = _range_fault(request_id, "request_id", 0, U32_MAX) or (
+                _text_fault(text, "error text", MAX_ERROR_TEXT)
+                if isinstance(text, str)
+                else f"error text must be a str, not {type(text).__name__}"
+            )
+            fault = fault or _member_fault(code, _ERROR_CODES, "error code")
+        case Ping(nonce) | Pong(nonce):
+            fault = _range_fault(nonce, "nonce", 0, U64_MAX)
+        case Goodbye():
+            pass
+        case _:
+            fault = f"not a client-protocol frame: {type(frame).__name__}"
+    if fault is not None:
+        raise _Fault(fault)
+
+
+def _member_fault(value: object, table: Container[object], what: str) -> str | None:
+    """`value` must be a key of `table` (an enum member, or the int or str it stands for)."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or value not in table:
+        return f"unknown {what} {value!r}"
+    return None
+
+
+def _service_fault(service: object) -> str | None:
+    return _member_fault(service, _SERVICES, "service level")
+
+
+def _limits_fault(limits: object) -> str | None:
+    if not isinstance(limits, DaemonLimits):
+        return f"limits must be DaemonLimits, not {type(limits).__name__}"
+    return (
+        _range_fault(limits.max_message_size, "max_message_size", 1, MAX_MESSAGE_SIZE)
+        or _range_fault(limits.max_group_name, "max_group_name", 1, MAX_GROUP_NAME)
+        or _range_fault(limits.max_groups_per_client, "max_groups_per_client", 1, U32_MAX)
+    )
+
+
+def _payload_fault(payload: object) -> str | None:
+    if not isinstance(payload, bytes):
+        return f"payload must be bytes, not {type(payload).__name__}"
+    return None
+
+
+def _membership_fault(view_id: object, members: object, cause: object, who: object) -> str | None:
+    if not isinstance(view_id, ViewId):
+        return f"view_id must be a ViewId, not {type(view_id).__name__}"
+    fault = (
+        _range_fault(view_id.counter, "view counter", 1, U64_MAX)
+        or _range_fault(view_id.coordinator, "view coordinator", 1, U32_MAX)
+        or _names_fault(members, "members", 0, MAX_MEMBERS, private=True)
+        or _names_fault(who, "who", 0, MAX_MEMBERS, private=True)
+    )
+    if fault is not None:
+        return fault
+    fault = _member_fault(cause, _CAUSE_CODES, "cause")
+    if fault is not None:
+        return fault
+    assert isinstance(members, tuple)  # _names_fault checked both
+    assert isinstance(who, tuple)
+    if cause == Cause.NETWORK:
+        return None
+    if len(who) != 1:
+        return f"a {cause} change names exactly one member in who, not {len(who)}"
+    inside = who[0] in members
+    if cause == Cause.JOIN and not inside:
+        return f"joiner {who[0]!r} is missing from the members"
+    if cause != Cause.JOIN and inside:
+        return f"{who[0]!r} is still among the members after a {cause}"
+    return None
+
+
+def check_client_name(name: str) -> None:
+    """Raise ValueError unless `name` may be asked for in HELLO ("" = let the daemon pick)."""
+    fault = _word_fault(name, "client name", MAX_CLIENT_NAME) if name != "" else None
+    if fault is not None:
+        raise ValueError(fault)
+
+
+def check_group_name(name: str, max_bytes: int = MAX_GROUP_NAME) -> None:
+    """Raise ValueError unless `name` is a valid group name of at most `max_bytes` bytes."""
+    fault = _group_fault(name)
+    if fault is None and len(name.encode("utf-8")) > max_bytes:
+        fault = f"group name {name!r} is {len(name.encode('utf-8'))} bytes, more than {max_bytes}"
+    if fault is not None:
+        raise ValueError(fault)
+
+
+def private_name(client: str, daemon: str) -> str:
+    """The private name ``#client#daemon``; ValueError if either part is not a valid name."""
+    fault = _word_fault(client, "client name", MAX_CLIENT_NAME) or _word_fault(
+        daemon, "daemon name", MAX_DAEMON_NAME
+    )
+    if fault is not None:
+        raise ValueError(fault)
+    return f"#{client}#{daemon}"
+
+
+def split_private_name(name: str) -> tuple[str, str]:
+    """(client, daemon) of a private name; ValueError if it is not one."""
+    fault = _private_fault(name, "private name")
+    if fault is not None:
+        raise ValueError(fault)
+    _, client, daemon = name.split("#")
+    return client, daemon
+
+
+def clip_text(text: str, max_bytes: int = MAX_ERROR_TEXT) -> str:
+    """`text` made fit for an ERROR: control characters become U+FFFD, cut to `max_bytes`."""
+    clean = _CONTROL.sub("\ufffd", text).encode("utf-8", "replace")[:max_bytes]
+    return clean.decode("utf-8", "ignore")
+
+
+def choose_version(hello: Hello, lowest: int = MIN_VERSION, highest: int = VERSION) -> int | None:
+    """The highest version both the client (per `hello`) and the daemon speak, if any."""
+    version = min(hello.max_version, highest)
+    return version if version >= max(hello.min_version, lowest) else None
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _str8(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return bytes((len(data),)) + data
+
+
+def _groups(groups: tuple[str, ...]) -> bytes:
+    return U16.pack(len(groups)) + b"".join(_str8(g) for g in groups)
+
+
+def _names(names: tuple[str, ...]) -> bytes:
+    return U32.pack(len(names)) + b"".join(_str8(n) for n in names)
+
+
+def _encode_body(frame: Frame) -> list[bytes]:
+    match frame:
+        case Hello(name, min_version, max_version, flags):
+            return [MAGIC, HELLO_HEAD.pack(min_version, max_version, flags), _str8(name)]
+        case Welcome(version, private_name, limits):
+            return [
+                MAGIC,
+                WELCOME_HEAD.pack(version),
+                _str8(private_name),
+                WELCOME_LIMITS.pack(
+                    limits.max_message_size, limits.max_group_name, limits.max_groups_per_client
+                ),
+            ]
+        case Join(group, policy, request_id):
+            return [JOIN_HEAD.pack(request_id, _POLICY_CODES[policy]), _str8(group)]
+        case Leave(group, request_id):
+            return [LEAVE_HEAD.pack(request_id), _str8(group)]
+        case Multicast(groups, payload, service, msg_type, request_id):
+            head = MULTICAST_HEAD.pack(request_id, service, msg_type, len(groups))
+            return [head, b"".join(_str8(g) for g in groups), payload]
+        case Message(sender, groups, service, msg_type, payload):
+            return [MESSAGE_HEAD.pack(service, msg_type), _str8(sender), _groups(groups), payload]
+        case Membership(group, view_id, members, cause, who):
+            return [
+                _str8(group),
+                VIEW_AND_CAUSE.pack(view_id.counter, view_id.coordinator, _CAUSE_CODES[cause]),
+                _names(members),
+                _names(who),
+            ]
+        case ErrorReport(code, text, request_id):
+            data = text.encode("utf-8")
+            return [ERROR_HEAD.pack(code, request_id), U16.pack(len(data)), data]
+        case Ping(nonce) | Pong(nonce):
+            return [NONCE.pack(nonce)]
+        case Goodbye():
+            return []
+    raise AssertionError(f"unhandled frame {frame!r}")  # _check accepted an unknown type
+
+
+def encode(frame: Frame) -> bytes:
+    """The complete frame, length prefix included. ValueError if `frame` is invalid."""
+    try:
+        _check(frame)
+    except _Fault as fault:
+        raise ValueError(f"{type(frame).__name__}: {fault}") from None
+    parts = _encode_body(frame)
+    length = 1 + sum(len(p) for p in parts)
+    if length > U32_MAX:
+        raise ValueError(f"{type(frame).__name__}: frame of {length} bytes exceeds u32")
+    return b"".join([LENGTH.pack(length), bytes((FRAME_TYPE_OF[type(frame)],)), *parts])
+
+
+# ---------------------------------------------------------------- decoding
+
+
+class _Reader:
+    """Bounds-checked reads from one frame body; every shortfall raises `_Fault`."""
+
+    __slots__ = ("data", "end", "pos")
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+        self.pos = 0
+        self.end = len(data)
+
+    def ints(self, layout: struct.Struct, what: str) -> tuple[int, ...]:
+        """Unpack `layout`, which holds integers only."""
+        if self.end - self.pos < layout.size:
+            raise _Fault(f"truncated {what}: {self.end - self.pos} of {layout.size} bytes")
+        values: tuple[int, ...] = layout.unpack_from(self.data, self.pos)
+        self.pos += layout.size
+        return values
+
+    def magic(self) -> None:
+        found = bytes(self.data[self.pos : self.pos + len(MAGIC)])
+        if found != MAGIC:
+            raise _Fault(f"bad magic {found!r}, expected {MAGIC!r}")
+        self.pos += len(MAGIC)
+
+    def text(self, what: str, prefix: struct.Struct | None = None) -> str:
+        """A UTF-8 string after its length (one byte, or `prefix`)."""
+        if prefix is None:
+            if self.pos >= self.end:
+                raise _Fault(f"truncated length of {what}")
+            size = self.data[self.pos]
+            self.pos += 1
+        else:
+            (size,) = self.ints(prefix, f"length of {what}")
+        if self.end - self.pos < size:
+            raise _Fault(f"{what} of {size} bytes runs past the end of the frame")
+        raw = bytes(self.data[self.pos : self.pos + size])
+        self.pos += size
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Fault(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+    def names(self, what: str, count: int, limit: int) -> tuple[str, ...]:
+        if count > limit:
+            raise _Fault(f"{what} has {count} names; at most {limit} allowed")
+        if count > self.end - self.pos:  # every name takes at least its length byte
+            raise _Fault(
+                f"{what} has {count} names, more than the {self.end - self.pos} bytes left"
+            )
+        return tuple(self.text(f"name {i} in {what}") for i in range(count))
+
+    def rest(self) -> bytes:
+        data = bytes(self.data[self.pos : self.end])
+        self.pos = self.end
+        return data
+
+
+def _service(code: int) -> ServiceLevel:
+    level = _SERVICES.get(code)
+    if level is None:
+        raise _Fault(f"unknown service level {code}")
+    return level
+
+
+def _parse(ftype: FrameType, r: _Reader) -> Frame:
+    match ftype:
+        case FrameType.HELLO:
+            r.magic()
+            low, high, flags = r.ints(HELLO_HEAD, "HELLO header")
+            if flags & ~KNOWN_HELLO_FLAGS:
+                raise _Fault(f"unknown flags 0x{flags & ~KNOWN_HELLO_FLAGS:04x}")
+            return Hello(r.text("client name"), low, high, HelloFlag(flags))
+        case FrameType.WELCOME:
+            r.magic()
+            (version,) = r.ints(WELCOME_HEAD, "WELCOME header")
+            name = r.text("private name")
+            limits = DaemonLimits(*r.ints(WELCOME_LIMITS, "limits"))
+            return Welcome(version, name, limits)
+        case FrameType.JOIN:
+            request_id, code = r.ints(JOIN_HEAD, "JOIN header")
+            policy = _POLICIES.get(code)
+            if policy is None:
+                raise _Fault(f"unknown slow-receiver policy {code}")
+            return Join(r.text("group name"), policy, request_id)
+        case FrameType.LEAVE:
+            (request_id,) = r.ints(LEAVE_HEAD, "LEAVE header")
+            return Leave(r.text("group name"), request_id)
+        case FrameType.MULTICAST:
+            request_id, service, msg_type, n = r.ints(MULTICAST_HEAD, "MULTICAST header")
+            level = _service(service)
+            groups = r.names("groups", n, MAX_DEST_GROUPS)
+            return Multicast(groups, r.rest(), level, msg_type, request_id)
+        case FrameType.MESSAGE:
+            service, msg_type = r.ints(MESSAGE_HEAD, "MESSAGE header")
+            level = _service(service)
+            sender = r.text("sender")
+            (n,) = r.ints(U16, "group count")
+            groups = r.names("groups", n, MAX_DEST_GROUPS)
+            return Message(sender, groups, level, msg_type, r.rest())
+        case FrameType.MEMBERSHIP:
+            group = r.text("group name")
+            counter, coordinator, code = r.ints(VIEW_AND_CAUSE, "view id and cause")
+            cause = _CAUSES.get(code)
+            if cause is None:
+                raise _Fault(f"unknown cause {code}")
+            (n,) = r.ints(U32, "member count")
+            members = r.names("members", n, MAX_MEMBERS)
+            (n,) = r.ints(U32, "who count")
+            who = r.names("who", n, MAX_MEMBERS)
+            return Membership(group, ViewId(counter, coordinator), members, cause, who)
+        case FrameType.ERROR:
+            code, request_id = r.ints(ERROR_HEAD, "ERROR header")
+            known = _ERROR_CODES.get(code)
+            if known is None:
+                raise _Fault(f"unknown error code {code}")
+            return ErrorReport(known, r.text("error text", prefix=U16), request_id)
+        case FrameType.PING:
+            return Ping(*r.ints(NONCE, "nonce"))
+        case FrameType.PONG:
+            return Pong(*r.ints(NONCE, "nonce"))
+        case FrameType.GOODBYE:
+            return Goodbye()
+    raise AssertionError(f"unhandled frame type {ftype!r}")
+
+
+def _decode_frame(type_and_body: memoryview, accept: frozenset[FrameType]) -> Frame:
+    """Decode `type u8 | body` (the bytes the length prefix counts; at least one)."""
+    code = type_and_body[0]
+    ftype = _FRAME_TYPES.get(code)
+    if ftype is None:
+        raise DecodeError(f"unknown frame type 0x{code:02x}")
+    if ftype not in accept:
+        allowed = ", ".join(t.name for t in sorted(accept))
+        raise DecodeError(f"unexpected {ftype.name} frame (accepted here: {allowed})")
+    reader = _Reader(type_and_body[1:])
+    try:
+        frame = _parse(ftype, reader)
+        if reader.pos != reader.end:
+            raise _Fault(f"{reader.end - reader.pos} trailing bytes after the body")
+        _check(frame)
+    except _Fault as fault:
+        raise DecodeError(f"{ftype.name} frame: {fault}") from None
+    return frame
+
+
+def _length_fault(length: int, max_frame_size: int) -> str | None:
+    if length == 0:
+        return "frame length 0: a frame has at least its type byte"
+    if length > max_frame_size:
+        return f"frame length {length} exceeds the limit of {max_frame_size} bytes"
+    return None
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    accept: frozenset[FrameType] = ANY_FRAME,
+) -> Frame:
+    """Parse exactly one complete frame (length prefix included).
+
+    Raises `DecodeError`, and nothing else, if the bytes are not exactly one valid frame
+    of a type in `accept` within `max_frame_size`.
+    """
+    if not isinstance(data, bytes):
+        data = bytes(data)  # views of immutable bytes can outlive this call harmlessly
+    if len(data) < LENGTH_SIZE:
+        raise DecodeError(f"{len(data)} bytes are too short for a frame length")
+    (length,) = LENGTH.unpack_from(data)
+    fault = _length_fault(length, max_frame_size)
+    if fault is not None:
+        raise DecodeError(fault)
+    if len(data) - LENGTH_SIZE != length:
+        raise DecodeError(
+            f"frame length {length} does not match the {len(data) - LENGTH_SIZE} bytes given"
+        )
+    return _decode_frame(memoryview(data)[LENGTH_SIZE:], accept)
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames, for the stream transports (sans-I/O).
+
+    Use: after every `feed`, call `next_frame` until it returns None (or iterate)::
+
+        decoder.feed(chunk)
+        for frame in decoder:
+            ...
+
+    The length of a frame is checked against `max_frame_size` as soon as its 4 length
+    bytes arrive, before any of its body is kept: an oversized frame costs at most the
+    chunk it arrived in. Used as above, the decoder holds at most one incomplete frame.
+
+    `next_frame` raises `DecodeError` on a bad frame. A bad body (the length was fine)
+    is skipped, so the stream stays in sync and later frames decode. A bad length loses
+    the stream: `synchronised` turns False, later input is discarded and every further
+    `next_frame` raises again.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        accept: frozenset[FrameType] = ANY_FRAME,
+    ) -> None:
+        self._buffer = bytearray()
+        self._start = 0  # offset of the next frame in _buffer
+        self._failure: str | None = None  # why the stream is lost
+        self._accept = accept
+        self._max_frame_size = 0
+        self.max_frame_size = max_frame_size
+
+    @property
+    def max_frame_size(self) -> int:
+        """Cap on a frame's length field. A client raises it after WELCOME (to
+        `Welcome.limits.max_frame_size`); it applies from the next frame not yet taken."""
+        return self._max_frame_size
+
+    @max_frame_size.setter
+    def max_frame_size(self, value: int) -> None:
+        if not 1 <= value <= U32_MAX:
+            raise ValueError(f"max_frame_size must be within 1..{U32_MAX}, got {value}")
+        self._max_frame_size = value
+
+    @property
+    def synchronised(self) -> bool:
+        """False once a bad frame length has made the frame boundaries unknowable."""
+        return self._failure is None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return len(self._buffer) - self._start
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Take the next bytes of the stream. Never raises; see `next_frame`."""
+        if self._failure is not None or not data:
+            return
+        self._buffer += data
+        self._head()
+
+    def _head(self) -> int | None:
+        """Length of the frame at the front once its length bytes are in, else None.
+
+        A bad length is recorded as the stream's failure and everything buffered dropped.
+        """
+        if len(self._buffer) - self._start < LENGTH_SIZE:
+            return None
+        (length,) = LENGTH.unpack_from(self._buffer, self._start)
+        fault = _length_fault(length, self._max_frame_size)
+        if fault is not None:
+            self._failure = fault
+            self._buffer = bytearray()
+            self._start = 0
+            return None
+        assert isinstance(length, int)
+        return length
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None until more bytes arrive. Raises `DecodeError`."""
+        length = self._head()
+        if self._failure is not None:
+            raise DecodeError(f"stream out of sync: {self._failure}")
+        if length is None or len(self._buffer) - self._start - LENGTH_SIZE < length:
+            return None
+        begin = self._start + LENGTH_SIZE
+        self._start = begin + length
+        with memoryview(self._buffer) as view:
+            frame = bytes(view[begin : self._start])  # a copy: the buffer must stay resizable
+        self._compact()
+        return _decode_frame(memoryview(frame), self._accept)
+
+    def _compact(self) -> None:
+        if self._start == len(self._buffer):
+            self._buffer.clear()
+            self._start = 0
+        elif self._start >= 1 << 16 and self._start * 2 >= len(self._buffer):
+            del self._buffer[: self._start]
+            self._start = 0
+
+    def __iter__(self) -> Iterator[Frame]:
+        while (frame := self.next_frame()) is not None:
+            yield frame
+
+    def end_of_stream(self) -> None:
+        """Call when the peer closed: raises `DecodeError` if the stream ended mid-frame."""
+        if self._failure is not None:
+            raise DecodeError(f"stream out of sync: {self._failure}")
+        if self.buffered:
+            raise DecodeError(f"stream ended inside a frame ({self.buffered} bytes pending)")

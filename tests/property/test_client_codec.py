@@ -1,0 +1,248 @@
+"""Client protocol codec: round trips, the decode contract, and the stream decoder."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshcast.errors import DecodeError
+from meshcast.wire import client
+from meshcast.wire.client import (
+    Cause,
+    DaemonLimits,
+    ErrorCode,
+    ErrorReport,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    Goodbye,
+    Hello,
+    HelloFlag,
+    Join,
+    Leave,
+    Membership,
+    Message,
+    Multicast,
+    Ping,
+    Pong,
+    ServiceLevel,
+    SlowReceiverPolicy,
+    ViewId,
+    Welcome,
+    decode,
+    encode,
+)
+
+u16 = st.integers(0, client.U16_MAX)
+u32 = st.integers(0, client.U32_MAX)
+u64 = st.integers(0, client.U64_MAX)
+
+
+def words(max_bytes: int, max_size: int) -> st.SearchStrategy[str]:
+    """Client and daemon names: no '#', whitespace or control characters."""
+    alphabet = st.characters(
+        blacklist_categories=("Cc", "Cs", "Zs", "Zl", "Zp"), blacklist_characters="#"
+    )
+    return st.text(alphabet, min_size=1, max_size=max_size).filter(
+        lambda s: len(s.encode()) <= max_bytes and not any(c.isspace() for c in s)
+    )
+
+
+client_names = words(client.MAX_CLIENT_NAME, 12)
+private_names = st.builds(client.private_name, client_names, words(client.MAX_DAEMON_NAME, 12))
+group_names = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=30
+).filter(lambda s: not s.startswith("#"))
+group_lists = st.lists(group_names, min_size=1, max_size=8, unique=True).map(tuple)
+payloads = st.binary(max_size=300)
+services = st.sampled_from(ServiceLevel)
+texts = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=80)
+
+
+@st.composite
+def memberships(draw: st.DrawFn) -> Membership:
+    members = tuple(draw(st.lists(private_names, max_size=8, unique=True)))
+    cause = draw(st.sampled_from(Cause))
+    if cause is Cause.NETWORK:
+        who = tuple(draw(st.lists(private_names, max_size=5, unique=True)))
+    elif cause is Cause.JOIN:
+        members = members or (draw(private_names),)
+        who = (draw(st.sampled_from(members)),)
+    else:
+        who = (draw(private_names.filter(lambda n: n not in members)),)
+    view = ViewId(draw(st.integers(1, client.U64_MAX)), draw(st.integers(1, client.U32_MAX)))
+    return Membership(draw(group_names), view, members, cause, who)
+
+
+FRAMES: dict[FrameType, st.SearchStrategy[Frame]] = {
+    FrameType.HELLO: st.builds(
+        Hello,
+        st.just("") | client_names,
+        st.integers(1, 5),
+        st.integers(5, client.U16_MAX),
+        st.sampled_from([HelloFlag(0), HelloFlag.MEMBERSHIP]),
+    ),
+    FrameType.WELCOME: st.builds(
+        Welcome,
+        st.integers(1, client.U16_MAX),
+        private_names,
+        st.builds(
+            DaemonLimits,
+            st.integers(1, client.MAX_MESSAGE_SIZE),
+            st.integers(1, client.MAX_GROUP_NAME),
+            st.integers(1, client.U32_MAX),
+        ),
+    ),
+    FrameType.JOIN: st.builds(Join, group_names, st.sampled_from(SlowReceiverPolicy), u32),
+    FrameType.LEAVE: st.builds(Leave, group_names, u32),
+    FrameType.MULTICAST: st.builds(Multicast, group_lists, payloads, services, u16, u32),
+    FrameType.MESSAGE: st.builds(Message, private_names, group_lists, services, u16, payloads),
+    FrameType.MEMBERSHIP: memberships(),
+    FrameType.ERROR: st.builds(ErrorReport, st.sampled_from(ErrorCode), texts, u32),
+    FrameType.PING: st.builds(Ping, u64),
+    FrameType.PONG: st.builds(Pong, u64),
+    FrameType.GOODBYE: st.just(Goodbye()),
+}
+frames = st.one_of(*FRAMES.values())
+
+
+def test_every_frame_type_has_a_strategy() -> None:
+    assert set(FRAMES) == set(FrameType)
+
+
+@pytest.mark.parametrize("ftype", FrameType)
+@given(data=st.data())
+def test_every_frame_round_trips(ftype: FrameType, data: st.DataObject) -> None:
+    frame = data.draw(FRAMES[ftype])
+    encoded = encode(frame)
+    assert encoded[4] == ftype
+    assert struct.unpack_from("!I", encoded)[0] == len(encoded) - 4
+    assert decode(encoded) == frame
+
+
+@given(st.binary(max_size=400))
+def test_random_bytes_raise_only_decode_error(data: bytes) -> None:
+    with contextlib.suppress(DecodeError):
+        decode(data)
+
+
+@given(st.sampled_from(FrameType), st.binary(max_size=400))
+def test_random_bodies_raise_only_decode_error(ftype: FrameType, body: bytes) -> None:
+    data = struct.pack("!IB", 1 + len(body), ftype) + body
+    with contextlib.suppress(DecodeError):
+        decode(data)
+
+
+@given(frames, st.data())
+def test_mutated_frames_raise_only_decode_error(frame: Frame, data: st.DataObject) -> None:
+    mutated = bytearray(encode(frame))
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(mutated) - 1))
+        mutated[position] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(mutated)))
+    candidate = bytes(mutated[:cut]) + data.draw(st.binary(max_size=4))
+    try:
+        decoded = decode(candidate)
+    except DecodeError:
+        return
+    assert encode(decoded) == candidate  # whatever decodes has one encoding: this one
+
+
+@given(frames, st.data())
+def test_mutated_frames_in_a_stream_raise_only_decode_error(
+    frame: Frame, data: st.DataObject
+) -> None:
+    stream = bytearray(encode(frame) + encode(Ping(7)))
+    position = data.draw(st.integers(0, len(stream) - 1))
+    stream[position] = data.draw(st.integers(0, 255))
+    decoder = FrameDecoder(max_frame_size=10_000)
+    decoder.feed(bytes(stream))
+    for _ in range(3):
+        with contextlib.suppress(DecodeError):
+            decoder.next_frame()
+
+
+def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+@given(st.lists(frames, max_size=8), st.lists(st.integers(0, 10_000), max_size=20))
+def test_chunking_does_not_change_the_frames(frame_list: list[Frame], cuts: list[int]) -> None:
+    stream = b"".join(encode(f) for f in frame_list)
+    decoder = FrameDecoder()
+    received: list[Frame] = []
+    for chunk in _chunks(stream, cuts):
+        decoder.feed(chunk)
+        received.extend(decoder)
+        assert decoder.buffered < client.LENGTH_SIZE + decoder.max_frame_size
+    assert received == frame_list
+    decoder.end_of_stream()
+
+    whole = FrameDecoder()
+    whole.feed(stream)
+    assert list(whole) == frame_list
+
+
+@given(
+    st.lists(frames, max_size=4),
+    st.integers(200, 5_000),
+    st.integers(1, 100_000),
+    st.lists(st.integers(0, 100_000), max_size=12),
+)
+def test_the_length_cap_stops_an_oversized_frame_before_buffering(
+    before: list[Frame], cap: int, excess: int, cuts: list[int]
+) -> None:
+    good = [f for f in before if len(encode(f)) - client.LENGTH_SIZE <= cap]
+    length = cap + excess
+    oversized = struct.pack("!IB", length, FrameType.MULTICAST) + bytes(min(length - 1, 20_000))
+    head_at = sum(len(encode(f)) for f in good)
+    stream = b"".join(encode(f) for f in good) + oversized
+    decoder = FrameDecoder(max_frame_size=cap)
+    received: list[Frame] = []
+    failure = ""
+    fed = 0
+    for chunk in _chunks(stream, cuts):
+        decoder.feed(chunk)
+        fed += len(chunk)
+        try:
+            received.extend(decoder)
+        except DecodeError as exc:
+            failure = str(exc)
+        if fed >= head_at + client.LENGTH_SIZE:
+            assert failure  # the header is in: the frame was refused ...
+            assert decoder.buffered == 0  # ... and none of its body is kept
+            assert not decoder.synchronised
+    assert f"frame length {length} exceeds the limit of {cap} bytes" in failure
+    assert received == good
+    with pytest.raises(DecodeError, match="out of sync"):
+        decoder.next_frame()
+
+
+@given(st.lists(frames, min_size=1, max_size=6), st.data())
+def test_a_bad_body_costs_one_frame_only(frame_list: list[Frame], data: st.DataObject) -> None:
+    bad_at = data.draw(st.integers(0, len(frame_list)))
+    bad = struct.pack("!IB", 2, FrameType.GOODBYE) + b"!"  # GOODBYE has no body
+    parts = [encode(f) for f in frame_list]
+    parts.insert(bad_at, bad)
+    decoder = FrameDecoder()
+    decoder.feed(b"".join(parts))
+    received: list[Frame] = []
+    errors = 0
+    while True:
+        try:
+            frame = decoder.next_frame()
+        except DecodeError:
+            errors += 1
+            continue
+        if frame is None:
+            break
+        received.append(frame)
+    assert errors == 1
+    assert received == frame_list
+    assert decoder.synchronised
