@@ -395,6 +395,13 @@ class LimitsConfig:
             value = getattr(self, f.name)
             if value < 1:
                 raise ConfigError(f"must be at least 1, got {value!r}", key=f"limits.{f.name}")
+        # What the client protocol can carry (docs/client-protocol.md).
+        ceilings = {"max_group_name": 255, "max_message_size": 1 << 30}
+        for name, ceiling in ceilings.items():
+            if getattr(self, name) > ceiling:
+                raise ConfigError(
+                    f"must be at most {ceiling} (the client protocol's limit)", key=f"limits.{name}"
+                )
 
 
 @dataclass(frozen=True, slots=True)

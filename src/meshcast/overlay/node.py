@@ -562,7 +562,7 @@ class OverlayNode:
                 self._next_report_at = state.report_due_at
 
     def _route_feedback(self, feedback: Feedback, now: float, effects: list[OverlayEffect]) -> None:
-        hop = self._routing.next_hop(self.local, NodeId(feedback.source))
+        hop = self._routing.unicast_next_hop(NodeId(feedback.source))
         if hop is None or hop not in self._up:
             self.stats.unroutable_dropped += 1
             return

@@ -186,11 +186,13 @@ class RoutingTable:
         self._view: View | None = None
         self._trees: dict[NodeId, Tree] = {}
         self._next_hops: dict[NodeId, dict[NodeId, NodeId]] = {}
+        self._unicast: dict[NodeId, NodeId] | None = None
 
     def install(self, view: View) -> None:
         self._view = view
         self._trees.clear()
         self._next_hops.clear()
+        self._unicast = None
 
     @property
     def view(self) -> View | None:
@@ -209,8 +211,8 @@ class RoutingTable:
         """Where this daemon forwards `source`'s packet for `dest`.
 
         On the source's tree when this daemon is an ancestor of `dest`; otherwise (views
-        briefly differ during a change) along this daemon's own shortest-path tree, so a
-        packet in flight is not lost; None when `dest` is unreachable.
+        briefly differ during a change) as `unicast_next_hop`, so a packet in flight is not
+        lost; None when `dest` is unreachable.
         """
         table = self._next_hops.get(source)
         if table is None:
@@ -220,4 +222,26 @@ class RoutingTable:
         hop = table.get(dest)
         if hop is not None or source == self.local:
             return hop
-        return self.next_hop(self.local, dest)
+        return self.unicast_next_hop(dest)
+
+    def unicast_next_hop(self, dest: NodeId) -> NodeId | None:
+        """Where this daemon sends a message of its own (a progress report) or one it
+        relays for `dest` alone: along its shortest-path tree, whatever the policy.
+
+        Each daemon routes such a message over its *own* tree. With shortest paths every
+        hop is on a shortest path to `dest`, so the remaining distance falls at each hop
+        and the message cannot loop. The trees of the other policies are not consistent
+        that way: two max-throughput trees can each send `dest`'s traffic through the
+        other daemon, and a report would bounce between them forever.
+        None when `dest` is unreachable.
+        """
+        if self._unicast is None:
+            view = self._view
+            if view is None or self.local not in view:
+                self._unicast = {}
+            else:
+                tree = (
+                    self._trees.get(self.local) if self.policy == "shortest-path" else None
+                ) or shortest_path_tree(view, self.local, self._upload)
+                self._unicast = tree.next_hops(self.local)
+        return self._unicast.get(dest)
