@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "meshcast"
-PROTOCOL_PACKAGES = ("wire", "link", "overlay")
+PROTOCOL_PACKAGES = ("wire", "link", "overlay", "group")
 FORBIDDEN_MODULES = {"asyncio", "socket", "time", "threading", "subprocess", "selectors"}
 LAYER_ORDER = ["wire", "link", "overlay", "group", "replicate"]
 DRIVERS = {"sim", "runtime", "bench", "cli"}

@@ -46,7 +46,7 @@ from meshcast.overlay.node import (
 )
 from meshcast.overlay.routing import BUILDERS, Tree
 from meshcast.overlay.view import View
-from meshcast.runtime.datagram import DatagramForwarder
+from meshcast.runtime.datagram import open_endpoint
 from meshcast.runtime.impair import ImpairedSender, Impairment
 from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
 from meshcast.runtime.stats import ImpairmentStats
@@ -344,17 +344,14 @@ class OverlayDaemon:
             incarnation=incarnation_now() if incarnation is None else incarnation,
         )
         sock = open_udp_socket(daemon_address(daemon.spec), DEFAULT_SOCKET_BUFFER_BYTES)
-        try:
-            transport, _ = await daemon._loop.create_datagram_endpoint(
-                lambda: DatagramForwarder(
-                    daemon._on_datagram, daemon._on_socket_error, daemon._on_connection_lost
-                ),
-                sock=sock,
-            )
-        except BaseException:
-            sock.close()
-            raise
-        daemon._attach(transport, sock.getsockname())
+        transport, sockname = await open_endpoint(
+            daemon._loop,
+            sock,
+            daemon._on_datagram,
+            daemon._on_socket_error,
+            daemon._on_connection_lost,
+        )
+        daemon._attach(transport, sockname)
         return daemon
 
     def _attach(self, transport: asyncio.DatagramTransport, sockname: tuple[str, int]) -> None:

@@ -7,6 +7,7 @@ callback of its driver (`UdpLinkDriver`, `OverlayDaemon`) and does nothing else.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
 DatagramCallback = Callable[[bytes, tuple[str | int, ...]], None]
@@ -32,3 +33,25 @@ class DatagramForwarder(asyncio.DatagramProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._on_lost(exc)
+
+
+async def open_endpoint(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    on_datagram: DatagramCallback,
+    on_error: ErrorCallback,
+    on_lost: LostCallback,
+) -> tuple[asyncio.DatagramTransport, tuple[str, int]]:
+    """Wrap a bound UDP socket in a transport whose events go to the callbacks.
+
+    Returns the transport and the bound address; closes the socket if that fails.
+    """
+    try:
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: DatagramForwarder(on_datagram, on_error, on_lost), sock=sock
+        )
+    except BaseException:
+        sock.close()
+        raise
+    sockname = sock.getsockname()
+    return transport, (sockname[0], sockname[1])

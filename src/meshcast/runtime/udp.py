@@ -45,7 +45,7 @@ from meshcast.link.events import (
     Transmit,
 )
 from meshcast.link.hop import HopLink
-from meshcast.runtime.datagram import DatagramForwarder
+from meshcast.runtime.datagram import open_endpoint
 from meshcast.runtime.impair import ImpairedSender, Impairment
 from meshcast.runtime.inbox import Inbox
 from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
@@ -234,17 +234,14 @@ class UdpLinkDriver:
             send_batch=send_batch,
         )
         sock = open_udp_socket(listen, socket_buffer_bytes)
-        try:
-            transport, _ = await driver._loop.create_datagram_endpoint(
-                lambda: DatagramForwarder(
-                    driver._on_datagram, driver._on_socket_error, driver._on_connection_lost
-                ),
-                sock=sock,
-            )
-        except BaseException:
-            sock.close()
-            raise
-        driver._attach(transport, sock.getsockname())
+        transport, sockname = await open_endpoint(
+            driver._loop,
+            sock,
+            driver._on_datagram,
+            driver._on_socket_error,
+            driver._on_connection_lost,
+        )
+        driver._attach(transport, sockname)
         return driver
 
     def _attach(self, transport: asyncio.DatagramTransport, sockname: tuple[str, int]) -> None:

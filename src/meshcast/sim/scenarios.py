@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from meshcast.errors import UsageError
 from meshcast.ids import NodeId
 from meshcast.link import Delivered, HopLink, Link, LinkConfig, LinkEndpoint
 from meshcast.link.tcp import TcpLink
@@ -150,8 +151,6 @@ def run_scenario(
     name: str, *, seed: int, trace_out: str | None = None, messages: int | None = None
 ) -> dict[str, object]:
     """Run one named scenario; the report says whether every receiver got every message once."""
-    from meshcast.errors import UsageError
-
     scenario = SCENARIOS.get(name)
     if scenario is None:
         raise UsageError(f"unknown scenario {name!r}; known: {', '.join(sorted(SCENARIOS))}")

@@ -1,0 +1,30 @@
+"""Named groups over the overlay: the daemon-side ordering engine (docs/design/group.md).
+
+Within one stable view only: no virtual synchrony, no group membership protocol yet.
+"""
+
+from meshcast.group.config import GroupConfig
+from meshcast.group.events import (
+    Broadcast,
+    Deliver,
+    GroupEffect,
+    MessageRef,
+    OrderingFault,
+    OrderingReset,
+)
+from meshcast.group.ordering import GroupEngine, GroupStats
+from meshcast.group.view import GroupView, view_id
+
+__all__ = [
+    "Broadcast",
+    "Deliver",
+    "GroupConfig",
+    "GroupEffect",
+    "GroupEngine",
+    "GroupStats",
+    "GroupView",
+    "MessageRef",
+    "OrderingFault",
+    "OrderingReset",
+    "view_id",
+]

@@ -1,0 +1,66 @@
+"""Effects of the group ordering engine (small frozen dataclasses, past tense or commands)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshcast.ids import NodeId
+from meshcast.wire.client import ServiceLevel
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """Command to the daemon: pass `payload` to `OverlayNode.multicast(dests, ...)`."""
+
+    dests: tuple[NodeId, ...]  # sorted, never the local daemon
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Hand one message to the local clients that are members of `groups`."""
+
+    sender: str  # private name of the sending client
+    groups: tuple[str, ...]  # every group the message was sent to
+    service: ServiceLevel
+    msg_type: int
+    payload: bytes
+    source: NodeId  # the sending daemon
+    msg_id: int  # unique per source and view
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRef:
+    """A message, by identity, without its payload."""
+
+    source: NodeId
+    msg_id: int
+    service: ServiceLevel
+    sender: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OrderingReset:
+    """A new view was installed: ordering state restarted. `undelivered` lists the held
+    messages for local members that can no longer be delivered with their guarantee
+    (this is where a virtual-synchrony flush would deliver or discard them instead)."""
+
+    old_view_id: bytes | None
+    new_view_id: bytes
+    members: tuple[NodeId, ...]
+    undelivered: tuple[MessageRef, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OrderingFault:
+    """A bound was hit on a peer's message: that source's `stream` is broken until the
+    next view (its later messages in that stream are dropped). The daemon should treat
+    `source` as failed; only a view change without it, or a flush, restores progress."""
+
+    source: NodeId
+    stream: str  # "fifo", "causal" or "total"
+    reason: str
+
+
+GroupEffect = Broadcast | Deliver | OrderingReset | OrderingFault

@@ -1,0 +1,218 @@
+"""Group-layer messages: what `meshcast.group` engines say to each other.
+
+They travel as the payload of overlay DATA messages (`meshcast.wire.overlay`), so the
+overlay's source field names the sending daemon. All integers are big-endian; ``str8`` is
+``len u8 | UTF-8 bytes``. Every message starts with one kind byte::
+
+    0x10 DATA  service u8 | view_id 8s | msg_id u64 | ts u64 | seq u64 | aru u64 |
+               msg_type u16 | sender str8 | n u16 | n x group str8 |
+               f u16 | f x (dest u32 | fifo_seq u64) | v u16 | v x u64 | payload (the rest)
+    0x11 NULL  view_id 8s | ts u64 | seq u64 | aru u64
+
+* ``view_id``: the group view the message was sent in (`meshcast.group.view_id`).
+* ``msg_id``: unique per sending daemon and view, from 1; duplicate detection for
+  UNRELIABLE and RELIABLE messages.
+* ``ts``: the sender's Lamport clock when it sent the message.
+* ``seq``: the message's place in the sender's *stream*: the total-order stream
+  (AGREED, SAFE and NULL messages share it) or the causal stream (CAUSAL); 0 otherwise.
+* ``aru``: all-received-up-to: the sender has received every total-order message with a
+  timestamp up to this one (SAFE stability, SPEC-NOTES 4.4).
+* FIFO messages list, per destination daemon, the message's place in the sender's stream
+  to that daemon (pruned traffic: each destination sees only its own messages, so it can
+  only spot gaps in its own numbering). Other services send f = 0.
+* CAUSAL messages carry the sender's vector of causal messages processed, one entry per
+  member of the view in member order. Other services send v = 0.
+* NULL: an idle daemon's timestamp and ARU, in its total-order stream, so that AGREED and
+  SAFE messages of others can be ordered and declared stable.
+
+Theory of operation: docs/design/group.md. `encode_group` refuses (``ValueError``) what
+`decode_group` would refuse; `decode_group` raises only `DecodeError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from meshcast.errors import DecodeError
+from meshcast.wire.client import ServiceLevel
+
+KIND_DATA = 0x10
+KIND_NULL = 0x11
+
+VIEW_ID_SIZE = 8
+DATA_HEAD = struct.Struct("!BB8sQQQQH")  # kind, service, view, msg_id, ts, seq, aru, msg_type
+NULL_MESSAGE = struct.Struct("!B8sQQQ")  # kind, view, ts, seq, aru
+COUNT = struct.Struct("!H")
+FIFO_ENTRY = struct.Struct("!IQ")
+CLOCK = struct.Struct("!Q")
+
+MAX_GROUP_NAME = 255  # bytes (a str8)
+MAX_SENDER_NAME = 255  # bytes (a str8)
+MAX_GROUPS = 256  # groups one message is addressed to (the client protocol's limit)
+MAX_FIFO_ENTRIES = 4096  # destination daemons of one FIFO message (the overlay's limit)
+MAX_VECTOR = 4096  # entries of a causal vector: daemons in a view
+U16_MAX = 0xFFFF
+U32_MAX = 0xFFFF_FFFF
+U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+
+_SERVICES = {int(s): s for s in ServiceLevel}
+
+
+@dataclass(frozen=True, slots=True)
+class GroupData:
+    service: ServiceLevel
+    view_id: bytes  # 8 bytes
+    msg_id: int
+    ts: int
+    seq: int
+    aru: int
+    msg_type: int
+    sender: str  # the sending client's private name
+    groups: tuple[str, ...]
+    fifo: tuple[tuple[int, int], ...]  # (destination daemon, fifo seq): FIFO only
+    vector: tuple[int, ...]  # causal messages processed per view member: CAUSAL only
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GroupNull:
+    view_id: bytes  # 8 bytes
+    ts: int
+    seq: int
+    aru: int
+
+
+GroupMessage = GroupData | GroupNull
+
+
+def _check_u64(name: str, value: int) -> None:
+    if not 0 <= value <= U64_MAX:
+        raise ValueError(f"{name} {value} is not a u64")
+
+
+def _str8(name: str, text: str, *, allow_empty: bool) -> bytes:
+    raw = text.encode("utf-8")
+    if len(raw) > 255 or (not raw and not allow_empty):
+        raise ValueError(f"{name} must be {0 if allow_empty else 1}..255 bytes, got {len(raw)}")
+    return bytes((len(raw),)) + raw
+
+
+def encode_group(message: GroupMessage) -> bytes:
+    """Encode one group message; ValueError if `decode_group` would refuse the result."""
+    if len(message.view_id) != VIEW_ID_SIZE:
+        raise ValueError("view_id must be 8 bytes")
+    for name in ("ts", "seq", "aru"):
+        _check_u64(name, getattr(message, name))
+    if isinstance(message, GroupNull):
+        return NULL_MESSAGE.pack(KIND_NULL, message.view_id, message.ts, message.seq, message.aru)
+    _check_u64("msg_id", message.msg_id)
+    if not 0 <= message.msg_type <= U16_MAX:
+        raise ValueError(f"msg_type {message.msg_type} is not a u16")
+    if not 1 <= len(message.groups) <= MAX_GROUPS:
+        raise ValueError(f"a message names 1..{MAX_GROUPS} groups, got {len(message.groups)}")
+    if len(message.fifo) > MAX_FIFO_ENTRIES or len(message.vector) > MAX_VECTOR:
+        raise ValueError("too many FIFO entries or vector entries")
+    parts = [
+        DATA_HEAD.pack(
+            KIND_DATA,
+            int(message.service),
+            message.view_id,
+            message.msg_id,
+            message.ts,
+            message.seq,
+            message.aru,
+            message.msg_type,
+        ),
+        _str8("sender", message.sender, allow_empty=True),
+        COUNT.pack(len(message.groups)),
+    ]
+    parts.extend(_str8("group name", g, allow_empty=False) for g in message.groups)
+    if len({dest for dest, _ in message.fifo}) != len(message.fifo):
+        raise ValueError("a FIFO destination is listed twice")
+    parts.append(COUNT.pack(len(message.fifo)))
+    for dest, seq in message.fifo:
+        if not 0 <= dest <= U32_MAX:
+            raise ValueError(f"destination {dest} is not a u32")
+        _check_u64("fifo seq", seq)
+        parts.append(FIFO_ENTRY.pack(dest, seq))
+    parts.append(COUNT.pack(len(message.vector)))
+    for count in message.vector:
+        _check_u64("vector entry", count)
+        parts.append(CLOCK.pack(count))
+    parts.append(message.payload)
+    return b"".join(parts)
+
+
+class _Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes, pos: int) -> None:
+        self.data = data
+        self.pos = pos
+
+    def take(self, size: int, what: str) -> bytes:
+        end = self.pos + size
+        if end > len(self.data):
+            raise DecodeError(f"group DATA truncated in {what}")
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def count(self, what: str) -> int:
+        (n,) = COUNT.unpack(self.take(COUNT.size, what))
+        return int(n)
+
+    def str8(self, what: str) -> str:
+        (size,) = self.take(1, what)
+        try:
+            return self.take(size, what).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"group DATA {what} is not UTF-8") from exc
+
+
+def decode_group(message: bytes) -> GroupMessage:
+    """Parse one group message; raises `DecodeError` on anything malformed."""
+    if not message:
+        raise DecodeError("empty group message")
+    kind = message[0]
+    if kind == KIND_NULL:
+        if len(message) != NULL_MESSAGE.size:
+            raise DecodeError("group NULL has the wrong size")
+        _, view_id, ts, seq, aru = NULL_MESSAGE.unpack(message)
+        return GroupNull(view_id, ts, seq, aru)
+    if kind != KIND_DATA:
+        raise DecodeError(f"unknown group message kind 0x{kind:02x}")
+    if len(message) < DATA_HEAD.size:
+        raise DecodeError("truncated group DATA header")
+    _, service, view_id, msg_id, ts, seq, aru, msg_type = DATA_HEAD.unpack_from(message)
+    level = _SERVICES.get(service)
+    if level is None:
+        raise DecodeError(f"group DATA with unknown service {service}")
+    reader = _Reader(message, DATA_HEAD.size)
+    sender = reader.str8("sender")
+    n = reader.count("group count")
+    if not 1 <= n <= MAX_GROUPS:
+        raise DecodeError(f"group DATA names {n} groups")
+    groups = []
+    for _ in range(n):
+        name = reader.str8("group name")
+        if not name:
+            raise DecodeError("group DATA with an empty group name")
+        groups.append(name)
+    f = reader.count("FIFO count")
+    if f > MAX_FIFO_ENTRIES:
+        raise DecodeError(f"group DATA with {f} FIFO entries")
+    raw = reader.take(f * FIFO_ENTRY.size, "FIFO entries")
+    fifo = tuple((int(d), int(s)) for d, s in FIFO_ENTRY.iter_unpack(raw))
+    if len({d for d, _ in fifo}) != f:
+        raise DecodeError("group DATA lists a FIFO destination twice")
+    v = reader.count("vector count")
+    if v > MAX_VECTOR:
+        raise DecodeError(f"group DATA with {v} vector entries")
+    raw = reader.take(v * CLOCK.size, "vector")
+    vector = tuple(int(c) for (c,) in CLOCK.iter_unpack(raw))
+    payload = message[reader.pos :]
+    return GroupData(
+        level, view_id, msg_id, ts, seq, aru, msg_type, sender, tuple(groups), fifo, vector, payload
+    )

@@ -1,0 +1,340 @@
+"""GroupEngine driven directly: hand-carried broadcasts in adversarial orders, explicit now."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+import pytest
+
+from meshcast.errors import BufferFull, ConfigError, UsageError
+from meshcast.group import (
+    Broadcast,
+    Deliver,
+    GroupConfig,
+    GroupEffect,
+    GroupEngine,
+    OrderingFault,
+    OrderingReset,
+    view_id,
+)
+from meshcast.ids import NodeId
+from meshcast.wire.client import ServiceLevel as S
+from meshcast.wire.group import GroupNull, encode_group
+
+A, B, C = NodeId(1), NodeId(2), NodeId(3)
+Packet = tuple[NodeId, NodeId, bytes]  # (from, to, payload)
+
+
+class Mesh:
+    """Engines of one view; broadcasts are queued per destination, moved by hand."""
+
+    def __init__(self, nodes: Iterable[NodeId], config: GroupConfig | None = None) -> None:
+        self.engines = {n: GroupEngine(n, config) for n in nodes}
+        self.delivered: dict[NodeId, list[Deliver]] = {n: [] for n in self.engines}
+        self.inbox: dict[NodeId, list[tuple[NodeId, bytes]]] = {n: [] for n in self.engines}
+        self.other: list[GroupEffect] = []
+        self.now = 0.0
+        for n, engine in self.engines.items():
+            self.apply(n, engine.view_installed(self.engines, self.now))
+
+    def host(self, group: str, daemons: Iterable[NodeId]) -> None:
+        members = list(daemons)
+        for engine in self.engines.values():
+            engine.set_group_daemons(group, members)
+
+    def apply(self, node: NodeId, effects: list[GroupEffect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Broadcast):
+                assert node not in effect.dests
+                for d in effect.dests:
+                    self.inbox[d].append((node, effect.payload))
+            elif isinstance(effect, Deliver):
+                self.delivered[node].append(effect)
+            else:
+                self.other.append(effect)
+
+    def send(
+        self, node: NodeId, service: S, groups: tuple[str, ...] = ("g",), body: bytes = b"x"
+    ) -> None:
+        self.apply(node, self.engines[node].submit(groups, body, service, f"#c#{node}", self.now))
+
+    def take(self, node: NodeId) -> list[tuple[NodeId, bytes]]:
+        pending, self.inbox[node] = self.inbox[node], []
+        return pending
+
+    def feed(self, node: NodeId, packets: Iterable[tuple[NodeId, bytes]]) -> None:
+        for source, payload in packets:
+            self.apply(node, self.engines[node].overlay_delivered(source, payload, self.now))
+
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        for n, engine in self.engines.items():
+            deadline = engine.next_deadline()
+            if deadline is not None and deadline <= self.now:
+                self.apply(n, engine.on_timer(self.now))
+
+    def settle(self, rng: random.Random | None = None, rounds: int = 50) -> None:
+        """Deliver everything (shuffled per destination if `rng`) and fire timers."""
+        for _ in range(rounds):
+            moved = False
+            for n in self.engines:
+                packets = self.take(n)
+                if rng is not None:
+                    rng.shuffle(packets)
+                moved |= bool(packets)
+                self.feed(n, packets)
+            self.tick(0.011)
+            idle = not any(self.inbox.values())
+            if not moved and idle and all(e.next_deadline() is None for e in self.engines.values()):
+                return
+
+    def bodies(self, node: NodeId) -> list[bytes]:
+        return [d.payload for d in self.delivered[node]]
+
+
+def test_fifo_holds_back_until_the_gap_fills() -> None:
+    m = Mesh([A, B])
+    m.host("g", [A, B])
+    for body in (b"1", b"2", b"3"):
+        m.send(A, S.FIFO, body=body)
+    assert m.bodies(A) == [b"1", b"2", b"3"]  # the sender's members get it at once
+    p1, p2, p3 = m.take(B)
+    m.feed(B, [p3])
+    assert m.bodies(B) == []
+    m.feed(B, [p1])
+    assert m.bodies(B) == [b"1"]
+    m.feed(B, [p2, p2, p1])
+    assert m.bodies(B) == [b"1", b"2", b"3"]
+    assert m.engines[B].statistics().duplicates_dropped == 2
+
+
+def test_fifo_is_numbered_per_destination_so_pruning_leaves_no_gaps() -> None:
+    m = Mesh([A, B, C])
+    m.host("gb", [B])
+    m.host("gbc", [B, C])
+    m.send(A, S.FIFO, ("gb",), b"1")
+    m.send(A, S.FIFO, ("gbc",), b"2")
+    assert len(m.inbox[C]) == 1  # pruned: C never sees message 1
+    m.settle(random.Random(1))
+    assert m.bodies(B) == [b"1", b"2"]
+    assert m.bodies(C) == [b"2"]
+    assert m.bodies(A) == []  # A hosts neither group
+
+
+def test_reliable_delivered_on_arrival_once_and_only_where_hosted() -> None:
+    m = Mesh([A, B, C])
+    m.host("g", [B])
+    m.send(A, S.RELIABLE, body=b"r")
+    m.send(A, S.UNRELIABLE, body=b"u")
+    assert m.inbox[C] == []
+    (r, u) = m.take(B)
+    m.feed(B, [u, r, r, u])
+    assert m.bodies(B) == [b"u", b"r"]
+    assert m.engines[B].statistics().duplicates_dropped == 2
+
+
+def test_causal_answer_before_question_is_held() -> None:
+    m = Mesh([A, B, C])
+    m.host("g", [A, B, C])
+    m.send(A, S.CAUSAL, body=b"question")
+    question_to_c = m.take(C)
+    m.feed(B, m.take(B))
+    m.send(B, S.CAUSAL, body=b"answer")
+    answer_to_c = m.take(C)
+    m.feed(C, answer_to_c)
+    assert m.bodies(C) == []
+    assert m.engines[C].held() == 1
+    m.feed(C, question_to_c)
+    assert m.bodies(C) == [b"question", b"answer"]
+    m.settle()
+    assert m.bodies(A) == [b"question", b"answer"]
+
+
+def test_agreed_waits_for_every_daemons_timestamp_and_idle_nulls_unblock_it() -> None:
+    m = Mesh([A, B, C])
+    m.host("g", [A, B, C])
+    m.send(A, S.AGREED, body=b"m")
+    assert m.bodies(A) == []  # B and C not heard with a timestamp >= ts(m) yet
+    m.feed(B, m.take(B))
+    assert m.bodies(B) == []  # C not heard yet
+    assert m.engines[B].next_deadline() is not None  # B owes a NULL
+    assert m.engines[C].next_deadline() is None
+    m.feed(C, m.take(C))
+    m.tick(0.011)
+    assert len(m.inbox[A]) == 2  # the NULLs of B and C
+    m.settle()
+    assert m.bodies(A) == m.bodies(B) == m.bodies(C) == [b"m"]
+    assert all(e.next_deadline() is None for e in m.engines.values())  # NULLs stop
+    assert m.engines[A].statistics().nulls_sent == 0  # the sender never owed one
+
+
+def test_null_rate_is_bounded_by_idle_ts_interval() -> None:
+    m = Mesh([A, B], GroupConfig(idle_ts_interval=0.5))
+    m.host("g", [A, B])
+    m.send(A, S.AGREED)
+    m.feed(B, m.take(B))
+    engine = m.engines[B]
+    assert engine.on_timer(0.0)  # never sent one: due at once
+    for _ in range(3):  # timestamps beyond B's NULL
+        m.send(A, S.AGREED)
+    m.feed(B, m.take(B))
+    deadline = engine.next_deadline()
+    assert deadline == pytest.approx(0.5)
+    assert engine.on_timer(0.2) == []
+    assert len(engine.on_timer(0.5)) == 1
+
+
+def test_concurrent_agreed_messages_get_one_order_everywhere() -> None:
+    for seed in range(20):
+        rng = random.Random(seed)
+        m = Mesh([A, B, C])
+        m.host("g", [A, B, C])
+        m.host("h", [B, C])
+        for i in range(12):
+            node = rng.choice([A, B, C])
+            m.send(node, rng.choice([S.AGREED, S.SAFE]), (rng.choice(["g", "h"]),), bytes([i]))
+            if rng.random() < 0.3:
+                m.settle(rng, rounds=1)
+        m.settle(rng)
+        assert len(m.bodies(B)) == 12
+        assert m.bodies(B) == m.bodies(C)
+        assert m.bodies(A) == [d.payload for d in m.delivered[B] if "g" in d.groups]
+
+
+def test_safe_waits_until_every_daemon_has_it() -> None:
+    m = Mesh([A, B, C])
+    m.host("g", [A, B, C])
+    m.send(A, S.SAFE, body=b"s")
+    m.feed(B, m.take(B))
+    m.tick(0.011)  # B answers with its timestamp (its ARU cannot cover m yet: no C)
+    m.feed(A, m.take(A))
+    assert m.bodies(A) == []  # C does not have it
+    m.feed(C, m.take(C))
+    m.tick(0.011)  # C's NULL: timestamp and ARU
+    m.feed(A, m.take(A))
+    assert m.bodies(A) == []  # B's ARU still does not cover m
+    m.feed(B, m.take(B))
+    m.tick(0.011)  # B heard C: its ARU rises, it re-advertises it
+    m.feed(A, m.take(A))
+    assert m.bodies(A) == [b"s"]
+    m.settle()
+    assert m.bodies(B) == m.bodies(C) == [b"s"]
+
+
+def test_safe_holds_back_later_agreed_messages() -> None:
+    m = Mesh([A, B])
+    m.host("g", [A, B])
+    m.send(A, S.SAFE, body=b"safe")
+    m.send(A, S.AGREED, body=b"agreed")
+    m.feed(B, m.take(B))
+    m.tick(0.011)
+    m.feed(A, m.take(A))
+    # A now heard B's ARU, which covers both; B has not heard A's ARU yet
+    assert m.bodies(B) == []
+    m.settle()
+    assert m.bodies(A) == m.bodies(B) == [b"safe", b"agreed"]
+
+
+def test_single_daemon_view_delivers_at_once() -> None:
+    m = Mesh([A])
+    m.host("g", [A])
+    m.send(A, S.SAFE, body=b"1")
+    m.send(A, S.CAUSAL, body=b"2")
+    assert m.bodies(A) == [b"1", b"2"]
+    assert m.engines[A].next_deadline() is None
+
+
+def test_hold_back_limit_breaks_the_stream_and_reports_it() -> None:
+    m = Mesh([A, B], GroupConfig(max_held_messages=2))
+    m.host("g", [A, B])
+    for i in range(5):
+        m.send(A, S.FIFO, body=bytes([i]))
+    packets = m.take(B)
+    m.feed(B, packets[1:4])  # 2 and 3 held, 4 overflows
+    engine = m.engines[B]
+    assert engine.statistics().holdback_overflow == 1
+    assert m.other[-1] == OrderingFault(A, "fifo", "hold-back limit reached")
+    m.feed(B, packets[4:])
+    assert engine.statistics().broken_stream_dropped == 1
+    assert engine.held() == 2
+
+
+def test_own_ordered_messages_are_refused_at_the_limit() -> None:
+    m = Mesh([A, B], GroupConfig(max_held_messages=4))
+    m.host("g", [A, B])
+    m.send(A, S.AGREED)
+    m.send(A, S.SAFE)
+    with pytest.raises(BufferFull):
+        m.send(A, S.AGREED)
+    m.settle()
+    m.send(A, S.AGREED)  # delivered meanwhile: room again
+
+
+def test_malformed_and_foreign_messages_are_counted_and_dropped() -> None:
+    m = Mesh([A, B])
+    engine = m.engines[B]
+    assert engine.overlay_delivered(A, b"\x10garbage", 0.0) == []
+    assert engine.statistics().malformed_dropped == 1
+    stranger = GroupNull(engine.view.view_id if engine.view else b"", 1, 1, 0)
+    assert engine.overlay_delivered(NodeId(9), encode_group(stranger), 0.0) == []
+    assert engine.statistics().not_member_dropped == 1
+
+
+def test_messages_for_a_view_not_installed_yet_wait_for_it() -> None:
+    m = Mesh([A, B])
+    m.host("g", [A, B])
+    m.apply(A, m.engines[A].view_installed([A, B], 0.0, incarnations=(2, 1)))
+    m.send(A, S.RELIABLE, body=b"early")
+    m.feed(B, m.take(B))
+    assert m.bodies(B) == []
+    assert m.engines[B].statistics().future_buffered == 1
+    m.apply(B, m.engines[B].view_installed([A, B], 0.0, incarnations=(2, 1)))
+    assert m.bodies(B) == [b"early"]
+
+
+def test_late_messages_of_a_left_view_are_dropped() -> None:
+    m = Mesh([A, B])
+    m.host("g", [A, B])
+    m.send(A, S.RELIABLE)
+    late = m.take(B)
+    m.engines[B].view_installed([A, B], 0.0, incarnations=(1, 2))
+    m.feed(B, late)
+    assert m.bodies(B) == []
+    assert m.engines[B].statistics().stale_view_dropped == 1
+
+
+def test_view_change_reports_what_cannot_be_delivered_and_restarts() -> None:
+    m = Mesh([A, B, C])
+    m.host("g", [A, B, C])
+    m.send(A, S.AGREED, body=b"stuck")
+    m.feed(B, m.take(B))
+    effects = m.engines[B].view_installed([A, B], 1.0)
+    (reset,) = effects
+    assert isinstance(reset, OrderingReset)
+    assert reset.members == (A, B)
+    assert reset.new_view_id == view_id([A, B])
+    assert [(r.source, r.service) for r in reset.undelivered] == [(A, S.AGREED)]
+    assert m.engines[B].held() == 0
+    # same members again: nothing changes
+    assert m.engines[B].view_installed([B, A], 2.0) == []
+
+
+def test_submit_is_checked() -> None:
+    engine = GroupEngine(A)
+    with pytest.raises(UsageError):
+        engine.submit(["g"], b"", S.AGREED, "#c#a", 0.0)
+    engine.view_installed([A], 0.0)
+    with pytest.raises(UsageError):
+        engine.submit([], b"", S.AGREED, "#c#a", 0.0)
+    with pytest.raises(UsageError):
+        engine.submit(["x" * 300], b"", S.AGREED, "#c#a", 0.0)
+    with pytest.raises(UsageError):
+        engine.view_installed([B], 0.0)
+
+
+def test_config_is_checked() -> None:
+    with pytest.raises(ConfigError):
+        GroupConfig(idle_ts_interval=0)
+    with pytest.raises(ConfigError):
+        GroupConfig(max_held_messages=0)
