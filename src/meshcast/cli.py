@@ -1,4 +1,4 @@
-"""The `meshcast` command: demo, daemon, bench and sim (more subcommands arrive with their layers).
+"""The `meshcast` command: demo, daemon, user, flood, bench and sim.
 
 Results go to stdout (`bench --json`: exactly one JSON object); logs and progress go to
 stderr. Exit status: 0 success, 1 runtime failure, 2 usage error.
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from meshcast.errors import MeshcastError
+from meshcast.client.cli import add_flood_command, add_user_command
 from meshcast.runtime.daemon_cli import add_daemon_command
 
 BENCH_SUITES = {
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         suite.set_defaults(handler=_bench, bench_module=module)
 
     add_daemon_command(sub)
+    add_user_command(sub)
+    add_flood_command(sub)
 
     sim = sub.add_parser("sim", help="run or replay a seeded simulator scenario")
     sim.add_argument("--scenario", required=True, help="scenario name (see --list)")

@@ -1,0 +1,53 @@
+"""Client library: the asyncio API over the client protocol (docs/client-api.md).
+
+``meshcast.connect`` is `connect` here; `meshcast.client.blocking.connect` is the
+blocking wrapper for scripts.
+"""
+
+from meshcast.client.connection import (
+    DEFAULT_QUEUE_SIZE,
+    DEFAULT_TIMEOUT,
+    Address,
+    Client,
+    ClientStatistics,
+    Event,
+    RequestRejected,
+    connect,
+    parse_address,
+    service_level,
+)
+from meshcast.errors import ClientError, MessageTooLarge, UsageError
+from meshcast.wire.client import (
+    Cause,
+    DaemonLimits,
+    ErrorCode,
+    Membership,
+    Message,
+    ServiceLevel,
+    SlowReceiverPolicy,
+    ViewId,
+)
+
+__all__ = [
+    "DEFAULT_QUEUE_SIZE",
+    "DEFAULT_TIMEOUT",
+    "Address",
+    "Cause",
+    "Client",
+    "ClientError",
+    "ClientStatistics",
+    "DaemonLimits",
+    "ErrorCode",
+    "Event",
+    "Membership",
+    "Message",
+    "MessageTooLarge",
+    "RequestRejected",
+    "ServiceLevel",
+    "SlowReceiverPolicy",
+    "UsageError",
+    "ViewId",
+    "connect",
+    "parse_address",
+    "service_level",
+]

@@ -1,0 +1,834 @@
+"""The asyncio client: one session with one daemon over the client protocol.
+
+`connect()` opens the stream (Unix socket or TCP), does the HELLO/WELCOME handshake and
+returns a `Client`. The client owns exactly one task, the reader, which decodes the
+daemon's frames, answers PINGs, settles pending requests and queues events for
+`receive()`. The reference with examples is docs/client-api.md; the frames are in
+docs/client-protocol.md.
+
+Error contract:
+
+* `UsageError` (its subclass `MessageTooLarge` for payloads): the caller's input breaks
+  the protocol or the daemon's limits (checked before anything is sent), or a call on a
+  closed client.
+* `ClientError` (`.code` is the daemon's `ErrorCode`, or 0): the daemon cannot be reached,
+  refused the handshake, ended the session, or broke the protocol.
+* `RequestRejected` (a `ClientError`, with `.request_id`): the daemon refused one request.
+  `join()` and `leave()` wait for their outcome and raise it themselves. A MULTICAST has
+  no success reply, so a rejected one is raised by the next call of `multicast`, `join`,
+  `leave`, `receive`, `receive_nowait` or `close`, once, before that call does anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, Self
+
+from meshcast.errors import ClientError, DecodeError, MessageTooLarge, UsageError
+from meshcast.wire.client import (
+    FROM_DAEMON,
+    MAX_DEST_GROUPS,
+    MIN_VERSION,
+    U16_MAX,
+    U32_MAX,
+    VERSION,
+    Cause,
+    DaemonLimits,
+    ErrorCode,
+    ErrorReport,
+    Frame,
+    FrameDecoder,
+    Goodbye,
+    Hello,
+    HelloFlag,
+    Join,
+    Leave,
+    Membership,
+    Message,
+    Multicast,
+    Ping,
+    Pong,
+    ServiceLevel,
+    SlowReceiverPolicy,
+    Welcome,
+    check_client_name,
+    check_group_name,
+    encode,
+    split_private_name,
+)
+
+log = logging.getLogger(__name__)
+
+Event = Message | Membership  # what receive() and `async for` yield
+
+DEFAULT_TIMEOUT = 5.0  # seconds: connecting, the handshake, each join/leave/ping, close
+DEFAULT_QUEUE_SIZE = 1024  # events received but not yet taken by receive()
+READ_CHUNK = 256 * 1024  # bytes asked of the socket per read
+MAX_DEFERRED_ERRORS = 256  # rejected MULTICASTs kept until a call reports them
+MAX_REMEMBERED_REQUESTS = 1024  # MULTICAST descriptions kept to name a rejected one
+
+
+class RequestRejected(ClientError):
+    """The daemon refused one request (ERROR 2xx). `.code` says why; the session goes on."""
+
+    def __init__(self, message: str, code: int, request_id: int) -> None:
+        super().__init__(message, code)
+        self.request_id = request_id  # the id `multicast()` returned, or the JOIN/LEAVE's
+
+
+# ---------------------------------------------------------------- addresses
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """Where a daemon listens for clients: ``unix:/path`` or ``tcp:host:port``."""
+
+    transport: Literal["unix", "tcp"]
+    path: str = ""  # unix only
+    host: str = ""  # tcp only
+    port: int = 0  # tcp only, 1..65535
+
+    def __str__(self) -> str:
+        if self.transport == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    """``unix:/path``, ``tcp:host:port`` (``tcp:[::1]:port`` for IPv6) or a bare path.
+
+    Raises `UsageError` naming what is wrong.
+    """
+    if not isinstance(text, str) or not text:
+        raise UsageError(f"daemon address must be a non-empty str, got {text!r}")
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise UsageError(f"daemon address {text!r}: the Unix socket path is empty")
+        return Address("unix", path=path)
+    if text.startswith("tcp:"):
+        host, sep, port_text = text[len("tcp:") :].rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host:
+            raise UsageError(f"daemon address {text!r}: expected tcp:HOST:PORT")
+        try:
+            port = int(port_text)
+        except ValueError:
+            port = 0
+        if not 1 <= port <= U16_MAX:
+            raise UsageError(f"daemon address {text!r}: port must be 1..65535, got {port_text!r}")
+        return Address("tcp", host=host, port=port)
+    return Address("unix", path=text)
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def _check_timeout(timeout: float, what: str = "timeout") -> float:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not (math.isfinite(timeout) and timeout > 0)
+    ):
+        raise UsageError(f"{what} must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _policy(policy: SlowReceiverPolicy | str) -> SlowReceiverPolicy:
+    try:
+        return SlowReceiverPolicy(policy)
+    except ValueError:
+        known = ", ".join(p.value for p in SlowReceiverPolicy)
+        raise UsageError(f"unknown slow-receiver policy {policy!r} (known: {known})") from None
+
+
+def service_level(service: ServiceLevel | int | str) -> ServiceLevel:
+    """A `ServiceLevel` from itself, its value or its name (any case); else `UsageError`."""
+    if isinstance(service, str):
+        level = ServiceLevel.__members__.get(service.upper())
+        if level is not None:
+            return level
+    elif isinstance(service, int) and not isinstance(service, bool):
+        try:
+            return ServiceLevel(service)
+        except ValueError:
+            pass
+    known = ", ".join(s.name.lower() for s in ServiceLevel)
+    raise UsageError(f"unknown service level {service!r} (known: {known})")
+
+
+def _group(name: str, limits: DaemonLimits) -> str:
+    try:
+        check_group_name(name, limits.max_group_name)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (this daemon allows {limits.max_group_name} bytes)") from None
+    return name
+
+
+def _groups(groups: str | Sequence[str], limits: DaemonLimits) -> tuple[str, ...]:
+    names = (groups,) if isinstance(groups, str) else tuple(groups)
+    if not names:
+        raise UsageError("multicast needs at least one group")
+    if len(names) > MAX_DEST_GROUPS:
+        raise UsageError(f"multicast names {len(names)} groups; at most {MAX_DEST_GROUPS}")
+    for name in names:
+        _group(name, limits)
+    if len(set(names)) != len(names):
+        twice = next(n for i, n in enumerate(names) if n in names[:i])
+        raise UsageError(f"multicast names group {twice!r} twice")
+    return names
+
+
+def _payload(payload: bytes | bytearray | memoryview, limits: DaemonLimits) -> bytes:
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise UsageError(f"payload must be bytes, not {type(payload).__name__}")
+    data = bytes(payload)
+    if len(data) > limits.max_message_size:
+        raise MessageTooLarge(
+            f"payload of {len(data)} bytes is larger than the daemon's "
+            f"max_message_size of {limits.max_message_size} bytes"
+        )
+    return data
+
+
+def _msg_type(msg_type: int) -> int:
+    if isinstance(msg_type, bool) or not isinstance(msg_type, int) or not 0 <= msg_type <= U16_MAX:
+        raise UsageError(f"msg_type must be an int within 0..{U16_MAX}, got {msg_type!r}")
+    return msg_type
+
+
+# ---------------------------------------------------------------- the client
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStatistics:
+    """Counters of one client session."""
+
+    multicasts_sent: int  # MULTICAST frames written
+    payload_bytes_sent: int  # bytes of their payloads
+    messages_received: int  # MESSAGE frames received
+    memberships_received: int  # MEMBERSHIP frames received
+    requests_rejected: int  # ERROR 2xx received
+    notices: int  # ERROR 3xx received (e.g. MESSAGES_DROPPED)
+    events_discarded: int  # events still queued, or arriving, when close() began
+    deferred_errors_lost: int  # rejected MULTICASTs beyond MAX_DEFERRED_ERRORS not reported
+    queued: int  # events waiting for receive() now
+
+
+@dataclass(slots=True)
+class _Waiter:
+    kind: Literal["join", "leave"]
+    group: str
+    future: asyncio.Future[Membership]
+
+
+class Client:
+    """A session with one daemon. Create it with `connect()`; see the module docstring.
+
+    Events (`Message`, `Membership`) are queued, at most `queue_size` of them. When the
+    queue is full the client stops reading its socket, so the daemon applies the
+    slow-receiver policy of the groups (back-pressure by default). Not thread-safe: use
+    it from the event loop it was created in (see `meshcast.client.blocking` for scripts).
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        welcome: Welcome,
+        decoder: FrameDecoder,
+        address: Address,
+        *,
+        timeout: float,
+        policy: SlowReceiverPolicy,
+        queue_size: int,
+    ) -> None:
+        """Internal: use `connect()`."""
+        self._reader = reader
+        self._writer = writer
+        self._welcome = welcome
+        self._decoder = decoder
+        self._address = address
+        self._timeout = timeout
+        self._policy = policy
+        self._queue_size = queue_size
+        self._events: deque[Event] = deque()
+        self._readable = asyncio.Event()  # an event is queued or the session ended
+        self._room = asyncio.Event()  # the queue has room (or the client is closing)
+        self._room.set()
+        self._ended = asyncio.Event()  # the reader stopped: GOODBYE, end of stream, error
+        self._failure: ClientError | None = None  # why the session ended, unless by close()
+        self._closed = False
+        self._deferred: deque[RequestRejected] = deque()
+        self._waiters: dict[int, _Waiter] = {}
+        self._pings: dict[int, asyncio.Future[None]] = {}
+        self._described: OrderedDict[int, str] = OrderedDict()
+        self._groups: set[str] = set()
+        self._ids = itertools.count(1)
+        self._nonces = itertools.count(1)
+        self._stats = {
+            "multicasts_sent": 0,
+            "payload_bytes_sent": 0,
+            "messages_received": 0,
+            "memberships_received": 0,
+            "requests_rejected": 0,
+            "notices": 0,
+            "events_discarded": 0,
+            "deferred_errors_lost": 0,
+        }
+        self._reader_task = asyncio.get_running_loop().create_task(
+            self._read_loop(), name=f"meshcast-client-reader {welcome.private_name}"
+        )
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def private_name(self) -> str:
+        """This session's unique name, ``#client#daemon``, as other members see it."""
+        return self._welcome.private_name
+
+    @property
+    def name(self) -> str:
+        """The client part of the private name (the one asked for, or the daemon's pick)."""
+        return split_private_name(self._welcome.private_name)[0]
+
+    @property
+    def daemon_name(self) -> str:
+        return split_private_name(self._welcome.private_name)[1]
+
+    @property
+    def limits(self) -> DaemonLimits:
+        """The daemon's limits from WELCOME; requests are checked against them early."""
+        return self._welcome.limits
+
+    @property
+    def version(self) -> int:
+        """The protocol version agreed in the handshake."""
+        return self._welcome.version
+
+    @property
+    def address(self) -> str:
+        return str(self._address)
+
+    @property
+    def groups(self) -> frozenset[str]:
+        """Groups this client is a member of (as confirmed by the daemon)."""
+        return frozenset(self._groups)
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` has been called."""
+        return self._closed
+
+    def statistics(self) -> ClientStatistics:
+        return ClientStatistics(**self._stats, queued=len(self._events))
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "ended" if self._failure else "open"
+        return f"<Client {self.private_name} at {self._address} {state}>"
+
+    # ------------------------------------------------------------ requests
+
+    async def join(
+        self, group: str, *, policy: SlowReceiverPolicy | str | None = None
+    ) -> Membership:
+        """Join `group` and wait for the daemon's answer; return the new view.
+
+        `policy` is the slow-receiver policy for this group (default: the one given to
+        `connect`). The confirming MEMBERSHIP is also queued as an event, in its place.
+        Raises `UsageError` (bad name, already a member, too many groups),
+        `RequestRejected`, or `ClientError` (session over, no answer within the timeout).
+        """
+        self._check_usable()
+        _group(group, self.limits)
+        chosen = self._policy if policy is None else _policy(policy)
+        joining = {w.group for w in self._waiters.values() if w.kind == "join"}
+        if group in self._groups or group in joining:
+            raise UsageError(f"already a member of group {group!r} (or joining it)")
+        if len(self._groups | joining) >= self.limits.max_groups_per_client:
+            raise UsageError(
+                f"cannot join {group!r}: the daemon allows "
+                f"{self.limits.max_groups_per_client} groups per client"
+            )
+        request_id = self._next_request_id()
+        return await self._request(Join(group, chosen, request_id), "join", group)
+
+    async def leave(self, group: str) -> Membership:
+        """Leave `group` and wait for the daemon's answer; return the view without us.
+
+        No MESSAGE of `group` follows the returned MEMBERSHIP (which is also queued as an
+        event), unless it also named a group this client is still in. Raises
+        `UsageError` (not a member), `RequestRejected` or `ClientError`.
+        """
+        self._check_usable()
+        _group(group, self.limits)
+        if group not in self._groups:
+            raise UsageError(f"not a member of group {group!r}")
+        if any(w.group == group and w.kind == "leave" for w in self._waiters.values()):
+            raise UsageError(f"already leaving group {group!r}")
+        request_id = self._next_request_id()
+        return await self._request(Leave(group, request_id), "leave", group)
+
+    async def multicast(
+        self,
+        groups: str | Sequence[str],
+        payload: bytes | bytearray | memoryview,
+        *,
+        service: ServiceLevel | int | str = ServiceLevel.RELIABLE,
+        msg_type: int = 0,
+    ) -> int:
+        """Send `payload` to every member of `groups` (one name or several); return its id.
+
+        The sender need not be a member. Returns once the frame is handed to the socket
+        (waiting while the socket's buffer is full). Checked first, raising `UsageError`:
+        the group names (characters, the daemon's `max_group_name`, 1..256 distinct),
+        `service`, `msg_type` (u16) and the payload size against the daemon's
+        `max_message_size` (`MessageTooLarge`). A later rejection by the daemon is raised
+        as `RequestRejected` (with this id) by a later call.
+        """
+        self._check_usable()
+        names = _groups(groups, self.limits)
+        data = _payload(payload, self.limits)
+        level = service_level(service)
+        tag = _msg_type(msg_type)
+        request_id = self._next_request_id()
+        self._described[request_id] = (
+            f"MULTICAST {request_id} of {len(data)} bytes to {', '.join(map(repr, names))}"
+        )
+        while len(self._described) > MAX_REMEMBERED_REQUESTS:
+            self._described.popitem(last=False)
+        await self._write(Multicast(names, data, level, tag, request_id))
+        self._stats["multicasts_sent"] += 1
+        self._stats["payload_bytes_sent"] += len(data)
+        return request_id
+
+    async def ping(self) -> float:
+        """Round-trip time to the daemon in seconds (PING/PONG). `ClientError` on timeout."""
+        self._check_usable()
+        loop = asyncio.get_running_loop()
+        nonce = next(self._nonces)
+        pong: asyncio.Future[None] = loop.create_future()
+        self._pings[nonce] = pong
+        start = loop.time()
+        try:
+            await self._write(Ping(nonce))
+            async with asyncio.timeout(self._timeout):
+                await pong
+        except TimeoutError:
+            raise ClientError(
+                f"no PONG from daemon at {self._address} within {self._timeout} s"
+            ) from None
+        finally:
+            self._pings.pop(nonce, None)
+        return loop.time() - start
+
+    # ------------------------------------------------------------ events
+
+    async def receive(self) -> Event:
+        """The next event, waiting for one.
+
+        Raises `UsageError` once the client is closed, `RequestRejected` for a rejected
+        MULTICAST, and `ClientError` once the session ended (after every event queued
+        before the end has been received).
+        """
+        while True:
+            event = self.receive_nowait()
+            if event is not None:
+                return event
+            self._readable.clear()
+            await self._readable.wait()
+
+    def receive_nowait(self) -> Event | None:
+        """The next queued event, or None if there is none yet (same errors as `receive`)."""
+        if self._closed:
+            raise UsageError(f"client {self.private_name} is closed")
+        self._raise_deferred()
+        if self._events:
+            event = self._events.popleft()
+            self._room.set()
+            return event
+        if self._failure is not None:
+            raise ClientError(str(self._failure), self._failure.code)
+        return None
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Event:
+        """Events until `close()` is called; a session ended by the daemon raises."""
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            return await self.receive()
+        except UsageError:
+            if self._closed:  # closed while waiting
+                raise StopAsyncIteration from None
+            raise
+
+    # ------------------------------------------------------------ closing
+
+    async def close(self) -> None:
+        """End the session: GOODBYE, then wait (at most the timeout) for the daemon's.
+
+        Events not yet received are discarded. After the daemon's GOODBYE each request
+        either took effect or was rejected: an unreported rejection is raised here as
+        `RequestRejected`, after the connection is closed. Calling it again does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._stats["events_discarded"] += len(self._events)
+        self._events.clear()
+        self._room.set()  # a reader blocked on a full queue goes on (and discards)
+        self._readable.set()
+        try:
+            if not self._ended.is_set():
+                async with asyncio.timeout(self._timeout):
+                    await self._write_raw(encode(Goodbye()))
+                    await self._ended.wait()
+        except TimeoutError:
+            log.warning(
+                "no GOODBYE from daemon at %s within %s s; closing anyway",
+                self._address,
+                self._timeout,
+            )
+        except ClientError as exc:
+            log.debug("closing %s: %s", self.private_name, exc)
+        finally:
+            await self._shutdown()
+        self._raise_deferred()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            await self.close()
+            return
+        try:  # an exception is on its way out: it wins over a late rejection
+            await self.close()
+        except ClientError as late:
+            log.warning("while closing %s after an error: %s", self.private_name, late)
+
+    async def _shutdown(self) -> None:
+        """Stop the reader, close the socket and fail whatever still waits."""
+        self._reader_task.cancel()
+        await asyncio.wait([self._reader_task])
+        self._writer.close()
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._writer.wait_closed()
+        except (OSError, TimeoutError) as exc:
+            log.debug("closing the socket to %s: %r", self._address, exc)
+        self._fail_waiters(UsageError(f"client {self.private_name} is closed"))
+
+    # ------------------------------------------------------------ internals
+
+    def _next_request_id(self) -> int:
+        request_id = next(self._ids)
+        if request_id > U32_MAX:  # wrap around; 0 means "not tracked"
+            self._ids = itertools.count(2)
+            request_id = 1
+        return request_id
+
+    def _check_usable(self) -> None:
+        """Raise what a request must raise before it does anything."""
+        if self._closed:
+            raise UsageError(f"client {self.private_name} is closed")
+        self._raise_deferred()
+        if self._failure is not None:
+            raise ClientError(str(self._failure), self._failure.code)
+
+    def _raise_deferred(self) -> None:
+        if self._deferred:
+            raise self._deferred.popleft()
+
+    async def _request(
+        self, frame: Join | Leave, kind: Literal["join", "leave"], group: str
+    ) -> Membership:
+        future: asyncio.Future[Membership] = asyncio.get_running_loop().create_future()
+        self._waiters[frame.request_id] = _Waiter(kind, group, future)
+        try:
+            await self._write(frame)
+            async with asyncio.timeout(self._timeout):
+                return await future
+        except TimeoutError:
+            hint = (
+                f"; the receive queue is full ({len(self._events)} events unread)"
+                if len(self._events) >= self._queue_size
+                else ""
+            )
+            raise ClientError(
+                f"no answer from daemon at {self._address} to {kind.upper()} {group!r} "
+                f"within {self._timeout} s{hint}"
+            ) from None
+        finally:
+            self._waiters.pop(frame.request_id, None)
+
+    async def _write(self, frame: Frame) -> None:
+        try:
+            data = encode(frame)
+        except ValueError as exc:  # the checks above should have caught it
+            raise UsageError(str(exc)) from None
+        self._check_usable()
+        await self._write_raw(data)
+
+    async def _write_raw(self, data: bytes) -> None:
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: transport already closed
+            failure = ClientError(f"connection to daemon at {self._address} lost: {exc}")
+            self._end(failure)
+            raise ClientError(str(failure)) from exc
+
+    def _end(self, failure: ClientError | None) -> None:
+        """The session is over (`failure` None: by the GOODBYE handshake)."""
+        if failure is not None and self._failure is None and not self._closed:
+            self._failure = failure
+        self._ended.set()
+        self._readable.set()
+        self._fail_waiters(failure or ClientError(f"daemon at {self._address} said GOODBYE"))
+
+    def _fail_waiters(self, error: Exception) -> None:
+        for waiter in self._waiters.values():
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+        for pong in self._pings.values():
+            if not pong.done():
+                pong.set_exception(error)
+
+    async def _read_loop(self) -> None:
+        try:
+            while await self._take_frames():
+                chunk = await self._reader.read(READ_CHUNK)
+                if not chunk:
+                    self._decoder.end_of_stream()
+                    self._end(ClientError(f"daemon at {self._address} closed the connection"))
+                    return
+                self._decoder.feed(chunk)
+        except DecodeError as exc:
+            self._end(
+                ClientError(
+                    f"malformed frame from daemon at {self._address}: {exc}",
+                    ErrorCode.BAD_FRAME,
+                )
+            )
+        except OSError as exc:
+            self._end(ClientError(f"connection to daemon at {self._address} lost: {exc}"))
+        finally:
+            if self._failure is not None:
+                self._writer.close()
+            self._ended.set()
+
+    async def _take_frames(self) -> bool:
+        """Handle the frames decoded so far; False once the session is over."""
+        for frame in self._decoder:
+            match frame:
+                case Message():
+                    self._stats["messages_received"] += 1
+                    await self._enqueue(frame)
+                case Membership():
+                    self._stats["memberships_received"] += 1
+                    self._on_membership(frame)
+                    await self._enqueue(frame)
+                case ErrorReport():
+                    if not self._on_error(frame):
+                        return False
+                case Ping(nonce):
+                    self._writer.write(encode(Pong(nonce)))
+                case Pong(nonce):
+                    pong = self._pings.get(nonce)
+                    if pong is not None and not pong.done():
+                        pong.set_result(None)
+                case Goodbye():
+                    self._end(
+                        None
+                        if self._closed
+                        else ClientError(f"daemon at {self._address} sent GOODBYE unasked")
+                    )
+                    return False
+                case _:
+                    raise DecodeError(f"unexpected {type(frame).__name__} after the handshake")
+        return True
+
+    def _on_membership(self, view: Membership) -> None:
+        if view.who != (self.private_name,) or view.cause not in (Cause.JOIN, Cause.LEAVE):
+            return
+        kind: Literal["join", "leave"] = "join" if view.cause == Cause.JOIN else "leave"
+        if kind == "join":
+            self._groups.add(view.group)
+        else:
+            self._groups.discard(view.group)
+        for waiter in self._waiters.values():
+            if waiter.kind == kind and waiter.group == view.group and not waiter.future.done():
+                waiter.future.set_result(view)
+                break
+
+    def _on_error(self, report: ErrorReport) -> bool:
+        """Route an ERROR; False if it ends the session."""
+        code = report.code
+        if code.ends_session:
+            self._end(
+                ClientError(
+                    f"daemon at {self._address} ended the session: "
+                    f"{code.name} ({code.value}): {report.text}",
+                    code,
+                )
+            )
+            return False
+        if code >= 300:
+            self._stats["notices"] += 1
+            log.warning("daemon at %s: %s: %s", self._address, code.name, report.text)
+            return True
+        self._stats["requests_rejected"] += 1
+        waiter = self._waiters.get(report.request_id)
+        what = (
+            f"{waiter.kind.upper()} {waiter.group!r}"
+            if waiter is not None
+            else self._described.pop(report.request_id, f"request {report.request_id}")
+        )
+        error = RequestRejected(
+            f"daemon at {self._address} rejected {what}: {code.name} ({code.value}): {report.text}",
+            code,
+            report.request_id,
+        )
+        if waiter is not None and not waiter.future.done():
+            waiter.future.set_exception(error)
+        elif len(self._deferred) < MAX_DEFERRED_ERRORS:
+            self._deferred.append(error)
+        else:
+            self._stats["deferred_errors_lost"] += 1
+            log.warning("%s (not reported: too many unreported rejections)", error)
+        return True
+
+    async def _enqueue(self, event: Event) -> None:
+        while len(self._events) >= self._queue_size and not self._closed:
+            self._room.clear()
+            await self._room.wait()
+        if self._closed:
+            self._stats["events_discarded"] += 1
+            return
+        self._events.append(event)
+        self._readable.set()
+
+
+# ---------------------------------------------------------------- connecting
+
+
+async def connect(
+    address: str,
+    *,
+    name: str = "",
+    timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - also bounds later requests and close
+    policy: SlowReceiverPolicy | str = SlowReceiverPolicy.BLOCK,
+    membership: bool = True,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
+) -> Client:
+    """Connect to the daemon at `address` and do the handshake.
+
+    `address`: ``unix:/path``, ``tcp:host:port`` or a bare path (Unix socket). `name`:
+    the client name wanted (1..32 bytes, no '#', whitespace or control characters), or
+    "" to let the daemon pick. `timeout` bounds connecting plus the handshake, and later
+    each join, leave, ping and close. `policy` is the default slow-receiver policy of
+    joins. `membership`: deliver every MEMBERSHIP of our groups (else only those that
+    answer our own JOIN and LEAVE). `queue_size` bounds the events not yet received.
+
+    Raises `UsageError` for bad arguments, `ClientError` if the daemon cannot be reached
+    or does not answer in time (the message names the address), and `ClientError` with
+    the daemon's `.code` if it refuses (e.g. NAME_IN_USE, UNSUPPORTED_VERSION).
+    """
+    where = parse_address(address)
+    try:
+        check_client_name(name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    limit = _check_timeout(timeout)
+    chosen = _policy(policy)
+    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+        raise UsageError(f"queue_size must be a positive int, got {queue_size!r}")
+    try:
+        async with asyncio.timeout(limit):
+            if where.transport == "unix":
+                reader, writer = await asyncio.open_unix_connection(where.path)
+            else:
+                reader, writer = await asyncio.open_connection(where.host, where.port)
+    except TimeoutError:
+        raise ClientError(
+            f"cannot reach daemon at {where}: no connection within {limit} s"
+        ) from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ClientError(f"cannot reach daemon at {where}: {reason}") from None
+    flags = HelloFlag.MEMBERSHIP if membership else HelloFlag(0)
+    try:
+        async with asyncio.timeout(limit):
+            welcome, decoder = await _handshake(reader, writer, Hello(name, flags=flags), where)
+    except TimeoutError:
+        writer.close()
+        raise ClientError(f"daemon at {where} did not answer HELLO within {limit} s") from None
+    except BaseException:
+        writer.close()
+        raise
+    return Client(
+        reader, writer, welcome, decoder, where, timeout=limit, policy=chosen, queue_size=queue_size
+    )
+
+
+async def _handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: Hello, where: Address
+) -> tuple[Welcome, FrameDecoder]:
+    """Send HELLO, wait for WELCOME. Frames after the WELCOME stay in the decoder."""
+    decoder = FrameDecoder(accept=FROM_DAEMON)
+    try:
+        writer.write(encode(hello))
+        await writer.drain()
+        while True:
+            try:
+                frame = decoder.next_frame()
+            except DecodeError as exc:
+                raise ClientError(
+                    f"malformed handshake reply from daemon at {where}: {exc}",
+                    ErrorCode.BAD_FRAME,
+                ) from None
+            if frame is not None:
+                break
+            chunk = await reader.read(READ_CHUNK)
+            if not chunk:
+                raise ClientError(f"daemon at {where} closed the connection during the handshake")
+            decoder.feed(chunk)
+    except OSError as exc:
+        raise ClientError(f"connection to daemon at {where} lost in the handshake: {exc}") from None
+    match frame:
+        case Welcome(version=version) if MIN_VERSION <= version <= VERSION:
+            decoder.max_frame_size = frame.limits.max_frame_size
+            return frame, decoder
+        case Welcome(version=version):
+            raise ClientError(
+                f"daemon at {where} chose protocol version {version}, "
+                f"outside this client's {MIN_VERSION}..{VERSION}",
+                ErrorCode.UNSUPPORTED_VERSION,
+            )
+        case ErrorReport(code=code, text=text):
+            raise ClientError(
+                f"daemon at {where} refused the connection: {code.name} ({code.value}): {text}",
+                code,
+            )
+    raise ClientError(
+        f"daemon at {where} answered HELLO with {type(frame).__name__}",
+        ErrorCode.UNEXPECTED_FRAME,
+    )
