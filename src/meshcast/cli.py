@@ -13,8 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from meshcast.errors import MeshcastError
 from meshcast.client.cli import add_flood_command, add_user_command
+from meshcast.errors import MeshcastError
 from meshcast.runtime.daemon_cli import add_daemon_command
 
 BENCH_SUITES = {
