@@ -10,9 +10,14 @@
 * `dynamic`: `--events` random joins and leaves on a universe of 300 nodes; after each
   event the kept rate as a ratio to a rebuild from scratch, and the members re-parented.
   `claims_only` repeats the run without the local rate-raising repair.
-* `pacing` (source rate held to the bottleneck, measured in the simulator over the real
-  overlay) is not produced here yet: it needs `meshcast.sim` and the overlay node; see
-  `_PACING_KEY`.
+* `pacing`: in the simulator, over real overlay daemons (`meshcast.bench.pacing`): one
+  source streams `--pacing-messages` reliable 1 KiB messages over its max-throughput
+  tree to five daemons behind shared access links, with the source paced at the tree's
+  rate (`paced`) and not (`unpaced`): slowest receiver's goodput, access-queue drops,
+  link retransmissions, queue high-water mark, latency.
+* `policies`: the same stream over the `max-throughput`, `shortest-path` and `fanout`
+  trees, each paced and unpaced.
+* `pacing_by_source`: with `--pacing-source all`, both of the above for every source.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from meshcast.bench.overlay import sites
+from meshcast.bench.pacing import DEFAULT_MESSAGES, DEFAULT_SOURCE, measure_pacing
 from meshcast.overlay.tree import (
     DynamicConfig,
     DynamicTree,
@@ -60,8 +67,7 @@ OPTIMAL_TOLERANCE = 1e-9
 RANDOM_SOURCE = InstanceModel()
 # a server-like source: the top of the uplink range, so the tree, not the source, sets the rate
 SERVER_SOURCE = InstanceModel(source_uplink=RANDOM_SOURCE.low * 10**RANDOM_SOURCE.decades)
-# The suite's fourth key, "pacing", is added once the simulator and overlay can measure it.
-_PACING_KEY = "pacing"
+QUICK_PACING_MESSAGES = 1_000
 
 # the patent's construction alone: one growth per target, triangular moves only
 PATENT_ONLY = SearchConfig(improvement=TRIANGULAR, warm_start_candidates=0, source_alternatives=0)
@@ -90,14 +96,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="quality instances get a server-like source (always used for scale and dynamic)",
     )
     parser.add_argument(
-        "--plot", type=Path, metavar="DIR", help="save rate-vs-n and churn plots (PNG) here"
+        "--plot", type=Path, metavar="DIR", help="save rate-vs-n, churn and pacing plots (PNG) here"
     )
+    parser.add_argument(
+        "--pacing-messages",
+        type=_messages,
+        default=DEFAULT_MESSAGES,
+        help=f"1 KiB messages per pacing run (default {DEFAULT_MESSAGES}; "
+        f"{QUICK_PACING_MESSAGES} with --quick)",
+    )
+    parser.add_argument(
+        "--pacing-source",
+        default=DEFAULT_SOURCE,
+        choices=[*(s.name for s in sites()), "all"],
+        help=f"source site of the pacing runs (default {DEFAULT_SOURCE}); 'all' also "
+        "measures every site as the source (pacing_by_source)",
+    )
+
+
+def _messages(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     instances, events, repeats = args.instances, args.events, args.repeats
+    pacing_messages = args.pacing_messages
     if args.quick:
         instances, events, repeats = min(instances, 100), min(events, 200), 1
+        pacing_messages = min(pacing_messages, QUICK_PACING_MESSAGES)
     quality_model = SERVER_SOURCE if args.server_source else RANDOM_SOURCE
     quality, tight_share = _quality(instances, args.seed, quality_model)
     build, build_max = _build_seconds(repeats, args.seed)
@@ -106,11 +135,25 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     dynamic["claims_only"] = claims_only
     if args.plot is not None:
         _plot(args.plot, args.seed, trace, claims_trace)
-    return {
+    everywhere = args.pacing_source == "all"
+    headline = DEFAULT_SOURCE if everywhere else args.pacing_source
+    pacing = measure_pacing(headline, pacing_messages, plot=args.plot)
+    result: dict[str, object] = {
         "quality": quality,
         "build_seconds": build,
         "dynamic": dynamic,
-        # _PACING_KEY: not measured by this module (needs sim + overlay), never estimated here
+        "pacing": {"paced": pacing["paced"], "unpaced": pacing["unpaced"]},
+        "policies": pacing["policies"],
+    }
+    if everywhere:
+        by_source: dict[str, object] = {}
+        for site in sites():
+            measured = (
+                pacing if site.name == headline else measure_pacing(site.name, pacing_messages)
+            )
+            by_source[site.name] = {k: v for k, v in measured.items() if k != "setup"}
+        result["pacing_by_source"] = by_source
+    return result | {
         "setup": {
             "quality_instances": instances,
             "quality_n": list(QUALITY_SIZES),
@@ -121,6 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "sparse_peers": SCALE_SPARSE_PEERS,
             "dynamic_universe": DYNAMIC_UNIVERSE,
             "dynamic_events": events,
+            "pacing": pacing["setup"],
         },
     }
 

@@ -14,7 +14,7 @@ METHODS = {"max_throughput", "shortest_path", "star", "random", "widest_path"}
 def run_small(plot: Path | None) -> dict[str, object]:
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    argv = ["--instances", "12", "--events", "12", "--repeats", "1"]
+    argv = ["--instances", "12", "--events", "12", "--repeats", "1", "--pacing-messages", "200"]
     if plot is not None:
         argv += ["--plot", str(plot)]
     return bench.run(parser.parse_args(argv))
@@ -37,6 +37,14 @@ def test_suite_returns_the_documented_keys_and_plots(tmp_path: Path) -> None:
     assert isinstance(dynamic, dict)
     assert dynamic["mean_rate_ratio"] > 0
     assert dynamic["mean_reparented"] >= 0
-    assert "pacing" not in result  # produced by the simulator suite, never estimated here
+    pacing = result["pacing"]
+    assert isinstance(pacing, dict)
+    assert set(pacing) >= {"paced", "unpaced"}
+    assert pacing["paced"]["drops"] == 0
+    assert pacing["paced"]["goodput_mbps"] > 0
+    policies = result["policies"]
+    assert isinstance(policies, dict)
+    assert set(policies) >= {"max-throughput", "shortest-path", "fanout"}
+    assert (tmp_path / "tree_pacing.png").stat().st_size > 0
     assert (tmp_path / "tree_rate_vs_n.png").stat().st_size > 0
     assert (tmp_path / "tree_churn.png").stat().st_size > 0
