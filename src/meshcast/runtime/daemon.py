@@ -27,10 +27,23 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from meshcast.config import ClusterConfig, DaemonSpec, Emulation
 from meshcast.errors import BufferFull, ConfigError, MeshcastError, UsageError
+from meshcast.group import Broadcast, GroupEngine, GroupStats, OrderingFault, OrderingReset
+from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipStats
+from meshcast.group.sessions import (
+    ClientConnected,
+    ClientDisconnected,
+    CloseConnection,
+    SendBytes,
+    SessionConfig,
+    SessionEffect,
+    SessionStats,
+    SessionTable,
+)
 from meshcast.ids import NodeId
 from meshcast.link import LinkConfig, LinkStats, Transmit
 from meshcast.overlay.node import (
@@ -49,8 +62,10 @@ from meshcast.overlay.view import View
 from meshcast.runtime.datagram import open_endpoint
 from meshcast.runtime.impair import ImpairedSender, Impairment
 from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
+from meshcast.runtime.sessions import ClientServer, default_socket_path
 from meshcast.runtime.stats import ImpairmentStats
 from meshcast.runtime.udp import DEFAULT_SOCKET_BUFFER_BYTES, Address, open_udp_socket
+from meshcast.wire.client import DaemonLimits
 from meshcast.wire.packet import U32_MAX
 
 log = logging.getLogger(__name__)
@@ -63,6 +78,16 @@ PROBE_MAGIC = b"MCPROBE1"
 _PROBE = struct.Struct("!8sQd")  # magic, probe number, sender's wall clock (s)
 _QUARANTINE_INTERVAL = 0.05  # s: timer back-off after the node raised in on_timer
 _LOOPBACK = "127.0.0.1"  # what a configured "localhost" binds to and sends from
+
+
+@dataclass(frozen=True, slots=True)
+class ClientListen:
+    """Where a daemon accepts client sessions (docs/design/daemon.md, "Client sessions")."""
+
+    # the Unix socket: None = the default path (`default_socket_path`), "" = no Unix socket
+    unix_path: str | None = None
+    tcp_port: int | None = None  # None: no TCP; 0: an ephemeral port (logged)
+    tcp_host: str = _LOOPBACK
 
 
 # ---------------------------------------------------------------------- configuration
@@ -236,7 +261,11 @@ class DaemonStats:
     probes_skipped: int = 0  # probes not sent because the source's outbox was full
     probes_received: int = 0  # probes delivered here
     other_delivered: int = 0  # overlay messages delivered here that are not probes
+    group_broadcasts_lost: int = 0  # group messages the overlay outbox refused
     view_members: tuple[int, ...] | None = None  # members of the current view
+    sessions: SessionStats = field(default_factory=SessionStats)
+    group: GroupStats = field(default_factory=GroupStats)
+    membership: MembershipStats = field(default_factory=MembershipStats)
     overlay: OverlayStats = field(default_factory=OverlayStats)
     links: dict[NodeId, LinkStats] = field(default_factory=dict)  # per neighbour
     impairment: dict[NodeId, ImpairmentStats] = field(default_factory=dict)  # emulated links
@@ -264,6 +293,7 @@ class OverlayDaemon:
         *,
         probe_interval: float | None,
         incarnation: int,
+        clients: ClientListen | None = None,
     ) -> None:
         """Use `open`: the daemon is not usable before it has a socket."""
         if probe_interval is not None and not (
@@ -284,6 +314,20 @@ class OverlayDaemon:
         )
         self.events = EventLog(name, self.local)
         self._log = NodeLogAdapter(log, self.local)
+        limits = config.limits
+        self.sessions = SessionTable(
+            name,
+            GroupMembership(GroupEngine(self.local)),
+            SessionConfig(
+                DaemonLimits(
+                    limits.max_message_size, limits.max_group_name, limits.max_groups_per_client
+                ),
+                limits.max_clients,
+            ),
+        )
+        self.clients = clients if clients is not None else ClientListen()
+        self.client_server: ClientServer | None = None
+        self._group_broadcasts_lost = 0
         self._loop = asyncio.get_running_loop()
         self._names = {NodeId(d.node_id): d.name for d in config.daemons}
         self._addresses: dict[NodeId, Address] = {}
@@ -335,13 +379,16 @@ class OverlayDaemon:
         *,
         probe_interval: float | None = None,
         incarnation: int | None = None,
+        clients: ClientListen | None = None,
     ) -> OverlayDaemon:
-        """Bind the daemon's configured host:port. Raises `ConfigError` or `OSError`."""
+        """Bind the daemon's configured host:port and its client sockets. Raises
+        `ConfigError` or `OSError`."""
         daemon = cls(
             config,
             name,
             probe_interval=probe_interval,
             incarnation=incarnation_now() if incarnation is None else incarnation,
+            clients=clients,
         )
         sock = open_udp_socket(daemon_address(daemon.spec), DEFAULT_SOCKET_BUFFER_BYTES)
         transport, sockname = await open_endpoint(
@@ -352,7 +399,31 @@ class OverlayDaemon:
             daemon._on_connection_lost,
         )
         daemon._attach(transport, sockname)
+        try:
+            await daemon._open_clients()
+        except BaseException:
+            await daemon.aclose()
+            raise
         return daemon
+
+    async def _open_clients(self) -> None:
+        server = ClientServer(self.sessions, self._run_session_input, can_submit=self._can_submit)
+        self.client_server = server
+        listen = self.clients
+        if listen.unix_path == "":
+            pass
+        elif listen.unix_path is None:
+            # The default path is a convenience: another daemon of the same name on this
+            # machine (a second cluster, a test run) may hold it. Then serve without it.
+            path = default_socket_path(self.spec.name)
+            try:
+                await server.start_unix(path, default_dir=True)
+            except OSError as exc:
+                self.events.error("clients_unix_unavailable", path=str(path), error=str(exc))
+        else:
+            await server.start_unix(Path(listen.unix_path), default_dir=False)
+        if listen.tcp_port is not None:
+            await server.start_tcp(listen.tcp_host, listen.tcp_port)
 
     def _attach(self, transport: asyncio.DatagramTransport, sockname: tuple[str, int]) -> None:
         self._transport = transport
@@ -410,6 +481,18 @@ class OverlayDaemon:
             view_settle_interval=self.node.config.view_settle_interval,
             probe_interval=self.probe_interval,
         )
+        server = self.client_server
+        self.events.emit(
+            "clients_listening",
+            unix_path=None if server is None or server.unix_path is None else str(server.unix_path),
+            tcp_host=None
+            if server is None or server.tcp_address is None
+            else server.tcp_address[0],
+            tcp_port=None
+            if server is None or server.tcp_address is None
+            else server.tcp_address[1],
+            max_clients=self.config.limits.max_clients,
+        )
         self._run_input("start", lambda now: self.node.start(now))
         async with asyncio.TaskGroup() as tasks:
             probes = (
@@ -421,6 +504,9 @@ class OverlayDaemon:
             if probes is not None:
                 probes.cancel()
         self.events.emit("daemon_stopping", reason=self._stop_reason)
+        self._run_session_input("shutdown", self.sessions.shutdown)
+        if self.client_server is not None:
+            await self.client_server.aclose()
         started = self._loop.time()
         drained = self._failure is None and await self._drain(DRAIN_TIMEOUT)
         drain_seconds = self._loop.time() - started
@@ -452,6 +538,8 @@ class OverlayDaemon:
     async def aclose(self) -> None:
         """`close`, then wait until the transport has let go of the socket."""
         self.close()
+        if self.client_server is not None:
+            await self.client_server.aclose()
         await asyncio.shield(self._lost)
 
     async def _drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - the bound is the point
@@ -494,6 +582,10 @@ class OverlayDaemon:
             probes_skipped=self._probes_skipped,
             probes_received=self._probes_received,
             other_delivered=self._other_delivered,
+            group_broadcasts_lost=self._group_broadcasts_lost,
+            sessions=self.sessions.statistics(),
+            group=self.sessions.membership.engine.statistics(),
+            membership=self.sessions.membership.statistics(),
             view_members=None if view is None else tuple(int(m) for m in view.members),
             overlay=replace(self.node.stats),
             links={peer: endpoint.link(peer).statistics() for peer in endpoint.peers},
@@ -534,6 +626,9 @@ class OverlayDaemon:
             self._quarantine_until = now + _QUARANTINE_INTERVAL
         else:
             self._apply(effects)
+        deadline = self.sessions.next_deadline()
+        if deadline is not None and deadline <= now:
+            self._run_session_input("group on_timer", self.sessions.on_timer)
         self._settle()
 
     def _run_input(self, where: str, feed: Callable[[float], list[OverlayEffect]]) -> None:
@@ -627,6 +722,11 @@ class OverlayDaemon:
                     **self._describe_view(view),
                     tree=self._describe_tree(self.node.routing.tree(self.local)),
                 )
+                self._run_session_input(
+                    "view_installed",
+                    lambda now: self.sessions.view_installed(view.members, now, view.incarnations),
+                    settle=False,
+                )
             case ViewAgreed(view):
                 self.events.emit("view_agreed", **self._describe_view(view))
 
@@ -634,6 +734,12 @@ class OverlayDaemon:
         payload = delivered.payload
         if len(payload) != _PROBE.size or not payload.startswith(PROBE_MAGIC):
             self._other_delivered += 1
+            source = delivered.source
+            self._run_session_input(
+                "overlay_delivered",
+                lambda now: self.sessions.overlay_delivered(source, payload, now),
+                settle=False,
+            )
             return
         _, number, sent_at = _PROBE.unpack(payload)
         self._probes_received += 1
@@ -671,6 +777,87 @@ class OverlayDaemon:
             "rate_bps": tree.rate_bps,
         }
 
+    # ------------------------------------------------------------------ client sessions
+
+    def _can_submit(self) -> bool:
+        """May local clients' requests be taken now (the overlay outbox has room)?"""
+        return self.node.can_multicast()
+
+    def _run_session_input(
+        self,
+        where: str,
+        feed: Callable[[float], list[SessionEffect]],
+        *,
+        settle: bool = True,
+    ) -> None:
+        """One input of the session table / membership / engine, in the bulkhead."""
+        if self._closed:
+            return
+        try:
+            effects = feed(self._now())
+        except Exception:
+            self._contain(where)
+        else:
+            self._apply_sessions(effects)
+        if settle:
+            self._settle()
+
+    def _apply_sessions(self, effects: list[SessionEffect]) -> None:
+        server = self.client_server
+        for effect in effects:
+            match effect:
+                case Broadcast(dests, payload):
+                    try:
+                        overlay = self.node.multicast(dests, payload, self._now())
+                    except BufferFull:
+                        self._group_broadcasts_lost += 1
+                        self._log.warning("overlay outbox full: a group message is lost")
+                        continue
+                    except UsageError as exc:  # leaving: the view is going away anyway
+                        self._group_broadcasts_lost += 1
+                        self._log.debug("group message not sent: %s", exc)
+                        continue
+                    self._apply(overlay)
+                case SendBytes(conn, data):
+                    if server is not None:
+                        server.send(conn, data)
+                case CloseConnection(conn, abort):
+                    if server is not None:
+                        server.close_connection(conn, abort)
+                case ClientConnected(conn, name, version):
+                    self.events.emit("client_connected", conn=conn, client=name, version=version)
+                case ClientDisconnected(conn, name, reason, groups):
+                    self.events.emit(
+                        "client_disconnected",
+                        conn=conn,
+                        client=name,
+                        reason=reason,
+                        groups=list(groups),
+                    )
+                case MembershipChanged(group, view_id, members, cause, who, hosts):
+                    self.events.emit(
+                        "group_membership",
+                        group=group,
+                        view=[view_id.counter, view_id.coordinator],
+                        members=list(members),
+                        cause=str(cause),
+                        who=list(who),
+                        hosts=[int(h) for h in hosts],
+                    )
+                case OrderingReset(_, new_view_id, members, undelivered):
+                    self.events.emit(
+                        "group_view",
+                        view_id=new_view_id.hex(),
+                        members=[int(m) for m in members],
+                        undelivered=len(undelivered),
+                    )
+                case OrderingFault(source, stream, reason):
+                    self.events.error(
+                        "group_fault", source=int(source), stream=stream, reason=reason
+                    )
+                case _:
+                    pass
+
     # ------------------------------------------------------------------ timer
 
     def _settle(self) -> None:
@@ -678,7 +865,12 @@ class OverlayDaemon:
         if self._closed:
             return
         try:
-            deadline = self.node.next_deadline()
+            deadlines = [
+                d
+                for d in (self.node.next_deadline(), self.sessions.next_deadline())
+                if d is not None
+            ]
+            deadline = min(deadlines, default=None)
         except Exception:
             self._contain("next_deadline")
             deadline = self._now() + _QUARANTINE_INTERVAL
@@ -696,6 +888,8 @@ class OverlayDaemon:
                 self._timer = self._loop.call_at(deadline, self._on_timer)
         if self._draining and not self._drained.is_set() and self._is_drained():
             self._drained.set()
+        if self.client_server is not None:
+            self.client_server.settle()
 
     def _now(self, at_least: float = 0.0) -> float:
         """The loop clock, never going backwards (a timer may pass its deadline as now)."""
@@ -722,6 +916,7 @@ async def run_daemon(
     *,
     probe_interval: float | None = None,
     stop: asyncio.Event | None = None,
+    clients: ClientListen | None = None,
 ) -> int:
     """Run daemon `name` of `config` until stopped; returns the exit status.
 
@@ -734,12 +929,14 @@ async def run_daemon(
     overlay_config(config, name)  # every ConfigError before the socket is bound
     events = EventLog(name, spec.node_id)
     try:
-        daemon = await OverlayDaemon.open(config, name, probe_interval=probe_interval)
+        daemon = await OverlayDaemon.open(
+            config, name, probe_interval=probe_interval, clients=clients
+        )
     except (OSError, MeshcastError) as exc:
         if isinstance(exc, ConfigError):
             raise
         host, port = daemon_address(spec)
-        events.error("daemon_failed", error=f"cannot bind {host}:{port}: {exc}")
+        events.error("daemon_failed", error=f"cannot bind {host}:{port} or client sockets: {exc}")
         return 1
     signals: list[signal.Signals] = []
     if stop is None:

@@ -26,6 +26,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0..65535, got {text!r}")
+    return value
+
+
 def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``daemon`` to the subcommands of the `meshcast` parser."""
     parser = sub.add_parser(
@@ -55,6 +65,32 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "probe received (source, seq, hops)",
     )
     parser.add_argument(
+        "--client-socket",
+        metavar="PATH",
+        default=None,
+        help="Unix socket for client sessions (created 0600); default: "
+        "$XDG_RUNTIME_DIR/meshcast/NAME.sock, else <tmp>/meshcast-<uid>/NAME.sock",
+    )
+    parser.add_argument(
+        "--no-client-socket",
+        action="store_true",
+        help="do not listen on a Unix socket for clients",
+    )
+    parser.add_argument(
+        "--client-port",
+        metavar="PORT",
+        type=_port,
+        default=None,
+        help="also accept client sessions over TCP on this port (0: any free port, logged "
+        "in the clients_listening event)",
+    )
+    parser.add_argument(
+        "--client-host",
+        metavar="ADDRESS",
+        default="127.0.0.1",
+        help="address of the TCP client listener (default 127.0.0.1: loopback only)",
+    )
+    parser.add_argument(
         "-v",
         "--verbose",
         dest="daemon_verbose",
@@ -71,8 +107,22 @@ def _load(path: str | None) -> ClusterConfig:
 
 def daemon_command(args: argparse.Namespace) -> int:
     """Handler of ``meshcast daemon``: returns the exit status."""
-    from meshcast.runtime.daemon import configure_logging, overlay_config, run_daemon
+    from meshcast.runtime.daemon import (
+        ClientListen,
+        configure_logging,
+        overlay_config,
+        run_daemon,
+    )
     from meshcast.runtime.loop import run
+
+    if args.no_client_socket and args.client_socket is not None:
+        print("meshcast daemon: error: --client-socket and --no-client-socket", file=sys.stderr)
+        return 2
+    clients = ClientListen(
+        unix_path="" if args.no_client_socket else args.client_socket,
+        tcp_port=args.client_port,
+        tcp_host=args.client_host,
+    )
 
     try:
         config = _load(args.config)
@@ -82,7 +132,9 @@ def daemon_command(args: argparse.Namespace) -> int:
         return 2
     configure_logging(int(getattr(args, "verbose", 0) or 0) + int(args.daemon_verbose))
     try:
-        return run(run_daemon(config, args.name, probe_interval=args.probe_interval))
+        return run(
+            run_daemon(config, args.name, probe_interval=args.probe_interval, clients=clients)
+        )
     except ConfigError as exc:
         print(f"meshcast daemon: error: {exc}", file=sys.stderr)
         return 2

@@ -62,7 +62,9 @@ class StubLink:
 
 def host_factory(node_id: NodeId, now: float, rng: random.Random) -> LinkEndpoint:
     peers = {A: [B, C], B: [A], C: [A]}[node_id]
-    return LinkEndpoint(node_id, {p: StubLink(p, interval=0.3 if p == C else 0.5, now=now) for p in peers})
+    return LinkEndpoint(
+        node_id, {p: StubLink(p, interval=0.3 if p == C else 0.5, now=now) for p in peers}
+    )
 
 
 def build() -> tuple[Simulator, list[tuple[NodeId, object, float]]]:

@@ -1,0 +1,520 @@
+"""Replicated group membership: which clients are in which group, identical at every daemon.
+
+A client's join or leave is not applied where it happens. The daemon submits it through
+the `GroupEngine` as an AGREED message to the reserved internal group `MEMBERSHIP_GROUP`
+(``#membership``: client group names may never start with ``#``, so no client can send
+to it or join it). Every daemon applies the operations when the total order delivers
+them, so every daemon applies the same operations in the same order and holds the same
+table group → members (private names, with the daemon that hosts each). Each change
+yields a `MembershipChanged` for the group. Theory and limits: docs/design/group.md,
+"Sessions and membership".
+
+Daemon view changes:
+
+* a daemon that left the view takes its members with it: every daemon removes them when
+  it installs the view (deterministic: the same view gives the same removals) and emits
+  `network` changes, coordinated by the lowest daemon id of the new view;
+* then every daemon submits a STATE operation: the complete list of its own clients'
+  memberships. It repairs what the old view's reset lost (operations in flight are
+  dropped by the engine, not flushed) and teaches a daemon that just arrived the
+  memberships of the others. A difference between a STATE and the table is applied as
+  a `network` change.
+
+Operation payload (the message's payload; the origin daemon is the message's source):
+
+```
+"MCGM" | op u8 | body
+  JOIN 1, LEAVE 2, DISCONNECT 3:  member str8 | n u16 | n x group str8
+  STATE 4:                        n u32 | n x (group str8 | counter u64 | m u32 | m x member str8)
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from meshcast.errors import BufferFull, UsageError
+from meshcast.group.events import Broadcast, Deliver, GroupEffect, OrderingReset
+from meshcast.group.ordering import GroupEngine
+from meshcast.ids import NodeId
+from meshcast.wire.client import Cause, ServiceLevel, ViewId
+
+log = logging.getLogger(__name__)
+
+MEMBERSHIP_GROUP = "#membership"  # reserved: the group of membership operations
+MEMBERSHIP_MSG_TYPE = 0xFFFF  # msg_type of membership operations (informative only)
+OP_MAGIC = b"MCGM"
+OP_JOIN, OP_LEAVE, OP_DISCONNECT, OP_STATE = 1, 2, 3, 4
+_OP_CAUSES = {OP_JOIN: Cause.JOIN, OP_LEAVE: Cause.LEAVE, OP_DISCONNECT: Cause.DISCONNECT}
+_U8 = struct.Struct("!B")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_U64 = struct.Struct("!Q")
+MAX_PENDING_OPS = 10_000  # operations waiting for a view (or for room in the engine)
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipChanged:
+    """Group `group` has a new view (the same event, in the same order, at every daemon)."""
+
+    group: str
+    view_id: ViewId
+    members: tuple[str, ...]  # private names, in join order
+    cause: Cause
+    who: tuple[str, ...]
+    hosts: tuple[NodeId, ...]  # daemons of `members`, in the same order
+
+
+MembershipEffect = GroupEffect | MembershipChanged
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipStats:
+    operations_submitted: int = 0
+    operations_applied: int = 0
+    operations_queued: int = 0  # submitted later: no view yet, or the engine was full
+    states_submitted: int = 0
+    malformed_dropped: int = 0  # an operation that does not decode
+    changes: int = 0  # MembershipChanged events
+
+
+@dataclass(slots=True)
+class _Group:
+    counter: int = 0
+    coordinator: int = 1  # NodeId of the daemon that made the latest change
+    members: list[tuple[str, NodeId]] = field(default_factory=list)
+
+
+class _Malformed(Exception):
+    pass
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.at = 0
+
+    def take(self, layout: struct.Struct) -> int:
+        end = self.at + layout.size
+        if end > len(self.data):
+            raise _Malformed("truncated")
+        (value,) = layout.unpack_from(self.data, self.at)
+        self.at = end
+        return int(value)
+
+    def str8(self) -> str:
+        n = self.take(_U8)
+        end = self.at + n
+        if end > len(self.data):
+            raise _Malformed("truncated string")
+        try:
+            text = self.data[self.at : end].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Malformed("bad UTF-8") from exc
+        self.at = end
+        return text
+
+
+def _str8(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    if not 1 <= len(raw) <= 255:
+        raise UsageError(f"name {text!r} must be 1..255 bytes")
+    return _U8.pack(len(raw)) + raw
+
+
+def encode_operation(op: int, member: str, groups: Sequence[str]) -> bytes:
+    """A JOIN, LEAVE or DISCONNECT operation (UsageError for bad names or counts)."""
+    if op not in _OP_CAUSES or not 1 <= len(groups) <= 0xFFFF:
+        raise UsageError(f"bad membership operation {op} with {len(groups)} groups")
+    parts = [OP_MAGIC, _U8.pack(op), _str8(member), _U16.pack(len(groups))]
+    parts.extend(_str8(g) for g in groups)
+    return b"".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class StateEntry:
+    """One group as the announcing daemon's table had it when it sent a STATE."""
+
+    group: str
+    counter: int
+    coordinator: int
+    members: tuple[tuple[str, int], ...]  # (private name, daemon id) in order
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """A STATE operation: the sender's table, and its own clients' memberships."""
+
+    table: tuple[StateEntry, ...]
+    own: tuple[tuple[str, tuple[str, ...]], ...]  # group -> the sender's members, in order
+
+
+def encode_state(state: State) -> bytes:
+    parts = [OP_MAGIC, _U8.pack(OP_STATE), _U32.pack(len(state.table))]
+    for e in state.table:
+        parts += [_str8(e.group), _U64.pack(e.counter), _U32.pack(e.coordinator)]
+        parts.append(_U32.pack(len(e.members)))
+        for name, daemon in e.members:
+            parts += [_str8(name), _U32.pack(daemon)]
+    parts.append(_U32.pack(len(state.own)))
+    for group, members in state.own:
+        parts += [_str8(group), _U32.pack(len(members))]
+        parts.extend(_str8(m) for m in members)
+    return b"".join(parts)
+
+
+def decode_operation(payload: bytes) -> tuple[int, str, tuple[str, ...]] | State:
+    """(op, member, groups) for JOIN/LEAVE/DISCONNECT, or a `State`; raises `_Malformed`."""
+    if not payload.startswith(OP_MAGIC):
+        raise _Malformed("no magic")
+    r = _Reader(payload)
+    r.at = len(OP_MAGIC)
+    op = r.take(_U8)
+    result: tuple[int, str, tuple[str, ...]] | State
+    if op in _OP_CAUSES:
+        member = r.str8()
+        result = (op, member, tuple(r.str8() for _ in range(r.take(_U16))))
+    elif op == OP_STATE:
+        table = []
+        for _ in range(r.take(_U32)):
+            group = r.str8()
+            counter = r.take(_U64)
+            coordinator = r.take(_U32)
+            members = tuple((r.str8(), r.take(_U32)) for _ in range(r.take(_U32)))
+            table.append(StateEntry(group, counter, coordinator, members))
+        own = []
+        for _ in range(r.take(_U32)):
+            group = r.str8()
+            own.append((group, tuple(r.str8() for _ in range(r.take(_U32)))))
+        result = State(tuple(table), tuple(own))
+    else:
+        raise _Malformed(f"unknown operation {op}")
+    if r.at != len(payload):
+        raise _Malformed("trailing bytes")
+    return result
+
+
+class GroupMembership:
+    """Group membership on top of one daemon's `GroupEngine` (sans-I/O).
+
+    Route every engine input through this object (`view_installed`,
+    `overlay_delivered`, `on_timer`, `submit`): it applies the membership operations the
+    engine delivers, turns them into `MembershipChanged` effects, keeps the engine's
+    group → hosting daemons map up to date, and passes every other effect through.
+    """
+
+    def __init__(self, engine: GroupEngine) -> None:
+        self.engine = engine
+        self.local = engine.local
+        self._groups: dict[str, _Group] = {}
+        # this daemon's clients' memberships as submitted: group -> members, in order
+        self._intent: dict[str, dict[str, None]] = {}
+        self._pending: list[tuple[int, str, tuple[str, ...]]] = []
+        self._view: tuple[NodeId, ...] = ()
+        self._stats = MembershipStats()
+
+    # ------------------------------------------------------------------ queries
+
+    def members(self, group: str) -> tuple[str, ...]:
+        g = self._groups.get(group)
+        return tuple(m for m, _ in g.members) if g else ()
+
+    def view_id(self, group: str) -> ViewId | None:
+        g = self._groups.get(group)
+        return ViewId(g.counter, g.coordinator) if g else None
+
+    def local_members(self, group: str) -> tuple[str, ...]:
+        """Members of `group` hosted by this daemon (applied, not merely requested)."""
+        g = self._groups.get(group)
+        return tuple(m for m, d in g.members if d == self.local) if g else ()
+
+    def table(self) -> dict[str, tuple[tuple[str, NodeId], ...]]:
+        """The whole table: group -> (member, daemon) in order (identical everywhere)."""
+        return {name: tuple(g.members) for name, g in sorted(self._groups.items())}
+
+    def statistics(self) -> MembershipStats:
+        return self._stats
+
+    def next_deadline(self) -> float | None:
+        return self.engine.next_deadline()
+
+    # ------------------------------------------------------------------ commands
+
+    def join(self, member: str, group: str, now: float) -> list[MembershipEffect]:
+        """Ask every daemon to add local client `member` to `group` (applied when ordered)."""
+        return self._request(OP_JOIN, member, (group,), now)
+
+    def leave(self, member: str, group: str, now: float) -> list[MembershipEffect]:
+        return self._request(OP_LEAVE, member, (group,), now)
+
+    def disconnect(self, member: str, groups: Sequence[str], now: float) -> list[MembershipEffect]:
+        """Local client `member` is gone: remove it from `groups` (cause `disconnect`)."""
+        if not groups:
+            return []
+        return self._request(OP_DISCONNECT, member, tuple(groups), now)
+
+    def submit(
+        self,
+        groups: Sequence[str],
+        payload: bytes,
+        service: ServiceLevel,
+        sender: str,
+        now: float,
+        msg_type: int = 0,
+    ) -> list[MembershipEffect]:
+        """A client's data message (raises what `GroupEngine.submit` raises)."""
+        if any(g.startswith("#") for g in groups):
+            raise UsageError("group names starting with '#' are reserved")
+        return self._filter(
+            self.engine.submit(groups, payload, service, sender, now, msg_type), now
+        )
+
+    # ------------------------------------------------------------------ inputs
+
+    def view_installed(
+        self, members: Iterable[NodeId], now: float, incarnations: Sequence[int] = ()
+    ) -> list[MembershipEffect]:
+        """A new daemon view: drop the members of departed daemons, re-announce ours."""
+        view = tuple(sorted(set(members)))
+        raw = self.engine.view_installed(view, now, incarnations)
+        effects: list[MembershipEffect] = []
+        changed = any(isinstance(e, OrderingReset) for e in raw)
+        self._view = view
+        self.engine.set_group_daemons(MEMBERSHIP_GROUP, view)
+        if changed:
+            coordinator = view[0]
+            for name in sorted(self._groups):
+                g = self._groups[name]
+                gone = tuple(m for m, d in g.members if d not in view)
+                if gone:
+                    g.members = [(m, d) for m, d in g.members if d in view]
+                    effects.append(self._changed(name, g, coordinator, Cause.NETWORK, gone))
+        effects.extend(self._filter(raw, now))
+        if changed:
+            effects.extend(self._announce(now))
+        effects.extend(self._flush_pending(now))
+        return effects
+
+    def overlay_delivered(
+        self, source: NodeId, payload: bytes, now: float
+    ) -> list[MembershipEffect]:
+        effects = self._filter(self.engine.overlay_delivered(source, payload, now), now)
+        if self._pending:
+            effects.extend(self._flush_pending(now))
+        return effects
+
+    def on_timer(self, now: float) -> list[MembershipEffect]:
+        effects = self._filter(self.engine.on_timer(now), now)
+        if self._pending:
+            effects.extend(self._flush_pending(now))
+        return effects
+
+    # ------------------------------------------------------------------ submitting
+
+    def _request(
+        self, op: int, member: str, groups: tuple[str, ...], now: float
+    ) -> list[MembershipEffect]:
+        encode_operation(op, member, groups)  # UsageError now, not later
+        if self._pending or self.engine.view is None:
+            return self._queue(op, member, groups)
+        try:
+            return self._submit_op(op, member, groups, now)
+        except BufferFull:
+            return self._queue(op, member, groups)
+
+    def _queue(self, op: int, member: str, groups: tuple[str, ...]) -> list[MembershipEffect]:
+        if len(self._pending) >= MAX_PENDING_OPS:
+            raise BufferFull(f"{len(self._pending)} membership operations wait already")
+        self._pending.append((op, member, groups))
+        self._bump(operations_queued=1)
+        return []
+
+    def _submit_op(
+        self, op: int, member: str, groups: tuple[str, ...], now: float
+    ) -> list[MembershipEffect]:
+        payload = encode_operation(op, member, groups)
+        raw = self.engine.submit(
+            (MEMBERSHIP_GROUP,), payload, ServiceLevel.AGREED, "", now, MEMBERSHIP_MSG_TYPE
+        )
+        # Committed: record the intent the next STATE will announce.
+        for g in groups:
+            if op == OP_JOIN:
+                self._intent.setdefault(g, {})[member] = None
+            else:
+                local = self._intent.get(g)
+                if local is not None:
+                    local.pop(member, None)
+                    if not local:
+                        del self._intent[g]
+        self._bump(operations_submitted=1)
+        return self._filter(raw, now)
+
+    def _flush_pending(self, now: float) -> list[MembershipEffect]:
+        effects: list[MembershipEffect] = []
+        if self.engine.view is None:
+            return effects
+        while self._pending:
+            op, member, groups = self._pending[0]
+            try:
+                effects.extend(self._submit_op(op, member, groups, now))
+            except BufferFull:
+                break
+            self._pending.pop(0)
+        return effects
+
+    def _announce(self, now: float) -> list[MembershipEffect]:
+        state = State(
+            tuple(
+                StateEntry(name, g.counter, g.coordinator, tuple((m, int(d)) for m, d in g.members))
+                for name, g in sorted(self._groups.items())
+            ),
+            tuple((g, tuple(members)) for g, members in sorted(self._intent.items())),
+        )
+        try:
+            raw = self.engine.submit(
+                (MEMBERSHIP_GROUP,),
+                encode_state(state),
+                ServiceLevel.AGREED,
+                "",
+                now,
+                MEMBERSHIP_MSG_TYPE,
+            )
+        except (BufferFull, UsageError) as exc:
+            log.warning("daemon %s: membership state not announced: %s", self.local, exc)
+            return []
+        self._bump(states_submitted=1)
+        return self._filter(raw, now)
+
+    # ------------------------------------------------------------------ applying
+
+    def _filter(self, raw: list[GroupEffect], now: float) -> list[MembershipEffect]:
+        effects: list[MembershipEffect] = []
+        for effect in raw:
+            if isinstance(effect, Deliver) and effect.groups == (MEMBERSHIP_GROUP,):
+                effects.extend(self._apply(effect.source, effect.payload))
+            elif isinstance(effect, Deliver) and any(g.startswith("#") for g in effect.groups):
+                self._bump(malformed_dropped=1)  # only daemons name reserved groups
+            else:
+                effects.append(effect)
+        return effects
+
+    def _apply(self, source: NodeId, payload: bytes) -> list[MembershipChanged]:
+        try:
+            decoded = decode_operation(payload)
+        except _Malformed as exc:
+            self._bump(malformed_dropped=1)
+            log.debug("daemon %s: bad membership operation from %s: %s", self.local, source, exc)
+            return []
+        self._bump(operations_applied=1)
+        if isinstance(decoded, State):
+            return self._apply_state(source, decoded)
+        op, member, groups = decoded
+        return self._apply_op(source, op, member, groups)
+
+    def _apply_op(
+        self, source: NodeId, op: int, member: str, groups: tuple[str, ...]
+    ) -> list[MembershipChanged]:
+        out: list[MembershipChanged] = []
+        for name in groups:
+            g = self._groups.get(name)
+            present = g is not None and any(m == member for m, _ in g.members)
+            if op == OP_JOIN and not present:
+                g = self._groups.setdefault(name, _Group())
+                g.members.append((member, source))
+                out.append(self._changed(name, g, source, Cause.JOIN, (member,)))
+            elif op != OP_JOIN and present and g is not None:
+                g.members = [(m, d) for m, d in g.members if m != member]
+                out.append(self._changed(name, g, source, _OP_CAUSES[op], (member,)))
+        return out
+
+    def _apply_state(self, source: NodeId, state: State) -> list[MembershipChanged]:
+        out: list[MembershipChanged] = []
+        view = set(self._view)
+        # 1. Catch up: a group the sender has seen more changes of than we have (we just
+        #    arrived, or missed operations in a view change) is taken over as it has it.
+        for e in state.table:
+            g = self._groups.get(e.group)
+            if g is not None and g.counter >= e.counter:
+                continue
+            old = {m for m, _ in g.members} if g is not None else set()
+            g = self._groups.setdefault(e.group, _Group())
+            g.counter, g.coordinator = e.counter, e.coordinator
+            g.members = [(m, NodeId(d)) for m, d in e.members if NodeId(d) in view]
+            new = {m for m, _ in g.members}
+            if old != new:
+                who = tuple(sorted(old ^ new))
+                hosts = tuple(d for _, d in g.members)
+                self.engine.set_group_daemons(e.group, set(hosts))
+                out.append(
+                    MembershipChanged(
+                        e.group,
+                        ViewId(g.counter, g.coordinator),
+                        tuple(m for m, _ in g.members),
+                        Cause.NETWORK,
+                        who,
+                        hosts,
+                    )
+                )
+            if not g.members:
+                del self._groups[e.group]
+        # 2. The sender's own members are what it says they are.
+        own = dict(state.own)
+        for name in sorted(set(own) | set(self._groups)):
+            wanted = own.get(name, ())
+            g = self._groups.get(name)
+            if g is None:
+                if not wanted:
+                    continue
+                g = self._groups.setdefault(name, _Group())
+            have = [m for m, d in g.members if d == source]
+            if set(have) == set(wanted):
+                if not g.members:
+                    del self._groups[name]
+                continue
+            wanted_set = set(wanted)
+            have_set = set(have)
+            gone = tuple(m for m in have if m not in wanted_set)
+            came = tuple(m for m in wanted if m not in have_set)
+            g.members = [(m, d) for m, d in g.members if d != source or m in wanted_set]
+            g.members.extend((m, source) for m in came)
+            out.append(self._changed(name, g, source, Cause.NETWORK, gone + came))
+        return out
+
+    def _changed(
+        self, name: str, g: _Group, coordinator: NodeId, cause: Cause, who: tuple[str, ...]
+    ) -> MembershipChanged:
+        g.counter += 1
+        g.coordinator = int(coordinator)
+        hosts = tuple(d for _, d in g.members)
+        self.engine.set_group_daemons(name, set(hosts))
+        event = MembershipChanged(
+            name,
+            ViewId(g.counter, g.coordinator),
+            tuple(m for m, _ in g.members),
+            cause,
+            who,
+            hosts,
+        )
+        if not g.members:
+            del self._groups[name]
+        self._bump(changes=1)
+        return event
+
+    def _bump(self, **counts: int) -> None:
+        stats = self._stats
+        self._stats = replace(
+            stats, **{name: getattr(stats, name) + n for name, n in counts.items()}
+        )
+
+
+__all__ = [
+    "MEMBERSHIP_GROUP",
+    "Broadcast",
+    "GroupMembership",
+    "MembershipChanged",
+    "MembershipEffect",
+    "MembershipStats",
+]

@@ -1,0 +1,541 @@
+"""Client sessions of one daemon (sans-I/O): decoded client frames in, frames and effects out.
+
+`SessionTable` implements the daemon's side of docs/client-protocol.md on top of
+`GroupMembership` (which sits on the `GroupEngine`): the handshake (version, unique
+private name, `max_clients`), JOIN/LEAVE/MULTICAST with their checks and typed ERROR
+replies, delivery of MESSAGE and MEMBERSHIP frames to the local members of each group,
+and the slow-receiver policies. It never touches a socket: the runtime gives each
+connection an integer id, feeds it decoded frames, reports when a connection's write
+buffer passes its high-water mark (`writing_paused`) or falls back (`writing_resumed`),
+and applies the effects:
+
+* `SendBytes(conn, data)`: write encoded frames to that connection;
+* `CloseConnection(conn, abort)`: close it (after writing what is queued unless `abort`);
+* `Broadcast` (from the engine): `OverlayNode.multicast(dests, payload, now)`;
+* `ClientConnected`, `ClientDisconnected`, `MembershipChanged`, `OrderingReset`,
+  `OrderingFault`: for the log.
+
+While a `block` member is over its write limit, `accepting` is False: the runtime stops
+reading client connections, so no local client's MULTICAST is taken until it drains.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from meshcast.errors import BufferFull, UsageError
+from meshcast.group.events import Deliver
+from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipEffect
+from meshcast.ids import NodeId
+from meshcast.wire.client import (
+    DaemonLimits,
+    ErrorCode,
+    ErrorReport,
+    Frame,
+    Goodbye,
+    Hello,
+    HelloFlag,
+    Join,
+    Leave,
+    Membership,
+    Message,
+    Multicast,
+    Ping,
+    Pong,
+    ServiceLevel,
+    SlowReceiverPolicy,
+    Welcome,
+    choose_version,
+    clip_text,
+    encode,
+    private_name,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    limits: DaemonLimits = field(default_factory=DaemonLimits)  # announced in WELCOME
+    max_clients: int = 1000  # sessions at once; the next HELLO gets DAEMON_FULL
+    # bytes: frames a paused (slow) `block` or `drop-unreliable` member may be sent beyond
+    # its transport's high-water mark before it is disconnected with SLOW_RECEIVER anyway:
+    # the daemon's memory stays bounded whatever the clients do.
+    max_backlog: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SendBytes:
+    conn: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnection:
+    conn: int
+    abort: bool = False  # drop what is still queued (a slow receiver)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConnected:
+    conn: int
+    name: str  # private name
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientDisconnected:
+    conn: int
+    name: str
+    reason: str  # "goodbye", "closed", "slow receiver", "bad frame", "shutting down"
+    groups: tuple[str, ...]
+
+
+SessionEffect = (
+    MembershipEffect | SendBytes | CloseConnection | ClientConnected | ClientDisconnected
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStats:
+    sessions_opened: int = 0
+    sessions_closed: int = 0
+    handshakes_refused: int = 0
+    requests_refused: int = 0  # 2xx ERRORs
+    bad_frames: int = 0
+    messages_submitted: int = 0
+    messages_delivered: int = 0  # MESSAGE frames queued for clients
+    unreliable_dropped: int = 0  # by `drop-unreliable`
+    slow_disconnected: int = 0  # by `disconnect`, or past max_backlog
+    internal_errors: int = 0
+
+
+class _State(Enum):
+    HANDSHAKE = 1
+    OPEN = 2
+    CLOSED = 3
+
+
+@dataclass(slots=True)
+class _Session:
+    conn: int
+    state: _State = _State.HANDSHAKE
+    name: str = ""
+    flags: int = 0  # HelloFlag bits of the HELLO
+    groups: dict[str, SlowReceiverPolicy] = field(default_factory=dict)  # requested
+    paused: bool = False  # the transport's write buffer is over its high-water mark
+    backlog: int = 0  # bytes sent while paused
+    dropped: dict[str, int] = field(default_factory=dict)  # group -> UNRELIABLE dropped
+
+
+class SessionTable:
+    """Every client session of one daemon (see the module docstring)."""
+
+    def __init__(
+        self, daemon_name: str, membership: GroupMembership, config: SessionConfig | None = None
+    ) -> None:
+        private_name("x", daemon_name)  # ValueError now for a name that cannot be used
+        self.daemon_name = daemon_name
+        self.membership = membership
+        self.config = config or SessionConfig()
+        self._sessions: dict[int, _Session] = {}
+        self._by_name: dict[str, _Session] = {}
+        self._next_auto = 1
+        self._blocking: set[int] = set()  # paused sessions holding local senders back
+        self._stats = SessionStats()
+        self._now = 0.0  # time of the latest input
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def local(self) -> NodeId:
+        return self.membership.local
+
+    @property
+    def accepting(self) -> bool:
+        """False while a slow `block` member holds local senders back: stop reading."""
+        return not self._blocking
+
+    def session_name(self, conn: int) -> str | None:
+        s = self._sessions.get(conn)
+        return s.name if s is not None and s.name else None
+
+    def open_sessions(self) -> int:
+        return sum(1 for s in self._sessions.values() if s.state is _State.OPEN)
+
+    def statistics(self) -> SessionStats:
+        return self._stats
+
+    def next_deadline(self) -> float | None:
+        return self.membership.next_deadline()
+
+    # ------------------------------------------------------------------ connection inputs
+
+    def connected(self, conn: int) -> None:
+        """A new connection (it must send HELLO first)."""
+        if conn in self._sessions:
+            raise UsageError(f"connection {conn} is already open")
+        self._sessions[conn] = _Session(conn)
+
+    def frame_received(self, conn: int, frame: Frame, now: float) -> list[SessionEffect]:
+        self._now = max(self._now, now)
+        s = self._sessions.get(conn)
+        if s is None or s.state is _State.CLOSED:
+            return []
+        if s.state is _State.HANDSHAKE:
+            return self._handshake(s, frame, now)
+        out: list[SessionEffect] = []
+        try:
+            self._request(s, frame, now, out)
+        except UsageError as exc:  # the engine refused what the checks let through
+            self._bump(internal_errors=1)
+            log.warning("daemon %s: request of %s failed: %s", self.local, s.name, exc)
+            out.append(self._error(s, ErrorCode.INTERNAL_ERROR, str(exc), _request_id(frame)))
+        return out
+
+    def decode_failed(self, conn: int, reason: str, now: float) -> list[SessionEffect]:
+        """The connection's bytes did not decode: ERROR BAD_FRAME, then close."""
+        self._now = max(self._now, now)
+        s = self._sessions.get(conn)
+        if s is None or s.state is _State.CLOSED:
+            return []
+        self._bump(bad_frames=1)
+        return self._end(s, ErrorCode.BAD_FRAME, reason, "bad frame", now)
+
+    def connection_lost(self, conn: int, now: float) -> list[SessionEffect]:
+        """EOF or reset: the client's groups are left with cause `disconnect`."""
+        self._now = max(self._now, now)
+        s = self._sessions.get(conn)
+        if s is None:
+            return []
+        if s.state is _State.CLOSED:
+            del self._sessions[conn]
+            return []
+        return self._drop(s, "closed", now, close=False)
+
+    def writing_paused(self, conn: int) -> None:
+        s = self._sessions.get(conn)
+        if s is not None and s.state is _State.OPEN:
+            s.paused = True
+            s.backlog = 0
+
+    def writing_resumed(self, conn: int) -> list[SessionEffect]:
+        s = self._sessions.get(conn)
+        if s is None or s.state is not _State.OPEN:
+            return []
+        s.paused = False
+        s.backlog = 0
+        self._blocking.discard(conn)
+        out: list[SessionEffect] = []
+        for group, count in sorted(s.dropped.items()):
+            out.append(
+                self._error(
+                    s,
+                    ErrorCode.MESSAGES_DROPPED,
+                    f"{count} UNRELIABLE messages of group {group!r} dropped",
+                )
+            )
+        s.dropped.clear()
+        return out
+
+    def shutdown(self, now: float) -> list[SessionEffect]:
+        """The daemon stops: ERROR SHUTTING_DOWN to every session, then close them."""
+        self._now = max(self._now, now)
+        out: list[SessionEffect] = []
+        for s in list(self._sessions.values()):
+            if s.state is not _State.CLOSED:
+                out += self._end(
+                    s, ErrorCode.SHUTTING_DOWN, "the daemon is stopping", "shutting down", now
+                )
+        return out
+
+    # ------------------------------------------------------------------ group inputs
+
+    def view_installed(
+        self, members: Iterable[NodeId], now: float, incarnations: tuple[int, ...] = ()
+    ) -> list[SessionEffect]:
+        self._now = max(self._now, now)
+        return self._route(self.membership.view_installed(members, now, incarnations))
+
+    def overlay_delivered(self, source: NodeId, payload: bytes, now: float) -> list[SessionEffect]:
+        self._now = max(self._now, now)
+        return self._route(self.membership.overlay_delivered(source, payload, now))
+
+    def on_timer(self, now: float) -> list[SessionEffect]:
+        self._now = max(self._now, now)
+        return self._route(self.membership.on_timer(now))
+
+    # ------------------------------------------------------------------ handshake
+
+    def _handshake(self, s: _Session, frame: Frame, now: float) -> list[SessionEffect]:
+        if not isinstance(frame, Hello):
+            self._bump(handshakes_refused=1)
+            return self._end(
+                s, ErrorCode.UNEXPECTED_FRAME, f"expected HELLO, got {_kind(frame)}", "refused", now
+            )
+        version = choose_version(frame)
+        code: ErrorCode | None = None
+        text = ""
+        if version is None:
+            code = ErrorCode.UNSUPPORTED_VERSION
+            text = f"this daemon speaks versions 1..1, not {frame.min_version}..{frame.max_version}"
+        elif self.open_sessions() >= self.config.max_clients:
+            code = ErrorCode.DAEMON_FULL
+            text = f"the daemon already serves {self.config.max_clients} clients"
+        else:
+            name = private_name(frame.name or self._auto_name(), self.daemon_name)
+            if name in self._by_name:
+                code = ErrorCode.NAME_IN_USE
+                text = f"name {frame.name!r} is in use on this daemon"
+        if code is not None or version is None:
+            self._bump(handshakes_refused=1)
+            return self._end(s, code or ErrorCode.UNSUPPORTED_VERSION, text, "refused", now)
+        s.state = _State.OPEN
+        s.name = name
+        s.flags = int(frame.flags)
+        self._by_name[name] = s
+        self._bump(sessions_opened=1)
+        welcome = Welcome(version, name, self.config.limits)
+        return [SendBytes(s.conn, encode(welcome)), ClientConnected(s.conn, name, version)]
+
+    def _auto_name(self) -> str:
+        while True:
+            candidate = f"c{self._next_auto:06x}"
+            self._next_auto += 1
+            if private_name(candidate, self.daemon_name) not in self._by_name:
+                return candidate
+
+    # ------------------------------------------------------------------ requests
+
+    def _request(self, s: _Session, frame: Frame, now: float, out: list[SessionEffect]) -> None:
+        limits = self.config.limits
+        match frame:
+            case Join(group, policy, rid):
+                if (fault := self._group_fault(group)) is not None:
+                    out.append(self._refuse(s, ErrorCode.GROUP_NAME_TOO_LONG, fault, rid))
+                elif group in s.groups:
+                    out.append(
+                        self._refuse(s, ErrorCode.ALREADY_MEMBER, f"already in {group!r}", rid)
+                    )
+                elif len(s.groups) >= limits.max_groups_per_client:
+                    text = f"a session may be in at most {limits.max_groups_per_client} groups"
+                    out.append(self._refuse(s, ErrorCode.TOO_MANY_GROUPS, text, rid))
+                else:
+                    out += self._route(self.membership.join(s.name, group, now))
+                    s.groups[group] = policy
+            case Leave(group, rid):
+                if group not in s.groups:
+                    out.append(self._refuse(s, ErrorCode.NOT_A_MEMBER, f"not in {group!r}", rid))
+                else:
+                    out += self._route(self.membership.leave(s.name, group, now))
+                    del s.groups[group]
+            case Multicast(groups, payload, service, msg_type, rid):
+                fault = next((f for g in groups if (f := self._group_fault(g)) is not None), None)
+                if fault is not None:
+                    out.append(self._refuse(s, ErrorCode.GROUP_NAME_TOO_LONG, fault, rid))
+                elif len(payload) > limits.max_message_size:
+                    text = f"payload of {len(payload)} bytes, more than {limits.max_message_size}"
+                    out.append(self._refuse(s, ErrorCode.MESSAGE_TOO_LARGE, text, rid))
+                else:
+                    try:
+                        effects = self.membership.submit(
+                            groups, payload, service, s.name, now, msg_type
+                        )
+                    except BufferFull as exc:
+                        text = f"daemon busy, message not sent: {exc}"
+                        out.append(self._refuse(s, ErrorCode.INTERNAL_ERROR, text, rid))
+                    else:
+                        self._bump(messages_submitted=1)
+                        out += self._route(effects)
+            case Ping(nonce):
+                out.append(SendBytes(s.conn, encode(Pong(nonce))))
+            case Pong():
+                pass
+            case Goodbye():
+                out += self._drop(s, "goodbye", now, close=True, last=encode(Goodbye()))
+            case Hello():
+                out += self._end(s, ErrorCode.UNEXPECTED_FRAME, "a second HELLO", "bad frame", now)
+            case _:
+                out += self._end(
+                    s,
+                    ErrorCode.UNEXPECTED_FRAME,
+                    f"{_kind(frame)} is not sent by clients",
+                    "bad frame",
+                    now,
+                )
+
+    def _group_fault(self, group: str) -> str | None:
+        size = len(group.encode("utf-8"))
+        limit = self.config.limits.max_group_name
+        if size > limit:
+            return f"group name of {size} bytes, more than {limit}"
+        return None
+
+    # ------------------------------------------------------------------ effects of the layers below
+
+    def _route(self, effects: list[MembershipEffect]) -> list[SessionEffect]:
+        out: list[SessionEffect] = []
+        for effect in effects:
+            if isinstance(effect, Deliver):
+                out += self._deliver(effect)
+            elif isinstance(effect, MembershipChanged):
+                out.append(effect)
+                out += self._membership(effect)
+            else:
+                out.append(effect)
+        return out
+
+    def _membership(self, change: MembershipChanged) -> list[SessionEffect]:
+        frame = Membership(change.group, change.view_id, change.members, change.cause, change.who)
+        data: bytes | None = None
+        out: list[SessionEffect] = []
+        names = {*self.membership.local_members(change.group), *change.who}
+        for name in sorted(names):
+            s = self._by_name.get(name)
+            if s is None or s.state is not _State.OPEN:
+                continue
+            own = name in change.who
+            if not own and not s.flags & HelloFlag.MEMBERSHIP:
+                continue
+            if not own and name not in change.members:
+                continue
+            data = data or encode(frame)
+            out += self._send(s, data, (change.group,), ServiceLevel.SAFE)
+        return out
+
+    def _deliver(self, d: Deliver) -> list[SessionEffect]:
+        targets: dict[str, list[str]] = {}
+        for g in d.groups:
+            for name in self.membership.local_members(g):
+                targets.setdefault(name, []).append(g)
+        if not targets:
+            return []
+        data = encode(Message(d.sender, d.groups, d.service, d.msg_type, d.payload))
+        out: list[SessionEffect] = []
+        for name in sorted(targets):
+            s = self._by_name.get(name)
+            if s is not None and s.state is _State.OPEN:
+                out += self._send(s, data, tuple(targets[name]), d.service, message=True)
+        return out
+
+    def _send(
+        self,
+        s: _Session,
+        data: bytes,
+        groups: tuple[str, ...],
+        service: ServiceLevel,
+        *,
+        message: bool = False,
+    ) -> list[SessionEffect]:
+        """Queue `data` for `s`, applying its slow-receiver policies when it is paused."""
+        if s.paused:
+            policies = [s.groups.get(g, SlowReceiverPolicy.BLOCK) for g in groups]
+            if SlowReceiverPolicy.DISCONNECT in policies:
+                return self._slow(s, f"too slow to read group {groups[0]!r}")
+            if (
+                message
+                and service == ServiceLevel.UNRELIABLE
+                and all(p == SlowReceiverPolicy.DROP_UNRELIABLE for p in policies)
+            ):
+                for g in groups:
+                    s.dropped[g] = s.dropped.get(g, 0) + 1
+                self._bump(unreliable_dropped=1)
+                return []
+            s.backlog += len(data)
+            self._blocking.add(s.conn)
+            if s.backlog > self.config.max_backlog:
+                return self._slow(s, f"more than {self.config.max_backlog} bytes queued")
+        if message:
+            self._bump(messages_delivered=1)
+        return [SendBytes(s.conn, data)]
+
+    def _slow(self, s: _Session, text: str) -> list[SessionEffect]:
+        self._bump(slow_disconnected=1)
+        return self._end(s, ErrorCode.SLOW_RECEIVER, text, "slow receiver", self._now, abort=True)
+
+    # ------------------------------------------------------------------ ending sessions
+
+    def _refuse(self, s: _Session, code: ErrorCode, text: str, rid: int) -> SendBytes:
+        self._bump(requests_refused=1)
+        return self._error(s, code, text, rid)
+
+    def _error(self, s: _Session, code: ErrorCode, text: str, rid: int = 0) -> SendBytes:
+        return SendBytes(s.conn, encode(ErrorReport(code, clip_text(text), rid)))
+
+    def _end(
+        self,
+        s: _Session,
+        code: ErrorCode,
+        text: str,
+        reason: str,
+        now: float,
+        *,
+        abort: bool = False,
+    ) -> list[SessionEffect]:
+        """ERROR `code` (a 1xx), then close and leave every group."""
+        return self._drop(
+            s, reason, now, close=True, last=encode(ErrorReport(code, clip_text(text))), abort=abort
+        )
+
+    def _drop(
+        self,
+        s: _Session,
+        reason: str,
+        now: float,
+        *,
+        close: bool,
+        last: bytes = b"",
+        abort: bool = False,
+    ) -> list[SessionEffect]:
+        out: list[SessionEffect] = []
+        was_open = s.state is _State.OPEN
+        if last:
+            out.append(SendBytes(s.conn, last))
+        if close:
+            out.append(CloseConnection(s.conn, abort))
+        s.state = _State.CLOSED
+        if not close:
+            del self._sessions[s.conn]
+        self._blocking.discard(s.conn)
+        if not was_open:
+            return out
+        self._by_name.pop(s.name, None)
+        groups = tuple(s.groups)
+        s.groups.clear()
+        self._bump(sessions_closed=1)
+        out.append(ClientDisconnected(s.conn, s.name, reason, groups))
+        try:
+            out += self._route(self.membership.disconnect(s.name, groups, now))
+        except BufferFull as exc:
+            self._bump(internal_errors=1)
+            log.error("daemon %s: disconnect of %s not announced: %s", self.local, s.name, exc)
+        return out
+
+    def _bump(self, **counts: int) -> None:
+        stats = self._stats
+        self._stats = replace(
+            stats, **{name: getattr(stats, name) + n for name, n in counts.items()}
+        )
+
+
+def _kind(frame: Frame) -> str:
+    return type(frame).__name__.upper()
+
+
+def _request_id(frame: Frame) -> int:
+    return int(getattr(frame, "request_id", 0))
+
+
+__all__ = [
+    "ClientConnected",
+    "ClientDisconnected",
+    "CloseConnection",
+    "SendBytes",
+    "SessionConfig",
+    "SessionEffect",
+    "SessionStats",
+    "SessionTable",
+]

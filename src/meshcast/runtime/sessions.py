@@ -1,0 +1,286 @@
+"""The daemon's client server: Unix-domain (default) and loopback TCP stream sockets.
+
+Thin asyncio shell around `meshcast.group.sessions.SessionTable` (the protocol logic):
+each connection gets an integer id and a `FrameDecoder`; decoded frames, decode
+failures, EOF/resets and write-buffer pauses are handed to the daemon through `feed`,
+which runs them in its bulkhead against the table and applies the effects, calling back
+`send` and `close_connection` here. Theory: docs/design/group.md, "Sessions and
+membership"; socket conventions: docs/design/daemon.md, "Client sessions".
+
+Socket path convention (the client library relies on it):
+``$XDG_RUNTIME_DIR/meshcast/<daemon>.sock`` when ``XDG_RUNTIME_DIR`` is set, else
+``<tempdir>/meshcast-<uid>/<daemon>.sock``. The directory is created ``0700`` and must
+belong to this user; the socket is created ``0600``. A stale socket file (nothing
+listening) is replaced; a live one, or a path that is not a socket, is an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+import tempfile
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import cast
+
+from meshcast.errors import DecodeError
+from meshcast.group.sessions import SessionEffect, SessionTable
+from meshcast.wire.client import ANY_FRAME, FrameDecoder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WRITE_HIGH_WATER = 1024 * 1024  # bytes queued on a connection before it counts as slow
+READ_CHUNK_FRAMES = 64  # frames handled per connection before yielding to the others
+
+Input = Callable[[float], list[SessionEffect]]
+Feed = Callable[[str, Input], None]
+
+
+def default_socket_path(daemon_name: str) -> Path:
+    """Where daemon `daemon_name` listens for clients unless told otherwise."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "meshcast" / f"{daemon_name}.sock"
+    return Path(tempfile.gettempdir()) / f"meshcast-{os.getuid()}" / f"{daemon_name}.sock"
+
+
+def ensure_private_dir(directory: Path) -> None:
+    """Create `directory` 0700 if missing; refuse one that is not ours or not private."""
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700, parents=False)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(f"{directory} is not a directory")
+    if info.st_uid != os.getuid():
+        raise OSError(f"{directory} belongs to another user")
+    if info.st_mode & 0o077:
+        raise OSError(f"{directory} is open to other users (mode {info.st_mode & 0o777:o})")
+
+
+def bind_unix_socket(path: Path) -> socket.socket:
+    """A listening Unix stream socket at `path`, mode 0600 (stale files handled safely)."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(info.st_mode):
+            raise OSError(f"{path} exists and is not a socket; not removing it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # stale: nobody listens
+        else:
+            raise OSError(f"another process is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def _remove_if_ours(path: Path, inode: tuple[int, int]) -> None:
+    """Unlink the socket file only if it is still the one we created."""
+    with contextlib.suppress(OSError):
+        info = os.lstat(path)
+        if (info.st_dev, info.st_ino) == inode:
+            os.unlink(path)
+
+
+class _Connection(asyncio.Protocol):
+    """Forwards transport events to the server; no logic here."""
+
+    def __init__(self, server: ClientServer) -> None:
+        self._server = server
+        self.conn = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream transport (uvloop's is not an asyncio.Transport subclass)
+        self.conn = self._server._connected(cast("asyncio.Transport", transport))
+
+    def data_received(self, data: bytes) -> None:
+        self._server._data(self.conn, data)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server._lost(self.conn)
+
+    def pause_writing(self) -> None:
+        self._server._pause_writing(self.conn)
+
+    def resume_writing(self) -> None:
+        self._server._resume_writing(self.conn)
+
+
+class ClientServer:
+    """Listening sockets and open client connections of one daemon."""
+
+    def __init__(
+        self,
+        table: SessionTable,
+        feed: Feed,
+        *,
+        can_submit: Callable[[], bool] = lambda: True,
+        write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
+    ) -> None:
+        self._table = table
+        self._feed = feed
+        self._can_submit = can_submit
+        self._high_water = write_high_water
+        self._loop = asyncio.get_running_loop()
+        self._servers: list[asyncio.Server] = []
+        self._transports: dict[int, asyncio.Transport] = {}
+        self._decoders: dict[int, FrameDecoder] = {}
+        self._next_conn = 1
+        self._held = False  # reading paused on every connection (slow block member / outbox)
+        self._closed = False
+        self.unix_path: Path | None = None
+        self._unix_inode: tuple[int, int] | None = None
+        self.tcp_address: tuple[str, int] | None = None
+
+    async def start_unix(self, path: Path, *, default_dir: bool) -> None:
+        if default_dir:
+            ensure_private_dir(path.parent)
+        sock = bind_unix_socket(path)
+        self.unix_path = path
+        self._unix_inode = _inode(path)
+        self._servers.append(
+            await self._loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        )
+
+    async def start_tcp(self, host: str, port: int) -> None:
+        server = await self._loop.create_server(lambda: _Connection(self), host, port)
+        self._servers.append(server)
+        name = server.sockets[0].getsockname()
+        self.tcp_address = (str(name[0]), int(name[1]))
+
+    @property
+    def connections(self) -> int:
+        return len(self._transports)
+
+    # ------------------------------------------------------------------ called by the daemon
+
+    def send(self, conn: int, data: bytes) -> None:
+        transport = self._transports.get(conn)
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def close_connection(self, conn: int, abort: bool) -> None:
+        transport = self._transports.get(conn)
+        if transport is None:
+            return
+        if abort:
+            transport.abort()
+        else:
+            transport.close()
+
+    def settle(self) -> None:
+        """After any daemon input: resume reading once nothing holds local senders back."""
+        if self._held and self._accepting():
+            self._held = False
+            for conn, transport in list(self._transports.items()):
+                if not transport.is_closing():
+                    transport.resume_reading()
+                self._pump(conn)
+
+    async def aclose(self) -> None:
+        """Stop listening, abort what is still open, remove our socket file."""
+        if self._closed:
+            return
+        self._closed = True
+        for server in self._servers:
+            server.close()
+        for transport in list(self._transports.values()):
+            transport.abort()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        if self.unix_path is not None and self._unix_inode is not None:
+            _remove_if_ours(self.unix_path, self._unix_inode)
+
+    # ------------------------------------------------------------------ transport events
+
+    def _accepting(self) -> bool:
+        return self._table.accepting and self._can_submit()
+
+    def _connected(self, transport: asyncio.Transport) -> int:
+        conn = self._next_conn
+        self._next_conn += 1
+        self._transports[conn] = transport
+        self._decoders[conn] = FrameDecoder(
+            max_frame_size=self._table.config.limits.max_frame_size, accept=ANY_FRAME
+        )
+        transport.set_write_buffer_limits(high=self._high_water)
+        if self._held:
+            transport.pause_reading()
+        self._table.connected(conn)
+        return conn
+
+    def _data(self, conn: int, data: bytes) -> None:
+        decoder = self._decoders.get(conn)
+        if decoder is None:
+            return
+        decoder.feed(data)
+        self._pump(conn)
+
+    def _pump(self, conn: int) -> None:
+        decoder = self._decoders.get(conn)
+        while decoder is not None and conn in self._transports:
+            if not self._accepting():
+                self._hold()
+                return
+            try:
+                frame = decoder.next_frame()
+            except DecodeError as exc:
+                self._feed("decode_failed", partial(self._table.decode_failed, conn, str(exc)))
+                self._decoders.pop(conn, None)
+                return
+            if frame is None:
+                return
+            self._feed("frame_received", partial(self._table.frame_received, conn, frame))
+            if self._transports.get(conn) is None or self._transports[conn].is_closing():
+                return
+
+    def _hold(self) -> None:
+        if self._held:
+            return
+        self._held = True
+        for transport in self._transports.values():
+            if not transport.is_closing():
+                transport.pause_reading()
+
+    def _lost(self, conn: int) -> None:
+        if self._transports.pop(conn, None) is None:
+            return
+        self._decoders.pop(conn, None)
+        self._feed("connection_lost", partial(self._table.connection_lost, conn))
+
+    def _pause_writing(self, conn: int) -> None:
+        self._table.writing_paused(conn)
+
+    def _resume_writing(self, conn: int) -> None:
+        self._feed("writing_resumed", lambda _now: self._table.writing_resumed(conn))

@@ -1,0 +1,218 @@
+"""SessionTable driven by hand on a one-daemon view: frames in, frames and effects out."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshcast.group import GroupEngine
+from meshcast.group.membership import GroupMembership
+from meshcast.group.sessions import (
+    ClientConnected,
+    ClientDisconnected,
+    CloseConnection,
+    SendBytes,
+    SessionConfig,
+    SessionEffect,
+    SessionTable,
+)
+from meshcast.ids import NodeId
+from meshcast.wire.client import (
+    FROM_DAEMON,
+    Cause,
+    DaemonLimits,
+    ErrorCode,
+    ErrorReport,
+    Frame,
+    Goodbye,
+    Hello,
+    Join,
+    Leave,
+    Membership,
+    Message,
+    Multicast,
+    Ping,
+    Pong,
+    ServiceLevel,
+    SlowReceiverPolicy,
+    Welcome,
+    decode,
+)
+
+LIMITS = DaemonLimits(max_message_size=100, max_group_name=8, max_groups_per_client=2)
+
+
+def table(max_clients: int = 3, max_backlog: int = 10_000) -> SessionTable:
+    membership = GroupMembership(GroupEngine(NodeId(1)))
+    sessions = SessionTable("D1", membership, SessionConfig(LIMITS, max_clients, max_backlog))
+    sessions.view_installed([NodeId(1)], 0.0)
+    return sessions
+
+
+def frames(effects: list[SessionEffect], conn: int) -> list[Frame]:
+    return [
+        decode(e.data, accept=FROM_DAEMON)
+        for e in effects
+        if isinstance(e, SendBytes) and e.conn == conn
+    ]
+
+
+def hello(t: SessionTable, conn: int, name: str = "", flags: int = 1) -> str:
+    t.connected(conn)
+    effects = t.frame_received(conn, Hello(name, flags=flags), 0.0)  # type: ignore[arg-type]
+    (welcome,) = frames(effects, conn)
+    assert isinstance(welcome, Welcome)
+    assert welcome.limits == LIMITS
+    assert any(isinstance(e, ClientConnected) for e in effects)
+    return welcome.private_name
+
+
+def test_handshake_names_and_refusals() -> None:
+    t = table(max_clients=2)
+    assert hello(t, 1, "alice") == "#alice#D1"
+    assert hello(t, 2).startswith("#c")
+    t.connected(3)
+    (err,) = frames(t.frame_received(3, Hello("bob"), 0.0), 3)
+    assert isinstance(err, ErrorReport)
+    assert err.code == ErrorCode.DAEMON_FULL
+    t = table()
+    hello(t, 1, "alice")
+    t.connected(2)
+    effects = t.frame_received(2, Hello("alice"), 0.0)
+    assert [f.code for f in frames(effects, 2)] == [ErrorCode.NAME_IN_USE]  # type: ignore[union-attr]
+    assert CloseConnection(2) in effects
+    t.connected(3)
+    effects = t.frame_received(3, Hello("x", min_version=2, max_version=3), 0.0)
+    assert [f.code for f in frames(effects, 3)] == [ErrorCode.UNSUPPORTED_VERSION]  # type: ignore[union-attr]
+    t.connected(4)
+    effects = t.frame_received(4, Join("g"), 0.0)
+    assert [f.code for f in frames(effects, 4)] == [ErrorCode.UNEXPECTED_FRAME]  # type: ignore[union-attr]
+
+
+def test_requests_are_checked_with_typed_errors() -> None:
+    t = table()
+    hello(t, 1, "a")
+
+    def codes(frame: Frame) -> list[object]:
+        return [
+            (f.code, f.request_id)
+            for f in frames(t.frame_received(1, frame, 0.0), 1)
+            if isinstance(f, ErrorReport)
+        ]
+
+    assert codes(Join("toolonggroup", request_id=1)) == [(ErrorCode.GROUP_NAME_TOO_LONG, 1)]
+    assert codes(Join("g", request_id=2)) == []
+    assert codes(Join("g", request_id=3)) == [(ErrorCode.ALREADY_MEMBER, 3)]
+    assert codes(Join("h", request_id=4)) == []
+    assert codes(Join("i", request_id=5)) == [(ErrorCode.TOO_MANY_GROUPS, 5)]
+    assert codes(Leave("i", request_id=6)) == [(ErrorCode.NOT_A_MEMBER, 6)]
+    assert codes(Multicast(("g",), b"x" * 101, request_id=7)) == [(ErrorCode.MESSAGE_TOO_LARGE, 7)]
+    assert codes(Multicast(("g", "toolonggroup"), b"x", request_id=8)) == [
+        (ErrorCode.GROUP_NAME_TOO_LONG, 8)
+    ]
+    assert frames(t.frame_received(1, Ping(7), 0.0), 1) == [Pong(7)]
+
+
+def test_join_multicast_leave_and_disconnect() -> None:
+    t = table()
+    a = hello(t, 1, "a")
+    b = hello(t, 2, "b")
+    (m,) = frames(t.frame_received(1, Join("g"), 0.0), 1)
+    assert m == Membership("g", m.view_id, (a,), Cause.JOIN, (a,))  # type: ignore[union-attr]
+    effects = t.frame_received(2, Join("g"), 0.0)
+    assert [f.members for f in frames(effects, 1)] == [(a, b)]  # type: ignore[union-attr]
+    assert [f.cause for f in frames(effects, 2)] == [Cause.JOIN]  # type: ignore[union-attr]
+    for service in ServiceLevel:
+        effects = t.frame_received(1, Multicast(("g",), b"hi", service, msg_type=9), 0.0)
+        expected = Message(a, ("g",), service, 9, b"hi")
+        assert frames(effects, 1) == [expected]
+        assert frames(effects, 2) == [expected]
+    effects = t.frame_received(1, Leave("g"), 0.0)
+    assert [(f.cause, f.members) for f in frames(effects, 1)] == [(Cause.LEAVE, (b,))]  # type: ignore[union-attr]
+    assert frames(t.frame_received(2, Multicast(("g",), b"x"), 0.0), 1) == []
+    effects = t.connection_lost(2, 0.0)
+    assert any(isinstance(e, ClientDisconnected) and e.groups == ("g",) for e in effects)
+    assert t.membership.table() == {}
+    effects = t.frame_received(1, Goodbye(), 0.0)
+    assert frames(effects, 1) == [Goodbye()]
+    assert CloseConnection(1) in effects
+
+
+def test_bad_frame_gets_an_error_and_the_session_ends() -> None:
+    t = table()
+    a = hello(t, 1, "a")
+    t.frame_received(1, Join("g"), 0.0)
+    effects = t.decode_failed(1, "JOIN frame: truncated", 0.0)
+    assert [f.code for f in frames(effects, 1)] == [ErrorCode.BAD_FRAME]  # type: ignore[union-attr]
+    assert CloseConnection(1) in effects
+    assert any(isinstance(e, ClientDisconnected) and e.name == a for e in effects)
+    assert t.connection_lost(1, 0.0) == []
+
+
+def accepting(t: SessionTable) -> bool:
+    return t.accepting
+
+
+def slow_pair(policy: SlowReceiverPolicy, max_backlog: int = 10_000) -> SessionTable:
+    t = table(max_backlog=max_backlog)
+    hello(t, 1, "sender")
+    hello(t, 2, "slow")
+    t.frame_received(2, Join("g", policy), 0.0)
+    t.writing_paused(2)
+    return t
+
+
+def test_disconnect_policy_drops_the_slow_member() -> None:
+    t = slow_pair(SlowReceiverPolicy.DISCONNECT)
+    effects = t.frame_received(1, Multicast(("g",), b"x"), 0.0)
+    assert [f.code for f in frames(effects, 2)] == [ErrorCode.SLOW_RECEIVER]  # type: ignore[union-attr]
+    assert CloseConnection(2, abort=True) in effects
+    assert t.statistics().slow_disconnected == 1
+    assert t.membership.members("g") == ()
+
+
+def test_drop_unreliable_policy_sheds_and_reports() -> None:
+    t = slow_pair(SlowReceiverPolicy.DROP_UNRELIABLE)
+    for _ in range(3):
+        effects = t.frame_received(1, Multicast(("g",), b"x", ServiceLevel.UNRELIABLE), 0.0)
+        assert frames(effects, 2) == []
+    effects = t.frame_received(1, Multicast(("g",), b"y", ServiceLevel.RELIABLE), 0.0)
+    assert len(frames(effects, 2)) == 1  # reliable: never dropped (it blocks instead)
+    assert not accepting(t)
+    (report,) = frames(t.writing_resumed(2), 2)
+    assert isinstance(report, ErrorReport)
+    assert report.code == ErrorCode.MESSAGES_DROPPED
+    assert "3" in report.text
+    assert t.statistics().unreliable_dropped == 3
+    assert accepting(t)
+
+
+def test_block_policy_stops_local_senders_and_bounds_the_backlog() -> None:
+    t = slow_pair(SlowReceiverPolicy.BLOCK, max_backlog=200)
+    t.frame_received(1, Multicast(("g",), b"x" * 50), 0.0)
+    assert not accepting(t)
+    effects: list[SessionEffect] = []
+    for _ in range(5):
+        effects += t.frame_received(1, Multicast(("g",), b"x" * 50), 0.0)
+    assert t.statistics().slow_disconnected == 1
+    assert CloseConnection(2, abort=True) in effects
+    assert accepting(t)
+    assert t.membership.members("g") == ()
+
+
+def test_shutdown_tells_every_session() -> None:
+    t = table()
+    hello(t, 1, "a")
+    hello(t, 2, "b")
+    effects = t.shutdown(0.0)
+    for conn in (1, 2):
+        assert [f.code for f in frames(effects, conn)] == [ErrorCode.SHUTTING_DOWN]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "frame", [Welcome(1, "#x#D1"), Message("#x#D1", ("g",), ServiceLevel.RELIABLE, 0, b"")]
+)
+def test_daemon_frames_from_a_client_are_unexpected(frame: Frame) -> None:
+    t = table()
+    hello(t, 1, "a")
+    effects = t.frame_received(1, frame, 0.0)
+    assert [f.code for f in frames(effects, 1)] == [ErrorCode.UNEXPECTED_FRAME]  # type: ignore[union-attr]
