@@ -378,3 +378,33 @@ async def test_block_receiver_holds_local_senders_back(tmp_path: Path) -> None:
         stats = daemons["d1"].named("daemon_stopped")[0]["stats"]["sessions"]
         assert stats["messages_submitted"] == 200
         assert stats["slow_disconnected"] == 0
+
+
+@pytest.mark.asyncio
+async def test_client_library_end_to_end(tmp_path: Path) -> None:
+    """`meshcast.connect` against real daemons: clients on three daemons, AGREED order."""
+    import meshcast
+
+    async with cluster(tmp_path) as (_, addresses):
+        urls = [f"unix:{a}" if isinstance(a, Path) else f"tcp:{a[0]}:{a[1]}" for a in addresses]
+        connected = [await meshcast.connect(url, name=f"c{i}") for i, url in enumerate(urls)]
+        try:
+            for client in connected:
+                await client.join("e2e")
+            for i, client in enumerate(connected):
+                for n in range(5):
+                    await client.multicast("e2e", f"{i}:{n}".encode(), service=meshcast.AGREED)
+            orders = []
+            for client in connected:
+                got: list[bytes] = []
+                async with asyncio.timeout(30):
+                    while len(got) < 15:
+                        event = await client.receive()
+                        if isinstance(event, meshcast.Message):
+                            got.append(event.payload)
+                orders.append(got)
+        finally:
+            for client in connected:
+                await client.close()
+    assert all(order == orders[0] for order in orders)  # one total order everywhere
+    assert sorted(orders[0]) == sorted(f"{i}:{n}".encode() for i in range(3) for n in range(5))
