@@ -64,6 +64,7 @@ from meshcast.runtime.impair import ImpairedSender, Impairment
 from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
 from meshcast.runtime.sessions import ClientServer, default_socket_path
 from meshcast.runtime.stats import ImpairmentStats
+from meshcast.runtime.timer import DeadlineTimer
 from meshcast.runtime.udp import DEFAULT_SOCKET_BUFFER_BYTES, Address, open_udp_socket
 from meshcast.wire.client import DaemonLimits
 from meshcast.wire.packet import U32_MAX
@@ -350,9 +351,7 @@ class OverlayDaemon:
         self._stop_reason = "stop requested"
         self._closed = False
         self._clock = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf
-        self._quarantine_until = 0.0
+        self._timer = DeadlineTimer(self._loop, self._on_timer)
         self._draining = False
         self._drained = asyncio.Event()
         self._limiter = RateLimiter()
@@ -525,9 +524,7 @@ class OverlayDaemon:
         if self._closed:
             return
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         for shim in self._impaired.values():
             shim.close()
         if self._transport is not None:
@@ -616,14 +613,12 @@ class OverlayDaemon:
         self._settle()
 
     def _on_timer(self) -> None:
-        self._timer = None
-        now = self._now(max(self._timer_at, self._loop.time()))
-        self._timer_at = math.inf
+        now = self._now(self._timer.fired_at())
         try:
             effects = self.node.on_timer(now)
         except Exception:
             self._contain("on_timer")
-            self._quarantine_until = now + _QUARANTINE_INTERVAL
+            self._timer.quarantine_until = now + _QUARANTINE_INTERVAL
         else:
             self._apply(effects)
         deadline = self.sessions.next_deadline()
@@ -874,18 +869,7 @@ class OverlayDaemon:
         except Exception:
             self._contain("next_deadline")
             deadline = self._now() + _QUARANTINE_INTERVAL
-        if deadline is None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-                self._timer_at = math.inf
-        else:
-            deadline = max(deadline, self._quarantine_until)
-            if deadline < self._timer_at:
-                if self._timer is not None:
-                    self._timer.cancel()
-                self._timer_at = deadline
-                self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._timer.arm(deadline)
         if self._draining and not self._drained.is_set() and self._is_drained():
             self._drained.set()
         if self.client_server is not None:

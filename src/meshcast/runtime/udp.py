@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import math
 import secrets
 import socket
 import struct
@@ -50,6 +49,7 @@ from meshcast.runtime.impair import ImpairedSender, Impairment
 from meshcast.runtime.inbox import Inbox
 from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
 from meshcast.runtime.stats import DriverStats
+from meshcast.runtime.timer import DeadlineTimer
 from meshcast.wire.packet import HEADER_SIZE, MAGIC, U32_MAX, VERSION, PacketType
 
 log = logging.getLogger(__name__)
@@ -181,9 +181,7 @@ class UdpLinkDriver:
         self._closed = False
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self._clock = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf
-        self._quarantine_until = 0.0
+        self._timer = DeadlineTimer(self._loop, self._on_timer)
         self._settle_scheduled = False
         self._waiters: list[_Waiter] = []
         self._send_batch = send_batch
@@ -270,9 +268,7 @@ class UdpLinkDriver:
         if self._closed:
             return
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         if self._impaired is not None:
             self._impaired.close()
         if self._transport is not None:
@@ -462,9 +458,7 @@ class UdpLinkDriver:
             self._loop.call_soon(self._settle)
 
     def _on_timer(self) -> None:
-        self._timer = None
-        now = self._now(max(self._timer_at, self._loop.time()))
-        self._timer_at = math.inf
+        now = self._now(self._timer.fired_at())
         for link in self._endpoint:
             deadline = link.next_deadline()
             if deadline is None or deadline > now:
@@ -473,7 +467,7 @@ class UdpLinkDriver:
                 effects = link.on_timer(now)
             except Exception:
                 self._contain(link.peer, "on_timer")
-                self._quarantine_until = now + _QUARANTINE_INTERVAL
+                self._timer.quarantine_until = now + _QUARANTINE_INTERVAL
             else:
                 if effects:
                     self._apply(effects)
@@ -572,18 +566,7 @@ class UdpLinkDriver:
         except Exception:
             self._contain(None, "next_deadline")
             deadline = self._now() + _QUARANTINE_INTERVAL
-        if deadline is None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-                self._timer_at = math.inf
-        else:
-            deadline = max(deadline, self._quarantine_until)
-            if deadline < self._timer_at:
-                if self._timer is not None:
-                    self._timer.cancel()
-                self._timer_at = deadline
-                self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._timer.arm(deadline)
         if self._waiters:
             self._wake_waiters()
 
