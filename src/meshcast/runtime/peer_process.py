@@ -245,7 +245,13 @@ async def child_main(args: argparse.Namespace) -> int:
         async with asyncio.timeout(args.max_runtime):
             await _run_driver(args, node, on_delivered, progress)
     except TimeoutError:
-        _emit({"event": "error", "error": f"max runtime of {args.max_runtime} s exceeded"})
+        _emit(
+            {
+                "event": "error",
+                "error": f"max runtime of {args.max_runtime} s exceeded "
+                f"({checker.delivered} of {plan.count} messages delivered)",
+            }
+        )
         return 1
     except (MeshcastError, OSError) as exc:
         _emit({"event": "error", "error": str(exc)})
