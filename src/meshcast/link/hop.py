@@ -96,6 +96,7 @@ class _Counters:
 @dataclass(slots=True)
 class _Gap:
     nack_at: float
+    opened_at: float
     rounds: int = 0
 
 
@@ -415,7 +416,7 @@ class HopLink:
         nack_at = now + self._config.nack_delay_interval
         gaps = self._gaps
         for seq in range(first, end):
-            gaps[seq] = _Gap(nack_at)
+            gaps[seq] = _Gap(nack_at, now)
         if end > first:
             heapq.heappush(self._gap_heap, (nack_at, first))
 
@@ -438,7 +439,10 @@ class HopLink:
         for seq in due:
             gap = self._gaps[seq]
             gap.rounds += 1
-            if gap.rounds > _MAX_NACK_ROUNDS:
+            # Rounds alone are no bound on a fast link (40 NACKs of a loopback link take
+            # 0.4 s, less than a receiver's hiccup); the hole must also have outlived the
+            # silence timeout.
+            if gap.rounds > _MAX_NACK_ROUNDS and now - gap.opened_at >= self._silence_timeout():
                 self._fail(f"packet {seq} not recovered after {_MAX_NACK_ROUNDS} NACKs", effects)
                 return False
             gap.nack_at = renack_at
