@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 from meshcast.errors import UsageError
 from meshcast.ids import NodeId
@@ -96,3 +97,24 @@ async def _wait(waiters: deque[asyncio.Future[None]]) -> None:
     finally:
         if not waiter.done():
             waiter.cancel()
+
+
+def hand_up(
+    on_delivered: Callable[[NodeId, bytes], None] | None,
+    inbox: Inbox | None,
+    peer: NodeId,
+    payload: bytes,
+) -> bool:
+    """Give one message to the application: its callback if it has one, else the inbox.
+
+    False when the callback raised; the driver counts and logs that (its bulkhead).
+    """
+    if on_delivered is None:
+        assert inbox is not None
+        inbox.put(peer, payload)
+        return True
+    try:
+        on_delivered(peer, payload)
+    except Exception:
+        return False
+    return True

@@ -30,7 +30,7 @@ from typing import Any
 from meshcast.errors import BufferFull, DecodeError, MessageTooLarge, UsageError
 from meshcast.ids import NodeId
 from meshcast.link.events import LinkEffect, LinkEstablished, LinkFailed, LinkStats
-from meshcast.runtime.inbox import Inbox
+from meshcast.runtime.inbox import Inbox, hand_up
 from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
 from meshcast.runtime.stats import DriverStats
 from meshcast.runtime.udp import (
@@ -412,13 +412,7 @@ class TcpLinkDriver:
         state.messages_delivered += len(frames)
         for frame in frames:
             state.bytes_delivered += len(frame)
-            if self._on_delivered is None:
-                assert self._inbox is not None
-                self._inbox.put(peer, frame)
-                continue
-            try:
-                self._on_delivered(peer, frame)
-            except Exception:
+            if not hand_up(self._on_delivered, self._inbox, peer, frame):
                 self._callback_errors += 1
                 if self._limiter.allows(self._callback_errors):
                     self._log.exception("on_delivered callback raised (peer %d)", peer)

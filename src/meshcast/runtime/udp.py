@@ -46,7 +46,7 @@ from meshcast.link.events import (
 from meshcast.link.hop import HopLink
 from meshcast.runtime.datagram import open_endpoint
 from meshcast.runtime.impair import ImpairedSender, Impairment
-from meshcast.runtime.inbox import Inbox
+from meshcast.runtime.inbox import Inbox, hand_up
 from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
 from meshcast.runtime.stats import DriverStats
 from meshcast.runtime.timer import DeadlineTimer
@@ -527,13 +527,7 @@ class UdpLinkDriver:
                 self._on_link_event(effect)
 
     def _deliver(self, peer: NodeId, payload: bytes) -> None:
-        if self._on_delivered is None:
-            assert self._inbox is not None
-            self._inbox.put(peer, payload)
-            return
-        try:
-            self._on_delivered(peer, payload)
-        except Exception:
+        if not hand_up(self._on_delivered, self._inbox, peer, payload):
             self._callback_errors += 1
             if self._limiter.allows(self._callback_errors):
                 self._log.exception("on_delivered callback raised (peer %d)", peer)
