@@ -21,17 +21,38 @@ class GroupConfig:
     # no room and is always processed. A local AGREED/SAFE submit is refused
     # (BufferFull) while half this many total-order messages wait for delivery.
     max_held_messages: int = 10_000
-    # messages: received for a view this daemon has not installed yet (kept until it does)
-    max_future_messages: int = 1_000
+    # messages: received for a view (or a flush) this daemon has not reached yet, kept
+    # until it does. Others may finish a flush first and send; the overlay window bounds
+    # each source's messages in flight (1,000 by default), so this covers ~20 sources.
+    max_future_messages: int = 20_000
+    # s: a daemon tells the others what it holds (ACK) at most this often, and only when
+    # that changed; ACKs let every daemon forget the copies kept for a flush
+    ack_interval: float = 0.02
+    # s: a daemon still flushing sends its FLUSH again this often to the members it has
+    # not heard from (the overlay may lose a message while views change); each answers
+    # with its own FLUSH for the same view
+    flush_retry_interval: float = 0.25
+    # messages: copies kept for a flush (not yet held by every destination). A peer's
+    # message beyond it breaks that peer's stream (OrderingFault); a local submit is
+    # refused (BufferFull) while a quarter of it is our own.
+    max_retained_messages: int = 100_000
     # msg ids remembered per source for duplicate detection of UNRELIABLE/RELIABLE data
     dedup_window: int = 4096
     # earlier view ids remembered, whose late messages are dropped at once
     max_past_views: int = 16
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.idle_ts_interval) and self.idle_ts_interval > 0):
-            raise ConfigError("must be a positive number of seconds", key="idle_ts_interval")
-        for key in ("max_held_messages", "max_future_messages", "dedup_window", "max_past_views"):
+        for key in ("idle_ts_interval", "ack_interval", "flush_retry_interval"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError("must be a positive number of seconds", key=key)
+        for key in (
+            "max_held_messages",
+            "max_future_messages",
+            "max_retained_messages",
+            "dedup_window",
+            "max_past_views",
+        ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"must be a positive integer, got {value!r}", key=key)

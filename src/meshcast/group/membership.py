@@ -277,24 +277,11 @@ class GroupMembership:
     def view_installed(
         self, members: Iterable[NodeId], now: float, incarnations: Sequence[int] = ()
     ) -> list[MembershipEffect]:
-        """A new daemon view: drop the members of departed daemons, re-announce ours."""
+        """A new daemon view. The engine flushes first; when it installs the view
+        (`OrderingReset`, from this or a later input) the members of departed daemons are
+        dropped and ours re-announced (`_view_changed`)."""
         view = tuple(sorted(set(members)))
-        raw = self.engine.view_installed(view, now, incarnations)
-        effects: list[MembershipEffect] = []
-        changed = any(isinstance(e, OrderingReset) for e in raw)
-        self._view = view
-        self.engine.set_group_daemons(MEMBERSHIP_GROUP, view)
-        if changed:
-            coordinator = view[0]
-            for name in sorted(self._groups):
-                g = self._groups[name]
-                gone = tuple(m for m, d in g.members if d not in view)
-                if gone:
-                    g.members = [(m, d) for m, d in g.members if d in view]
-                    effects.append(self._changed(name, g, coordinator, Cause.NETWORK, gone))
-        effects.extend(self._filter(raw, now))
-        if changed:
-            effects.extend(self._announce(now))
+        effects = self._filter(self.engine.view_installed(view, now, incarnations), now)
         effects.extend(self._flush_pending(now))
         return effects
 
@@ -318,7 +305,7 @@ class GroupMembership:
         self, op: int, member: str, groups: tuple[str, ...], now: float
     ) -> list[MembershipEffect]:
         encode_operation(op, member, groups)  # UsageError now, not later
-        if self._pending or self.engine.view is None:
+        if self._pending or self.engine.view is None or self.engine.flushing:
             return self._queue(op, member, groups)
         try:
             return self._submit_op(op, member, groups, now)
@@ -354,7 +341,7 @@ class GroupMembership:
 
     def _flush_pending(self, now: float) -> list[MembershipEffect]:
         effects: list[MembershipEffect] = []
-        if self.engine.view is None:
+        if self.engine.view is None or self.engine.flushing:
             return effects
         while self._pending:
             op, member, groups = self._pending[0]
@@ -392,13 +379,37 @@ class GroupMembership:
 
     def _filter(self, raw: list[GroupEffect], now: float) -> list[MembershipEffect]:
         effects: list[MembershipEffect] = []
+        announce = False
         for effect in raw:
             if isinstance(effect, Deliver) and effect.groups == (MEMBERSHIP_GROUP,):
                 effects.extend(self._apply(effect.source, effect.payload))
             elif isinstance(effect, Deliver) and any(g.startswith("#") for g in effect.groups):
                 self._bump(malformed_dropped=1)  # only daemons name reserved groups
+            elif isinstance(effect, OrderingReset):
+                effects.extend(self._view_changed(effect.members))
+                effects.append(effect)
+                announce = True
             else:
                 effects.append(effect)
+        if announce:  # after every effect of the old view
+            effects.extend(self._announce(now))
+            effects.extend(self._flush_pending(now))
+        return effects
+
+    def _view_changed(self, members: tuple[NodeId, ...]) -> list[MembershipEffect]:
+        """The engine installed a view (after its flush delivered the old view's
+        operations): a daemon that left takes its members with it, the same removals at
+        every daemon, coordinated by the lowest daemon id of the new view."""
+        self._view = members
+        self.engine.set_group_daemons(MEMBERSHIP_GROUP, members)
+        coordinator = members[0]
+        effects: list[MembershipEffect] = []
+        for name in sorted(self._groups):
+            g = self._groups[name]
+            gone = tuple(m for m, d in g.members if d not in members)
+            if gone:
+                g.members = [(m, d) for m, d in g.members if d in members]
+                effects.append(self._changed(name, g, coordinator, Cause.NETWORK, gone))
         return effects
 
     def _apply(self, source: NodeId, payload: bytes) -> list[MembershipChanged]:

@@ -1,14 +1,22 @@
-"""The daemon-side ordering engine: service levels over the overlay, within one view.
+"""The daemon-side ordering engine: service levels over the overlay, virtual synchrony.
 
 Sits above `OverlayNode`, which delivers each message exactly once to the daemons listed
-but in any order. Per service (theory, costs and what is missing: docs/design/group.md):
+but in any order. Per service (theory, costs and limits: docs/design/group.md):
 
-* UNRELIABLE, RELIABLE: pruned to the daemons hosting the groups; delivered on arrival,
-  duplicates dropped by message id.
-* FIFO: pruned; numbered per (source, destination) daemon; held back until gaps fill.
+* UNRELIABLE: pruned to the daemons hosting the groups; delivered on arrival, duplicates
+  dropped by message id; no guarantee across view changes.
+* RELIABLE, FIFO: pruned; numbered per (source, destination) daemon; RELIABLE delivered
+  on arrival, FIFO held back until gaps fill.
 * CAUSAL: to every daemon of the view; vector clocks over the view's daemons.
 * AGREED, SAFE: to every daemon of the view; Lamport timestamps, idle daemons' NULLs,
   ARU vectors (`meshcast.group.total`).
+
+Virtual synchrony: every daemon keeps a copy of each message of the view until ACKs
+show all its destinations hold it (`meshcast.group.retention`). A view change starts a
+*flush*: each daemon stops sending, sends the others of the new view its remaining
+copies and stream prefixes (FLUSH), and installs the new view once it has every other
+member's FLUSH, after delivering the same old-view messages, in the same order, as every
+other daemon that passes from the same view to the same new one.
 
 Message formats: `meshcast.wire.group`.
 """
@@ -18,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from meshcast.errors import BufferFull, DecodeError, UsageError
 from meshcast.group.causal import CausalReceiver
@@ -32,12 +40,16 @@ from meshcast.group.events import (
     OrderingReset,
 )
 from meshcast.group.fifo import FifoReceiver
+from meshcast.group.retention import Numbers, Retention
 from meshcast.group.total import TotalOrder
 from meshcast.group.view import GroupView
 from meshcast.ids import NodeId
 from meshcast.wire.client import ServiceLevel
 from meshcast.wire.group import (
+    NO_VIEW,
+    GroupAck,
     GroupData,
+    GroupFlush,
     GroupMessage,
     GroupNull,
     decode_group,
@@ -47,6 +59,8 @@ from meshcast.wire.group import (
 log = logging.getLogger(__name__)
 
 ORDERED_TOTAL = (ServiceLevel.AGREED, ServiceLevel.SAFE)
+PRUNED = (ServiceLevel.RELIABLE, ServiceLevel.FIFO)
+FLUSH_PART_BYTES = 1 << 20  # carried copies per FLUSH part (one bigger copy: a part alone)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,14 +77,24 @@ class GroupStats:
     not_member_dropped: int = 0  # from a daemon outside the view
     holdback_overflow: int = 0  # a peer's message dropped at max_held_messages
     broken_stream_dropped: int = 0  # later messages of a stream broken by an overflow
-    undeliverable_on_view_change: int = 0
+    undeliverable_on_view_change: int = 0  # discarded by a flush: lost with a daemon
     views_installed: int = 0
+    acks_sent: int = 0
+    flushes_started: int = 0  # flush rounds (a view change during a flush: another)
+    flush_messages_sent: int = 0  # FLUSH parts
+    flush_copies_sent: int = 0  # message copies carried in them
+    flush_recovered: int = 0  # messages first received inside a FLUSH
+    flush_delivered: int = 0  # delivered when a flush completed
+    frozen_dropped: int = 0  # old-view messages arriving after this daemon's FLUSH
+    stale_flush_dropped: int = 0  # a FLUSH of an earlier round
+    submits_queued: int = 0  # local messages sent once the flush completes
 
 
 @dataclass(slots=True)
 class _Held:
     source: NodeId
     data: GroupData
+    raw: bytes  # as received or sent: the copy a flush carries
 
     def ref(self) -> MessageRef:
         d = self.data
@@ -83,13 +107,19 @@ class _ViewState:
     def __init__(self, local: NodeId, view: GroupView) -> None:
         self.view = view
         self.others = tuple(m for m in view.members if m != local)
-        self.fifo: FifoReceiver[_Held] = FifoReceiver()
+        self.fifo: FifoReceiver[_Held] = FifoReceiver()  # RELIABLE and FIFO numbers
         self.causal: CausalReceiver[_Held] = CausalReceiver(len(view.members))
         self.total: TotalOrder[_Held] = TotalOrder(local, view.members)
         self.next_msg_id = 1
-        self.fifo_sent: dict[NodeId, int] = {}
+        self.pruned_sent: dict[NodeId, int] = {}
         self.recent: dict[NodeId, tuple[deque[int], set[int]]] = {}
         self.broken: set[tuple[NodeId, str]] = set()
+        # virtual synchrony: copies until stable, what each member acknowledged
+        self.retained = Retention()
+        self.acks: dict[NodeId, dict[NodeId, tuple[int, int, int]]] = {}
+        self.last_ack = self.ack_vector(local)  # nothing received: nothing to say yet
+        self.last_ack_at = float("-inf")
+        self.frozen = False  # our FLUSH is out: nothing more is sent or taken in this view
         # total-order stream bookkeeping for NULLs
         self.last_stream_ts = 0  # timestamp of our last stream message
         self.last_stream_aru = 0  # ARU on it
@@ -99,6 +129,44 @@ class _ViewState:
 
     def held(self) -> int:
         return self.fifo.held + self.causal.held + self.total.held
+
+    def ack_vector(self, local: NodeId) -> tuple[tuple[int, int, int, int], ...]:
+        """(member, pruned prefix, causal processed, total-order prefix) we hold, per member."""
+        return tuple(
+            (
+                int(m),
+                self.fifo.prefix(m) if m != local else 0,
+                self.causal.processed[i],
+                self.total.prefix(m),
+            )
+            for i, m in enumerate(self.view.members)
+        )
+
+
+@dataclass(slots=True)
+class _Report:
+    """One member's FLUSH (all parts of its latest round) towards the flush's target."""
+
+    round: int
+    from_view: bytes
+    views: int
+    parts: int
+    got: set[int] = field(default_factory=set)
+    prefixes: dict[NodeId, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.got) == self.parts
+
+
+@dataclass(slots=True)
+class _Flush:
+    """A flush in progress towards `target` (a membership: number 0)."""
+
+    target: GroupView
+    round: int
+    own_prefixes: dict[NodeId, int]  # what our FLUSH reported
+    reports: dict[NodeId, _Report] = field(default_factory=dict)
 
 
 class GroupEngine:
@@ -110,8 +178,16 @@ class GroupEngine:
         self.config = config or GroupConfig()
         self._group_daemons: dict[str, frozenset[NodeId]] = {}
         self._state: _ViewState | None = None
+        self._flush: _Flush | None = None
+        self._round = 0  # our flush rounds so far
+        self._views = 0  # views installed so far (the number of the last one)
+        self._peer_round: dict[NodeId, int] = {}  # latest flush round seen per daemon
+        self._sent_flush: tuple[GroupFlush, ...] = ()  # our latest FLUSH, kept to answer
+        self._retry_at = 0.0  # while flushing: when to send it again
+        self._answered: dict[NodeId, float] = {}  # when we last answered a daemon's retry
+        self._queued: deque[tuple[tuple[str, ...], bytes, ServiceLevel, str, int]] = deque()
         self._past_views: deque[bytes] = deque(maxlen=self.config.max_past_views)
-        self._future: deque[tuple[NodeId, GroupMessage]] = deque()
+        self._future: deque[tuple[NodeId, GroupMessage, bytes]] = deque()
         self._clock = 0  # Lamport clock, kept across views (it only ever grows)
         self._now = 0.0
         self._stats = GroupStats()
@@ -120,7 +196,12 @@ class GroupEngine:
 
     @property
     def view(self) -> GroupView | None:
+        """The view installed last (during a flush: the one being left)."""
         return self._state.view if self._state is not None else None
+
+    @property
+    def flushing(self) -> bool:
+        return self._flush is not None
 
     @property
     def clock(self) -> int:
@@ -138,10 +219,19 @@ class GroupEngine:
         return any(self.local in self._group_daemons.get(g, ()) for g in groups)
 
     def next_deadline(self) -> float | None:
+        if self._flush is not None:
+            return max(self._retry_at, self._now)
         state = self._state
-        if state is None or not self._null_needed(state):
+        if state is None:
             return None
-        return max(state.last_stream_at + self.config.idle_ts_interval, self._now)
+        deadlines = []
+        if self._null_needed(state):
+            deadlines.append(state.last_stream_at + self.config.idle_ts_interval)
+        if state.others and state.ack_vector(self.local) != state.last_ack:
+            deadlines.append(state.last_ack_at + self.config.ack_interval)
+        if not deadlines:
+            return None
+        return max(min(deadlines), self._now)
 
     # ------------------------------------------------------------------ inputs
 
@@ -158,37 +248,21 @@ class GroupEngine:
     ) -> list[GroupEffect]:
         """A new daemon view (`incarnations` in the order of the sorted members).
 
-        Same members and incarnations as now: nothing changes. Otherwise every held
-        message is reported undeliverable in `OrderingReset` and ordering restarts for the
-        new view; messages already received for it are then processed.
+        The same members and incarnations as the view installed (or being flushed to):
+        nothing changes. Otherwise a flush starts (docs/design/group.md): the view is
+        installed, with `OrderingReset`, once every other member's FLUSH is here.
         """
         self._now = now
-        view = GroupView.of(members, incarnations)
-        if self.local not in view.index:
+        target = GroupView.of(members, incarnations)
+        if self.local not in target.index:
             raise UsageError(f"daemon {self.local} is not a member of the view it installs")
-        old = self._state
-        if old is not None and old.view.view_id == view.view_id:
+        flush, state = self._flush, self._state
+        if flush is not None and flush.target.view_id == target.view_id:
+            return []
+        if flush is None and state is not None and state.view.numbered(0) == target:
             return []
         effects: list[GroupEffect] = []
-        undelivered: tuple[MessageRef, ...] = ()
-        if old is not None:
-            held = old.fifo.drain() + old.causal.drain() + old.total.drain()
-            undelivered = tuple(h.ref() for h in held if self.hosts(h.data.groups))
-            self._bump(undeliverable_on_view_change=len(held))
-            self._past_views.append(old.view.view_id)
-        self._state = _ViewState(self.local, view)
-        self._bump(views_installed=1)
-        effects.append(
-            OrderingReset(
-                old.view.view_id if old else None, view.view_id, view.members, undelivered
-            )
-        )
-        future, self._future = self._future, deque()
-        for source, message in future:
-            if message.view_id in self._past_views:
-                self._bump(future_dropped=1)
-            else:
-                self._on_message(source, message, effects)
+        self._start_flush(target, effects)
         return effects
 
     def submit(
@@ -203,15 +277,24 @@ class GroupEngine:
         """A local client's message. Raises UsageError (no view, bad names or fields) or
         BufferFull (ordered and `max_held_messages` are held: wait for deliveries)."""
         self._now = now
-        state = self._state
-        if state is None:
-            raise UsageError("no view installed: nothing can be sent yet")
         if not groups:
             raise UsageError("a message needs at least one group")
         groups = tuple(groups)
         own_limit = max(self.config.max_held_messages // 2, 1)
+        state = self._state
+        if self._flush is not None:
+            if len(self._queued) >= own_limit:
+                raise BufferFull(f"{len(self._queued)} messages wait for the view change")
+            self._queued.append((groups, payload, service, sender, msg_type))
+            self._bump(submits_queued=1)
+            return []
+        if state is None:
+            raise UsageError("no view installed: nothing can be sent yet")
         if service in ORDERED_TOTAL and state.total.pending >= own_limit:
             raise BufferFull(f"{state.total.pending} ordered messages wait for delivery")
+        retained_limit = max(self.config.max_retained_messages // 4, 1)
+        if service != ServiceLevel.UNRELIABLE and state.retained.own(self.local) >= retained_limit:
+            raise BufferFull("too many of our messages are not yet held by every destination")
         self._clock += 1
         ts = self._clock
         seq = 0
@@ -226,8 +309,8 @@ class GroupEngine:
             seq, vector = state.causal.stamp(state.view.index[self.local])
         else:
             dests = hosted_dests
-            if service == ServiceLevel.FIFO:
-                fifo = tuple((d, state.fifo_sent.get(d, 0) + 1) for d in dests)
+            if service in PRUNED:
+                fifo = tuple((d, state.pruned_sent.get(d, 0) + 1) for d in dests)
         aru = state.total.aru(self._clock)
         data = GroupData(
             service,
@@ -250,12 +333,14 @@ class GroupEngine:
         # Committed: nothing below raises.
         state.next_msg_id += 1
         for d, n in fifo:
-            state.fifo_sent[NodeId(d)] = n
+            state.pruned_sent[NodeId(d)] = n
         self._bump(submitted=1)
+        if dests:
+            self._retain(state, self.local, data, encoded)
         effects: list[GroupEffect] = []
         if dests:
             effects.append(Broadcast(dests, encoded))
-        own = _Held(self.local, data)
+        own = _Held(self.local, data, encoded)
         if service in ORDERED_TOTAL:
             state.last_stream_ts, state.last_stream_aru, state.last_stream_at = ts, aru, now
             state.max_order_ts = max(state.max_order_ts, ts)
@@ -277,14 +362,28 @@ class GroupEngine:
             log.debug("daemon %s: malformed group message from %s: %s", self.local, source, exc)
             return []
         effects: list[GroupEffect] = []
-        self._on_message(source, message, effects)
+        self._on_message(source, message, payload, effects)
         return effects
 
     def on_timer(self, now: float) -> list[GroupEffect]:
         self._now = now
         state = self._state
         effects: list[GroupEffect] = []
-        if state is None or not self._null_needed(state):
+        if self._flush is not None:
+            if now >= self._retry_at:
+                self._retry_flush(self._flush, effects)
+            return effects
+        if state is None:
+            return effects
+        if state.others and now >= state.last_ack_at + self.config.ack_interval:
+            vector = state.ack_vector(self.local)
+            if vector != state.last_ack:
+                state.last_ack, state.last_ack_at = vector, now
+                self._bump(acks_sent=1)
+                effects.append(
+                    Broadcast(state.others, encode_group(GroupAck(state.view.view_id, vector)))
+                )
+        if not self._null_needed(state):
             return effects
         if now < state.last_stream_at + self.config.idle_ts_interval:
             return effects
@@ -300,28 +399,59 @@ class GroupEngine:
     # ------------------------------------------------------------------ receiving
 
     def _on_message(
-        self, source: NodeId, message: GroupMessage, effects: list[GroupEffect]
+        self, source: NodeId, message: GroupMessage, raw: bytes, effects: list[GroupEffect]
     ) -> None:
+        if isinstance(message, GroupFlush):
+            self._on_flush(source, message, raw, effects)
+            return
         state = self._state
         if state is None or message.view_id != state.view.view_id:
             if message.view_id in self._past_views:
                 self._bump(stale_view_dropped=1)
                 return
-            if len(self._future) >= self.config.max_future_messages:
-                self._future.popleft()
-                self._bump(future_dropped=1)
-            self._future.append((source, message))
-            self._bump(future_buffered=1)
+            self._buffer_future(source, message, raw)
             return
         if source == self.local or source not in state.view.index:
             self._bump(not_member_dropped=1)
             return
+        if state.frozen:
+            self._bump(frozen_dropped=1)  # our FLUSH is out: its sender's FLUSH has it
+            return
+        if isinstance(message, GroupAck):
+            self._on_ack(state, source, message)
+            return
+        self._on_data(state, source, message, raw, effects)
+
+    def _buffer_future(self, source: NodeId, message: GroupMessage, raw: bytes) -> None:
+        if len(self._future) >= self.config.max_future_messages:
+            self._future.popleft()
+            self._bump(future_dropped=1)
+        self._future.append((source, message, raw))
+        self._bump(future_buffered=1)
+
+    def _replay_future(self, effects: list[GroupEffect]) -> None:
+        """Messages kept for a view or flush not here yet: take those now applicable."""
+        future, self._future = self._future, deque()
+        for source, message, raw in future:
+            if message.view_id in self._past_views:
+                self._bump(future_dropped=1)
+            else:
+                self._on_message(source, message, raw, effects)
+
+    def _on_data(
+        self,
+        state: _ViewState,
+        source: NodeId,
+        message: GroupData | GroupNull,
+        raw: bytes,
+        effects: list[GroupEffect],
+    ) -> None:
         self._clock = max(self._clock, message.ts)
         if isinstance(message, GroupNull):
             self._on_stream(state, source, message.seq, message.ts, message.aru, None, effects)
             return
         service = message.service
-        held = _Held(source, message)
+        held = _Held(source, message, raw)
         if service in ORDERED_TOTAL:
             state.max_order_ts = max(state.max_order_ts, message.ts)
             if service == ServiceLevel.SAFE:
@@ -329,8 +459,8 @@ class GroupEngine:
             self._on_stream(state, source, message.seq, message.ts, message.aru, held, effects)
         elif service == ServiceLevel.CAUSAL:
             self._on_causal(state, source, held, effects)
-        elif service == ServiceLevel.FIFO:
-            self._on_fifo(state, source, held, effects)
+        elif service in PRUNED:
+            self._on_pruned(state, source, held, effects)
         else:
             recent, recent_set = state.recent.setdefault(source, (deque(), set()))
             if message.msg_id in recent_set:
@@ -349,13 +479,16 @@ class GroupEngine:
         if (source, stream) in state.broken:
             self._bump(broken_stream_dropped=1)
             return False
+        full = None
         if state.held() >= self.config.max_held_messages:
+            full = "hold-back limit reached"
+        elif state.retained.count >= self.config.max_retained_messages:
+            full = "retention limit reached"
+        if full is not None:
             state.broken.add((source, stream))
             self._bump(holdback_overflow=1)
-            log.warning(
-                "daemon %s: hold-back full, %s stream of %s broken", self.local, stream, source
-            )
-            effects.append(OrderingFault(source, stream, "hold-back limit reached"))
+            log.warning("daemon %s: %s, %s stream of %s broken", self.local, full, stream, source)
+            effects.append(OrderingFault(source, stream, full))
             return False
         return True
 
@@ -379,6 +512,8 @@ class GroupEngine:
         if occupies and not self._admit(state, source, "total", effects):
             return  # an in-order NULL takes no room: it is always taken
         safe = held is not None and held.data.service == ServiceLevel.SAFE
+        if held is not None:
+            self._retain(state, source, held.data, held.raw)
         state.total.offer(source, seq, ts, aru, held, safe)
         self._deliver_total(state, effects)
 
@@ -395,10 +530,11 @@ class GroupEngine:
             return
         if not self._admit(state, source, "causal", effects):
             return
+        self._retain(state, source, held.data, held.raw)
         for ready in state.causal.offer(sender, seq, vector, held):
             self._deliver(ready, effects)
 
-    def _on_fifo(
+    def _on_pruned(
         self, state: _ViewState, source: NodeId, held: _Held, effects: list[GroupEffect]
     ) -> None:
         seq = next((s for d, s in held.data.fifo if d == self.local), None)
@@ -408,14 +544,268 @@ class GroupEngine:
         if state.fifo.is_duplicate(source, seq):
             self._bump(duplicates_dropped=1)
             return
-        if not self._admit(state, source, "fifo", effects):
+        if not self._admit(state, source, "pruned", effects):
             return
-        for ready in state.fifo.offer(source, seq, held):
+        self._retain(state, source, held.data, held.raw)
+        in_order = held.data.service == ServiceLevel.FIFO
+        for ready in state.fifo.offer(source, seq, held, in_order=in_order):
             self._deliver(ready, effects)
+
+    # ------------------------------------------------------------------ stability
+
+    def _retain(self, state: _ViewState, source: NodeId, data: GroupData, raw: bytes) -> None:
+        """Keep a copy of a message for a flush, until every destination holds it."""
+        numbers: Numbers
+        if data.service in ORDERED_TOTAL:
+            stream, numbers = "total", ((0, data.seq),)
+        elif data.service == ServiceLevel.CAUSAL:
+            stream, numbers = "causal", ((0, data.seq),)
+        else:
+            stream, numbers = "pruned", data.fifo
+        state.retained.keep(source, stream, numbers, raw)
+
+    def _on_ack(self, state: _ViewState, source: NodeId, ack: GroupAck) -> None:
+        index = state.view.index
+        if len(ack.entries) != len(index) or any(NodeId(m) not in index for m, *_ in ack.entries):
+            self._bump(malformed_dropped=1)
+            return
+        mine = state.acks.setdefault(source, {})
+        for m, pruned, causal, total in ack.entries:
+            old = mine.get(NodeId(m), (0, 0, 0))
+            mine[NodeId(m)] = (max(old[0], pruned), max(old[1], causal), max(old[2], total))
+        self._collect(state)
+
+    def _collect(self, state: _ViewState) -> None:
+        """Forget the copies every destination has acknowledged."""
+        own = {NodeId(m): (p, c, t) for m, p, c, t in state.ack_vector(self.local)}
+        acks = state.acks
+        members = state.view.members
+        nothing = (0, 0, 0)
+
+        def acked(member: NodeId, source: NodeId) -> tuple[int, int, int]:
+            if member == self.local:
+                return own[source]
+            return acks.get(member, {}).get(source, nothing)
+
+        def stable(source: NodeId, stream: str, numbers: Numbers) -> bool:
+            if stream == "pruned":
+                return all(acked(NodeId(d), source)[0] >= n for d, n in numbers)
+            k = 1 if stream == "causal" else 2
+            return all(acked(m, source)[k] >= numbers[0][1] for m in members)
+
+        state.retained.collect(stable)
+
+    # ------------------------------------------------------------------ flush
+
+    def _start_flush(self, target: GroupView, effects: list[GroupEffect]) -> None:
+        """Stop sending in the current view; send our FLUSH towards `target`."""
+        self._round += 1
+        self._bump(flushes_started=1)
+        state = self._state
+        prefixes: dict[NodeId, int] = {}
+        copies: list[tuple[int, bytes]] = []
+        if state is not None:
+            state.frozen = True
+            prefixes = {m: state.total.prefix(m) for m in state.view.members}
+            copies = [(int(c.source), c.encoded) for c in state.retained.copies()]
+        self._flush = _Flush(target, self._round, prefixes)
+        self._retry_at = self._now + self.config.flush_retry_interval
+        from_view = state.view.view_id if state is not None else NO_VIEW
+        chunks: list[list[tuple[int, bytes]]] = [[]]
+        size = 0
+        for copy in copies:
+            if chunks[-1] and size + len(copy[1]) > FLUSH_PART_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(copy)
+            size += len(copy[1])
+        reported = tuple((int(m), p) for m, p in sorted(prefixes.items()))
+        self._sent_flush = tuple(
+            GroupFlush(
+                target.view_id,
+                from_view,
+                self._round,
+                self._views,
+                part,
+                len(chunks),
+                reported,
+                tuple(chunk),
+            )
+            for part, chunk in enumerate(chunks)
+        )
+        others = tuple(m for m in target.members if m != self.local)
+        if others:
+            self._send_flush(others, retry=False, effects=effects)
+            self._bump(flush_copies_sent=len(copies))
+        self._replay_future(effects)
+        self._try_complete(effects)
+
+    def _send_flush(
+        self, dests: tuple[NodeId, ...], *, retry: bool, effects: list[GroupEffect]
+    ) -> None:
+        for message in self._sent_flush:
+            encoded = encode_group(replace(message, retry=retry) if retry else message)
+            effects.append(Broadcast(dests, encoded))
+        self._bump(flush_messages_sent=len(self._sent_flush))
+
+    def _retry_flush(self, flush: _Flush, effects: list[GroupEffect]) -> None:
+        """Still flushing: send our FLUSH again to whoever we have not fully heard."""
+        self._retry_at = self._now + self.config.flush_retry_interval
+        silent = tuple(
+            m
+            for m in flush.target.members
+            if m != self.local and (m not in flush.reports or not flush.reports[m].complete)
+        )
+        if silent:
+            self._send_flush(silent, retry=True, effects=effects)
+
+    def _answer(self, peer: NodeId, target: bytes, effects: list[GroupEffect]) -> None:
+        """`peer` still waits in a flush towards `target`: send it our FLUSH for it
+        (at most twice per retry interval, so answers cannot storm)."""
+        if not self._sent_flush or self._sent_flush[0].view_id != target:
+            return
+        if self._now < self._answered.get(peer, float("-inf")) + self.config.flush_retry_interval / 2:
+            return
+        self._answered[peer] = self._now
+        self._send_flush((peer,), retry=False, effects=effects)
+
+    def _on_flush(
+        self, source: NodeId, message: GroupFlush, raw: bytes, effects: list[GroupEffect]
+    ) -> None:
+        if source == self.local:
+            self._bump(not_member_dropped=1)
+            return
+        if message.retry:
+            self._answer(source, message.view_id, effects)
+        if message.round < self._peer_round.get(source, 0):
+            self._bump(stale_flush_dropped=1)
+            return
+        flush, state = self._flush, self._state
+        if flush is None and state is not None and message.view_id == state.view.numbered(0).view_id:
+            if message.round == self._peer_round.get(source, 0):
+                self._bump(stale_flush_dropped=1)  # a part of the round we completed
+                return
+            # The sender saw the view change and come back; we did not. Flush with it,
+            # or it waits for our FLUSH for ever.
+            self._start_flush(state.view.numbered(0), effects)
+            flush = self._flush
+        if flush is None or message.view_id != flush.target.view_id:
+            self._buffer_future(source, message, raw)  # a flush we have not started yet
+            return
+        if source not in flush.target.index:
+            self._bump(not_member_dropped=1)
+            return
+        self._peer_round[source] = message.round
+        report = flush.reports.get(source)
+        if report is None or report.round < message.round:
+            report = _Report(message.round, message.from_view, message.views, message.parts)
+            flush.reports[source] = report
+        if message.part in report.got or message.parts != report.parts:
+            self._bump(duplicates_dropped=1)
+            return
+        report.got.add(message.part)
+        if state is not None and message.from_view == state.view.view_id:
+            for member, prefix in message.prefixes:
+                m = NodeId(member)
+                report.prefixes[m] = max(report.prefixes.get(m, 0), prefix)
+            for origin, data in message.messages:
+                self._merge(state, NodeId(origin), data, effects)
+        self._try_complete(effects)
+
+    def _merge(
+        self, state: _ViewState, source: NodeId, raw: bytes, effects: list[GroupEffect]
+    ) -> None:
+        """A copy carried by a FLUSH: taken like a message received in the view."""
+        try:
+            message = decode_group(raw)
+        except DecodeError:
+            self._bump(malformed_dropped=1)
+            return
+        if (
+            not isinstance(message, GroupData)
+            or message.view_id != state.view.view_id
+            or message.service == ServiceLevel.UNRELIABLE
+            or source not in state.view.index
+        ):
+            self._bump(malformed_dropped=1)
+            return
+        if source == self.local:
+            return  # our own: we have it
+        if message.service in PRUNED and all(d != self.local for d, _ in message.fifo):
+            return  # for other daemons
+        before = self._stats.duplicates_dropped
+        self._on_data(state, source, message, raw, effects)
+        if self._stats.duplicates_dropped == before:
+            self._bump(flush_recovered=1)
+
+    def _try_complete(self, effects: list[GroupEffect]) -> None:
+        """Install the flush's view once every other member's FLUSH is complete."""
+        flush = self._flush
+        if flush is None:
+            return
+        reports = flush.reports
+        for m in flush.target.members:
+            if m != self.local and (m not in reports or not reports[m].complete):
+                return
+        number = max([self._views, *(r.views for r in reports.values())]) + 1
+        view = flush.target.numbered(number)
+        old = self._state
+        undelivered: tuple[MessageRef, ...] = ()
+        if old is not None:
+            undelivered = self._finish_view(old, flush, effects)
+            self._past_views.append(old.view.view_id)
+        self._views = number
+        self._flush = None
+        self._state = _ViewState(self.local, view)
+        self._bump(views_installed=1)
+        effects.append(
+            OrderingReset(
+                old.view.view_id if old else None, view.view_id, view.members, undelivered
+            )
+        )
+        self._replay_future(effects)
+        queued, self._queued = self._queued, deque()
+        for groups, payload, service, sender, msg_type in queued:
+            try:
+                effects.extend(self.submit(groups, payload, service, sender, self._now, msg_type))
+            except (BufferFull, UsageError) as exc:
+                log.warning("daemon %s: a message queued in a flush is lost: %s", self.local, exc)
+
+    def _finish_view(
+        self, state: _ViewState, flush: _Flush, effects: list[GroupEffect]
+    ) -> tuple[MessageRef, ...]:
+        """Deliver what the flush agreed on of the old view; return what it discarded.
+
+        Every survivor (a member of both views) now holds the union of the survivors'
+        copies; each takes the same decisions on that same set:
+        RELIABLE/FIFO: everything held, in number order (a missing number is lost
+        everywhere: its sender failed). CAUSAL: what the union makes causally complete;
+        the rest waited for a message lost everywhere. AGREED/SAFE: `TotalOrder.finish`
+        with each stream cut at the longest prefix any survivor reported.
+        """
+        ends = dict(flush.own_prefixes)
+        for report in flush.reports.values():
+            if report.from_view == state.view.view_id:
+                for m, prefix in report.prefixes.items():
+                    ends[m] = max(ends.get(m, 0), prefix)
+        delivered_before = self._stats.delivered
+        for item in state.fifo.drain():
+            self._deliver(item, effects)
+        kept, dropped = state.total.finish(ends)
+        for item in kept:
+            self._deliver(item, effects)
+        dropped.extend(state.causal.drain())
+        self._bump(
+            flush_delivered=self._stats.delivered - delivered_before,
+            undeliverable_on_view_change=len(dropped),
+        )
+        return tuple(h.ref() for h in dropped if self.hosts(h.data.groups))
 
     # ------------------------------------------------------------------ delivering
 
     def _deliver_total(self, state: _ViewState, effects: list[GroupEffect]) -> None:
+        if state.frozen:
+            return  # a flush decides: our prefix may outgrow what we reported
         for ready in state.total.ready(self._clock):
             self._deliver(ready, effects)
 

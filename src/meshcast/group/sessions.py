@@ -15,15 +15,22 @@ and applies the effects:
 * `ClientConnected`, `ClientDisconnected`, `MembershipChanged`, `OrderingReset`,
   `OrderingFault`: for the log.
 
+A STATUS request is answered with a bounded JSON report (`status`): the table's own part
+(daemon name and node id, sessions, the replicated group table, counters) plus what the
+injected `status` provider returns for the layers the table cannot see (the daemon's
+view, links, tree, uptime), so the table stays sans-I/O.
+
 While a `block` member is over its write limit, `accepting` is False: the runtime stops
 reading client connections, so no local client's MULTICAST is taken until it drains.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
 from meshcast.errors import BufferFull, UsageError
@@ -31,6 +38,7 @@ from meshcast.group.events import Deliver
 from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipEffect
 from meshcast.ids import NodeId
 from meshcast.wire.client import (
+    MAX_STATUS_SIZE,
     DaemonLimits,
     ErrorCode,
     ErrorReport,
@@ -47,6 +55,8 @@ from meshcast.wire.client import (
     Pong,
     ServiceLevel,
     SlowReceiverPolicy,
+    StatusReply,
+    StatusRequest,
     Welcome,
     choose_version,
     clip_text,
@@ -65,6 +75,10 @@ class SessionConfig:
     # its transport's high-water mark before it is disconnected with SLOW_RECEIVER anyway:
     # the daemon's memory stays bounded whatever the clients do.
     max_backlog: int = 64 * 1024 * 1024
+    # a STATUS report lists at most this many groups, and this many members of each; it is
+    # cut further (and says "truncated") when it would exceed MAX_STATUS_SIZE bytes
+    status_max_groups: int = 100
+    status_max_members: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +125,12 @@ class SessionStats:
     unreliable_dropped: int = 0  # by `drop-unreliable`
     slow_disconnected: int = 0  # by `disconnect`, or past max_backlog
     internal_errors: int = 0
+    status_reports: int = 0  # STATUS requests answered
+
+
+# What the daemon adds to a STATUS report, given `now`: JSON-ready sections (see `status`).
+StatusProvider = Callable[[float], Mapping[str, object]]
+STATUS_FORMAT = 1  # the report's "format": bumped when a key changes meaning or goes away
 
 
 class _State(Enum):
@@ -135,12 +155,18 @@ class SessionTable:
     """Every client session of one daemon (see the module docstring)."""
 
     def __init__(
-        self, daemon_name: str, membership: GroupMembership, config: SessionConfig | None = None
+        self,
+        daemon_name: str,
+        membership: GroupMembership,
+        config: SessionConfig | None = None,
+        *,
+        status: StatusProvider | None = None,
     ) -> None:
         private_name("x", daemon_name)  # ValueError now for a name that cannot be used
         self.daemon_name = daemon_name
         self.membership = membership
         self.config = config or SessionConfig()
+        self._status_provider = status
         self._sessions: dict[int, _Session] = {}
         self._by_name: dict[str, _Session] = {}
         self._next_auto = 1
@@ -171,6 +197,86 @@ class SessionTable:
 
     def next_deadline(self) -> float | None:
         return self.membership.next_deadline()
+
+    def status(
+        self, now: float, *, max_groups: int | None = None, max_members: int | None = None
+    ) -> dict[str, object]:
+        """The status report, JSON-ready (non-finite floats become None).
+
+        Keys: ``format``, ``daemon`` (``name``, ``node``, plus the provider's), the
+        provider's other sections (the daemon adds ``view``, ``links``, ``tree``),
+        ``sessions`` (``open`` counts the asking session too, ``max_clients``),
+        ``groups`` (at most `max_groups`, by name: ``name``, ``view_id``, ``size``,
+        ``members`` — at most `max_members` of ``{name, daemon, node}`` — and ``local``),
+        ``groups_total``, ``truncated`` (a list was cut) and ``counters`` (``sessions``,
+        ``membership``, ``group`` — the engine's — plus the provider's). The provider's
+        ``daemon`` and ``counters`` are merged into the table's. Its exceptions propagate.
+        """
+        group_cap = self.config.status_max_groups if max_groups is None else max_groups
+        member_cap = self.config.status_max_members if max_members is None else max_members
+        extra = dict(self._status_provider(now)) if self._status_provider is not None else {}
+        daemon: dict[str, object] = {"name": self.daemon_name, "node": int(self.local)}
+        daemon.update(_section(extra.pop("daemon", None)))
+        counters: dict[str, object] = {
+            "sessions": asdict(self._stats),
+            "membership": asdict(self.membership.statistics()),
+            "group": asdict(self.membership.engine.statistics()),
+        }
+        counters.update(_section(extra.pop("counters", None)))
+        table = self.membership.table()
+        truncated = len(table) > group_cap
+        groups: list[dict[str, object]] = []
+        for name, members in list(table.items())[: max(0, group_cap)]:
+            view_id = self.membership.view_id(name)
+            truncated = truncated or len(members) > member_cap
+            groups.append(
+                {
+                    "name": name,
+                    "view_id": None if view_id is None else [view_id.counter, view_id.coordinator],
+                    "size": len(members),
+                    "local": sum(1 for _, host in members if host == self.local),
+                    "members": [
+                        {"name": m, "daemon": m.rpartition("#")[2], "node": int(host)}
+                        for m, host in members[: max(0, member_cap)]
+                    ],
+                }
+            )
+        report: dict[str, object] = {"format": STATUS_FORMAT, "daemon": daemon}
+        report.update(extra)
+        report.update(
+            sessions={"open": self.open_sessions(), "max_clients": self.config.max_clients},
+            groups=groups,
+            groups_total=len(table),
+            truncated=truncated,
+            counters=counters,
+        )
+        ready = _json_ready(report)
+        assert isinstance(ready, dict)
+        return ready
+
+    def status_text(self, now: float) -> str:
+        """`status` as compact JSON of at most MAX_STATUS_SIZE bytes: the group and member
+        lists are halved until it fits (``truncated`` says so)."""
+        groups = self.config.status_max_groups
+        members = self.config.status_max_members
+        while True:
+            report = self.status(now, max_groups=groups, max_members=members)
+            text = _compact_json(report)
+            if len(text.encode("utf-8")) <= MAX_STATUS_SIZE:
+                return text
+            if groups == 0 and members == 0:
+                break
+            groups //= 2
+            members //= 2
+        daemon = report.get("daemon")
+        return _compact_json(
+            {
+                "format": STATUS_FORMAT,
+                "daemon": daemon if isinstance(daemon, dict) else {},
+                "truncated": True,
+                "error": f"the status report does not fit in {MAX_STATUS_SIZE} bytes",
+            }
+        )
 
     # ------------------------------------------------------------------ connection inputs
 
@@ -350,6 +456,8 @@ class SessionTable:
                     else:
                         self._bump(messages_submitted=1)
                         out += self._route(effects)
+            case StatusRequest(rid):
+                out += self._status_reply(s, rid, now)
             case Ping(nonce):
                 out.append(SendBytes(s.conn, encode(Pong(nonce))))
             case Pong():
@@ -366,6 +474,21 @@ class SessionTable:
                     "bad frame",
                     now,
                 )
+
+    def _status_reply(self, s: _Session, rid: int, now: float) -> list[SessionEffect]:
+        try:
+            text = self.status_text(now)
+        except Exception as exc:  # the injected provider failed: answer, do not go silent
+            self._bump(internal_errors=1)
+            log.exception("daemon %s: status report for %s failed", self.local, s.name)
+            return [self._error(s, ErrorCode.INTERNAL_ERROR, f"status report failed: {exc}", rid)]
+        self._bump(status_reports=1)
+        data = encode(StatusReply(text, rid))
+        if s.paused:  # a client that asks and never reads: bounded like any backlog
+            s.backlog += len(data)
+            if s.backlog > self.config.max_backlog:
+                return self._slow(s, f"more than {self.config.max_backlog} bytes queued")
+        return [SendBytes(s.conn, data)]
 
     def _group_fault(self, group: str) -> str | None:
         size = len(group.encode("utf-8"))
@@ -521,6 +644,26 @@ class SessionTable:
         )
 
 
+def _section(value: object) -> dict[str, object]:
+    """A provider's ``daemon`` or ``counters`` section (anything else counts as empty)."""
+    return {str(k): v for k, v in value.items()} if isinstance(value, Mapping) else {}
+
+
+def _json_ready(value: object) -> object:
+    """`value` as JSON can carry it: tuples become lists, non-finite floats None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def _compact_json(report: Mapping[str, object]) -> str:
+    return json.dumps(report, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def _kind(frame: Frame) -> str:
     return type(frame).__name__.upper()
 
@@ -538,4 +681,5 @@ __all__ = [
     "SessionEffect",
     "SessionStats",
     "SessionTable",
+    "StatusProvider",
 ]

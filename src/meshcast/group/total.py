@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Generic, TypeVar
 
 from meshcast.ids import NodeId
@@ -40,8 +40,9 @@ class TotalOrder(Generic[T]):
         self._gap_count = 0
         self.heard: dict[NodeId, int] = dict.fromkeys(self._others, 0)
         self.aru_of: dict[NodeId, int] = dict.fromkeys(self._others, 0)
-        # heap by (ts, source); the counter keeps a peer's repeated timestamp comparable
-        self._pending: list[tuple[int, NodeId, int, bool, T]] = []
+        # heap by (ts, source); the counter keeps a peer's repeated timestamp comparable;
+        # last: the message's place in its source's stream (for a flush)
+        self._pending: list[tuple[int, NodeId, int, bool, T, int]] = []
         self._tiebreak = itertools.count()
         self._own_seq = 0
 
@@ -66,10 +67,15 @@ class TotalOrder(Generic[T]):
         return min([self.aru(clock), *self.aru_of.values()])
 
     def add_own(self, ts: int, safe: bool, item: T) -> None:
-        heapq.heappush(self._pending, (ts, self._local, next(self._tiebreak), safe, item))
+        entry = (ts, self._local, next(self._tiebreak), safe, item, self._own_seq)
+        heapq.heappush(self._pending, entry)
 
     def next_expected(self, source: NodeId) -> int:
         return self._next[source]
+
+    def prefix(self, source: NodeId) -> int:
+        """Every stream message of `source` up to this number is here (own: all sent)."""
+        return self._own_seq if source == self._local else self._next[source] - 1
 
     def is_duplicate(self, source: NodeId, seq: int) -> bool:
         return seq < self._next[source] or seq in self._gaps[source]
@@ -88,7 +94,8 @@ class TotalOrder(Generic[T]):
             self.heard[source] = max(self.heard[source], ts_)
             self.aru_of[source] = max(self.aru_of[source], aru_)
             if item_ is not None:
-                heapq.heappush(self._pending, (ts_, source, next(self._tiebreak), safe_, item_))
+                entry = (ts_, source, next(self._tiebreak), safe_, item_, expected)
+                heapq.heappush(self._pending, entry)
             expected += 1
         self._next[source] = expected
 
@@ -98,18 +105,33 @@ class TotalOrder(Generic[T]):
         aru = self.aru(clock)
         stable = self.stable(clock)
         while self._pending:
-            ts, _, _, safe, item = self._pending[0]
+            ts, _, _, safe, item, _ = self._pending[0]
             if ts > (stable if safe else aru):
                 break
             heapq.heappop(self._pending)
             out.append(item)
         return out
 
-    def drain(self) -> list[T]:
-        items = [entry[4] for entry in sorted(self._pending, key=lambda e: e[:3])]
-        for gaps in self._gaps.values():
-            items.extend(item for _, (_, _, item, _) in sorted(gaps.items()) if item is not None)
-            gaps.clear()
+    def finish(self, ends: Mapping[NodeId, int]) -> tuple[list[T], list[T]]:
+        """End of a view (a flush): every held message numbered up to its source's end,
+        in the total order, and the rest (discarded). Empties this object.
+
+        The ends come from the flush: the longest stream prefix any survivor held. A
+        message beyond it was delivered by nobody (delivery needs the prefix), so
+        discarding it everywhere keeps the survivors' delivered sets equal; one up to it
+        is held by every survivor after the flush, so all deliver it, in (ts, source)
+        order, which extends every order delivered so far.
+        """
+        entries = [(e[0], e[1], e[2], e[4], e[5]) for e in self._pending]
+        for source, gaps in self._gaps.items():
+            for seq, (ts, _, item, _) in gaps.items():
+                if item is not None:
+                    entries.append((ts, source, next(self._tiebreak), item, seq))
         self._pending.clear()
+        for gaps in self._gaps.values():
+            gaps.clear()
         self._gap_count = 0
-        return items
+        entries.sort(key=lambda e: e[:3])
+        kept = [e[3] for e in entries if e[4] <= ends.get(e[1], 0)]
+        dropped = [e[3] for e in entries if e[4] > ends.get(e[1], 0)]
+        return kept, dropped

@@ -8,6 +8,10 @@ overlay's source field names the sending daemon. All integers are big-endian; ``
                msg_type u16 | sender str8 | n u16 | n x group str8 |
                f u16 | f x (dest u32 | fifo_seq u64) | v u16 | v x u64 | payload (the rest)
     0x11 NULL  view_id 8s | ts u64 | seq u64 | aru u64
+    0x12 ACK   view_id 8s | n u16 | n x (member u32 | pruned u64 | causal u64 | total u64)
+    0x13 FLUSH target 8s | from_view 8s | round u64 | views u64 | part u32 | parts u32 |
+               flags u8 | n u16 | n x (member u32 | total_prefix u64) |
+               m u32 | m x (source u32 | len u32 | a DATA message of from_view)
 
 * ``view_id``: the group view the message was sent in (`meshcast.group.view_id`).
 * ``msg_id``: unique per sending daemon and view, from 1; duplicate detection for
@@ -24,6 +28,16 @@ overlay's source field names the sending daemon. All integers are big-endian; ``
   member of the view in member order. Other services send v = 0.
 * NULL: an idle daemon's timestamp and ARU, in its total-order stream, so that AGREED and
   SAFE messages of others can be ordered and declared stable.
+* ACK: what the sender holds of each member's messages in the view: the prefix of its
+  numbering to the sender (RELIABLE/FIFO), causal messages processed, total-order stream
+  prefix. Lets every daemon forget the copies it keeps for a flush (stability).
+* FLUSH: one part of a daemon's flush towards the view with membership id ``target``
+  (`meshcast.group.view_id`): the id of the view it installed last (``from_view``, zeros
+  for none), its flush round (increases with every flush it starts), how many views it
+  has installed, its total-order stream prefixes, and the copies of ``from_view``
+  messages that not every member may have (docs/design/group.md, "Virtual synchrony").
+  Flag 0x01 RETRY: sent again because the sender still waits; a daemon that has the part
+  already answers with its own FLUSH for the same target (answers never carry RETRY).
 
 Theory of operation: docs/design/group.md. `encode_group` refuses (``ValueError``) what
 `decode_group` would refuse; `decode_group` raises only `DecodeError`.
@@ -39,12 +53,23 @@ from meshcast.wire.client import ServiceLevel
 
 KIND_DATA = 0x10
 KIND_NULL = 0x11
+KIND_ACK = 0x12
+KIND_FLUSH = 0x13
 
 VIEW_ID_SIZE = 8
 DATA_HEAD = struct.Struct("!BB8sQQQQH")  # kind, service, view, msg_id, ts, seq, aru, msg_type
 NULL_MESSAGE = struct.Struct("!B8sQQQ")  # kind, view, ts, seq, aru
 COUNT = struct.Struct("!H")
 FIFO_ENTRY = struct.Struct("!IQ")
+ACK_HEAD = struct.Struct("!B8sH")  # kind, view, n
+ACK_ENTRY = struct.Struct("!IQQQ")  # member, pruned, causal, total
+FLUSH_HEAD = struct.Struct("!B8s8sQQIIBH")  # kind, target, from, round, views, part, parts,
+# flags, n
+FLUSH_RETRY = 0x01
+PREFIX_ENTRY = struct.Struct("!IQ")  # member, total-order stream prefix
+CARRIED_COUNT = struct.Struct("!I")
+CARRIED_HEAD = struct.Struct("!II")  # source, length
+NO_VIEW = bytes(8)  # from_view of a daemon that never installed a view
 CLOCK = struct.Struct("!Q")
 
 MAX_GROUP_NAME = 255  # bytes (a str8)
@@ -83,7 +108,26 @@ class GroupNull:
     aru: int
 
 
-GroupMessage = GroupData | GroupNull
+@dataclass(frozen=True, slots=True)
+class GroupAck:
+    view_id: bytes  # 8 bytes
+    entries: tuple[tuple[int, int, int, int], ...]  # (member, pruned, causal, total)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupFlush:
+    view_id: bytes  # the membership id of the view being installed (the target)
+    from_view: bytes  # the sender's last installed view (NO_VIEW: none)
+    round: int  # the sender's flush round, increasing
+    views: int  # views the sender has installed
+    part: int  # 0 .. parts - 1
+    parts: int
+    prefixes: tuple[tuple[int, int], ...]  # (member of from_view, total-order prefix held)
+    messages: tuple[tuple[int, bytes], ...]  # (source daemon, encoded DATA of from_view)
+    retry: bool = False
+
+
+GroupMessage = GroupData | GroupNull | GroupAck | GroupFlush
 
 
 def _check_u64(name: str, value: int) -> None:
@@ -102,6 +146,10 @@ def encode_group(message: GroupMessage) -> bytes:
     """Encode one group message; ValueError if `decode_group` would refuse the result."""
     if len(message.view_id) != VIEW_ID_SIZE:
         raise ValueError("view_id must be 8 bytes")
+    if isinstance(message, GroupAck):
+        return _encode_ack(message)
+    if isinstance(message, GroupFlush):
+        return _encode_flush(message)
     for name in ("ts", "seq", "aru"):
         _check_u64(name, getattr(message, name))
     if isinstance(message, GroupNull):
@@ -144,6 +192,55 @@ def encode_group(message: GroupMessage) -> bytes:
     return b"".join(parts)
 
 
+def _encode_ack(message: GroupAck) -> bytes:
+    if len(message.entries) > MAX_VECTOR:
+        raise ValueError(f"an ACK lists at most {MAX_VECTOR} members")
+    parts = [ACK_HEAD.pack(KIND_ACK, message.view_id, len(message.entries))]
+    for member, *counts in message.entries:
+        if not 0 <= member <= U32_MAX:
+            raise ValueError(f"member {member} is not a u32")
+        for count in counts:
+            _check_u64("ACK count", count)
+        parts.append(ACK_ENTRY.pack(member, *counts))
+    return b"".join(parts)
+
+
+def _encode_flush(message: GroupFlush) -> bytes:
+    if len(message.from_view) != VIEW_ID_SIZE:
+        raise ValueError("from_view must be 8 bytes")
+    _check_u64("round", message.round)
+    _check_u64("views", message.views)
+    if not 0 <= message.part < message.parts <= U32_MAX:
+        raise ValueError(f"part {message.part} of {message.parts} is out of range")
+    if len(message.prefixes) > MAX_VECTOR or len(message.messages) > U32_MAX:
+        raise ValueError("too many prefixes or carried messages")
+    parts = [
+        FLUSH_HEAD.pack(
+            KIND_FLUSH,
+            message.view_id,
+            message.from_view,
+            message.round,
+            message.views,
+            message.part,
+            message.parts,
+            FLUSH_RETRY if message.retry else 0,
+            len(message.prefixes),
+        )
+    ]
+    for member, prefix in message.prefixes:
+        if not 0 <= member <= U32_MAX:
+            raise ValueError(f"member {member} is not a u32")
+        _check_u64("prefix", prefix)
+        parts.append(PREFIX_ENTRY.pack(member, prefix))
+    parts.append(CARRIED_COUNT.pack(len(message.messages)))
+    for source, data in message.messages:
+        if not 0 <= source <= U32_MAX or len(data) > U32_MAX:
+            raise ValueError("carried message source or length out of range")
+        parts.append(CARRIED_HEAD.pack(source, len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
 class _Reader:
     __slots__ = ("data", "pos")
 
@@ -154,7 +251,7 @@ class _Reader:
     def take(self, size: int, what: str) -> bytes:
         end = self.pos + size
         if end > len(self.data):
-            raise DecodeError(f"group DATA truncated in {what}")
+            raise DecodeError(f"group message truncated in {what}")
         chunk = self.data[self.pos : end]
         self.pos = end
         return chunk
@@ -181,6 +278,10 @@ def decode_group(message: bytes) -> GroupMessage:
             raise DecodeError("group NULL has the wrong size")
         _, view_id, ts, seq, aru = NULL_MESSAGE.unpack(message)
         return GroupNull(view_id, ts, seq, aru)
+    if kind == KIND_ACK:
+        return _decode_ack(message)
+    if kind == KIND_FLUSH:
+        return _decode_flush(message)
     if kind != KIND_DATA:
         raise DecodeError(f"unknown group message kind 0x{kind:02x}")
     if len(message) < DATA_HEAD.size:
@@ -215,4 +316,40 @@ def decode_group(message: bytes) -> GroupMessage:
     payload = message[reader.pos :]
     return GroupData(
         level, view_id, msg_id, ts, seq, aru, msg_type, sender, tuple(groups), fifo, vector, payload
+    )
+
+
+def _decode_ack(message: bytes) -> GroupAck:
+    if len(message) < ACK_HEAD.size:
+        raise DecodeError("truncated group ACK")
+    _, view_id, n = ACK_HEAD.unpack_from(message)
+    if len(message) != ACK_HEAD.size + n * ACK_ENTRY.size:
+        raise DecodeError("group ACK has the wrong size")
+    entries = tuple(
+        (int(m), int(p), int(c), int(t))
+        for m, p, c, t in ACK_ENTRY.iter_unpack(message[ACK_HEAD.size :])
+    )
+    return GroupAck(view_id, entries)
+
+
+def _decode_flush(message: bytes) -> GroupFlush:
+    if len(message) < FLUSH_HEAD.size:
+        raise DecodeError("truncated group FLUSH header")
+    _, target, from_view, round_, views, part, parts, flags, n = FLUSH_HEAD.unpack_from(message)
+    if not part < parts:
+        raise DecodeError(f"group FLUSH part {part} of {parts}")
+    if flags & ~FLUSH_RETRY:
+        raise DecodeError(f"group FLUSH with unknown flags 0x{flags:02x}")
+    reader = _Reader(message, FLUSH_HEAD.size)
+    raw = reader.take(n * PREFIX_ENTRY.size, "prefixes")
+    prefixes = tuple((int(m), int(p)) for m, p in PREFIX_ENTRY.iter_unpack(raw))
+    (m,) = CARRIED_COUNT.unpack(reader.take(CARRIED_COUNT.size, "message count"))
+    carried: list[tuple[int, bytes]] = []
+    for _ in range(m):
+        source, size = CARRIED_HEAD.unpack(reader.take(CARRIED_HEAD.size, "carried message"))
+        carried.append((int(source), reader.take(size, "carried message")))
+    if reader.pos != len(message):
+        raise DecodeError("trailing bytes after group FLUSH")
+    return GroupFlush(
+        target, from_view, round_, views, part, parts, prefixes, tuple(carried), bool(flags)
     )

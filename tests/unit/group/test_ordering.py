@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterable
 
@@ -37,6 +38,16 @@ class Mesh:
         self.now = 0.0
         for n, engine in self.engines.items():
             self.apply(n, engine.view_installed(self.engines, self.now))
+        self.exchange()  # the first view's flush: every engine hears from the others
+        assert all(not e.flushing for e in self.engines.values())
+
+    def exchange(self) -> None:
+        """Move every queued broadcast, in order, until nothing is left (no timers)."""
+        for _ in range(100):
+            if not any(self.inbox.values()):
+                return
+            for n in self.engines:
+                self.feed(n, self.take(n))
 
     def host(self, group: str, daemons: Iterable[NodeId]) -> None:
         members = list(daemons)
@@ -162,7 +173,8 @@ def test_agreed_waits_for_every_daemons_timestamp_and_idle_nulls_unblock_it() ->
     assert m.engines[C].next_deadline() is None
     m.feed(C, m.take(C))
     m.tick(0.011)
-    assert len(m.inbox[A]) == 2  # the NULLs of B and C
+    nulls = [payload for _, payload in m.inbox[A] if payload[0] == 0x11]
+    assert len(nulls) == 2  # the NULLs of B and C (and their ACKs)
     m.settle()
     assert m.bodies(A) == m.bodies(B) == m.bodies(C) == [b"m"]
     assert all(e.next_deadline() is None for e in m.engines.values())  # NULLs stop
@@ -170,7 +182,7 @@ def test_agreed_waits_for_every_daemons_timestamp_and_idle_nulls_unblock_it() ->
 
 
 def test_null_rate_is_bounded_by_idle_ts_interval() -> None:
-    m = Mesh([A, B], GroupConfig(idle_ts_interval=0.5))
+    m = Mesh([A, B], GroupConfig(idle_ts_interval=0.5, ack_interval=10.0))
     m.host("g", [A, B])
     m.send(A, S.AGREED)
     m.feed(B, m.take(B))
@@ -254,7 +266,7 @@ def test_hold_back_limit_breaks_the_stream_and_reports_it() -> None:
     m.feed(B, packets[1:4])  # 2 and 3 held, 4 overflows
     engine = m.engines[B]
     assert engine.statistics().holdback_overflow == 1
-    assert m.other[-1] == OrderingFault(A, "fifo", "hold-back limit reached")
+    assert m.other[-1] == OrderingFault(A, "pruned", "hold-back limit reached")
     m.feed(B, packets[4:])
     assert engine.statistics().broken_stream_dropped == 1
     assert engine.held() == 2
@@ -284,39 +296,149 @@ def test_malformed_and_foreign_messages_are_counted_and_dropped() -> None:
 def test_messages_for_a_view_not_installed_yet_wait_for_it() -> None:
     m = Mesh([A, B])
     m.host("g", [A, B])
-    m.apply(A, m.engines[A].view_installed([A, B], 0.0, incarnations=(2, 1)))
+    for n in (A, B):  # B restarted: a new incarnation, a new view, a flush
+        m.apply(n, m.engines[n].view_installed([A, B], 0.0, incarnations=(1, 2)))
+    m.feed(A, m.take(A))  # A has B's FLUSH: A installs the view and sends in it
+    assert not m.engines[A].flushing
     m.send(A, S.RELIABLE, body=b"early")
-    m.feed(B, m.take(B))
+    flush_of_a, early = m.take(B)
+    m.feed(B, [early])
     assert m.bodies(B) == []
     assert m.engines[B].statistics().future_buffered == 1
-    m.apply(B, m.engines[B].view_installed([A, B], 0.0, incarnations=(2, 1)))
+    m.feed(B, [flush_of_a])  # B installs the view, then takes what waited for it
     assert m.bodies(B) == [b"early"]
 
 
-def test_late_messages_of_a_left_view_are_dropped() -> None:
+def test_a_message_in_flight_at_a_view_change_comes_in_the_flush() -> None:
     m = Mesh([A, B])
     m.host("g", [A, B])
-    m.send(A, S.RELIABLE)
-    late = m.take(B)
-    m.engines[B].view_installed([A, B], 0.0, incarnations=(1, 2))
+    m.send(A, S.RELIABLE, body=b"in flight")
+    late = m.take(B)  # the direct copy is late...
+    for n in (A, B):
+        m.apply(n, m.engines[n].view_installed([A, B], 0.0, incarnations=(1, 2)))
+    m.exchange()  # ...but A's FLUSH carries it
+    assert m.bodies(B) == [b"in flight"]
+    assert m.engines[B].statistics().flush_recovered == 1
     m.feed(B, late)
-    assert m.bodies(B) == []
+    assert m.bodies(B) == [b"in flight"]
     assert m.engines[B].statistics().stale_view_dropped == 1
 
 
-def test_view_change_reports_what_cannot_be_delivered_and_restarts() -> None:
+def crash(m: Mesh, dead: NodeId, survivors: list[NodeId]) -> list[OrderingReset]:
+    """`dead` stops: whatever it had not passed on is lost; the survivors flush."""
+    m.inbox[dead].clear()
+    del m.engines[dead]
+    for n in survivors:
+        m.inbox[n] = [(src, p) for src, p in m.inbox[n] if src != dead] + [
+            (src, p) for src, p in m.inbox[n] if src == dead
+        ]
+    for n in survivors:
+        m.apply(n, m.engines[n].view_installed(survivors, 1.0))
+    m.exchange()
+    resets = [e for e in m.other if isinstance(e, OrderingReset)]
+    assert all(not m.engines[n].flushing for n in survivors)
+    return resets[-len(survivors) :]
+
+
+def test_a_failed_daemons_message_one_survivor_has_is_delivered_by_all() -> None:
     m = Mesh([A, B, C])
     m.host("g", [A, B, C])
-    m.send(A, S.AGREED, body=b"stuck")
+    m.send(C, S.AGREED, body=b"from C")
+    m.send(C, S.FIFO, body=b"fifo from C")
+    m.feed(B, m.take(B))  # only B gets them; then C fails
+    m.inbox[A].clear()
+    resets = crash(m, C, [A, B])
+    assert m.bodies(A) == m.bodies(B)
+    assert sorted(m.bodies(A)) == [b"fifo from C", b"from C"]
+    assert all(r.undelivered == () for r in resets)
+    assert m.engines[A].statistics().flush_recovered == 2
+
+
+def test_a_stream_is_cut_where_no_survivor_has_it() -> None:
+    m = Mesh([A, B, C])
+    m.host("g", [A, B, C])
+    m.send(C, S.AGREED, body=b"lost")
+    m.send(C, S.AGREED, body=b"after the loss")
+    lost, after = m.take(B)
+    m.feed(B, [after])  # B holds the second, nobody has the first
+    m.inbox[A].clear()
+    resets = crash(m, C, [A, B])
+    assert m.bodies(A) == m.bodies(B) == []  # delivering it would skip "lost"
+    for reset in resets:  # each survivor reports the message it had and discarded
+        assert [(r.source, r.service) for r in reset.undelivered] == [(C, S.AGREED)]
+
+
+def test_own_messages_are_never_lost_by_a_flush() -> None:
+    m = Mesh([A, B, C])
+    m.host("g", [A, B, C])
+    for service in (S.RELIABLE, S.FIFO, S.CAUSAL, S.AGREED, S.SAFE):
+        m.send(A, service, body=service.name.encode())
+    m.take(B)  # every direct copy to B is lost with the failure
+    m.inbox[C].clear()
+    crash(m, C, [A, B])
+    assert sorted(m.bodies(A)) == sorted(m.bodies(B)) == sorted(
+        s.name.encode() for s in (S.RELIABLE, S.FIFO, S.CAUSAL, S.AGREED, S.SAFE)
+    )
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("MESHCAST_FLUSH_SEEDS", "30"))))
+def test_survivors_deliver_the_same_messages_in_the_same_order(seed: int) -> None:
+    """Random traffic, partial delivery, a crash at a random point: every survivor
+    delivers the same set, AGREED/SAFE in one order, and its own messages all."""
+    rng = random.Random(seed)
+    nodes = [A, B, C, NodeId(4)]
+    m = Mesh(nodes)
+    m.host("g", nodes)
+    sent: dict[NodeId, list[bytes]] = {n: [] for n in nodes}
+    for i in range(rng.randint(5, 25)):
+        node = rng.choice(nodes)
+        service = rng.choice([S.RELIABLE, S.FIFO, S.CAUSAL, S.AGREED, S.SAFE])
+        body = f"{service.name}-{i}-{node}".encode()
+        m.send(node, service, body=body)
+        sent[node].append(body)
+        for n in nodes:
+            if rng.random() < 0.4:
+                packets = m.take(n)
+                rng.shuffle(packets)
+                keep = [pk for pk in packets if rng.random() < 0.8]
+                m.inbox[n] = [pk for pk in packets if pk not in keep]
+                m.feed(n, keep)
+        if rng.random() < 0.3:
+            m.tick(0.011)
+    dead = rng.choice(nodes)
+    survivors = [n for n in nodes if n != dead]
+    crash(m, dead, survivors)
+    m.settle(rng)
+    reference = m.bodies(survivors[0])
+    for n in survivors:
+        assert sorted(m.bodies(n)) == sorted(reference)
+        ordered = [d.payload for d in m.delivered[n] if d.service in (S.AGREED, S.SAFE)]
+        first = [d.payload for d in m.delivered[survivors[0]] if d.service in (S.AGREED, S.SAFE)]
+        assert ordered == first
+        assert set(sent[n]) <= set(m.bodies(n))
+        assert len(set(m.bodies(n))) == len(m.bodies(n))
+
+
+def test_a_view_change_during_a_flush_starts_another_round() -> None:
+    nodes = [A, B, C, NodeId(4)]
+    m = Mesh(nodes)
+    m.host("g", nodes)
+    m.send(C, S.AGREED, body=b"c")
     m.feed(B, m.take(B))
-    effects = m.engines[B].view_installed([A, B], 1.0)
-    (reset,) = effects
-    assert isinstance(reset, OrderingReset)
-    assert reset.members == (A, B)
-    assert reset.new_view_id == view_id([A, B])
-    assert [(r.source, r.service) for r in reset.undelivered] == [(A, S.AGREED)]
-    assert m.engines[B].held() == 0
-    # same members again: nothing changes
+    for n in nodes:
+        m.inbox[n].clear()
+    del m.engines[NodeId(4)]
+    for n in (A, B, C):
+        m.apply(n, m.engines[n].view_installed([A, B, C], 1.0))
+    m.feed(A, m.take(A))  # A hears B and C, but C fails before the others hear it
+    m.inbox[B] = [pk for pk in m.inbox[B] if pk[0] != C]
+    crash(m, C, [A, B])
+    assert m.bodies(A) == m.bodies(B) == [b"c"]
+    assert m.engines[B].statistics().flushes_started == 3  # first view, [A,B,C], [A,B]
+
+
+def test_same_members_again_change_nothing() -> None:
+    m = Mesh([A, B])
     assert m.engines[B].view_installed([B, A], 2.0) == []
 
 

@@ -1,0 +1,63 @@
+"""Copies of a view's messages, kept until every destination has them (stability).
+
+A daemon that fails takes with it the messages only it had passed on to some members. So
+every daemon keeps a copy of each RELIABLE, FIFO, CAUSAL, AGREED and SAFE message of the
+current view that it sent or received, until the ACKs of all its destinations show they
+hold it; at a view change the copies that are left travel in the flush
+(docs/design/group.md, "Virtual synchrony"). UNRELIABLE messages are never kept.
+
+Streams, as numbered by the source: "total" (AGREED/SAFE/NULL stream seq), "causal"
+(causal seq), "pruned" (per-destination numbers, one per destination).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from meshcast.ids import NodeId
+
+Numbers = tuple[tuple[int, int], ...]  # (destination, number): pruned; ((0, seq),) otherwise
+
+
+@dataclass(slots=True)
+class Copy:
+    source: NodeId
+    numbers: Numbers
+    encoded: bytes
+
+
+class Retention:
+    def __init__(self) -> None:
+        self._streams: dict[tuple[NodeId, str], deque[Copy]] = {}
+        self.count = 0
+        self.bytes = 0
+        self._own = 0
+
+    def own(self, local: NodeId) -> int:
+        """Copies of `local`'s own messages (the bound on what it may still send)."""
+        return sum(len(q) for (s, _), q in self._streams.items() if s == local)
+
+    def keep(self, source: NodeId, stream: str, numbers: Numbers, encoded: bytes) -> None:
+        self._streams.setdefault((source, stream), deque()).append(
+            Copy(source, numbers, encoded)
+        )
+        self.count += 1
+        self.bytes += len(encoded)
+
+    def collect(self, stable: Callable[[NodeId, str, Numbers], bool]) -> int:
+        """Forget the copies every destination holds, oldest first per stream (a copy
+        still needed keeps later ones of its stream for now: they go at the next ACK)."""
+        forgotten = 0
+        for (source, stream), copies in self._streams.items():
+            while copies and stable(source, stream, copies[0].numbers):
+                copy = copies.popleft()
+                self.count -= 1
+                self.bytes -= len(copy.encoded)
+                forgotten += 1
+        return forgotten
+
+    def copies(self) -> Iterator[Copy]:
+        for _, copies in sorted(self._streams.items()):
+            yield from copies
