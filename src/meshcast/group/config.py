@@ -32,6 +32,10 @@ class GroupConfig:
     # not heard from (the overlay may lose a message while views change); each answers
     # with its own FLUSH for the same view
     flush_retry_interval: float = 0.25
+    # s: a daemon sends its own message again to a destination whose ACKs still lack it
+    # this long after sending (the overlay loses what a failing link held; when the link
+    # comes back without a view change, nothing else would recover it)
+    repair_after: float = 1.0
     # messages: copies kept for a flush (not yet held by every destination). A peer's
     # message beyond it breaks that peer's stream (OrderingFault); a local submit is
     # refused (BufferFull) while a quarter of it is our own.
@@ -42,7 +46,7 @@ class GroupConfig:
     max_past_views: int = 16
 
     def __post_init__(self) -> None:
-        for key in ("idle_ts_interval", "ack_interval", "flush_retry_interval"):
+        for key in ("idle_ts_interval", "ack_interval", "flush_retry_interval", "repair_after"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError("must be a positive number of seconds", key=key)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from meshcast.errors import BufferFull, DecodeError, UsageError
@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 ORDERED_TOTAL = (ServiceLevel.AGREED, ServiceLevel.SAFE)
 PRUNED = (ServiceLevel.RELIABLE, ServiceLevel.FIFO)
+REPAIR_BATCH = 256  # own copies sent again per repair look, at most
 FLUSH_PART_BYTES = 1 << 20  # carried copies per FLUSH part (one bigger copy: a part alone)
 
 
@@ -88,6 +89,7 @@ class GroupStats:
     frozen_dropped: int = 0  # old-view messages arriving after this daemon's FLUSH
     stale_flush_dropped: int = 0  # a FLUSH of an earlier round
     submits_queued: int = 0  # local messages sent once the flush completes
+    repairs_sent: int = 0  # own copies sent again to destinations lacking them
 
 
 @dataclass(slots=True)
@@ -119,6 +121,7 @@ class _ViewState:
         self.acks: dict[NodeId, dict[NodeId, tuple[int, int, int]]] = {}
         self.last_ack = self.ack_vector(local)  # nothing received: nothing to say yet
         self.last_ack_at = float("-inf")
+        self.repair_at = 0.0  # next look for own copies some destination still lacks
         self.frozen = False  # our FLUSH is out: nothing more is sent or taken in this view
         # total-order stream bookkeeping for NULLs
         self.last_stream_ts = 0  # timestamp of our last stream message
@@ -147,7 +150,7 @@ class _ViewState:
 class _Report:
     """One member's FLUSH (all parts of its latest round) towards the flush's target."""
 
-    round: int
+    round: tuple[int, int]  # (incarnation, round)
     from_view: bytes
     views: int
     parts: int
@@ -181,7 +184,8 @@ class GroupEngine:
         self._flush: _Flush | None = None
         self._round = 0  # our flush rounds so far
         self._views = 0  # views installed so far (the number of the last one)
-        self._peer_round: dict[NodeId, int] = {}  # latest flush round seen per daemon
+        # latest (incarnation, flush round) seen per daemon: anything earlier is stale
+        self._peer_round: dict[NodeId, tuple[int, int]] = {}
         self._sent_flush: tuple[GroupFlush, ...] = ()  # our latest FLUSH, kept to answer
         self._retry_at = 0.0  # while flushing: when to send it again
         self._answered: dict[NodeId, float] = {}  # when we last answered a daemon's retry
@@ -229,6 +233,8 @@ class GroupEngine:
             deadlines.append(state.last_stream_at + self.config.idle_ts_interval)
         if state.others and state.ack_vector(self.local) != state.last_ack:
             deadlines.append(state.last_ack_at + self.config.ack_interval)
+        if state.others and state.retained.count:
+            deadlines.append(state.repair_at)
         if not deadlines:
             return None
         return max(min(deadlines), self._now)
@@ -383,6 +389,8 @@ class GroupEngine:
                 effects.append(
                     Broadcast(state.others, encode_group(GroupAck(state.view.view_id, vector)))
                 )
+        if state.others and state.retained.count and now >= state.repair_at:
+            self._repair(state, effects)
         if not self._null_needed(state):
             return effects
         if now < state.last_stream_at + self.config.idle_ts_interval:
@@ -392,7 +400,9 @@ class GroupEngine:
         null = GroupNull(state.view.view_id, self._clock, state.total.next_own_seq(), aru)
         state.last_stream_ts, state.last_stream_aru, state.last_stream_at = self._clock, aru, now
         self._bump(nulls_sent=1)
-        effects.append(Broadcast(state.others, encode_group(null)))
+        encoded = encode_group(null)
+        self._retain(state, self.local, null, encoded)
+        effects.append(Broadcast(state.others, encoded))
         self._deliver_total(state, effects)
         return effects
 
@@ -448,7 +458,7 @@ class GroupEngine:
     ) -> None:
         self._clock = max(self._clock, message.ts)
         if isinstance(message, GroupNull):
-            self._on_stream(state, source, message.seq, message.ts, message.aru, None, effects)
+            self._on_stream(state, source, message, None, raw, effects)
             return
         service = message.service
         held = _Held(source, message, raw)
@@ -456,7 +466,7 @@ class GroupEngine:
             state.max_order_ts = max(state.max_order_ts, message.ts)
             if service == ServiceLevel.SAFE:
                 state.max_safe_ts = max(state.max_safe_ts, message.ts)
-            self._on_stream(state, source, message.seq, message.ts, message.aru, held, effects)
+            self._on_stream(state, source, message, held, raw, effects)
         elif service == ServiceLevel.CAUSAL:
             self._on_causal(state, source, held, effects)
         elif service in PRUNED:
@@ -496,26 +506,31 @@ class GroupEngine:
         self,
         state: _ViewState,
         source: NodeId,
-        seq: int,
-        ts: int,
-        aru: int,
+        message: GroupData | GroupNull,
         held: _Held | None,
+        raw: bytes,
         effects: list[GroupEffect],
     ) -> None:
+        seq = message.seq
         if seq < 1:
             self._bump(malformed_dropped=1)
             return
         if state.total.is_duplicate(source, seq):
-            self._bump(duplicates_dropped=1)
+            self._duplicate(state)
             return
         occupies = held is not None or seq != state.total.next_expected(source)
         if occupies and not self._admit(state, source, "total", effects):
             return  # an in-order NULL takes no room: it is always taken
         safe = held is not None and held.data.service == ServiceLevel.SAFE
-        if held is not None:
-            self._retain(state, source, held.data, held.raw)
-        state.total.offer(source, seq, ts, aru, held, safe)
+        self._retain(state, source, message, raw)
+        state.total.offer(source, seq, message.ts, message.aru, held, safe)
         self._deliver_total(state, effects)
+
+    def _duplicate(self, state: _ViewState) -> None:
+        """A copy we had: a repair or a flush. Say what we hold at the next ACK even if
+        it did not change (our last ACK may be what was lost)."""
+        self._bump(duplicates_dropped=1)
+        state.last_ack = ()
 
     def _on_causal(
         self, state: _ViewState, source: NodeId, held: _Held, effects: list[GroupEffect]
@@ -526,7 +541,7 @@ class GroupEngine:
             self._bump(malformed_dropped=1)
             return
         if state.causal.is_duplicate(sender, seq):
-            self._bump(duplicates_dropped=1)
+            self._duplicate(state)
             return
         if not self._admit(state, source, "causal", effects):
             return
@@ -542,7 +557,7 @@ class GroupEngine:
             self._bump(malformed_dropped=1)  # not numbered for us
             return
         if state.fifo.is_duplicate(source, seq):
-            self._bump(duplicates_dropped=1)
+            self._duplicate(state)
             return
         if not self._admit(state, source, "pruned", effects):
             return
@@ -553,16 +568,58 @@ class GroupEngine:
 
     # ------------------------------------------------------------------ stability
 
-    def _retain(self, state: _ViewState, source: NodeId, data: GroupData, raw: bytes) -> None:
-        """Keep a copy of a message for a flush, until every destination holds it."""
+    def _retain(
+        self, state: _ViewState, source: NodeId, data: GroupData | GroupNull, raw: bytes
+    ) -> None:
+        """Keep a copy of a message for a flush or a repair, until every destination
+        holds it (NULLs too: a lost one would leave a gap in the stream)."""
         numbers: Numbers
-        if data.service in ORDERED_TOTAL:
+        if isinstance(data, GroupNull) or data.service in ORDERED_TOTAL:
             stream, numbers = "total", ((0, data.seq),)
         elif data.service == ServiceLevel.CAUSAL:
             stream, numbers = "causal", ((0, data.seq),)
         else:
             stream, numbers = "pruned", data.fifo
-        state.retained.keep(source, stream, numbers, raw)
+        state.retained.keep(source, stream, numbers, raw, self._now)
+
+    def _repair(self, state: _ViewState, effects: list[GroupEffect]) -> None:
+        """Send our own messages again to the destinations whose ACKs still lack them
+        after `repair_after`: the overlay loses what a failed link held, and a link can
+        fail and come back without a view change (so no flush recovers it)."""
+        state.repair_at = self._now + self.config.repair_after / 2
+        due = self._now - self.config.repair_after
+        acked = self._acked_by(state)
+        budget = REPAIR_BATCH
+        for copy in state.retained.copies(self.local):
+            if copy.sent_at > due:
+                continue
+            stream, numbers = copy.stream, copy.numbers
+            if stream == "pruned":
+                lacking = [NodeId(d) for d, n in numbers if acked(NodeId(d), self.local)[0] < n]
+            else:
+                k = 1 if stream == "causal" else 2
+                lacking = [m for m in state.others if acked(m, self.local)[k] < numbers[0][1]]
+            if not lacking:
+                continue
+            copy.sent_at = self._now
+            effects.append(Broadcast(tuple(lacking), copy.encoded))
+            self._bump(repairs_sent=1)
+            budget -= 1
+            if budget == 0:
+                return
+
+    def _acked_by(self, state: _ViewState) -> Callable[[NodeId, NodeId], tuple[int, int, int]]:
+        """acked(member, source): (pruned, causal, total) `member` holds of `source`."""
+        own = {NodeId(m): (p, c, t) for m, p, c, t in state.ack_vector(self.local)}
+        acks = state.acks
+        nothing = (0, 0, 0)
+
+        def acked(member: NodeId, source: NodeId) -> tuple[int, int, int]:
+            if member == self.local:
+                return own[source]
+            return acks.get(member, {}).get(source, nothing)
+
+        return acked
 
     def _on_ack(self, state: _ViewState, source: NodeId, ack: GroupAck) -> None:
         index = state.view.index
@@ -577,15 +634,8 @@ class GroupEngine:
 
     def _collect(self, state: _ViewState) -> None:
         """Forget the copies every destination has acknowledged."""
-        own = {NodeId(m): (p, c, t) for m, p, c, t in state.ack_vector(self.local)}
-        acks = state.acks
+        acked = self._acked_by(state)
         members = state.view.members
-        nothing = (0, 0, 0)
-
-        def acked(member: NodeId, source: NodeId) -> tuple[int, int, int]:
-            if member == self.local:
-                return own[source]
-            return acks.get(member, {}).get(source, nothing)
 
         def stable(source: NodeId, stream: str, numbers: Numbers) -> bool:
             if stream == "pruned":
@@ -624,6 +674,7 @@ class GroupEngine:
             GroupFlush(
                 target.view_id,
                 from_view,
+                target.incarnations[target.index[self.local]] if target.incarnations else 0,
                 self._round,
                 self._views,
                 part,
@@ -664,7 +715,10 @@ class GroupEngine:
         (at most twice per retry interval, so answers cannot storm)."""
         if not self._sent_flush or self._sent_flush[0].view_id != target:
             return
-        if self._now < self._answered.get(peer, float("-inf")) + self.config.flush_retry_interval / 2:
+        if (
+            self._now
+            < self._answered.get(peer, float("-inf")) + self.config.flush_retry_interval / 2
+        ):
             return
         self._answered[peer] = self._now
         self._send_flush((peer,), retry=False, effects=effects)
@@ -677,12 +731,17 @@ class GroupEngine:
             return
         if message.retry:
             self._answer(source, message.view_id, effects)
-        if message.round < self._peer_round.get(source, 0):
+        sender_round = (message.incarnation, message.round)
+        if sender_round < self._peer_round.get(source, (0, 0)):
             self._bump(stale_flush_dropped=1)
             return
         flush, state = self._flush, self._state
-        if flush is None and state is not None and message.view_id == state.view.numbered(0).view_id:
-            if message.round == self._peer_round.get(source, 0):
+        if (
+            flush is None
+            and state is not None
+            and message.view_id == state.view.numbered(0).view_id
+        ):
+            if sender_round == self._peer_round.get(source):
                 self._bump(stale_flush_dropped=1)  # a part of the round we completed
                 return
             # The sender saw the view change and come back; we did not. Flush with it,
@@ -695,10 +754,10 @@ class GroupEngine:
         if source not in flush.target.index:
             self._bump(not_member_dropped=1)
             return
-        self._peer_round[source] = message.round
+        self._peer_round[source] = sender_round
         report = flush.reports.get(source)
-        if report is None or report.round < message.round:
-            report = _Report(message.round, message.from_view, message.views, message.parts)
+        if report is None or report.round < sender_round:
+            report = _Report(sender_round, message.from_view, message.views, message.parts)
             flush.reports[source] = report
         if message.part in report.got or message.parts != report.parts:
             self._bump(duplicates_dropped=1)
@@ -722,16 +781,17 @@ class GroupEngine:
             self._bump(malformed_dropped=1)
             return
         if (
-            not isinstance(message, GroupData)
+            not isinstance(message, GroupData | GroupNull)
             or message.view_id != state.view.view_id
-            or message.service == ServiceLevel.UNRELIABLE
+            or (isinstance(message, GroupData) and message.service == ServiceLevel.UNRELIABLE)
             or source not in state.view.index
         ):
             self._bump(malformed_dropped=1)
             return
         if source == self.local:
             return  # our own: we have it
-        if message.service in PRUNED and all(d != self.local for d, _ in message.fifo):
+        pruned = isinstance(message, GroupData) and message.service in PRUNED
+        if pruned and all(d != self.local for d, _ in message.fifo):  # type: ignore[union-attr]
             return  # for other daemons
         before = self._stats.duplicates_dropped
         self._on_data(state, source, message, raw, effects)

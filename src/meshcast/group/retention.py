@@ -24,8 +24,10 @@ Numbers = tuple[tuple[int, int], ...]  # (destination, number): pruned; ((0, seq
 @dataclass(slots=True)
 class Copy:
     source: NodeId
+    stream: str
     numbers: Numbers
     encoded: bytes
+    sent_at: float  # kept, or last sent again (a repair)
 
 
 class Retention:
@@ -33,15 +35,16 @@ class Retention:
         self._streams: dict[tuple[NodeId, str], deque[Copy]] = {}
         self.count = 0
         self.bytes = 0
-        self._own = 0
 
     def own(self, local: NodeId) -> int:
         """Copies of `local`'s own messages (the bound on what it may still send)."""
         return sum(len(q) for (s, _), q in self._streams.items() if s == local)
 
-    def keep(self, source: NodeId, stream: str, numbers: Numbers, encoded: bytes) -> None:
+    def keep(
+        self, source: NodeId, stream: str, numbers: Numbers, encoded: bytes, now: float
+    ) -> None:
         self._streams.setdefault((source, stream), deque()).append(
-            Copy(source, numbers, encoded)
+            Copy(source, stream, numbers, encoded, now)
         )
         self.count += 1
         self.bytes += len(encoded)
@@ -58,6 +61,8 @@ class Retention:
                 forgotten += 1
         return forgotten
 
-    def copies(self) -> Iterator[Copy]:
-        for _, copies in sorted(self._streams.items()):
-            yield from copies
+    def copies(self, source: NodeId | None = None) -> Iterator[Copy]:
+        """Every copy (or `source`'s), per stream in the order kept."""
+        for (s, _), copies in sorted(self._streams.items()):
+            if source is None or s == source:
+                yield from copies

@@ -9,7 +9,8 @@ overlay's source field names the sending daemon. All integers are big-endian; ``
                f u16 | f x (dest u32 | fifo_seq u64) | v u16 | v x u64 | payload (the rest)
     0x11 NULL  view_id 8s | ts u64 | seq u64 | aru u64
     0x12 ACK   view_id 8s | n u16 | n x (member u32 | pruned u64 | causal u64 | total u64)
-    0x13 FLUSH target 8s | from_view 8s | round u64 | views u64 | part u32 | parts u32 |
+    0x13 FLUSH target 8s | from_view 8s | incarnation u64 | round u64 | views u64 |
+               part u32 | parts u32 |
                flags u8 | n u16 | n x (member u32 | total_prefix u64) |
                m u32 | m x (source u32 | len u32 | a DATA message of from_view)
 
@@ -33,7 +34,8 @@ overlay's source field names the sending daemon. All integers are big-endian; ``
   prefix. Lets every daemon forget the copies it keeps for a flush (stability).
 * FLUSH: one part of a daemon's flush towards the view with membership id ``target``
   (`meshcast.group.view_id`): the id of the view it installed last (``from_view``, zeros
-  for none), its flush round (increases with every flush it starts), how many views it
+  for none), its incarnation and flush round (increasing with every flush it starts: a
+  FLUSH of an earlier (incarnation, round) is stale), how many views it
   has installed, its total-order stream prefixes, and the copies of ``from_view``
   messages that not every member may have (docs/design/group.md, "Virtual synchrony").
   Flag 0x01 RETRY: sent again because the sender still waits; a daemon that has the part
@@ -63,8 +65,8 @@ COUNT = struct.Struct("!H")
 FIFO_ENTRY = struct.Struct("!IQ")
 ACK_HEAD = struct.Struct("!B8sH")  # kind, view, n
 ACK_ENTRY = struct.Struct("!IQQQ")  # member, pruned, causal, total
-FLUSH_HEAD = struct.Struct("!B8s8sQQIIBH")  # kind, target, from, round, views, part, parts,
-# flags, n
+FLUSH_HEAD = struct.Struct("!B8s8sQQQIIBH")  # kind, target, from, incarnation, round,
+# views, part, parts, flags, n
 FLUSH_RETRY = 0x01
 PREFIX_ENTRY = struct.Struct("!IQ")  # member, total-order stream prefix
 CARRIED_COUNT = struct.Struct("!I")
@@ -118,6 +120,7 @@ class GroupAck:
 class GroupFlush:
     view_id: bytes  # the membership id of the view being installed (the target)
     from_view: bytes  # the sender's last installed view (NO_VIEW: none)
+    incarnation: int  # the sender's (a restarted daemon starts its rounds again)
     round: int  # the sender's flush round, increasing
     views: int  # views the sender has installed
     part: int  # 0 .. parts - 1
@@ -208,6 +211,7 @@ def _encode_ack(message: GroupAck) -> bytes:
 def _encode_flush(message: GroupFlush) -> bytes:
     if len(message.from_view) != VIEW_ID_SIZE:
         raise ValueError("from_view must be 8 bytes")
+    _check_u64("incarnation", message.incarnation)
     _check_u64("round", message.round)
     _check_u64("views", message.views)
     if not 0 <= message.part < message.parts <= U32_MAX:
@@ -219,6 +223,7 @@ def _encode_flush(message: GroupFlush) -> bytes:
             KIND_FLUSH,
             message.view_id,
             message.from_view,
+            message.incarnation,
             message.round,
             message.views,
             message.part,
@@ -335,7 +340,8 @@ def _decode_ack(message: bytes) -> GroupAck:
 def _decode_flush(message: bytes) -> GroupFlush:
     if len(message) < FLUSH_HEAD.size:
         raise DecodeError("truncated group FLUSH header")
-    _, target, from_view, round_, views, part, parts, flags, n = FLUSH_HEAD.unpack_from(message)
+    head = FLUSH_HEAD.unpack_from(message)
+    _, target, from_view, incarnation, round_, views, part, parts, flags, n = head
     if not part < parts:
         raise DecodeError(f"group FLUSH part {part} of {parts}")
     if flags & ~FLUSH_RETRY:
@@ -351,5 +357,14 @@ def _decode_flush(message: bytes) -> GroupFlush:
     if reader.pos != len(message):
         raise DecodeError("trailing bytes after group FLUSH")
     return GroupFlush(
-        target, from_view, round_, views, part, parts, prefixes, tuple(carried), bool(flags)
+        target,
+        from_view,
+        incarnation,
+        round_,
+        views,
+        part,
+        parts,
+        prefixes,
+        tuple(carried),
+        bool(flags),
     )

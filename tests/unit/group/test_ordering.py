@@ -17,7 +17,6 @@ from meshcast.group import (
     GroupEngine,
     OrderingFault,
     OrderingReset,
-    view_id,
 )
 from meshcast.ids import NodeId
 from meshcast.wire.client import ServiceLevel as S
@@ -359,7 +358,7 @@ def test_a_stream_is_cut_where_no_survivor_has_it() -> None:
     m.host("g", [A, B, C])
     m.send(C, S.AGREED, body=b"lost")
     m.send(C, S.AGREED, body=b"after the loss")
-    lost, after = m.take(B)
+    _lost, after = m.take(B)
     m.feed(B, [after])  # B holds the second, nobody has the first
     m.inbox[A].clear()
     resets = crash(m, C, [A, B])
@@ -376,8 +375,10 @@ def test_own_messages_are_never_lost_by_a_flush() -> None:
     m.take(B)  # every direct copy to B is lost with the failure
     m.inbox[C].clear()
     crash(m, C, [A, B])
-    assert sorted(m.bodies(A)) == sorted(m.bodies(B)) == sorted(
-        s.name.encode() for s in (S.RELIABLE, S.FIFO, S.CAUSAL, S.AGREED, S.SAFE)
+    assert (
+        sorted(m.bodies(A))
+        == sorted(m.bodies(B))
+        == sorted(s.name.encode() for s in (S.RELIABLE, S.FIFO, S.CAUSAL, S.AGREED, S.SAFE))
     )
 
 
