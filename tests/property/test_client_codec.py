@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import struct
 
 import pytest
@@ -32,6 +33,8 @@ from meshcast.wire.client import (
     Pong,
     ServiceLevel,
     SlowReceiverPolicy,
+    StatusReply,
+    StatusRequest,
     ViewId,
     Welcome,
     decode,
@@ -79,6 +82,23 @@ def memberships(draw: st.DrawFn) -> Membership:
     return Membership(draw(group_names), view, members, cause, who)
 
 
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | texts,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(texts, children, max_size=4),
+    max_leaves=12,
+)
+# status reports: JSON objects, written compactly, indented or ASCII-escaped
+reports = st.builds(
+    lambda value, indent, ascii_only: json.dumps(value, indent=indent, ensure_ascii=ascii_only),
+    st.dictionaries(texts, json_values, max_size=5),
+    st.sampled_from([None, 0, 2]),
+    st.booleans(),
+)
+
 FRAMES: dict[FrameType, st.SearchStrategy[Frame]] = {
     FrameType.HELLO: st.builds(
         Hello,
@@ -104,6 +124,8 @@ FRAMES: dict[FrameType, st.SearchStrategy[Frame]] = {
     FrameType.MESSAGE: st.builds(Message, private_names, group_lists, services, u16, payloads),
     FrameType.MEMBERSHIP: memberships(),
     FrameType.ERROR: st.builds(ErrorReport, st.sampled_from(ErrorCode), texts, u32),
+    FrameType.STATUS: st.builds(StatusRequest, u32),
+    FrameType.STATUS_REPLY: st.builds(StatusReply, reports, u32),
     FrameType.PING: st.builds(Ping, u64),
     FrameType.PONG: st.builds(Pong, u64),
     FrameType.GOODBYE: st.just(Goodbye()),
@@ -246,3 +268,74 @@ def test_a_bad_body_costs_one_frame_only(frame_list: list[Frame], data: st.DataO
     assert errors == 1
     assert received == frame_list
     assert decoder.synchronised
+
+
+# ---------------------------------------------------------------- STATUS and STATUS_REPLY
+
+
+@given(reports, u32)
+def test_a_status_reply_keeps_its_text_and_carries_one_object(report: str, request_id: int) -> None:
+    frame = decode(encode(StatusReply(report, request_id)))
+    assert frame == StatusReply(report, request_id)
+    assert isinstance(frame, StatusReply)
+    assert json.loads(frame.report) == json.loads(report)
+
+
+def _reply_bytes(body: bytes, request_id: int = 1) -> bytes:
+    return struct.pack("!IBI", 5 + len(body), FrameType.STATUS_REPLY, request_id) + body
+
+
+MALFORMED_REPORTS = {
+    "list": (b"[1, 2]", "report is a JSON list, not an object"),
+    "string": (b'"text"', "report is a JSON str, not an object"),
+    "empty": (b"", "report is not JSON: Expecting value"),
+    "nan": (b'{"a": NaN}', "report is not JSON: NaN is not JSON"),
+    "infinity": (b'{"a": -Infinity}', "report is not JSON: -Infinity is not JSON"),
+    "extra": (b'{"a": 1} x', "report is not JSON: Extra data"),
+    "not-utf8": (b'{"a": "\xff"}', "report is not UTF-8"),
+    "deep": (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "report is not JSON"),
+    "too-big": (
+        b'{"a": "' + b"x" * client.MAX_STATUS_SIZE + b'"}',
+        r"report is \d+ bytes, more than 1048576",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"), list(MALFORMED_REPORTS.values()), ids=list(MALFORMED_REPORTS)
+)
+def test_a_malformed_status_report_is_refused(body: bytes, message: str) -> None:
+    with pytest.raises(DecodeError, match=f"^STATUS_REPLY frame: {message}"):
+        decode(_reply_bytes(body))
+
+
+def test_status_report_size_limit_and_encode_checks() -> None:
+    head = '{"a":"'
+    fits = head + "x" * (client.MAX_STATUS_SIZE - len(head) - 2) + '"}'
+    assert len(fits.encode()) == client.MAX_STATUS_SIZE
+    assert decode(encode(StatusReply(fits, 3))) == StatusReply(fits, 3)
+    too_big = fits[:-2] + 'x"}'
+    with pytest.raises(ValueError, match="StatusReply: report is 1048577 bytes"):
+        encode(StatusReply(too_big))
+    with pytest.raises(ValueError, match="StatusReply: report is a JSON list"):
+        encode(StatusReply("[]"))
+    with pytest.raises(ValueError, match="StatusReply: report must be a str"):
+        encode(StatusReply({"a": 1}))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="StatusRequest: request_id -1 is outside"):
+        encode(StatusRequest(-1))
+    assert client.frame_size_limit(1) > 1 + 4 + client.MAX_STATUS_SIZE
+
+
+def test_status_frames_come_from_their_own_side_only() -> None:
+    request = encode(StatusRequest(9))
+    reply = encode(StatusReply("{}", 9))
+    assert request.hex() == "000000050500000009"
+    assert reply.hex() == "00000007450000000" + "97b7d"
+    assert decode(request, accept=client.FROM_CLIENT) == StatusRequest(9)
+    assert decode(reply, accept=client.FROM_DAEMON) == StatusReply("{}", 9)
+    with pytest.raises(DecodeError, match="unexpected STATUS frame"):
+        decode(request, accept=client.FROM_DAEMON)
+    with pytest.raises(DecodeError, match="unexpected STATUS_REPLY frame"):
+        decode(reply, accept=client.FROM_CLIENT)
+    with pytest.raises(DecodeError, match="STATUS frame: 1 trailing bytes"):
+        decode(struct.pack("!IBIB", 6, FrameType.STATUS, 9, 0))

@@ -1,4 +1,4 @@
-"""``python -m meshcast.client user|flood ...`` (the same commands as ``meshcast user|flood``)."""
+"""``python -m meshcast.client user|flood|status ...``: the client commands of `meshcast`."""
 
 import sys
 

@@ -142,6 +142,10 @@ class BlockingClient:
     def ping(self) -> float:
         return self._runner.call(lambda: self._client.ping())
 
+    def status(self) -> dict[str, Any]:
+        """The daemon's status report (see `Client.status`)."""
+        return self._runner.call(lambda: self._client.status())
+
     def receive(self, timeout: float | None = None) -> Event:
         """The next event; `TimeoutError` if none arrives within `timeout` seconds."""
         return self._runner.call(lambda: _within(timeout, self._client.receive()))

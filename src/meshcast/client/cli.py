@@ -1,9 +1,10 @@
-"""`meshcast user` and `meshcast flood`: client commands (docs/client-api.md).
+"""`meshcast user`, `meshcast flood` and `meshcast status`: client commands (docs/client-api.md).
 
-`add_user_command(sub)` and `add_flood_command(sub)` add them to the `meshcast` parser;
-`main_user(argv)` / `main_flood(argv)` (and ``python -m meshcast.client user|flood``) run
-them on their own. Exit status: 0 success, 1 runtime failure (daemon unreachable,
-request rejected, timeout, messages missing), 2 usage error.
+`add_user_command(sub)`, `add_flood_command(sub)` and `add_status_command(sub)` add them
+to the `meshcast` parser; `main_user(argv)` / `main_flood(argv)` (and
+``python -m meshcast.client user|flood|status``) run them on their own. Exit status: 0
+success, 1 runtime failure (daemon unreachable, request rejected, timeout, messages
+missing), 2 usage error.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from meshcast.client.connection import (
     parse_address,
     service_level,
 )
-from meshcast.errors import ClientError, MeshcastError, UsageError
+from meshcast.client.status import format_status
+from meshcast.errors import ClientError, ConfigError, MeshcastError, UsageError
 from meshcast.wire.client import Membership, Message, ServiceLevel
 
 if TYPE_CHECKING:
@@ -518,6 +520,92 @@ async def _flood(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- meshcast status
+
+
+def add_status_command(sub: SubParsers) -> None:
+    """Add ``status`` to the subcommands of the `meshcast` parser."""
+    parser = sub.add_parser(
+        "status",
+        help="a daemon's view, links, groups and members",
+        description=(
+            "Connect to a daemon as a short-lived client (it joins no group), ask for its "
+            "status report and print it: the daemon, its overlay view, its links, the tree "
+            "of its own source, every group with its members, and its counters. A table "
+            "by default; one JSON object with --json. The daemon is found by --socket, "
+            "or by --name (and --config) at its default client socket."
+        ),
+    )
+    parser.add_argument(
+        "--socket",
+        "--connect",
+        dest="socket",
+        metavar="ADDR",
+        type=_address,
+        default=None,
+        help="the daemon's client address: unix:PATH or tcp:HOST:PORT",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="cluster file naming the daemon (with --name; default: the embedded cluster)",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="the daemon's name: its default client socket is used (as `meshcast daemon` "
+        "without --client-socket creates it)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=5.0,
+        help="bound on connecting and on the answer (default: 5)",
+    )
+    parser.set_defaults(handler=status_command)
+
+
+def status_address(socket: str | None, config: str | None, name: str | None) -> str:
+    """The address `meshcast status` connects to: --socket, else the default Unix socket
+    of daemon --name of the --config cluster. `UsageError` or `ConfigError` otherwise."""
+    if socket is not None:
+        if config is not None or name is not None:
+            raise UsageError("give either --socket or --name (with --config), not both")
+        return socket
+    if name is None:
+        raise UsageError(
+            "which daemon? give --socket unix:PATH | tcp:HOST:PORT, or --name NAME "
+            "(and --config FILE)"
+        )
+    from meshcast.config import default_config, load_config
+    from meshcast.runtime.sessions import default_socket_path
+
+    cluster = default_config() if config is None else load_config(config)
+    cluster.daemon(name)  # ConfigError naming the file for an unknown daemon
+    return f"unix:{default_socket_path(name)}"
+
+
+def status_command(args: argparse.Namespace) -> int:
+    """Handler of ``meshcast status``: returns the exit status."""
+    try:
+        address = status_address(args.socket, args.config, args.name)
+    except (UsageError, ConfigError) as exc:
+        print(f"meshcast status: error: {exc}", file=sys.stderr)
+        return 2
+    return _run(_status(address, args), "status")
+
+
+async def _status(address: str, args: argparse.Namespace) -> int:
+    client = await connect(address, timeout=args.timeout, membership=False)
+    async with client:
+        report = await client.status()
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return 0
+
+
 # ---------------------------------------------------------------- running on its own
 
 
@@ -526,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_user_command(sub)
     add_flood_command(sub)
+    add_status_command(sub)
     return parser
 
 

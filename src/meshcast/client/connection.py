@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import math
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from meshcast.errors import ClientError, DecodeError, MessageTooLarge, UsageError
 from meshcast.wire.client import (
@@ -57,6 +58,8 @@ from meshcast.wire.client import (
     Pong,
     ServiceLevel,
     SlowReceiverPolicy,
+    StatusReply,
+    StatusRequest,
     Welcome,
     check_client_name,
     check_group_name,
@@ -271,6 +274,7 @@ class Client:
         self._deferred: deque[RequestRejected] = deque()
         self._waiters: dict[int, _Waiter] = {}
         self._pings: dict[int, asyncio.Future[None]] = {}
+        self._reports: dict[int, asyncio.Future[StatusReply]] = {}  # STATUS by request id
         self._described: OrderedDict[int, str] = OrderedDict()
         self._groups: set[str] = set()
         self._ids = itertools.count(1)
@@ -430,6 +434,34 @@ class Client:
         finally:
             self._pings.pop(nonce, None)
         return loop.time() - start
+
+    async def status(self) -> dict[str, Any]:
+        """The daemon's status report (STATUS / STATUS_REPLY), parsed from its JSON.
+
+        A dict with the daemon's identity and uptime, its overlay view (agreed or not),
+        its links, the tree of its own source, the groups of the replicated membership
+        table with their members (bounded; ``truncated`` says when lists were cut), the
+        session count and counters; the keys are in docs/client-protocol.md, "Status reports".
+        Raises `RequestRejected` (INTERNAL_ERROR) or `ClientError` (session over, no
+        answer within the timeout, a daemon that does not know STATUS).
+        """
+        self._check_usable()
+        request_id = self._next_request_id()
+        reply: asyncio.Future[StatusReply] = asyncio.get_running_loop().create_future()
+        self._reports[request_id] = reply
+        try:
+            await self._write(StatusRequest(request_id))
+            async with asyncio.timeout(self._timeout):
+                report = await reply
+        except TimeoutError:
+            raise ClientError(
+                f"no answer from daemon at {self._address} to STATUS within {self._timeout} s"
+            ) from None
+        finally:
+            self._reports.pop(request_id, None)
+        parsed = json.loads(report.report)  # the decoder checked: one JSON object
+        assert isinstance(parsed, dict)
+        return parsed
 
     # ------------------------------------------------------------ events
 
@@ -611,6 +643,9 @@ class Client:
         for pong in self._pings.values():
             if not pong.done():
                 pong.set_exception(error)
+        for reply in self._reports.values():
+            if not reply.done():
+                reply.set_exception(error)
 
     async def _read_loop(self) -> None:
         try:
@@ -649,6 +684,10 @@ class Client:
                 case ErrorReport():
                     if not self._on_error(frame):
                         return False
+                case StatusReply(request_id=request_id):
+                    reply = self._reports.get(request_id)
+                    if reply is not None and not reply.done():
+                        reply.set_result(frame)
                 case Ping(nonce):
                     self._writer.write(encode(Pong(nonce)))
                 case Pong(nonce):
@@ -697,9 +736,12 @@ class Client:
             return True
         self._stats["requests_rejected"] += 1
         waiter = self._waiters.get(report.request_id)
+        status = self._reports.get(report.request_id)
         what = (
             f"{waiter.kind.upper()} {waiter.group!r}"
             if waiter is not None
+            else "STATUS"
+            if status is not None
             else self._described.pop(report.request_id, f"request {report.request_id}")
         )
         error = RequestRejected(
@@ -709,6 +751,8 @@ class Client:
         )
         if waiter is not None and not waiter.future.done():
             waiter.future.set_exception(error)
+        elif status is not None and not status.done():
+            status.set_exception(error)
         elif len(self._deferred) < MAX_DEFERRED_ERRORS:
             self._deferred.append(error)
         else:

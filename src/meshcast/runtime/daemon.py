@@ -325,6 +325,7 @@ class OverlayDaemon:
                 ),
                 limits.max_clients,
             ),
+            status=self.status_sections,
         )
         self.clients = clients if clients is not None else ClientListen()
         self.client_server: ClientServer | None = None
@@ -354,6 +355,8 @@ class OverlayDaemon:
         self._timer = DeadlineTimer(self._loop, self._on_timer)
         self._draining = False
         self._drained = asyncio.Event()
+        self._opened_at = self._loop.time()
+        self._agreed_digest: bytes | None = None  # digest of the latest ViewAgreed
         self._limiter = RateLimiter()
         self._probe_number = 0
         # counters (reported by `statistics()`)
@@ -589,6 +592,71 @@ class OverlayDaemon:
             impairment={peer: shim.statistics() for peer, shim in self._impaired.items()},
         )
 
+    def status_sections(self, now: float) -> dict[str, object]:
+        """What this daemon adds to a STATUS report (`SessionTable.status`): identity and
+        uptime, the overlay view, each configured link, the tree of its own source and
+        the overlay's and the daemon's counters (docs/client-protocol.md, "Status reports")."""
+        view = self.node.view
+        up = self.node.neighbours_up
+        endpoint = self.node.endpoint
+        links: list[dict[str, object]] = []
+        for peer in sorted(self._addresses):
+            stats = endpoint.link(peer).statistics() if peer in endpoint else None
+            is_up = peer in up
+            links.append(
+                {
+                    "node": int(peer),
+                    "name": self._names.get(peer, "?"),
+                    "up": is_up,
+                    "srtt_ms": round(stats.srtt * 1000, 3) if stats is not None and is_up else None,
+                    "bandwidth_bps": self.node.advertised_bandwidth(peer),
+                    "weight": self.node.config.neighbours[peer].weight,
+                    "emulated": peer in self._emulations,
+                    "retransmissions": 0 if stats is None else stats.retransmissions,
+                    "queued_messages": 0 if stats is None else stats.queued_messages,
+                }
+            )
+        daemon_stats = self.statistics()
+        return {
+            "daemon": {
+                "incarnation": self.node.incarnation,
+                "uptime_seconds": round(max(0.0, now - self._opened_at), 3),
+                "cluster": self.config.name,
+                "site": self.spec.site,
+                "address": f"{self._bound[0]}:{self._bound[1]}",
+                "routing": self.config.routing,
+                "pid": os.getpid(),
+            },
+            "view": None
+            if view is None
+            else {
+                "members": [
+                    {"node": int(m), "name": self._names.get(m, "?")} for m in view.members
+                ],
+                "links": len(view.edges),
+                "digest": view.digest.hex(),
+                "agreed": view.digest == self._agreed_digest,
+            },
+            "links": links,
+            "tree": None
+            if view is None
+            else self._describe_tree(self.node.routing.tree(self.local)),
+            "counters": {
+                "overlay": asdict(daemon_stats.overlay),
+                "daemon": {
+                    "datagrams_received": daemon_stats.datagrams_received,
+                    "datagrams_sent": daemon_stats.datagrams_sent,
+                    "foreign_dropped": daemon_stats.foreign_dropped,
+                    "unroutable_dropped": daemon_stats.unroutable_dropped,
+                    "socket_errors": daemon_stats.socket_errors,
+                    "internal_errors": daemon_stats.internal_errors,
+                    "probes_sent": daemon_stats.probes_sent,
+                    "probes_received": daemon_stats.probes_received,
+                    "group_broadcasts_lost": daemon_stats.group_broadcasts_lost,
+                },
+            },
+        }
+
     # ------------------------------------------------------------------ inputs
 
     def _on_datagram(self, data: bytes, addr: tuple[str | int, ...]) -> None:
@@ -723,6 +791,7 @@ class OverlayDaemon:
                     settle=False,
                 )
             case ViewAgreed(view):
+                self._agreed_digest = view.digest
                 self.events.emit("view_agreed", **self._describe_view(view))
 
     def _on_delivered(self, delivered: OverlayDelivered) -> None:

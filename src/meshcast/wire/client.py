@@ -14,6 +14,7 @@ All integers are big-endian. Strings are UTF-8 with a length prefix: ``str8`` is
     0x03 LEAVE       [c→d] request_id u32 | group str8
     0x04 MULTICAST   [c→d] request_id u32 | service u8 | msg_type u16 | n u16 | n x group str8 |
                            payload (the rest)
+    0x05 STATUS      [c→d] request_id u32
     0x41 WELCOME     [d→c] magic "MCCP" | version u16 | private_name str8 |
                            max_message_size u32 | max_group_name u8 | max_groups_per_client u32
     0x42 MESSAGE     [d→c] service u8 | msg_type u16 | sender str8 | n u16 | n x group str8 |
@@ -21,6 +22,8 @@ All integers are big-endian. Strings are UTF-8 with a length prefix: ``str8`` is
     0x43 MEMBERSHIP  [d→c] group str8 | view_counter u64 | view_coordinator u32 | cause u8 |
                            n u32 | n x member str8 | m u32 | m x who str8
     0x44 ERROR       [d→c] code u16 | request_id u32 | text str16
+    0x45 STATUS_REPLY
+                 [d→c] request_id u32 | report (the rest: UTF-8 JSON text of one object)
     0x81 PING        [both] nonce u64
     0x82 PONG        [both] nonce u64 (echoes the PING)
     0x83 GOODBYE     [both] (empty)
@@ -33,6 +36,7 @@ only `DecodeError`, naming the frame type and what is wrong.
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 from collections.abc import Container, Iterator
@@ -65,6 +69,7 @@ MAX_DEST_GROUPS = 256  # groups named in one MULTICAST or MESSAGE
 MAX_MEMBERS = 65_535  # members listed in one MEMBERSHIP (and entries of its `who`)
 MAX_ERROR_TEXT = 1024  # bytes of the text of an ERROR
 MAX_MESSAGE_SIZE = 1 << 30  # bytes: the largest max_message_size a daemon may announce
+MAX_STATUS_SIZE = 1 << 20  # bytes (UTF-8) of the JSON report of a STATUS_REPLY
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # bytes; equals LimitsConfig.max_message_size
 DEFAULT_MAX_GROUP_NAME = 64  # bytes; equals LimitsConfig.max_group_name
@@ -79,6 +84,7 @@ MULTICAST_HEAD = struct.Struct("!IBHH")  # request_id, service, msg_type, n grou
 MESSAGE_HEAD = struct.Struct("!BH")  # service, msg_type; then sender str8, n u16, groups
 VIEW_AND_CAUSE = struct.Struct("!QIB")  # view counter, view coordinator, cause
 ERROR_HEAD = struct.Struct("!HI")  # code, request_id; then text str16
+STATUS_HEAD = struct.Struct("!I")  # request_id (STATUS; STATUS_REPLY: then the report)
 NONCE = struct.Struct("!Q")
 U16 = struct.Struct("!H")
 U32 = struct.Struct("!I")
@@ -100,7 +106,8 @@ def frame_size_limit(max_message_size: int) -> int:
         + VIEW_AND_CAUSE.size
         + 2 * (4 + MAX_MEMBERS * (1 + MAX_PRIVATE_NAME))
     )
-    return max(max(multicast, message) + max_message_size, membership)
+    status = 1 + STATUS_HEAD.size + MAX_STATUS_SIZE
+    return max(max(multicast, message) + max_message_size, membership, status)
 
 
 DEFAULT_MAX_FRAME_SIZE = frame_size_limit(DEFAULT_MAX_MESSAGE_SIZE)
@@ -114,10 +121,12 @@ class FrameType(IntEnum):
     JOIN = 0x02
     LEAVE = 0x03
     MULTICAST = 0x04
+    STATUS = 0x05
     WELCOME = 0x41
     MESSAGE = 0x42
     MEMBERSHIP = 0x43
     ERROR = 0x44
+    STATUS_REPLY = 0x45
     PING = 0x81
     PONG = 0x82
     GOODBYE = 0x83
@@ -131,6 +140,7 @@ FROM_CLIENT = frozenset(
         FrameType.JOIN,
         FrameType.LEAVE,
         FrameType.MULTICAST,
+        FrameType.STATUS,
         FrameType.PING,
         FrameType.PONG,
         FrameType.GOODBYE,
@@ -142,6 +152,7 @@ FROM_DAEMON = frozenset(
         FrameType.MESSAGE,
         FrameType.MEMBERSHIP,
         FrameType.ERROR,
+        FrameType.STATUS_REPLY,
         FrameType.PING,
         FrameType.PONG,
         FrameType.GOODBYE,
@@ -333,6 +344,25 @@ class ErrorReport:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """Client → daemon (STATUS): ask for the daemon's status report."""
+
+    request_id: int = 0  # u32 echoed by the STATUS_REPLY (or an ERROR about this request)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    """Daemon → client (STATUS_REPLY): the daemon's view, links, groups and counters.
+
+    `report` is kept as the JSON text that travelled, so a frame re-encodes to the same
+    bytes; ``json.loads(reply.report)`` gives the object (docs/client-protocol.md).
+    """
+
+    report: str  # JSON text of one object, <= MAX_STATUS_SIZE bytes of UTF-8
+    request_id: int = 0  # the STATUS's request_id
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     nonce: int  # u64, echoed by the PONG
 
@@ -347,17 +377,19 @@ class Goodbye:
     """Closing: the client's last frame; the daemon answers with its own last frame."""
 
 
-ClientFrame = Hello | Join | Leave | Multicast | Ping | Pong | Goodbye
-DaemonFrame = Welcome | Message | Membership | ErrorReport | Ping | Pong | Goodbye
+ClientFrame = Hello | Join | Leave | Multicast | StatusRequest | Ping | Pong | Goodbye
+DaemonFrame = Welcome | Message | Membership | ErrorReport | StatusReply | Ping | Pong | Goodbye
 Frame = (
     Hello
     | Join
     | Leave
     | Multicast
+    | StatusRequest
     | Welcome
     | Message
     | Membership
     | ErrorReport
+    | StatusReply
     | Ping
     | Pong
     | Goodbye
@@ -368,10 +400,12 @@ FRAME_TYPE_OF: dict[type[Frame], FrameType] = {
     Join: FrameType.JOIN,
     Leave: FrameType.LEAVE,
     Multicast: FrameType.MULTICAST,
+    StatusRequest: FrameType.STATUS,
     Welcome: FrameType.WELCOME,
     Message: FrameType.MESSAGE,
     Membership: FrameType.MEMBERSHIP,
     ErrorReport: FrameType.ERROR,
+    StatusReply: FrameType.STATUS_REPLY,
     Ping: FrameType.PING,
     Pong: FrameType.PONG,
     Goodbye: FrameType.GOODBYE,
@@ -545,6 +579,10 @@ def _check(frame: object) -> None:
                 else f"error text must be a str, not {type(text).__name__}"
             )
             fault = fault or _member_fault(code, _ERROR_CODES, "error code")
+        case StatusRequest(request_id):
+            fault = _range_fault(request_id, "request_id", 0, U32_MAX)
+        case StatusReply(report, request_id):
+            fault = _range_fault(request_id, "request_id", 0, U32_MAX) or _report_fault(report)
         case Ping(nonce) | Pong(nonce):
             fault = _range_fault(nonce, "nonce", 0, U64_MAX)
         case Goodbye():
@@ -579,6 +617,31 @@ def _limits_fault(limits: object) -> str | None:
 def _payload_fault(payload: object) -> str | None:
     if not isinstance(payload, bytes):
         return f"payload must be bytes, not {type(payload).__name__}"
+    return None
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
+def _report_fault(report: object) -> str | None:
+    """The report of a STATUS_REPLY: the UTF-8 JSON text of one object, bounded."""
+    if not isinstance(report, str):
+        return f"report must be a str, not {type(report).__name__}"
+    try:
+        size = len(report.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        return f"report cannot be encoded as UTF-8 ({exc.reason} at index {exc.start})"
+    if size > MAX_STATUS_SIZE:
+        return f"report is {size} bytes, more than {MAX_STATUS_SIZE}"
+    try:
+        value = json.loads(report, parse_constant=_no_constant)
+    except RecursionError:
+        return "report is not JSON: nested too deeply"
+    except ValueError as exc:
+        return f"report is not JSON: {exc}"
+    if not isinstance(value, dict):
+        return f"report is a JSON {type(value).__name__}, not an object"
     return None
 
 
@@ -705,6 +768,10 @@ def _encode_body(frame: Frame) -> list[bytes]:
         case ErrorReport(code, text, request_id):
             data = text.encode("utf-8")
             return [ERROR_HEAD.pack(code, request_id), U16.pack(len(data)), data]
+        case StatusRequest(request_id):
+            return [STATUS_HEAD.pack(request_id)]
+        case StatusReply(report, request_id):
+            return [STATUS_HEAD.pack(request_id), report.encode("utf-8")]
         case Ping(nonce) | Pong(nonce):
             return [NONCE.pack(nonce)]
         case Goodbye():
@@ -784,6 +851,16 @@ class _Reader:
         self.pos = self.end
         return data
 
+    def report(self) -> str:
+        """The rest of the frame as the UTF-8 text of a status report (size checked first)."""
+        if self.end - self.pos > MAX_STATUS_SIZE:
+            raise _Fault(f"report is {self.end - self.pos} bytes, more than {MAX_STATUS_SIZE}")
+        raw = self.rest()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Fault(f"report is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
 
 def _service(code: int) -> ServiceLevel:
     level = _SERVICES.get(code)
@@ -844,6 +921,12 @@ def _parse(ftype: FrameType, r: _Reader) -> Frame:
             if known is None:
                 raise _Fault(f"unknown error code {code}")
             return ErrorReport(known, r.text("error text", prefix=U16), request_id)
+        case FrameType.STATUS:
+            (request_id,) = r.ints(STATUS_HEAD, "STATUS header")
+            return StatusRequest(request_id)
+        case FrameType.STATUS_REPLY:
+            (request_id,) = r.ints(STATUS_HEAD, "STATUS_REPLY header")
+            return StatusReply(r.report(), request_id)
         case FrameType.PING:
             return Ping(*r.ints(NONCE, "nonce"))
         case FrameType.PONG:
