@@ -1,4 +1,4 @@
-"""The `meshcast` command: demo, daemon, user, flood, bench and sim.
+"""The `meshcast` command: demo, daemon, user, flood, status, bench and sim.
 
 Results go to stdout (`bench --json`: exactly one JSON object); logs and progress go to
 stderr. Exit status: 0 success, 1 runtime failure, 2 usage error.
@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from meshcast.client.cli import add_flood_command, add_user_command
+from meshcast.client.cli import add_flood_command, add_status_command, add_user_command
 from meshcast.errors import MeshcastError
 from meshcast.runtime.daemon_cli import add_daemon_command
 
@@ -21,6 +21,7 @@ BENCH_SUITES = {
     "link": "meshcast.bench.link",
     "overlay": "meshcast.bench.overlay",
     "tree": "meshcast.bench.tree",
+    "group": "meshcast.bench.group",
 }
 
 
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
-        "demo", help="a local multi-site cluster of daemons: views, trees, a crash"
+        "demo",
+        help="a local multi-site cluster: views, trees, a group chat in agreed order, a crash",
     )
     demo.add_argument("--config", metavar="FILE", help="cluster file (default: embedded)")
     demo.add_argument("--kill", metavar="NAME", help="daemon to SIGKILL (default: D3)")
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_daemon_command(sub)
     add_user_command(sub)
     add_flood_command(sub)
+    add_status_command(sub)
 
     sim = sub.add_parser("sim", help="run or replay a seeded simulator scenario")
     sim.add_argument("--scenario", required=True, help="scenario name (see --list)")

@@ -348,25 +348,34 @@ async def test_slow_receivers_follow_their_policy(tmp_path: Path) -> None:
         assert stats["slow_disconnected"] == 1
 
 
-async def test_block_receiver_holds_local_senders_back(tmp_path: Path) -> None:
+FLOOD = 700
+
+
+@pytest.mark.parametrize("where", ["same daemon", "other daemon"])
+async def test_block_receiver_holds_senders_back(tmp_path: Path, where: str) -> None:
+    """A `block` member that stops reading slows the senders down, on its own daemon
+    (reading stops) and on the others (its daemon's group ACKs say BLOCKED)."""
     chunk = b"x" * 60_000
     async with cluster(tmp_path) as (daemons, addresses):
         d1 = addresses[0]
-        async with clients(d1, d1) as (sender, stuck):
+        stuck_at = d1 if where == "same daemon" else addresses[1]
+        async with clients(d1, stuck_at) as (sender, stuck):
             await sender.hello("s")
             await stuck.hello("stuck")
             await stuck.send(Join("g"))  # policy block (the default); never reads again
             assert isinstance(await stuck.expect(lambda f: isinstance(f, Membership)), Membership)
 
             async def flood() -> None:
-                for _ in range(200):  # 12 MB
+                # 42 MB: beyond what the daemons take in before the block reaches them
+                # (the sending daemon's window, 16 MiB)
+                for _ in range(FLOOD):
                     await sender.send(Multicast(("g",), chunk, ServiceLevel.RELIABLE))
 
             sending = asyncio.create_task(flood())
             try:
                 # the daemon stops reading the sender: its writes back up, nothing is lost
                 done, _ = await asyncio.wait({sending}, timeout=2.0)
-                assert not done, "the sender was not held back by a blocked member"
+                assert not done, f"the sender was not held back by a blocked member ({where})"
                 await stuck.close()  # the blocked member goes away: the sender is released
                 async with asyncio.timeout(WAIT * 3):
                     await sending
@@ -375,9 +384,11 @@ async def test_block_receiver_holds_local_senders_back(tmp_path: Path) -> None:
             await sender.send(Ping(42))  # answered once every earlier frame was taken
             assert await sender.expect(lambda f: isinstance(f, Pong)) == Pong(42)
         await daemons["d1"].stop()
-        stats = daemons["d1"].named("daemon_stopped")[0]["stats"]["sessions"]
-        assert stats["messages_submitted"] == 200
-        assert stats["slow_disconnected"] == 0
+        stopped = daemons["d1"].named("daemon_stopped")[0]["stats"]
+        assert stopped["sessions"]["messages_submitted"] == FLOOD
+        assert stopped["sessions"]["slow_disconnected"] == 0
+        if where == "other daemon":  # held back by d2's word, not by its own session
+            assert stopped["group"]["blocked_acks_received"] > 0
 
 
 @pytest.mark.asyncio

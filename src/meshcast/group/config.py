@@ -40,6 +40,11 @@ class GroupConfig:
     # message beyond it breaks that peer's stream (OrderingFault); a local submit is
     # refused (BufferFull) while a quarter of it is our own.
     max_retained_messages: int = 100_000
+    # bytes: a local submit is also refused while our own copies not yet held by every
+    # destination reach a quarter of this (the end-to-end window of a sending daemon:
+    # keep it well below the sessions' max_backlog, so that a `block` member's daemon can
+    # stop the senders before its backlog bound disconnects the member)
+    max_retained_bytes: int = 64 * 1024 * 1024
     # msg ids remembered per source for duplicate detection of UNRELIABLE/RELIABLE data
     dedup_window: int = 4096
     # earlier view ids remembered, whose late messages are dropped at once
@@ -54,6 +59,7 @@ class GroupConfig:
             "max_held_messages",
             "max_future_messages",
             "max_retained_messages",
+            "max_retained_bytes",
             "dedup_window",
             "max_past_views",
         ):

@@ -90,6 +90,8 @@ class GroupStats:
     stale_flush_dropped: int = 0  # a FLUSH of an earlier round
     submits_queued: int = 0  # local messages sent once the flush completes
     repairs_sent: int = 0  # own copies sent again to destinations lacking them
+    blocked_acks_sent: int = 0  # ACKs saying a local `block` member is behind
+    blocked_acks_received: int = 0  # ...from other daemons: local senders wait
 
 
 @dataclass(slots=True)
@@ -123,6 +125,7 @@ class _ViewState:
         self.last_ack_at = float("-inf")
         self.repair_at = 0.0  # next look for own copies some destination still lacks
         self.frozen = False  # our FLUSH is out: nothing more is sent or taken in this view
+        self.blocked_by: dict[NodeId, bool] = {}  # members whose last ACK said BLOCKED
         # total-order stream bookkeeping for NULLs
         self.last_stream_ts = 0  # timestamp of our last stream message
         self.last_stream_aru = 0  # ARU on it
@@ -189,6 +192,7 @@ class GroupEngine:
         self._sent_flush: tuple[GroupFlush, ...] = ()  # our latest FLUSH, kept to answer
         self._retry_at = 0.0  # while flushing: when to send it again
         self._answered: dict[NodeId, float] = {}  # when we last answered a daemon's retry
+        self._blocked = False  # a local `block` member cannot keep up
         self._queued: deque[tuple[tuple[str, ...], bytes, ServiceLevel, str, int]] = deque()
         self._past_views: deque[bytes] = deque(maxlen=self.config.max_past_views)
         self._future: deque[tuple[NodeId, GroupMessage, bytes]] = deque()
@@ -217,6 +221,33 @@ class GroupEngine:
     def held(self) -> int:
         """Messages held back now (bounded by `max_held_messages`)."""
         return self._state.held() if self._state is not None else 0
+
+    def can_submit(self) -> bool:
+        """Would a local message be taken now? False while our own copies not yet held
+        everywhere fill the window, or while a member's client blocks (`block` policy:
+        every daemon holds its senders back), or the flush queue is full."""
+        if self._flush is not None:
+            return len(self._queued) < max(self.config.max_held_messages // 2, 1)
+        state = self._state
+        if state is None:
+            return False
+        return self._window_open(state) and not any(state.blocked_by.values())
+
+    def set_blocked(self, blocked: bool) -> None:
+        """A local client of a `block` group cannot keep up (or can again): tell the
+        others in the next ACK, so that their senders wait too."""
+        if blocked == self._blocked:
+            return
+        self._blocked = blocked
+        if self._state is not None:
+            self._state.last_ack = ()  # an ACK is due, even with nothing new in it
+
+    def _window_open(self, state: _ViewState) -> bool:
+        copies, size = state.retained.of(self.local)
+        return (
+            copies < max(self.config.max_retained_messages // 4, 1)
+            and size < self.config.max_retained_bytes // 4
+        )
 
     def hosts(self, groups: Iterable[str]) -> bool:
         """Does this daemon host a member of any of `groups`?"""
@@ -298,8 +329,7 @@ class GroupEngine:
             raise UsageError("no view installed: nothing can be sent yet")
         if service in ORDERED_TOTAL and state.total.pending >= own_limit:
             raise BufferFull(f"{state.total.pending} ordered messages wait for delivery")
-        retained_limit = max(self.config.max_retained_messages // 4, 1)
-        if service != ServiceLevel.UNRELIABLE and state.retained.own(self.local) >= retained_limit:
+        if service != ServiceLevel.UNRELIABLE and not self._window_open(state):
             raise BufferFull("too many of our messages are not yet held by every destination")
         self._clock += 1
         ts = self._clock
@@ -386,9 +416,10 @@ class GroupEngine:
             if vector != state.last_ack:
                 state.last_ack, state.last_ack_at = vector, now
                 self._bump(acks_sent=1)
-                effects.append(
-                    Broadcast(state.others, encode_group(GroupAck(state.view.view_id, vector)))
-                )
+                ack = GroupAck(state.view.view_id, vector, self._blocked)
+                if self._blocked:
+                    self._bump(blocked_acks_sent=1)
+                effects.append(Broadcast(state.others, encode_group(ack)))
         if state.others and state.retained.count and now >= state.repair_at:
             self._repair(state, effects)
         if not self._null_needed(state):
@@ -626,6 +657,9 @@ class GroupEngine:
         if len(ack.entries) != len(index) or any(NodeId(m) not in index for m, *_ in ack.entries):
             self._bump(malformed_dropped=1)
             return
+        state.blocked_by[source] = ack.blocked
+        if ack.blocked:
+            self._bump(blocked_acks_received=1)
         mine = state.acks.setdefault(source, {})
         for m, pruned, causal, total in ack.entries:
             old = mine.get(NodeId(m), (0, 0, 0))
@@ -817,6 +851,8 @@ class GroupEngine:
         self._views = number
         self._flush = None
         self._state = _ViewState(self.local, view)
+        if self._blocked:
+            self._state.last_ack = ()  # the new members must hear it too
         self._bump(views_installed=1)
         effects.append(
             OrderingReset(

@@ -35,10 +35,12 @@ class Retention:
         self._streams: dict[tuple[NodeId, str], deque[Copy]] = {}
         self.count = 0
         self.bytes = 0
+        self._by_source: dict[NodeId, list[int]] = {}  # source -> [copies, bytes]
 
-    def own(self, local: NodeId) -> int:
-        """Copies of `local`'s own messages (the bound on what it may still send)."""
-        return sum(len(q) for (s, _), q in self._streams.items() if s == local)
+    def of(self, source: NodeId) -> tuple[int, int]:
+        """(copies, bytes) of `source`'s messages (for our own: what bounds sending)."""
+        counts = self._by_source.get(source)
+        return (counts[0], counts[1]) if counts else (0, 0)
 
     def keep(
         self, source: NodeId, stream: str, numbers: Numbers, encoded: bytes, now: float
@@ -48,6 +50,9 @@ class Retention:
         )
         self.count += 1
         self.bytes += len(encoded)
+        counts = self._by_source.setdefault(source, [0, 0])
+        counts[0] += 1
+        counts[1] += len(encoded)
 
     def collect(self, stable: Callable[[NodeId, str, Numbers], bool]) -> int:
         """Forget the copies every destination holds, oldest first per stream (a copy
@@ -58,6 +63,9 @@ class Retention:
                 copy = copies.popleft()
                 self.count -= 1
                 self.bytes -= len(copy.encoded)
+                counts = self._by_source[source]
+                counts[0] -= 1
+                counts[1] -= len(copy.encoded)
                 forgotten += 1
         return forgotten
 

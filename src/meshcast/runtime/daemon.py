@@ -844,8 +844,9 @@ class OverlayDaemon:
     # ------------------------------------------------------------------ client sessions
 
     def _can_submit(self) -> bool:
-        """May local clients' requests be taken now (the overlay outbox has room)?"""
-        return self.node.can_multicast()
+        """May local clients' requests be taken now? The overlay outbox has room, our
+        messages in flight fit the group window and no daemon's `block` member is behind."""
+        return self.node.can_multicast() and self.sessions.membership.engine.can_submit()
 
     def _run_session_input(
         self,
@@ -929,6 +930,8 @@ class OverlayDaemon:
         if self._closed:
             return
         try:
+            # a `block` member behind: the next ACK tells every daemon to hold senders back
+            self.sessions.membership.engine.set_blocked(not self.sessions.accepting)
             deadlines = [
                 d
                 for d in (self.node.next_deadline(), self.sessions.next_deadline())

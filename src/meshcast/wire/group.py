@@ -8,7 +8,8 @@ overlay's source field names the sending daemon. All integers are big-endian; ``
                msg_type u16 | sender str8 | n u16 | n x group str8 |
                f u16 | f x (dest u32 | fifo_seq u64) | v u16 | v x u64 | payload (the rest)
     0x11 NULL  view_id 8s | ts u64 | seq u64 | aru u64
-    0x12 ACK   view_id 8s | n u16 | n x (member u32 | pruned u64 | causal u64 | total u64)
+    0x12 ACK   view_id 8s | flags u8 | n u16 |
+               n x (member u32 | pruned u64 | causal u64 | total u64)
     0x13 FLUSH target 8s | from_view 8s | incarnation u64 | round u64 | views u64 |
                part u32 | parts u32 |
                flags u8 | n u16 | n x (member u32 | total_prefix u64) |
@@ -31,7 +32,9 @@ overlay's source field names the sending daemon. All integers are big-endian; ``
   SAFE messages of others can be ordered and declared stable.
 * ACK: what the sender holds of each member's messages in the view: the prefix of its
   numbering to the sender (RELIABLE/FIFO), causal messages processed, total-order stream
-  prefix. Lets every daemon forget the copies it keeps for a flush (stability).
+  prefix. Lets every daemon forget the copies it keeps for a flush (stability). Flag
+  0x01 BLOCKED: a local member of a `block` group cannot keep up; senders everywhere
+  hold their clients back until an ACK without it.
 * FLUSH: one part of a daemon's flush towards the view with membership id ``target``
   (`meshcast.group.view_id`): the id of the view it installed last (``from_view``, zeros
   for none), its incarnation and flush round (increasing with every flush it starts: a
@@ -63,7 +66,8 @@ DATA_HEAD = struct.Struct("!BB8sQQQQH")  # kind, service, view, msg_id, ts, seq,
 NULL_MESSAGE = struct.Struct("!B8sQQQ")  # kind, view, ts, seq, aru
 COUNT = struct.Struct("!H")
 FIFO_ENTRY = struct.Struct("!IQ")
-ACK_HEAD = struct.Struct("!B8sH")  # kind, view, n
+ACK_HEAD = struct.Struct("!B8sBH")  # kind, view, flags, n
+ACK_BLOCKED = 0x01
 ACK_ENTRY = struct.Struct("!IQQQ")  # member, pruned, causal, total
 FLUSH_HEAD = struct.Struct("!B8s8sQQQIIBH")  # kind, target, from, incarnation, round,
 # views, part, parts, flags, n
@@ -114,6 +118,7 @@ class GroupNull:
 class GroupAck:
     view_id: bytes  # 8 bytes
     entries: tuple[tuple[int, int, int, int], ...]  # (member, pruned, causal, total)
+    blocked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +203,8 @@ def encode_group(message: GroupMessage) -> bytes:
 def _encode_ack(message: GroupAck) -> bytes:
     if len(message.entries) > MAX_VECTOR:
         raise ValueError(f"an ACK lists at most {MAX_VECTOR} members")
-    parts = [ACK_HEAD.pack(KIND_ACK, message.view_id, len(message.entries))]
+    flags = ACK_BLOCKED if message.blocked else 0
+    parts = [ACK_HEAD.pack(KIND_ACK, message.view_id, flags, len(message.entries))]
     for member, *counts in message.entries:
         if not 0 <= member <= U32_MAX:
             raise ValueError(f"member {member} is not a u32")
@@ -327,14 +333,16 @@ def decode_group(message: bytes) -> GroupMessage:
 def _decode_ack(message: bytes) -> GroupAck:
     if len(message) < ACK_HEAD.size:
         raise DecodeError("truncated group ACK")
-    _, view_id, n = ACK_HEAD.unpack_from(message)
+    _, view_id, flags, n = ACK_HEAD.unpack_from(message)
     if len(message) != ACK_HEAD.size + n * ACK_ENTRY.size:
         raise DecodeError("group ACK has the wrong size")
+    if flags & ~ACK_BLOCKED:
+        raise DecodeError(f"group ACK with unknown flags 0x{flags:02x}")
     entries = tuple(
         (int(m), int(p), int(c), int(t))
         for m, p, c, t in ACK_ENTRY.iter_unpack(message[ACK_HEAD.size :])
     )
-    return GroupAck(view_id, entries)
+    return GroupAck(view_id, entries, bool(flags))
 
 
 def _decode_flush(message: bytes) -> GroupFlush:

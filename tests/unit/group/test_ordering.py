@@ -461,3 +461,45 @@ def test_config_is_checked() -> None:
         GroupConfig(idle_ts_interval=0)
     with pytest.raises(ConfigError):
         GroupConfig(max_held_messages=0)
+
+
+def test_a_blocked_member_holds_senders_back_everywhere() -> None:
+    m = Mesh([A, B])
+    m.host("g", [A, B])
+    assert m.engines[A].can_submit()
+    m.engines[B].set_blocked(True)
+    m.tick(0.05)  # B's ACK says BLOCKED, though nothing new arrived
+    m.feed(A, m.take(A))
+    assert not m.engines[A].can_submit()
+    m.engines[B].set_blocked(False)
+    m.tick(0.05)
+    m.feed(A, m.take(A))
+    assert m.engines[A].can_submit()
+
+
+def test_own_messages_not_yet_held_everywhere_close_the_window() -> None:
+    m = Mesh([A, B], GroupConfig(max_retained_messages=8))
+    m.host("g", [A, B])
+    m.send(A, S.RELIABLE)
+    m.send(A, S.RELIABLE)  # a quarter of 8: the window is full until B acknowledges
+    assert not m.engines[A].can_submit()
+    with pytest.raises(BufferFull):
+        m.send(A, S.RELIABLE)
+    m.settle()  # B receives and acknowledges: the copies are forgotten
+    assert m.engines[A].can_submit()
+    assert m.engines[A].statistics().repairs_sent == 0
+
+
+def test_a_message_the_overlay_lost_is_sent_again_by_its_source() -> None:
+    m = Mesh([A, B], GroupConfig(repair_after=0.5))
+    m.host("g", [A, B])
+    m.send(A, S.FIFO, body=b"lost")
+    m.send(A, S.FIFO, body=b"second")
+    _lost, second = m.take(B)
+    m.feed(B, [second])  # held back behind the lost one, which nothing else brings
+    for _ in range(80):
+        m.tick(0.011)
+        m.feed(B, m.take(B))
+        m.feed(A, m.take(A))
+    assert m.bodies(B) == [b"lost", b"second"]
+    assert m.engines[A].statistics().repairs_sent >= 1
