@@ -1,7 +1,5 @@
-"""Named groups over the overlay: the daemon-side ordering engine (docs/design/group.md).
-
-Within one stable view only: no virtual synchrony, no group membership protocol yet.
-"""
+"""Named groups over the overlay: ordering, virtual synchrony, membership, sessions
+(docs/design/group.md)."""
 
 from meshcast.group.config import GroupConfig
 from meshcast.group.events import (

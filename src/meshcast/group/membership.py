@@ -12,13 +12,13 @@ yields a `MembershipChanged` for the group. Theory and limits: docs/design/group
 Daemon view changes:
 
 * a daemon that left the view takes its members with it: every daemon removes them when
-  it installs the view (deterministic: the same view gives the same removals) and emits
-  `network` changes, coordinated by the lowest daemon id of the new view;
+  the engine installs the view after its flush (deterministic: the same view gives the
+  same removals, after the same old-view operations) and emits `network` changes,
+  coordinated by the lowest daemon id of the new view;
 * then every daemon submits a STATE operation: the complete list of its own clients'
-  memberships. It repairs what the old view's reset lost (operations in flight are
-  dropped by the engine, not flushed) and teaches a daemon that just arrived the
-  memberships of the others. A difference between a STATE and the table is applied as
-  a `network` change.
+  memberships. It teaches a daemon that just arrived the memberships of the others (and
+  the other side of a healed partition). A difference between a STATE and the table is
+  applied as a `network` change.
 
 Operation payload (the message's payload; the origin daemon is the message's source):
 
