@@ -65,6 +65,14 @@ class LocalCluster:
         return self._config
 
     async def __aenter__(self) -> LocalCluster:
+        try:
+            await self._start()
+        except BaseException:
+            await self.__aexit__()  # what did start is stopped: a failure leaves nothing
+            raise
+        return self
+
+    async def _start(self) -> None:
         ports = free_udp_ports([d.host for d in self._config.daemons])
         self._config = self._config.with_ports(
             {d.name: port for d, port in zip(self._config.daemons, ports, strict=True)}
@@ -95,7 +103,6 @@ class LocalCluster:
             daemon = DaemonProcess(spec.name, process)
             self.daemons[spec.name] = daemon
             self._readers.append(asyncio.ensure_future(self._read(daemon)))
-        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop_all()
