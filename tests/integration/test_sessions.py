@@ -419,3 +419,25 @@ async def test_client_library_end_to_end(tmp_path: Path) -> None:
                 await client.close()
     assert all(order == orders[0] for order in orders)  # one total order everywhere
     assert sorted(orders[0]) == sorted(f"{i}:{n}".encode() for i in range(3) for n in range(5))
+
+
+async def test_a_message_of_the_maximum_size_crosses_daemons(tmp_path: Path) -> None:
+    """16 MiB of payload (the default limit) in AGREED order from d1 to a member on d2:
+    the group and overlay headers on top must still fit what the links carry."""
+    payload = bytes(range(256)) * (16 * 1024 * 1024 // 256)
+    async with (
+        cluster(tmp_path) as (_, addresses),
+        clients(addresses[0], addresses[1]) as (sender, member),
+    ):
+        await sender.hello("big")
+        await member.hello("m")
+        await member.send(Join("g"))
+        await member.expect(lambda f: isinstance(f, Membership))
+        await sender.send(Multicast(("g",), payload, ServiceLevel.AGREED))
+        got = await member.expect(lambda f: isinstance(f, Message))
+        assert isinstance(got, Message)
+        assert got.payload == payload
+        await sender.send(Multicast(("g",), payload + b"x", ServiceLevel.AGREED))
+        refused = await sender.expect(lambda f: isinstance(f, ErrorReport))
+        assert isinstance(refused, ErrorReport)
+        assert refused.code == ErrorCode.MESSAGE_TOO_LARGE

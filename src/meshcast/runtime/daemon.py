@@ -104,6 +104,11 @@ def incarnation_now(wall_clock: float | None = None) -> int:
     return max(1, min(int((now - INCARNATION_EPOCH) * 10), U32_MAX))
 
 
+# bytes: the most a group DATA and overlay DATA header add to a client payload (256 group
+# names, 4,096 per-destination numbers and vector entries, 50 overlay destinations)
+ENVELOPE_ROOM = 256 * 1024
+
+
 def membership_link_config(config: ClusterConfig) -> LinkConfig:
     """The Hop parameters of the daemon's overlay links, liveness set by [membership].
 
@@ -116,7 +121,17 @@ def membership_link_config(config: ClusterConfig) -> LinkConfig:
     membership = config.membership
     heartbeat = min(config.link.heartbeat_interval, membership.hello_interval)
     rounds = max(2, math.ceil(membership.failure_timeout / heartbeat - 1e-9))
-    return replace(config.link, heartbeat_interval=heartbeat, failure_rounds=rounds)
+    # A client payload of limits.max_message_size travels with the group and overlay
+    # headers (sender, groups, per-destination numbers) around it: the links carry both.
+    largest = max(config.link.max_message_size, config.limits.max_message_size + ENVELOPE_ROOM)
+    return replace(
+        config.link,
+        heartbeat_interval=heartbeat,
+        failure_rounds=rounds,
+        max_message_size=largest,
+        max_send_queue_bytes=max(config.link.max_send_queue_bytes, largest),
+        max_reassembly_bytes=max(config.link.max_reassembly_bytes, largest),
+    )
 
 
 def failure_detection_bound(config: ClusterConfig) -> float:
