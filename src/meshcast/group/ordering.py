@@ -170,7 +170,6 @@ class _Flush:
     """A flush in progress towards `target` (a membership: number 0)."""
 
     target: GroupView
-    round: int
     own_prefixes: dict[NodeId, int]  # what our FLUSH reported
     reports: dict[NodeId, _Report] = field(default_factory=dict)
 
@@ -311,8 +310,9 @@ class GroupEngine:
         now: float,
         msg_type: int = 0,
     ) -> list[GroupEffect]:
-        """A local client's message. Raises UsageError (no view, bad names or fields) or
-        BufferFull (ordered and `max_held_messages` are held: wait for deliveries)."""
+        """A local client's message (during a flush: queued for the new view). Raises
+        UsageError (no view, bad names or fields) or BufferFull (the send window, the
+        own ordered messages or the flush queue are full: wait, see `can_submit`)."""
         self._now = now
         if not groups:
             raise UsageError("a message needs at least one group")
@@ -692,7 +692,7 @@ class GroupEngine:
             state.frozen = True
             prefixes = {m: state.total.prefix(m) for m in state.view.members}
             copies = [(int(c.source), c.encoded) for c in state.retained.copies()]
-        self._flush = _Flush(target, self._round, prefixes)
+        self._flush = _Flush(target, prefixes)
         self._retry_at = self._now + self.config.flush_retry_interval
         from_view = state.view.view_id if state is not None else NO_VIEW
         chunks: list[list[tuple[int, bytes]]] = [[]]
