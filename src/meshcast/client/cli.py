@@ -82,7 +82,7 @@ def _run(main: Coroutine[Any, Any, int], command: str) -> int:
         print(f"meshcast {command}: error: {exc}", file=sys.stderr)
         return 2
     except (MeshcastError, OSError, TimeoutError) as exc:
-        print(f"meshcast {command}: error: {exc or type(exc).__name__}", file=sys.stderr)
+        print(f"meshcast {command}: error: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return 1
 
 

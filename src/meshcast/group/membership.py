@@ -34,9 +34,10 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from meshcast.errors import BufferFull, UsageError
+from meshcast.group.counters import Counters
 from meshcast.group.events import Broadcast, Deliver, GroupEffect, OrderingReset
 from meshcast.group.ordering import GroupEngine
 from meshcast.ids import NodeId
@@ -214,7 +215,7 @@ class GroupMembership:
         self._intent: dict[str, dict[str, None]] = {}
         self._pending: list[tuple[int, str, tuple[str, ...]]] = []
         self._view: tuple[NodeId, ...] = ()
-        self._stats = MembershipStats()
+        self._stats = Counters(MembershipStats)
 
     # ------------------------------------------------------------------ queries
 
@@ -236,7 +237,7 @@ class GroupMembership:
         return {name: tuple(g.members) for name, g in sorted(self._groups.items())}
 
     def statistics(self) -> MembershipStats:
-        return self._stats
+        return self._stats.snapshot()
 
     def next_deadline(self) -> float | None:
         return self.engine.next_deadline()
@@ -515,10 +516,7 @@ class GroupMembership:
         return event
 
     def _bump(self, **counts: int) -> None:
-        stats = self._stats
-        self._stats = replace(
-            stats, **{name: getattr(stats, name) + n for name, n in counts.items()}
-        )
+        self._stats.bump(**counts)
 
 
 __all__ = [

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from meshcast.errors import BufferFull, DecodeError, UsageError
 from meshcast.group.causal import CausalReceiver
 from meshcast.group.config import GroupConfig
+from meshcast.group.counters import Counters
 from meshcast.group.events import (
     Broadcast,
     Deliver,
@@ -122,8 +123,10 @@ class _ViewState:
         self.retained = Retention()
         self.acks: dict[NodeId, dict[NodeId, tuple[int, int, int]]] = {}
         self.last_ack = self.ack_vector(local)  # nothing received: nothing to say yet
+        self.ack_due = False  # something arrived (or was sent) since the last ACK
         self.last_ack_at = float("-inf")
         self.repair_at = 0.0  # next look for own copies some destination still lacks
+        self.progress_at: dict[NodeId, float] = {}  # last ACK of a member covering more of ours
         self.frozen = False  # our FLUSH is out: nothing more is sent or taken in this view
         self.blocked_by: dict[NodeId, bool] = {}  # members whose last ACK said BLOCKED
         # total-order stream bookkeeping for NULLs
@@ -197,7 +200,7 @@ class GroupEngine:
         self._future: deque[tuple[NodeId, GroupMessage, bytes]] = deque()
         self._clock = 0  # Lamport clock, kept across views (it only ever grows)
         self._now = 0.0
-        self._stats = GroupStats()
+        self._stats = Counters(GroupStats)
 
     # ------------------------------------------------------------------ queries
 
@@ -215,7 +218,7 @@ class GroupEngine:
         return self._clock
 
     def statistics(self) -> GroupStats:
-        return self._stats
+        return self._stats.snapshot()
 
     def held(self) -> int:
         """Messages held back now (bounded by `max_held_messages`)."""
@@ -230,7 +233,12 @@ class GroupEngine:
         state = self._state
         if state is None:
             return False
-        return self._window_open(state) and not any(state.blocked_by.values())
+        own_limit = max(self.config.max_held_messages // 2, 1)
+        return (
+            self._window_open(state)
+            and state.total.pending < own_limit
+            and not any(state.blocked_by.values())
+        )
 
     def set_blocked(self, blocked: bool) -> None:
         """A local client of a `block` group cannot keep up (or can again): tell the
@@ -240,6 +248,7 @@ class GroupEngine:
         self._blocked = blocked
         if self._state is not None:
             self._state.last_ack = ()  # an ACK is due, even with nothing new in it
+            self._state.ack_due = True
 
     def _window_open(self, state: _ViewState) -> bool:
         copies, size = state.retained.of(self.local)
@@ -261,7 +270,7 @@ class GroupEngine:
         deadlines = []
         if self._null_needed(state):
             deadlines.append(state.last_stream_at + self.config.idle_ts_interval)
-        if state.others and state.ack_vector(self.local) != state.last_ack:
+        if state.others and state.ack_due:
             deadlines.append(state.last_ack_at + self.config.ack_interval)
         if state.others and state.retained.count:
             deadlines.append(state.repair_at)
@@ -411,7 +420,8 @@ class GroupEngine:
             return effects
         if state is None:
             return effects
-        if state.others and now >= state.last_ack_at + self.config.ack_interval:
+        if state.others and state.ack_due and now >= state.last_ack_at + self.config.ack_interval:
+            state.ack_due = False
             vector = state.ack_vector(self.local)
             if vector != state.last_ack:
                 state.last_ack, state.last_ack_at = vector, now
@@ -562,6 +572,7 @@ class GroupEngine:
         it did not change (our last ACK may be what was lost)."""
         self._bump(duplicates_dropped=1)
         state.last_ack = ()
+        state.ack_due = True
 
     def _on_causal(
         self, state: _ViewState, source: NodeId, held: _Held, effects: list[GroupEffect]
@@ -612,6 +623,7 @@ class GroupEngine:
         else:
             stream, numbers = "pruned", data.fifo
         state.retained.keep(source, stream, numbers, raw, self._now)
+        state.ack_due = True
 
     def _repair(self, state: _ViewState, effects: list[GroupEffect]) -> None:
         """Send our own messages again to the destinations whose ACKs still lack them
@@ -620,16 +632,25 @@ class GroupEngine:
         state.repair_at = self._now + self.config.repair_after / 2
         due = self._now - self.config.repair_after
         acked = self._acked_by(state)
+        # Only to a destination whose ACKs of our messages stopped advancing: one that
+        # still takes them in is being fed (our outbox or window is merely slow).
+        stuck = {m for m in state.others if state.progress_at.get(m, 0.0) <= due}
+        if not stuck:
+            return
         budget = REPAIR_BATCH
         for copy in state.retained.copies(self.local):
             if copy.sent_at > due:
                 continue
             stream, numbers = copy.stream, copy.numbers
             if stream == "pruned":
-                lacking = [NodeId(d) for d, n in numbers if acked(NodeId(d), self.local)[0] < n]
+                lacking = [
+                    NodeId(d)
+                    for d, n in numbers
+                    if NodeId(d) in stuck and acked(NodeId(d), self.local)[0] < n
+                ]
             else:
                 k = 1 if stream == "causal" else 2
-                lacking = [m for m in state.others if acked(m, self.local)[k] < numbers[0][1]]
+                lacking = [m for m in stuck if acked(m, self.local)[k] < numbers[0][1]]
             if not lacking:
                 continue
             copy.sent_at = self._now
@@ -663,7 +684,10 @@ class GroupEngine:
         mine = state.acks.setdefault(source, {})
         for m, pruned, causal, total in ack.entries:
             old = mine.get(NodeId(m), (0, 0, 0))
-            mine[NodeId(m)] = (max(old[0], pruned), max(old[1], causal), max(old[2], total))
+            new = (max(old[0], pruned), max(old[1], causal), max(old[2], total))
+            mine[NodeId(m)] = new
+            if m == self.local and new != old:
+                state.progress_at[source] = self._now  # it still takes our messages in
         self._collect(state)
 
     def _collect(self, state: _ViewState) -> None:
@@ -827,9 +851,9 @@ class GroupEngine:
         pruned = isinstance(message, GroupData) and message.service in PRUNED
         if pruned and all(d != self.local for d, _ in message.fifo):  # type: ignore[union-attr]
             return  # for other daemons
-        before = self._stats.duplicates_dropped
+        before = self._stats["duplicates_dropped"]
         self._on_data(state, source, message, raw, effects)
-        if self._stats.duplicates_dropped == before:
+        if self._stats["duplicates_dropped"] == before:
             self._bump(flush_recovered=1)
 
     def _try_complete(self, effects: list[GroupEffect]) -> None:
@@ -851,8 +875,10 @@ class GroupEngine:
         self._views = number
         self._flush = None
         self._state = _ViewState(self.local, view)
+        self._state.progress_at = dict.fromkeys(view.members, self._now)
         if self._blocked:
             self._state.last_ack = ()  # the new members must hear it too
+            self._state.ack_due = True
         self._bump(views_installed=1)
         effects.append(
             OrderingReset(
@@ -884,7 +910,7 @@ class GroupEngine:
             if report.from_view == state.view.view_id:
                 for m, prefix in report.prefixes.items():
                     ends[m] = max(ends.get(m, 0), prefix)
-        delivered_before = self._stats.delivered
+        delivered_before = self._stats["delivered"]
         for item in state.fifo.drain():
             self._deliver(item, effects)
         kept, dropped = state.total.finish(ends)
@@ -892,7 +918,7 @@ class GroupEngine:
             self._deliver(item, effects)
         dropped.extend(state.causal.drain())
         self._bump(
-            flush_delivered=self._stats.delivered - delivered_before,
+            flush_delivered=self._stats["delivered"] - delivered_before,
             undeliverable_on_view_change=len(dropped),
         )
         return tuple(h.ref() for h in dropped if self.hosts(h.data.groups))
@@ -934,7 +960,4 @@ class GroupEngine:
         return useful_aru > state.last_stream_aru
 
     def _bump(self, **counts: int) -> None:
-        stats = self._stats
-        self._stats = replace(
-            stats, **{name: getattr(stats, name) + n for name, n in counts.items()}
-        )
+        self._stats.bump(**counts)

@@ -30,10 +30,11 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from meshcast.errors import BufferFull, UsageError
+from meshcast.group.counters import Counters
 from meshcast.group.events import Deliver
 from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipEffect
 from meshcast.ids import NodeId
@@ -171,7 +172,7 @@ class SessionTable:
         self._by_name: dict[str, _Session] = {}
         self._next_auto = 1
         self._blocking: set[int] = set()  # paused sessions holding local senders back
-        self._stats = SessionStats()
+        self._stats = Counters(SessionStats)
         self._now = 0.0  # time of the latest input
 
     # ------------------------------------------------------------------ queries
@@ -193,7 +194,7 @@ class SessionTable:
         return sum(1 for s in self._sessions.values() if s.state is _State.OPEN)
 
     def statistics(self) -> SessionStats:
-        return self._stats
+        return self._stats.snapshot()
 
     def next_deadline(self) -> float | None:
         return self.membership.next_deadline()
@@ -218,7 +219,7 @@ class SessionTable:
         daemon: dict[str, object] = {"name": self.daemon_name, "node": int(self.local)}
         daemon.update(_section(extra.pop("daemon", None)))
         counters: dict[str, object] = {
-            "sessions": asdict(self._stats),
+            "sessions": asdict(self._stats.snapshot()),
             "membership": asdict(self.membership.statistics()),
             "group": asdict(self.membership.engine.statistics()),
         }
@@ -638,10 +639,7 @@ class SessionTable:
         return out
 
     def _bump(self, **counts: int) -> None:
-        stats = self._stats
-        self._stats = replace(
-            stats, **{name: getattr(stats, name) + n for name, n in counts.items()}
-        )
+        self._stats.bump(**counts)
 
 
 def _section(value: object) -> dict[str, object]:

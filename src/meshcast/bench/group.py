@@ -1,0 +1,1021 @@
+"""`meshcast bench group`: group messaging through real daemons on loopback.
+
+Everything is real: `meshcast daemon` processes (`LocalCluster`, as the demo), client
+processes using the public client library (`meshcast.connect`) over the daemons' Unix
+sockets, UDP between daemons on 127.0.0.x, no emulated delay or loss. Results and
+limits: docs/benchmarks.md.
+
+* `throughput`: for 1, 3 and 6 daemons (a full mesh; uploads and links at 10 Gbit/s, so
+  no configured rate limits anything; everything else default, MTU 1400 included),
+  message sizes 100, 1,000 and 10,000 bytes, services RELIABLE and AGREED: one sender
+  client on daemon 1 sends M messages to a group with one receiver client on every
+  daemon. `msgs_per_s` is M over the time from the first send to the slowest receiver's
+  last delivery; `mbit_per_s` the same for M x size x 8 payload bits.
+* `rtt_ms`: min, median and p99 of the round trip of a 1,000-byte AGREED message from a
+  client on daemon 1 to an echoing client on daemon 2 and back (a 2-daemon cluster),
+  after a warm-up.
+* `cpu_us_per_msg`: CPU time (user + system) per message during each throughput cell,
+  of all daemons together, all receivers together and the sender. On a shared 2-core
+  machine this is the steadier figure, and it shows where the time goes.
+* `runs`: per cell, the messages, seconds, out-of-order deliveries (one sender: with
+  AGREED it must be 0) and whether a daemon installed a view meanwhile;
+  `daemon_counters`: a few of the daemons' final counters (retransmissions, group
+  repairs, ...), summed per cluster; `setup`: the parameters.
+
+Processes. The machine has two cores, so where the clients run matters. The sender runs
+in this process, which does nothing else while it sends; each receiver runs in its own
+process (``python -m meshcast.bench.group``, driven by JSON lines on stdin/stdout), like
+one application per machine, so no receiver shares an event loop with the sender or with
+another receiver; the echo client of `rtt_ms` is such a worker too. Times are
+`time.monotonic()`: CLOCK_MONOTONIC, one clock for all processes on Linux.
+
+The sender, like `spflooder -wo`, is not a member of the group. It is the only member of
+a second group, to which it sends an AGREED *token* (its message count) every
+window/4 messages, and it never has more than a window of messages (default 256, at
+most 1 MiB of payload) beyond the last token delivered back to it. A token comes back
+once every daemon has taken its timestamp, i.e. has received it, and the links from
+daemon 1 are FIFO, so the window bounds what is in flight end to end. Without it only
+the daemon's own back-pressure holds the sender (it stops reading the client while the
+overlay outbox, 10,000 messages, or the group send window, 25,000 copies, is full), and
+then (a) the group layer re-sends own messages not acknowledged within `repair_after`
+(1 s) although they are only queued, a storm of duplicate repairs, and (b) an AGREED
+submit is refused (ERROR 207 "daemon busy") once half of `max_held_messages` wait for
+delivery, so messages are lost. `--window` changes the window; `daemon_counters` shows
+repairs if they happen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import statistics
+import struct
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from meshcast.client import Client, Membership, Message, ServiceLevel, connect, service_level
+from meshcast.config import ClusterConfig, LimitsConfig, parse_config
+from meshcast.errors import MeshcastError
+from meshcast.link import LinkConfig
+from meshcast.runtime.local_cluster import LocalCluster
+from meshcast.runtime.loop import run as run_loop
+
+log = logging.getLogger(__name__)
+
+DAEMON_COUNTS = (1, 3, 6)
+MAX_DAEMONS = 254  # one loopback address each: 127.0.0.1-254
+SIZES = (100, 1_000, 10_000)
+SERVICES = (ServiceLevel.RELIABLE, ServiceLevel.AGREED)
+# Messages per throughput cell: `--messages` (default DEFAULT_MESSAGES) for 100- and
+# 1,000-byte messages, a quarter of it for 10,000 bytes, divided by the number of daemons
+# (the cost of a message grows with them): a few seconds per cell on 2 cores.
+DEFAULT_MESSAGES = 10_000
+LARGE_MESSAGE = 5_000  # bytes: messages this large or larger are sent a quarter as often
+MIN_MESSAGES = 20  # per cell: fewer would measure only the start and the tail
+QUICK_MESSAGES = 200
+WARMUP_MESSAGES = 300  # 1,000-byte RELIABLE messages through a fresh cluster, not measured
+RTT_SIZE = 1_000
+RTT_ROUND_TRIPS = 200
+RTT_WARMUP = 20
+QUICK_RTT_ROUND_TRIPS = 20
+MIN_MTU, MAX_MTU = 512, 65_507  # what [link] mtu accepts (65,507: the largest UDP payload)
+LINK_RATE = "10Gbit"  # uploads, downloads and hence link pacers: out of the way on loopback
+DEFAULT_WINDOW = 256  # messages the sender may have beyond the last token back
+WINDOW_MAX_BYTES = 1024 * 1024  # ... and at most this much payload (10,000 bytes: 104)
+MAX_WINDOW = 2_000  # below the group engine's own-submit bound (max_held_messages / 2)
+TOKENS_PER_WINDOW = 4
+TOKEN = struct.Struct("!Q")  # a token's payload: flood messages sent before it
+SEQ = struct.Struct("!Q")  # first 8 bytes of a flood message: its sequence number
+ACK_TAG = 0xFFF0  # msg_type of tokens
+FLOOD_GROUP = "flood"
+TOKEN_GROUP = "flood-tokens"
+START_TIMEOUT = 30.0  # s: daemons up and agreed on one view, workers connected
+REQUEST_TIMEOUT = 20.0  # s: one join, one client connect (daemons may be busy)
+DEFAULT_CELL_TIMEOUT = 120.0  # s: one throughput cell, from the first send to the last receipt
+WORKER_MAX_RUNTIME = 3_600.0  # s: a worker never outlives this, whatever its parent does
+_STOP_TIMEOUT = 5.0  # s: a worker exits after "stop" or the end of its stdin
+
+
+class GroupBenchError(MeshcastError):
+    """The group benchmark could not measure: a process failed, a message went missing."""
+
+
+# ---------------------------------------------------------------------- the cluster
+
+
+def bench_config(count: int, tag: str, mtu: int | None = None) -> ClusterConfig:
+    """`count` daemons on 127.0.0.1..count, fully meshed, one site, fast rates; the Hop
+    links' `mtu` if given, else the default.
+
+    Daemon names carry `tag` (unique per run): each daemon's default client socket is
+    named after it, so clusters of concurrent runs never collide. Ports are placeholders;
+    `LocalCluster` picks free ones.
+    """
+    lines = [
+        "[cluster]",
+        'name = "bench-group"',
+        'routing = "shortest-path"',
+        "",
+        "[[sites]]",
+        'name = "lo"',
+    ]
+    for i in range(1, count + 1):
+        lines += [
+            "",
+            "[[daemons]]",
+            f'name = "{daemon_name(i, tag)}"',
+            f"id = {i}",
+            f'host = "127.0.0.{i}"',
+            f"port = {4900 + i}",
+            'site = "lo"',
+            f'upload = "{LINK_RATE}"',
+            f'download = "{LINK_RATE}"',
+        ]
+    lines += [
+        "",
+        "[links]",
+        'within_sites = "full"',
+        'between_sites = "none"',
+        "",
+        "[membership]",
+        'view_settle_interval = "50ms"',
+    ]
+    if mtu is not None:
+        lines += ["", "[link]", f"mtu = {mtu}"]
+    return parse_config("\n".join(lines) + "\n", source="<bench group>")
+
+
+def daemon_name(index: int, tag: str) -> str:
+    return f"g{index}-{tag}"
+
+
+@dataclass(slots=True)
+class RunningCluster:
+    """What `running_cluster` yields."""
+
+    local: LocalCluster
+    addresses: list[str]  # client address of each daemon, daemon 1 first
+    pids: list[int]
+    final_stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # after the stop
+
+    def views_installed(self) -> int:
+        """Views installed so far, all daemons together (a change during a cell shows)."""
+        return sum(len(d.named("view_installed")) for d in self.local.daemons.values())
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(
+    count: int, tag: str, mtu: int | None = None
+) -> AsyncIterator[RunningCluster]:
+    """Start `count` daemons, wait until they agree on one view; yield their client
+    addresses (daemon 1 first). Every daemon is stopped on the way out, whatever happens."""
+    config = bench_config(count, tag, mtu)
+    async with LocalCluster(config) as cluster:  # a failed start stops what did start
+        handle = await _ready(cluster, config)
+        yield handle
+    for daemon in cluster.daemons.values():
+        for stopped in daemon.named("daemon_stopped"):
+            stats = stopped.get("stats")
+            if isinstance(stats, dict):
+                handle.final_stats[daemon.name] = stats
+
+
+async def _ready(cluster: LocalCluster, config: ClusterConfig) -> RunningCluster:
+    """Wait until every daemon agrees on the view of all and listens for clients."""
+    names = {d.name for d in config.daemons}
+
+    def ready() -> bool:
+        for daemon in cluster.daemons.values():
+            agreed = daemon.named("view_agreed")
+            if not agreed or set(_names(agreed[-1])) != names:
+                return False
+            if not daemon.named("clients_listening"):
+                return False
+        return True
+
+    def failed() -> str | None:
+        for daemon in cluster.daemons.values():
+            if daemon.process.returncode is not None:
+                return f"daemon {daemon.name} exited with {daemon.process.returncode}"
+            for event in ("clients_unix_unavailable", "daemon_failed"):
+                if reports := daemon.named(event):
+                    return f"daemon {daemon.name}: {reports[0]}"
+        return None
+
+    if not await cluster.wait_for(lambda: ready() or failed() is not None, START_TIMEOUT):
+        raise GroupBenchError(
+            f"{len(names)} daemons did not agree on one view within {START_TIMEOUT} s"
+        )
+    if (why := failed()) is not None:
+        raise GroupBenchError(why)
+    addresses = []
+    for spec in config.daemons:
+        path = cluster.daemons[spec.name].named("clients_listening")[0].get("unix_path")
+        if not path:
+            raise GroupBenchError(f"daemon {spec.name} has no client socket")
+        addresses.append(f"unix:{path}")
+    pids = [d.process.pid for d in cluster.daemons.values()]
+    return RunningCluster(cluster, addresses, pids)
+
+
+def _names(event: dict[str, object]) -> list[str]:
+    names = event.get("names", [])
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def _process_cpu_seconds(pids: Sequence[int]) -> float | None:
+    """User + system CPU seconds of these processes so far (Linux /proc), else None."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0.0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+        except OSError:
+            return None
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# ---------------------------------------------------------------------- worker processes
+
+
+class Worker:
+    """A client in its own process (``python -m meshcast.bench.group``); always `stop` it."""
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.process = process
+        self.private_name = ""
+
+    @classmethod
+    async def start(cls, address: str, name: str) -> Worker:
+        """Start a worker connected to the daemon at `address` as client `name`."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "meshcast.bench.group",
+            "--connect",
+            address,
+            "--name",
+            name,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        worker = cls(name, process)
+        try:
+            connected = await worker.wait_event("connected", START_TIMEOUT)
+        except BaseException:
+            await worker.stop()
+            raise
+        worker.private_name = str(connected["private_name"])
+        return worker
+
+    async def __aenter__(self) -> Worker:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def command(self, command: dict[str, Any]) -> None:
+        stdin = self.process.stdin
+        if stdin is None or stdin.is_closing() or self.process.returncode is not None:
+            raise GroupBenchError(f"worker {self.name} no longer takes commands")
+        stdin.write((json.dumps(command) + "\n").encode())
+
+    async def wait_event(self, name: str, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109 - bounded wait is the API
+        """The next event called `name`; `GroupBenchError` on "error", exit or timeout."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    line = await stdout.readline()
+                    if not line:
+                        code = await self.process.wait()
+                        raise GroupBenchError(f"worker {self.name} exited with code {code}")
+                    event = json.loads(line)
+                    if event.get("event") == name:
+                        return dict(event)
+                    if event.get("event") == "error":
+                        raise GroupBenchError(f"worker {self.name}: {event.get('error')}")
+        except TimeoutError:
+            raise GroupBenchError(
+                f"worker {self.name}: no {name!r} event within {timeout:g} s"
+            ) from None
+        except ValueError as exc:
+            raise GroupBenchError(f"worker {self.name} wrote something else: {exc}") from None
+
+    async def stop(self) -> int:
+        """Ask the worker to stop, then terminate or kill it. Returns its exit code."""
+        process = self.process
+        if process.returncode is None and process.stdin is not None:
+            with contextlib.suppress(GroupBenchError, ConnectionError):
+                self.command({"cmd": "stop"})
+            process.stdin.close()
+        for action in (None, process.terminate, process.kill):
+            if process.returncode is not None:
+                break
+            if action is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    action()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_STOP_TIMEOUT):
+                    await process.wait()
+        return await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def running_workers(addresses: Sequence[str], prefix: str) -> AsyncIterator[list[Worker]]:
+    """One worker on each address; all stopped on the way out."""
+    workers: list[Worker] = []
+    try:
+        started = await asyncio.gather(
+            *(Worker.start(a, f"{prefix}{i}") for i, a in enumerate(addresses, 1)),
+            return_exceptions=True,
+        )
+        workers = [w for w in started if isinstance(w, Worker)]
+        for result in started:
+            if isinstance(result, BaseException):
+                raise result
+        yield workers
+    finally:
+        await asyncio.gather(*(w.stop() for w in workers))
+
+
+# ---------------------------------------------------------------------- throughput
+
+
+@dataclass(slots=True)
+class CellResult:
+    messages: int
+    seconds: float  # first send to the slowest receiver's last delivery
+    send_seconds: float  # first send to the last send
+    out_of_order: int = 0  # deliveries not following the previous one, all receivers
+    view_changed: bool = False  # a daemon installed a new view during the cell
+    cpu_s: dict[str, float | None] = field(default_factory=dict)  # by role
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "messages": self.messages,
+            "seconds": round(self.seconds, 4),
+            "send_seconds": round(self.send_seconds, 4),
+            "out_of_order": self.out_of_order,
+            "view_changed": self.view_changed,
+        }
+
+    def rates(self, size: int) -> dict[str, float]:
+        return {
+            "msgs_per_s": round(self.messages / self.seconds, 1),
+            "mbit_per_s": round(self.messages * size * 8 / self.seconds / 1e6, 3),
+        }
+
+
+async def _join_all(
+    workers: Sequence[Worker],
+    group: str,
+    timeout: float,  # noqa: ASYNC109 - bounded wait
+) -> None:
+    for worker in workers:
+        worker.command({"cmd": "join", "group": group, "members": len(workers)})
+    await asyncio.gather(*(w.wait_event("joined", timeout) for w in workers))
+
+
+async def _wait_tokens(sender: Client, at_least: int) -> int:
+    """Receive until a token saying `at_least` or more messages were sent before it."""
+    confirmed = 0
+    while confirmed < at_least:
+        event = await sender.receive()
+        if isinstance(event, Message) and event.msg_type == ACK_TAG:
+            confirmed = max(confirmed, TOKEN.unpack_from(event.payload)[0])
+    return confirmed
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The sender's end-to-end window (see the module docstring)."""
+
+    messages: int  # flood messages sent beyond the last token delivered back, at most
+    token_every: int  # flood messages per token
+
+    @classmethod
+    def for_size(cls, window: int, size: int) -> Window:
+        messages = max(1, min(window, WINDOW_MAX_BYTES // size))
+        return cls(messages, max(1, messages // TOKENS_PER_WINDOW))
+
+
+async def flood(
+    sender: Client, count: int, size: int, service: ServiceLevel, tag: int, window: Window
+) -> tuple[float, float]:
+    """Send `count` messages of `size` bytes to the flood group, AGREED tokens in between.
+
+    Returns (monotonic time of the first send, of the last send). The sender must be a
+    member of `TOKEN_GROUP` only.
+    """
+    filler = bytes(size - SEQ.size)
+    multicast = sender.multicast
+    limit, every = window.messages, window.token_every
+    confirmed = 0
+    start = time.monotonic()
+    for seq in range(count):
+        if seq - confirmed >= limit:
+            confirmed = await _wait_tokens(sender, seq - limit + 1)
+        await multicast(FLOOD_GROUP, SEQ.pack(seq) + filler, service=service, msg_type=tag)
+        sent = seq + 1
+        if sent % every == 0 or sent == count:
+            await multicast(
+                TOKEN_GROUP, TOKEN.pack(sent), service=ServiceLevel.AGREED, msg_type=ACK_TAG
+            )
+    last_send = time.monotonic()
+    await _wait_tokens(sender, count)  # nothing of this cell is left in the sender's queue
+    return start, last_send
+
+
+@dataclass(slots=True)
+class FloodSetup:
+    """A cluster with one receiver on every daemon and the sender on daemon 1."""
+
+    cluster: RunningCluster
+    sender: Client
+    receivers: list[Worker]
+    window: int  # messages (`Window.for_size`)
+    timeout: float  # s: one cell, at most
+
+    async def measure(self, count: int, size: int, service: ServiceLevel, tag: int) -> CellResult:
+        """One throughput cell: every receiver expects `count` messages tagged `tag`.
+
+        Raises `GroupBenchError` when a receiver misses a message or the cell times out.
+        """
+        receivers, pids = self.receivers, self.cluster.pids
+        for worker in receivers:
+            worker.command({"cmd": "expect", "tag": tag, "count": count})
+        await asyncio.gather(*(w.wait_event("expecting", REQUEST_TIMEOUT) for w in receivers))
+        what = f"{len(pids)} daemons, {count} x {size} bytes {service.name}"
+        views = self.cluster.views_installed()
+        daemons_cpu = _process_cpu_seconds(pids)
+        sender_cpu = _own_cpu_seconds()
+        window = Window.for_size(self.window, size)
+        try:
+            async with asyncio.timeout(self.timeout):
+                start, last_send = await flood(self.sender, count, size, service, tag, window)
+                sender_cpu = _own_cpu_seconds() - sender_cpu
+                reports = await asyncio.gather(
+                    *(w.wait_event("done", self.timeout) for w in receivers)
+                )
+        except TimeoutError:
+            raise GroupBenchError(
+                f"{what}: not delivered to every receiver within {self.timeout:g} s"
+            ) from None
+        daemons_after = _process_cpu_seconds(pids)
+        if self.cluster.views_installed() != views:
+            log.warning("%s: the daemons installed a new view during the run", what)
+        disorder = sum(int(r["out_of_order"]) for r in reports)
+        if disorder and service >= ServiceLevel.FIFO:
+            log.warning("%s: %d deliveries out of the sender's order", what, disorder)
+        last = max(float(r["last_at"]) for r in reports)
+        return CellResult(
+            messages=count,
+            seconds=last - start,
+            send_seconds=last_send - start,
+            out_of_order=disorder,
+            view_changed=self.cluster.views_installed() != views,
+            cpu_s={
+                "daemons": None
+                if daemons_cpu is None or daemons_after is None
+                else daemons_after - daemons_cpu,
+                "receivers": sum(float(r["cpu_s"]) for r in reports),
+                "sender": sender_cpu,
+            },
+        )
+
+
+@contextlib.asynccontextmanager
+async def flood_setup(
+    count: int,
+    tag: str,
+    window: int,
+    timeout: float,  # noqa: ASYNC109 - per cell
+    mtu: int | None = None,
+) -> AsyncIterator[FloodSetup]:
+    """`count` daemons, a receiver process on each, the sender here; all stopped after."""
+    async with (
+        running_cluster(count, tag, mtu) as cluster,
+        running_workers(cluster.addresses, "r") as receivers,
+        await connect(cluster.addresses[0], name="sender", timeout=REQUEST_TIMEOUT) as sender,
+    ):
+        await _join_all(receivers, FLOOD_GROUP, REQUEST_TIMEOUT)
+        await sender.join(TOKEN_GROUP)
+        yield FloodSetup(cluster, sender, receivers, window, timeout)
+
+
+def cell_messages(base: int, size: int, daemons: int) -> int:
+    """Messages of one throughput cell (see DEFAULT_MESSAGES)."""
+    scaled = base / 4 if size >= LARGE_MESSAGE else base
+    return max(MIN_MESSAGES, round(scaled / daemons))
+
+
+async def measure_cluster(
+    count: int,
+    tag: str,
+    sizes: Sequence[int],
+    services: Sequence[ServiceLevel],
+    base_messages: int,
+    *,
+    window: int,
+    timeout: float,  # noqa: ASYNC109 - bounded wait per cell
+    mtu: int | None = None,
+) -> tuple[dict[str, dict[str, CellResult]], dict[str, dict[str, Any]]]:
+    """Every (size, service) cell on one cluster of `count` daemons; also the daemons'
+    final statistics (`daemon_stopped`), by daemon name."""
+    results: dict[str, dict[str, CellResult]] = {}
+    async with flood_setup(count, tag, window, timeout, mtu) as setup:
+        log.info("%d daemons: warm-up", count)
+        tag_of_cell = 1
+        await setup.measure(WARMUP_MESSAGES, 1_000, ServiceLevel.RELIABLE, tag_of_cell)
+        for size in sizes:
+            for service in services:
+                tag_of_cell += 1
+                messages = cell_messages(base_messages, size, count)
+                result = await setup.measure(messages, size, service, tag_of_cell)
+                log.info(
+                    "%d daemons, %d x %d bytes %s: %.0f msgs/s, %.1f Mbit/s "
+                    "(%.2f s; sending took %.2f s); CPU s: %s",
+                    count,
+                    messages,
+                    size,
+                    service.name,
+                    result.messages / result.seconds,
+                    result.messages * size * 8 / result.seconds / 1e6,
+                    result.seconds,
+                    result.send_seconds,
+                    {k: None if v is None else round(v, 2) for k, v in result.cpu_s.items()},
+                )
+                results.setdefault(str(size), {})[service.name] = result
+    return results, setup.cluster.final_stats
+
+
+# ---------------------------------------------------------------------- round trip
+
+
+async def measure_rtt(
+    tag: str, round_trips: int, warmup: int, size: int, mtu: int | None = None
+) -> list[float]:
+    """Round-trip times (s) of AGREED messages, client on daemon 1 to an echo on daemon 2."""
+    async with (
+        running_cluster(2, tag, mtu) as cluster,
+        running_workers(cluster.addresses[1:], "echo") as (echo,),
+        await connect(cluster.addresses[0], name="pinger", timeout=REQUEST_TIMEOUT) as pinger,
+    ):
+        await pinger.join("rtt-back")
+        echo.command({"cmd": "join", "group": "rtt-out", "members": 1})
+        await echo.wait_event("joined", REQUEST_TIMEOUT)
+        echo.command({"cmd": "echo", "from": "rtt-out", "to": "rtt-back"})
+        await echo.wait_event("echoing", REQUEST_TIMEOUT)
+        filler = bytes(size - SEQ.size)
+        samples: list[float] = []
+        for seq in range(warmup + round_trips):
+            sent_at = time.monotonic()
+            await pinger.multicast("rtt-out", SEQ.pack(seq) + filler, service=ServiceLevel.AGREED)
+            try:
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    while True:
+                        event = await pinger.receive()
+                        if isinstance(event, Message) and SEQ.unpack_from(event.payload)[0] == seq:
+                            break
+            except TimeoutError:
+                raise GroupBenchError(
+                    f"round trip {seq}: no echo within {REQUEST_TIMEOUT} s"
+                ) from None
+            if seq >= warmup:
+                samples.append(time.monotonic() - sent_at)
+    return samples
+
+
+def summarise_rtt(samples: Sequence[float]) -> dict[str, float]:
+    """min, median and p99 (nearest rank) in milliseconds."""
+    ordered = sorted(samples)
+    p99 = ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+    return {
+        "min": round(ordered[0] * 1e3, 3),
+        "median": round(statistics.median(ordered) * 1e3, 3),
+        "p99": round(p99 * 1e3, 3),
+    }
+
+
+# ---------------------------------------------------------------------- the suite
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _window(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_WINDOW:
+        raise argparse.ArgumentTypeError(f"at most {MAX_WINDOW}, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _mtu(text: str) -> int:
+    value = _positive(text)
+    if not MIN_MTU <= value <= MAX_MTU:
+        raise argparse.ArgumentTypeError(f"must be {MIN_MTU}..{MAX_MTU}, got {value}")
+    return value
+
+
+def _int_list(low: int, high: int | None = None) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated integers within low..high."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+        if not values or min(values) < low or (high is not None and max(values) > high):
+            bounds = f"{low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"integers {bounds} expected, got {text!r}")
+        return values
+
+    return parse
+
+
+def _services(text: str) -> list[ServiceLevel]:
+    try:
+        return [service_level(part.strip()) for part in text.split(",") if part.strip()]
+    except MeshcastError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--messages",
+        type=_positive,
+        default=None,
+        help=f"messages per throughput cell (default {DEFAULT_MESSAGES:,}; {QUICK_MESSAGES} "
+        f"with --quick), divided by the number of daemons, a quarter of it for messages "
+        f"of {LARGE_MESSAGE:,} bytes or more",
+    )
+    parser.add_argument(
+        "--daemons",
+        type=_int_list(1, MAX_DAEMONS),
+        default=list(DAEMON_COUNTS),
+        help=f"cluster sizes, comma-separated (default 1,3,6; at most {MAX_DAEMONS})",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=_int_list(SEQ.size, LimitsConfig().max_message_size),
+        default=list(SIZES),
+        help="message sizes in bytes, comma-separated (default 100,1000,10000)",
+    )
+    parser.add_argument(
+        "--services",
+        type=_services,
+        default=list(SERVICES),
+        help="service levels, comma-separated (default reliable,agreed)",
+    )
+    parser.add_argument(
+        "--rtt-round-trips",
+        type=_positive,
+        default=None,
+        help=f"measured AGREED round trips (default {RTT_ROUND_TRIPS}; 20 with --quick), "
+        f"after {RTT_WARMUP} unmeasured ones",
+    )
+    parser.add_argument(
+        "--skip-rtt", action="store_true", help="leave out the round-trip measurement"
+    )
+    parser.add_argument(
+        "--window",
+        type=_window,
+        default=DEFAULT_WINDOW,
+        metavar="MESSAGES",
+        help="messages the sender may have sent beyond the last token delivered back "
+        f"(default {DEFAULT_WINDOW}, at most {MAX_WINDOW}; never more than "
+        f"{WINDOW_MAX_BYTES // 1024} KiB of payload)",
+    )
+    parser.add_argument(
+        "--mtu",
+        type=_mtu,
+        default=None,
+        metavar="BYTES",
+        help=f"datagram size of the daemons' Hop links, {MIN_MTU}..{MAX_MTU} (default: "
+        f"the configuration default, {LinkConfig().mtu}, as Spread's ~1.4 KB packets)",
+    )
+    parser.add_argument(
+        "--cell-timeout",
+        type=_seconds,
+        default=DEFAULT_CELL_TIMEOUT,
+        help=f"seconds one throughput cell may take (default {DEFAULT_CELL_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="few messages and round trips (smoke run)"
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    """The suite's JSON object (see the module docstring).
+
+    Raises `GroupBenchError` when something fails or SIGTERM arrives; SIGINT raises
+    KeyboardInterrupt. Either way every process started is stopped first.
+    """
+    return run_loop(_run_stoppable(args))
+
+
+async def _run_stoppable(args: argparse.Namespace) -> dict[str, object]:
+    """`_run`, cancelled (so that every process is stopped on the way out) by SIGTERM."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+    except (NotImplementedError, RuntimeError):  # no signals here (not the main thread)
+        return await _run(args)
+    try:
+        return await _run(args)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        task.uncancel()
+        raise GroupBenchError("stopped by SIGTERM") from None
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+# (section, key) of the daemons' final statistics summed in `daemon_counters`; a key a
+# daemon does not report counts 0
+_COUNTERS = {
+    "datagrams_sent": ("", "datagrams_sent"),
+    "link_retransmissions": ("links", "retransmissions"),
+    "link_nacks_sent": ("links", "nacks_sent"),
+    "overlay_data_originated": ("overlay", "data_originated"),
+    "group_repairs_sent": ("group", "repairs_sent"),
+    "group_duplicates_dropped": ("group", "duplicates_dropped"),
+    "group_broadcasts_lost": ("", "group_broadcasts_lost"),
+    "sessions_slow_disconnected": ("sessions", "slow_disconnected"),
+    "internal_errors": ("", "internal_errors"),
+}
+
+
+def daemon_counters(final_stats: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """A few counters of the daemons' final statistics, summed over the daemons."""
+    totals = dict.fromkeys(_COUNTERS, 0)
+    for stats in final_stats.values():
+        for name, (section, key) in _COUNTERS.items():
+            if section == "links":
+                links = stats.get("links", {})
+                totals[name] += sum(int(link.get(key, 0)) for link in links.values())
+            else:
+                part = stats.get(section, {}) if section else stats
+                totals[name] += int(part.get(key, 0) or 0)
+    return totals
+
+
+def _by_cell(
+    cells: dict[str, dict[str, CellResult]], value: Callable[[int, CellResult], object]
+) -> dict[str, dict[str, object]]:
+    return {
+        size: {service: value(int(size), cell) for service, cell in by_service.items()}
+        for size, by_service in cells.items()
+    }
+
+
+def _cpu_per_message(cell: CellResult) -> dict[str, float | None]:
+    return {
+        role: None if seconds is None else round(seconds / cell.messages * 1e6, 1)
+        for role, seconds in cell.cpu_s.items()
+    }
+
+
+async def _run(args: argparse.Namespace) -> dict[str, object]:
+    base = args.messages or (QUICK_MESSAGES if args.quick else DEFAULT_MESSAGES)
+    round_trips = args.rtt_round_trips or (QUICK_RTT_ROUND_TRIPS if args.quick else RTT_ROUND_TRIPS)
+    tag = str(os.getpid())
+    throughput: dict[str, object] = {}
+    cpu: dict[str, object] = {}
+    runs: dict[str, object] = {}
+    counters: dict[str, object] = {}
+    for count in args.daemons:
+        cells, final_stats = await measure_cluster(
+            count,
+            tag,
+            args.sizes,
+            args.services,
+            base,
+            window=args.window,
+            timeout=args.cell_timeout,
+            mtu=args.mtu,
+        )
+        throughput[str(count)] = _by_cell(cells, lambda size, cell: cell.rates(size))
+        cpu[str(count)] = _by_cell(cells, lambda _, cell: _cpu_per_message(cell))
+        runs[str(count)] = _by_cell(cells, lambda _, cell: cell.describe())
+        counters[str(count)] = daemon_counters(final_stats)
+    result: dict[str, object] = {"throughput": throughput}
+    if not args.skip_rtt:
+        samples = await measure_rtt(tag, round_trips, RTT_WARMUP, RTT_SIZE, args.mtu)
+        result["rtt_ms"] = summarise_rtt(samples)
+    result["cpu_us_per_msg"] = cpu
+    result["runs"] = runs
+    result["daemon_counters"] = counters
+    result["setup"] = {
+        "daemons": list(args.daemons),
+        "sizes": list(args.sizes),
+        "services": [s.name for s in args.services],
+        "messages_per_cell": {
+            str(count): {str(size): cell_messages(base, size, count) for size in args.sizes}
+            for count in args.daemons
+        },
+        "warmup_messages": WARMUP_MESSAGES,
+        "window_messages": {
+            str(size): Window.for_size(args.window, size).messages for size in args.sizes
+        },
+        "rtt_round_trips": None if args.skip_rtt else round_trips,
+        "rtt_warmup": RTT_WARMUP,
+        "rtt_size": RTT_SIZE,
+        "overlay": f"full mesh on 127.0.0.x, shortest-path routing, {LINK_RATE} uploads "
+        "and links, everything else default, no emulated delay or loss",
+        "mtu": args.mtu or LinkConfig().mtu,
+        "sender": "one client on daemon 1 (this process), not a member of the group; an "
+        f"AGREED token to itself every window/{TOKENS_PER_WINDOW} messages, at most one "
+        "window of messages beyond the last token delivered back",
+        "receivers": "one client per daemon, each in its own process, over Unix sockets",
+        "throughput": "messages (payload bits) / (slowest receiver's last delivery - first send)",
+        "rtt": f"{RTT_SIZE}-byte AGREED message from a client on daemon 1 to an echoing "
+        "client on daemon 2 and back (2-daemon cluster)",
+        "cpu_us_per_msg": "user+system CPU of all daemons / all receivers / the sender "
+        "during a cell, per message",
+        "daemon_counters": "summed over the daemons of each cluster, warm-up included",
+        "cpu_count": os.cpu_count(),
+    }
+    return result
+
+
+# ---------------------------------------------------------------------- worker side
+
+
+def _emit(event: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+async def _commands(queue: asyncio.Queue[dict[str, Any]], stop: asyncio.Event) -> None:
+    """Commands from stdin into `queue`; "stop" or the end of stdin sets `stop`."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+    )
+    try:
+        while line := await reader.readline():
+            command = json.loads(line)
+            if command.get("cmd") == "stop":
+                break
+            queue.put_nowait(command)
+    finally:
+        transport.close()
+        stop.set()
+
+
+async def _wait_members(client: Client, group: str, members: int) -> None:
+    while True:
+        event = await client.receive()
+        if isinstance(event, Membership) and event.group == group and len(event.members) >= members:
+            return
+
+
+async def _count(client: Client, tag: int, count: int) -> dict[str, Any]:
+    """Receive until `count` messages tagged `tag` have arrived."""
+    received = out_of_order = expected = 0
+    first_at = last_at = 0.0
+    cpu = _own_cpu_seconds()
+    receive = client.receive
+    while received < count:
+        event = await receive()
+        if type(event) is not Message or event.msg_type != tag:
+            continue
+        last_at = time.monotonic()
+        if not received:
+            first_at = last_at
+        received += 1
+        seq = SEQ.unpack_from(event.payload)[0]
+        out_of_order += seq != expected
+        expected = seq + 1
+    return {
+        "received": received,
+        "first_at": first_at,
+        "last_at": last_at,
+        "out_of_order": out_of_order,
+        "cpu_s": _own_cpu_seconds() - cpu,
+    }
+
+
+async def _echo(client: Client, source: str, to: str) -> None:
+    while True:
+        event = await client.receive()
+        if isinstance(event, Message) and source in event.groups:
+            await client.multicast(to, event.payload, service=event.service)
+
+
+async def _serve(client: Client, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    while True:
+        command = await queue.get()
+        match command.get("cmd"):
+            case "join":
+                group = str(command["group"])
+                await client.join(group)
+                await _wait_members(client, group, int(command["members"]))
+                _emit({"event": "joined", "group": group})
+            case "expect":
+                tag, count = int(command["tag"]), int(command["count"])
+                _emit({"event": "expecting", "tag": tag})
+                _emit({"event": "done", "tag": tag, **await _count(client, tag, count)})
+            case "echo":
+                _emit({"event": "echoing"})
+                await _echo(client, str(command["from"]), str(command["to"]))
+            case other:
+                raise GroupBenchError(f"unknown command {other!r}")
+
+
+async def worker_main(address: str, name: str) -> int:
+    """A worker: connect, then obey commands until "stop" or the end of stdin."""
+    try:
+        async with asyncio.timeout(WORKER_MAX_RUNTIME):
+            await _work(address, name)
+    except (MeshcastError, OSError, ValueError, KeyError) as exc:  # TimeoutError: an OSError
+        _emit({"event": "error", "error": str(exc) or type(exc).__name__})
+        return 1
+    except ExceptionGroup as group:
+        _emit({"event": "error", "error": "; ".join(repr(e) for e in group.exceptions)})
+        return 1
+    return 0
+
+
+async def _work(address: str, name: str) -> None:
+    async with await connect(address, name=name, timeout=REQUEST_TIMEOUT) as client:
+        _emit({"event": "connected", "private_name": client.private_name})
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(_commands(queue, stop))
+            work = tasks.create_task(_serve(client, queue))
+            await stop.wait()
+            work.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m meshcast.bench.group",
+        description="A client of `meshcast bench group`, driven by JSON lines on stdin.",
+    )
+    parser.add_argument("--connect", required=True, help="the daemon's client address")
+    parser.add_argument("--name", required=True, help="client name")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    return run_loop(worker_main(args.connect, args.name))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""`meshcast bench group` end to end through the real command (behaviour only, never speed).
+
+Real daemons on loopback, real client processes: a tiny run over 1 and 3 daemons must
+print one JSON object of the documented shape with positive figures, and leave no
+process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+COMMAND = (sys.executable, "-m", "meshcast", "bench", "group", "--json")
+SIZES = ("100", "1000", "10000")
+SERVICES = ("RELIABLE", "AGREED")
+RUN_TIMEOUT = 100.0  # s: the tiny run takes 10-30 s on a loaded 2-core machine
+
+
+def _processes_of_run(tag: int) -> list[str]:
+    """Command lines of live processes started for the run whose bench process was `tag`:
+    its daemons are named g<i>-<tag>, its clients connect to their sockets."""
+    name = re.compile(rf"g\d+-{tag}(?!\d)")
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:  # the process has gone meanwhile
+            continue
+        text = " ".join(a.decode(errors="replace") for a in argv)
+        if "meshcast" in text and name.search(text):
+            found.append(text)
+    return found
+
+
+def _run(*args: str) -> tuple[subprocess.CompletedProcess[str], int]:
+    process = subprocess.Popen(
+        [*COMMAND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = process.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"bench group did not finish within {RUN_TIMEOUT} s; stderr:\n{err[-3000:]}")
+    completed = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return completed, process.pid
+
+
+def _positive_rates(cell: Any) -> bool:
+    return (
+        set(cell) == {"msgs_per_s", "mbit_per_s"}
+        and cell["msgs_per_s"] > 0
+        and cell["mbit_per_s"] > 0
+    )
+
+
+def test_tiny_run_prints_the_documented_json_and_stops_everything() -> None:
+    completed, pid = _run("--daemons", "1,3", "--messages", "60", "--rtt-round-trips", "10")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = completed.stdout.strip().splitlines()
+    assert len(lines) == 1, completed.stdout  # exactly one JSON object, on one line
+    result = json.loads(lines[0])
+
+    throughput = result["throughput"]
+    assert set(throughput) == {"1", "3"}
+    for by_size in throughput.values():
+        assert set(by_size) == set(SIZES)
+        for by_service in by_size.values():
+            assert set(by_service) == set(SERVICES)
+            assert all(_positive_rates(cell) for cell in by_service.values()), by_service
+    # Mbit/s is the payload carried: messages/s x size x 8 bits
+    cell = throughput["3"]["1000"]["AGREED"]
+    assert cell["mbit_per_s"] == pytest.approx(cell["msgs_per_s"] * 1000 * 8 / 1e6, rel=0.01)
+
+    rtt = result["rtt_ms"]
+    assert set(rtt) == {"min", "median", "p99"}
+    assert 0 < rtt["min"] <= rtt["median"] <= rtt["p99"]
+
+    runs = result["runs"]["3"]["100"]["AGREED"]
+    assert runs["messages"] == 20  # 60 / 3 daemons
+    assert runs["out_of_order"] == 0  # one sender, AGREED: every receiver in send order
+    setup = result["setup"]
+    assert setup["daemons"] == [1, 3]
+    assert setup["rtt_round_trips"] == 10
+    assert set(result["cpu_us_per_msg"]) == {"1", "3"}
+    assert set(result["daemon_counters"]) == {"1", "3"}
+
+    assert _processes_of_run(pid) == []
+
+
+def test_usage_errors_exit_2() -> None:
+    for bad in (["--daemons", "0"], ["--sizes", "4"], ["--services", "loud"], ["--window", "0"]):
+        completed = subprocess.run(
+            [*COMMAND, *bad], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert completed.returncode == 2, (bad, completed.stderr)
+        assert completed.stdout == ""
