@@ -368,6 +368,7 @@ class OverlayDaemon:
         self._closed = False
         self._clock = 0.0
         self._timer = DeadlineTimer(self._loop, self._on_timer)
+        self._settle_pending = False
         self._draining = False
         self._drained = asyncio.Event()
         self._opened_at = self._loop.time()
@@ -941,7 +942,16 @@ class OverlayDaemon:
     # ------------------------------------------------------------------ timer
 
     def _settle(self) -> None:
-        """After an input: re-arm the one timer; note when a drain has completed."""
+        """After an input: settle once the loop has run every callback now ready, so a
+        burst of datagrams or client frames costs one deadline scan, not one each."""
+        if self._settle_pending or self._closed:
+            return
+        self._settle_pending = True
+        self._loop.call_soon(self._settle_now)
+
+    def _settle_now(self) -> None:
+        """Re-arm the one timer; note when a drain has completed; resume client reading."""
+        self._settle_pending = False
         if self._closed:
             return
         try:
