@@ -25,8 +25,9 @@ group "g":
   anything, the readers get everything and the daemon's memory stays bounded;
 * an 18 MB RELIABLE flood over one loss-free hop: nothing is repaired (re-sent).
 
-Known bugs are kept as non-strict xfail tests at the end (joins racing the first flush;
-the group table after a daemon paused past the failure timeout comes back).
+At the end: joins racing the first flush, and the group table of a daemon that comes
+back from a pause past the failure timeout (both were bugs: unit tests in
+tests/unit/group/test_membership.py reproduce them deterministically).
 
 `tests/integration/test_sessions.py` covers the frame-level basics (typed errors, the
 policies against a local sender) with hand-written clients. A daemon's JSON log is
@@ -1106,17 +1107,9 @@ async def test_bulk_flood_on_loopback_needs_no_repair(cluster: Cluster) -> None:
     assert group["repairs_sent"] == 0
 
 
-# ---------------------------------------------------------------- known bugs (xfail)
+# ---------------------------------------------------------------- former bugs
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="bug (intermittent): a daemon whose first group view already has the other "
-    "daemons, and whose flush ends after theirs, buffers their membership operations as "
-    "future messages; GroupEngine replays them while installing the view, before "
-    "GroupMembership marks '#membership' hosted there, so they are dropped "
-    "(ordered_not_hosted) and that daemon's group table diverges for good",
-)
 async def test_joins_as_soon_as_the_overlay_agrees(tmp_path: Path) -> None:
     """Clients join the moment the daemons agree on the overlay view, while the group
     layer may still be flushing its first view: every daemon must still get every join."""
@@ -1135,13 +1128,6 @@ async def test_joins_as_soon_as_the_overlay_agrees(tmp_path: Path) -> None:
         assert logs[0] == logs[1] == logs[2]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="bug: after a daemon comes back from a pause past the failure timeout, the "
-    "merge leaves its own group table without its clients (it takes the other side's "
-    "STATE by counter after its own STATE re-announced them) while the other daemons "
-    "re-add them: its clients get a view without themselves and no message any more",
-)
 async def test_daemon_paused_past_the_failure_timeout_rejoins(cluster: Cluster) -> None:
     async with connected(cluster, ["c1a", "c2a", "c3a"]) as peers:
         everyone = list(peers.values())

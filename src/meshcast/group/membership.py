@@ -63,7 +63,7 @@ class MembershipChanged:
 
     group: str
     view_id: ViewId
-    members: tuple[str, ...]  # private names, in join order
+    members: tuple[str, ...]  # private names, by daemon id then name (`canonical`)
     cause: Cause
     who: tuple[str, ...]
     hosts: tuple[NodeId, ...]  # daemons of `members`, in the same order
@@ -198,6 +198,13 @@ def decode_operation(payload: bytes) -> tuple[int, str, tuple[str, ...]] | State
     return result
 
 
+def canonical(g: _Group) -> None:
+    """Members in one order whatever order the changes were applied in: by daemon id,
+    then name. (Join order is not used: a daemon that catches up from a STATE learns
+    the members without the order they joined in, and would disagree.)"""
+    g.members.sort(key=lambda member: (member[1], member[0]))
+
+
 class GroupMembership:
     """Group membership on top of one daemon's `GroupEngine` (sans-I/O).
 
@@ -215,6 +222,11 @@ class GroupMembership:
         self._intent: dict[str, dict[str, None]] = {}
         self._pending: list[tuple[int, str, tuple[str, ...]]] = []
         self._view: tuple[NodeId, ...] = ()
+        # every daemon hosts the operations, from the start: operations of a new view
+        # can be delivered (replayed) before this layer has seen that view's reset
+        engine.set_group_daemons(MEMBERSHIP_GROUP, {engine.local})
+        # STATEs applied in the current view: daemon -> group -> its own members
+        self._announced: dict[NodeId, dict[str, tuple[str, ...]]] = {}
         self._stats = Counters(MembershipStats)
 
     # ------------------------------------------------------------------ queries
@@ -402,6 +414,7 @@ class GroupMembership:
         operations): a daemon that left takes its members with it, the same removals at
         every daemon, coordinated by the lowest daemon id of the new view."""
         self._view = members
+        self._announced = {}
         self.engine.set_group_daemons(MEMBERSHIP_GROUP, members)
         coordinator = members[0]
         effects: list[MembershipEffect] = []
@@ -430,7 +443,11 @@ class GroupMembership:
         self, source: NodeId, op: int, member: str, groups: tuple[str, ...]
     ) -> list[MembershipChanged]:
         out: list[MembershipChanged] = []
+        announced = self._announced.get(source)
         for name in groups:
+            if announced is not None:  # keep what `source` said it hosts up to date
+                listed = [m for m in announced.get(name, ()) if m != member]
+                announced[name] = (*listed, member) if op == OP_JOIN else tuple(listed)
             g = self._groups.get(name)
             present = g is not None and any(m == member for m, _ in g.members)
             if op == OP_JOIN and not present:
@@ -447,6 +464,10 @@ class GroupMembership:
         view = set(self._view)
         # 1. Catch up: a group the sender has seen more changes of than we have (we just
         #    arrived, or missed operations in a view change) is taken over as it has it.
+        #    Members of daemons whose STATE came earlier in this view stay as those
+        #    announced: the sender's snapshot predates them (it was taken when it sent).
+        own = dict(state.own)
+        self._announced[source] = own
         for e in state.table:
             g = self._groups.get(e.group)
             if g is not None and g.counter >= e.counter:
@@ -455,6 +476,14 @@ class GroupMembership:
             g = self._groups.setdefault(e.group, _Group())
             g.counter, g.coordinator = e.counter, e.coordinator
             g.members = [(m, NodeId(d)) for m, d in e.members if NodeId(d) in view]
+            for daemon, groups in sorted(self._announced.items()):
+                if daemon == source:
+                    continue
+                wanted = groups.get(e.group, ())
+                kept = [(m, d) for m, d in g.members if d != daemon or m in wanted]
+                present = {m for m, d in kept if d == daemon}
+                g.members = kept + [(m, daemon) for m in wanted if m not in present]
+            canonical(g)
             new = {m for m, _ in g.members}
             if old != new:
                 who = tuple(sorted(old ^ new))
@@ -473,7 +502,6 @@ class GroupMembership:
             if not g.members:
                 del self._groups[e.group]
         # 2. The sender's own members are what it says they are.
-        own = dict(state.own)
         for name in sorted(set(own) | set(self._groups)):
             wanted = own.get(name, ())
             g = self._groups.get(name)
@@ -498,6 +526,7 @@ class GroupMembership:
     def _changed(
         self, name: str, g: _Group, coordinator: NodeId, cause: Cause, who: tuple[str, ...]
     ) -> MembershipChanged:
+        canonical(g)
         g.counter += 1
         g.coordinator = int(coordinator)
         hosts = tuple(d for _, d in g.members)

@@ -179,3 +179,46 @@ def test_newcomer_learns_the_table_from_states() -> None:
     tables = [m.table() for m in bus.nodes.values()]
     assert tables[0] == tables[1] == tables[2]
     assert bus.nodes[NodeId(3)].view_id("g") == bus.nodes[NodeId(1)].view_id("g")
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_a_newcomer_that_finishes_its_flush_last_applies_every_operation(seed: int) -> None:
+    """Operations of the new view can reach a daemon before it has installed that view:
+    they wait, and are applied as soon as it does (they used to be dropped as "not
+    hosted": #membership was only marked hosted once this layer saw the reset)."""
+    bus = Bus([1, 2, 3], seed)
+    bus.install([1, 2])
+    bus.run()
+    bus.take(NodeId(1), bus.nodes[NodeId(1)].join("#a#D1", "g", 0))
+    bus.run()
+    bus.install([1, 2, 3])
+    bus.take(NodeId(3), bus.nodes[NodeId(3)].join("#c#D3", "g", 0))
+    bus.run()
+    tables = [m.table() for m in bus.nodes.values()]
+    assert tables[0] == tables[1] == tables[2]
+    assert set(bus.nodes[NodeId(3)].members("g")) == {"#a#D1", "#c#D3"}
+
+
+def test_a_daemon_back_from_a_pause_keeps_its_own_members() -> None:
+    """D1 is cut off (paused) long enough for the others to remove its member, then comes
+    back: D2's STATE, whose table lacks that member and counts more changes, must not
+    make D1 drop its own client (D1's STATE came first in the new view)."""
+    bus = Bus([1, 2, 3])
+    bus.install([1, 2, 3])
+    bus.run()
+    for n in (1, 2):
+        bus.take(NodeId(n), bus.nodes[NodeId(n)].join(f"#c#D{n}", "g", 0))
+    bus.run()
+    for n in (2, 3):  # D1 paused: only the others change view
+        bus.take(NodeId(n), bus.nodes[NodeId(n)].view_installed([NodeId(2), NodeId(3)], 1.0))
+    bus.queue = [q for q in bus.queue if NodeId(1) not in (q[0], q[1])]
+    bus.run()
+    assert bus.nodes[NodeId(2)].members("g") == ("#c#D2",)
+    for n in (1, 2, 3):  # D1 sees it was alone, then everyone merges
+        bus.take(NodeId(n), bus.nodes[NodeId(n)].view_installed([NodeId(n)], 2.0))
+    bus.run()
+    bus.install([1, 2, 3])
+    bus.run()
+    tables = [m.table() for m in bus.nodes.values()]
+    assert tables[0] == tables[1] == tables[2]
+    assert set(bus.nodes[NodeId(1)].members("g")) == {"#c#D1", "#c#D2"}
