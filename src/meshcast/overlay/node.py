@@ -76,6 +76,12 @@ class OverlayConfig:
     # False: the source sends as fast as its window allows, ignoring the tree's rate. A
     # baseline for the pacing experiment (meshcast.bench.pacing) only; never in a daemon.
     source_pacing: bool = True
+    # True: a message only joins its link's queue; the link packs what one input queued
+    # into as few datagrams as fit when its timer (due at once) fires. The daemon's event
+    # loop runs that timer after the other ready callbacks, so a burst of small messages
+    # shares datagrams. False: each message goes out at once (what the simulator's
+    # experiments model).
+    coalesce_sends: bool = False
 
     def __post_init__(self) -> None:
         if self.max_dests_per_packet < 1 or self.window_messages < 1:
@@ -368,7 +374,8 @@ class OverlayNode:
             log.warning("node %s: link to %s is full, message dropped", self.local, peer)
             return False
         self.stats.link_messages_sent += 1
-        self._emit_link_effects(link.send(message, now), effects)
+        flush = not self.config.coalesce_sends
+        self._emit_link_effects(link.send(message, now, flush=flush), effects)
         return True
 
     # ------------------------------------------------------------------ membership

@@ -165,6 +165,7 @@ def overlay_config(config: ClusterConfig, name: str) -> OverlayConfig:
         view_settle_interval=config.membership.view_settle_interval,
         max_dests_per_packet=config.limits.max_dests_per_packet,
         window_messages=config.limits.window_messages,
+        coalesce_sends=True,
     )
 
 
