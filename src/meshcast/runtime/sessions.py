@@ -155,6 +155,8 @@ class ClientServer:
         self._servers: list[asyncio.Server] = []
         self._transports: dict[int, asyncio.Transport] = {}
         self._decoders: dict[int, FrameDecoder] = {}
+        # frames for each connection since the last settle: written as one chunk then
+        self._outgoing: dict[int, list[bytes]] = {}
         self._next_conn = 1
         self._held = False  # reading paused on every connection (slow block member / outbox)
         self._closed = False
@@ -185,21 +187,39 @@ class ClientServer:
     # ------------------------------------------------------------------ called by the daemon
 
     def send(self, conn: int, data: bytes) -> None:
+        """Queue a frame; `settle` (once per loop iteration) writes each connection's
+        frames with one write: a burst of deliveries wakes a client once, not per frame."""
         transport = self._transports.get(conn)
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
+        if transport is None or transport.is_closing():
+            return
+        chunks = self._outgoing.get(conn)
+        if chunks is None:
+            self._outgoing[conn] = [data]
+        else:
+            chunks.append(data)
+
+    def _write_out(self, conn: int) -> None:
+        chunks = self._outgoing.pop(conn, None)
+        transport = self._transports.get(conn)
+        if chunks and transport is not None and not transport.is_closing():
+            transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def close_connection(self, conn: int, abort: bool) -> None:
         transport = self._transports.get(conn)
         if transport is None:
             return
         if abort:
+            self._outgoing.pop(conn, None)
             transport.abort()
         else:
+            self._write_out(conn)  # what was sent before the close goes first
             transport.close()
 
     def settle(self) -> None:
-        """After any daemon input: resume reading once nothing holds local senders back."""
+        """After the daemon's inputs: write what they queued; resume reading once nothing
+        holds local senders back."""
+        for conn in list(self._outgoing):
+            self._write_out(conn)
         if self._held and self._accepting():
             self._held = False
             for conn, transport in list(self._transports.items()):
@@ -212,6 +232,8 @@ class ClientServer:
         if self._closed:
             return
         self._closed = True
+        for conn in list(self._outgoing):
+            self._write_out(conn)
         for server in self._servers:
             server.close()
         for transport in list(self._transports.values()):
@@ -277,6 +299,7 @@ class ClientServer:
         if self._transports.pop(conn, None) is None:
             return
         self._decoders.pop(conn, None)
+        self._outgoing.pop(conn, None)
         self._feed("connection_lost", partial(self._table.connection_lost, conn))
 
     def _pause_writing(self, conn: int) -> None:
