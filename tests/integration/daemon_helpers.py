@@ -13,7 +13,6 @@ import contextlib
 import ctypes
 import json
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -21,6 +20,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from meshcast.runtime.local_cluster import free_udp_ports
 
 # The command under test: the `daemon` subcommand of the `meshcast` console script.
 DAEMON_COMMAND = (sys.executable, "-m", "meshcast.cli", "daemon")
@@ -34,20 +35,6 @@ STOP_TIMEOUT = 10.0  # s: SIGTERM to exit; SIGKILL after that
 
 Event = dict[str, Any]
 Predicate = Callable[[Event], bool]
-
-
-def free_udp_ports(hosts: Sequence[str]) -> list[int]:
-    """A port free for UDP on each host (all probed at once, so no two collide)."""
-    sockets = []
-    try:
-        for host in hosts:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sockets.append(sock)
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def host_of(index: int) -> str:

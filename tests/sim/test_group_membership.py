@@ -14,18 +14,16 @@ from functools import partial
 
 import pytest
 
-from meshcast.group import Broadcast, GroupEngine
-from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipEffect
+from meshcast.group import GroupEngine
+from meshcast.group.membership import GroupMembership, MembershipChanged
 from meshcast.ids import NodeId
 from meshcast.link import LinkConfig
 from meshcast.overlay.node import (
     Neighbour,
     OverlayConfig,
-    OverlayDelivered,
-    OverlayEffect,
     OverlayNode,
-    ViewInstalled,
 )
+from meshcast.sim.group import GroupDaemon
 from meshcast.sim.network import LinkModel
 from meshcast.sim.simulator import Simulator
 from meshcast.wire.client import Cause
@@ -37,64 +35,18 @@ DETECT = 2.0  # s after the crash: failure detected, view installed, states appl
 GROUPS = ("alpha", "beta", "gamma")
 
 
-class MembershipDaemon:
+class MembershipDaemon(GroupDaemon):
     """A SimNode: overlay + membership (+ engine), effects routed between them."""
 
     def __init__(self, overlay: OverlayNode, membership: GroupMembership) -> None:
-        self.overlay = overlay
+        super().__init__(overlay, membership)
         self.membership = membership
 
-    def start(self, now: float) -> list[object]:
-        return self._route(self.overlay.start(now), [], now)
-
-    def datagram_received(self, src: NodeId, datagram: bytes, now: float) -> list[object]:
-        return self._route(self.overlay.datagram_received(src, datagram, now), [], now)
-
-    def on_timer(self, now: float) -> list[object]:
-        group: list[MembershipEffect] = []
-        deadline = self.membership.next_deadline()
-        if deadline is not None and deadline <= now:
-            group = self.membership.on_timer(now)
-        return self._route(self.overlay.on_timer(now), group, now)
-
-    def next_deadline(self) -> float | None:
-        deadlines = [
-            d
-            for d in (self.overlay.next_deadline(), self.membership.next_deadline())
-            if d is not None
-        ]
-        return min(deadlines, default=None)
-
     def join(self, member: str, group: str, now: float) -> list[object]:
-        return self._route([], self.membership.join(member, group, now), now)
+        return self._route([], list(self.membership.join(member, group, now)), now)
 
     def leave(self, member: str, group: str, now: float) -> list[object]:
-        return self._route([], self.membership.leave(member, group, now), now)
-
-    def _route(
-        self, overlay: list[OverlayEffect], group: list[MembershipEffect], now: float
-    ) -> list[object]:
-        out: list[object] = []
-        while overlay or group:
-            if overlay:
-                effect = overlay.pop(0)
-                out.append(effect)
-                if isinstance(effect, OverlayDelivered):
-                    group.extend(
-                        self.membership.overlay_delivered(effect.source, effect.payload, now)
-                    )
-                elif isinstance(effect, ViewInstalled):
-                    view = effect.view
-                    group.extend(
-                        self.membership.view_installed(view.members, now, view.incarnations)
-                    )
-                continue
-            g = group.pop(0)
-            if isinstance(g, Broadcast):
-                overlay.extend(self.overlay.multicast(g.dests, g.payload, now))
-            else:
-                out.append(g)
-        return out
+        return self._route([], list(self.membership.leave(member, group, now)), now)
 
 
 def build(seed: int, n: int, edges: list[tuple[int, int]], loss: float) -> Simulator:

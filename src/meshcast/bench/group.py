@@ -62,13 +62,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from meshcast.argtypes import integer, seconds
 from meshcast.client import Client, Membership, Message, ServiceLevel, connect, service_level
 from meshcast.config import ClusterConfig, LimitsConfig, parse_config
 from meshcast.errors import MeshcastError
 from meshcast.link import LinkConfig
+from meshcast.runtime.json_child import JsonChild, emit
 from meshcast.runtime.local_cluster import LocalCluster
 from meshcast.runtime.loop import run as run_loop
 
@@ -257,12 +258,14 @@ def _own_cpu_seconds() -> float:
 # ---------------------------------------------------------------------- worker processes
 
 
-class Worker:
+class Worker(JsonChild):
     """A client in its own process (``python -m meshcast.bench.group``); always `stop` it."""
 
+    error = GroupBenchError
+
     def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+        super().__init__(process, f"worker {name}")
         self.name = name
-        self.process = process
         self.private_name = ""
 
     @classmethod
@@ -288,63 +291,17 @@ class Worker:
         worker.private_name = str(connected["private_name"])
         return worker
 
-    async def __aenter__(self) -> Worker:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    def command(self, command: dict[str, Any]) -> None:
-        stdin = self.process.stdin
-        if stdin is None or stdin.is_closing() or self.process.returncode is not None:
-            raise GroupBenchError(f"worker {self.name} no longer takes commands")
-        stdin.write((json.dumps(command) + "\n").encode())
-
     async def wait_event(self, name: str, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109 - bounded wait is the API
         """The next event called `name`; `GroupBenchError` on "error", exit or timeout."""
-        stdout = self.process.stdout
-        assert stdout is not None
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    line = await stdout.readline()
-                    if not line:
-                        code = await self.process.wait()
-                        raise GroupBenchError(f"worker {self.name} exited with code {code}")
-                    event = json.loads(line)
-                    if event.get("event") == name:
-                        return dict(event)
-                    if event.get("event") == "error":
-                        raise GroupBenchError(f"worker {self.name}: {event.get('error')}")
+            return await super().wait_event(name, timeout)
         except TimeoutError:
             raise GroupBenchError(
                 f"worker {self.name}: no {name!r} event within {timeout:g} s"
             ) from None
-        except ValueError as exc:
-            raise GroupBenchError(f"worker {self.name} wrote something else: {exc}") from None
 
-    async def stop(self) -> int:
-        """Ask the worker to stop, then terminate or kill it. Returns its exit code."""
-        process = self.process
-        if process.returncode is None and process.stdin is not None:
-            with contextlib.suppress(GroupBenchError, ConnectionError):
-                self.command({"cmd": "stop"})
-            process.stdin.close()
-        for action in (None, process.terminate, process.kill):
-            if process.returncode is not None:
-                break
-            if action is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    action()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_STOP_TIMEOUT):
-                    await process.wait()
-        return await process.wait()
+    async def stop(self, timeout: float = _STOP_TIMEOUT) -> int:  # noqa: ASYNC109 - bounded wait is the API
+        return await super().stop(timeout)
 
 
 @contextlib.asynccontextmanager
@@ -627,30 +584,13 @@ def summarise_rtt(samples: Sequence[float]) -> dict[str, float]:
 # ---------------------------------------------------------------------- the suite
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_positive = integer(1)
 
 
 def _window(text: str) -> int:
     value = _positive(text)
     if value > MAX_WINDOW:
         raise argparse.ArgumentTypeError(f"at most {MAX_WINDOW}, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
     return value
 
 
@@ -740,7 +680,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cell-timeout",
-        type=_seconds,
+        type=seconds,
         default=DEFAULT_CELL_TIMEOUT,
         help=f"seconds one throughput cell may take (default {DEFAULT_CELL_TIMEOUT:g})",
     )
@@ -896,11 +836,6 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
 # ---------------------------------------------------------------------- worker side
 
 
-def _emit(event: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(event) + "\n")
-    sys.stdout.flush()
-
-
 async def _commands(queue: asyncio.Queue[dict[str, Any]], stop: asyncio.Event) -> None:
     """Commands from stdin into `queue`; "stop" or the end of stdin sets `stop`."""
     loop = asyncio.get_running_loop()
@@ -967,13 +902,13 @@ async def _serve(client: Client, queue: asyncio.Queue[dict[str, Any]]) -> None:
                 group = str(command["group"])
                 await client.join(group)
                 await _wait_members(client, group, int(command["members"]))
-                _emit({"event": "joined", "group": group})
+                emit({"event": "joined", "group": group})
             case "expect":
                 tag, count = int(command["tag"]), int(command["count"])
-                _emit({"event": "expecting", "tag": tag})
-                _emit({"event": "done", "tag": tag, **await _count(client, tag, count)})
+                emit({"event": "expecting", "tag": tag})
+                emit({"event": "done", "tag": tag, **await _count(client, tag, count)})
             case "echo":
-                _emit({"event": "echoing"})
+                emit({"event": "echoing"})
                 await _echo(client, str(command["from"]), str(command["to"]))
             case other:
                 raise GroupBenchError(f"unknown command {other!r}")
@@ -985,17 +920,17 @@ async def worker_main(address: str, name: str) -> int:
         async with asyncio.timeout(WORKER_MAX_RUNTIME):
             await _work(address, name)
     except (MeshcastError, OSError, ValueError, KeyError) as exc:  # TimeoutError: an OSError
-        _emit({"event": "error", "error": str(exc) or type(exc).__name__})
+        emit({"event": "error", "error": str(exc) or type(exc).__name__})
         return 1
     except ExceptionGroup as group:
-        _emit({"event": "error", "error": "; ".join(repr(e) for e in group.exceptions)})
+        emit({"event": "error", "error": "; ".join(repr(e) for e in group.exceptions)})
         return 1
     return 0
 
 
 async def _work(address: str, name: str) -> None:
     async with await connect(address, name=name, timeout=REQUEST_TIMEOUT) as client:
-        _emit({"event": "connected", "private_name": client.private_name})
+        emit({"event": "connected", "private_name": client.private_name})
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         stop = asyncio.Event()
         async with asyncio.TaskGroup() as tasks:

@@ -28,11 +28,12 @@ import logging
 import math
 import random
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
 from meshcast import wire
+from meshcast.argtypes import integer
 from meshcast.errors import DecodeError
 from meshcast.ids import NodeId
 from meshcast.link import LinkConfig, Transmit
@@ -345,16 +346,6 @@ def _multicast(
     return daemon.multicast(dests, payload, now)
 
 
-def _count(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def _share(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -365,13 +356,13 @@ def _share(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--messages",
-        type=_count(10),
+        type=integer(10),
         default=2_000,
         help="1 KiB messages per throughput run (the paper used 10,000; default 2,000)",
     )
     parser.add_argument(
         "--packet-messages",
-        type=_count(1),
+        type=integer(1),
         default=200,
         help="messages per source for the packets-per-delivery runs (default 200)",
     )

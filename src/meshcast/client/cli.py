@@ -13,13 +13,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import sys
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
+from meshcast.argtypes import integer, seconds
 from meshcast.client.connection import (
     Client,
     Event,
@@ -37,26 +37,6 @@ if TYPE_CHECKING:
 
 FLOOD_MSG_TYPE = 0xF100  # msg_type tag of flood messages
 SERVICE_NAMES = [s.name.lower() for s in ServiceLevel]
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _address(text: str) -> str:
@@ -128,12 +108,16 @@ def add_user_command(sub: SubParsers) -> None:
     )
     parser.add_argument("--msg-type", type=int, default=0, help="msg_type of sends (u16)")
     parser.add_argument(
-        "--recv", metavar="N", type=_count, default=0, help="wait for N messages, printing events"
+        "--recv",
+        metavar="N",
+        type=integer(0),
+        default=0,
+        help="wait for N messages, printing events",
     )
     parser.add_argument(
         "--timeout",
         metavar="SECONDS",
-        type=_seconds,
+        type=seconds,
         default=10.0,
         help="bound on connecting, each request and --recv / r (default: 10)",
     )
@@ -340,8 +324,8 @@ def add_flood_command(sub: SubParsers) -> None:
         "--connect", metavar="ADDR", required=True, type=_address, help="the sender's daemon"
     )
     parser.add_argument("--group", default="flood", help="group to flood (default: flood)")
-    parser.add_argument("--messages", metavar="N", type=_count, default=10_000)
-    parser.add_argument("--size", metavar="BYTES", type=_count, default=1000)
+    parser.add_argument("--messages", metavar="N", type=integer(0), default=10_000)
+    parser.add_argument("--size", metavar="BYTES", type=integer(0), default=1000)
     parser.add_argument(
         "--service",
         type=_service,
@@ -361,14 +345,14 @@ def add_flood_command(sub: SubParsers) -> None:
     parser.add_argument(
         "--timeout",
         metavar="SECONDS",
-        type=_seconds,
+        type=seconds,
         default=60.0,
         help="bound on the whole run (default: 60)",
     )
     parser.add_argument(
         "--idle",
         metavar="SECONDS",
-        type=_seconds,
+        type=seconds,
         default=2.0,
         help="unreliable service: stop waiting after this long without a message (default: 2)",
     )
@@ -561,7 +545,7 @@ def add_status_command(sub: SubParsers) -> None:
     parser.add_argument(
         "--timeout",
         metavar="SECONDS",
-        type=_seconds,
+        type=seconds,
         default=5.0,
         help="bound on connecting and on the answer (default: 5)",
     )

@@ -34,7 +34,6 @@ class Retention:
     def __init__(self) -> None:
         self._streams: dict[tuple[NodeId, str], deque[Copy]] = {}
         self.count = 0
-        self.bytes = 0
         self._by_source: dict[NodeId, list[int]] = {}  # source -> [copies, bytes]
 
     def of(self, source: NodeId) -> tuple[int, int]:
@@ -49,7 +48,6 @@ class Retention:
             Copy(source, stream, numbers, encoded, now)
         )
         self.count += 1
-        self.bytes += len(encoded)
         counts = self._by_source.setdefault(source, [0, 0])
         counts[0] += 1
         counts[1] += len(encoded)
@@ -62,7 +60,6 @@ class Retention:
             while copies and stable(source, stream, copies[0].numbers):
                 copy = copies.popleft()
                 self.count -= 1
-                self.bytes -= len(copy.encoded)
                 counts = self._by_source[source]
                 counts[0] -= 1
                 counts[1] -= len(copy.encoded)

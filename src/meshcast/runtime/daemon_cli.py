@@ -9,21 +9,11 @@ be bound, the socket goes away), 2 on bad usage or a bad configuration file (the
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
+from meshcast.argtypes import seconds
 from meshcast.config import ClusterConfig, default_config, load_config
 from meshcast.errors import ConfigError, MeshcastError
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
 
 
 def _port(text: str) -> int:
@@ -59,7 +49,7 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     parser.add_argument(
         "--probe-interval",
         metavar="SECONDS",
-        type=_seconds,
+        type=seconds,
         default=None,
         help="multicast a probe to every member of the view this often and log each "
         "probe received (source, seq, hops)",

@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ _STOP_TIMEOUT = 5.0  # s for a daemon to drain and exit after SIGTERM
 _LINE_LIMIT = 1 << 20  # bytes of one JSON log line
 
 
-def free_udp_ports(hosts: list[str]) -> list[int]:
+def free_udp_ports(hosts: Sequence[str]) -> list[int]:
     """A port free for UDP on each host, all probed at once so no two collide."""
     sockets = []
     try:

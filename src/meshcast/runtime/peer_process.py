@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import cProfile
 import json
 import logging
@@ -34,13 +33,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Protocol
 
 from meshcast.errors import MeshcastError
 from meshcast.ids import NodeId
 from meshcast.link.config import LinkConfig
 from meshcast.runtime.impair import Impairment
+from meshcast.runtime.json_child import KILL_WAIT, JsonChild, emit, read_event, terminate
 from meshcast.runtime.loop import run
 from meshcast.runtime.stats import DriverStats
 from meshcast.runtime.tcp import TcpLinkDriver
@@ -105,12 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _emit(event: dict[str, Any]) -> None:
-    """One JSON line on stdout: the only output of the child besides logs on stderr."""
-    sys.stdout.write(json.dumps(event) + "\n")
-    sys.stdout.flush()
-
-
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -164,7 +157,7 @@ async def _work(
     peer, address = await peer_info
     driver.add_peer(peer, address)
     await driver.wait_established(peer, timeout=args.max_runtime)
-    _emit({"event": "established", "peer": peer})
+    emit({"event": "established", "peer": peer})
     profiler = cProfile.Profile() if args.profile else None
     cpu_start = _cpu_seconds()
     started_at = time.monotonic()
@@ -203,11 +196,11 @@ async def _work(
         "cpu_s": cpu,
         "stats": driver.statistics().as_dict(),
     }
-    _emit({"event": "done", "report": report})
+    emit({"event": "done", "report": report})
 
 
 async def _serve(args: argparse.Namespace, driver: _Driver, progress: _Progress) -> None:
-    _emit(
+    emit(
         {
             "event": "listening",
             "node": args.node,
@@ -245,7 +238,7 @@ async def child_main(args: argparse.Namespace) -> int:
         async with asyncio.timeout(args.max_runtime):
             await _run_driver(args, node, on_delivered, progress)
     except TimeoutError:
-        _emit(
+        emit(
             {
                 "event": "error",
                 "error": f"max runtime of {args.max_runtime} s exceeded "
@@ -254,10 +247,10 @@ async def child_main(args: argparse.Namespace) -> int:
         )
         return 1
     except (MeshcastError, OSError) as exc:
-        _emit({"event": "error", "error": str(exc)})
+        emit({"event": "error", "error": str(exc)})
         return 1
     except ExceptionGroup as group:
-        _emit({"event": "error", "error": "; ".join(str(e) for e in group.exceptions)})
+        emit({"event": "error", "error": "; ".join(str(e) for e in group.exceptions)})
         return 1
     return 0
 
@@ -311,16 +304,17 @@ class PeerProcessError(MeshcastError):
     """A peer process failed to start, reported an error, or broke the JSON-lines protocol."""
 
 
-class PeerProcess:
+class PeerProcess(JsonChild):
     """A running child endpoint. Always `stop` it (or use ``async with``)."""
+
+    error = PeerProcessError
 
     def __init__(
         self, node: NodeId, process: asyncio.subprocess.Process, ready: dict[str, Any]
     ) -> None:
+        super().__init__(process, f"peer {node}")
         self.node = node
-        self.process = process
         self.address: Address = (str(ready["host"]), int(ready["port"]))
-        self.events: list[dict[str, Any]] = []
 
     @classmethod
     async def start(
@@ -338,86 +332,18 @@ class PeerProcess:
             stdout=asyncio.subprocess.PIPE,
         )
         try:
-            ready = await _read_event(process, startup_timeout)
+            ready = await read_event(process, startup_timeout, PeerProcessError, f"peer {node}")
             if ready.get("event") != "listening":
                 raise PeerProcessError(f"peer {node} did not start: {ready}")
         except BaseException:
-            await _terminate(process, 5.0)
+            await terminate(process, KILL_WAIT)
             raise
         return cls(node, process, ready)
-
-    async def __aenter__(self) -> PeerProcess:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    def command(self, command: dict[str, Any]) -> None:
-        stdin = self.process.stdin
-        if stdin is None or stdin.is_closing():
-            raise PeerProcessError(f"peer {self.node} no longer takes commands")
-        stdin.write((json.dumps(command) + "\n").encode())
 
     def connect(self, other: PeerProcess) -> None:
         """Tell this child where `other` listens; the link handshake starts at once."""
         host, port = other.address
         self.command({"cmd": "peer", "node": other.node, "host": host, "port": port})
-
-    async def wait_event(self, name: str, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109 - bounded wait is the API
-        """The next event called `name`; raises `PeerProcessError` on "error" or exit."""
-        async with asyncio.timeout(timeout):
-            while True:
-                event = await _read_event(self.process, None)
-                self.events.append(event)
-                if event.get("event") == name:
-                    return event
-                if event.get("event") == "error":
-                    raise PeerProcessError(f"peer {self.node}: {event.get('error')}")
-
-    async def stop(self, timeout: float = 10.0) -> int:  # noqa: ASYNC109 - bounded wait is the API
-        """Ask the child to stop, wait, then terminate or kill it. Returns its exit code."""
-        if self.process.returncode is None:
-            with contextlib.suppress(PeerProcessError, ConnectionError):
-                self.command({"cmd": "stop"})
-            stdin = self.process.stdin
-            if stdin is not None:
-                stdin.close()
-        return await _terminate(self.process, timeout)
-
-
-async def _read_event(process: asyncio.subprocess.Process, timeout: float | None) -> dict[str, Any]:  # noqa: ASYNC109 - bounded wait is the API
-    assert process.stdout is not None
-    async with asyncio.timeout(timeout):
-        line = await process.stdout.readline()
-    if not line:
-        code = await process.wait()
-        raise PeerProcessError(f"peer process {process.pid} exited with code {code}")
-    try:
-        event = json.loads(line)
-    except ValueError:
-        raise PeerProcessError(f"peer process {process.pid} wrote {line!r}") from None
-    if not isinstance(event, dict):
-        raise PeerProcessError(f"peer process {process.pid} wrote {line!r}")
-    return event
-
-
-async def _terminate(process: asyncio.subprocess.Process, timeout: float) -> int:  # noqa: ASYNC109 - bounded wait is the API
-    """Wait up to `timeout` for a clean exit; then SIGTERM, then SIGKILL."""
-    for action in (None, process.terminate, process.kill):
-        if process.returncode is not None:
-            break
-        if action is not None:
-            with contextlib.suppress(ProcessLookupError):
-                action()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout if action is None else 5.0):
-                await process.wait()
-    return await process.wait()
 
 
 if __name__ == "__main__":

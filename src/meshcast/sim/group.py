@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from meshcast.group import Broadcast, GroupConfig, GroupEffect, GroupEngine
+from meshcast.group.membership import GroupMembership, MembershipEffect
 from meshcast.ids import NodeId
 from meshcast.link import LinkConfig
 from meshcast.overlay.node import (
@@ -29,11 +30,19 @@ from meshcast.wire.client import ServiceLevel
 
 
 class GroupDaemon:
-    """A `SimNode`: one daemon's overlay and group layers, effects routed between them."""
+    """A `SimNode`: one daemon's overlay and group layers, effects routed between them.
 
-    def __init__(self, overlay: OverlayNode, engine: GroupEngine) -> None:
+    `layer` is the ordering engine alone, or the membership layer on top of it (which
+    takes the same inputs and passes the engine's effects through with its own)."""
+
+    def __init__(self, overlay: OverlayNode, layer: GroupEngine | GroupMembership) -> None:
         self.overlay = overlay
-        self.engine = engine
+        self.layer = layer
+
+    @property
+    def engine(self) -> GroupEngine:
+        layer = self.layer
+        return layer if isinstance(layer, GroupEngine) else layer.engine
 
     @property
     def local(self) -> NodeId:
@@ -46,15 +55,15 @@ class GroupDaemon:
         return self._route(self.overlay.datagram_received(src, datagram, now), [], now)
 
     def on_timer(self, now: float) -> list[object]:
-        group: list[GroupEffect] = []
-        deadline = self.engine.next_deadline()
+        group: list[GroupEffect | MembershipEffect] = []
+        deadline = self.layer.next_deadline()
         if deadline is not None and deadline <= now:
-            group = self.engine.on_timer(now)
+            group = list(self.layer.on_timer(now))
         return self._route(self.overlay.on_timer(now), group, now)
 
     def next_deadline(self) -> float | None:
         deadlines = [
-            d for d in (self.overlay.next_deadline(), self.engine.next_deadline()) if d is not None
+            d for d in (self.overlay.next_deadline(), self.layer.next_deadline()) if d is not None
         ]
         return min(deadlines, default=None)
 
@@ -67,10 +76,13 @@ class GroupDaemon:
         now: float,
     ) -> list[object]:
         """A local client's message (raises what `GroupEngine.submit` raises)."""
-        return self._route([], self.engine.submit(groups, payload, service, sender, now), now)
+        return self._route([], list(self.layer.submit(groups, payload, service, sender, now)), now)
 
     def _route(
-        self, overlay: list[OverlayEffect], group: list[GroupEffect], now: float
+        self,
+        overlay: list[OverlayEffect],
+        group: list[GroupEffect | MembershipEffect],
+        now: float,
     ) -> list[object]:
         out: list[object] = []
         while overlay or group:
@@ -78,10 +90,10 @@ class GroupDaemon:
                 effect = overlay.pop(0)
                 out.append(effect)
                 if isinstance(effect, OverlayDelivered):
-                    group.extend(self.engine.overlay_delivered(effect.source, effect.payload, now))
+                    group.extend(self.layer.overlay_delivered(effect.source, effect.payload, now))
                 elif isinstance(effect, ViewInstalled):
                     view = effect.view
-                    group.extend(self.engine.view_installed(view.members, now, view.incarnations))
+                    group.extend(self.layer.view_installed(view.members, now, view.incarnations))
                 continue
             g = group.pop(0)
             if isinstance(g, Broadcast):
