@@ -176,8 +176,14 @@ async def test_requests_are_checked_early_against_the_daemons_limits(daemon: Fak
     async with await meshcast.connect(daemon.address, name="alice") as c:
         with pytest.raises(MessageTooLarge, match=r"1001 bytes is larger than .* 1000 bytes"):
             await c.multicast("chat", b"x" * 1001)
-        with pytest.raises(UsageError, match=r"more than 16"):
+        with pytest.raises(UsageError, match=r"more than the 16 allowed"):
             await c.join("g" * 17)
+        with pytest.raises(UsageError, match=r"100000 bytes, more than the 16 allowed") as huge:
+            await c.join("g" * 100_000)
+        assert len(str(huge.value)) < 200  # the name is echoed cut short, one limit named
+        with pytest.raises(UsageError, match=r"more than the 16 allowed") as huge:
+            await c.multicast(["a", "é" * 100_000], b"")
+        assert len(str(huge.value)) < 200
         with pytest.raises(UsageError, match=r"starts with '#'"):
             await c.multicast("#alice#D1", b"")
         with pytest.raises(UsageError, match=r"twice"):

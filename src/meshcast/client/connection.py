@@ -173,7 +173,7 @@ def _group(name: str, limits: DaemonLimits) -> str:
     try:
         check_group_name(name, limits.max_group_name)
     except ValueError as exc:
-        raise UsageError(f"{exc} (this daemon allows {limits.max_group_name} bytes)") from None
+        raise UsageError(str(exc)) from None  # names the daemon's limit
     return name
 
 

@@ -420,18 +420,29 @@ class _Fault(Exception):
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
+SHOWN_CHARS = 64  # characters of user input an error message echoes
+
+
+def shown(text: str) -> str:
+    """`text` quoted for an error message: user input of any length gives a short line."""
+    if len(text) <= SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:SHOWN_CHARS]!r}… ({len(text)} characters)"
 
 
 def _text_fault(text: str, what: str, max_bytes: int) -> str | None:
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        return f"{what} {text!r} cannot be encoded as UTF-8 ({exc.reason} at index {exc.start})"
+        return (
+            f"{what} {shown(text)} cannot be encoded as UTF-8 "
+            f"({exc.reason} at index {exc.start})"
+        )
     if size > max_bytes:
-        return f"{what} {text!r} is {size} bytes, more than {max_bytes}"
+        return f"{what} {shown(text)} is {size} bytes, more than {max_bytes}"
     control = _CONTROL.search(text)
     if control is not None:
-        return f"{what} {text!r} has a control character at index {control.start()}"
+        return f"{what} {shown(text)} has a control character at index {control.start()}"
     return None
 
 
@@ -445,10 +456,10 @@ def _word_fault(text: object, what: str, max_bytes: int) -> str | None:
     if not text:
         return f"{what} is empty"
     if "#" in text:
-        return f"{what} {text!r} contains '#'"
+        return f"{what} {shown(text)} contains '#'"
     for index, char in enumerate(text):
         if char.isspace():
-            return f"{what} {text!r} has whitespace at index {index}"
+            return f"{what} {shown(text)} has whitespace at index {index}"
     return None
 
 
@@ -484,7 +495,7 @@ def _group_fault_of(name: object, what: str) -> str | None:
     if not name:
         return f"{what} is empty"
     if name.startswith("#"):
-        return f"{what} {name!r} starts with '#' (reserved for private names)"
+        return f"{what} {shown(name)} starts with '#' (reserved for private names)"
     return None
 
 
@@ -496,7 +507,7 @@ def _private_fault_of(name: object, what: str) -> str | None:
         return fault
     parts = name.split("#")
     if len(parts) != 3 or parts[0]:
-        return f"{what} {name!r} is not of the form '#client#daemon'"
+        return f"{what} {shown(name)} is not of the form '#client#daemon'"
     return _word_fault(parts[1], f"client part of {what}", MAX_CLIENT_NAME) or _word_fault(
         parts[2], f"daemon part of {what}", MAX_DAEMON_NAME
     )
@@ -524,7 +535,7 @@ def _names_fault(names: object, what: str, low: int, high: int, *, private: bool
         seen: set[str] = set()
         for name in names:
             if name in seen:
-                return f"{what} lists {name!r} twice"
+                return f"{what} lists {shown(name)} twice"
             seen.add(name)
     return None
 
@@ -596,7 +607,7 @@ def _check(frame: object) -> None:
 def _member_fault(value: object, table: Container[object], what: str) -> str | None:
     """`value` must be a key of `table` (an enum member, or the int or str it stands for)."""
     if isinstance(value, bool) or not isinstance(value, int | str) or value not in table:
-        return f"unknown {what} {value!r}"
+        return f"unknown {what} {shown(value) if isinstance(value, str) else repr(value)}"
     return None
 
 
@@ -681,10 +692,18 @@ def check_client_name(name: str) -> None:
 
 
 def check_group_name(name: str, max_bytes: int = MAX_GROUP_NAME) -> None:
-    """Raise ValueError unless `name` is a valid group name of at most `max_bytes` bytes."""
-    fault = _group_fault(name)
-    if fault is None and len(name.encode("utf-8")) > max_bytes:
-        fault = f"group name {name!r} is {len(name.encode('utf-8'))} bytes, more than {max_bytes}"
+    """Raise ValueError unless `name` is a valid group name of at most `max_bytes` bytes.
+
+    A name too long is reported against the one limit that applies (the smaller of
+    `max_bytes` and the protocol's), echoing only its start.
+    """
+    limit = min(max_bytes, MAX_GROUP_NAME)
+    fault: str | None = None
+    if isinstance(name, str):
+        size = len(name.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            fault = f"group name {shown(name)} is {size} bytes, more than the {limit} allowed"
+    fault = fault or _group_fault(name)
     if fault is not None:
         raise ValueError(fault)
 

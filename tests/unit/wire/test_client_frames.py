@@ -149,12 +149,30 @@ def test_names_helpers() -> None:
     client.check_client_name("")  # the daemon picks a name
     client.check_client_name("ålice-2")
     client.check_group_name("chat room ☕")
-    with pytest.raises(ValueError, match="more than 4"):
+    with pytest.raises(ValueError, match="more than the 4 allowed"):
         client.check_group_name("chat!", max_bytes=4)
     with pytest.raises(ValueError, match="contains '#'"):
         client.private_name("a#b", "D1")
     with pytest.raises(ValueError, match="form '#client#daemon'"):
         client.split_private_name("alice")
+
+
+def test_an_oversized_name_is_echoed_short_naming_the_one_limit() -> None:
+    huge = "g" * 100_000
+    with pytest.raises(ValueError, match="100000 bytes") as caught:
+        client.check_group_name(huge, max_bytes=64)
+    text = str(caught.value)
+    assert len(text) < 200
+    assert "64" in text
+    assert "255" not in text
+    assert "100000 characters" in text
+    with pytest.raises(ValueError, match="more than 255") as encoded:
+        encode(Join(huge))
+    assert len(str(encoded.value)) < 200
+    with pytest.raises(ValueError, match=r"\(50020 characters\) is 50020 bytes") as word:
+        client.private_name("#" * 20 + "x" * 50_000, "D1")
+    assert len(str(word.value)) < 200
+    client.check_group_name("g" * 64, max_bytes=64)  # at the limit: fine
 
 
 def test_clip_text_makes_any_text_fit_an_error() -> None:
