@@ -389,11 +389,15 @@ class LimitsConfig:
     max_clients: int = 1000  # client sessions per daemon
     max_groups_per_client: int = 100  # groups one client session may join
     max_group_name: int = 64  # bytes of a group name (UTF-8)
+    handshake_timeout: float = 5.0  # s: a client connection must send HELLO within this
+    max_pending_handshakes: int = 64  # client connections waiting for their HELLO at once
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value < 1:
+            if f.name == "handshake_timeout":
+                _check_positive(value, "limits.handshake_timeout", "seconds")
+            elif value < 1:
                 raise ConfigError(f"must be at least 1, got {value!r}", key=f"limits.{f.name}")
         # What the client protocol can carry (docs/client-protocol.md).
         ceilings = {"max_group_name": 255, "max_message_size": 1 << 30}

@@ -39,6 +39,7 @@ from meshcast.group.events import Deliver
 from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipEffect
 from meshcast.ids import NodeId
 from meshcast.wire.client import (
+    HELLO_FRAME_LIMIT,
     MAX_STATUS_SIZE,
     DaemonLimits,
     ErrorCode,
@@ -80,6 +81,12 @@ class SessionConfig:
     # cut further (and says "truncated") when it would exceed MAX_STATUS_SIZE bytes
     status_max_groups: int = 100
     status_max_members: int = 100
+    # s: a connection must send its HELLO within this long, or it is closed with
+    # HANDSHAKE_TIMEOUT (a connection that never says who it is holds no resources long)
+    handshake_timeout: float = 5.0
+    # connections still waiting for their HELLO at once; the next is refused at once with
+    # DAEMON_FULL (max_clients counts sessions only after HELLO)
+    max_pending_handshakes: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +112,7 @@ class ClientConnected:
 class ClientDisconnected:
     conn: int
     name: str
-    reason: str  # "goodbye", "closed", "slow receiver", "bad frame", "shutting down"
+    reason: str  # "goodbye", "closed", "slow receiver", "bad frame", "shutting down", ...
     groups: tuple[str, ...]
 
 
@@ -127,6 +134,9 @@ class SessionStats:
     slow_disconnected: int = 0  # by `disconnect`, or past max_backlog
     internal_errors: int = 0
     status_reports: int = 0  # STATUS requests answered
+    handshake_timeouts: int = 0  # closed: no HELLO within handshake_timeout
+    handshake_bad_frames: int = 0  # a frame before HELLO did not decode (longer than a HELLO, ...)
+    pending_refused: int = 0  # connections refused: max_pending_handshakes were waiting
 
 
 # What the daemon adds to a STATUS report, given `now`: JSON-ready sections (see `status`).
@@ -172,6 +182,9 @@ class SessionTable:
         self._by_name: dict[str, _Session] = {}
         self._next_auto = 1
         self._blocking: set[int] = set()  # paused sessions holding local senders back
+        # connections before HELLO -> deadline of their handshake, earliest first (the
+        # timeout is one constant and inputs come in time order)
+        self._pending: dict[int, float] = {}
         self._stats = Counters(SessionStats)
         self._now = 0.0  # time of the latest input
 
@@ -193,11 +206,29 @@ class SessionTable:
     def open_sessions(self) -> int:
         return sum(1 for s in self._sessions.values() if s.state is _State.OPEN)
 
+    def pending_handshakes(self) -> int:
+        """Connections that have not completed their handshake (nor been closed)."""
+        return len(self._pending)
+
+    def handshaking(self, conn: int) -> bool:
+        return conn in self._pending
+
+    def frame_limit(self, conn: int) -> int:
+        """The largest frame (length field) to read from `conn` now: what a HELLO can need
+        before the handshake, the session's frame cap after it."""
+        if conn in self._pending:
+            return HELLO_FRAME_LIMIT
+        return self.config.limits.max_frame_size
+
     def statistics(self) -> SessionStats:
         return self._stats.snapshot()
 
     def next_deadline(self) -> float | None:
-        return self.membership.next_deadline()
+        deadline = self.membership.next_deadline()
+        if self._pending:
+            first = next(iter(self._pending.values()))
+            deadline = first if deadline is None else min(deadline, first)
+        return deadline
 
     def status(
         self, now: float, *, max_groups: int | None = None, max_members: int | None = None
@@ -245,7 +276,11 @@ class SessionTable:
         report: dict[str, object] = {"format": STATUS_FORMAT, "daemon": daemon}
         report.update(extra)
         report.update(
-            sessions={"open": self.open_sessions(), "max_clients": self.config.max_clients},
+            sessions={
+                "open": self.open_sessions(),
+                "max_clients": self.config.max_clients,
+                "handshaking": len(self._pending),
+            },
             groups=groups,
             groups_total=len(table),
             truncated=truncated,
@@ -281,11 +316,22 @@ class SessionTable:
 
     # ------------------------------------------------------------------ connection inputs
 
-    def connected(self, conn: int) -> None:
-        """A new connection (it must send HELLO first)."""
+    def connected(self, conn: int, now: float | None = None) -> list[SessionEffect]:
+        """A new connection: it must send HELLO within `handshake_timeout`. Refused at once
+        (DAEMON_FULL, then close) while `max_pending_handshakes` others are waiting."""
         if conn in self._sessions:
             raise UsageError(f"connection {conn} is already open")
-        self._sessions[conn] = _Session(conn)
+        now = self._now if now is None else max(self._now, now)
+        self._now = now
+        s = _Session(conn)
+        self._sessions[conn] = s
+        limit = self.config.max_pending_handshakes
+        if len(self._pending) >= limit:
+            self._bump(pending_refused=1)
+            text = f"{limit} connections are waiting for their handshake; try again later"
+            return self._end(s, ErrorCode.DAEMON_FULL, text, "refused", now)
+        self._pending[conn] = now + self.config.handshake_timeout
+        return []
 
     def frame_received(self, conn: int, frame: Frame, now: float) -> list[SessionEffect]:
         self._now = max(self._now, now)
@@ -310,6 +356,8 @@ class SessionTable:
         if s is None or s.state is _State.CLOSED:
             return []
         self._bump(bad_frames=1)
+        if s.state is _State.HANDSHAKE:
+            self._bump(handshake_bad_frames=1)
         return self._end(s, ErrorCode.BAD_FRAME, reason, "bad frame", now)
 
     def connection_lost(self, conn: int, now: float) -> list[SessionEffect]:
@@ -373,7 +421,17 @@ class SessionTable:
 
     def on_timer(self, now: float) -> list[SessionEffect]:
         self._now = max(self._now, now)
-        return self._route(self.membership.on_timer(now))
+        out: list[SessionEffect] = []
+        while self._pending:
+            conn, deadline = next(iter(self._pending.items()))
+            if deadline > now:
+                break
+            self._bump(handshake_timeouts=1)
+            text = f"no HELLO within {self.config.handshake_timeout:g} s"
+            out += self._end(
+                self._sessions[conn], ErrorCode.HANDSHAKE_TIMEOUT, text, "handshake timeout", now
+            )
+        return out + self._route(self.membership.on_timer(now))
 
     # ------------------------------------------------------------------ handshake
 
@@ -401,6 +459,7 @@ class SessionTable:
             self._bump(handshakes_refused=1)
             return self._end(s, code or ErrorCode.UNSUPPORTED_VERSION, text, "refused", now)
         s.state = _State.OPEN
+        self._pending.pop(s.conn, None)
         s.name = name
         s.flags = int(frame.flags)
         self._by_name[name] = s
@@ -621,6 +680,7 @@ class SessionTable:
         if close:
             out.append(CloseConnection(s.conn, abort))
         s.state = _State.CLOSED
+        self._pending.pop(s.conn, None)
         if not close:
             del self._sessions[s.conn]
         self._blocking.discard(s.conn)

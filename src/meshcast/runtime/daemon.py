@@ -340,6 +340,8 @@ class OverlayDaemon:
                     limits.max_message_size, limits.max_group_name, limits.max_groups_per_client
                 ),
                 limits.max_clients,
+                handshake_timeout=limits.handshake_timeout,
+                max_pending_handshakes=limits.max_pending_handshakes,
             ),
             status=self.status_sections,
         )

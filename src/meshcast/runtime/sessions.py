@@ -30,7 +30,7 @@ from typing import cast
 
 from meshcast.errors import DecodeError
 from meshcast.group.sessions import SessionEffect, SessionTable
-from meshcast.wire.client import ANY_FRAME, FrameDecoder
+from meshcast.wire.client import ANY_FRAME, HELLO_FRAME_LIMIT, FrameDecoder
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +253,13 @@ class ClientServer:
         conn = self._next_conn
         self._next_conn += 1
         self._transports[conn] = transport
-        self._decoders[conn] = FrameDecoder(
-            max_frame_size=self._table.config.limits.max_frame_size, accept=ANY_FRAME
-        )
+        # Until its HELLO, a connection may send no frame longer than a HELLO can be: a
+        # stranger costs the daemon one read chunk, not a 16 MiB frame. Handshakes go on
+        # while local senders are held back (a HELLO submits nothing), so the handshake
+        # timeout is never the daemon's fault.
+        self._decoders[conn] = FrameDecoder(max_frame_size=HELLO_FRAME_LIMIT, accept=ANY_FRAME)
         transport.set_write_buffer_limits(high=self._high_water)
-        if self._held:
-            transport.pause_reading()
-        self._table.connected(conn)
+        self._feed("connected", partial(self._table.connected, conn))
         return conn
 
     def _data(self, conn: int, data: bytes) -> None:
@@ -272,8 +272,8 @@ class ClientServer:
     def _pump(self, conn: int) -> None:
         decoder = self._decoders.get(conn)
         while decoder is not None and conn in self._transports:
-            if not self._accepting():
-                self._hold()
+            if not self._accepting() and not self._table.handshaking(conn):
+                self._hold(conn)
                 return
             try:
                 frame = decoder.next_frame()
@@ -286,13 +286,19 @@ class ClientServer:
             self._feed("frame_received", partial(self._table.frame_received, conn, frame))
             if self._transports.get(conn) is None or self._transports[conn].is_closing():
                 return
+            if decoder.max_frame_size == HELLO_FRAME_LIMIT:  # the handshake may be done
+                decoder.max_frame_size = self._table.frame_limit(conn)
 
-    def _hold(self) -> None:
+    def _hold(self, conn: int) -> None:
+        """Stop reading every connection past its handshake (`conn` is one)."""
+        transport = self._transports.get(conn)
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
         if self._held:
             return
         self._held = True
-        for transport in self._transports.values():
-            if not transport.is_closing():
+        for other, transport in self._transports.items():
+            if not transport.is_closing() and not self._table.handshaking(other):
                 transport.pause_reading()
 
     def _lost(self, conn: int) -> None:

@@ -111,6 +111,9 @@ def frame_size_limit(max_message_size: int) -> int:
 
 
 DEFAULT_MAX_FRAME_SIZE = frame_size_limit(DEFAULT_MAX_MESSAGE_SIZE)
+# The largest frame (its length field) a client can need before WELCOME: a HELLO with the
+# longest name. A daemon caps frames at this until the handshake is done (44 bytes).
+HELLO_FRAME_LIMIT = 1 + len(MAGIC) + HELLO_HEAD.size + 1 + MAX_CLIENT_NAME
 
 
 # ---------------------------------------------------------------- enumerations
@@ -221,6 +224,7 @@ class ErrorCode(IntEnum):
     DAEMON_FULL = 105  # the daemon serves max_clients sessions already
     SLOW_RECEIVER = 106  # disconnected by the `disconnect` slow-receiver policy
     SHUTTING_DOWN = 107  # the daemon is stopping
+    HANDSHAKE_TIMEOUT = 108  # no HELLO within the daemon's handshake_timeout
     GROUP_NAME_TOO_LONG = 201  # longer than the daemon's max_group_name
     TOO_MANY_GROUPS = 202  # JOIN beyond max_groups_per_client
     MESSAGE_TOO_LARGE = 203  # payload beyond max_message_size

@@ -18,6 +18,7 @@ from meshcast.group.sessions import (
 from meshcast.ids import NodeId
 from meshcast.wire.client import (
     FROM_DAEMON,
+    HELLO_FRAME_LIMIT,
     Cause,
     DaemonLimits,
     ErrorCode,
@@ -86,6 +87,39 @@ def test_handshake_names_and_refusals() -> None:
     t.connected(4)
     effects = t.frame_received(4, Join("g"), 0.0)
     assert [f.code for f in frames(effects, 4)] == [ErrorCode.UNEXPECTED_FRAME]  # type: ignore[union-attr]
+
+
+def test_handshakes_are_bounded_in_number_in_time_and_in_frame_size() -> None:
+    membership = GroupMembership(GroupEngine(NodeId(1)))
+    config = SessionConfig(LIMITS, 10, handshake_timeout=5.0, max_pending_handshakes=2)
+    t = SessionTable("D1", membership, config)
+    t.view_installed([NodeId(1)], 0.0)
+    assert t.connected(1, 10.0) == []
+    assert t.frame_limit(1) == HELLO_FRAME_LIMIT  # a HELLO, nothing bigger, before WELCOME
+    assert t.connected(2, 11.0) == []
+    assert t.next_deadline() == 15.0
+    refused = t.connected(3, 12.0)  # a third stranger: refused at once
+    assert [f.code for f in frames(refused, 3)] == [ErrorCode.DAEMON_FULL]  # type: ignore[union-attr]
+    assert CloseConnection(3) in refused
+    assert t.connection_lost(3, 12.0) == []
+    welcome = frames(t.frame_received(2, Hello("bob"), 12.0), 2)
+    assert [type(f) for f in welcome] == [Welcome]
+    assert not t.handshaking(2)
+    assert t.frame_limit(2) == LIMITS.max_frame_size
+    assert t.connected(4, 13.0) == []  # bob's slot is free again
+    assert t.on_timer(14.9) == []
+    expired = t.on_timer(15.0)  # connection 1 never said HELLO
+    assert [f.code for f in frames(expired, 1)] == [ErrorCode.HANDSHAKE_TIMEOUT]  # type: ignore[union-attr]
+    assert CloseConnection(1) in expired
+    assert t.next_deadline() == 18.0
+    bad = t.decode_failed(4, "frame length 16777216 exceeds the limit of 44 bytes", 13.5)
+    assert [f.code for f in frames(bad, 4)] == [ErrorCode.BAD_FRAME]  # type: ignore[union-attr]
+    assert t.pending_handshakes() == 0
+    assert t.next_deadline() is None
+    stats = t.statistics()
+    assert (stats.pending_refused, stats.handshake_timeouts, stats.handshake_bad_frames) == (1, 1, 1)
+    assert stats.sessions_opened == 1
+    assert t.status(20.0)["sessions"] == {"open": 1, "max_clients": 10, "handshaking": 0}
 
 
 def test_requests_are_checked_with_typed_errors() -> None:

@@ -104,7 +104,7 @@ def test_status_reports_the_daemon_its_groups_and_the_providers_sections() -> No
     assert report["view"]["agreed"] is True
     assert report["links"] == [{"node": 2, "name": "D2", "up": False, "srtt_ms": None}]
     assert report["tree"]["rate_bps"] is None  # infinity: JSON has none
-    assert report["sessions"] == {"open": 3, "max_clients": 10}
+    assert report["sessions"] == {"open": 3, "max_clients": 10, "handshaking": 0}
     assert report["groups_total"] == 2
     assert report["truncated"] is False
     chat, news = report["groups"]
