@@ -82,10 +82,20 @@ class OverlayConfig:
     # shares datagrams. False: each message goes out at once (what the simulator's
     # experiments model).
     coalesce_sends: bool = False
+    # Every overlay link the cluster config allows, as (a, b) with a < b; None: no check
+    # (simulator experiments). With it, views hold only daemons of `upload_bps` (every
+    # daemon of the cluster): an LSA from a daemon not listed there, or claiming a link
+    # not listed here, is dropped (not stored, not flooded) and counted, whether it was
+    # spoofed or sent by a misconfigured daemon.
+    allowed_links: frozenset[tuple[NodeId, NodeId]] | None = None
 
     def __post_init__(self) -> None:
         if self.max_dests_per_packet < 1 or self.window_messages < 1:
             raise UsageError("max_dests_per_packet and window_messages must be positive")
+        if self.allowed_links is not None:
+            for a, b in self.allowed_links:
+                if not a < b or a not in self.upload_bps or b not in self.upload_bps:
+                    raise UsageError(f"allowed link {a}-{b} is not (a, b), a < b, of daemons")
         if not 0 < self.rate_share <= 1:
             raise UsageError("rate_share must be in (0, 1]")
         if not 0 <= self.rate_change_threshold < 1:
@@ -146,6 +156,8 @@ class OverlayStats:
     malformed_dropped: int = 0
     hop_limit_dropped: int = 0
     lsas_flooded: int = 0
+    lsas_unknown_dropped: int = 0  # LSAs from a daemon the cluster config does not list
+    lsas_bad_link_dropped: int = 0  # LSAs claiming a link the cluster config does not allow
     views_installed: int = 0
     link_messages_sent: int = 0
 
@@ -444,6 +456,8 @@ class OverlayNode:
         if isinstance(decoded, Data):
             self._on_data(decoded, now, effects)
         elif isinstance(decoded, Lsa):
+            if not self._lsa_allowed(decoded, peer):
+                return
             origin = NodeId(decoded.origin)
             before = self._lsdb.get(origin)
             if self._lsdb.consider(decoded):
@@ -454,6 +468,30 @@ class OverlayNode:
             self._check_agreed(effects)
         else:
             self._on_feedback(decoded, now, effects)
+
+    def _lsa_allowed(self, lsa: Lsa, peer: NodeId) -> bool:
+        """Does `lsa` speak of configured daemons and links only (when they are known)?"""
+        allowed = self.config.allowed_links
+        if allowed is None:
+            return True
+        origin = NodeId(lsa.origin)
+        if origin not in self.config.upload_bps:
+            self.stats.lsas_unknown_dropped += 1
+            log.debug("node %s: drop LSA of unknown daemon %s via %s", self.local, origin, peer)
+            return False
+        for entry in lsa.entries:
+            other = NodeId(entry.neighbour)
+            if (min(origin, other), max(origin, other)) not in allowed:
+                self.stats.lsas_bad_link_dropped += 1
+                log.debug(
+                    "node %s: drop LSA of %s via %s: link to %s not configured",
+                    self.local,
+                    origin,
+                    peer,
+                    other,
+                )
+                return False
+        return True
 
     def _on_data(self, data: Data, now: float, effects: list[OverlayEffect]) -> None:
         source = NodeId(data.source)

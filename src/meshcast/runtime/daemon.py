@@ -157,9 +157,14 @@ def overlay_config(config: ClusterConfig, name: str) -> OverlayConfig:
         NodeId(spec.node_id): Neighbour(link.weight, link.bandwidth_bps)
         for spec, link in config.neighbours(name)
     }
+    ids = {d.name: NodeId(d.node_id) for d in config.daemons}
+    allowed = frozenset(
+        (min(ids[link.a], ids[link.b]), max(ids[link.a], ids[link.b])) for link in config.links
+    )
     return OverlayConfig(
         neighbours=neighbours,
         upload_bps={NodeId(d.node_id): d.upload_bps for d in config.daemons},
+        allowed_links=allowed,
         link=membership_link_config(config),
         policy=config.routing,
         view_settle_interval=config.membership.view_settle_interval,

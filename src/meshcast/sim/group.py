@@ -131,12 +131,18 @@ def build_group_sim(
         neighbours[e.a][NodeId(e.b)] = Neighbour(e.weight, e.bandwidth_bps)
         neighbours[e.b][NodeId(e.a)] = Neighbour(e.weight, e.bandwidth_bps)
     uploads = {NodeId(n): float("inf") for n in nodes}
+    # as the daemon's config: views hold configured daemons and links only
+    allowed = frozenset((NodeId(min(e.a, e.b)), NodeId(max(e.a, e.b))) for e in links)
     link_config = link or LinkConfig(heartbeat_interval=0.1, failure_rounds=5)
     sim = Simulator(seed=seed, trace=trace)
 
     def factory(node_id: NodeId, now: float, rng: random.Random) -> GroupDaemon:
         config = OverlayConfig(
-            neighbours=neighbours[node_id], upload_bps=uploads, link=link_config, policy=policy
+            neighbours=neighbours[node_id],
+            upload_bps=uploads,
+            link=link_config,
+            policy=policy,
+            allowed_links=allowed,
         )
         overlay = OverlayNode(node_id, config, incarnation=sim.incarnation(node_id) + 1, rng=rng)
         engine = GroupEngine(node_id, group_config)

@@ -84,6 +84,12 @@ def build_overlay(
         neighbours[e.a][NodeId(e.b)] = Neighbour(e.weight, e.bandwidth_bps)
         neighbours[e.b][NodeId(e.a)] = Neighbour(e.weight, e.bandwidth_bps)
     uploads = {NodeId(n): float((upload_bps or {}).get(n, float("inf"))) for n in nodes}
+    # as the daemon's config: views hold configured daemons and links only (unless the
+    # caller passes allowed_links, None for none)
+    overlay_options.setdefault(
+        "allowed_links",
+        frozenset((NodeId(min(e.a, e.b)), NodeId(max(e.a, e.b))) for e in edges),
+    )
     link_config = link or LinkConfig(heartbeat_interval=0.1, failure_rounds=5)
     sim = Simulator(seed=seed, trace=trace)
     recorder = OverlayRecorder()

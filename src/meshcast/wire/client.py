@@ -439,8 +439,7 @@ def _text_fault(text: str, what: str, max_bytes: int) -> str | None:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
         return (
-            f"{what} {shown(text)} cannot be encoded as UTF-8 "
-            f"({exc.reason} at index {exc.start})"
+            f"{what} {shown(text)} cannot be encoded as UTF-8 ({exc.reason} at index {exc.start})"
         )
     if size > max_bytes:
         return f"{what} {shown(text)} is {size} bytes, more than {max_bytes}"

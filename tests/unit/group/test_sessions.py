@@ -117,7 +117,11 @@ def test_handshakes_are_bounded_in_number_in_time_and_in_frame_size() -> None:
     assert t.pending_handshakes() == 0
     assert t.next_deadline() is None
     stats = t.statistics()
-    assert (stats.pending_refused, stats.handshake_timeouts, stats.handshake_bad_frames) == (1, 1, 1)
+    assert (stats.pending_refused, stats.handshake_timeouts, stats.handshake_bad_frames) == (
+        1,
+        1,
+        1,
+    )
     assert stats.sessions_opened == 1
     assert t.status(20.0)["sessions"] == {"open": 1, "max_clients": 10, "handshaking": 0}
 
