@@ -2,7 +2,8 @@
 
 `format_status(report)` renders the dict that `Client.status()` returns (the keys are in
 docs/client-protocol.md, "Status reports") as a few lines of text: the daemon, its view, its
-tree, its links, the groups with their members, and the counters that are not zero. A
+tree, its links (with what each dropped, by cause), the groups with their members, one line
+of everything dropped or refused, and the counters that are not zero. A
 key that is missing (an older or newer daemon) is shown as ``-`` or left out; nothing
 here raises on a report of unexpected shape.
 """
@@ -73,10 +74,34 @@ def _tree_line(tree: Mapping[str, Any], daemon: str) -> str:
     )
 
 
+# Causes of a link's drops, as the report names them and as a person reads them.
+_DROP_CAUSES = {
+    "malformed": "malformed",
+    "wrong_sender": "wrong sender",
+    "stale_epoch": "stale epoch",
+    "out_of_window": "out of window",
+    "duplicates": "duplicates",
+    "protocol_violations": "protocol violations",
+}
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _causes(dropped: Mapping[str, Any]) -> str:
+    """``malformed 5, wrong sender 3``: the causes that are not zero."""
+    return ", ".join(
+        f"{label} {_count(dropped.get(key))}"
+        for key, label in _DROP_CAUSES.items()
+        if _count(dropped.get(key))
+    )
+
+
 def _link_lines(links: list[Mapping[str, Any]]) -> list[str]:
     if not links:
         return ["links: none configured"]
-    rows = [["neighbour", "state", "srtt", "bandwidth", "weight", "retransmissions"]]
+    rows = [["neighbour", "state", "srtt", "bandwidth", "weight", "retransmissions", "dropped"]]
     for link in links:
         srtt = link.get("srtt_ms")
         rows.append(
@@ -87,9 +112,36 @@ def _link_lines(links: list[Mapping[str, Any]]) -> list[str]:
                 _rate(link.get("bandwidth_bps")),
                 _text(link.get("weight")),
                 _text(link.get("retransmissions")),
+                _text(_map(link.get("dropped")).get("total")),
             ]
         )
-    return ["links:", *_table(rows)]
+    lines = ["links:", *_table(rows)]
+    for link in links:
+        causes = _causes(_map(link.get("dropped")))
+        if causes:
+            lines.append(f"  dropped from {_node(link)}: {causes}")
+    return lines
+
+
+def _drop_lines(counters: Mapping[str, Any]) -> list[str]:
+    """Everything the daemon dropped or refused from others, in one line."""
+    links = _map(counters.get("links"))
+    daemon = _map(counters.get("daemon"))
+    overlay = _map(counters.get("overlay"))
+    sessions = _map(counters.get("sessions"))
+    parts = []
+    if _count(links.get("total")):
+        parts.append(f"{_count(links.get('total'))} datagrams on links ({_causes(links)})")
+    named = [
+        (daemon, "foreign_dropped", "datagrams from unknown addresses"),
+        (overlay, "lsas_unknown_dropped", "LSAs of unknown daemons"),
+        (overlay, "lsas_bad_link_dropped", "LSAs claiming unconfigured links"),
+        (sessions, "handshake_bad_frames", "bad frames before HELLO"),
+        (sessions, "handshake_timeouts", "handshake timeouts"),
+        (sessions, "pending_refused", "connections refused while handshakes waited"),
+    ]
+    parts += [f"{_count(s.get(key))} {label}" for s, key, label in named if _count(s.get(key))]
+    return [f"dropped: {'; '.join(parts) or 'nothing'}"]
 
 
 def _group_lines(report: Mapping[str, Any]) -> list[str]:
@@ -155,6 +207,7 @@ def format_status(report: Mapping[str, Any]) -> str:
         lines.append("(the daemon cut this report short: some groups or members are left out)")
     if "error" in report:
         lines.append(f"error: {_text(report.get('error'))}")
+    lines += _drop_lines(_map(report.get("counters")))
     lines += _counter_lines(_map(report.get("counters")))
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ from meshcast.link import (
     LinkEndpoint,
     LinkEstablished,
     LinkFailed,
+    LinkStats,
     PeerRestarted,
     Transmit,
 )
@@ -146,6 +147,50 @@ class _SourceState:
     recent_set: set[int] = field(default_factory=set)
 
 
+@dataclass(frozen=True, slots=True)
+class LinkDrops:
+    """Datagrams from one neighbour's address that its links dropped, by cause."""
+
+    malformed: int = 0  # did not decode (or carried a tag this layer cannot check)
+    wrong_sender: int = 0  # the header names a daemon other than this neighbour
+    stale_epoch: int = 0  # of an earlier (or not yet known) epoch of the neighbour's link
+    out_of_window: int = 0  # sequence number outside the receive window
+    duplicates: int = 0  # received before (a retransmission that crossed an ACK)
+    protocol_violations: int = 0  # decoded, but breaks the link protocol
+
+    @classmethod
+    def of(cls, stats: LinkStats) -> LinkDrops:
+        return cls(
+            stats.malformed_dropped,
+            stats.foreign_dropped,
+            stats.stale_dropped,
+            stats.out_of_window_dropped,
+            stats.duplicates_dropped,
+            stats.protocol_violations,
+        )
+
+    def __add__(self, other: LinkDrops) -> LinkDrops:
+        return LinkDrops(
+            self.malformed + other.malformed,
+            self.wrong_sender + other.wrong_sender,
+            self.stale_epoch + other.stale_epoch,
+            self.out_of_window + other.out_of_window,
+            self.duplicates + other.duplicates,
+            self.protocol_violations + other.protocol_violations,
+        )
+
+    @property
+    def total(self) -> int:
+        return (
+            self.malformed
+            + self.wrong_sender
+            + self.stale_epoch
+            + self.out_of_window
+            + self.duplicates
+            + self.protocol_violations
+        )
+
+
 @dataclass(slots=True)
 class OverlayStats:
     data_originated: int = 0
@@ -177,6 +222,8 @@ class OverlayNode:
         self._lsdb = LinkStateDatabase(local, incarnation)
         # The bandwidth our LSA reports per link: configured, then measured (update_link_rate)
         self._advertised = {peer: n.bandwidth_bps for peer, n in config.neighbours.items()}
+        # drops of links to each neighbour that failed and were replaced (`link_drops`)
+        self._retired_drops: dict[NodeId, LinkDrops] = {}
         self._routing = RoutingTable(local, config.policy, config.upload_bps)
         self._view: View | None = None
         self._agreed_digest: bytes | None = None
@@ -214,6 +261,13 @@ class OverlayNode:
     def advertised_bandwidth(self, peer: NodeId) -> float:
         """The bandwidth (bits/s) our LSA reports for the link to `peer`."""
         return self._advertised[peer]
+
+    def link_drops(self, peer: NodeId) -> LinkDrops:
+        """What the links to `peer` dropped, the ones replaced after a failure included."""
+        drops = self._retired_drops.get(peer, LinkDrops())
+        if peer in self._endpoint:
+            drops += LinkDrops.of(self._endpoint.link(peer).statistics())
+        return drops
 
     def can_multicast(self) -> bool:
         return len(self._outbox) < self.config.max_outbox_messages
@@ -330,6 +384,8 @@ class OverlayNode:
         neighbour = self.config.neighbours[peer]
         link_config = replace(self.config.link, rate_bps=neighbour.bandwidth_bps)
         link = HopLink(self.local, peer, link_config, epoch=self._rng.randrange(1, 2**32))
+        if peer in self._endpoint:  # a failed link: its drops stay counted
+            self._retired_drops[peer] = self.link_drops(peer)
         self._endpoint.remove(peer)
         self._emit_link_effects(self._endpoint.add(link, now), effects)
 

@@ -47,6 +47,7 @@ from meshcast.group.sessions import (
 from meshcast.ids import NodeId
 from meshcast.link import LinkConfig, LinkStats, Transmit
 from meshcast.overlay.node import (
+    LinkDrops,
     Neighbour,
     NeighbourChanged,
     OverlayConfig,
@@ -624,9 +625,12 @@ class OverlayDaemon:
         up = self.node.neighbours_up
         endpoint = self.node.endpoint
         links: list[dict[str, object]] = []
+        dropped = LinkDrops()
         for peer in sorted(self._addresses):
             stats = endpoint.link(peer).statistics() if peer in endpoint else None
             is_up = peer in up
+            drops = self.node.link_drops(peer)
+            dropped += drops
             links.append(
                 {
                     "node": int(peer),
@@ -638,6 +642,7 @@ class OverlayDaemon:
                     "emulated": peer in self._emulations,
                     "retransmissions": 0 if stats is None else stats.retransmissions,
                     "queued_messages": 0 if stats is None else stats.queued_messages,
+                    "dropped": {**asdict(drops), "total": drops.total},
                 }
             )
         daemon_stats = self.statistics()
@@ -666,6 +671,7 @@ class OverlayDaemon:
             if view is None
             else self._describe_tree(self.node.routing.tree(self.local)),
             "counters": {
+                "links": {**asdict(dropped), "total": dropped.total},  # drops of every link
                 "overlay": asdict(daemon_stats.overlay),
                 "daemon": {
                     "datagrams_received": daemon_stats.datagrams_received,

@@ -6,6 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from meshcast.client.status import format_status
 from meshcast.group import GroupEngine
 from meshcast.group.membership import GroupMembership
 from meshcast.group.sessions import (
@@ -222,3 +223,30 @@ def test_a_client_that_asks_and_never_reads_is_bounded_not_blocking() -> None:
         f.code for f in frames(effects, 1) if isinstance(f, ErrorReport)
     ]
     assert t.statistics().slow_disconnected == 1
+
+
+def test_the_table_shows_each_links_drops_by_cause_and_one_line_of_all_drops() -> None:
+    dropped = {"malformed": 5, "wrong_sender": 3, "stale_epoch": 2, "out_of_window": 0}
+    report = {
+        "daemon": {"name": "D1", "node": 1},
+        "links": [
+            {"node": 2, "name": "D2", "up": False, "dropped": {**dropped, "total": 10}},
+            {"node": 3, "name": "D3", "up": True, "dropped": {"total": 0}},
+        ],
+        "counters": {
+            "links": {**dropped, "duplicates": 0, "total": 10},
+            "daemon": {"foreign_dropped": 4},
+            "overlay": {"lsas_unknown_dropped": 1, "lsas_bad_link_dropped": 0},
+            "sessions": {"handshake_timeouts": 2},
+        },
+    }
+    lines = format_status(report).splitlines()
+    assert lines[lines.index("links:") + 1].split()[-1] == "dropped"
+    assert lines[lines.index("links:") + 2].split()[-1] == "10"
+    assert "  dropped from D2 (2): malformed 5, wrong sender 3, stale epoch 2" in lines
+    assert not any(line.startswith("  dropped from D3") for line in lines)
+    assert (
+        "dropped: 10 datagrams on links (malformed 5, wrong sender 3, stale epoch 2); "
+        "4 datagrams from unknown addresses; 1 LSAs of unknown daemons; 2 handshake timeouts"
+    ) in lines
+    assert "dropped: nothing" in format_status({}).splitlines()
