@@ -28,6 +28,13 @@ from meshcast.wire.client import (
     ErrorReport,
     FrameDecoder,
     FrameType,
+    Hello,
+    Join,
+    Membership,
+    Multicast,
+    ServiceLevel,
+    Welcome,
+    encode,
 )
 
 from .daemon_helpers import DaemonProcess, write_cluster
@@ -166,3 +173,54 @@ async def test_silent_connections_time_out_and_are_bounded_while_clients_connect
         finally:
             for sock in silent:
                 sock.close()
+
+
+async def test_a_handshake_completes_while_a_block_member_holds_senders_back(
+    tmp_path: Path,
+) -> None:
+    """Holding local senders back (a `block` member stopped reading) must not hold a
+    HELLO: the new client gets its WELCOME, not a HANDSHAKE_TIMEOUT."""
+    loop = asyncio.get_running_loop()
+    async with daemon(tmp_path) as (_process, path):
+        sender, stuck = await open_raw(path), await open_raw(path)
+        try:
+            await loop.sock_sendall(sender, encode(Hello("s")))
+            await loop.sock_sendall(stuck, encode(Hello("stuck")) + encode(Join("g")))
+            for sock in (sender, stuck):
+                assert isinstance(await next_frame(sock), Welcome)
+            assert isinstance(await next_frame(stuck), Membership)  # then never reads again
+
+            async def flood() -> None:
+                chunk = encode(Multicast(("g",), bytes(60_000), ServiceLevel.RELIABLE))
+                for _ in range(700):  # 42 MB, far past what the stuck member's buffers hold
+                    await loop.sock_sendall(sender, chunk)
+
+            sending = asyncio.create_task(flood())
+            try:
+                done, _ = await asyncio.wait({sending}, timeout=2.0)
+                assert not done, "the sender was not held back"
+                with await open_raw(path) as newcomer:
+                    await loop.sock_sendall(newcomer, encode(Hello("newcomer")))
+                    welcome = await next_frame(newcomer)
+                    assert isinstance(welcome, Welcome), welcome
+                assert not sending.done()  # the hold was on all along
+            finally:
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sending
+        finally:
+            sender.close()
+            stuck.close()
+
+
+async def next_frame(sock: socket.socket) -> object:
+    """The next frame the daemon sends on `sock` (bounded wait); None at EOF."""
+    loop = asyncio.get_running_loop()
+    decoder = FrameDecoder(accept=FROM_DAEMON)
+    async with asyncio.timeout(WAIT):
+        while (frame := decoder.next_frame()) is None:
+            data = await loop.sock_recv(sock, 1)  # byte by byte: leave later frames unread
+            if not data:
+                return None
+            decoder.feed(data)
+    return frame
