@@ -55,3 +55,17 @@ def test_group_plots(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-3000:]
     json.loads(completed.stdout)
     _assert_pngs(tmp_path / "img", {"group_throughput.png", "group_rtt.png"})
+
+
+def test_an_unusable_plot_directory_is_a_usage_error_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "link", "--json", "--plot", str(blocker / "img")])
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "--plot: cannot use" in err

@@ -22,7 +22,7 @@ DPI = 120
 
 
 class _PlotDirectory(argparse.Action):
-    """Stores DIR as a Path once matplotlib is known to be importable."""
+    """Stores DIR as a Path once matplotlib is importable and DIR exists (made if need be)."""
 
     def __call__(
         self,
@@ -39,7 +39,14 @@ class _PlotDirectory(argparse.Action):
                 f"{parser.prog}: error: {option_string} needs matplotlib, "
                 f"which is not installed: {INSTALL_BENCH}\n",
             )
-        setattr(namespace, self.dest, Path(str(values)))
+        directory = Path(str(values))
+        try:  # now rather than after the run: a typo must not cost the measurement
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.exit(
+                2, f"{parser.prog}: error: {option_string}: cannot use {directory}: {exc}\n"
+            )
+        setattr(namespace, self.dest, directory)
 
 
 def add_plot_argument(parser: argparse.ArgumentParser, figures: str) -> None:
