@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from meshcast.argtypes import integer, seconds
+from meshcast.bench import plot
 from meshcast.client import Client, Membership, Message, ServiceLevel, connect, service_level
 from meshcast.config import ClusterConfig, LimitsConfig, parse_config
 from meshcast.errors import MeshcastError
@@ -687,6 +688,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="few messages and round trips (smoke run)"
     )
+    plot.add_plot_argument(parser, "throughput and round-trip plots")
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -695,7 +697,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     Raises `GroupBenchError` when something fails or SIGTERM arrives; SIGINT raises
     KeyboardInterrupt. Either way every process started is stopped first.
     """
-    return run_loop(_run_stoppable(args))
+    result = run_loop(_run_stoppable(args))
+    if args.plot is not None:
+        plot.group(args.plot, result)
+    return result
 
 
 async def _run_stoppable(args: argparse.Namespace) -> dict[str, object]:

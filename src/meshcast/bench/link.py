@@ -20,6 +20,7 @@ import statistics
 from collections.abc import Sequence
 from functools import partial
 
+from meshcast.bench import plot
 from meshcast.ids import NodeId
 from meshcast.link import Delivered, LinkConfig, LinkFailed
 from meshcast.sim.scenarios import SOURCE, RelayNode, Topology, build
@@ -199,6 +200,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-real", action="store_true", help="leave out the real-socket measurement"
     )
+    plot.add_plot_argument(parser, "throughput-under-loss and chain-latency plots")
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -221,4 +223,6 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "messages": args.messages,
         "seeds": args.seeds,
     }
+    if args.plot is not None:
+        plot.link(args.plot, result)
     return result

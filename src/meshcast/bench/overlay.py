@@ -34,6 +34,7 @@ from functools import partial
 
 from meshcast import wire
 from meshcast.argtypes import integer
+from meshcast.bench import plot
 from meshcast.errors import DecodeError
 from meshcast.ids import NodeId
 from meshcast.link import LinkConfig, Transmit
@@ -380,6 +381,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="measure only the paper's four sources (Mae East, CNDS, Rutgers, UCSB)",
     )
+    plot.add_plot_argument(parser, "fanout-vs-tree and packets-per-delivery plots")
 
 
 def table1(
@@ -428,7 +430,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     names = PAPER_SOURCES if args.paper_sources_only else tuple(s.name for s in sites())
     unicast = packets_per_delivery(args.seed, args.packet_messages, multi_destination=False)
     multidest = packets_per_delivery(args.seed, args.packet_messages, multi_destination=True)
-    return {
+    result: dict[str, object] = {
         "table1": table1(args.seed, args.messages, names, args.share),
         "packets_per_delivery": {
             "unicast": round(unicast["packets_per_delivery"], 3),
@@ -444,3 +446,6 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         },
         "setup": setup(args),
     }
+    if args.plot is not None:
+        plot.overlay(args.plot, result)
+    return result

@@ -51,6 +51,7 @@ from meshcast.bench.overlay import (
     build,
     sites,
 )
+from meshcast.bench.plot import pyplot
 from meshcast.ids import NodeId
 from meshcast.overlay.node import NeighbourChanged, OverlayDelivered
 from meshcast.sim.simulator import Simulator
@@ -270,10 +271,7 @@ def measure_pacing(
 def _plot(directory: Path, source: Site, runs: dict[tuple[str, bool], _Recorder]) -> None:
     """Top: messages the worst-served receiver has, over time. Bottom: how long each
     message took, from the moment the source sent it until every receiver had it."""
-    import matplotlib  # lazily: only for --plot
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     directory.mkdir(parents=True, exist_ok=True)
     figure, (count_axes, latency_axes) = plt.subplots(2, 1, figsize=(8, 7))

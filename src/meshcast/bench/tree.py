@@ -3,7 +3,9 @@
 * `quality`: on seeded random instances of 5-9 nodes (fully connected, heterogeneous
   capacities, see `meshcast.overlay.tree.random_instances`), each method's rate as a ratio
   to the exact optimum (MILP): mean, minimum and share of instances solved optimally.
-  `triangular_only` is the construction with the patent's triangular moves alone.
+  `triangular_only` is the construction with the patent's triangular moves alone. The
+  MILP needs scipy (the `bench` extra); without it `quality` is null and
+  `quality_skipped` says why, and the rest of the suite runs.
 * `build_seconds`: wall time of `max_throughput_tree` for n = 1,000 (fully connected,
   ~10^6 edges) and n = 10,000 (each node measures 64 random peers, both directions),
   median over `--repeats` seeded instances (`build_seconds_max`: the slowest).
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meshcast.bench import plot
 from meshcast.bench.overlay import sites
 from meshcast.bench.pacing import DEFAULT_MESSAGES, DEFAULT_SOURCE, measure_pacing
 from meshcast.overlay.tree import (
@@ -54,6 +57,11 @@ from meshcast.overlay.tree.construct import SearchConfig
 from meshcast.overlay.tree.improvement import TRIANGULAR
 
 log = logging.getLogger(__name__)
+
+QUALITY_SKIPPED = (
+    "quality skipped: scipy is not installed; for the exact (MILP) ground truth "
+    f"{plot.INSTALL_BENCH}"
+)
 
 QUALITY_SIZES = (5, 9)  # n drawn uniformly from this inclusive range
 SCALE_DENSE_N = 1_000
@@ -95,9 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="quality instances get a server-like source (always used for scale and dynamic)",
     )
-    parser.add_argument(
-        "--plot", type=Path, metavar="DIR", help="save rate-vs-n, churn and pacing plots (PNG) here"
-    )
+    plot.add_plot_argument(parser, "quality, rate-vs-n, churn and pacing plots")
     parser.add_argument(
         "--pacing-messages",
         type=_messages,
@@ -128,18 +134,26 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         instances, events, repeats = min(instances, 100), min(events, 200), 1
         pacing_messages = min(pacing_messages, QUICK_PACING_MESSAGES)
     quality_model = SERVER_SOURCE if args.server_source else RANDOM_SOURCE
-    quality, tight_share = _quality(instances, args.seed, quality_model)
+    exact = _exact_solver()
+    if exact is None:
+        log.warning("%s", QUALITY_SKIPPED)
+        quality, tight_share = None, None
+    else:
+        quality, tight_share = _quality(exact, instances, args.seed, quality_model)
     build, build_max = _build_seconds(repeats, args.seed)
     dynamic, trace = _dynamic(events, args.seed, DynamicConfig())
     claims_only, claims_trace = _dynamic(events, args.seed, DynamicConfig(raise_attempts=0))
     dynamic["claims_only"] = claims_only
     if args.plot is not None:
         _plot(args.plot, args.seed, trace, claims_trace)
+        if quality is not None:
+            plot.tree_quality(args.plot, quality)
     everywhere = args.pacing_source == "all"
     headline = DEFAULT_SOURCE if everywhere else args.pacing_source
     pacing = measure_pacing(headline, pacing_messages, plot=args.plot)
     result: dict[str, object] = {
         "quality": quality,
+        **({} if exact is not None else {"quality_skipped": QUALITY_SKIPPED}),
         "build_seconds": build,
         "dynamic": dynamic,
         "pacing": {"paced": pacing["paced"], "unpaced": pacing["unpaced"]},
@@ -179,12 +193,24 @@ def _describe(model: InstanceModel) -> dict[str, float | None]:
     }
 
 
+ExactSolver = Callable[[TreeInstance, Tree | None], Tree]  # instance, a known tree
+
+
+def _exact_solver() -> ExactSolver | None:
+    """The MILP solver, or None when scipy (not a dependency of a plain install) is missing."""
+    try:
+        from meshcast.overlay.tree.exact import exact_max_throughput_tree
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "scipy":
+            raise
+        return None
+    return exact_max_throughput_tree
+
+
 def _quality(
-    count: int, seed: int, model: InstanceModel
+    exact: ExactSolver, count: int, seed: int, model: InstanceModel
 ) -> tuple[dict[str, dict[str, float]], float]:
     """Ratio of each method's rate to the exact optimum, over `count` seeded instances."""
-    from meshcast.overlay.tree.exact import exact_max_throughput_tree  # needs scipy
-
     ratios: dict[str, list[float]] = {name: [] for name in METHODS}
     at_bound = 0
     for index in range(count):
@@ -196,7 +222,7 @@ def _quality(
             problems = tree_violations(instance, tree.parent)
             if problems:
                 raise RuntimeError(f"{name} built an invalid tree on instance {index}: {problems}")
-        optimum = exact_max_throughput_tree(instance, known=trees["max_throughput"]).rate
+        optimum = exact(instance, trees["max_throughput"]).rate
         at_bound += optimum == _trivial_bound(instance)
         for name, tree in trees.items():
             ratios[name].append(tree.rate / optimum)
@@ -301,11 +327,7 @@ def _dynamic(
 
 
 def _plot(directory: Path, seed: int, trace: _ChurnTrace, claims_trace: _ChurnTrace) -> None:
-    import matplotlib  # lazily: only for --plot
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plot.pyplot()
     directory.mkdir(parents=True, exist_ok=True)
     medians: dict[str, list[float]] = {name: [] for name in METHODS}
     for n in RATE_VS_N_SIZES:
@@ -322,7 +344,7 @@ def _plot(directory: Path, seed: int, trace: _ChurnTrace, claims_trace: _ChurnTr
     for name, values in medians.items():
         axes.plot(RATE_VS_N_SIZES, values, marker="o", label=name)
     axes.set(xscale="log", yscale="log", xlabel="nodes n (fully connected, server-like source)")
-    axes.set(ylabel="tree rate (median of 5 instances)", title="Tree rate vs group size")
+    axes.set(ylabel="tree rate, capacity units (median of 5)", title="Tree rate vs group size")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize="small", loc="lower left")
     figure.tight_layout()
@@ -334,7 +356,9 @@ def _plot(directory: Path, seed: int, trace: _ChurnTrace, claims_trace: _ChurnTr
     rate_axes.plot(steps, trace.fresh, label="rebuild from scratch", linewidth=1.5, color="grey")
     rate_axes.plot(steps, trace.kept, label="kept (default)", linewidth=0.8)
     rate_axes.plot(steps, claims_trace.kept, label="kept (claims only)", linewidth=0.8)
-    rate_axes.set(ylabel="tree rate", title="Rate under churn (random joins and leaves)")
+    rate_axes.set(
+        ylabel="tree rate, capacity units", title="Rate under churn (random joins and leaves)"
+    )
     rate_axes.legend(fontsize="small")
     for name, run in (("default", trace), ("claims only", claims_trace)):
         ratio = [kept / fresh for kept, fresh in zip(run.kept, run.fresh, strict=True)]

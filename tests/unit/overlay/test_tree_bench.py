@@ -48,3 +48,4 @@ def test_suite_returns_the_documented_keys_and_plots(tmp_path: Path) -> None:
     assert (tmp_path / "tree_pacing.png").stat().st_size > 0
     assert (tmp_path / "tree_rate_vs_n.png").stat().st_size > 0
     assert (tmp_path / "tree_churn.png").stat().st_size > 0
+    assert (tmp_path / "tree_quality.png").stat().st_size > 0
