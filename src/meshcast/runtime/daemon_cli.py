@@ -33,8 +33,9 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="run one overlay daemon of a cluster configuration",
         description=(
             "Run one overlay daemon: Hop links to its neighbours, heartbeats, failure "
-            "detection and the membership protocol. State changes are logged on stderr as "
-            "JSON lines. SIGTERM or SIGINT drains and exits 0."
+            "detection and the membership protocol. State changes are logged on stderr: "
+            "readable lines on a terminal, JSON lines otherwise (--log-format). SIGTERM or "
+            "SIGINT (Ctrl-C) is the daemon's normal stop: it drains and exits 0."
         ),
     )
     parser.add_argument(
@@ -59,7 +60,8 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         metavar="PATH",
         default=None,
         help="Unix socket for client sessions (created 0600); default: "
-        "$XDG_RUNTIME_DIR/meshcast/NAME.sock, else <tmp>/meshcast-<uid>/NAME.sock",
+        "$XDG_RUNTIME_DIR/meshcast/NAME@CLUSTER.sock, else "
+        "<tmp>/meshcast-<uid>/NAME@CLUSTER.sock",
     )
     parser.add_argument(
         "--no-client-socket",
@@ -79,6 +81,13 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         metavar="ADDRESS",
         default="127.0.0.1",
         help="address of the TCP client listener (default 127.0.0.1: loopback only)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "human", "json"),
+        default="auto",
+        help="log lines on stderr: human-readable, JSON, or auto: human on a terminal, "
+        "JSON otherwise (default: auto)",
     )
     parser.add_argument(
         "-v",
@@ -120,7 +129,10 @@ def daemon_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"meshcast daemon: error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(int(getattr(args, "verbose", 0) or 0) + int(args.daemon_verbose))
+    configure_logging(
+        int(getattr(args, "verbose", 0) or 0) + int(args.daemon_verbose),
+        log_format=args.log_format,
+    )
     try:
         return run(
             run_daemon(config, args.name, probe_interval=args.probe_interval, clients=clients)
