@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import enum
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -85,3 +86,11 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+
+def print_error(prog: str, error: BaseException) -> None:
+    """``PROG: error: MESSAGE`` on stderr, once per line (a `ConfigError` lists every
+    problem of a file on a line of its own)."""
+    text = str(error) or type(error).__name__
+    for line in text.splitlines():
+        print(f"{prog}: error: {line}", file=sys.stderr)

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from meshcast.argtypes import Parser, integer, non_negative_seconds, probability
+from meshcast.argtypes import Parser, integer, non_negative_seconds, print_error, probability
 from meshcast.client.cli import add_flood_command, add_status_command, add_user_command
 from meshcast.errors import ConfigError, MeshcastError, UsageError
 from meshcast.runtime.daemon_cli import add_daemon_command
@@ -165,10 +165,10 @@ def run_handler(args: argparse.Namespace, prog: str = "meshcast") -> int:
     try:
         code: int = args.handler(args)
     except (UsageError, ConfigError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print_error(prog, exc)
         return 2
     except MeshcastError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print_error(prog, exc)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

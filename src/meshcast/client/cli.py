@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from meshcast.argtypes import Parser, integer, seconds
+from meshcast.argtypes import Parser, integer, print_error, seconds
 from meshcast.client.connection import (
     Client,
     Event,
@@ -139,10 +139,10 @@ def _run(main: Coroutine[Any, Any, int], command: str) -> int:
     try:
         return asyncio.run(main)
     except (UsageError, ConfigError) as exc:
-        print(f"meshcast {command}: error: {exc}", file=sys.stderr)
+        print_error(f"meshcast {command}", exc)
         return 2
     except (MeshcastError, OSError, TimeoutError) as exc:
-        print(f"meshcast {command}: error: {str(exc) or type(exc).__name__}", file=sys.stderr)
+        print_error(f"meshcast {command}", exc)
         return 1
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meshcast.argtypes import seconds
+from meshcast.argtypes import print_error, seconds
 from meshcast.config import ClusterConfig, default_config, load_config
 from meshcast.errors import ConfigError, MeshcastError
 
@@ -127,7 +127,7 @@ def daemon_command(args: argparse.Namespace) -> int:
         config = _load(args.config)
         overlay_config(config, args.name)  # unknown name, unusable policy: before binding
     except ConfigError as exc:
-        print(f"meshcast daemon: error: {exc}", file=sys.stderr)
+        print_error("meshcast daemon", exc)
         return 2
     configure_logging(
         int(getattr(args, "verbose", 0) or 0) + int(args.daemon_verbose),
@@ -138,8 +138,8 @@ def daemon_command(args: argparse.Namespace) -> int:
             run_daemon(config, args.name, probe_interval=args.probe_interval, clients=clients)
         )
     except ConfigError as exc:
-        print(f"meshcast daemon: error: {exc}", file=sys.stderr)
+        print_error("meshcast daemon", exc)
         return 2
     except (MeshcastError, OSError) as exc:
-        print(f"meshcast daemon: error: {exc}", file=sys.stderr)
+        print_error("meshcast daemon", exc)
         return 1
