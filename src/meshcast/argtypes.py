@@ -1,10 +1,14 @@
-"""Value types for the command-line parsers (argparse `type=`): clear messages, exit 2."""
+"""Value types for the command-line parsers (argparse `type=`): clear messages, exit 2;
+the parser class and help formatter every `meshcast` subcommand uses."""
 
 from __future__ import annotations
 
 import argparse
+import enum
 import math
+import sys
 from collections.abc import Callable
+from typing import Any
 
 
 def seconds(text: str) -> float:
@@ -31,3 +35,62 @@ def integer(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def probability(text: str) -> float:
+    """A probability in [0, 1): a loss rate (1 would lose everything)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text!r}")
+    return value
+
+
+def non_negative_seconds(text: str) -> float:
+    """A finite number of seconds, zero allowed."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    return value
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """`--help` shows each option's default (as `ArgumentDefaultsHelpFormatter` does),
+    except where the help already says it or there is nothing to show (off, none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or not action.option_strings
+            or default is None
+            or isinstance(default, bool)
+            or default == []
+            or default is argparse.SUPPRESS
+        ):
+            return action.help
+        shown = default.name.lower() if isinstance(default, enum.Enum) else "%(default)s"
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of `meshcast` and its subcommands: defaults shown in every `--help`
+    (subparsers are of the parser's own class, so they inherit this)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def print_error(prog: str, error: BaseException) -> None:
+    """``PROG: error: MESSAGE`` on stderr, once per line (a `ConfigError` lists every
+    problem of a file on a line of its own)."""
+    text = str(error) or type(error).__name__
+    for line in text.splitlines():
+        print(f"{prog}: error: {line}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """The `meshcast` command: demo, daemon, user, flood, status, bench and sim.
 
 Results go to stdout (`bench --json`: exactly one JSON object); logs and progress go to
-stderr. Exit status: 0 success, 1 runtime failure, 2 usage error.
+stderr. Exit status: 0 success, 1 runtime failure, 2 usage error (bad options, a bad
+cluster file), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from meshcast.argtypes import Parser, integer, non_negative_seconds, print_error, probability
 from meshcast.client.cli import add_flood_command, add_status_command, add_user_command
-from meshcast.errors import MeshcastError
+from meshcast.errors import ConfigError, MeshcastError, UsageError
 from meshcast.runtime.daemon_cli import add_daemon_command
 
 BENCH_SUITES = {
@@ -49,17 +51,25 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _sim(args: argparse.Namespace) -> int:
-    from meshcast.sim.scenarios import run_scenario
+    from meshcast.sim.scenarios import SCENARIOS, run_scenario
 
+    if args.list:
+        width = max(map(len, SCENARIOS))
+        for name, scenario in sorted(SCENARIOS.items()):
+            print(f"{name:<{width}}  {scenario.description}")
+        return 0
+    if args.scenario is None:
+        raise UsageError("give --scenario NAME (--list shows the names)")
     report = run_scenario(args.scenario, seed=args.seed, trace_out=args.trace)
     print(json.dumps(report, indent=2))
     return 0 if report.get("ok", False) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = Parser(
         prog="meshcast",
         description="Reliable group communication and bulk replication over an overlay.",
+        epilog="exit status: 0 success, 1 runtime failure, 2 usage error, 130 interrupted",
     )
     parser.add_argument(
         "-v",
@@ -73,22 +83,49 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="a local multi-site cluster: views, trees, a group chat in agreed order, a crash",
+        description=(
+            "Start the cluster (the embedded one: six daemons in three sites on "
+            "127.0.0.1-6) on loopback, show its views and source trees, run a group chat "
+            "in AGREED order with one client per daemon, SIGKILL one daemon and show the "
+            "survivors going on. Exit 0 only if every check held; every process it "
+            "starts is stopped. With --link: one Hop link over an emulated lossy link."
+        ),
     )
     demo.add_argument("--config", metavar="FILE", help="cluster file (default: embedded)")
-    demo.add_argument("--kill", metavar="NAME", help="daemon to SIGKILL (default: D3)")
+    demo.add_argument(
+        "--kill", metavar="NAME", help="daemon to SIGKILL (default: the middle site's gateway)"
+    )
     link = demo.add_argument_group("link demo (--link): two endpoints over one lossy link")
     link.add_argument("--link", action="store_true", help="run the link demo instead")
-    link.add_argument("--messages", type=int, default=3000, help="messages each way")
-    link.add_argument("--loss", type=float, default=0.05, help="emulated loss per direction")
-    link.add_argument("--delay", type=float, default=0.020, help="emulated one-way delay (s)")
+    link.add_argument(
+        "--messages", metavar="N", type=integer(1), default=3000, help="messages each way"
+    )
+    link.add_argument(
+        "--loss", metavar="P", type=probability, default=0.05, help="emulated loss per direction"
+    )
+    link.add_argument(
+        "--delay",
+        metavar="SECONDS",
+        type=non_negative_seconds,
+        default=0.020,
+        help="emulated one-way delay",
+    )
     link.add_argument("--seed", type=int, default=1, help="seed of the emulated impairments")
     demo.set_defaults(handler=_demo)
 
-    bench = sub.add_parser("bench", help="run a benchmark suite")
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark suite",
+        description=(
+            "Run one benchmark suite and print its result on stdout: one JSON object with "
+            "--json (indented without); progress and logs go to stderr."
+        ),
+    )
     suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
     for name, module_name in BENCH_SUITES.items():
         module = importlib.import_module(module_name)
-        suite = suites.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        summary = (module.__doc__ or "").strip().splitlines()[0]
+        suite = suites.add_parser(name, help=summary, description=summary)
         suite.add_argument(
             "--json", action="store_true", help="print the result as one compact JSON object"
         )
@@ -100,12 +137,43 @@ def build_parser() -> argparse.ArgumentParser:
     add_flood_command(sub)
     add_status_command(sub)
 
-    sim = sub.add_parser("sim", help="run or replay a seeded simulator scenario")
-    sim.add_argument("--scenario", required=True, help="scenario name (see --list)")
-    sim.add_argument("--seed", type=int, default=1)
+    sim = sub.add_parser(
+        "sim",
+        help="run or replay a seeded simulator scenario",
+        description=(
+            "Run one named scenario in the deterministic simulator (virtual time, emulated "
+            "loss, duplication and reordering) and print a JSON report: whether every "
+            "receiver got every message exactly once and, where the protocol promises "
+            "it, in order. One seed gives one identical run, so a failing seed of a sim "
+            "test replays here."
+        ),
+    )
+    sim.add_argument("--scenario", metavar="NAME", help="scenario to run (--list shows them)")
+    sim.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    sim.add_argument("--seed", type=int, default=1, help="seed of the run")
     sim.add_argument("--trace", metavar="FILE", help="write the JSON-lines trace here")
     sim.set_defaults(handler=_sim)
     return parser
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
+
+
+def run_handler(args: argparse.Namespace, prog: str = "meshcast") -> int:
+    """Run the subcommand's handler: typed errors become exit statuses (2 for usage and
+    configuration errors, 1 for other failures), Ctrl-C becomes 130."""
+    try:
+        code: int = args.handler(args)
+    except (UsageError, ConfigError) as exc:
+        print_error(prog, exc)
+        return 2
+    except MeshcastError as exc:
+        print_error(prog, exc)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,14 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        code: int = args.handler(args)
-    except MeshcastError as exc:
-        print(f"meshcast: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 1
-    return code
+    return run_handler(args)
 
 
 if __name__ == "__main__":

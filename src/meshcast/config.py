@@ -16,6 +16,7 @@ The schema, with every key, type, unit and default, is documented in docs/config
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import json
@@ -23,15 +24,15 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import Field, dataclass, field, fields, replace
 from fractions import Fraction
-from functools import cache
+from functools import cache, partial
 from importlib import resources
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from meshcast.errors import ConfigError
+from meshcast.errors import ConfigError, ConfigProblem
 from meshcast.ids import MAX_NODE_ID
 from meshcast.link.config import LinkConfig
 
@@ -67,6 +68,36 @@ MAX_NAME_LENGTH = 64  # characters of a cluster, site or daemon name
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
 
 T = TypeVar("T")
+
+
+class _Recorded(Exception):
+    """A part of the file is unusable; its problems are already recorded."""
+
+
+class _Problems:
+    """Collects the errors of independent checks, so that a file's every mistake is
+    reported at once (`ConfigError.problems`) instead of one per run."""
+
+    def __init__(self) -> None:
+        self.found: list[ConfigProblem] = []
+
+    @contextlib.contextmanager
+    def check(self) -> Iterator[None]:
+        """Run the block; a `ConfigError` it raises is recorded, not propagated."""
+        try:
+            yield
+        except ConfigError as exc:
+            self.found.extend(exc.problems)
+        except _Recorded:
+            pass
+
+    def add(self, message: str, key: str, source: str = "") -> None:
+        self.found.append(ConfigProblem(message, key, source))
+
+    def raise_any(self) -> None:
+        """Raise one `ConfigError` carrying every problem recorded so far, if any."""
+        if self.found:
+            raise ConfigError.of(self.found)
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,9 +291,13 @@ class SiteSpec:
     )
 
     def __post_init__(self) -> None:
-        _check_name(self.name, "name")
+        problems = _Problems()
+        with problems.check():
+            _check_name(self.name, "name")
         if self.gateway is not None:
-            _check_name(self.gateway, "gateway")
+            with problems.check():
+                _check_name(self.gateway, "gateway")
+        problems.raise_any()
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,15 +313,22 @@ class DaemonSpec:
     download_bps: float  # bits/s the daemon can receive in total
 
     def __post_init__(self) -> None:
-        _check_name(self.name, "name")
+        problems = _Problems()
+        with problems.check():
+            _check_name(self.name, "name")
         if not 1 <= self.node_id <= MAX_NODE_ID:
-            raise ConfigError(f"must be in 1..{MAX_NODE_ID}, got {self.node_id!r}", key="id")
-        object.__setattr__(self, "host", _canonical_host(self.host, "host"))
+            problems.add(f"must be in 1..{MAX_NODE_ID}, got {self.node_id!r}", "id")
+        with problems.check():
+            object.__setattr__(self, "host", _canonical_host(self.host, "host"))
         if not 1 <= self.port <= 65535:
-            raise ConfigError(f"must be in 1..65535, got {self.port!r}", key="port")
-        _check_name(self.site, "site")
-        _check_positive(self.upload_bps, "upload", "bits/s")
-        _check_positive(self.download_bps, "download", "bits/s")
+            problems.add(f"must be in 1..65535, got {self.port!r}", "port")
+        with problems.check():
+            _check_name(self.site, "site")
+        with problems.check():
+            _check_positive(self.upload_bps, "upload", "bits/s")
+        with problems.check():
+            _check_positive(self.download_bps, "download", "bits/s")
+        problems.raise_any()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -308,13 +350,16 @@ class Emulation:
     rate_bps: float | None = None  # bits/s of an emulated bottleneck; None: unlimited
 
     def __post_init__(self) -> None:
+        problems = _Problems()
         for key, value in (("delay", self.delay), ("jitter", self.jitter)):
             if not (math.isfinite(value) and value >= 0.0):
-                raise ConfigError(f"must be >= 0 s, got {value!r}", key=key)
+                problems.add(f"must be >= 0 s, got {value!r}", key)
         if not 0.0 <= self.loss < 1.0:
-            raise ConfigError(f"must be in [0, 1), got {self.loss!r}", key="loss")
+            problems.add(f"must be in [0, 1), got {self.loss!r}", "loss")
         if self.rate_bps is not None:
-            _check_positive(self.rate_bps, "rate", "bits/s")
+            with problems.check():
+                _check_positive(self.rate_bps, "rate", "bits/s")
+        problems.raise_any()
 
     @property
     def is_noop(self) -> bool:
@@ -333,10 +378,14 @@ class LinkSpec:
     emulation: Emulation | None = None  # impairment on both directions; None: none
 
     def __post_init__(self) -> None:
+        problems = _Problems()
         if self.a == self.b:
-            raise ConfigError(f"links daemon {self.a!r} to itself", key="b")
-        _check_positive(self.weight, "weight", "cost units")
-        _check_positive(self.bandwidth_bps, "bandwidth", "bits/s")
+            problems.add(f"links daemon {self.a!r} to itself", "b")
+        with problems.check():
+            _check_positive(self.weight, "weight", "cost units")
+        with problems.check():
+            _check_positive(self.bandwidth_bps, "bandwidth", "bits/s")
+        problems.raise_any()
 
     def other(self, name: str) -> str:
         """The end of the edge that is not `name`."""
@@ -353,15 +402,17 @@ class MembershipConfig:
     failure_timeout: float = 3.0  # s: no hello from a neighbour for this long: it is down
 
     def __post_init__(self) -> None:
+        problems = _Problems()
         for f in fields(self):
-            value = getattr(self, f.name)
-            _check_positive(value, f"membership.{f.name}", "seconds")
-        if self.failure_timeout < 2 * self.hello_interval:
-            raise ConfigError(
+            with problems.check():
+                _check_positive(getattr(self, f.name), f"membership.{f.name}", "seconds")
+        if not problems.found and self.failure_timeout < 2 * self.hello_interval:
+            problems.add(
                 f"must be at least 2 × hello_interval ({2 * self.hello_interval!r} s) so one "
                 f"lost hello does not fail a daemon, got {self.failure_timeout!r}",
-                key="membership.failure_timeout",
+                "membership.failure_timeout",
             )
+        problems.raise_any()
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,11 +423,13 @@ class SecurityConfig:
     require_auth: bool = False  # drop unauthenticated datagrams; needs key_file
 
     def __post_init__(self) -> None:
+        problems = _Problems()
         if self.key_file is not None and not os.path.isfile(self.key_file):
             what = "is not a file" if os.path.exists(self.key_file) else "does not exist"
-            raise ConfigError(f"{self.key_file!r} {what}", key="security.key_file")
+            problems.add(f"{self.key_file!r} {what}", "security.key_file")
         if self.require_auth and self.key_file is None:
-            raise ConfigError("needs security.key_file", key="security.require_auth")
+            problems.add("needs security.key_file", "security.require_auth")
+        problems.raise_any()
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,19 +446,22 @@ class LimitsConfig:
     max_pending_handshakes: int = 64  # client connections waiting for their HELLO at once
 
     def __post_init__(self) -> None:
+        problems = _Problems()
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "handshake_timeout":
-                _check_positive(value, "limits.handshake_timeout", "seconds")
+                with problems.check():
+                    _check_positive(value, "limits.handshake_timeout", "seconds")
             elif value < 1:
-                raise ConfigError(f"must be at least 1, got {value!r}", key=f"limits.{f.name}")
+                problems.add(f"must be at least 1, got {value!r}", f"limits.{f.name}")
         # What the client protocol can carry (docs/client-protocol.md).
         ceilings = {"max_group_name": 255, "max_message_size": 1 << 30}
         for name, ceiling in ceilings.items():
             if getattr(self, name) > ceiling:
-                raise ConfigError(
-                    f"must be at most {ceiling} (the client protocol's limit)", key=f"limits.{name}"
+                problems.add(
+                    f"must be at most {ceiling} (the client protocol's limit)", f"limits.{name}"
                 )
+        problems.raise_any()
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,27 +491,31 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         source = self.source
+        problems = _Problems()
         try:
             _check_name(self.name, "cluster.name")
         except ConfigError as exc:
-            raise _relocated(exc, "cluster.name", source) from None
+            problems.add(_bare_message(exc), "cluster.name", source)
         if self.routing not in ROUTING_POLICIES:
-            raise ConfigError(
+            problems.add(
                 f"must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing!r}",
-                key="cluster.routing",
-                source=source,
+                "cluster.routing",
+                source,
             )
-        _check_nodes(self.sites, self.daemons, source)
+        _check_nodes(self.sites, self.daemons, source, problems)
         by_name = {d.name: d for d in self.daemons}
-        _check_links(by_name, self.links, source)
-        _check_connected(self.daemons, self.links, source)
+        before_links = len(problems.found)
+        _check_links(by_name, self.links, source, problems)
+        if len(problems.found) == before_links:  # connectivity needs known link ends
+            _check_connected(self.daemons, self.links, source, problems)
         if self.limits.max_message_size > self.link.max_message_size:
-            raise ConfigError(
+            problems.add(
                 f"must not exceed link.max_message_size ({self.link.max_message_size} B), "
                 f"got {self.limits.max_message_size}",
-                key="limits.max_message_size",
-                source=source,
+                "limits.max_message_size",
+                source,
             )
+        problems.raise_any()
         adjacent: dict[str, list[tuple[DaemonSpec, LinkSpec]]] = {d.name: [] for d in self.daemons}
         for link in self.links:
             adjacent[link.a].append((by_name[link.b], link))
@@ -507,17 +567,19 @@ def _names(names: Iterable[str], limit: int = 12) -> str:
     return shown + (f" … (+{len(listed) - limit} more)" if len(listed) > limit else "")
 
 
-def _check_nodes(sites: Sequence[SiteSpec], daemons: Sequence[DaemonSpec], source: str) -> None:
+def _check_nodes(
+    sites: Sequence[SiteSpec], daemons: Sequence[DaemonSpec], source: str, problems: _Problems
+) -> None:
     """Unique site and daemon names, ids and addresses; known sites and gateways."""
     if not daemons:
-        raise ConfigError("at least one daemon is required", key="daemons", source=source)
+        problems.add("at least one daemon is required", "daemons", source)
     site_at: dict[str, int] = {}
     for i, site in enumerate(sites):
         if site.name in site_at:
-            raise ConfigError(
+            problems.add(
                 f"duplicate site name {site.name!r} (also sites[{site_at[site.name]}])",
-                key=f"sites[{i}].name",
-                source=source,
+                f"sites[{i}].name",
+                source,
             )
         site_at[site.name] = i
     name_at: dict[str, int] = {}
@@ -525,69 +587,73 @@ def _check_nodes(sites: Sequence[SiteSpec], daemons: Sequence[DaemonSpec], sourc
     endpoint_at: dict[tuple[str, int], int] = {}
     for i, d in enumerate(daemons):
         if d.name in name_at:
-            raise ConfigError(
+            problems.add(
                 f"duplicate daemon name {d.name!r} (also daemons[{name_at[d.name]}])",
-                key=f"daemons[{i}].name",
-                source=source,
+                f"daemons[{i}].name",
+                source,
             )
         name_at[d.name] = i
         if d.node_id in id_at:
-            raise ConfigError(
+            problems.add(
                 f"duplicate node id {d.node_id} (also daemons[{id_at[d.node_id]}])",
-                key=f"daemons[{i}].id",
-                source=source,
+                f"daemons[{i}].id",
+                source,
             )
         id_at[d.node_id] = i
         if d.site not in site_at:
             defined = f"defined sites: {_names(site_at)}" if site_at else "no [[sites]] are defined"
-            raise ConfigError(
-                f"unknown site {d.site!r}; {defined}", key=f"daemons[{i}].site", source=source
-            )
+            problems.add(f"unknown site {d.site!r}; {defined}", f"daemons[{i}].site", source)
         for endpoint in _endpoint_keys(d.host, d.port):
             if endpoint in endpoint_at:
-                raise ConfigError(
+                problems.add(
                     f"address {d.host}:{d.port} is already used by daemons[{endpoint_at[endpoint]}]",
-                    key=f"daemons[{i}].port",
-                    source=source,
+                    f"daemons[{i}].port",
+                    source,
                 )
+                break
         endpoint_at.update(dict.fromkeys(_endpoint_keys(d.host, d.port), i))
     for i, site in enumerate(sites):
         if site.gateway is None:
             continue
         if site.gateway not in name_at:
-            raise ConfigError(
-                f"unknown daemon {site.gateway!r}", key=f"sites[{i}].gateway", source=source
-            )
-        if daemons[name_at[site.gateway]].site != site.name:
-            raise ConfigError(
+            problems.add(f"unknown daemon {site.gateway!r}", f"sites[{i}].gateway", source)
+        elif daemons[name_at[site.gateway]].site != site.name:
+            problems.add(
                 f"daemon {site.gateway!r} is in site {daemons[name_at[site.gateway]].site!r}, "
                 f"not {site.name!r}",
-                key=f"sites[{i}].gateway",
-                source=source,
+                f"sites[{i}].gateway",
+                source,
             )
 
 
-def _check_links(by_name: Mapping[str, DaemonSpec], links: Sequence[LinkSpec], source: str) -> None:
+def _check_links(
+    by_name: Mapping[str, DaemonSpec],
+    links: Sequence[LinkSpec],
+    source: str,
+    problems: _Problems,
+) -> None:
     pair_at: dict[frozenset[str], int] = {}
     for i, link in enumerate(links):
         for end, name in (("a", link.a), ("b", link.b)):
             if name not in by_name:
-                raise ConfigError(
+                problems.add(
                     f"unknown daemon {name!r}; daemons are {_names(by_name)}",
-                    key=f"links[{i}].{end}",
-                    source=source,
+                    f"links[{i}].{end}",
+                    source,
                 )
         pair = frozenset((link.a, link.b))
         if pair in pair_at:
-            raise ConfigError(
+            problems.add(
                 f"duplicate edge {link.a}–{link.b} (also links[{pair_at[pair]}])",
-                key=f"links[{i}]",
-                source=source,
+                f"links[{i}]",
+                source,
             )
         pair_at[pair] = i
 
 
-def _check_connected(daemons: Sequence[DaemonSpec], links: Sequence[LinkSpec], source: str) -> None:
+def _check_connected(
+    daemons: Sequence[DaemonSpec], links: Sequence[LinkSpec], source: str, problems: _Problems
+) -> None:
     adjacent: dict[str, list[str]] = {d.name: [] for d in daemons}
     for link in links:
         adjacent[link.a].append(link.b)
@@ -613,24 +679,22 @@ def _check_connected(daemons: Sequence[DaemonSpec], links: Sequence[LinkSpec], s
         shown = " | ".join(
             "{" + _names(sorted(c, key=order.__getitem__), limit=8) + "}" for c in components
         )
-        raise ConfigError(
+        problems.add(
             f"the overlay graph is disconnected, {len(components)} components: {shown}; "
             f"add [[links.edge]] entries or change links.within_sites / links.between_sites",
-            key="links",
-            source=source,
+            "links",
+            source,
         )
 
 
 def _bare_message(exc: ConfigError) -> str:
-    """The message of `exc` without the ``source:key: `` prefix ConfigError adds."""
-    where = ":".join(part for part in (exc.source, exc.key) if part)
-    text = str(exc)
-    prefix = f"{where}: "
-    return text[len(prefix) :] if where and text.startswith(prefix) else text
+    """The message of `exc`'s first problem, without the ``source:key: `` prefix."""
+    return exc.problems[0].message
 
 
 def _relocated(exc: ConfigError, key: str, source: str) -> ConfigError:
-    return ConfigError(_bare_message(exc), key=key, source=source)
+    """`exc` with its problems moved to `key` in `source`."""
+    return ConfigError.of([ConfigProblem(p.message, key, source) for p in exc.problems])
 
 
 # ---------------------------------------------------------------------------------------
@@ -709,6 +773,16 @@ class _Reader:
     def __init__(self, source: str, base_dir: Path) -> None:
         self.source = source
         self.base_dir = base_dir
+        self.problems = _Problems()  # every mistake found so far, reported together
+
+    def values(self, getters: Mapping[str, Callable[[], object]]) -> dict[str, object] | None:
+        """Each getter's value by name; None if any failed (all failures are recorded)."""
+        found = len(self.problems.found)
+        values: dict[str, object] = {}
+        for name, getter in getters.items():
+            with self.problems.check():
+                values[name] = getter()
+        return values if len(self.problems.found) == found else None
 
     def error(self, message: str, key: str) -> ConfigError:
         return ConfigError(message, key=key, source=self.source)
@@ -724,9 +798,10 @@ class _Reader:
             hint = "; explicit edges go in [[links.edge]]" if key == "links" else ""
             raise self.error(f"must be a table, got {_describe(value)}{hint}", key)
         for name in value:
-            if name not in allowed:
-                raise self.error(self.unknown_key_message(name, key, allowed), _key(key, name))
-        return {str(k): v for k, v in value.items()}
+            if name not in allowed:  # recorded; the known keys are still checked
+                message = self.unknown_key_message(name, key, allowed)
+                self.problems.add(message, _key(key, name), self.source)
+        return {str(k): v for k, v in value.items() if k in allowed}
 
     def unknown_key_message(self, name: str, section: str, allowed: Sequence[str]) -> str:
         message = "unknown key"
@@ -831,8 +906,12 @@ class _Reader:
         try:
             return factory(**kwargs)
         except ConfigError as exc:
-            relative = exc.key.split(".", 1)[1] if "." in exc.key else exc.key
-            raise self.relocated(exc, _key(prefix, rename.get(relative, relative))) from None
+            problems = []
+            for problem in exc.problems:
+                relative = problem.key.split(".", 1)[1] if "." in problem.key else problem.key
+                key = _key(prefix, rename.get(relative, relative))
+                problems.append(ConfigProblem(problem.message, key, self.source))
+            raise ConfigError.of(problems) from None
 
     # -- sections ---------------------------------------------------------------------
 
@@ -845,18 +924,31 @@ class _Reader:
     ) -> T:
         """A [name] section of scalar keys mapped onto a config dataclass."""
         table = self.table(root.get(name, {}), name, tuple(keys))
-        kwargs = {
-            keys[k].field: self.converter(keys[k].kind)(v, _key(name, k)) for k, v in table.items()
-        }
+        kwargs = self.values(
+            {
+                keys[k].field: partial(self.converter(keys[k].kind), v, _key(name, k))
+                for k, v in table.items()
+            }
+        )
+        if kwargs is None:
+            raise _Recorded
         rename = {spec.field: k for k, spec in keys.items()}
         return self.build(factory, name, rename, **kwargs)
 
     def security(self, root: Mapping[str, object]) -> SecurityConfig:
         table = self.table(root.get("security", {}), "security", _SECURITY_KEYS)
-        key_file = self.get(table, "key_file", "security", self.string)
-        if key_file is not None:
+        values = self.values(
+            {
+                "key_file": partial(self.get, table, "key_file", "security", self.string),
+                "require_auth": partial(self.get, table, "require_auth", "security", self.boolean),
+            }
+        )
+        if values is None:
+            raise _Recorded
+        key_file = values["key_file"]
+        if isinstance(key_file, str):
             key_file = str(self.base_dir / Path(key_file).expanduser())
-        require_auth = self.get(table, "require_auth", "security", self.boolean) or False
+        require_auth = values["require_auth"] or False
         return self.build(
             SecurityConfig, "security", {}, key_file=key_file, require_auth=require_auth
         )
@@ -865,15 +957,15 @@ class _Reader:
         sites = []
         for i, table in enumerate(self.array_of_tables(root.get("sites", []), "sites", _SITE_KEYS)):
             prefix = f"sites[{i}]"
-            sites.append(
-                self.build(
-                    SiteSpec,
-                    prefix,
-                    {},
-                    name=self.need(table, "name", prefix, self.string),
-                    gateway=self.get(table, "gateway", prefix, self.string),
-                )
+            values = self.values(
+                {
+                    "name": partial(self.need, table, "name", prefix, self.string),
+                    "gateway": partial(self.get, table, "gateway", prefix, self.string),
+                }
             )
+            if values is not None:
+                with self.problems.check():
+                    sites.append(self.build(SiteSpec, prefix, {}, **values))
         return tuple(sites)
 
     def daemons(self, root: Mapping[str, object]) -> tuple[DaemonSpec, ...]:
@@ -882,60 +974,108 @@ class _Reader:
         tables = self.array_of_tables(root["daemons"], "daemons", _DAEMON_KEYS)
         if not tables:
             raise self.error("at least one [[daemons]] entry is required", "daemons")
-        explicit = [self.get(t, "id", f"daemons[{i}]", self.integer) for i, t in enumerate(tables)]
+        explicit: list[int | None] = []
+        for i, t in enumerate(tables):
+            node_id = None
+            with self.problems.check():
+                node_id = self.get(t, "id", f"daemons[{i}]", self.integer)
+            explicit.append(node_id)
         taken = {node_id for node_id in explicit if node_id is not None}
         free = (n for n in range(1, MAX_NODE_ID + 1) if n not in taken)
         daemons = []
         for i, (table, node_id) in enumerate(zip(tables, explicit, strict=True)):
             prefix = f"daemons[{i}]"
-            daemons.append(
-                self.build(
-                    DaemonSpec,
-                    prefix,
-                    {},
-                    name=self.need(table, "name", prefix, self.string),
-                    node_id=node_id if node_id is not None else next(free),
-                    host=self.need(table, "host", prefix, self.string),
-                    port=self.need(table, "port", prefix, self.integer),
-                    site=self.need(table, "site", prefix, self.string),
-                    upload_bps=self.need(table, "upload", prefix, self.rate),
-                    download_bps=self.need(table, "download", prefix, self.rate),
-                )
+            values = self.values(
+                {
+                    "name": partial(self.need, table, "name", prefix, self.string),
+                    "host": partial(self.need, table, "host", prefix, self.string),
+                    "port": partial(self.need, table, "port", prefix, self.integer),
+                    "site": partial(self.need, table, "site", prefix, self.string),
+                    "upload_bps": partial(self.need, table, "upload", prefix, self.rate),
+                    "download_bps": partial(self.need, table, "download", prefix, self.rate),
+                }
             )
+            if values is None or ("id" in table and node_id is None):
+                continue
+            with self.problems.check():
+                daemons.append(
+                    self.build(
+                        DaemonSpec,
+                        prefix,
+                        {},
+                        node_id=node_id if node_id is not None else next(free),
+                        **values,
+                    )
+                )
         return tuple(daemons)
 
     def emulation(self, value: object, key: str) -> Emulation | None:
         table = self.table(value, key, _EMULATE_KEYS)
-        kwargs: dict[str, object] = {}
+        getters: dict[str, Callable[[], object]] = {}
         rename: dict[str, str] = {}
         for name in ("delay", "jitter"):
             if name in table and f"{name}_ms" in table:
                 raise self.error(f"give {name} or {name}_ms, not both", _key(key, f"{name}_ms"))
             if f"{name}_ms" in table:
-                millis = self.number(table[f"{name}_ms"], _key(key, f"{name}_ms"))
-                if millis < 0:
-                    raise self.error(f"must be >= 0 ms, got {millis!r}", _key(key, f"{name}_ms"))
-                kwargs[name] = millis / 1000
+                getters[name] = partial(self.millis, table[f"{name}_ms"], _key(key, f"{name}_ms"))
                 rename[name] = f"{name}_ms"
             elif name in table:
-                kwargs[name] = self.duration(table[name], _key(key, name))
+                getters[name] = partial(self.duration, table[name], _key(key, name))
         if "loss" in table:
-            kwargs["loss"] = self.number(table["loss"], _key(key, "loss"))
+            getters["loss"] = partial(self.number, table["loss"], _key(key, "loss"))
         if "rate" in table:
-            kwargs["rate_bps"] = self.rate(table["rate"], _key(key, "rate"))
+            getters["rate_bps"] = partial(self.rate, table["rate"], _key(key, "rate"))
+        kwargs = self.values(getters)
+        if kwargs is None:
+            raise _Recorded
         emulation = self.build(Emulation, key, rename, **kwargs)
         return None if emulation.is_noop else emulation
+
+    def millis(self, value: object, key: str) -> float:
+        """Seconds from a non-negative number of milliseconds."""
+        millis = self.number(value, key)
+        if millis < 0:
+            raise self.error(f"must be >= 0 ms, got {millis!r}", key)
+        return millis / 1000
 
     def links(
         self, root: Mapping[str, object], daemons: Sequence[DaemonSpec], sites: Sequence[SiteSpec]
     ) -> tuple[LinkSpec, ...]:
         table = self.table(root.get("links", {}), "links", _LINKS_KEYS)
-        within = self.get(table, "within_sites", "links", self.choice(_SITE_MESH)) or "full"
-        between = self.get(table, "between_sites", "links", self.choice(_WAN_MESH)) or "gateways"
-        site_weight = self.get(table, "site_weight", "links", self.positive) or 1.0
-        wan_weight = self.get(table, "wan_weight", "links", self.positive) or 10.0
-        site_emulation = self.get(table, "site_emulate", "links", self.emulation)
-        wan_emulation = self.get(table, "wan_emulate", "links", self.emulation)
+        settings = self.values(
+            {
+                "within": partial(
+                    self.get, table, "within_sites", "links", self.choice(_SITE_MESH)
+                ),
+                "between": partial(
+                    self.get, table, "between_sites", "links", self.choice(_WAN_MESH)
+                ),
+                "site_weight": partial(self.get, table, "site_weight", "links", self.positive),
+                "wan_weight": partial(self.get, table, "wan_weight", "links", self.positive),
+                "site_emulate": partial(self.get, table, "site_emulate", "links", self.emulation),
+                "wan_emulate": partial(self.get, table, "wan_emulate", "links", self.emulation),
+            }
+        )
+        edges = None
+        with self.problems.check():
+            edges = self.get(
+                table, "edge", "links", lambda v, k: self.array_of_tables(v, k, _EDGE_KEYS)
+            )
+        if settings is None:
+            for i, edge in enumerate(edges or []):  # still check each edge's own values
+                with self.problems.check():
+                    self.edge_values(edge, f"links.edge[{i}]", {d.name for d in daemons})
+            raise _Recorded
+        within = settings["within"] or "full"
+        between = settings["between"] or "gateways"
+        site_weight = settings["site_weight"] or 1.0
+        wan_weight = settings["wan_weight"] or 10.0
+        site_emulation = settings["site_emulate"]
+        wan_emulation = settings["wan_emulate"]
+        assert isinstance(site_weight, float)
+        assert isinstance(wan_weight, float)
+        assert site_emulation is None or isinstance(site_emulation, Emulation)
+        assert wan_emulation is None or isinstance(wan_emulation, Emulation)
 
         by_name = {d.name: d for d in daemons}
 
@@ -988,45 +1128,55 @@ class _Reader:
                 for b in gateways[i + 1 :]:
                     generated[frozenset((a, b))] = make(a, b, "links.between_sites", wan_emulation)
 
-        edges = self.get(
-            table, "edge", "links", lambda v, k: self.array_of_tables(v, k, _EDGE_KEYS)
-        )
         edge_at: dict[frozenset[str], int] = {}
         for i, edge in enumerate(edges or []):
             prefix = f"links.edge[{i}]"
-            ends = []
-            for end in ("a", "b"):
-                name = self.need(edge, end, prefix, self.string)
-                if name not in by_name:
+            with self.problems.check():
+                values = self.edge_values(edge, prefix, set(by_name))
+                a, b = str(values["a"]), str(values["b"])
+                pair = frozenset((a, b))
+                if pair in edge_at:
                     raise self.error(
-                        f"unknown daemon {name!r}; daemons are {_names(by_name)}",
-                        _key(prefix, end),
+                        f"duplicate edge {a}–{b} (also links.edge[{edge_at[pair]}])", prefix
                     )
-                ends.append(name)
-            a, b = ends
-            if a == b:
-                raise self.error(f"links daemon {a!r} to itself", _key(prefix, "b"))
-            pair = frozenset((a, b))
-            if pair in edge_at:
-                raise self.error(
-                    f"duplicate edge {a}–{b} (also links.edge[{edge_at[pair]}])", prefix
-                )
-            edge_at[pair] = i
-            emulation = (
-                self.get(edge, "emulate", prefix, self.emulation)
-                if "emulate" in edge
-                else default_emulation(a, b)
-            )
-            generated[pair] = make(
-                a,
-                b,
-                prefix,
-                emulation,
-                weight=self.get(edge, "weight", prefix, self.number),
-                bandwidth=self.get(edge, "bandwidth", prefix, self.rate),
-            )
+                edge_at[pair] = i
+                emulation = values["emulate"] if "emulate" in edge else default_emulation(a, b)
+                weight, bandwidth = values["weight"], values["bandwidth"]
+                assert emulation is None or isinstance(emulation, Emulation)
+                assert weight is None or isinstance(weight, float)
+                assert bandwidth is None or isinstance(bandwidth, float)
+                generated[pair] = make(a, b, prefix, emulation, weight, bandwidth)
         order = {d.name: d.node_id for d in daemons}
         return tuple(sorted(generated.values(), key=lambda s: (order[s.a], order[s.b])))
+
+    def edge_values(
+        self, edge: Mapping[str, object], prefix: str, names: set[str]
+    ) -> dict[str, object]:
+        """The checked values of one [[links.edge]]: a, b, weight, bandwidth, emulate."""
+
+        def end(name: str) -> str:
+            daemon = self.need(edge, name, prefix, self.string)
+            if daemon not in names:
+                raise self.error(
+                    f"unknown daemon {daemon!r}; daemons are {_names(sorted(names))}",
+                    _key(prefix, name),
+                )
+            return daemon
+
+        values = self.values(
+            {
+                "a": partial(end, "a"),
+                "b": partial(end, "b"),
+                "weight": partial(self.get, edge, "weight", prefix, self.number),
+                "bandwidth": partial(self.get, edge, "bandwidth", prefix, self.rate),
+                "emulate": partial(self.get, edge, "emulate", prefix, self.emulation),
+            }
+        )
+        if values is None:
+            raise _Recorded
+        if values["a"] == values["b"]:
+            raise self.error(f"links daemon {values['a']!r} to itself", _key(prefix, "b"))
+        return values
 
     def choice(self, options: Mapping[str, T]) -> Callable[[object, str], T]:
         def convert(value: object, key: str) -> T:
@@ -1046,26 +1196,56 @@ class _Reader:
     # -- the whole file ---------------------------------------------------------------
 
     def cluster(self, root: dict[str, object]) -> ClusterConfig:
+        """The whole file. Every section and entry is checked even after a mistake, and
+        one `ConfigError` carries them all; checks between entries (duplicates, unknown
+        references, links, connectivity) run once every entry is valid on its own."""
+        problems = self.problems
         self.table(root, "", _TOP_KEYS)
-        cluster = self.table(root.get("cluster", {}), "cluster", _CLUSTER_KEYS)
-        name = self.get(cluster, "name", "cluster", self.string) or "meshcast"
-        routing = self.get(cluster, "routing", "cluster", self.choice(_POLICIES)) or "shortest-path"
-        sites = self.sites(root)
-        daemons = self.daemons(root)
-        _check_nodes(sites, daemons, self.source)
-        links = self.links(root, daemons, sites)
+        cluster: dict[str, object] = {}
+        with problems.check():
+            cluster = self.table(root.get("cluster", {}), "cluster", _CLUSTER_KEYS)
+        parts = self.values(
+            {
+                "name": partial(self.get, cluster, "name", "cluster", self.string),
+                "routing": partial(self.get, cluster, "routing", "cluster", self.choice(_POLICIES)),
+                "sites": partial(self.sites, root),
+                "daemons": partial(self.daemons, root),
+                "link": partial(self.section, root, "link", LinkConfig, _LINK_CONFIG_KEYS),
+                "membership": partial(
+                    self.section, root, "membership", MembershipConfig, _MEMBERSHIP_KEYS
+                ),
+                "security": partial(self.security, root),
+                "limits": partial(self.section, root, "limits", LimitsConfig, _LIMITS_KEYS),
+            }
+        )
+        problems.raise_any()
+        assert parts is not None
+        sites, daemons = parts["sites"], parts["daemons"]
+        assert isinstance(sites, tuple)
+        assert isinstance(daemons, tuple)
+        _check_nodes(sites, daemons, self.source, problems)
+        problems.raise_any()  # links are generated from unique, known daemons and sites
+        links: tuple[LinkSpec, ...] = ()
+        with problems.check():
+            links = self.links(root, daemons, sites)
+        problems.raise_any()
         return ClusterConfig(
-            name=name,
+            name=str(parts["name"] or "meshcast"),
             daemons=daemons,
             sites=sites,
             links=links,
-            routing=routing,
-            link=self.section(root, "link", LinkConfig, _LINK_CONFIG_KEYS),
-            membership=self.section(root, "membership", MembershipConfig, _MEMBERSHIP_KEYS),
-            security=self.security(root),
-            limits=self.section(root, "limits", LimitsConfig, _LIMITS_KEYS),
+            routing=_POLICIES[str(parts["routing"] or "shortest-path")],
+            link=_typed(parts["link"], LinkConfig),
+            membership=_typed(parts["membership"], MembershipConfig),
+            security=_typed(parts["security"], SecurityConfig),
+            limits=_typed(parts["limits"], LimitsConfig),
             source=self.source,
         )
+
+
+def _typed(value: object, kind: type[T]) -> T:
+    assert isinstance(value, kind)
+    return value
 
 
 def _parse(text: str, source: str, base_dir: Path) -> ClusterConfig:

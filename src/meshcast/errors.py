@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 
 class MeshcastError(Exception):
     """Base of every error meshcast raises on purpose."""
@@ -35,14 +38,46 @@ class BufferFull(UsageError):
     """A bounded send buffer cannot take the message now; wait until it drains."""
 
 
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One mistake in a configuration: the field it is in and what is wrong."""
+
+    message: str
+    key: str = ""  # key path in the file: ``daemons[2].port``; "" for the whole file
+    source: str = ""  # the file (or "<embedded default>"); "" when not from a file
+
+    def __str__(self) -> str:
+        where = ":".join(part for part in (self.source, self.key) if part)
+        return f"{where}: {self.message}" if where else self.message
+
+
 class ConfigError(MeshcastError):
-    """Invalid configuration, raised at start-up, naming the offending key."""
+    """Invalid configuration, raised at start-up, naming the offending key.
+
+    `problems` lists every mistake found (a file is checked as a whole); `key` and
+    `source` are those of the first, so code that handles one error keeps working.
+    ``ConfigError(message, key=..., source=...)`` is an error with one problem;
+    ``ConfigError.of(problems)`` one with several.
+    """
 
     def __init__(self, message: str, key: str = "", source: str = "") -> None:
-        where = ":".join(part for part in (source, key) if part)
-        super().__init__(f"{where}: {message}" if where else message)
-        self.key = key
-        self.source = source
+        self._set((ConfigProblem(message, key, source),))
+
+    @classmethod
+    def of(cls, problems: Sequence[ConfigProblem]) -> ConfigError:
+        """One error carrying every problem in `problems` (at least one)."""
+        if not problems:
+            raise ValueError("ConfigError.of needs at least one problem")
+        error = cls.__new__(cls)
+        error._set(tuple(problems))
+        return error
+
+    def _set(self, problems: tuple[ConfigProblem, ...]) -> None:
+        self.problems = problems
+        self.key = problems[0].key
+        self.source = problems[0].source
+        # one line a problem, each ``source:key: message``, as compilers list errors
+        Exception.__init__(self, "\n".join(str(p) for p in problems))
 
 
 class ClientError(MeshcastError):

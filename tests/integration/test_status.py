@@ -116,7 +116,7 @@ async def cluster(
                 raise r
         await wait_agreed(daemons.values(), {1, 2, 3}, VIEW_TIMEOUT, edges=3)
         assert daemons["d2"].named("clients_listening")[0]["unix_path"] == str(
-            sockets / "meshcast" / "d2.sock"
+            sockets / "meshcast" / "d2@test.sock"
         )
         port = int(daemons["d3"].named("clients_listening")[0]["tcp_port"])
         yield daemons, config, sockets / "d1.sock", port
@@ -222,8 +222,8 @@ async def test_status_without_a_daemon_named_is_a_usage_error() -> None:
     assert (code, out) == (2, "")
     assert err.startswith("meshcast status: error: which daemon?")
     code, _, err = await run_status("--name", "nope")
-    assert code == 2
-    assert "unknown daemon 'nope'" in err
+    assert code == 1  # looked for at the default sockets: none is running
+    assert "no daemon called 'nope' is listening" in err
     code, _, err = await run_status("--socket", "unix:/x", "--name", "D1")
     assert code == 2
     assert "not both" in err

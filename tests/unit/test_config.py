@@ -1215,3 +1215,69 @@ def test_docs_name_every_key() -> None:
         "require_auth",
     ):
         assert f"`{key}`" in docs
+
+
+# ---------------------------------------------------------------------------------------
+# Every mistake at once
+# ---------------------------------------------------------------------------------------
+
+
+def test_every_mistake_in_a_file_is_reported_each_naming_its_field() -> None:
+    text = render(
+        {0: {"port": "70000", "host": '"db.example"'}, 2: {"upload": '"10Mbps"'}},
+        tail=(
+            "[membership]\nhelo_interval = 1.0\nfailure_timeout = -1\n\n"
+            '[limits]\nmax_clients = 0\n\n[link]\nmtu = "big"\n\n'
+            '[links]\nsite_weight = -2\n\n[[links.edge]]\na = "D1"\nb = "D9"\n'
+        ),
+    )
+    exc = error_of(text)
+    keys = [p.key for p in exc.problems]
+    assert keys == [
+        "daemons[0].host",
+        "daemons[0].port",
+        "daemons[2].upload",
+        "link.mtu",
+        "membership.helo_interval",
+        "membership.failure_timeout",
+        "limits.max_clients",
+    ]
+    assert all(p.source == SOURCE for p in exc.problems)
+    assert "did you mean 'hello_interval'?" in exc.problems[4].message
+    # the single-error API still works: the first problem is `key`, `source` and line one
+    assert (exc.key, exc.source) == ("daemons[0].host", SOURCE)
+    lines = str(exc).splitlines()
+    assert len(lines) == len(keys)
+    assert all(line.startswith(f"{SOURCE}:{key}: ") for line, key in zip(lines, keys, strict=True))
+
+
+def test_every_mistake_between_entries_and_in_links_is_reported() -> None:
+    duplicates = render({1: {"name": '"D1"'}, 2: {"port": "5001", "host": '"127.0.0.1"'}})
+    exc = error_of(duplicates)
+    assert [p.key for p in exc.problems] == ["daemons[1].name", "daemons[2].port"]
+    edges = render(
+        tail=(
+            '[links]\nwan_weight = 0\n\n[[links.edge]]\na = "D1"\nb = "D9"\n\n'
+            '[[links.edge]]\na = "D2"\nb = "D3"\nbandwidth = "fast"\n'
+        )
+    )
+    exc = error_of(edges)
+    assert [p.key for p in exc.problems] == [
+        "links.wan_weight",
+        "links.edge[0].b",
+        "links.edge[1].bandwidth",
+    ]
+
+
+def test_a_config_error_with_one_problem_is_as_before() -> None:
+    exc = ConfigError("must be positive", key="limits.max_clients", source="f.toml")
+    assert str(exc) == "f.toml:limits.max_clients: must be positive"
+    assert [(p.key, p.source, p.message) for p in exc.problems] == [
+        ("limits.max_clients", "f.toml", "must be positive")
+    ]
+
+
+def test_dataclasses_report_every_bad_field() -> None:
+    with pytest.raises(ConfigError) as info:
+        DaemonSpec("D1", 0, "nowhere", 0, "east", -1.0, 1.0)
+    assert [p.key for p in info.value.problems] == ["id", "host", "port", "upload"]

@@ -12,14 +12,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import glob
 import json
+import re
+import socket
 import sys
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from meshcast.argtypes import integer, seconds
+from meshcast.argtypes import Parser, integer, print_error, seconds
 from meshcast.client.connection import (
     Client,
     Event,
@@ -39,12 +43,88 @@ FLOOD_MSG_TYPE = 0xF100  # msg_type tag of flood messages
 SERVICE_NAMES = [s.name.lower() for s in ServiceLevel]
 
 
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]*\]|[^:/\s\[\]]+):([0-9]+)\Z")
+_DAEMON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")  # as config.py allows
+
+
+def check_address(text: str) -> str:
+    """A daemon address as given on the command line: ``unix:PATH``, ``tcp:HOST:PORT``, a
+    path with a ``/`` in it, or a daemon name (found at its default socket by
+    `resolve_address`). ``HOST:PORT`` is refused with the spelling to use instead."""
+    if text.startswith(("unix:", "tcp:")) or "/" in text:
+        parse_address(text)
+        return text
+    if _HOST_PORT.match(text):
+        raise UsageError(f"{text!r} is not a daemon address; for TCP write tcp:{text}")
+    if _DAEMON_NAME.match(text) and len(text) <= 64:
+        return text
+    raise UsageError(
+        f"{text!r} is not a daemon address: give unix:PATH, tcp:HOST:PORT or a daemon's name"
+    )
+
+
 def _address(text: str) -> str:
     try:
-        parse_address(text)
+        return check_address(text)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+
+
+def _live_socket(path: Path) -> bool:
+    """Does a process listen on the Unix socket at `path`? (stale files do not count)"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def find_daemon(name: str, config: str | None = None) -> str:
+    """The default client socket (``unix:PATH``) of the running daemon called `name`.
+
+    With `config`, the daemon of that cluster file; without, the one daemon of that name
+    listening in the default socket directory, whatever its cluster. `ConfigError` for a
+    daemon the file does not name, `UsageError` when daemons of several clusters have that
+    name, `ClientError` when none is listening.
+    """
+    from meshcast.config import load_config
+    from meshcast.runtime.sessions import (
+        SOCKET_NAME_SEPARATOR,
+        default_socket_dir,
+        default_socket_path,
+    )
+
+    if config is not None:
+        cluster = load_config(config)
+        cluster.daemon(name)  # ConfigError naming the file for an unknown daemon
+        return f"unix:{default_socket_path(name, cluster.name)}"
+    directory = default_socket_dir()
+    found = sorted(directory.glob(f"{glob.escape(name)}{SOCKET_NAME_SEPARATOR}*.sock"))
+    live = [path for path in found if _live_socket(path)]
+    if len(live) == 1:
+        return f"unix:{live[0]}"
+    if live:
+        clusters = [p.name[len(name) + 1 : -len(".sock")] for p in live]
+        raise UsageError(
+            f"daemons called {name!r} of {len(live)} clusters are running "
+            f"({', '.join(clusters)}); give --config FILE of the one you mean"
+        )
+    raise ClientError(
+        f"no daemon called {name!r} is listening at its default socket in {directory} "
+        f"({name}{SOCKET_NAME_SEPARATOR}CLUSTER.sock); is it running? A daemon started with "
+        f"--client-socket PATH is reached with unix:PATH"
+    )
+
+
+def resolve_address(text: str, config: str | None = None) -> str:
+    """`text` (checked by `check_address`) as an address `connect` takes: a daemon name
+    is looked up with `find_daemon`; an existing file is a Unix socket path."""
+    check_address(text)
+    if text.startswith(("unix:", "tcp:")) or "/" in text or Path(text).exists():
+        return text
+    return find_daemon(text, config)
 
 
 def _service(text: str) -> ServiceLevel:
@@ -58,11 +138,11 @@ def _run(main: Coroutine[Any, Any, int], command: str) -> int:
     """One `asyncio.run`; errors become exit statuses (2 usage, 1 runtime)."""
     try:
         return asyncio.run(main)
-    except UsageError as exc:
-        print(f"meshcast {command}: error: {exc}", file=sys.stderr)
+    except (UsageError, ConfigError) as exc:
+        print_error(f"meshcast {command}", exc)
         return 2
     except (MeshcastError, OSError, TimeoutError) as exc:
-        print(f"meshcast {command}: error: {str(exc) or type(exc).__name__}", file=sys.stderr)
+        print_error(f"meshcast {command}", exc)
         return 1
 
 
@@ -79,11 +159,24 @@ def add_user_command(sub: SubParsers) -> None:
             "each --send text, print --recv N received messages (events as lines, or JSON "
             "lines with --json), leave. Interactive (stdin a terminal and no --send/--recv, "
             "or --interactive): commands j GROUP, l GROUP, s GROUP[,GROUP...] TEXT, "
-            "r [N] (receive), q (quit); pending events are printed before each prompt."
+            "t LEVEL, r [N] (wait for N events), q (quit); events are printed as they "
+            "arrive. The daemon is given by address or by name: --connect D1 finds daemon "
+            "D1 at its default socket (as `meshcast daemon` without --client-socket makes it)."
         ),
     )
     parser.add_argument(
-        "--connect", metavar="ADDR", required=True, type=_address, help="unix:PATH or tcp:HOST:PORT"
+        "--connect",
+        metavar="ADDR",
+        required=True,
+        type=_address,
+        help="unix:PATH, tcp:HOST:PORT or a daemon's name",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="cluster file of the daemon named by --connect NAME, when daemons of several "
+        "clusters have that name",
     )
     parser.add_argument("--name", default="", help="client name (default: the daemon picks)")
     parser.add_argument(
@@ -203,7 +296,8 @@ async def _receive_messages(client: Client, count: int, show: Callable[[Event], 
 
 async def _user(args: argparse.Namespace, interactive: bool) -> int:
     show = _Printer(args.json, sys.stdout)
-    client = await connect(args.connect, name=args.name, timeout=args.timeout)
+    address = resolve_address(args.connect, args.config)
+    client = await connect(address, name=args.name, timeout=args.timeout)
     async with client:
         print(f"connected as {client.private_name}", file=sys.stderr)
         for group in args.join:
@@ -228,21 +322,63 @@ async def _user(args: argparse.Namespace, interactive: bool) -> int:
     return 0
 
 
-async def _stdin_lines() -> AsyncGenerator[str, None]:
-    """Lines of stdin, read without a thread (the loop watches the descriptor)."""
+@dataclass(frozen=True, slots=True)
+class LongLine:
+    """A line of stdin longer than the reader's limit: discarded, only its size kept."""
+
+    size: int
+
+
+STDIN_CHUNK = 64 * 1024  # bytes read from stdin at a time
+
+
+def split_lines(buffer: bytearray, limit: int, skipped: int) -> tuple[list[str | LongLine], int]:
+    """Take every complete line out of `buffer`; a line over `limit` bytes becomes a
+    `LongLine`. `skipped` counts the bytes already dropped of the current over-long line
+    (returned updated), so that memory stays bounded by `limit` whatever the input."""
+    lines: list[str | LongLine] = []
+    start = 0
+    while (newline := buffer.find(b"\n", start)) >= 0:
+        size = newline + 1 - start
+        if skipped or size > limit:
+            lines.append(LongLine(skipped + size))
+            skipped = 0
+        else:
+            lines.append(buffer[start : newline + 1].decode("utf-8", "replace"))
+        start = newline + 1
+    del buffer[:start]
+    if len(buffer) > limit:  # no end in sight: keep only the count
+        skipped += len(buffer)
+        buffer.clear()
+    return lines, skipped
+
+
+async def stdin_lines(limit: int) -> AsyncGenerator[str | LongLine, None]:
+    """Lines of stdin, read without a thread (the loop watches the descriptor); lines
+    longer than `limit` bytes come as `LongLine` (asyncio's readline would raise)."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=STDIN_CHUNK)
     try:
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
         )
     except ValueError:  # a regular file: it cannot block, read it as it is
-        for line in sys.stdin.readlines():
-            yield line
+        for line in sys.stdin.buffer:
+            yield LongLine(len(line)) if len(line) > limit else line.decode("utf-8", "replace")
         return
+    buffer = bytearray()
+    skipped = 0
     try:
-        while line := await reader.readline():
-            yield line.decode("utf-8", "replace")
+        while chunk := await reader.read(STDIN_CHUNK):
+            buffer += chunk
+            lines, skipped = split_lines(buffer, limit, skipped)
+            for line in lines:
+                yield line
+        if buffer or skipped:  # a last line without a newline
+            buffer += b"\n"
+            lines, skipped = split_lines(buffer, limit, skipped)
+            for line in lines:
+                yield line
     finally:
         transport.close()
 
@@ -252,23 +388,124 @@ USER_HELP = """commands:
   l GROUP                 leave GROUP
   s GROUP[,GROUP] TEXT    send TEXT to one or more groups
   t LEVEL                 service level of sends (unreliable ... safe)
-  r [N]                   wait for N events (default 1) and print them
-  q                       quit"""
+  r [N]                   wait until N more events (default 1) have arrived
+  q                       quit
+events are printed as they arrive"""
+
+
+class _Console:
+    """Interactive output: events printed the moment they arrive, around the prompt."""
+
+    def __init__(self, client: Client, show: _Printer, prompt: bool) -> None:
+        self.client = client
+        self.show = show
+        self.prompt = f"{client.private_name}> " if prompt else ""
+        self.prompting = False  # the prompt is on screen, waiting for a line
+        self.arrived = 0  # events printed so far
+        self.claimed = 0  # events an `r` has waited for
+        self.changed = asyncio.Event()
+        self.ended: ClientError | None = None  # the session is over
+
+    def ask(self) -> None:
+        if self.prompt:
+            print(self.prompt, end="", file=sys.stderr, flush=True)
+            self.prompting = True
+
+    def note(self, text: str) -> None:
+        """Print a line on stderr (errors), keeping the prompt intact."""
+        self._around_prompt(lambda: print(text, file=sys.stderr, flush=True))
+
+    def _around_prompt(self, write: Callable[[], None]) -> None:
+        if self.prompting:  # clear the prompt line, print, show the prompt again
+            print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+        write()
+        if self.prompting:
+            print(self.prompt, end="", file=sys.stderr, flush=True)
+
+    def shown(self, event: Event) -> None:
+        self._around_prompt(lambda: self.show(event))
+        self.arrived += 1
+        self.changed.set()
+
+    async def pump(self) -> None:
+        """Print events as they arrive, until the session ends."""
+        while True:
+            try:
+                event = await self.client.receive()
+            except RequestRejected as exc:  # a send the daemon refused: the session goes on
+                self.note(f"error: {exc}")
+                continue
+            except ClientError as exc:
+                self.ended = exc
+                self.changed.set()
+                return
+            self.shown(event)
+
+    def drain(self) -> None:
+        """Print the events already queued (on quit: nothing received is left unshown)."""
+        with contextlib.suppress(MeshcastError):
+            while (event := self.client.receive_nowait()) is not None:
+                self.shown(event)
+
+    async def wait_events(self, count: int, timeout: float) -> None:  # noqa: ASYNC109
+        """Wait until `count` events beyond those earlier `r` commands waited for arrived."""
+        target = self.claimed + count
+        try:
+            async with asyncio.timeout(timeout):
+                while self.arrived < target:
+                    if self.ended is not None:
+                        raise self.ended
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            got = self.arrived - self.claimed
+            self.claimed = self.arrived
+            raise ClientError(
+                f"r: timed out after {timeout:g} s: {got} of {count} events arrived"
+            ) from None
+        self.claimed = target
+
+
+def _count(text: str) -> int:
+    """The N of ``r [N]``."""
+    if not text:
+        return 1
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"r takes a number of events (1, 2, ...), got {text!r}")
+    return int(text)
+
+
+LINE_ROOM = 64 * 1024  # bytes of a command line beyond its payload: command and group names
 
 
 async def _interactive(client: Client, args: argparse.Namespace, show: _Printer) -> None:
     service: ServiceLevel = args.service
-    lines = _stdin_lines()
-    prompt = sys.stdin.isatty()
+    console = _Console(client, show, prompt=sys.stdin.isatty())
+    limit = client.limits.max_message_size + LINE_ROOM
+    lines = stdin_lines(limit)
+    pump = asyncio.create_task(console.pump())
     try:
         while True:
-            while (event := client.receive_nowait()) is not None:
-                show(event)
-            if prompt:
-                print(f"{client.private_name}> ", end="", file=sys.stderr, flush=True)
-            line = await anext(lines, None)
+            console.ask()
+            reading = asyncio.ensure_future(anext(lines, None))
+            await asyncio.wait({reading, pump}, return_when=asyncio.FIRST_COMPLETED)
+            console.prompting = False
+            if not reading.done():  # the session ended while we waited for a line
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
+                if console.prompt:
+                    print(file=sys.stderr)
+                break
+            line = reading.result()
             if line is None:
-                return
+                break
+            if isinstance(line, LongLine):
+                console.note(
+                    f"error: line of {line.size} bytes ignored: longer than this daemon's "
+                    f"max_message_size ({client.limits.max_message_size} B) allows"
+                )
+                continue
             command, _, rest = line.strip().partition(" ")
             rest = rest.strip()
             try:
@@ -276,7 +513,7 @@ async def _interactive(client: Client, args: argparse.Namespace, show: _Printer)
                     case "":
                         continue
                     case "q":
-                        return
+                        break
                     case "j":
                         await client.join(rest)  # its MEMBERSHIP is printed as an event
                     case "l":
@@ -292,18 +529,23 @@ async def _interactive(client: Client, args: argparse.Namespace, show: _Printer)
                     case "t":
                         service = service_level(rest)
                     case "r":
-                        count = int(rest) if rest.isdigit() else 1
-                        async with asyncio.timeout(args.timeout):
-                            for _ in range(count):
-                                show(await client.receive())
+                        await console.wait_events(_count(rest), args.timeout)
                     case _:
-                        print(USER_HELP, file=sys.stderr)
-            except (UsageError, TimeoutError) as exc:
-                print(f"error: {exc or 'timed out'}", file=sys.stderr)
-            except RequestRejected as exc:
-                print(f"error: {exc}", file=sys.stderr)
+                        console.note(USER_HELP)
+            except UsageError as exc:
+                console.note(f"error: {exc}")
+            except ClientError as exc:
+                if console.ended is not None:
+                    break
+                console.note(f"error: {exc}")  # rejected, timed out: the session goes on
     finally:
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump
         await lines.aclose()
+    console.drain()
+    if console.ended is not None:
+        raise console.ended
 
 
 # ---------------------------------------------------------------- meshcast flood
@@ -317,15 +559,24 @@ def add_flood_command(sub: SubParsers) -> None:
         description=(
             "Connect one or more receiving clients (--receivers; default one on --connect) "
             "and one sender, send --messages messages of --size bytes to --group, and print "
-            "one JSON object with the messages/s and Mbit/s seen by the slowest receiver."
+            "one line with the messages/s and Mbit/s seen by the slowest receiver (with "
+            "--json: one JSON object with every receiver's figures)."
         ),
     )
     parser.add_argument(
-        "--connect", metavar="ADDR", required=True, type=_address, help="the sender's daemon"
+        "--connect",
+        metavar="ADDR",
+        required=True,
+        type=_address,
+        help="the sender's daemon: unix:PATH, tcp:HOST:PORT or a daemon's name",
     )
     parser.add_argument("--group", default="flood", help="group to flood (default: flood)")
-    parser.add_argument("--messages", metavar="N", type=integer(0), default=10_000)
-    parser.add_argument("--size", metavar="BYTES", type=integer(0), default=1000)
+    parser.add_argument(
+        "--messages", metavar="N", type=integer(0), default=10_000, help="messages to send"
+    )
+    parser.add_argument(
+        "--size", metavar="BYTES", type=integer(0), default=1000, help="bytes of each message"
+    )
     parser.add_argument(
         "--service",
         type=_service,
@@ -356,7 +607,9 @@ def add_flood_command(sub: SubParsers) -> None:
         default=2.0,
         help="unreliable service: stop waiting after this long without a message (default: 2)",
     )
-    parser.add_argument("--json", action="store_true", help="compact JSON (one line)")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of the summary line"
+    )
     parser.set_defaults(handler=flood_command)
 
 
@@ -415,7 +668,8 @@ def _rates(count: int, size: int, seconds: float) -> dict[str, float]:
 
 
 async def _flood(args: argparse.Namespace) -> int:
-    receivers_at: list[str] = args.receivers or [args.connect]
+    sender_at = resolve_address(args.connect)
+    receivers_at = [resolve_address(a) for a in args.receivers or [args.connect]]
     limit: float = args.timeout
     unreliable = args.service == ServiceLevel.UNRELIABLE
     result: dict[str, Any]
@@ -431,7 +685,7 @@ async def _flood(args: argparse.Namespace) -> int:
             names = {c.private_name for c in receivers}
             for client in receivers:  # every receiver sees every other: views agree
                 await _wait_all_joined(client, args.group, names)
-            sender = await connect(args.connect, name=f"{args.name}-s", timeout=limit)
+            sender = await connect(sender_at, name=f"{args.name}-s", timeout=limit)
             await stack.enter_async_context(sender)
         if args.size > sender.limits.max_message_size:
             raise UsageError(
@@ -493,7 +747,7 @@ async def _flood(args: argparse.Namespace) -> int:
             "timed_out": timed_out,
             "per_receiver": per_receiver,
         }
-    print(json.dumps(result, indent=None if args.json else 2))
+    print(json.dumps(result) if args.json else flood_summary(result))
     if not complete and not unreliable:
         print(
             f"meshcast flood: error: the slowest receiver got {slowest['received']} of "
@@ -502,6 +756,21 @@ async def _flood(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def flood_summary(result: dict[str, Any]) -> str:
+    """The result of `meshcast flood` as one line (what `--json` gives as an object)."""
+    receivers = result["receivers"]
+    line = (
+        f"{result['received']:,} of {result['messages']:,} messages of {result['size']:,} B "
+        f"({result['service']}, group {result['group']}) in {result['seconds']:.3f} s: "
+        f"{result['messages_per_second']:,.0f} msgs/s, {result['mbit_per_second']:.2f} Mbit/s"
+    )
+    if receivers > 1:
+        line += f" (slowest of {receivers} receivers)"
+    if result["timed_out"]:
+        line += "; timed out"
+    return line
 
 
 # ---------------------------------------------------------------- meshcast status
@@ -517,7 +786,8 @@ def add_status_command(sub: SubParsers) -> None:
             "status report and print it: the daemon, its overlay view, its links, the tree "
             "of its own source, every group with its members, and its counters. A table "
             "by default; one JSON object with --json. The daemon is found by --socket, "
-            "or by --name (and --config) at its default client socket."
+            "or by --name at its default client socket (--config picks the cluster when "
+            "daemons of several clusters have that name)."
         ),
     )
     parser.add_argument(
@@ -527,13 +797,13 @@ def add_status_command(sub: SubParsers) -> None:
         metavar="ADDR",
         type=_address,
         default=None,
-        help="the daemon's client address: unix:PATH or tcp:HOST:PORT",
+        help="the daemon's client address: unix:PATH, tcp:HOST:PORT or a daemon's name",
     )
     parser.add_argument(
         "--config",
         metavar="FILE",
         default=None,
-        help="cluster file naming the daemon (with --name; default: the embedded cluster)",
+        help="cluster file naming the daemon (with --name; default: any cluster)",
     )
     parser.add_argument(
         "--name",
@@ -552,37 +822,29 @@ def add_status_command(sub: SubParsers) -> None:
     parser.set_defaults(handler=status_command)
 
 
-def status_address(socket: str | None, config: str | None, name: str | None) -> str:
+def status_address(address: str | None, config: str | None, name: str | None) -> str:
     """The address `meshcast status` connects to: --socket, else the default Unix socket
-    of daemon --name of the --config cluster. `UsageError` or `ConfigError` otherwise."""
-    if socket is not None:
-        if config is not None or name is not None:
-            raise UsageError("give either --socket or --name (with --config), not both")
-        return socket
+    of daemon --name (of the --config cluster, if given). `UsageError`, `ConfigError` or
+    `ClientError` (no such daemon running) otherwise."""
+    if address is not None:
+        if name is not None:
+            raise UsageError("give either --socket or --name, not both")
+        return resolve_address(address, config)
     if name is None:
         raise UsageError(
             "which daemon? give --socket unix:PATH | tcp:HOST:PORT, or --name NAME "
             "(and --config FILE)"
         )
-    from meshcast.config import default_config, load_config
-    from meshcast.runtime.sessions import default_socket_path
-
-    cluster = default_config() if config is None else load_config(config)
-    cluster.daemon(name)  # ConfigError naming the file for an unknown daemon
-    return f"unix:{default_socket_path(name)}"
+    return find_daemon(name, config)
 
 
 def status_command(args: argparse.Namespace) -> int:
     """Handler of ``meshcast status``: returns the exit status."""
-    try:
-        address = status_address(args.socket, args.config, args.name)
-    except (UsageError, ConfigError) as exc:
-        print(f"meshcast status: error: {exc}", file=sys.stderr)
-        return 2
-    return _run(_status(address, args), "status")
+    return _run(_status(args), "status")
 
 
-async def _status(address: str, args: argparse.Namespace) -> int:
+async def _status(args: argparse.Namespace) -> int:
+    address = status_address(args.socket, args.config, args.name)
     client = await connect(address, timeout=args.timeout, membership=False)
     async with client:
         report = await client.status()
@@ -594,7 +856,9 @@ async def _status(address: str, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshcast", description="meshcast client commands")
+    parser: argparse.ArgumentParser = Parser(
+        prog="meshcast", description="meshcast client commands"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_user_command(sub)
     add_flood_command(sub)
@@ -604,9 +868,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m meshcast.client user|flood ...``."""
-    args = build_parser().parse_args(argv)
-    code: int = args.handler(args)
-    return code
+    from meshcast.cli import run_handler
+
+    return run_handler(build_parser().parse_args(argv))
 
 
 def main_user(argv: Sequence[str] | None = None) -> int:

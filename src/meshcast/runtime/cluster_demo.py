@@ -121,9 +121,9 @@ def _consistent(a: Sequence[Line], b: Sequence[Line]) -> bool:
 
 @contextlib.contextmanager
 def _runtime_dir(path: str) -> Iterator[None]:
-    """Daemons started inside put their client sockets in `path`/meshcast/<name>.sock.
+    """Daemons started inside put their client sockets in `path`/meshcast/<name>@<cluster>.sock.
 
-    The daemon's default socket path is $XDG_RUNTIME_DIR/meshcast/<name>.sock; pointing
+    The daemon's default socket path is $XDG_RUNTIME_DIR/meshcast/<name>@<cluster>.sock; pointing
     XDG_RUNTIME_DIR at a private temporary directory while the processes start keeps the
     demo's sockets apart from any other daemon on this machine.
     """
@@ -678,6 +678,30 @@ class _Demo:
             self.checks.results.append(verdict)
 
 
+def demo_printer(stream: TextIO, *, colour: bool) -> Callable[[str], None]:
+    """How the demo prints a line: with `colour` (a terminal), "ok"/"OK" in green and
+    "FAILED" in red (rich), so a failure stands out in 80 lines; plain text otherwise."""
+    if not colour:
+
+        def plain(text: str = "") -> None:
+            print(text, file=stream, flush=True)
+
+        return plain
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(file=stream, force_terminal=True, highlight=False, soft_wrap=True)
+
+    def coloured(text: str = "") -> None:
+        line = Text(text)
+        line.highlight_regex(r"\b(?:ok|OK)\b", "bold green")
+        line.highlight_regex(r"\bFAILED\b", "bold red")
+        console.print(line)
+        stream.flush()
+
+    return coloured
+
+
 async def run_cluster_demo(
     config: ClusterConfig | None = None, *, victim: str | None = None, out: TextIO | None = None
 ) -> int:
@@ -697,8 +721,7 @@ async def run_cluster_demo(
     loop = asyncio.get_running_loop()
     started = loop.time()
 
-    def say(text: str = "") -> None:
-        print(text, file=stream, flush=True)
+    say = demo_printer(stream, colour=stream.isatty() and "NO_COLOR" not in os.environ)
 
     say(
         f"meshcast demo: cluster {config.name!r}, {len(names)} daemons in "

@@ -7,8 +7,8 @@ datagram, the timer, a probe) to the node, applies the effects that came back, a
 one timer from `OverlayNode.next_deadline()`. Every input runs inside a bulkhead.
 
 State changes are logged as events: one JSON object per line on stderr once
-`configure_logging` has installed `JsonLineFormatter` (the ``meshcast daemon`` command
-does). `run_daemon` is the whole life of one daemon: bind, start, serve until SIGTERM or
+`configure_logging` has installed `JsonLineFormatter`, or one readable line with
+`HumanLineFormatter` (the ``meshcast daemon`` command picks: readable on a terminal). `run_daemon` is the whole life of one daemon: bind, start, serve until SIGTERM or
 SIGINT (or `stop`), drain, log the final statistics, return the exit status.
 """
 
@@ -233,16 +233,61 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(_json_value(entry), default=str, allow_nan=False)
 
 
-def configure_logging(verbosity: int, stream: Any = None) -> None:
-    """JSON lines on stderr for every record; events always, other records by `verbosity`.
+class HumanLineFormatter(logging.Formatter):
+    """Each record as one line for a person at a terminal.
 
-    0: warnings, 1: info, 2+: debug. Replaces the formatter of the root logger's handlers
-    (adding a stderr handler when there is none), so the whole process logs one format.
+    ``12:00:01.234 D1 view_agreed members=[1, 2, 3] ...`` for events (time, daemon, event,
+    the other fields as key=value); ``12:00:01.234 WARNING logger: message`` otherwise.
     """
+
+    _TAGS = ("daemon", "node")
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        stamp += f".{int(record.msecs):03d}"
+        level = "" if record.levelno == logging.INFO else f" {record.levelname}"
+        event = getattr(record, "event", None)
+        fields = getattr(record, "fields", None)
+        if isinstance(event, str) and isinstance(fields, dict):
+            daemon = fields.get("daemon", "")
+            rest = " ".join(
+                f"{k}={_human_value(v)}" for k, v in fields.items() if k not in self._TAGS
+            )
+            line = f"{stamp}{level} {daemon} {event}" + (f" {rest}" if rest else "")
+        else:
+            line = f"{stamp}{level} {record.name}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _human_value(value: object) -> str:
+    value = _json_value(value)
+    return value if isinstance(value, str) and value and " " not in value else json.dumps(value)
+
+
+LOG_FORMATS = ("auto", "human", "json")
+
+
+def configure_logging(verbosity: int, stream: Any = None, log_format: str = "json") -> None:
+    """One line on stderr for every record; events always, other records by `verbosity`.
+
+    0: warnings, 1: info, 2+: debug. `log_format` "json" writes JSON lines
+    (`JsonLineFormatter`), "human" readable lines (`HumanLineFormatter`), "auto" human
+    lines when the stream is a terminal and JSON lines otherwise (a pipe, a file: what
+    programs read). Replaces the formatter of the root logger's handlers (adding a
+    stderr handler when there is none), so the whole process logs one format.
+    """
+    if log_format not in LOG_FORMATS:
+        raise UsageError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.StreamHandler(sys.stderr if stream is None else stream))
-    formatter = JsonLineFormatter()
+    if log_format == "auto":
+        out = stream if stream is not None else sys.stderr
+        is_terminal = getattr(out, "isatty", None)
+        log_format = "human" if is_terminal is not None and is_terminal() else "json"
+    formatter = HumanLineFormatter() if log_format == "human" else JsonLineFormatter()
     for handler in root.handlers:
         handler.setFormatter(formatter)
     root.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG))
@@ -442,7 +487,7 @@ class OverlayDaemon:
         elif listen.unix_path is None:
             # The default path is a convenience: another daemon of the same name on this
             # machine (a second cluster, a test run) may hold it. Then serve without it.
-            path = default_socket_path(self.spec.name)
+            path = default_socket_path(self.spec.name, self.config.name)
             try:
                 await server.start_unix(path, default_dir=True)
             except OSError as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meshcast.argtypes import seconds
+from meshcast.argtypes import print_error, seconds
 from meshcast.config import ClusterConfig, default_config, load_config
 from meshcast.errors import ConfigError, MeshcastError
 
@@ -33,8 +33,9 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="run one overlay daemon of a cluster configuration",
         description=(
             "Run one overlay daemon: Hop links to its neighbours, heartbeats, failure "
-            "detection and the membership protocol. State changes are logged on stderr as "
-            "JSON lines. SIGTERM or SIGINT drains and exits 0."
+            "detection and the membership protocol. State changes are logged on stderr: "
+            "readable lines on a terminal, JSON lines otherwise (--log-format). SIGTERM or "
+            "SIGINT (Ctrl-C) is the daemon's normal stop: it drains and exits 0."
         ),
     )
     parser.add_argument(
@@ -59,7 +60,8 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         metavar="PATH",
         default=None,
         help="Unix socket for client sessions (created 0600); default: "
-        "$XDG_RUNTIME_DIR/meshcast/NAME.sock, else <tmp>/meshcast-<uid>/NAME.sock",
+        "$XDG_RUNTIME_DIR/meshcast/NAME@CLUSTER.sock, else "
+        "<tmp>/meshcast-<uid>/NAME@CLUSTER.sock",
     )
     parser.add_argument(
         "--no-client-socket",
@@ -79,6 +81,13 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         metavar="ADDRESS",
         default="127.0.0.1",
         help="address of the TCP client listener (default 127.0.0.1: loopback only)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "human", "json"),
+        default="auto",
+        help="log lines on stderr: human-readable, JSON, or auto: human on a terminal, "
+        "JSON otherwise (default: auto)",
     )
     parser.add_argument(
         "-v",
@@ -118,16 +127,19 @@ def daemon_command(args: argparse.Namespace) -> int:
         config = _load(args.config)
         overlay_config(config, args.name)  # unknown name, unusable policy: before binding
     except ConfigError as exc:
-        print(f"meshcast daemon: error: {exc}", file=sys.stderr)
+        print_error("meshcast daemon", exc)
         return 2
-    configure_logging(int(getattr(args, "verbose", 0) or 0) + int(args.daemon_verbose))
+    configure_logging(
+        int(getattr(args, "verbose", 0) or 0) + int(args.daemon_verbose),
+        log_format=args.log_format,
+    )
     try:
         return run(
             run_daemon(config, args.name, probe_interval=args.probe_interval, clients=clients)
         )
     except ConfigError as exc:
-        print(f"meshcast daemon: error: {exc}", file=sys.stderr)
+        print_error("meshcast daemon", exc)
         return 2
     except (MeshcastError, OSError) as exc:
-        print(f"meshcast daemon: error: {exc}", file=sys.stderr)
+        print_error("meshcast daemon", exc)
         return 1

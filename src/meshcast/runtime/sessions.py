@@ -8,8 +8,8 @@ which runs them in its bulkhead against the table and applies the effects, calli
 membership"; socket conventions: docs/design/daemon.md, "Client sessions".
 
 Socket path convention (the client library relies on it):
-``$XDG_RUNTIME_DIR/meshcast/<daemon>.sock`` when ``XDG_RUNTIME_DIR`` is set, else
-``<tempdir>/meshcast-<uid>/<daemon>.sock``. The directory is created ``0700`` and must
+``$XDG_RUNTIME_DIR/meshcast/<daemon>@<cluster>.sock`` when ``XDG_RUNTIME_DIR`` is set, else
+``<tempdir>/meshcast-<uid>/<daemon>@<cluster>.sock``. The directory is created ``0700`` and must
 belong to this user; the socket is created ``0600``. A stale socket file (nothing
 listening) is replaced; a live one, or a path that is not a socket, is an error.
 """
@@ -41,12 +41,22 @@ Input = Callable[[float], list[SessionEffect]]
 Feed = Callable[[str, Input], None]
 
 
-def default_socket_path(daemon_name: str) -> Path:
-    """Where daemon `daemon_name` listens for clients unless told otherwise."""
+SOCKET_NAME_SEPARATOR = "@"  # never in a daemon or cluster name: NAME@CLUSTER is unambiguous
+
+
+def default_socket_dir() -> Path:
+    """The directory of the daemons' default client sockets (see the module docstring)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
-        return Path(runtime) / "meshcast" / f"{daemon_name}.sock"
-    return Path(tempfile.gettempdir()) / f"meshcast-{os.getuid()}" / f"{daemon_name}.sock"
+        return Path(runtime) / "meshcast"
+    return Path(tempfile.gettempdir()) / f"meshcast-{os.getuid()}"
+
+
+def default_socket_path(daemon_name: str, cluster_name: str) -> Path:
+    """Where daemon `daemon_name` of cluster `cluster_name` listens for clients unless told
+    otherwise: ``<default_socket_dir()>/NAME@CLUSTER.sock``. The cluster is part of the
+    name so that daemons of two clusters that share a daemon name do not collide."""
+    return default_socket_dir() / f"{daemon_name}{SOCKET_NAME_SEPARATOR}{cluster_name}.sock"
 
 
 def ensure_private_dir(directory: Path) -> None:

@@ -198,6 +198,13 @@ def run_scenario(
         "ok": exact and (ordered or not scenario.in_order),
         "exactly_once": exact,
         "in_order": ordered,
+        "in_order_required": scenario.in_order,
+        "order_note": (
+            "the link delivers in order (TCP): out-of-order delivery fails the run"
+            if scenario.in_order
+            else "Hop hands each message up as it arrives (no head-of-line blocking); "
+            "in_order false is expected: ordering is the group layer's job"
+        ),
         "delivered": {str(n): len(ids) for n, ids in got.items()},
         "expected": count,
         "virtual_seconds": round(sim.now, 6),
