@@ -389,11 +389,15 @@ class LimitsConfig:
     max_clients: int = 1000  # client sessions per daemon
     max_groups_per_client: int = 100  # groups one client session may join
     max_group_name: int = 64  # bytes of a group name (UTF-8)
+    # s: a `block` member that holds senders back this long is disconnected (SLOW_RECEIVER)
+    block_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value < 1:
+            if f.name == "block_timeout":
+                _check_positive(value, "limits.block_timeout", "seconds")
+            elif value < 1:
                 raise ConfigError(f"must be at least 1, got {value!r}", key=f"limits.{f.name}")
         # What the client protocol can carry (docs/client-protocol.md).
         ceilings = {"max_group_name": 255, "max_message_size": 1 << 30}

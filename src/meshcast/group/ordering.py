@@ -47,6 +47,7 @@ from meshcast.group.view import GroupView
 from meshcast.ids import NodeId
 from meshcast.wire.client import ServiceLevel
 from meshcast.wire.group import (
+    MAX_BLOCKED_GROUPS,
     NO_VIEW,
     GroupAck,
     GroupData,
@@ -128,7 +129,8 @@ class _ViewState:
         self.repair_at = 0.0  # next look for own copies some destination still lacks
         self.progress_at: dict[NodeId, float] = {}  # last ACK of a member covering more of ours
         self.frozen = False  # our FLUSH is out: nothing more is sent or taken in this view
-        self.blocked_by: dict[NodeId, bool] = {}  # members whose last ACK said BLOCKED
+        # members whose last ACK said BLOCKED: the groups it named (None: every group)
+        self.blocked_by: dict[NodeId, frozenset[str] | None] = {}
         # total-order stream bookkeeping for NULLs
         self.last_stream_ts = 0  # timestamp of our last stream message
         self.last_stream_aru = 0  # ARU on it
@@ -195,6 +197,7 @@ class GroupEngine:
         self._retry_at = 0.0  # while flushing: when to send it again
         self._answered: dict[NodeId, float] = {}  # when we last answered a daemon's retry
         self._blocked = False  # a local `block` member cannot keep up
+        self._blocked_groups: tuple[str, ...] = ()  # ...in these groups (() = every group)
         self._queued: deque[tuple[tuple[str, ...], bytes, ServiceLevel, str, int]] = deque()
         self._past_views: deque[bytes] = deque(maxlen=self.config.max_past_views)
         self._future: deque[tuple[NodeId, GroupMessage, bytes]] = deque()
@@ -226,26 +229,44 @@ class GroupEngine:
 
     def can_submit(self) -> bool:
         """Would a local message be taken now? False while our own copies not yet held
-        everywhere fill the window, or while a member's client blocks (`block` policy:
-        every daemon holds its senders back), or the flush queue is full."""
+        everywhere fill the window, or the flush queue is full. (A slow `block` member
+        holds back only messages to its groups: `holds_back`.)"""
         if self._flush is not None:
             return len(self._queued) < max(self.config.max_held_messages // 2, 1)
         state = self._state
         if state is None:
             return False
         own_limit = max(self.config.max_held_messages // 2, 1)
-        return (
-            self._window_open(state)
-            and state.total.pending < own_limit
-            and not any(state.blocked_by.values())
+        return self._window_open(state) and state.total.pending < own_limit
+
+    def holds_back(self, groups: Iterable[str]) -> bool:
+        """Must a local client's message to `groups` wait? True while a `block` member of
+        one of them, here or at any daemon of the view (its ACKs say BLOCKED), cannot
+        keep up. Other groups keep flowing."""
+        named = frozenset(groups)
+        if self._blocked and (
+            not self._blocked_groups or not named.isdisjoint(self._blocked_groups)
+        ):
+            return True
+        state = self._state
+        if state is None:
+            return False
+        return any(
+            blocked is None or not named.isdisjoint(blocked)
+            for blocked in state.blocked_by.values()
         )
 
-    def set_blocked(self, blocked: bool) -> None:
-        """A local client of a `block` group cannot keep up (or can again): tell the
-        others in the next ACK, so that their senders wait too."""
-        if blocked == self._blocked:
+    def set_blocked(self, groups: Iterable[str] = (), *, everything: bool = False) -> None:
+        """Local `block` members of `groups` cannot keep up (or, with none, can again):
+        tell the others in the next ACK, so that their senders to those groups wait too.
+        `everything` (or more than MAX_BLOCKED_GROUPS groups) holds back every group."""
+        listed = tuple(sorted(set(groups)))
+        blocked = everything or bool(listed)
+        if everything or len(listed) > MAX_BLOCKED_GROUPS:
+            listed = ()
+        if (blocked, listed) == (self._blocked, self._blocked_groups):
             return
-        self._blocked = blocked
+        self._blocked, self._blocked_groups = blocked, listed
         if self._state is not None:
             self._state.last_ack = ()  # an ACK is due, even with nothing new in it
             self._state.ack_due = True
@@ -426,7 +447,7 @@ class GroupEngine:
             if vector != state.last_ack:
                 state.last_ack, state.last_ack_at = vector, now
                 self._bump(acks_sent=1)
-                ack = GroupAck(state.view.view_id, vector, self._blocked)
+                ack = GroupAck(state.view.view_id, vector, self._blocked, self._blocked_groups)
                 if self._blocked:
                     self._bump(blocked_acks_sent=1)
                 effects.append(Broadcast(state.others, encode_group(ack)))
@@ -678,9 +699,11 @@ class GroupEngine:
         if len(ack.entries) != len(index) or any(NodeId(m) not in index for m, *_ in ack.entries):
             self._bump(malformed_dropped=1)
             return
-        state.blocked_by[source] = ack.blocked
         if ack.blocked:
+            state.blocked_by[source] = frozenset(ack.blocked_groups) or None
             self._bump(blocked_acks_received=1)
+        else:
+            state.blocked_by.pop(source, None)
         mine = state.acks.setdefault(source, {})
         for m, pruned, causal, total in ack.entries:
             old = mine.get(NodeId(m), (0, 0, 0))

@@ -20,8 +20,12 @@ A STATUS request is answered with a bounded JSON report (`status`): the table's 
 injected `status` provider returns for the layers the table cannot see (the daemon's
 view, links, tree, uptime), so the table stays sans-I/O.
 
-While a `block` member is over its write limit, `accepting` is False: the runtime stops
-reading client connections, so no local client's MULTICAST is taken until it drains.
+While a `block` member is over its write limit, its groups are *blocked*
+(`blocked_groups`): the runtime takes no local client's MULTICAST to one of them until it
+drains (the engine tells the other daemons, whose senders to those groups wait too);
+other groups keep flowing. A member that holds senders back for longer than
+`SessionConfig.block_timeout` is disconnected with ERROR SLOW_RECEIVER, written after
+the frames already handed to its socket (`CloseConnection.last`), and the senders resume.
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ class SessionConfig:
     # its transport's high-water mark before it is disconnected with SLOW_RECEIVER anyway:
     # the daemon's memory stays bounded whatever the clients do.
     max_backlog: int = 64 * 1024 * 1024
+    # s: a `block` member that holds senders back this long without draining is
+    # disconnected with SLOW_RECEIVER ([limits] block_timeout)
+    block_timeout: float = 30.0
     # a STATUS report lists at most this many groups, and this many members of each; it is
     # cut further (and says "truncated") when it would exceed MAX_STATUS_SIZE bytes
     status_max_groups: int = 100
@@ -91,7 +98,10 @@ class SendBytes:
 @dataclass(frozen=True, slots=True)
 class CloseConnection:
     conn: int
-    abort: bool = False  # drop what is still queued (a slow receiver)
+    # a slow receiver: drop the frames queued but not yet handed to its socket, then
+    # write `last` (the ERROR saying why) and close; aborted if the peer never reads it
+    abort: bool = False
+    last: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +159,7 @@ class _Session:
     groups: dict[str, SlowReceiverPolicy] = field(default_factory=dict)  # requested
     paused: bool = False  # the transport's write buffer is over its high-water mark
     backlog: int = 0  # bytes sent while paused
+    blocked_since: float | None = None  # when it began holding senders back
     dropped: dict[str, int] = field(default_factory=dict)  # group -> UNRELIABLE dropped
 
 
@@ -183,8 +194,18 @@ class SessionTable:
 
     @property
     def accepting(self) -> bool:
-        """False while a slow `block` member holds local senders back: stop reading."""
+        """False while a slow `block` member holds some senders back (`blocked_groups`)."""
         return not self._blocking
+
+    def blocked_groups(self) -> frozenset[str]:
+        """Groups whose senders must wait: those of local members that are over their
+        write limit with frames queued, except groups they joined with `disconnect`."""
+        groups: set[str] = set()
+        for conn in self._blocking:
+            s = self._sessions.get(conn)
+            if s is not None:
+                groups.update(g for g, p in s.groups.items() if p != SlowReceiverPolicy.DISCONNECT)
+        return frozenset(groups)
 
     def session_name(self, conn: int) -> str | None:
         s = self._sessions.get(conn)
@@ -197,7 +218,15 @@ class SessionTable:
         return self._stats.snapshot()
 
     def next_deadline(self) -> float | None:
-        return self.membership.next_deadline()
+        deadlines = [
+            since + self.config.block_timeout
+            for conn in self._blocking
+            if (since := self._sessions[conn].blocked_since) is not None
+        ]
+        below = self.membership.next_deadline()
+        if below is not None:
+            deadlines.append(below)
+        return min(deadlines, default=None)
 
     def status(
         self, now: float, *, max_groups: int | None = None, max_members: int | None = None
@@ -335,6 +364,7 @@ class SessionTable:
             return []
         s.paused = False
         s.backlog = 0
+        s.blocked_since = None
         self._blocking.discard(conn)
         out: list[SessionEffect] = []
         for group, count in sorted(s.dropped.items()):
@@ -373,7 +403,15 @@ class SessionTable:
 
     def on_timer(self, now: float) -> list[SessionEffect]:
         self._now = max(self._now, now)
-        return self._route(self.membership.on_timer(now))
+        out: list[SessionEffect] = []
+        timeout = self.config.block_timeout
+        for conn in sorted(self._blocking):
+            s = self._sessions[conn]
+            if s.blocked_since is not None and now >= s.blocked_since + timeout:
+                out += self._slow(
+                    s, f"held senders back for {timeout:g} s without reading (block_timeout)"
+                )
+        return out + self._route(self.membership.on_timer(now))
 
     # ------------------------------------------------------------------ handshake
 
@@ -570,6 +608,8 @@ class SessionTable:
                 return []
             s.backlog += len(data)
             self._blocking.add(s.conn)
+            if s.blocked_since is None:
+                s.blocked_since = self._now
             if s.backlog > self.config.max_backlog:
                 return self._slow(s, f"more than {self.config.max_backlog} bytes queued")
         if message:
@@ -616,10 +656,13 @@ class SessionTable:
     ) -> list[SessionEffect]:
         out: list[SessionEffect] = []
         was_open = s.state is _State.OPEN
-        if last:
-            out.append(SendBytes(s.conn, last))
-        if close:
-            out.append(CloseConnection(s.conn, abort))
+        if abort:
+            out.append(CloseConnection(s.conn, abort=True, last=last))
+        else:
+            if last:
+                out.append(SendBytes(s.conn, last))
+            if close:
+                out.append(CloseConnection(s.conn))
         s.state = _State.CLOSED
         if not close:
             del self._sessions[s.conn]

@@ -464,18 +464,32 @@ def test_config_is_checked() -> None:
         GroupConfig(max_held_messages=0)
 
 
-def test_a_blocked_member_holds_senders_back_everywhere() -> None:
+def test_a_blocked_member_holds_back_senders_to_its_groups_everywhere() -> None:
     m = Mesh([A, B])
     m.host("g", [A, B])
-    assert m.engines[A].can_submit()
-    m.engines[B].set_blocked(True)
-    m.tick(0.05)  # B's ACK says BLOCKED, though nothing new arrived
+    m.host("h", [A, B])
+    assert not m.engines[A].holds_back(["g"])
+    m.engines[B].set_blocked(["g"])
+    m.tick(0.05)  # B's ACK says BLOCKED for g, though nothing new arrived
     m.feed(A, m.take(A))
-    assert not m.engines[A].can_submit()
-    m.engines[B].set_blocked(False)
+    assert m.engines[A].holds_back(["g"])
+    assert m.engines[A].holds_back(["h", "g"])
+    assert not m.engines[A].holds_back(["h"])  # other groups keep flowing
+    assert m.engines[A].can_submit()
+    m.engines[B].set_blocked()
     m.tick(0.05)
     m.feed(A, m.take(A))
-    assert m.engines[A].can_submit()
+    assert not m.engines[A].holds_back(["g"])
+
+
+def test_too_many_blocked_groups_hold_back_every_group() -> None:
+    m = Mesh([A, B])
+    m.host("g", [A, B])
+    m.engines[B].set_blocked([f"g{i}" for i in range(300)])  # more than an ACK names
+    m.tick(0.05)
+    m.feed(A, m.take(A))
+    assert m.engines[A].holds_back(["anything"])
+    assert m.engines[B].holds_back(["anything"])
 
 
 def test_own_messages_not_yet_held_everywhere_close_the_window() -> None:
