@@ -153,15 +153,23 @@ class Cluster:
 
 @asynccontextmanager
 async def start_cluster(
-    tmp_path: Path, *, group_ready: bool = True, failure_timeout: float | None = None
+    tmp_path: Path,
+    *,
+    group_ready: bool = True,
+    failure_timeout: float | None = None,
+    block_timeout: float | None = None,
 ) -> AsyncIterator[Cluster]:
     """d1, d2, d3 in a triangle, clients on Unix sockets; every daemon stopped after.
 
     Ready once the daemons agree on the overlay view and, with `group_ready`, each has
     installed the group layer's view of the three (its flush is over). `failure_timeout`
-    (s) replaces the helpers' 0.5 s, for tests that load the daemons heavily.
+    (s) replaces the helpers' 0.5 s, for tests that load the daemons heavily;
+    `block_timeout` (s) sets ``[limits] block_timeout``.
     """
     config = write_cluster(tmp_path, 3, ring(3))
+    if block_timeout is not None:
+        with config.open("a", encoding="utf-8") as out:
+            out.write(f'\n[limits]\nblock_timeout = "{block_timeout}s"\n')
     if failure_timeout is not None:
         text, changed = re.subn(
             r"(?m)^failure_timeout = .*$",
@@ -1163,3 +1171,77 @@ async def test_daemon_paused_past_the_failure_timeout_rejoins(cluster: Cluster) 
         for p in everyone:
             await p.wait_until(holding(expected), "AGREED after the merge", UNRELIABLE_WAIT)
         assert len({tuple(p.messages("again")) for p in everyone}) == 1
+
+
+# ---------------------------------------------------------------- a `block` member's reach
+
+SLOW_BLOCK_TIMEOUT = 10.0  # s: [limits] block_timeout of this test's cluster
+SLOW_FLOOD = 500  # messages of FAR_SIZE (30 MB, beyond the 16 MiB send window) to "slow"
+OTHER_COUNT = 100  # AGREED messages per sender to the unrelated group
+
+
+async def session_end(client: Client) -> ClientError:
+    """Take a client's events until the library reports the session's end; that error."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            try:
+                await client.receive()
+            except ClientError as exc:
+                return exc
+
+
+async def test_a_block_member_holds_back_only_its_groups_until_block_timeout(
+    tmp_path: Path,
+) -> None:
+    """A `block` member of "slow" on d1 that never reads: a remote sender to "slow" (d2)
+    is held back, while AGREED traffic of "other" from d2 and d3 keeps flowing to members
+    on all three daemons (the slow member's too). After block_timeout the daemon cuts
+    the member off with SLOW_RECEIVER, which the library reports to it, and the held
+    sender resumes without loss."""
+    async with (
+        start_cluster(tmp_path, block_timeout=SLOW_BLOCK_TIMEOUT) as cluster,
+        connected(cluster, ["c1a", "c2a", "c3a", "c2b", "c2c", "c3b"], keep=False) as peers,
+        connected(cluster, ["c1s"], queue_size=8) as lazy,
+    ):
+        slow = lazy["c1s"]
+        await slow.stop_collecting()  # from now on nobody takes its events
+        await slow.client.join("slow")
+        readers = [peers["c1a"], peers["c2a"], peers["c3a"]]
+        await join_all(readers, "other")
+        await join_all([peers["c2a"]], "slow")
+        await peers["c2a"].wait_view("slow", lambda v: len(v.members) == 2, "both members")
+        flood = asyncio.create_task(
+            send_numbered(peers["c2b"], "held", SLOW_FLOOD, "slow", FAR_SIZE)
+        )
+        try:
+            await wait_stalled(peers["c2a"], "held", flood)  # d1 said BLOCKED for "slow"
+            # "other" flows meanwhile: senders on the held sender's daemon and on d3
+            async with asyncio.timeout(WAIT):
+                for number in range(OTHER_COUNT):
+                    await peers["c2c"].send("other", number, ServiceLevel.AGREED, "other")
+                    await peers["c3b"].send("other", number, ServiceLevel.AGREED, "other")
+            expected = {("other", s, n) for s in ("c2c", "c3b") for n in range(OTHER_COUNT)}
+            for p in readers:
+                await p.wait_until(holding(expected), "the unrelated group's messages")
+                assert sorted(p.messages("other")) == sorted(expected), p.short
+            assert len({tuple(p.messages("other")) for p in readers}) == 1  # one order
+            # ...all of it while the slow member still held "slow" back
+            assert not flood.done()
+            assert not cluster.daemons["d1"].named("client_disconnected")
+            # block_timeout: cut off with a reason, and the sender goes on
+            await cluster.daemons["d1"].wait_event(
+                "client_disconnected", client_gone(slow.name, "slow receiver"), timeout=WAIT
+            )
+            async with asyncio.timeout(WAIT * 2):
+                await flood
+        finally:
+            flood.cancel()
+        held = [("held", "c2b", n) for n in range(SLOW_FLOOD)]
+        await peers["c2a"].wait_until(
+            lambda p: len(p.messages("held")) >= SLOW_FLOOD, "the held-back flood"
+        )
+        assert sorted(peers["c2a"].messages("held")) == held
+        end = await session_end(slow.client)
+        assert end.code == ErrorCode.SLOW_RECEIVER, end
+        assert "block_timeout" in str(end)
+    assert cluster.problems() == []
