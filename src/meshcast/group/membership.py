@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from meshcast.errors import BufferFull, UsageError
 from meshcast.group.counters import Counters
-from meshcast.group.events import Broadcast, Deliver, GroupEffect, OrderingReset
+from meshcast.group.events import Broadcast, Deliver, GroupEffect, OrderingReset, ViewTransition
 from meshcast.group.ordering import GroupEngine
 from meshcast.ids import NodeId
 from meshcast.wire.client import Cause, ServiceLevel, ViewId
@@ -277,12 +277,14 @@ class GroupMembership:
         sender: str,
         now: float,
         msg_type: int = 0,
+        token: int = 0,
     ) -> list[MembershipEffect]:
-        """A client's data message (raises what `GroupEngine.submit` raises)."""
+        """A client's data message (raises what `GroupEngine.submit` raises; `token`: see
+        there)."""
         if any(g.startswith("#") for g in groups):
             raise UsageError("group names starting with '#' are reserved")
         return self._filter(
-            self.engine.submit(groups, payload, service, sender, now, msg_type), now
+            self.engine.submit(groups, payload, service, sender, now, msg_type, token), now
         )
 
     # ------------------------------------------------------------------ inputs
@@ -398,6 +400,9 @@ class GroupMembership:
                 effects.extend(self._apply(effect.source, effect.payload))
             elif isinstance(effect, Deliver) and any(g.startswith("#") for g in effect.groups):
                 self._bump(malformed_dropped=1)  # only daemons name reserved groups
+            elif isinstance(effect, ViewTransition):
+                effects.extend(self._transition(effect.survivors))
+                effects.append(effect)
             elif isinstance(effect, OrderingReset):
                 effects.extend(self._view_changed(effect.members))
                 effects.append(effect)
@@ -407,6 +412,30 @@ class GroupMembership:
         if announce:  # after every effect of the old view
             effects.extend(self._announce(now))
             effects.extend(self._flush_pending(now))
+        return effects
+
+    def _transition(self, survivors: tuple[NodeId, ...]) -> list[MembershipEffect]:
+        """Daemons left the view: each group with members on them gets a *transitional*
+        view (Spread's TRANSITION): the members on the daemons that move on together. The
+        table does not change; the regular `network` view follows once the flush is over,
+        and the messages between the two are delivered in the transitional configuration."""
+        moving = set(survivors)
+        effects: list[MembershipEffect] = []
+        for name in sorted(self._groups):
+            g = self._groups[name]
+            if all(d in moving for _, d in g.members):
+                continue
+            kept = [(m, d) for m, d in g.members if d in moving]
+            effects.append(
+                MembershipChanged(
+                    name,
+                    ViewId(g.counter, g.coordinator),
+                    tuple(m for m, _ in kept),
+                    Cause.TRANSITIONAL,
+                    (),
+                    tuple(d for _, d in kept),
+                )
+            )
         return effects
 
     def _view_changed(self, members: tuple[NodeId, ...]) -> list[MembershipEffect]:

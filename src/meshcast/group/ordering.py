@@ -39,6 +39,9 @@ from meshcast.group.events import (
     MessageRef,
     OrderingFault,
     OrderingReset,
+    SubmitConfirmed,
+    SubmitLost,
+    ViewTransition,
 )
 from meshcast.group.fifo import FifoReceiver
 from meshcast.group.retention import Numbers, Retention
@@ -101,6 +104,7 @@ class _Held:
     source: NodeId
     data: GroupData
     raw: bytes  # as received or sent: the copy a flush carries
+    token: int = 0  # own message: SubmitConfirmed(token) once delivered (0: not asked)
 
     def ref(self) -> MessageRef:
         d = self.data
@@ -198,7 +202,7 @@ class GroupEngine:
         self._answered: dict[NodeId, float] = {}  # when we last answered a daemon's retry
         self._blocked = False  # a local `block` member cannot keep up
         self._blocked_groups: tuple[str, ...] = ()  # ...in these groups (() = every group)
-        self._queued: deque[tuple[tuple[str, ...], bytes, ServiceLevel, str, int]] = deque()
+        self._queued: deque[tuple[tuple[str, ...], bytes, ServiceLevel, str, int, int]] = deque()
         self._past_views: deque[bytes] = deque(maxlen=self.config.max_past_views)
         self._future: deque[tuple[NodeId, GroupMessage, bytes]] = deque()
         self._clock = 0  # Lamport clock, kept across views (it only ever grows)
@@ -339,10 +343,13 @@ class GroupEngine:
         sender: str,
         now: float,
         msg_type: int = 0,
+        token: int = 0,
     ) -> list[GroupEffect]:
         """A local client's message (during a flush: queued for the new view). Raises
         UsageError (no view, bad names or fields) or BufferFull (the send window, the
-        own ordered messages or the flush queue are full: wait, see `can_submit`)."""
+        own ordered messages or the flush queue are full: wait, see `can_submit`).
+        A `token` asks for `SubmitConfirmed(token)` once the message is delivered here
+        (or `SubmitLost(token)` if it never can be)."""
         self._now = now
         if not groups:
             raise UsageError("a message needs at least one group")
@@ -352,7 +359,7 @@ class GroupEngine:
         if self._flush is not None:
             if len(self._queued) >= own_limit:
                 raise BufferFull(f"{len(self._queued)} messages wait for the view change")
-            self._queued.append((groups, payload, service, sender, msg_type))
+            self._queued.append((groups, payload, service, sender, msg_type, token))
             self._bump(submits_queued=1)
             return []
         if state is None:
@@ -406,7 +413,7 @@ class GroupEngine:
         effects: list[GroupEffect] = []
         if dests:
             effects.append(Broadcast(dests, encoded))
-        own = _Held(self.local, data, encoded)
+        own = _Held(self.local, data, encoded, token)
         if service in ORDERED_TOTAL:
             state.last_stream_ts, state.last_stream_aru, state.last_stream_at = ts, aru, now
             state.max_order_ts = max(state.max_order_ts, ts)
@@ -910,11 +917,15 @@ class GroupEngine:
         )
         self._replay_future(effects)
         queued, self._queued = self._queued, deque()
-        for groups, payload, service, sender, msg_type in queued:
+        for groups, payload, service, sender, msg_type, token in queued:
             try:
-                effects.extend(self.submit(groups, payload, service, sender, self._now, msg_type))
+                effects.extend(
+                    self.submit(groups, payload, service, sender, self._now, msg_type, token)
+                )
             except (BufferFull, UsageError) as exc:
                 log.warning("daemon %s: a message queued in a flush is lost: %s", self.local, exc)
+                if token:
+                    effects.append(SubmitLost(token, str(exc)))
 
     def _finish_view(
         self, state: _ViewState, flush: _Flush, effects: list[GroupEffect]
@@ -934,10 +945,24 @@ class GroupEngine:
                 for m, prefix in report.prefixes.items():
                     ends[m] = max(ends.get(m, 0), prefix)
         delivered_before = self._stats["delivered"]
+        # Spread's transitional configuration: the old view's own rules first, the same
+        # messages at every survivor; then, if members departed, what only the survivors
+        # are known to hold (`TotalOrder.finish_split`)
+        reports = flush.reports
+        survivors = tuple(
+            m
+            for m in state.view.members
+            if m == self.local or (m in reports and reports[m].from_view == state.view.view_id)
+        )
+        departed = [m for m in state.view.members if m not in survivors]
+        regular, transitional, dropped = state.total.finish_split(ends, departed)
+        for item in regular:
+            self._deliver(item, effects)
+        if departed:
+            effects.append(ViewTransition(state.view.view_id, state.view.members, survivors))
         for item in state.fifo.drain():
             self._deliver(item, effects)
-        kept, dropped = state.total.finish(ends)
-        for item in kept:
+        for item in transitional:
             self._deliver(item, effects)
         dropped.extend(state.causal.drain())
         self._bump(
@@ -958,11 +983,13 @@ class GroupEngine:
         d = held.data
         if not self.hosts(d.groups):
             self._bump(ordered_not_hosted=1)
-            return
-        self._bump(delivered=1)
-        effects.append(
-            Deliver(d.sender, d.groups, d.service, d.msg_type, d.payload, held.source, d.msg_id)
-        )
+        else:
+            self._bump(delivered=1)
+            effects.append(
+                Deliver(d.sender, d.groups, d.service, d.msg_type, d.payload, held.source, d.msg_id)
+            )
+        if held.token:
+            effects.append(SubmitConfirmed(held.token))
 
     # ------------------------------------------------------------------ helpers
 

@@ -39,11 +39,16 @@ from enum import Enum
 
 from meshcast.errors import BufferFull, UsageError
 from meshcast.group.counters import Counters
-from meshcast.group.events import Deliver
+from meshcast.group.events import Deliver, SubmitConfirmed, SubmitLost
 from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipEffect
 from meshcast.ids import NodeId
 from meshcast.wire.client import (
     MAX_STATUS_SIZE,
+    MAX_UNCONFIRMED,
+    MIN_VERSION,
+    VERSION,
+    Cause,
+    Confirmed,
     DaemonLimits,
     ErrorCode,
     ErrorReport,
@@ -156,6 +161,8 @@ class _Session:
     state: _State = _State.HANDSHAKE
     name: str = ""
     flags: int = 0  # HelloFlag bits of the HELLO
+    version: int = 0  # agreed in the handshake (TRANSITIONAL views from version 2)
+    unconfirmed: int = 0  # CONFIRM MULTICASTs not yet answered (<= MAX_UNCONFIRMED)
     groups: dict[str, SlowReceiverPolicy] = field(default_factory=dict)  # requested
     paused: bool = False  # the transport's write buffer is over its high-water mark
     backlog: int = 0  # bytes sent while paused
@@ -183,6 +190,8 @@ class SessionTable:
         self._by_name: dict[str, _Session] = {}
         self._next_auto = 1
         self._blocking: set[int] = set()  # paused sessions holding local senders back
+        self._confirming: dict[int, tuple[int, int]] = {}  # token -> (conn, request id)
+        self._next_token = 1
         self._stats = Counters(SessionStats)
         self._now = 0.0  # time of the latest input
 
@@ -426,7 +435,10 @@ class SessionTable:
         text = ""
         if version is None:
             code = ErrorCode.UNSUPPORTED_VERSION
-            text = f"this daemon speaks versions 1..1, not {frame.min_version}..{frame.max_version}"
+            text = (
+                f"this daemon speaks versions {MIN_VERSION}..{VERSION}, "
+                f"not {frame.min_version}..{frame.max_version}"
+            )
         elif self.open_sessions() >= self.config.max_clients:
             code = ErrorCode.DAEMON_FULL
             text = f"the daemon already serves {self.config.max_clients} clients"
@@ -441,6 +453,7 @@ class SessionTable:
         s.state = _State.OPEN
         s.name = name
         s.flags = int(frame.flags)
+        s.version = version
         self._by_name[name] = s
         self._bump(sessions_opened=1)
         welcome = Welcome(version, name, self.config.limits)
@@ -477,21 +490,34 @@ class SessionTable:
                 else:
                     out += self._route(self.membership.leave(s.name, group, now))
                     del s.groups[group]
-            case Multicast(groups, payload, service, msg_type, rid):
+            case Multicast(groups, payload, service, msg_type, rid, confirm):
                 fault = next((f for g in groups if (f := self._group_fault(g)) is not None), None)
                 if fault is not None:
                     out.append(self._refuse(s, ErrorCode.GROUP_NAME_TOO_LONG, fault, rid))
                 elif len(payload) > limits.max_message_size:
                     text = f"payload of {len(payload)} bytes, more than {limits.max_message_size}"
                     out.append(self._refuse(s, ErrorCode.MESSAGE_TOO_LARGE, text, rid))
+                elif confirm and s.unconfirmed >= MAX_UNCONFIRMED:
+                    text = f"{s.unconfirmed} CONFIRM messages are not confirmed yet"
+                    out.append(self._refuse(s, ErrorCode.TOO_MANY_UNCONFIRMED, text, rid))
                 else:
+                    token = 0
+                    if confirm:  # registered first: a RELIABLE one is confirmed at once
+                        token = self._next_token
+                        self._next_token += 1
+                        self._confirming[token] = (s.conn, rid)
+                        s.unconfirmed += 1
                     try:
                         effects = self.membership.submit(
-                            groups, payload, service, s.name, now, msg_type
+                            groups, payload, service, s.name, now, msg_type, token
                         )
                     except BufferFull as exc:
+                        self._unconfirm(token)
                         text = f"daemon busy, message not sent: {exc}"
                         out.append(self._refuse(s, ErrorCode.INTERNAL_ERROR, text, rid))
+                    except UsageError:
+                        self._unconfirm(token)
+                        raise
                     else:
                         self._bump(messages_submitted=1)
                         out += self._route(effects)
@@ -546,9 +572,30 @@ class SessionTable:
             elif isinstance(effect, MembershipChanged):
                 out.append(effect)
                 out += self._membership(effect)
+            elif isinstance(effect, SubmitConfirmed | SubmitLost):
+                out += self._confirmed(effect)
             else:
                 out.append(effect)
         return out
+
+    def _unconfirm(self, token: int) -> tuple[_Session, int] | None:
+        """Forget `token`: the session that asked and the request id, if still open."""
+        conn, rid = self._confirming.pop(token, (0, 0))
+        s = self._sessions.get(conn)
+        if s is None:
+            return None
+        s.unconfirmed -= 1
+        return (s, rid) if s.state is _State.OPEN else None
+
+    def _confirmed(self, effect: SubmitConfirmed | SubmitLost) -> list[SessionEffect]:
+        asked = self._unconfirm(effect.token)
+        if asked is None:
+            return []
+        s, rid = asked
+        if isinstance(effect, SubmitLost):
+            text = f"message lost in a view change: {effect.reason}"
+            return [self._error(s, ErrorCode.INTERNAL_ERROR, text, rid)]
+        return self._send(s, encode(Confirmed(rid)), (), ServiceLevel.SAFE)
 
     def _membership(self, change: MembershipChanged) -> list[SessionEffect]:
         frame = Membership(change.group, change.view_id, change.members, change.cause, change.who)
@@ -562,6 +609,8 @@ class SessionTable:
             own = name in change.who
             if not own and not s.flags & HelloFlag.MEMBERSHIP:
                 continue
+            if change.cause == Cause.TRANSITIONAL and s.version < 2:
+                continue  # a version-1 client does not know the cause
             if not own and name not in change.members:
                 continue
             data = data or encode(frame)
@@ -670,6 +719,10 @@ class SessionTable:
         if not was_open:
             return out
         self._by_name.pop(s.name, None)
+        if s.unconfirmed:
+            for token in [t for t, (c, _) in self._confirming.items() if c == s.conn]:
+                del self._confirming[token]
+            s.unconfirmed = 0
         groups = tuple(s.groups)
         s.groups.clear()
         self._bump(sessions_closed=1)
