@@ -358,6 +358,11 @@ class Membership:
     cause: Cause
     who: tuple[str, ...]  # JOIN/LEAVE/DISCONNECT: exactly one; NETWORK: whoever came or went
 
+    @property
+    def transitional(self) -> bool:
+        """A transitional view (Spread's TRANSITION): see `Cause.TRANSITIONAL`."""
+        return self.cause == Cause.TRANSITIONAL
+
 
 @dataclass(frozen=True, slots=True)
 class ErrorReport:

@@ -18,7 +18,9 @@ from meshcast.group.sessions import (
 from meshcast.ids import NodeId
 from meshcast.wire.client import (
     FROM_DAEMON,
+    MAX_UNCONFIRMED,
     Cause,
+    Confirmed,
     DaemonLimits,
     ErrorCode,
     ErrorReport,
@@ -285,3 +287,28 @@ def test_a_member_that_drains_in_time_is_not_disconnected() -> None:
     t.frame_received(1, Multicast(("g",), b"x"), 11.5)  # a new slow period: a new clock
     assert t.next_deadline() == 13.5
     assert not aborted(t.on_timer(12.0), 2)
+
+
+def test_confirm_is_answered_once_delivered_and_bounded() -> None:
+    t = table()
+    hello(t, 1, "sender")
+    effects = t.frame_received(1, Multicast(("g",), b"x", request_id=5, confirm=True), 0.0)
+    assert frames(effects, 1) == [Confirmed(5)]  # one daemon: delivered at once
+    effects = t.frame_received(1, Multicast(("g",), b"x", request_id=6), 0.0)
+    assert frames(effects, 1) == []  # not asked for
+
+
+def test_too_many_unconfirmed_messages_are_refused() -> None:
+    membership = GroupMembership(GroupEngine(NodeId(1)))
+    t = SessionTable("D1", membership, SessionConfig(LIMITS))
+    t.view_installed([NodeId(1), NodeId(2)], 0.0)  # D2's FLUSH never comes: all wait
+    hello(t, 1, "sender")
+    for rid in range(1, MAX_UNCONFIRMED + 1):
+        waiting = Multicast(("g",), b"", request_id=rid, confirm=True)
+        assert frames(t.frame_received(1, waiting, 0.0), 1) == []
+    (refusal,) = frames(
+        t.frame_received(1, Multicast(("g",), b"", request_id=9999, confirm=True), 0.0), 1
+    )
+    assert isinstance(refusal, ErrorReport)
+    assert refusal.code == ErrorCode.TOO_MANY_UNCONFIRMED
+    assert refusal.request_id == 9999
