@@ -15,6 +15,7 @@ from meshcast.errors import DecodeError
 from meshcast.wire import client
 from meshcast.wire.client import (
     Cause,
+    Confirmed,
     DaemonLimits,
     ErrorCode,
     ErrorReport,
@@ -28,7 +29,6 @@ from meshcast.wire.client import (
     Leave,
     Membership,
     Message,
-    Confirmed,
     Multicast,
     Ping,
     Pong,
