@@ -1245,3 +1245,73 @@ async def test_a_block_member_holds_back_only_its_groups_until_block_timeout(
         assert end.code == ErrorCode.SLOW_RECEIVER, end
         assert "block_timeout" in str(end)
     assert cluster.problems() == []
+
+
+# ---------------------------------------------------------------- confirmations and transitions
+
+CONFIRM_TIMEOUT = 10.0  # s: multicast(confirm=True, timeout=...) of this test
+IN_FLIGHT = 16  # confirmations awaited at once by the sender
+
+
+async def test_confirmed_safe_messages_survive_their_daemons_sigkill(cluster: Cluster) -> None:
+    """A client on d1 sends SAFE messages with confirm=True, 16 awaited at once, and d1
+    is SIGKILLed: every call returns or raises within its timeout (none hangs), every
+    confirmed message is delivered by the survivors' members, and those see a
+    transitional view (the members that move on together) before the regular one."""
+    async with connected(cluster, ["c1a", "c2a", "c3a"]) as peers:
+        everyone = list(peers.values())
+        await join_all(everyone, "g")
+        sender, survivors = peers["c1a"], [peers["c2a"], peers["c3a"]]
+        outcomes: dict[int, str] = {}
+        slots = asyncio.Semaphore(IN_FLIGHT)
+        ended = asyncio.Event()
+
+        async def send_one(number: int) -> None:
+            data = payload("sure", "c1a", number)
+            try:
+                async with asyncio.timeout(CONFIRM_TIMEOUT + WAIT):  # a hang fails the test
+                    await sender.client.multicast(
+                        "g", data, service=ServiceLevel.SAFE, confirm=True, timeout=CONFIRM_TIMEOUT
+                    )
+                outcomes[number] = "confirmed"
+            except ClientError as exc:
+                outcomes[number] = f"raised: {exc}"
+                ended.set()
+            finally:
+                slots.release()
+
+        async def send_all() -> None:
+            async with asyncio.TaskGroup() as tasks:
+                number = 0
+                while not ended.is_set():
+                    await slots.acquire()
+                    tasks.create_task(send_one(number))
+                    number += 1
+
+        sending = asyncio.create_task(send_all())
+        try:
+            for p in survivors:
+                await p.wait_until(lambda p: len(p.messages("sure")) >= 50, "SAFE traffic")
+            cluster.daemons["d1"].send_signal(signal.SIGKILL)
+            assert await cluster.daemons["d1"].wait_exit(WAIT) == -signal.SIGKILL
+            async with asyncio.timeout(CONFIRM_TIMEOUT + WAIT * 2):
+                await sending  # every call returned or raised: none hangs
+        finally:
+            sending.cancel()
+        confirmed = {n for n, outcome in outcomes.items() if outcome == "confirmed"}
+        assert confirmed, outcomes
+        assert any(o.startswith("raised") for o in outcomes.values())
+        names = (peers["c2a"].name, peers["c3a"].name)
+        for p in survivors:
+            regular = await p.wait_view("g", lambda v: v.cause == Cause.NETWORK, "the new view")
+            assert regular.who == (sender.name,)
+            views = p.views("g")
+            transitional = [v for v in views if v.transitional]
+            assert len(transitional) == 1, views
+            assert transitional[0].members == names  # they move on together
+            assert views.index(transitional[0]) < views.index(regular)
+            # confirmed SAFE: held by every daemon of the view, so no survivor lacks it
+            got = {n for tag, who, n in p.keys if tag == "sure"}
+            assert confirmed <= got, sorted(confirmed - got)[:10]
+        assert survivors[0].messages("sure") == survivors[1].messages("sure")
+    assert cluster.problems(["d2", "d3"]) == []
