@@ -227,6 +227,7 @@ class GroupMembership:
         engine.set_group_daemons(MEMBERSHIP_GROUP, {engine.local})
         # STATEs applied in the current view: daemon -> group -> its own members
         self._announced: dict[NodeId, dict[str, tuple[str, ...]]] = {}
+        self._transitional: set[str] = set()  # groups in a transitional view until the reset
         self._stats = Counters(MembershipStats)
 
     # ------------------------------------------------------------------ queries
@@ -426,6 +427,7 @@ class GroupMembership:
             if all(d in moving for _, d in g.members):
                 continue
             kept = [(m, d) for m, d in g.members if d in moving]
+            self._transitional.add(name)
             effects.append(
                 MembershipChanged(
                     name,
@@ -447,12 +449,26 @@ class GroupMembership:
         self.engine.set_group_daemons(MEMBERSHIP_GROUP, members)
         coordinator = members[0]
         effects: list[MembershipEffect] = []
+        transitional, self._transitional = self._transitional, set()
         for name in sorted(self._groups):
             g = self._groups[name]
             gone = tuple(m for m, d in g.members if d not in members)
             if gone:
                 g.members = [(m, d) for m, d in g.members if d in members]
                 effects.append(self._changed(name, g, coordinator, Cause.NETWORK, gone))
+            elif name in transitional:
+                # The departed daemons are back in the new view (a merge after a pause):
+                # a regular view still ends the transitional one, unchanged (same id).
+                effects.append(
+                    MembershipChanged(
+                        name,
+                        ViewId(g.counter, g.coordinator),
+                        tuple(m for m, _ in g.members),
+                        Cause.NETWORK,
+                        (),
+                        tuple(d for _, d in g.members),
+                    )
+                )
         return effects
 
     def _apply(self, source: NodeId, payload: bytes) -> list[MembershipChanged]:
