@@ -247,18 +247,16 @@ class GroupEngine:
         """Must a local client's message to `groups` wait? True while a `block` member of
         one of them, here or at any daemon of the view (its ACKs say BLOCKED), cannot
         keep up. Other groups keep flowing."""
+        state = self._state
+        remote = state.blocked_by if state is not None else {}
+        if not self._blocked and not remote:
+            return False  # the usual case: checked per MULTICAST, so kept cheap
         named = frozenset(groups)
         if self._blocked and (
             not self._blocked_groups or not named.isdisjoint(self._blocked_groups)
         ):
             return True
-        state = self._state
-        if state is None:
-            return False
-        return any(
-            blocked is None or not named.isdisjoint(blocked)
-            for blocked in state.blocked_by.values()
-        )
+        return any(blocked is None or not named.isdisjoint(blocked) for blocked in remote.values())
 
     def set_blocked(self, groups: Iterable[str] = (), *, everything: bool = False) -> None:
         """Local `block` members of `groups` cannot keep up (or, with none, can again):
