@@ -12,8 +12,10 @@ member is in it, here or at another daemon) stays decoded but untaken, and only 
 connection stops being read until the group is released: other clients go on.
 Frames for a connection whose transport is over its high-water mark wait here, not in
 the transport, so that a slow receiver's disconnection can drop them and still write its
-ERROR SLOW_RECEIVER right after the frames already handed to the socket. Theory: docs/design/group.md, "Sessions and
-membership"; socket conventions: docs/design/daemon.md, "Client sessions".
+ERROR SLOW_RECEIVER right after the frames already handed to the socket.
+
+Theory: docs/design/group.md, "Sessions and membership"; socket conventions:
+docs/design/daemon.md, "Client sessions".
 
 Socket path convention (the client library relies on it):
 ``$XDG_RUNTIME_DIR/meshcast/<daemon>.sock`` when ``XDG_RUNTIME_DIR`` is set, else
