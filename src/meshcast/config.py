@@ -444,14 +444,16 @@ class LimitsConfig:
     max_group_name: int = 64  # bytes of a group name (UTF-8)
     handshake_timeout: float = 5.0  # s: a client connection must send HELLO within this
     max_pending_handshakes: int = 64  # client connections waiting for their HELLO at once
+    # s: a `block` member that holds senders back this long is disconnected (SLOW_RECEIVER)
+    block_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         problems = _Problems()
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "handshake_timeout":
+            if f.name in ("handshake_timeout", "block_timeout"):
                 with problems.check():
-                    _check_positive(value, "limits.handshake_timeout", "seconds")
+                    _check_positive(value, f"limits.{f.name}", "seconds")
             elif value < 1:
                 problems.add(f"must be at least 1, got {value!r}", f"limits.{f.name}")
         # What the client protocol can carry (docs/client-protocol.md).

@@ -25,6 +25,7 @@ from meshcast.wire.client import (
     MIN_VERSION,
     VERSION,
     Cause,
+    Confirmed,
     DaemonLimits,
     ErrorCode,
     ErrorReport,
@@ -73,8 +74,10 @@ class FakeDaemon:
         versions: tuple[int, int] = (MIN_VERSION, VERSION),
         services: frozenset[ServiceLevel] = frozenset(ServiceLevel),
         mode: Mode = "normal",
+        confirms: bool = True,  # answer CONFIRM MULTICASTs (False: never, to test timeouts)
     ) -> None:
         self.name = name
+        self.confirms = confirms
         self.limits = limits or DaemonLimits()
         self.versions = versions
         self.services = services
@@ -184,8 +187,10 @@ class FakeDaemon:
                 self._join(session, group, request_id)
             case Leave(group, request_id):
                 self._leave(session, group, request_id)
-            case Multicast(groups, payload, service, msg_type, request_id):
+            case Multicast(groups, payload, service, msg_type, request_id, confirm):
                 self._multicast(session, groups, payload, service, msg_type, request_id)
+                if confirm and self.confirms:
+                    session.send(Confirmed(request_id))
             case Ping(nonce):
                 session.send(Pong(nonce))
             case Goodbye():

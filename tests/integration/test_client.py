@@ -105,7 +105,7 @@ def test_package_top_exports_the_client_api() -> None:
 async def test_handshake_over_unix_socket(daemon: FakeDaemon) -> None:
     async with await meshcast.connect(daemon.address, name="alice") as c:
         assert c.private_name == "#alice#D1"
-        assert (c.name, c.daemon_name, c.version) == ("alice", "D1", 1)
+        assert (c.name, c.daemon_name, c.version) == ("alice", "D1", 2)
         assert c.limits == SMALL
         assert await c.ping() >= 0
     assert c.closed
@@ -152,11 +152,24 @@ async def test_name_in_use_is_refused_with_the_daemons_code(daemon: FakeDaemon) 
 
 @pytest.mark.asyncio
 async def test_unsupported_version_is_refused(sock_dir: str) -> None:
-    fake = FakeDaemon(versions=(2, 3))
+    fake = FakeDaemon(versions=(3, 4))
     async with fake.serve_unix(os.path.join(sock_dir, "v.sock")):
-        with pytest.raises(ClientError, match=r"versions 2..3") as info:
+        with pytest.raises(ClientError, match=r"versions 3..4") as info:
             await meshcast.connect(fake.address, name="old")
         assert info.value.code == ErrorCode.UNSUPPORTED_VERSION
+
+
+@pytest.mark.asyncio
+async def test_confirm_needs_a_version_2_daemon(sock_dir: str) -> None:
+    fake = FakeDaemon(versions=(1, 1))
+    async with (
+        fake.serve_unix(os.path.join(sock_dir, "v1.sock")),
+        await meshcast.connect(fake.address, name="old") as c,
+    ):
+        assert c.version == 1
+        with pytest.raises(UsageError, match=r"confirm=True needs protocol version 2"):
+            await c.multicast("g", b"x", confirm=True)
+        await c.multicast("g", b"x")  # the fast path works with any version
 
 
 @pytest.mark.asyncio
@@ -396,7 +409,7 @@ async def test_blocking_wrapper(daemon: FakeDaemon) -> None:
             with pytest.raises(TimeoutError):
                 c.receive(timeout=0.05)
             out.append(c.receive_nowait())
-            c.multicast("chat", b"again")
+            c.multicast("chat", b"again", confirm=True)  # returns once CONFIRMED
             for event in c:
                 out.append(event)
                 c.close()
@@ -556,3 +569,15 @@ async def test_without_membership_flag_only_own_views_arrive(daemon: FakeDaemon)
         assert isinstance(first, Membership)
         assert first.who == ("#quiet#D1",)
         assert isinstance(second, Message)
+
+
+@pytest.mark.asyncio
+async def test_an_unconfirmed_multicast_raises_within_its_timeout(sock_dir: str) -> None:
+    fake = FakeDaemon(confirms=False)
+    async with (
+        fake.serve_unix(os.path.join(sock_dir, "nc.sock")),
+        await meshcast.connect(fake.address, name="waiting") as c,
+    ):
+        with pytest.raises(ClientError, match=r"not confirmed .* within 0.2 s"):
+            await c.multicast("g", b"x", service="safe", confirm=True, timeout=0.2)
+        assert await c.ping() >= 0  # the session goes on

@@ -109,6 +109,7 @@ def test_demo_chats_in_agreed_order_survives_a_kill_and_cleans_up() -> None:
     assert "new view: D1, D2, D5, D6" in out
     assert re.search(
         r"before: +alice@D1, bob@D2, carol@D3, dave@D4, erin@D5, frank@D6\n"
+        r" +transitional: +alice@D1, bob@D2, erin@D5, frank@D6 +\(moving on together\)\n"
         r" +network: +alice@D1, bob@D2, erin@D5, frank@D6 +\(gone: carol@D3, dave@D4\)",
         out,
     ), out

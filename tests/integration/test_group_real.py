@@ -153,15 +153,23 @@ class Cluster:
 
 @asynccontextmanager
 async def start_cluster(
-    tmp_path: Path, *, group_ready: bool = True, failure_timeout: float | None = None
+    tmp_path: Path,
+    *,
+    group_ready: bool = True,
+    failure_timeout: float | None = None,
+    block_timeout: float | None = None,
 ) -> AsyncIterator[Cluster]:
     """d1, d2, d3 in a triangle, clients on Unix sockets; every daemon stopped after.
 
     Ready once the daemons agree on the overlay view and, with `group_ready`, each has
     installed the group layer's view of the three (its flush is over). `failure_timeout`
-    (s) replaces the helpers' 0.5 s, for tests that load the daemons heavily.
+    (s) replaces the helpers' 0.5 s, for tests that load the daemons heavily;
+    `block_timeout` (s) sets ``[limits] block_timeout``.
     """
     config = write_cluster(tmp_path, 3, ring(3))
+    if block_timeout is not None:
+        with config.open("a", encoding="utf-8") as out:
+            out.write(f'\n[limits]\nblock_timeout = "{block_timeout}s"\n')
     if failure_timeout is not None:
         text, changed = re.subn(
             r"(?m)^failure_timeout = .*$",
@@ -1163,3 +1171,147 @@ async def test_daemon_paused_past_the_failure_timeout_rejoins(cluster: Cluster) 
         for p in everyone:
             await p.wait_until(holding(expected), "AGREED after the merge", UNRELIABLE_WAIT)
         assert len({tuple(p.messages("again")) for p in everyone}) == 1
+
+
+# ---------------------------------------------------------------- a `block` member's reach
+
+SLOW_BLOCK_TIMEOUT = 10.0  # s: [limits] block_timeout of this test's cluster
+SLOW_FLOOD = 500  # messages of FAR_SIZE (30 MB, beyond the 16 MiB send window) to "slow"
+OTHER_COUNT = 100  # AGREED messages per sender to the unrelated group
+
+
+async def session_end(client: Client) -> ClientError:
+    """Take a client's events until the library reports the session's end; that error."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            try:
+                await client.receive()
+            except ClientError as exc:
+                return exc
+
+
+async def test_a_block_member_holds_back_only_its_groups_until_block_timeout(
+    tmp_path: Path,
+) -> None:
+    """A `block` member of "slow" on d1 that never reads: a remote sender to "slow" (d2)
+    is held back, while AGREED traffic of "other" from d2 and d3 keeps flowing to members
+    on all three daemons (the slow member's too). After block_timeout the daemon cuts
+    the member off with SLOW_RECEIVER, which the library reports to it, and the held
+    sender resumes without loss."""
+    async with (
+        start_cluster(tmp_path, block_timeout=SLOW_BLOCK_TIMEOUT) as cluster,
+        connected(cluster, ["c1a", "c2a", "c3a", "c2b", "c2c", "c3b"], keep=False) as peers,
+        connected(cluster, ["c1s"], queue_size=8) as lazy,
+    ):
+        slow = lazy["c1s"]
+        await slow.stop_collecting()  # from now on nobody takes its events
+        await slow.client.join("slow")
+        readers = [peers["c1a"], peers["c2a"], peers["c3a"]]
+        await join_all(readers, "other")
+        await join_all([peers["c2a"]], "slow")
+        await peers["c2a"].wait_view("slow", lambda v: len(v.members) == 2, "both members")
+        flood = asyncio.create_task(
+            send_numbered(peers["c2b"], "held", SLOW_FLOOD, "slow", FAR_SIZE)
+        )
+        try:
+            await wait_stalled(peers["c2a"], "held", flood)  # d1 said BLOCKED for "slow"
+            # "other" flows meanwhile: senders on the held sender's daemon and on d3
+            async with asyncio.timeout(WAIT):
+                for number in range(OTHER_COUNT):
+                    await peers["c2c"].send("other", number, ServiceLevel.AGREED, "other")
+                    await peers["c3b"].send("other", number, ServiceLevel.AGREED, "other")
+            expected = {("other", s, n) for s in ("c2c", "c3b") for n in range(OTHER_COUNT)}
+            for p in readers:
+                await p.wait_until(holding(expected), "the unrelated group's messages")
+                assert sorted(p.messages("other")) == sorted(expected), p.short
+            assert len({tuple(p.messages("other")) for p in readers}) == 1  # one order
+            # ...all of it while the slow member still held "slow" back
+            assert not flood.done()
+            assert not cluster.daemons["d1"].named("client_disconnected")
+            # block_timeout: cut off with a reason, and the sender goes on
+            await cluster.daemons["d1"].wait_event(
+                "client_disconnected", client_gone(slow.name, "slow receiver"), timeout=WAIT
+            )
+            async with asyncio.timeout(WAIT * 2):
+                await flood
+        finally:
+            flood.cancel()
+        held = [("held", "c2b", n) for n in range(SLOW_FLOOD)]
+        await peers["c2a"].wait_until(
+            lambda p: len(p.messages("held")) >= SLOW_FLOOD, "the held-back flood"
+        )
+        assert sorted(peers["c2a"].messages("held")) == held
+        end = await session_end(slow.client)
+        assert end.code == ErrorCode.SLOW_RECEIVER, end
+        assert "block_timeout" in str(end)
+    assert cluster.problems() == []
+
+
+# ---------------------------------------------------------------- confirmations and transitions
+
+CONFIRM_TIMEOUT = 10.0  # s: multicast(confirm=True, timeout=...) of this test
+IN_FLIGHT = 16  # confirmations awaited at once by the sender
+
+
+async def test_confirmed_safe_messages_survive_their_daemons_sigkill(cluster: Cluster) -> None:
+    """A client on d1 sends SAFE messages with confirm=True, 16 awaited at once, and d1
+    is SIGKILLed: every call returns or raises within its timeout (none hangs), every
+    confirmed message is delivered by the survivors' members, and those see a
+    transitional view (the members that move on together) before the regular one."""
+    async with connected(cluster, ["c1a", "c2a", "c3a"]) as peers:
+        everyone = list(peers.values())
+        await join_all(everyone, "g")
+        sender, survivors = peers["c1a"], [peers["c2a"], peers["c3a"]]
+        outcomes: dict[int, str] = {}
+        slots = asyncio.Semaphore(IN_FLIGHT)
+        ended = asyncio.Event()
+
+        async def send_one(number: int) -> None:
+            data = payload("sure", "c1a", number)
+            try:
+                async with asyncio.timeout(CONFIRM_TIMEOUT + WAIT):  # a hang fails the test
+                    await sender.client.multicast(
+                        "g", data, service=ServiceLevel.SAFE, confirm=True, timeout=CONFIRM_TIMEOUT
+                    )
+                outcomes[number] = "confirmed"
+            except ClientError as exc:
+                outcomes[number] = f"raised: {exc}"
+                ended.set()
+            finally:
+                slots.release()
+
+        async def send_all() -> None:
+            async with asyncio.TaskGroup() as tasks:
+                number = 0
+                while not ended.is_set():
+                    await slots.acquire()
+                    tasks.create_task(send_one(number))
+                    number += 1
+
+        sending = asyncio.create_task(send_all())
+        try:
+            for p in survivors:
+                await p.wait_until(lambda p: len(p.messages("sure")) >= 50, "SAFE traffic")
+            cluster.daemons["d1"].send_signal(signal.SIGKILL)
+            assert await cluster.daemons["d1"].wait_exit(WAIT) == -signal.SIGKILL
+            async with asyncio.timeout(CONFIRM_TIMEOUT + WAIT * 2):
+                await sending  # every call returned or raised: none hangs
+        finally:
+            sending.cancel()
+        confirmed = {n for n, outcome in outcomes.items() if outcome == "confirmed"}
+        assert confirmed, outcomes
+        assert any(o.startswith("raised") for o in outcomes.values())
+        names = (peers["c2a"].name, peers["c3a"].name)
+        for p in survivors:
+            regular = await p.wait_view("g", lambda v: v.cause == Cause.NETWORK, "the new view")
+            assert regular.who == (sender.name,)
+            views = p.views("g")
+            transitional = [v for v in views if v.transitional]
+            assert len(transitional) == 1, views
+            assert transitional[0].members == names  # they move on together
+            assert views.index(transitional[0]) < views.index(regular)
+            # confirmed SAFE: held by every daemon of the view, so no survivor lacks it
+            got = {n for tag, who, n in p.keys if tag == "sure"}
+            assert confirmed <= got, sorted(confirmed - got)[:10]
+        assert survivors[0].messages("sure") == survivors[1].messages("sure")
+    assert cluster.problems(["d2", "d3"]) == []

@@ -334,6 +334,13 @@ async def test_slow_receivers_follow_their_policy(tmp_path: Path) -> None:
                 lambda e: e["client"] == quitter.name and e["reason"] == "slow receiver",
                 timeout=WAIT,
             )
+            # it learns why once it reads what was already in its socket: the daemon
+            # wrote ERROR 106 after that, not into the void
+            end = await quitter.expect(lambda f: isinstance(f, ErrorReport))
+            assert isinstance(end, ErrorReport)
+            assert end.code == ErrorCode.SLOW_RECEIVER
+            quitter.backlog.clear()  # the deliveries read on the way
+            assert await quitter.recv() is None  # then the daemon closed the connection
             # the dropper reads again: a bounded part arrived, then a MESSAGES_DROPPED notice
             report = await dropper.expect(
                 lambda f: isinstance(f, ErrorReport) and f.code == ErrorCode.MESSAGES_DROPPED

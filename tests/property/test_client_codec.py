@@ -15,6 +15,7 @@ from meshcast.errors import DecodeError
 from meshcast.wire import client
 from meshcast.wire.client import (
     Cause,
+    Confirmed,
     DaemonLimits,
     ErrorCode,
     ErrorReport,
@@ -73,6 +74,8 @@ def memberships(draw: st.DrawFn) -> Membership:
     cause = draw(st.sampled_from(Cause))
     if cause is Cause.NETWORK:
         who = tuple(draw(st.lists(private_names, max_size=5, unique=True)))
+    elif cause is Cause.TRANSITIONAL:
+        who = ()
     elif cause is Cause.JOIN:
         members = members or (draw(private_names),)
         who = (draw(st.sampled_from(members)),)
@@ -120,12 +123,15 @@ FRAMES: dict[FrameType, st.SearchStrategy[Frame]] = {
     ),
     FrameType.JOIN: st.builds(Join, group_names, st.sampled_from(SlowReceiverPolicy), u32),
     FrameType.LEAVE: st.builds(Leave, group_names, u32),
-    FrameType.MULTICAST: st.builds(Multicast, group_lists, payloads, services, u16, u32),
+    FrameType.MULTICAST: st.builds(
+        Multicast, group_lists, payloads, services, u16, u32, st.booleans()
+    ),
     FrameType.MESSAGE: st.builds(Message, private_names, group_lists, services, u16, payloads),
     FrameType.MEMBERSHIP: memberships(),
     FrameType.ERROR: st.builds(ErrorReport, st.sampled_from(ErrorCode), texts, u32),
     FrameType.STATUS: st.builds(StatusRequest, u32),
     FrameType.STATUS_REPLY: st.builds(StatusReply, reports, u32),
+    FrameType.CONFIRMED: st.builds(Confirmed, u32),
     FrameType.PING: st.builds(Ping, u64),
     FrameType.PONG: st.builds(Pong, u64),
     FrameType.GOODBYE: st.just(Goodbye()),

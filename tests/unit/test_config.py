@@ -466,14 +466,14 @@ def test_membership_limits_and_security_sections(tmp_path: Path) -> None:
             'view_settle_interval = "100ms"\nfailure_timeout = "2s"\n'
             '[limits]\nmax_message_size = "1MiB"\nmax_dests_per_packet = 8\n'
             "window_messages = 10\nmax_clients = 2\nmax_groups_per_client = 3\n"
-            "max_group_name = 32\n"
+            'max_group_name = 32\nblock_timeout = "2s"\n'
             '[security]\nkey_file = "cluster.key"\nrequire_auth = true\n'
         ),
         encoding="utf-8",
     )
     config = load_config(tmp_path / "cluster.toml")
     assert config.membership == MembershipConfig(0.25, 30.0, 0.1, 2.0)
-    assert config.limits == LimitsConfig(2**20, 8, 10, 2, 3, 32)
+    assert config.limits == LimitsConfig(2**20, 8, 10, 2, 3, 32, block_timeout=2.0)
     # a relative key file is relative to the configuration file, not to the cwd
     assert config.security == SecurityConfig(key_file=str(key), require_auth=True)
 
@@ -955,6 +955,12 @@ ERRORS: list[tuple[str, str, str, str]] = [
         render(tail="[limits]\nmax_clients = 0\n"),
         "limits.max_clients",
         "must be at least 1, got 0",
+    ),
+    (
+        "limits-block-timeout",
+        render(tail='[limits]\nblock_timeout = "0s"\n'),
+        "limits.block_timeout",
+        "must be a positive number of seconds, got 0.0",
     ),
     (
         "limits-type",

@@ -134,9 +134,20 @@ class BlockingClient:
         *,
         service: ServiceLevel | int | str = ServiceLevel.RELIABLE,
         msg_type: int = 0,
+        confirm: bool = False,
+        timeout: float | None = None,
     ) -> int:
+        """See `Client.multicast`: with ``confirm=True``, returns once the daemon has
+        delivered the message in its view, or raises within `timeout`."""
         return self._runner.call(
-            lambda: self._client.multicast(groups, payload, service=service, msg_type=msg_type)
+            lambda: self._client.multicast(
+                groups,
+                payload,
+                service=service,
+                msg_type=msg_type,
+                confirm=confirm,
+                timeout=timeout,
+            )
         )
 
     def ping(self) -> float:

@@ -16,7 +16,8 @@ Error contract:
 * `RequestRejected` (a `ClientError`, with `.request_id`): the daemon refused one request.
   `join()` and `leave()` wait for their outcome and raise it themselves. A MULTICAST has
   no success reply, so a rejected one is raised by the next call of `multicast`, `join`,
-  `leave`, `receive`, `receive_nowait` or `close`, once, before that call does anything.
+  `leave`, `receive`, `receive_nowait` or `close`, once, before that call does anything
+  — except with ``confirm=True``, where `multicast` itself waits for the outcome.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ from meshcast.errors import ClientError, DecodeError, MessageTooLarge, UsageErro
 from meshcast.wire.client import (
     FROM_DAEMON,
     MAX_DEST_GROUPS,
+    MAX_UNCONFIRMED,
     MIN_VERSION,
     U16_MAX,
     U32_MAX,
     VERSION,
     Cause,
+    Confirmed,
     DaemonLimits,
     ErrorCode,
     ErrorReport,
@@ -275,6 +278,9 @@ class Client:
         self._waiters: dict[int, _Waiter] = {}
         self._pings: dict[int, asyncio.Future[None]] = {}
         self._reports: dict[int, asyncio.Future[StatusReply]] = {}  # STATUS by request id
+        # CONFIRM MULTICASTs by request id; at most MAX_UNCONFIRMED at once (the daemon's bound)
+        self._confirms: dict[int, asyncio.Future[None]] = {}
+        self._confirm_slots = asyncio.Semaphore(MAX_UNCONFIRMED)
         self._described: OrderedDict[int, str] = OrderedDict()
         self._groups: set[str] = set()
         self._ids = itertools.count(1)
@@ -389,31 +395,76 @@ class Client:
         *,
         service: ServiceLevel | int | str = ServiceLevel.RELIABLE,
         msg_type: int = 0,
+        confirm: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - bounds the wait for the confirmation
     ) -> int:
         """Send `payload` to every member of `groups` (one name or several); return its id.
 
-        The sender need not be a member. Returns once the frame is handed to the socket
-        (waiting while the socket's buffer is full). Checked first, raising `UsageError`:
-        the group names (characters, the daemon's `max_group_name`, 1..256 distinct),
-        `service`, `msg_type` (u16) and the payload size against the daemon's
-        `max_message_size` (`MessageTooLarge`). A later rejection by the daemon is raised
-        as `RequestRejected` (with this id) by a later call.
+        The sender need not be a member. Without `confirm`, returns once the frame is
+        handed to the socket (waiting while the socket's buffer is full): if the daemon
+        then dies, the message may have reached nobody. With ``confirm=True`` (protocol
+        version 2), returns only once the daemon has delivered the message in its view —
+        ordered there (AGREED), and for SAFE held by every daemon of the view, so that it
+        survives this daemon's failure — and raises `ClientError` if the session ends
+        first or no confirmation comes within `timeout` (default: the client's timeout):
+        then the message's fate is unknown. At most MAX_UNCONFIRMED confirmations are
+        awaited at once (more calls wait for a slot).
+
+        Checked first, raising `UsageError`: the group names (characters, the daemon's
+        `max_group_name`, 1..256 distinct), `service`, `msg_type` (u16), the payload size
+        against the daemon's `max_message_size` (`MessageTooLarge`), `confirm` with a
+        version-1 daemon. A rejection by the daemon is raised as `RequestRejected` (with
+        this id): by this call with `confirm`, else by a later call.
         """
         self._check_usable()
         names = _groups(groups, self.limits)
         data = _payload(payload, self.limits)
         level = service_level(service)
         tag = _msg_type(msg_type)
+        if not isinstance(confirm, bool):
+            raise UsageError(f"confirm must be True or False, got {confirm!r}")
+        if not confirm:
+            request_id = self._describe(names, data)
+            await self._write(Multicast(names, data, level, tag, request_id))
+            self._count_sent(data)
+            return request_id
+        if self.version < 2:
+            raise UsageError(
+                f"confirm=True needs protocol version 2; the daemon at {self._address} "
+                f"speaks version {self.version}"
+            )
+        limit = self._timeout if timeout is None else _check_timeout(timeout)
+        async with self._confirm_slots:
+            request_id = self._describe(names, data)
+            confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._confirms[request_id] = confirmed
+            try:
+                await self._write(Multicast(names, data, level, tag, request_id, confirm=True))
+                self._count_sent(data)
+                async with asyncio.timeout(limit):
+                    await confirmed
+            except TimeoutError:
+                raise ClientError(
+                    f"MULTICAST {request_id} not confirmed by the daemon at {self._address} "
+                    f"within {limit} s: it may or may not be delivered"
+                ) from None
+            finally:
+                self._confirms.pop(request_id, None)
+        return request_id
+
+    def _describe(self, names: tuple[str, ...], data: bytes) -> int:
+        """A new request id for a MULTICAST, remembered to name it if it is rejected."""
         request_id = self._next_request_id()
         self._described[request_id] = (
             f"MULTICAST {request_id} of {len(data)} bytes to {', '.join(map(repr, names))}"
         )
         while len(self._described) > MAX_REMEMBERED_REQUESTS:
             self._described.popitem(last=False)
-        await self._write(Multicast(names, data, level, tag, request_id))
+        return request_id
+
+    def _count_sent(self, data: bytes) -> None:
         self._stats["multicasts_sent"] += 1
         self._stats["payload_bytes_sent"] += len(data)
-        return request_id
 
     async def ping(self) -> float:
         """Round-trip time to the daemon in seconds (PING/PONG). `ClientError` on timeout."""
@@ -646,6 +697,15 @@ class Client:
         for reply in self._reports.values():
             if not reply.done():
                 reply.set_exception(error)
+        for confirmed in self._confirms.values():
+            if not confirmed.done():
+                confirmed.set_exception(
+                    ClientError(
+                        f"{error} (a message sent with confirm=True was not confirmed: "
+                        "it may or may not be delivered)",
+                        getattr(error, "code", 0),
+                    )
+                )
 
     async def _read_loop(self) -> None:
         try:
@@ -688,6 +748,10 @@ class Client:
                     reply = self._reports.get(request_id)
                     if reply is not None and not reply.done():
                         reply.set_result(frame)
+                case Confirmed(request_id=request_id):
+                    confirmed = self._confirms.get(request_id)
+                    if confirmed is not None and not confirmed.done():
+                        confirmed.set_result(None)
                 case Ping(nonce):
                     self._writer.write(encode(Pong(nonce)))
                 case Pong(nonce):
@@ -737,6 +801,7 @@ class Client:
         self._stats["requests_rejected"] += 1
         waiter = self._waiters.get(report.request_id)
         status = self._reports.get(report.request_id)
+        confirmed = self._confirms.get(report.request_id)
         what = (
             f"{waiter.kind.upper()} {waiter.group!r}"
             if waiter is not None
@@ -753,6 +818,8 @@ class Client:
             waiter.future.set_exception(error)
         elif status is not None and not status.done():
             status.set_exception(error)
+        elif confirmed is not None and not confirmed.done():
+            confirmed.set_exception(error)
         elif len(self._deferred) < MAX_DEFERRED_ERRORS:
             self._deferred.append(error)
         else:

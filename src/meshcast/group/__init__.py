@@ -9,6 +9,9 @@ from meshcast.group.events import (
     MessageRef,
     OrderingFault,
     OrderingReset,
+    SubmitConfirmed,
+    SubmitLost,
+    ViewTransition,
 )
 from meshcast.group.ordering import GroupEngine, GroupStats
 from meshcast.group.view import GroupView, view_id
@@ -24,5 +27,8 @@ __all__ = [
     "MessageRef",
     "OrderingFault",
     "OrderingReset",
+    "SubmitConfirmed",
+    "SubmitLost",
+    "ViewTransition",
     "view_id",
 ]

@@ -63,4 +63,43 @@ class OrderingFault:
     reason: str
 
 
-GroupEffect = Broadcast | Deliver | OrderingReset | OrderingFault
+@dataclass(frozen=True, slots=True)
+class SubmitConfirmed:
+    """A local message submitted with `token` was delivered here, in the view it was
+    sent in (a SAFE one: once every daemon of that view held it), hosted or not."""
+
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitLost:
+    """A local message submitted with `token` will never be delivered (it waited for a
+    view change and could not be sent in the new view)."""
+
+    token: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ViewTransition:
+    """A flush is about to deliver what is left of the old view in its *transitional
+    configuration*: `survivors` (this daemon among them) move together from
+    `old_view_id` to the next view, the other `old_members` departed. Every message
+    delivered before this effect in the old view met the old view's guarantees (the
+    same set at every survivor); those delivered after it, up to the `OrderingReset`,
+    only with respect to the survivors (a SAFE one: every survivor holds it)."""
+
+    old_view_id: bytes
+    old_members: tuple[NodeId, ...]
+    survivors: tuple[NodeId, ...]
+
+
+GroupEffect = (
+    Broadcast
+    | Deliver
+    | OrderingReset
+    | OrderingFault
+    | SubmitConfirmed
+    | SubmitLost
+    | ViewTransition
+)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from meshcast.errors import BufferFull, UsageError
 from meshcast.group.counters import Counters
-from meshcast.group.events import Broadcast, Deliver, GroupEffect, OrderingReset
+from meshcast.group.events import Broadcast, Deliver, GroupEffect, OrderingReset, ViewTransition
 from meshcast.group.ordering import GroupEngine
 from meshcast.ids import NodeId
 from meshcast.wire.client import Cause, ServiceLevel, ViewId
@@ -227,6 +227,7 @@ class GroupMembership:
         engine.set_group_daemons(MEMBERSHIP_GROUP, {engine.local})
         # STATEs applied in the current view: daemon -> group -> its own members
         self._announced: dict[NodeId, dict[str, tuple[str, ...]]] = {}
+        self._transitional: set[str] = set()  # groups in a transitional view until the reset
         self._stats = Counters(MembershipStats)
 
     # ------------------------------------------------------------------ queries
@@ -277,12 +278,14 @@ class GroupMembership:
         sender: str,
         now: float,
         msg_type: int = 0,
+        token: int = 0,
     ) -> list[MembershipEffect]:
-        """A client's data message (raises what `GroupEngine.submit` raises)."""
+        """A client's data message (raises what `GroupEngine.submit` raises; `token`: see
+        there)."""
         if any(g.startswith("#") for g in groups):
             raise UsageError("group names starting with '#' are reserved")
         return self._filter(
-            self.engine.submit(groups, payload, service, sender, now, msg_type), now
+            self.engine.submit(groups, payload, service, sender, now, msg_type, token), now
         )
 
     # ------------------------------------------------------------------ inputs
@@ -398,6 +401,9 @@ class GroupMembership:
                 effects.extend(self._apply(effect.source, effect.payload))
             elif isinstance(effect, Deliver) and any(g.startswith("#") for g in effect.groups):
                 self._bump(malformed_dropped=1)  # only daemons name reserved groups
+            elif isinstance(effect, ViewTransition):
+                effects.extend(self._transition(effect.survivors))
+                effects.append(effect)
             elif isinstance(effect, OrderingReset):
                 effects.extend(self._view_changed(effect.members))
                 effects.append(effect)
@@ -409,6 +415,31 @@ class GroupMembership:
             effects.extend(self._flush_pending(now))
         return effects
 
+    def _transition(self, survivors: tuple[NodeId, ...]) -> list[MembershipEffect]:
+        """Daemons left the view: each group with members on them gets a *transitional*
+        view (Spread's TRANSITION): the members on the daemons that move on together. The
+        table does not change; the regular `network` view follows once the flush is over,
+        and the messages between the two are delivered in the transitional configuration."""
+        moving = set(survivors)
+        effects: list[MembershipEffect] = []
+        for name in sorted(self._groups):
+            g = self._groups[name]
+            if all(d in moving for _, d in g.members):
+                continue
+            kept = [(m, d) for m, d in g.members if d in moving]
+            self._transitional.add(name)
+            effects.append(
+                MembershipChanged(
+                    name,
+                    ViewId(g.counter, g.coordinator),
+                    tuple(m for m, _ in kept),
+                    Cause.TRANSITIONAL,
+                    (),
+                    tuple(d for _, d in kept),
+                )
+            )
+        return effects
+
     def _view_changed(self, members: tuple[NodeId, ...]) -> list[MembershipEffect]:
         """The engine installed a view (after its flush delivered the old view's
         operations): a daemon that left takes its members with it, the same removals at
@@ -418,12 +449,26 @@ class GroupMembership:
         self.engine.set_group_daemons(MEMBERSHIP_GROUP, members)
         coordinator = members[0]
         effects: list[MembershipEffect] = []
+        transitional, self._transitional = self._transitional, set()
         for name in sorted(self._groups):
             g = self._groups[name]
             gone = tuple(m for m, d in g.members if d not in members)
             if gone:
                 g.members = [(m, d) for m, d in g.members if d in members]
                 effects.append(self._changed(name, g, coordinator, Cause.NETWORK, gone))
+            elif name in transitional:
+                # The departed daemons are back in the new view (a merge after a pause):
+                # a regular view still ends the transitional one, unchanged (same id).
+                effects.append(
+                    MembershipChanged(
+                        name,
+                        ViewId(g.counter, g.coordinator),
+                        tuple(m for m, _ in g.members),
+                        Cause.NETWORK,
+                        (),
+                        tuple(d for _, d in g.members),
+                    )
+                )
         return effects
 
     def _apply(self, source: NodeId, payload: bytes) -> list[MembershipChanged]:

@@ -39,6 +39,9 @@ from meshcast.group.events import (
     MessageRef,
     OrderingFault,
     OrderingReset,
+    SubmitConfirmed,
+    SubmitLost,
+    ViewTransition,
 )
 from meshcast.group.fifo import FifoReceiver
 from meshcast.group.retention import Numbers, Retention
@@ -47,6 +50,7 @@ from meshcast.group.view import GroupView
 from meshcast.ids import NodeId
 from meshcast.wire.client import ServiceLevel
 from meshcast.wire.group import (
+    MAX_BLOCKED_GROUPS,
     NO_VIEW,
     GroupAck,
     GroupData,
@@ -100,6 +104,7 @@ class _Held:
     source: NodeId
     data: GroupData
     raw: bytes  # as received or sent: the copy a flush carries
+    token: int = 0  # own message: SubmitConfirmed(token) once delivered (0: not asked)
 
     def ref(self) -> MessageRef:
         d = self.data
@@ -128,7 +133,8 @@ class _ViewState:
         self.repair_at = 0.0  # next look for own copies some destination still lacks
         self.progress_at: dict[NodeId, float] = {}  # last ACK of a member covering more of ours
         self.frozen = False  # our FLUSH is out: nothing more is sent or taken in this view
-        self.blocked_by: dict[NodeId, bool] = {}  # members whose last ACK said BLOCKED
+        # members whose last ACK said BLOCKED: the groups it named (None: every group)
+        self.blocked_by: dict[NodeId, frozenset[str] | None] = {}
         # total-order stream bookkeeping for NULLs
         self.last_stream_ts = 0  # timestamp of our last stream message
         self.last_stream_aru = 0  # ARU on it
@@ -195,7 +201,8 @@ class GroupEngine:
         self._retry_at = 0.0  # while flushing: when to send it again
         self._answered: dict[NodeId, float] = {}  # when we last answered a daemon's retry
         self._blocked = False  # a local `block` member cannot keep up
-        self._queued: deque[tuple[tuple[str, ...], bytes, ServiceLevel, str, int]] = deque()
+        self._blocked_groups: tuple[str, ...] = ()  # ...in these groups (() = every group)
+        self._queued: deque[tuple[tuple[str, ...], bytes, ServiceLevel, str, int, int]] = deque()
         self._past_views: deque[bytes] = deque(maxlen=self.config.max_past_views)
         self._future: deque[tuple[NodeId, GroupMessage, bytes]] = deque()
         self._clock = 0  # Lamport clock, kept across views (it only ever grows)
@@ -226,26 +233,42 @@ class GroupEngine:
 
     def can_submit(self) -> bool:
         """Would a local message be taken now? False while our own copies not yet held
-        everywhere fill the window, or while a member's client blocks (`block` policy:
-        every daemon holds its senders back), or the flush queue is full."""
+        everywhere fill the window, or the flush queue is full. (A slow `block` member
+        holds back only messages to its groups: `holds_back`.)"""
         if self._flush is not None:
             return len(self._queued) < max(self.config.max_held_messages // 2, 1)
         state = self._state
         if state is None:
             return False
         own_limit = max(self.config.max_held_messages // 2, 1)
-        return (
-            self._window_open(state)
-            and state.total.pending < own_limit
-            and not any(state.blocked_by.values())
-        )
+        return self._window_open(state) and state.total.pending < own_limit
 
-    def set_blocked(self, blocked: bool) -> None:
-        """A local client of a `block` group cannot keep up (or can again): tell the
-        others in the next ACK, so that their senders wait too."""
-        if blocked == self._blocked:
+    def holds_back(self, groups: Iterable[str]) -> bool:
+        """Must a local client's message to `groups` wait? True while a `block` member of
+        one of them, here or at any daemon of the view (its ACKs say BLOCKED), cannot
+        keep up. Other groups keep flowing."""
+        state = self._state
+        remote = state.blocked_by if state is not None else {}
+        if not self._blocked and not remote:
+            return False  # the usual case: checked per MULTICAST, so kept cheap
+        named = frozenset(groups)
+        if self._blocked and (
+            not self._blocked_groups or not named.isdisjoint(self._blocked_groups)
+        ):
+            return True
+        return any(blocked is None or not named.isdisjoint(blocked) for blocked in remote.values())
+
+    def set_blocked(self, groups: Iterable[str] = (), *, everything: bool = False) -> None:
+        """Local `block` members of `groups` cannot keep up (or, with none, can again):
+        tell the others in the next ACK, so that their senders to those groups wait too.
+        `everything` (or more than MAX_BLOCKED_GROUPS groups) holds back every group."""
+        listed = tuple(sorted(set(groups)))
+        blocked = everything or bool(listed)
+        if everything or len(listed) > MAX_BLOCKED_GROUPS:
+            listed = ()
+        if (blocked, listed) == (self._blocked, self._blocked_groups):
             return
-        self._blocked = blocked
+        self._blocked, self._blocked_groups = blocked, listed
         if self._state is not None:
             self._state.last_ack = ()  # an ACK is due, even with nothing new in it
             self._state.ack_due = True
@@ -318,10 +341,13 @@ class GroupEngine:
         sender: str,
         now: float,
         msg_type: int = 0,
+        token: int = 0,
     ) -> list[GroupEffect]:
         """A local client's message (during a flush: queued for the new view). Raises
         UsageError (no view, bad names or fields) or BufferFull (the send window, the
-        own ordered messages or the flush queue are full: wait, see `can_submit`)."""
+        own ordered messages or the flush queue are full: wait, see `can_submit`).
+        A `token` asks for `SubmitConfirmed(token)` once the message is delivered here
+        (or `SubmitLost(token)` if it never can be)."""
         self._now = now
         if not groups:
             raise UsageError("a message needs at least one group")
@@ -331,7 +357,7 @@ class GroupEngine:
         if self._flush is not None:
             if len(self._queued) >= own_limit:
                 raise BufferFull(f"{len(self._queued)} messages wait for the view change")
-            self._queued.append((groups, payload, service, sender, msg_type))
+            self._queued.append((groups, payload, service, sender, msg_type, token))
             self._bump(submits_queued=1)
             return []
         if state is None:
@@ -385,7 +411,7 @@ class GroupEngine:
         effects: list[GroupEffect] = []
         if dests:
             effects.append(Broadcast(dests, encoded))
-        own = _Held(self.local, data, encoded)
+        own = _Held(self.local, data, encoded, token)
         if service in ORDERED_TOTAL:
             state.last_stream_ts, state.last_stream_aru, state.last_stream_at = ts, aru, now
             state.max_order_ts = max(state.max_order_ts, ts)
@@ -426,7 +452,7 @@ class GroupEngine:
             if vector != state.last_ack:
                 state.last_ack, state.last_ack_at = vector, now
                 self._bump(acks_sent=1)
-                ack = GroupAck(state.view.view_id, vector, self._blocked)
+                ack = GroupAck(state.view.view_id, vector, self._blocked, self._blocked_groups)
                 if self._blocked:
                     self._bump(blocked_acks_sent=1)
                 effects.append(Broadcast(state.others, encode_group(ack)))
@@ -678,9 +704,11 @@ class GroupEngine:
         if len(ack.entries) != len(index) or any(NodeId(m) not in index for m, *_ in ack.entries):
             self._bump(malformed_dropped=1)
             return
-        state.blocked_by[source] = ack.blocked
         if ack.blocked:
+            state.blocked_by[source] = frozenset(ack.blocked_groups) or None
             self._bump(blocked_acks_received=1)
+        else:
+            state.blocked_by.pop(source, None)
         mine = state.acks.setdefault(source, {})
         for m, pruned, causal, total in ack.entries:
             old = mine.get(NodeId(m), (0, 0, 0))
@@ -887,11 +915,15 @@ class GroupEngine:
         )
         self._replay_future(effects)
         queued, self._queued = self._queued, deque()
-        for groups, payload, service, sender, msg_type in queued:
+        for groups, payload, service, sender, msg_type, token in queued:
             try:
-                effects.extend(self.submit(groups, payload, service, sender, self._now, msg_type))
+                effects.extend(
+                    self.submit(groups, payload, service, sender, self._now, msg_type, token)
+                )
             except (BufferFull, UsageError) as exc:
                 log.warning("daemon %s: a message queued in a flush is lost: %s", self.local, exc)
+                if token:
+                    effects.append(SubmitLost(token, str(exc)))
 
     def _finish_view(
         self, state: _ViewState, flush: _Flush, effects: list[GroupEffect]
@@ -911,10 +943,24 @@ class GroupEngine:
                 for m, prefix in report.prefixes.items():
                     ends[m] = max(ends.get(m, 0), prefix)
         delivered_before = self._stats["delivered"]
+        # Spread's transitional configuration: the old view's own rules first, the same
+        # messages at every survivor; then, if members departed, what only the survivors
+        # are known to hold (`TotalOrder.finish_split`)
+        reports = flush.reports
+        survivors = tuple(
+            m
+            for m in state.view.members
+            if m == self.local or (m in reports and reports[m].from_view == state.view.view_id)
+        )
+        departed = [m for m in state.view.members if m not in survivors]
+        regular, transitional, dropped = state.total.finish_split(ends, departed)
+        for item in regular:
+            self._deliver(item, effects)
+        if departed:
+            effects.append(ViewTransition(state.view.view_id, state.view.members, survivors))
         for item in state.fifo.drain():
             self._deliver(item, effects)
-        kept, dropped = state.total.finish(ends)
-        for item in kept:
+        for item in transitional:
             self._deliver(item, effects)
         dropped.extend(state.causal.drain())
         self._bump(
@@ -935,11 +981,13 @@ class GroupEngine:
         d = held.data
         if not self.hosts(d.groups):
             self._bump(ordered_not_hosted=1)
-            return
-        self._bump(delivered=1)
-        effects.append(
-            Deliver(d.sender, d.groups, d.service, d.msg_type, d.payload, held.source, d.msg_id)
-        )
+        else:
+            self._bump(delivered=1)
+            effects.append(
+                Deliver(d.sender, d.groups, d.service, d.msg_type, d.payload, held.source, d.msg_id)
+            )
+        if held.token:
+            effects.append(SubmitConfirmed(held.token))
 
     # ------------------------------------------------------------------ helpers
 

@@ -20,8 +20,12 @@ A STATUS request is answered with a bounded JSON report (`status`): the table's 
 injected `status` provider returns for the layers the table cannot see (the daemon's
 view, links, tree, uptime), so the table stays sans-I/O.
 
-While a `block` member is over its write limit, `accepting` is False: the runtime stops
-reading client connections, so no local client's MULTICAST is taken until it drains.
+While a `block` member is over its write limit, its groups are *blocked*
+(`blocked_groups`): the runtime takes no local client's MULTICAST to one of them until it
+drains (the engine tells the other daemons, whose senders to those groups wait too);
+other groups keep flowing. A member that holds senders back for longer than
+`SessionConfig.block_timeout` is disconnected with ERROR SLOW_RECEIVER, written after
+the frames already handed to its socket (`CloseConnection.last`), and the senders resume.
 """
 
 from __future__ import annotations
@@ -35,12 +39,17 @@ from enum import Enum
 
 from meshcast.errors import BufferFull, UsageError
 from meshcast.group.counters import Counters
-from meshcast.group.events import Deliver
+from meshcast.group.events import Deliver, SubmitConfirmed, SubmitLost
 from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipEffect
 from meshcast.ids import NodeId
 from meshcast.wire.client import (
     HELLO_FRAME_LIMIT,
     MAX_STATUS_SIZE,
+    MAX_UNCONFIRMED,
+    MIN_VERSION,
+    VERSION,
+    Cause,
+    Confirmed,
     DaemonLimits,
     ErrorCode,
     ErrorReport,
@@ -77,6 +86,9 @@ class SessionConfig:
     # its transport's high-water mark before it is disconnected with SLOW_RECEIVER anyway:
     # the daemon's memory stays bounded whatever the clients do.
     max_backlog: int = 64 * 1024 * 1024
+    # s: a `block` member that holds senders back this long without draining is
+    # disconnected with SLOW_RECEIVER ([limits] block_timeout)
+    block_timeout: float = 30.0
     # a STATUS report lists at most this many groups, and this many members of each; it is
     # cut further (and says "truncated") when it would exceed MAX_STATUS_SIZE bytes
     status_max_groups: int = 100
@@ -98,7 +110,10 @@ class SendBytes:
 @dataclass(frozen=True, slots=True)
 class CloseConnection:
     conn: int
-    abort: bool = False  # drop what is still queued (a slow receiver)
+    # a slow receiver: drop the frames queued but not yet handed to its socket, then
+    # write `last` (the ERROR saying why) and close; aborted if the peer never reads it
+    abort: bool = False
+    last: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,9 +171,12 @@ class _Session:
     state: _State = _State.HANDSHAKE
     name: str = ""
     flags: int = 0  # HelloFlag bits of the HELLO
+    version: int = 0  # agreed in the handshake (TRANSITIONAL views from version 2)
+    unconfirmed: int = 0  # CONFIRM MULTICASTs not yet answered (<= MAX_UNCONFIRMED)
     groups: dict[str, SlowReceiverPolicy] = field(default_factory=dict)  # requested
     paused: bool = False  # the transport's write buffer is over its high-water mark
     backlog: int = 0  # bytes sent while paused
+    blocked_since: float | None = None  # when it began holding senders back
     dropped: dict[str, int] = field(default_factory=dict)  # group -> UNRELIABLE dropped
 
 
@@ -185,6 +203,8 @@ class SessionTable:
         # connections before HELLO -> deadline of their handshake, earliest first (the
         # timeout is one constant and inputs come in time order)
         self._pending: dict[int, float] = {}
+        self._confirming: dict[int, tuple[int, int]] = {}  # token -> (conn, request id)
+        self._next_token = 1
         self._stats = Counters(SessionStats)
         self._now = 0.0  # time of the latest input
 
@@ -196,8 +216,18 @@ class SessionTable:
 
     @property
     def accepting(self) -> bool:
-        """False while a slow `block` member holds local senders back: stop reading."""
+        """False while a slow `block` member holds some senders back (`blocked_groups`)."""
         return not self._blocking
+
+    def blocked_groups(self) -> frozenset[str]:
+        """Groups whose senders must wait: those of local members that are over their
+        write limit with frames queued, except groups they joined with `disconnect`."""
+        groups: set[str] = set()
+        for conn in self._blocking:
+            s = self._sessions.get(conn)
+            if s is not None:
+                groups.update(g for g, p in s.groups.items() if p != SlowReceiverPolicy.DISCONNECT)
+        return frozenset(groups)
 
     def session_name(self, conn: int) -> str | None:
         s = self._sessions.get(conn)
@@ -224,11 +254,17 @@ class SessionTable:
         return self._stats.snapshot()
 
     def next_deadline(self) -> float | None:
-        deadline = self.membership.next_deadline()
+        deadlines = [
+            since + self.config.block_timeout
+            for conn in self._blocking
+            if (since := self._sessions[conn].blocked_since) is not None
+        ]
         if self._pending:
-            first = next(iter(self._pending.values()))
-            deadline = first if deadline is None else min(deadline, first)
-        return deadline
+            deadlines.append(next(iter(self._pending.values())))
+        below = self.membership.next_deadline()
+        if below is not None:
+            deadlines.append(below)
+        return min(deadlines, default=None)
 
     def status(
         self, now: float, *, max_groups: int | None = None, max_members: int | None = None
@@ -383,6 +419,7 @@ class SessionTable:
             return []
         s.paused = False
         s.backlog = 0
+        s.blocked_since = None
         self._blocking.discard(conn)
         out: list[SessionEffect] = []
         for group, count in sorted(s.dropped.items()):
@@ -431,6 +468,13 @@ class SessionTable:
             out += self._end(
                 self._sessions[conn], ErrorCode.HANDSHAKE_TIMEOUT, text, "handshake timeout", now
             )
+        timeout = self.config.block_timeout
+        for conn in sorted(self._blocking):
+            s = self._sessions[conn]
+            if s.blocked_since is not None and now >= s.blocked_since + timeout:
+                out += self._slow(
+                    s, f"held senders back for {timeout:g} s without reading (block_timeout)"
+                )
         return out + self._route(self.membership.on_timer(now))
 
     # ------------------------------------------------------------------ handshake
@@ -446,7 +490,10 @@ class SessionTable:
         text = ""
         if version is None:
             code = ErrorCode.UNSUPPORTED_VERSION
-            text = f"this daemon speaks versions 1..1, not {frame.min_version}..{frame.max_version}"
+            text = (
+                f"this daemon speaks versions {MIN_VERSION}..{VERSION}, "
+                f"not {frame.min_version}..{frame.max_version}"
+            )
         elif self.open_sessions() >= self.config.max_clients:
             code = ErrorCode.DAEMON_FULL
             text = f"the daemon already serves {self.config.max_clients} clients"
@@ -462,6 +509,7 @@ class SessionTable:
         self._pending.pop(s.conn, None)
         s.name = name
         s.flags = int(frame.flags)
+        s.version = version
         self._by_name[name] = s
         self._bump(sessions_opened=1)
         welcome = Welcome(version, name, self.config.limits)
@@ -498,21 +546,34 @@ class SessionTable:
                 else:
                     out += self._route(self.membership.leave(s.name, group, now))
                     del s.groups[group]
-            case Multicast(groups, payload, service, msg_type, rid):
+            case Multicast(groups, payload, service, msg_type, rid, confirm):
                 fault = next((f for g in groups if (f := self._group_fault(g)) is not None), None)
                 if fault is not None:
                     out.append(self._refuse(s, ErrorCode.GROUP_NAME_TOO_LONG, fault, rid))
                 elif len(payload) > limits.max_message_size:
                     text = f"payload of {len(payload)} bytes, more than {limits.max_message_size}"
                     out.append(self._refuse(s, ErrorCode.MESSAGE_TOO_LARGE, text, rid))
+                elif confirm and s.unconfirmed >= MAX_UNCONFIRMED:
+                    text = f"{s.unconfirmed} CONFIRM messages are not confirmed yet"
+                    out.append(self._refuse(s, ErrorCode.TOO_MANY_UNCONFIRMED, text, rid))
                 else:
+                    token = 0
+                    if confirm:  # registered first: a RELIABLE one is confirmed at once
+                        token = self._next_token
+                        self._next_token += 1
+                        self._confirming[token] = (s.conn, rid)
+                        s.unconfirmed += 1
                     try:
                         effects = self.membership.submit(
-                            groups, payload, service, s.name, now, msg_type
+                            groups, payload, service, s.name, now, msg_type, token
                         )
                     except BufferFull as exc:
+                        self._unconfirm(token)
                         text = f"daemon busy, message not sent: {exc}"
                         out.append(self._refuse(s, ErrorCode.INTERNAL_ERROR, text, rid))
+                    except UsageError:
+                        self._unconfirm(token)
+                        raise
                     else:
                         self._bump(messages_submitted=1)
                         out += self._route(effects)
@@ -567,9 +628,30 @@ class SessionTable:
             elif isinstance(effect, MembershipChanged):
                 out.append(effect)
                 out += self._membership(effect)
+            elif isinstance(effect, SubmitConfirmed | SubmitLost):
+                out += self._confirmed(effect)
             else:
                 out.append(effect)
         return out
+
+    def _unconfirm(self, token: int) -> tuple[_Session, int] | None:
+        """Forget `token`: the session that asked and the request id, if still open."""
+        conn, rid = self._confirming.pop(token, (0, 0))
+        s = self._sessions.get(conn)
+        if s is None:
+            return None
+        s.unconfirmed -= 1
+        return (s, rid) if s.state is _State.OPEN else None
+
+    def _confirmed(self, effect: SubmitConfirmed | SubmitLost) -> list[SessionEffect]:
+        asked = self._unconfirm(effect.token)
+        if asked is None:
+            return []
+        s, rid = asked
+        if isinstance(effect, SubmitLost):
+            text = f"message lost in a view change: {effect.reason}"
+            return [self._error(s, ErrorCode.INTERNAL_ERROR, text, rid)]
+        return self._send(s, encode(Confirmed(rid)), (), ServiceLevel.SAFE)
 
     def _membership(self, change: MembershipChanged) -> list[SessionEffect]:
         frame = Membership(change.group, change.view_id, change.members, change.cause, change.who)
@@ -583,6 +665,8 @@ class SessionTable:
             own = name in change.who
             if not own and not s.flags & HelloFlag.MEMBERSHIP:
                 continue
+            if change.cause == Cause.TRANSITIONAL and s.version < 2:
+                continue  # a version-1 client does not know the cause
             if not own and name not in change.members:
                 continue
             data = data or encode(frame)
@@ -629,6 +713,8 @@ class SessionTable:
                 return []
             s.backlog += len(data)
             self._blocking.add(s.conn)
+            if s.blocked_since is None:
+                s.blocked_since = self._now
             if s.backlog > self.config.max_backlog:
                 return self._slow(s, f"more than {self.config.max_backlog} bytes queued")
         if message:
@@ -675,10 +761,13 @@ class SessionTable:
     ) -> list[SessionEffect]:
         out: list[SessionEffect] = []
         was_open = s.state is _State.OPEN
-        if last:
-            out.append(SendBytes(s.conn, last))
-        if close:
-            out.append(CloseConnection(s.conn, abort))
+        if abort:
+            out.append(CloseConnection(s.conn, abort=True, last=last))
+        else:
+            if last:
+                out.append(SendBytes(s.conn, last))
+            if close:
+                out.append(CloseConnection(s.conn))
         s.state = _State.CLOSED
         self._pending.pop(s.conn, None)
         if not close:
@@ -687,6 +776,10 @@ class SessionTable:
         if not was_open:
             return out
         self._by_name.pop(s.name, None)
+        if s.unconfirmed:
+            for token in [t for t, (c, _) in self._confirming.items() if c == s.conn]:
+                del self._confirming[token]
+            s.unconfirmed = 0
         groups = tuple(s.groups)
         s.groups.clear()
         self._bump(sessions_closed=1)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Generic, TypeVar
 
 from meshcast.ids import NodeId
@@ -112,16 +112,43 @@ class TotalOrder(Generic[T]):
             out.append(item)
         return out
 
-    def finish(self, ends: Mapping[NodeId, int]) -> tuple[list[T], list[T]]:
-        """End of a view (a flush): every held message numbered up to its source's end,
-        in the total order, and the rest (discarded). Empties this object.
+    def finish_split(
+        self, ends: Mapping[NodeId, int], departed: Collection[NodeId]
+    ) -> tuple[list[T], list[T], list[T]]:
+        """`finish`, with the kept messages split at the end of what the old view's own
+        rules deliver given everything held now: (regular, transitional, discarded).
 
-        The ends come from the flush: the longest stream prefix any survivor held. A
-        message beyond it was delivered by nobody (delivery needs the prefix), so
-        discarding it everywhere keeps the survivors' delivered sets equal; one up to it
-        is held by every survivor after the flush, so all deliver it, in (ts, source)
-        order, which extends every order delivered so far.
+        A kept message is *regular* if nothing of a `departed` member's stream (cut at its
+        end) could still sort before it — its timestamp is at most the last one of every
+        departed stream — and, when SAFE, every departed member's last ARU covers it;
+        regular messages are a prefix of the order. The survivors hold the same copies
+        after a flush, so all compute the same split, and whatever one of them delivered
+        before the flush is regular (it knew less). The rest is delivered in the
+        transitional configuration: ordered, but only the survivors are known to hold it.
         """
+        last_ts = {j: self.heard.get(j, 0) for j in departed}
+        last_aru = {j: self.aru_of.get(j, 0) for j in departed}
+        for j in departed:
+            for seq, (ts_, aru_, _, _) in self._gaps.get(j, {}).items():
+                if seq <= ends.get(j, 0):
+                    last_ts[j] = max(last_ts[j], ts_)
+                    last_aru[j] = max(last_aru[j], aru_)
+        heard = min(last_ts.values(), default=None)
+        aru = min(last_aru.values(), default=None)
+        safe = {id(e[4]): e[3] for e in self._pending}
+        for gaps in self._gaps.values():
+            safe.update((id(item), s) for _, _, item, s in gaps.values() if item is not None)
+        kept, dropped = self._finish_entries(ends)
+        split = len(kept)
+        if heard is not None and aru is not None:
+            for i, (ts, item) in enumerate(kept):
+                if ts > heard or (safe[id(item)] and ts > aru):
+                    split = i
+                    break
+        items = [item for _, item in kept]
+        return items[:split], items[split:], dropped
+
+    def _finish_entries(self, ends: Mapping[NodeId, int]) -> tuple[list[tuple[int, T]], list[T]]:
         entries = [(e[0], e[1], e[2], e[4], e[5]) for e in self._pending]
         for source, gaps in self._gaps.items():
             for seq, (ts, _, item, _) in gaps.items():
@@ -132,6 +159,19 @@ class TotalOrder(Generic[T]):
             gaps.clear()
         self._gap_count = 0
         entries.sort(key=lambda e: e[:3])
-        kept = [e[3] for e in entries if e[4] <= ends.get(e[1], 0)]
+        kept = [(e[0], e[3]) for e in entries if e[4] <= ends.get(e[1], 0)]
         dropped = [e[3] for e in entries if e[4] > ends.get(e[1], 0)]
         return kept, dropped
+
+    def finish(self, ends: Mapping[NodeId, int]) -> tuple[list[T], list[T]]:
+        """End of a view (a flush): every held message numbered up to its source's end,
+        in the total order, and the rest (discarded). Empties this object.
+
+        The ends come from the flush: the longest stream prefix any survivor held. A
+        message beyond it was delivered by nobody (delivery needs the prefix), so
+        discarding it everywhere keeps the survivors' delivered sets equal; one up to it
+        is held by every survivor after the flush, so all deliver it, in (ts, source)
+        order, which extends every order delivered so far.
+        """
+        kept, dropped = self._finish_entries(ends)
+        return [item for _, item in kept], dropped

@@ -577,9 +577,12 @@ class _Demo:
         for user in self.live_users:
             mark = before[user.label]
             previous = _labels(user.views[mark - 1].members) if mark else []
-            story: list[str] = [f"{'before:':<9}{', '.join(previous)}"]
+            story: list[str] = [f"{'before:':<14}{', '.join(previous)}"]
             for view in user.views[mark:]:
                 now = _labels(view.members)
+                if view.transitional:  # Spread's TRANSITION: who moves on together
+                    story.append(f"{'transitional:':<14}{', '.join(now)}   (moving on together)")
+                    continue
                 left = [m for m in previous if m not in now]
                 came = [m for m in now if m not in previous]
                 delta = "; ".join(
@@ -590,7 +593,7 @@ class _Demo:
                     )
                     if part
                 )
-                story.append(f"{view.cause.value + ':':<9}{', '.join(now)}   ({delta or 'same'})")
+                story.append(f"{view.cause.value + ':':<14}{', '.join(now)}   ({delta or 'same'})")
                 previous = list(now)
             stories.setdefault(tuple(story), []).append(user.label)
         for told, who in stories.items():

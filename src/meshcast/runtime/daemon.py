@@ -393,6 +393,7 @@ class OverlayDaemon:
                 limits.max_clients,
                 handshake_timeout=limits.handshake_timeout,
                 max_pending_handshakes=limits.max_pending_handshakes,
+                block_timeout=limits.block_timeout,
             ),
             status=self.status_sections,
         )
@@ -479,7 +480,12 @@ class OverlayDaemon:
         return daemon
 
     async def _open_clients(self) -> None:
-        server = ClientServer(self.sessions, self._run_session_input, can_submit=self._can_submit)
+        server = ClientServer(
+            self.sessions,
+            self._run_session_input,
+            can_submit=self._can_submit,
+            holds_back=self.sessions.membership.engine.holds_back,
+        )
         self.client_server = server
         listen = self.clients
         if listen.unix_path == "":
@@ -919,8 +925,9 @@ class OverlayDaemon:
     # ------------------------------------------------------------------ client sessions
 
     def _can_submit(self) -> bool:
-        """May local clients' requests be taken now? The overlay outbox has room, our
-        messages in flight fit the group window and no daemon's `block` member is behind."""
+        """May local clients' requests be taken now? The overlay outbox has room and our
+        messages in flight fit the group window. (A `block` member that is behind holds
+        back only messages to its groups: `GroupEngine.holds_back`.)"""
         return self.node.can_multicast() and self.sessions.membership.engine.can_submit()
 
     def _run_session_input(
@@ -961,9 +968,9 @@ class OverlayDaemon:
                 case SendBytes(conn, data):
                     if server is not None:
                         server.send(conn, data)
-                case CloseConnection(conn, abort):
+                case CloseConnection(conn, abort, last):
                     if server is not None:
-                        server.close_connection(conn, abort)
+                        server.close_connection(conn, abort, last)
                 case ClientConnected(conn, name, version):
                     self.events.emit("client_connected", conn=conn, client=name, version=version)
                 case ClientDisconnected(conn, name, reason, groups):
@@ -1014,8 +1021,9 @@ class OverlayDaemon:
         if self._closed:
             return
         try:
-            # a `block` member behind: the next ACK tells every daemon to hold senders back
-            self.sessions.membership.engine.set_blocked(not self.sessions.accepting)
+            # a `block` member behind: the next ACK tells every daemon to hold back
+            # senders to its groups
+            self.sessions.membership.engine.set_blocked(self.sessions.blocked_groups())
             deadlines = [
                 d
                 for d in (self.node.next_deadline(), self.sessions.next_deadline())

@@ -4,8 +4,18 @@ Thin asyncio shell around `meshcast.group.sessions.SessionTable` (the protocol l
 each connection gets an integer id and a `FrameDecoder`; decoded frames, decode
 failures, EOF/resets and write-buffer pauses are handed to the daemon through `feed`,
 which runs them in its bulkhead against the table and applies the effects, calling back
-`send` and `close_connection` here. Theory: docs/design/group.md, "Sessions and
-membership"; socket conventions: docs/design/daemon.md, "Client sessions".
+`send` and `close_connection` here.
+
+Hold-back: while `can_submit()` is False (the overlay outbox or the group send window is
+full) no connection is read. A MULTICAST to a group that `holds_back` (a slow `block`
+member is in it, here or at another daemon) stays decoded but untaken, and only its
+connection stops being read until the group is released: other clients go on.
+Frames for a connection whose transport is over its high-water mark wait here, not in
+the transport, so that a slow receiver's disconnection can drop them and still write its
+ERROR SLOW_RECEIVER right after the frames already handed to the socket.
+
+Theory: docs/design/group.md, "Sessions and membership"; socket conventions:
+docs/design/daemon.md, "Client sessions".
 
 Socket path convention (the client library relies on it):
 ``$XDG_RUNTIME_DIR/meshcast/<daemon>@<cluster>.sock`` when ``XDG_RUNTIME_DIR`` is set, else
@@ -23,19 +33,23 @@ import os
 import socket
 import stat
 import tempfile
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import cast
 
 from meshcast.errors import DecodeError
 from meshcast.group.sessions import SessionEffect, SessionTable
-from meshcast.wire.client import ANY_FRAME, HELLO_FRAME_LIMIT, FrameDecoder
+from meshcast.wire.client import ANY_FRAME, HELLO_FRAME_LIMIT, Frame, FrameDecoder, Multicast
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WRITE_HIGH_WATER = 1024 * 1024  # bytes queued on a connection before it counts as slow
 READ_CHUNK_FRAMES = 64  # frames handled per connection before yielding to the others
+# s: a slow receiver cut off gets this long to read its last frames and the ERROR saying
+# why before its connection is aborted
+CLOSE_LINGER_TIMEOUT = 10.0
 
 Input = Callable[[float], list[SessionEffect]]
 Feed = Callable[[str, Input], None]
@@ -155,11 +169,13 @@ class ClientServer:
         feed: Feed,
         *,
         can_submit: Callable[[], bool] = lambda: True,
+        holds_back: Callable[[Iterable[str]], bool] = lambda _groups: False,
         write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
     ) -> None:
         self._table = table
         self._feed = feed
         self._can_submit = can_submit
+        self._holds_back = holds_back
         self._high_water = write_high_water
         self._loop = asyncio.get_running_loop()
         self._servers: list[asyncio.Server] = []
@@ -167,8 +183,16 @@ class ClientServer:
         self._decoders: dict[int, FrameDecoder] = {}
         # frames for each connection since the last settle: written as one chunk then
         self._outgoing: dict[int, list[bytes]] = {}
+        # frames for connections whose transport is over its high-water mark (bounded by
+        # the table's max_backlog), and those connections
+        self._backlog: dict[int, deque[bytes]] = {}
+        self._write_paused: set[int] = set()
+        self._slow: set[int] = set()  # connections the table was told are paused
+        self._lingering: dict[int, asyncio.TimerHandle] = {}  # closing: abort if unread
         self._next_conn = 1
-        self._held = False  # reading paused on every connection (slow block member / outbox)
+        self._held = False  # reading paused on every connection (outbox or window full)
+        # a MULTICAST to a held-back group, decoded but not taken; its connection is not read
+        self._pending: dict[int, Frame] = {}
         self._closed = False
         self.unix_path: Path | None = None
         self._unix_inode: tuple[int, int] | None = None
@@ -211,18 +235,49 @@ class ClientServer:
     def _write_out(self, conn: int) -> None:
         chunks = self._outgoing.pop(conn, None)
         transport = self._transports.get(conn)
-        if chunks and transport is not None and not transport.is_closing():
-            transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if not chunks or transport is None or transport.is_closing():
+            return
+        if conn in self._write_paused:
+            self._backlog.setdefault(conn, deque()).extend(chunks)
+            return
+        transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
-    def close_connection(self, conn: int, abort: bool) -> None:
+    def _write_backlog(self, conn: int, transport: asyncio.Transport, *, everything: bool) -> None:
+        """Hand queued frames to the transport, a high-water mark's worth at a time,
+        until it pauses again (or all of them, when closing)."""
+        backlog = self._backlog.get(conn)
+        while backlog and (everything or conn not in self._write_paused):
+            chunk: list[bytes] = []
+            size = 0
+            while backlog and (everything or size < self._high_water):
+                chunk.append(backlog.popleft())
+                size += len(chunk[-1])
+            transport.write(b"".join(chunk))
+        if not backlog:
+            self._backlog.pop(conn, None)
+
+    def close_connection(self, conn: int, abort: bool, last: bytes = b"") -> None:
+        """Close `conn`. `abort`: drop the frames not yet handed to its socket, write
+        `last` after those that were, and abort if it is not read within
+        CLOSE_LINGER_TIMEOUT (a slow receiver learns why it was cut off)."""
         transport = self._transports.get(conn)
         if transport is None:
             return
+        self._forget_pending(conn)
         if abort:
             self._outgoing.pop(conn, None)
-            transport.abort()
+            self._backlog.pop(conn, None)
+            if transport.is_closing():
+                return
+            if last:
+                transport.write(last)
+            transport.close()
+            if transport.get_write_buffer_size() and conn not in self._lingering:
+                self._lingering[conn] = self._loop.call_later(CLOSE_LINGER_TIMEOUT, transport.abort)
         else:
-            self._write_out(conn)  # what was sent before the close goes first
+            if not transport.is_closing():  # what was sent before the close goes first
+                self._write_backlog(conn, transport, everything=True)
+            self._write_out(conn)
             transport.close()
 
     def settle(self) -> None:
@@ -230,12 +285,25 @@ class ClientServer:
         holds local senders back."""
         for conn in list(self._outgoing):
             self._write_out(conn)
-        if self._held and self._accepting():
+        if self._held and self._can_submit():
             self._held = False
-            for conn, transport in list(self._transports.items()):
-                if not transport.is_closing():
-                    transport.resume_reading()
-                self._pump(conn)
+            candidates = list(self._transports)
+        elif self._held:
+            candidates = []
+        else:
+            candidates = list(self._pending)
+        for conn in candidates:
+            transport = self._transports.get(conn)
+            if transport is None or self._waits(conn):
+                continue
+            if not transport.is_closing():
+                transport.resume_reading()
+            self._pump(conn)
+
+    def _waits(self, conn: int) -> bool:
+        """Does `conn`'s next frame wait for a held-back group?"""
+        frame = self._pending.get(conn)
+        return isinstance(frame, Multicast) and self._holds_back(frame.groups)
 
     async def aclose(self) -> None:
         """Stop listening, abort what is still open, remove our socket file."""
@@ -246,6 +314,8 @@ class ClientServer:
             self._write_out(conn)
         for server in self._servers:
             server.close()
+        for handle in self._lingering.values():
+            handle.cancel()
         for transport in list(self._transports.values()):
             transport.abort()
         for server in self._servers:
@@ -255,9 +325,6 @@ class ClientServer:
             _remove_if_ours(self.unix_path, self._unix_inode)
 
     # ------------------------------------------------------------------ transport events
-
-    def _accepting(self) -> bool:
-        return self._table.accepting and self._can_submit()
 
     def _connected(self, transport: asyncio.Transport) -> int:
         conn = self._next_conn
@@ -282,16 +349,23 @@ class ClientServer:
     def _pump(self, conn: int) -> None:
         decoder = self._decoders.get(conn)
         while decoder is not None and conn in self._transports:
-            if not self._accepting() and not self._table.handshaking(conn):
+            if not self._can_submit() and not self._table.handshaking(conn):
                 self._hold(conn)
                 return
-            try:
-                frame = decoder.next_frame()
-            except DecodeError as exc:
-                self._feed("decode_failed", partial(self._table.decode_failed, conn, str(exc)))
-                self._decoders.pop(conn, None)
-                return
+            frame = self._pending.pop(conn, None)
             if frame is None:
+                try:
+                    frame = decoder.next_frame()
+                except DecodeError as exc:
+                    self._feed("decode_failed", partial(self._table.decode_failed, conn, str(exc)))
+                    self._decoders.pop(conn, None)
+                    return
+                if frame is None:
+                    return
+            if isinstance(frame, Multicast) and self._holds_back(frame.groups):
+                # a slow `block` member is in one of its groups: this client waits
+                self._pending[conn] = frame
+                self._transports[conn].pause_reading()
                 return
             self._feed("frame_received", partial(self._table.frame_received, conn, frame))
             if self._transports.get(conn) is None or self._transports[conn].is_closing():
@@ -311,15 +385,36 @@ class ClientServer:
             if not transport.is_closing() and not self._table.handshaking(other):
                 transport.pause_reading()
 
+    def _forget_pending(self, conn: int) -> None:
+        self._pending.pop(conn, None)
+
     def _lost(self, conn: int) -> None:
         if self._transports.pop(conn, None) is None:
             return
         self._decoders.pop(conn, None)
         self._outgoing.pop(conn, None)
+        self._backlog.pop(conn, None)
+        self._write_paused.discard(conn)
+        self._slow.discard(conn)
+        self._forget_pending(conn)
+        handle = self._lingering.pop(conn, None)
+        if handle is not None:
+            handle.cancel()
         self._feed("connection_lost", partial(self._table.connection_lost, conn))
 
     def _pause_writing(self, conn: int) -> None:
-        self._table.writing_paused(conn)
+        self._write_paused.add(conn)
+        if conn not in self._slow:  # once per slow period: the table counts its backlog
+            self._slow.add(conn)
+            self._table.writing_paused(conn)
 
     def _resume_writing(self, conn: int) -> None:
+        self._write_paused.discard(conn)
+        transport = self._transports.get(conn)
+        if transport is None or transport.is_closing():
+            return
+        self._write_backlog(conn, transport, everything=False)
+        if conn in self._write_paused or conn in self._backlog:
+            return  # still behind: the table keeps counting
+        self._slow.discard(conn)
         self._feed("writing_resumed", lambda _now: self._table.writing_resumed(conn))

@@ -13,7 +13,7 @@ All integers are big-endian. Strings are UTF-8 with a length prefix: ``str8`` is
     0x02 JOIN        [c→d] request_id u32 | policy u8 | group str8
     0x03 LEAVE       [c→d] request_id u32 | group str8
     0x04 MULTICAST   [c→d] request_id u32 | service u8 | msg_type u16 | n u16 | n x group str8 |
-                           payload (the rest)
+                           payload (the rest)          (v2: service bit 0x80 = CONFIRM)
     0x05 STATUS      [c→d] request_id u32
     0x41 WELCOME     [d→c] magic "MCCP" | version u16 | private_name str8 |
                            max_message_size u32 | max_group_name u8 | max_groups_per_client u32
@@ -24,6 +24,7 @@ All integers are big-endian. Strings are UTF-8 with a length prefix: ``str8`` is
     0x44 ERROR       [d→c] code u16 | request_id u32 | text str16
     0x45 STATUS_REPLY
                  [d→c] request_id u32 | report (the rest: UTF-8 JSON text of one object)
+    0x46 CONFIRMED   [d→c] request_id u32                  (v2: a CONFIRM MULTICAST is delivered)
     0x81 PING        [both] nonce u64
     0x82 PONG        [both] nonce u64 (echoes the PING)
     0x83 GOODBYE     [both] (empty)
@@ -49,7 +50,7 @@ from meshcast.errors import DecodeError
 # ---------------------------------------------------------------- protocol constants
 
 MAGIC = b"MCCP"  # first bytes of HELLO and WELCOME bodies: "meshcast client protocol"
-VERSION = 1  # the newest version this module speaks
+VERSION = 2  # the newest version this module speaks (2: CONFIRM, CONFIRMED, TRANSITIONAL)
 MIN_VERSION = 1  # the oldest version this module speaks
 
 LENGTH = struct.Struct("!I")
@@ -70,6 +71,8 @@ MAX_MEMBERS = 65_535  # members listed in one MEMBERSHIP (and entries of its `wh
 MAX_ERROR_TEXT = 1024  # bytes of the text of an ERROR
 MAX_MESSAGE_SIZE = 1 << 30  # bytes: the largest max_message_size a daemon may announce
 MAX_STATUS_SIZE = 1 << 20  # bytes (UTF-8) of the JSON report of a STATUS_REPLY
+MAX_UNCONFIRMED = 1024  # CONFIRM MULTICASTs of one session not yet CONFIRMED (v2)
+CONFIRM_FLAG = 0x80  # in MULTICAST's service byte (v2): answer with CONFIRMED once delivered
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # bytes; equals LimitsConfig.max_message_size
 DEFAULT_MAX_GROUP_NAME = 64  # bytes; equals LimitsConfig.max_group_name
@@ -130,6 +133,7 @@ class FrameType(IntEnum):
     MEMBERSHIP = 0x43
     ERROR = 0x44
     STATUS_REPLY = 0x45
+    CONFIRMED = 0x46
     PING = 0x81
     PONG = 0x82
     GOODBYE = 0x83
@@ -156,6 +160,7 @@ FROM_DAEMON = frozenset(
         FrameType.MEMBERSHIP,
         FrameType.ERROR,
         FrameType.STATUS_REPLY,
+        FrameType.CONFIRMED,
         FrameType.PING,
         FrameType.PONG,
         FrameType.GOODBYE,
@@ -201,9 +206,19 @@ class Cause(StrEnum):
     LEAVE = "leave"  # `who` left on purpose (it is not in the new view)
     DISCONNECT = "disconnect"  # `who`'s connection to its daemon ended
     NETWORK = "network"  # daemons became unreachable or reachable again
+    # (v2) daemons left the view: `members` are those that move on together; the messages
+    # that follow, up to the next (regular) view, are delivered in this transitional
+    # configuration (SAFE ones are safe only with respect to these members)
+    TRANSITIONAL = "transitional"
 
 
-_CAUSE_CODES = {Cause.JOIN: 0, Cause.LEAVE: 1, Cause.DISCONNECT: 2, Cause.NETWORK: 3}
+_CAUSE_CODES = {
+    Cause.JOIN: 0,
+    Cause.LEAVE: 1,
+    Cause.DISCONNECT: 2,
+    Cause.NETWORK: 3,
+    Cause.TRANSITIONAL: 4,
+}
 _CAUSES = {code: cause for cause, code in _CAUSE_CODES.items()}
 
 
@@ -232,6 +247,7 @@ class ErrorCode(IntEnum):
     ALREADY_MEMBER = 205  # JOIN of a group the client is in already
     SERVICE_NOT_SUPPORTED = 206  # the daemon does not offer this service level
     INTERNAL_ERROR = 207  # the daemon failed on this request (a bug; it keeps serving)
+    TOO_MANY_UNCONFIRMED = 208  # a CONFIRM MULTICAST beyond MAX_UNCONFIRMED outstanding
     MESSAGES_DROPPED = 301  # the `drop-unreliable` policy dropped messages for this client
 
     @property
@@ -314,6 +330,15 @@ class Multicast:
     service: ServiceLevel = ServiceLevel.RELIABLE
     msg_type: int = 0  # u16 tag for the application, delivered unchanged
     request_id: int = 0
+    confirm: bool = False  # (v2) answer with CONFIRMED(request_id) once delivered
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmed:
+    """Daemon → client (v2): the CONFIRM MULTICAST `request_id` was delivered by the
+    sender's daemon in its view (a SAFE one: once every daemon of the view held it)."""
+
+    request_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +361,11 @@ class Membership:
     members: tuple[str, ...]  # private names, distinct; same order at every member
     cause: Cause
     who: tuple[str, ...]  # JOIN/LEAVE/DISCONNECT: exactly one; NETWORK: whoever came or went
+
+    @property
+    def transitional(self) -> bool:
+        """A transitional view (Spread's TRANSITION): see `Cause.TRANSITIONAL`."""
+        return self.cause == Cause.TRANSITIONAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,7 +412,9 @@ class Goodbye:
 
 
 ClientFrame = Hello | Join | Leave | Multicast | StatusRequest | Ping | Pong | Goodbye
-DaemonFrame = Welcome | Message | Membership | ErrorReport | StatusReply | Ping | Pong | Goodbye
+DaemonFrame = (
+    Welcome | Message | Membership | ErrorReport | StatusReply | Confirmed | Ping | Pong | Goodbye
+)
 Frame = (
     Hello
     | Join
@@ -394,6 +426,7 @@ Frame = (
     | Membership
     | ErrorReport
     | StatusReply
+    | Confirmed
     | Ping
     | Pong
     | Goodbye
@@ -410,6 +443,7 @@ FRAME_TYPE_OF: dict[type[Frame], FrameType] = {
     Membership: FrameType.MEMBERSHIP,
     ErrorReport: FrameType.ERROR,
     StatusReply: FrameType.STATUS_REPLY,
+    Confirmed: FrameType.CONFIRMED,
     Ping: FrameType.PING,
     Pong: FrameType.PONG,
     Goodbye: FrameType.GOODBYE,
@@ -593,7 +627,7 @@ def _check(frame: object) -> None:
                 else f"error text must be a str, not {type(text).__name__}"
             )
             fault = fault or _member_fault(code, _ERROR_CODES, "error code")
-        case StatusRequest(request_id):
+        case StatusRequest(request_id) | Confirmed(request_id):
             fault = _range_fault(request_id, "request_id", 0, U32_MAX)
         case StatusReply(report, request_id):
             fault = _range_fault(request_id, "request_id", 0, U32_MAX) or _report_fault(report)
@@ -677,6 +711,8 @@ def _membership_fault(view_id: object, members: object, cause: object, who: obje
     assert isinstance(who, tuple)
     if cause == Cause.NETWORK:
         return None
+    if cause == Cause.TRANSITIONAL:
+        return f"a transitional view names nobody in who, not {len(who)}" if who else None
     if len(who) != 1:
         return f"a {cause} change names exactly one member in who, not {len(who)}"
     inside = who[0] in members
@@ -775,8 +811,9 @@ def _encode_body(frame: Frame) -> list[bytes]:
             return [JOIN_HEAD.pack(request_id, _POLICY_CODES[policy]), _str8(group)]
         case Leave(group, request_id):
             return [LEAVE_HEAD.pack(request_id), _str8(group)]
-        case Multicast(groups, payload, service, msg_type, request_id):
-            head = MULTICAST_HEAD.pack(request_id, service, msg_type, len(groups))
+        case Multicast(groups, payload, service, msg_type, request_id, confirm):
+            bits = CONFIRM_FLAG if confirm else 0
+            head = MULTICAST_HEAD.pack(request_id, service | bits, msg_type, len(groups))
             return [head, b"".join(_str8(g) for g in groups), payload]
         case Message(sender, groups, service, msg_type, payload):
             return [MESSAGE_HEAD.pack(service, msg_type), _str8(sender), _groups(groups), payload]
@@ -790,7 +827,7 @@ def _encode_body(frame: Frame) -> list[bytes]:
         case ErrorReport(code, text, request_id):
             data = text.encode("utf-8")
             return [ERROR_HEAD.pack(code, request_id), U16.pack(len(data)), data]
-        case StatusRequest(request_id):
+        case StatusRequest(request_id) | Confirmed(request_id):
             return [STATUS_HEAD.pack(request_id)]
         case StatusReply(report, request_id):
             return [STATUS_HEAD.pack(request_id), report.encode("utf-8")]
@@ -916,9 +953,10 @@ def _parse(ftype: FrameType, r: _Reader) -> Frame:
             return Leave(r.text("group name"), request_id)
         case FrameType.MULTICAST:
             request_id, service, msg_type, n = r.ints(MULTICAST_HEAD, "MULTICAST header")
-            level = _service(service)
+            level = _service(service & ~CONFIRM_FLAG)
             groups = r.names("groups", n, MAX_DEST_GROUPS)
-            return Multicast(groups, r.rest(), level, msg_type, request_id)
+            confirm = bool(service & CONFIRM_FLAG)
+            return Multicast(groups, r.rest(), level, msg_type, request_id, confirm)
         case FrameType.MESSAGE:
             service, msg_type = r.ints(MESSAGE_HEAD, "MESSAGE header")
             level = _service(service)
@@ -949,6 +987,9 @@ def _parse(ftype: FrameType, r: _Reader) -> Frame:
         case FrameType.STATUS_REPLY:
             (request_id,) = r.ints(STATUS_HEAD, "STATUS_REPLY header")
             return StatusReply(r.report(), request_id)
+        case FrameType.CONFIRMED:
+            (request_id,) = r.ints(STATUS_HEAD, "CONFIRMED header")
+            return Confirmed(request_id)
         case FrameType.PING:
             return Ping(*r.ints(NONCE, "nonce"))
         case FrameType.PONG:

@@ -9,7 +9,8 @@ overlay's source field names the sending daemon. All integers are big-endian; ``
                f u16 | f x (dest u32 | fifo_seq u64) | v u16 | v x u64 | payload (the rest)
     0x11 NULL  view_id 8s | ts u64 | seq u64 | aru u64
     0x12 ACK   view_id 8s | flags u8 | n u16 |
-               n x (member u32 | pruned u64 | causal u64 | total u64)
+               n x (member u32 | pruned u64 | causal u64 | total u64) |
+               BLOCKED only: g u16 | g x group str8
     0x13 FLUSH target 8s | from_view 8s | incarnation u64 | round u64 | views u64 |
                part u32 | parts u32 |
                flags u8 | n u16 | n x (member u32 | total_prefix u64) |
@@ -33,8 +34,9 @@ overlay's source field names the sending daemon. All integers are big-endian; ``
 * ACK: what the sender holds of each member's messages in the view: the prefix of its
   numbering to the sender (RELIABLE/FIFO), causal messages processed, total-order stream
   prefix. Lets every daemon forget the copies it keeps for a flush (stability). Flag
-  0x01 BLOCKED: a local member of a `block` group cannot keep up; senders everywhere
-  hold their clients back until an ACK without it.
+  0x01 BLOCKED: a local member of a `block` group cannot keep up; the g groups it is in
+  follow (at most `MAX_BLOCKED_GROUPS`; g = 0: every group). Senders everywhere hold
+  back their clients' messages to those groups until an ACK that no longer names them.
 * FLUSH: one part of a daemon's flush towards the view with membership id ``target``
   (`meshcast.group.view_id`): the id of the view it installed last (``from_view``, zeros
   for none), its incarnation and flush round (increasing with every flush it starts: a
@@ -83,6 +85,7 @@ MAX_SENDER_NAME = 255  # bytes (a str8)
 MAX_GROUPS = 256  # groups one message is addressed to (the client protocol's limit)
 MAX_FIFO_ENTRIES = 4096  # destination daemons of one FIFO message (the overlay's limit)
 MAX_VECTOR = 4096  # entries of a causal vector: daemons in a view
+MAX_BLOCKED_GROUPS = 256  # groups named by a BLOCKED ACK; more are sent as "every group"
 U16_MAX = 0xFFFF
 U32_MAX = 0xFFFF_FFFF
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
@@ -119,6 +122,7 @@ class GroupAck:
     view_id: bytes  # 8 bytes
     entries: tuple[tuple[int, int, int, int], ...]  # (member, pruned, causal, total)
     blocked: bool = False
+    blocked_groups: tuple[str, ...] = ()  # with `blocked`: those groups; () = every group
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +215,13 @@ def _encode_ack(message: GroupAck) -> bytes:
         for count in counts:
             _check_u64("ACK count", count)
         parts.append(ACK_ENTRY.pack(member, *counts))
+    if message.blocked:
+        if len(message.blocked_groups) > MAX_BLOCKED_GROUPS:
+            raise ValueError(f"a BLOCKED ACK names at most {MAX_BLOCKED_GROUPS} groups")
+        parts.append(COUNT.pack(len(message.blocked_groups)))
+        parts.extend(_str8("group name", g, allow_empty=False) for g in message.blocked_groups)
+    elif message.blocked_groups:
+        raise ValueError("only a BLOCKED ACK names groups")
     return b"".join(parts)
 
 
@@ -334,15 +345,30 @@ def _decode_ack(message: bytes) -> GroupAck:
     if len(message) < ACK_HEAD.size:
         raise DecodeError("truncated group ACK")
     _, view_id, flags, n = ACK_HEAD.unpack_from(message)
-    if len(message) != ACK_HEAD.size + n * ACK_ENTRY.size:
-        raise DecodeError("group ACK has the wrong size")
+    end = ACK_HEAD.size + n * ACK_ENTRY.size
     if flags & ~ACK_BLOCKED:
         raise DecodeError(f"group ACK with unknown flags 0x{flags:02x}")
+    blocked = bool(flags & ACK_BLOCKED)
+    if len(message) < end or (len(message) != end and not blocked):
+        raise DecodeError("group ACK has the wrong size")
     entries = tuple(
         (int(m), int(p), int(c), int(t))
-        for m, p, c, t in ACK_ENTRY.iter_unpack(message[ACK_HEAD.size :])
+        for m, p, c, t in ACK_ENTRY.iter_unpack(message[ACK_HEAD.size : end])
     )
-    return GroupAck(view_id, entries, bool(flags))
+    groups: list[str] = []
+    if blocked:
+        reader = _Reader(message, end)
+        g = reader.count("blocked group count")
+        if g > MAX_BLOCKED_GROUPS:
+            raise DecodeError(f"group ACK names {g} blocked groups, more than {MAX_BLOCKED_GROUPS}")
+        for _ in range(g):
+            name = reader.str8("blocked group name")
+            if not name:
+                raise DecodeError("group ACK names an empty blocked group")
+            groups.append(name)
+        if reader.pos != len(message):
+            raise DecodeError("group ACK has the wrong size")
+    return GroupAck(view_id, entries, blocked, tuple(groups))
 
 
 def _decode_flush(message: bytes) -> GroupFlush:

@@ -222,3 +222,52 @@ def test_a_daemon_back_from_a_pause_keeps_its_own_members() -> None:
     tables = [m.table() for m in bus.nodes.values()]
     assert tables[0] == tables[1] == tables[2]
     assert set(bus.nodes[NodeId(1)].members("g")) == {"#c#D1", "#c#D2"}
+
+
+def test_a_transitional_view_comes_before_the_network_view() -> None:
+    bus = Bus([1, 2, 3])
+    bus.install([1, 2, 3])
+    bus.run()
+    for n in (1, 2, 3):
+        bus.take(NodeId(n), bus.nodes[NodeId(n)].join(f"#c#D{n}", "g", 0))
+    bus.take(NodeId(1), bus.nodes[NodeId(1)].join("#c#D1", "only-here", 0))
+    bus.run()
+    seen = {n: len(bus.changes[NodeId(n)]) for n in (1, 2)}
+    counter = bus.nodes[NodeId(1)].view_id("g")
+    bus.install([1, 2])
+    bus.run()
+    for n in (1, 2):
+        after = [
+            (c.group, c.cause, c.members, c.who, c.view_id)
+            for c in bus.changes[NodeId(n)][seen[n] :]
+        ]
+        assert after == [
+            # the members that move on together, in the view they had (no new counter)
+            ("g", Cause.TRANSITIONAL, ("#c#D1", "#c#D2"), (), counter),
+            ("g", Cause.NETWORK, ("#c#D1", "#c#D2"), ("#c#D3",), ViewId(4, 1)),
+        ]  # nothing for "only-here": nobody departed from it
+
+
+def test_a_regular_view_ends_every_transitional_one() -> None:
+    """D1 is paused while D2 and D3 go on, then all three merge in one step: at D1 the
+    others came from another view (a transitional view of D1's member alone), but the
+    table does not change. A regular view (same id) still ends the transitional one."""
+    bus = Bus([1, 2, 3])
+    bus.install([1, 2, 3])
+    bus.run()
+    for n in (1, 2):
+        bus.take(NodeId(n), bus.nodes[NodeId(n)].join(f"#c#D{n}", "g", 0))
+    bus.run()
+    before = bus.nodes[NodeId(1)].view_id("g")
+    for n in (2, 3):  # D1 paused: only the others change view
+        bus.take(NodeId(n), bus.nodes[NodeId(n)].view_installed([NodeId(2), NodeId(3)], 1.0))
+    bus.queue = [q for q in bus.queue if NodeId(1) not in (q[0], q[1])]
+    bus.run()
+    seen = len(bus.changes[NodeId(1)])
+    bus.install([1, 2, 3])
+    bus.run()
+    at_d1 = [(c.cause, c.members, c.view_id) for c in bus.changes[NodeId(1)][seen:]]
+    assert at_d1[:2] == [
+        (Cause.TRANSITIONAL, ("#c#D1",), before),
+        (Cause.NETWORK, ("#c#D1", "#c#D2"), before),
+    ]

@@ -17,6 +17,8 @@ from meshcast.group import (
     GroupEngine,
     OrderingFault,
     OrderingReset,
+    SubmitConfirmed,
+    ViewTransition,
 )
 from meshcast.ids import NodeId
 from meshcast.wire.client import ServiceLevel as S
@@ -34,6 +36,7 @@ class Mesh:
         self.delivered: dict[NodeId, list[Deliver]] = {n: [] for n in self.engines}
         self.inbox: dict[NodeId, list[tuple[NodeId, bytes]]] = {n: [] for n in self.engines}
         self.other: list[GroupEffect] = []
+        self.events: dict[NodeId, list[GroupEffect]] = {n: [] for n in self.engines}
         self.now = 0.0
         for n, engine in self.engines.items():
             self.apply(n, engine.view_installed(self.engines, self.now))
@@ -61,8 +64,10 @@ class Mesh:
                     self.inbox[d].append((node, effect.payload))
             elif isinstance(effect, Deliver):
                 self.delivered[node].append(effect)
+                self.events[node].append(effect)
             else:
                 self.other.append(effect)
+                self.events[node].append(effect)
 
     def send(
         self, node: NodeId, service: S, groups: tuple[str, ...] = ("g",), body: bytes = b"x"
@@ -412,13 +417,76 @@ def test_survivors_deliver_the_same_messages_in_the_same_order(seed: int) -> Non
     crash(m, dead, survivors)
     m.settle(rng)
     reference = m.bodies(survivors[0])
+    before = {n: regular_part(m, n, survivors) for n in survivors}
     for n in survivors:
+        assert before[n] == before[survivors[0]]  # the same split everywhere
         assert sorted(m.bodies(n)) == sorted(reference)
         ordered = [d.payload for d in m.delivered[n] if d.service in (S.AGREED, S.SAFE)]
         first = [d.payload for d in m.delivered[survivors[0]] if d.service in (S.AGREED, S.SAFE)]
         assert ordered == first
         assert set(sent[n]) <= set(m.bodies(n))
         assert len(set(m.bodies(n))) == len(m.bodies(n))
+
+
+def regular_part(m: Mesh, node: NodeId, survivors: list[NodeId]) -> set[bytes]:
+    """AGREED/SAFE payloads `node` delivered before its transitional configuration began
+    (exactly one `ViewTransition`, naming the survivors)."""
+    events = m.events[node]
+    (at,) = [i for i, e in enumerate(events) if isinstance(e, ViewTransition)]
+    transition = events[at]
+    assert isinstance(transition, ViewTransition)
+    assert transition.survivors == tuple(survivors)
+    reset = next(i for i, e in enumerate(events) if i > at and isinstance(e, OrderingReset))
+    assert reset > at  # the transitional configuration ends with the new view
+    return {
+        e.payload for e in events[:at] if isinstance(e, Deliver) and e.service in (S.AGREED, S.SAFE)
+    }
+
+
+def test_safe_not_held_by_a_departed_daemon_is_delivered_in_the_transitional_configuration() -> (
+    None
+):
+    m = Mesh([A, B, C])
+    m.host("g", [A, B, C])
+    m.send(A, S.AGREED, body=b"everyone")
+    m.settle()  # delivered everywhere in the view, with its guarantee
+    m.send(A, S.SAFE, body=b"safe")
+    m.send(B, S.AGREED, body=b"after")
+    m.take(C)  # C never gets them, then fails
+    m.feed(B, m.take(B))
+    m.feed(A, m.take(A))
+    crash(m, C, [A, B])
+    for n in (A, B):
+        kinds = [
+            e.payload if isinstance(e, Deliver) else type(e).__name__
+            for e in m.events[n]
+            if isinstance(e, Deliver | ViewTransition | OrderingReset)
+        ]
+        # b"safe" is not safe with respect to C: after the transition, as is what
+        # sorts after it
+        assert kinds[-5:] == [b"everyone", "ViewTransition", b"safe", b"after", "OrderingReset"]
+
+
+def test_no_transition_when_every_member_moves_on() -> None:
+    m = Mesh([A, B])
+    m.host("g", [A, B])
+    m.send(A, S.SAFE, body=b"s")
+    for n in (A, B):  # the same members, new incarnations: nobody departed
+        m.apply(n, m.engines[n].view_installed([A, B], 0.0, incarnations=(1, 2)))
+    m.exchange()
+    assert not any(isinstance(e, ViewTransition) for e in m.other)
+
+
+def test_a_token_is_confirmed_once_delivered_here() -> None:
+    m = Mesh([A, B])
+    m.host("g", [B])  # A does not host g: confirmed all the same
+    a = m.engines[A]
+    assert SubmitConfirmed(7) in a.submit(("g",), b"r", S.RELIABLE, "#c#1", 0.0, token=7)
+    effects = a.submit(("g",), b"s", S.SAFE, "#c#1", 0.0, token=8)
+    assert SubmitConfirmed(8) not in effects  # safe: not before B holds it
+    m.apply(A, effects)
+    m.settle()
+    assert SubmitConfirmed(8) in m.events[A]
 
 
 def test_a_view_change_during_a_flush_starts_another_round() -> None:
@@ -464,18 +532,32 @@ def test_config_is_checked() -> None:
         GroupConfig(max_held_messages=0)
 
 
-def test_a_blocked_member_holds_senders_back_everywhere() -> None:
+def test_a_blocked_member_holds_back_senders_to_its_groups_everywhere() -> None:
     m = Mesh([A, B])
     m.host("g", [A, B])
-    assert m.engines[A].can_submit()
-    m.engines[B].set_blocked(True)
-    m.tick(0.05)  # B's ACK says BLOCKED, though nothing new arrived
+    m.host("h", [A, B])
+    assert not m.engines[A].holds_back(["g"])
+    m.engines[B].set_blocked(["g"])
+    m.tick(0.05)  # B's ACK says BLOCKED for g, though nothing new arrived
     m.feed(A, m.take(A))
-    assert not m.engines[A].can_submit()
-    m.engines[B].set_blocked(False)
+    assert m.engines[A].holds_back(["g"])
+    assert m.engines[A].holds_back(["h", "g"])
+    assert not m.engines[A].holds_back(["h"])  # other groups keep flowing
+    assert m.engines[A].can_submit()
+    m.engines[B].set_blocked()
     m.tick(0.05)
     m.feed(A, m.take(A))
-    assert m.engines[A].can_submit()
+    assert not m.engines[A].holds_back(["g"])
+
+
+def test_too_many_blocked_groups_hold_back_every_group() -> None:
+    m = Mesh([A, B])
+    m.host("g", [A, B])
+    m.engines[B].set_blocked([f"g{i}" for i in range(300)])  # more than an ACK names
+    m.tick(0.05)
+    m.feed(A, m.take(A))
+    assert m.engines[A].holds_back(["anything"])
+    assert m.engines[B].holds_back(["anything"])
 
 
 def test_own_messages_not_yet_held_everywhere_close_the_window() -> None:

@@ -19,7 +19,9 @@ from meshcast.ids import NodeId
 from meshcast.wire.client import (
     FROM_DAEMON,
     HELLO_FRAME_LIMIT,
+    MAX_UNCONFIRMED,
     Cause,
+    Confirmed,
     DaemonLimits,
     ErrorCode,
     ErrorReport,
@@ -42,19 +44,28 @@ from meshcast.wire.client import (
 LIMITS = DaemonLimits(max_message_size=100, max_group_name=8, max_groups_per_client=2)
 
 
-def table(max_clients: int = 3, max_backlog: int = 10_000) -> SessionTable:
+def table(
+    max_clients: int = 3, max_backlog: int = 10_000, block_timeout: float = 30.0
+) -> SessionTable:
     membership = GroupMembership(GroupEngine(NodeId(1)))
-    sessions = SessionTable("D1", membership, SessionConfig(LIMITS, max_clients, max_backlog))
+    config = SessionConfig(LIMITS, max_clients, max_backlog, block_timeout=block_timeout)
+    sessions = SessionTable("D1", membership, config)
     sessions.view_installed([NodeId(1)], 0.0)
     return sessions
 
 
 def frames(effects: list[SessionEffect], conn: int) -> list[Frame]:
+    """Frames written to `conn`, including the last one a closing effect carries."""
     return [
-        decode(e.data, accept=FROM_DAEMON)
+        decode(e.data if isinstance(e, SendBytes) else e.last, accept=FROM_DAEMON)
         for e in effects
-        if isinstance(e, SendBytes) and e.conn == conn
+        if (isinstance(e, SendBytes) or (isinstance(e, CloseConnection) and e.last))
+        and e.conn == conn
     ]
+
+
+def aborted(effects: list[SessionEffect], conn: int) -> bool:
+    return any(isinstance(e, CloseConnection) and e.conn == conn and e.abort for e in effects)
 
 
 def hello(t: SessionTable, conn: int, name: str = "", flags: int = 1) -> str:
@@ -82,7 +93,7 @@ def test_handshake_names_and_refusals() -> None:
     assert [f.code for f in frames(effects, 2)] == [ErrorCode.NAME_IN_USE]  # type: ignore[union-attr]
     assert CloseConnection(2) in effects
     t.connected(3)
-    effects = t.frame_received(3, Hello("x", min_version=2, max_version=3), 0.0)
+    effects = t.frame_received(3, Hello("x", min_version=3, max_version=4), 0.0)
     assert [f.code for f in frames(effects, 3)] == [ErrorCode.UNSUPPORTED_VERSION]  # type: ignore[union-attr]
     t.connected(4)
     effects = t.frame_received(4, Join("g"), 0.0)
@@ -203,7 +214,7 @@ def test_disconnect_policy_drops_the_slow_member() -> None:
     t = slow_pair(SlowReceiverPolicy.DISCONNECT)
     effects = t.frame_received(1, Multicast(("g",), b"x"), 0.0)
     assert [f.code for f in frames(effects, 2)] == [ErrorCode.SLOW_RECEIVER]  # type: ignore[union-attr]
-    assert CloseConnection(2, abort=True) in effects
+    assert aborted(effects, 2)
     assert t.statistics().slow_disconnected == 1
     assert t.membership.members("g") == ()
 
@@ -232,7 +243,7 @@ def test_block_policy_stops_local_senders_and_bounds_the_backlog() -> None:
     for _ in range(5):
         effects += t.frame_received(1, Multicast(("g",), b"x" * 50), 0.0)
     assert t.statistics().slow_disconnected == 1
-    assert CloseConnection(2, abort=True) in effects
+    assert aborted(effects, 2)
     assert accepting(t)
     assert t.membership.members("g") == ()
 
@@ -254,3 +265,88 @@ def test_daemon_frames_from_a_client_are_unexpected(frame: Frame) -> None:
     hello(t, 1, "a")
     effects = t.frame_received(1, frame, 0.0)
     assert [f.code for f in frames(effects, 1)] == [ErrorCode.UNEXPECTED_FRAME]  # type: ignore[union-attr]
+
+
+def test_block_holds_back_only_the_slow_members_groups() -> None:
+    t = table()
+    hello(t, 1, "sender")
+    hello(t, 2, "slow")
+    t.frame_received(2, Join("g"), 0.0)
+    t.frame_received(2, Join("q", SlowReceiverPolicy.DISCONNECT), 0.0)
+    hello(t, 3, "other")
+    t.frame_received(3, Join("o"), 0.0)
+    t.writing_paused(2)
+    assert t.blocked_groups() == frozenset()  # paused, but nothing waits for it yet
+    t.frame_received(1, Multicast(("g",), b"x"), 0.0)  # queued for the paused member
+    assert t.blocked_groups() == {"g"}  # not "q": a message there disconnects it instead
+    engine = t.membership.engine
+    engine.set_blocked(t.blocked_groups())
+    assert engine.holds_back(["g"])
+    assert engine.holds_back(["o", "g"])
+    assert not engine.holds_back(["o"])
+    assert engine.can_submit()
+    effects = t.frame_received(1, Multicast(("o",), b"y"), 0.0)  # other groups flow
+    assert [type(f) for f in frames(effects, 3)] == [Message]
+    t.writing_resumed(2)
+    assert t.blocked_groups() == frozenset()
+
+
+def test_block_timeout_disconnects_the_slow_member_with_a_reason() -> None:
+    t = table(block_timeout=2.0)
+    hello(t, 1, "sender")
+    hello(t, 2, "slow")
+    t.frame_received(2, Join("g"), 0.0)
+    t.writing_paused(2)
+    assert t.next_deadline() is None
+    t.frame_received(1, Multicast(("g",), b"x"), 10.0)  # now it holds senders back
+    assert t.next_deadline() == 12.0
+    assert not aborted(t.on_timer(11.9), 2)
+    effects = t.on_timer(12.0)
+    assert aborted(effects, 2)
+    (error,) = frames(effects, 2)  # written after what its socket already has, then closed
+    assert isinstance(error, ErrorReport)
+    assert error.code == ErrorCode.SLOW_RECEIVER
+    assert "block_timeout" in error.text
+    assert t.blocked_groups() == frozenset()
+    assert t.next_deadline() is None
+    assert t.membership.members("g") == ()
+    assert t.statistics().slow_disconnected == 1
+
+
+def test_a_member_that_drains_in_time_is_not_disconnected() -> None:
+    t = table(block_timeout=2.0)
+    hello(t, 1, "sender")
+    hello(t, 2, "slow")
+    t.frame_received(2, Join("g"), 0.0)
+    t.writing_paused(2)
+    t.frame_received(1, Multicast(("g",), b"x"), 10.0)
+    t.writing_resumed(2)
+    t.writing_paused(2)
+    t.frame_received(1, Multicast(("g",), b"x"), 11.5)  # a new slow period: a new clock
+    assert t.next_deadline() == 13.5
+    assert not aborted(t.on_timer(12.0), 2)
+
+
+def test_confirm_is_answered_once_delivered_and_bounded() -> None:
+    t = table()
+    hello(t, 1, "sender")
+    effects = t.frame_received(1, Multicast(("g",), b"x", request_id=5, confirm=True), 0.0)
+    assert frames(effects, 1) == [Confirmed(5)]  # one daemon: delivered at once
+    effects = t.frame_received(1, Multicast(("g",), b"x", request_id=6), 0.0)
+    assert frames(effects, 1) == []  # not asked for
+
+
+def test_too_many_unconfirmed_messages_are_refused() -> None:
+    membership = GroupMembership(GroupEngine(NodeId(1)))
+    t = SessionTable("D1", membership, SessionConfig(LIMITS))
+    t.view_installed([NodeId(1), NodeId(2)], 0.0)  # D2's FLUSH never comes: all wait
+    hello(t, 1, "sender")
+    for rid in range(1, MAX_UNCONFIRMED + 1):
+        waiting = Multicast(("g",), b"", request_id=rid, confirm=True)
+        assert frames(t.frame_received(1, waiting, 0.0), 1) == []
+    (refusal,) = frames(
+        t.frame_received(1, Multicast(("g",), b"", request_id=9999, confirm=True), 0.0), 1
+    )
+    assert isinstance(refusal, ErrorReport)
+    assert refusal.code == ErrorCode.TOO_MANY_UNCONFIRMED
+    assert refusal.request_id == 9999

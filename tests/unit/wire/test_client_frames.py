@@ -20,6 +20,7 @@ from meshcast.wire.client import (
     MAX_DEST_GROUPS,
     MAX_MEMBERS,
     Cause,
+    Confirmed,
     DaemonLimits,
     ErrorCode,
     ErrorReport,
@@ -48,10 +49,10 @@ ALICE = "#alice#D1"
 BOB = "#bob#D2"
 
 GOLDEN: list[tuple[Frame, str]] = [
-    # HELLO: length 17 | type 01 | magic "MCCP" | min 1 | max 1 | flags MEMBERSHIP | name "alice"
-    (Hello("alice"), "00000011 01 4d434350 0001 0001 0001 05 616c696365"),
-    # HELLO from a client letting the daemon pick its name, without membership events
-    (Hello(flags=HelloFlag(0)), "0000000c 01 4d434350 0001 0001 0000 00"),
+    # HELLO: length 17 | type 01 | magic "MCCP" | min 1 | max 2 | flags MEMBERSHIP | name "alice"
+    (Hello("alice"), "00000011 01 4d434350 0001 0002 0001 05 616c696365"),
+    # HELLO from a version-1 client letting the daemon pick its name, no membership events
+    (Hello(max_version=1, flags=HelloFlag(0)), "0000000c 01 4d434350 0001 0001 0000 00"),
     # WELCOME: version 1 | private name "#alice#D1" | 16 MiB | 64-byte groups | 100 groups
     (
         Welcome(1, ALICE, DaemonLimits()),
@@ -69,6 +70,13 @@ GOLDEN: list[tuple[Frame, str]] = [
         Multicast(("chat", "ops"), b"hi", ServiceLevel.AGREED, msg_type=0x0102, request_id=9),
         "00000015 04 00000009 04 0102 0002 04 63686174 03 6f7073 6869",
     ),
+    # MULTICAST (v2) asking for CONFIRMED: SAFE (5) with bit 0x80 | request 10 | 1 group "ops"
+    (
+        Multicast(("ops",), b"", ServiceLevel.SAFE, request_id=10, confirm=True),
+        "0000000e 04 0000000a 85 0000 0001 03 6f7073",
+    ),
+    # CONFIRMED (v2): request 10
+    (Confirmed(10), "00000005 46 0000000a"),
     # MESSAGE: SAFE (5) | msg_type 0xffff | sender "#bob#D2" | 1 group "chat" | empty payload
     (
         Message(BOB, ("chat",), ServiceLevel.SAFE, 0xFFFF, b""),
@@ -79,6 +87,12 @@ GOLDEN: list[tuple[Frame, str]] = [
         Membership("chat", ViewId(3, 1), (ALICE, BOB), Cause.JOIN, (BOB,)),
         "00000035 43 04 63686174 0000000000000003 00000001 00"
         " 00000002 09 23616c696365234431 07 23626f62234432 00000001 07 23626f62234432",
+    ),
+    # MEMBERSHIP (v2): group "chat" | view (3, daemon 1) | cause 4 TRANSITIONAL | alice | no who
+    (
+        Membership("chat", ViewId(3, 1), (ALICE,), Cause.TRANSITIONAL, ()),
+        "00000025 43 04 63686174 0000000000000003 00000001 04"
+        " 00000001 09 23616c696365234431 00000000",
     ),
     # ERROR: code 203 MESSAGE_TOO_LARGE | request 9 | text "too big" (str16)
     (
@@ -185,9 +199,10 @@ def test_clip_text_makes_any_text_fit_an_error() -> None:
 
 
 def test_version_choice() -> None:
-    assert client.choose_version(Hello()) == 1
-    assert client.choose_version(Hello(min_version=1, max_version=7)) == 1
-    assert client.choose_version(Hello(min_version=2, max_version=3)) is None
+    assert client.choose_version(Hello()) == 2
+    assert client.choose_version(Hello(max_version=1)) == 1  # a version-1 client
+    assert client.choose_version(Hello(min_version=1, max_version=7)) == 2
+    assert client.choose_version(Hello(min_version=3, max_version=4)) is None
     assert client.choose_version(Hello(min_version=2, max_version=9), lowest=1, highest=4) == 4
 
 
