@@ -11,9 +11,10 @@ from meshcast.errors import ConfigError
 @dataclass(frozen=True, slots=True)
 class GroupConfig:
     # s: a daemon that owes the others its timestamp or ARU (some AGREED/SAFE message waits
-    # for it) sends a NULL at most this long after its last total-order message; it is
-    # also the least time between two of its NULLs, so NULL traffic per daemon is at most
-    # 1/idle_ts_interval messages/s, and none at all while no ordered message is pending.
+    # for it) answers at its next timer, at once, when a peer's stream message arrived
+    # since its own last one: one NULL per batch of input, however many messages the
+    # batch held. Otherwise (nothing new came in) it sends one at most this long after
+    # its last total-order message. None at all while no ordered message is pending.
     idle_ts_interval: float = 0.01
     # messages: everything held back at once (FIFO and causal gaps, total-order stream
     # gaps, total-order messages waiting for timestamps or acks). A peer's message beyond

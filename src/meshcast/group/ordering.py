@@ -133,6 +133,9 @@ class _ViewState:
         self.last_stream_ts = 0  # timestamp of our last stream message
         self.last_stream_aru = 0  # ARU on it
         self.last_stream_at = float("-inf")  # when we sent it
+        # a peer's stream message came in since our last one: if it makes us owe a NULL,
+        # the NULL goes at the next timer (at once), not idle_ts_interval later
+        self.null_prompt = False
         self.max_order_ts = 0  # highest timestamp of an AGREED/SAFE message seen
         self.max_safe_ts = 0  # highest timestamp of a SAFE message seen
 
@@ -269,7 +272,10 @@ class GroupEngine:
             return None
         deadlines = []
         if self._null_needed(state):
-            deadlines.append(state.last_stream_at + self.config.idle_ts_interval)
+            if state.null_prompt:
+                deadlines.append(self._now)
+            else:
+                deadlines.append(state.last_stream_at + self.config.idle_ts_interval)
         if state.others and state.ack_due:
             deadlines.append(state.last_ack_at + self.config.ack_interval)
         if state.others and state.retained.count:
@@ -388,6 +394,7 @@ class GroupEngine:
         own = _Held(self.local, data, encoded)
         if service in ORDERED_TOTAL:
             state.last_stream_ts, state.last_stream_aru, state.last_stream_at = ts, aru, now
+            state.null_prompt = False  # this message carries our timestamp and ARU
             state.max_order_ts = max(state.max_order_ts, ts)
             if service == ServiceLevel.SAFE:
                 state.max_safe_ts = max(state.max_safe_ts, ts)
@@ -434,8 +441,11 @@ class GroupEngine:
             self._repair(state, effects)
         if not self._null_needed(state):
             return effects
-        if now < state.last_stream_at + self.config.idle_ts_interval:
+        if not state.null_prompt and now < state.last_stream_at + self.config.idle_ts_interval:
             return effects
+        # One NULL answers everything received since our last stream message: at most one
+        # per timer firing, i.e. per batch of input the driver ran before its timer.
+        state.null_prompt = False
         self._clock += 1
         aru = state.total.aru(self._clock)
         null = GroupNull(state.view.view_id, self._clock, state.total.next_own_seq(), aru)
@@ -565,6 +575,7 @@ class GroupEngine:
         safe = held is not None and held.data.service == ServiceLevel.SAFE
         self._retain(state, source, message, raw)
         state.total.offer(source, seq, message.ts, message.aru, held, safe)
+        state.null_prompt = True  # if we now owe a NULL (timestamp or ARU), owe it at once
         self._deliver_total(state, effects)
 
     def _duplicate(self, state: _ViewState) -> None:
