@@ -334,7 +334,9 @@ class OverlayDaemon:
         limits = config.limits
         self.sessions = SessionTable(
             name,
-            GroupMembership(GroupEngine(self.local)),
+            # the overlay tells the engine when a repair would only duplicate a message
+            # still queued on a reliable link (docs/design/group.md, "Flush costs")
+            GroupMembership(GroupEngine(self.local, backlogged=self._backlogged)),
             SessionConfig(
                 DaemonLimits(
                     limits.max_message_size, limits.max_group_name, limits.max_groups_per_client
@@ -859,6 +861,9 @@ class OverlayDaemon:
         }
 
     # ------------------------------------------------------------------ client sessions
+
+    def _backlogged(self, dest: NodeId) -> bool:
+        return self.node.backlogged(dest)
 
     def _can_submit(self) -> bool:
         """May local clients' requests be taken now? The overlay outbox has room, our
