@@ -282,6 +282,15 @@ class GroupEngine:
             and size < self.config.max_retained_bytes // 4
         )
 
+    def _hosts_any(self) -> bool:
+        """Does a local client belong to some group? ('#' groups are the daemons' own,
+        hosted by all: their messages come only when a client asks, e.g. to join.)"""
+        return any(
+            self.local in daemons
+            for group, daemons in self._group_daemons.items()
+            if not group.startswith("#")
+        )
+
     def hosts(self, groups: Iterable[str]) -> bool:
         """Does this daemon host a member of any of `groups`?"""
         return any(self.local in self._group_daemons.get(g, ()) for g in groups)
@@ -468,7 +477,9 @@ class GroupEngine:
         # One NULL answers everything received since our last stream message: at most one
         # per timer firing, i.e. per batch of input the driver ran before its timer.
         state.null_prompt = False
-        self._clock += 1
+        # Stamped ahead only by a daemon hosting no member: it has nothing of its own to
+        # send soon, while one with members would make its next message wait a round.
+        self._clock += 1 if self._hosts_any() else self.config.null_lead
         aru = state.total.aru(self._clock)
         null = GroupNull(state.view.view_id, self._clock, state.total.next_own_seq(), aru)
         state.last_stream_ts, state.last_stream_aru, state.last_stream_at = self._clock, aru, now
@@ -534,10 +545,13 @@ class GroupEngine:
         raw: bytes,
         effects: list[GroupEffect],
     ) -> None:
-        self._clock = max(self._clock, message.ts)
         if isinstance(message, GroupNull):
+            # A NULL does not move our clock: it promises nothing below its timestamp
+            # will come from its source, and carries nothing to order after. So a NULL
+            # stamped ahead (null_lead) covers our next messages too.
             self._on_stream(state, source, message, None, raw, effects)
             return
+        self._clock = max(self._clock, message.ts)
         service = message.service
         held = _Held(source, message, raw)
         if service in ORDERED_TOTAL:

@@ -189,11 +189,13 @@ def null_count(packets: Iterable[tuple[NodeId, bytes]]) -> int:
 
 
 def test_an_idle_daemon_answers_an_ordered_message_at_once() -> None:
-    # idle_ts_interval far beyond the test: only the prompt answer can unblock m
-    m = Mesh([A, B, C], GroupConfig(idle_ts_interval=60.0, ack_interval=60.0))
+    # idle_ts_interval far beyond the test: only the prompt answer can unblock A's
+    # messages (and no lead: a NULL covers no timestamp beyond the clock)
+    m = Mesh([A, B, C], GroupConfig(idle_ts_interval=60.0, ack_interval=60.0, null_lead=1))
     m.host("g", [A, B, C])
-    for body in (b"m1", b"m2"):  # the second: B and C have sent a NULL just before
-        m.send(A, S.AGREED, body=body)
+    for burst in ([b"m1"], [b"m2", b"m3"]):  # the second: B and C sent a NULL just before
+        for body in burst:
+            m.send(A, S.AGREED, body=body)
         for idle in (B, C):
             m.feed(idle, m.take(idle))
             assert m.engines[idle].next_deadline() == m.now  # owes its timestamp: now
@@ -201,10 +203,33 @@ def test_an_idle_daemon_answers_an_ordered_message_at_once() -> None:
         m.exchange()
         m.tick(0.0)
         m.exchange()
-        assert m.bodies(A)[-1:] == m.bodies(B)[-1:] == m.bodies(C)[-1:] == [body]
+        assert m.bodies(A)[-1:] == m.bodies(B)[-1:] == m.bodies(C)[-1:] == burst[-1:]
         m.now += 0.001
     m.settle()  # NULLs stop: nobody owes one any more
     assert [m.engines[n].statistics().nulls_sent for n in (A, B, C)] == [0, 2, 2]
+
+
+def test_one_null_stamped_ahead_covers_the_next_round_trips() -> None:
+    m = Mesh([A, B, C], GroupConfig(idle_ts_interval=60.0, ack_interval=60.0))
+    m.host("g", [A, B])  # C hosts no member: nothing of its own to send
+    m.host("#daemons", [A, B, C])  # the daemons' own groups do not count
+    for k in range(20):  # A and B answer each other; C, idle, only orders
+        m.send(A if k % 2 == 0 else B, S.AGREED, body=bytes([k]))
+        m.exchange()
+        m.tick(0.0)
+        m.exchange()
+        assert len(m.bodies(A)) == len(m.bodies(B)) == k + 1  # delivered at once
+    assert m.engines[C].statistics().nulls_sent == 1  # its first answer covers them all
+    assert m.bodies(A) == m.bodies(B)
+    m.host("g", [A, B, C])
+    m.send(C, S.AGREED, body=b"c")  # C's own message is stamped above its lead
+    m.settle()
+    assert m.bodies(A)[-1:] == m.bodies(B)[-1:] == m.bodies(C) == [b"c"]
+    before = m.engines[A].statistics().delivered
+    m.send(A, S.AGREED, body=b"after")  # ...and orders after it: the lead is behind
+    m.settle()
+    assert m.engines[A].statistics().delivered == before + 1
+    assert m.bodies(A)[-2:] == m.bodies(B)[-2:] == [b"c", b"after"]
 
 
 def test_safe_is_delivered_without_waiting_for_idle_ts_interval() -> None:
