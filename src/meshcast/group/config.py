@@ -37,13 +37,16 @@ class GroupConfig:
     # s: a daemon tells the others what it holds (ACK) at most this often, and only when
     # that changed; ACKs let every daemon forget the copies kept for a flush
     ack_interval: float = 0.02
-    # s: a daemon still flushing sends its FLUSH again this often to the members it has
-    # not heard from (the overlay may lose a message while views change); each answers
-    # with its own FLUSH for the same view
+    # s: a daemon still flushing probes a member whose FLUSH it lacks parts of this long
+    # after the last part came from it (the overlay may lose a message while views
+    # change), doubling the wait while the member stays silent (up to 8x); the member
+    # answers with the parts the probe does not list, unless its path to the prober
+    # still holds earlier ones
     flush_retry_interval: float = 0.25
     # s: a daemon sends its own message again to a destination whose ACKs still lack it
-    # this long after sending (the overlay loses what a failing link held; when the link
-    # comes back without a view change, nothing else would recover it)
+    # this long after sending, unless the path to it still holds messages of ours (the
+    # overlay loses what a failing link held; when the link comes back without a view
+    # change, nothing else would recover it)
     repair_after: float = 1.0
     # messages: copies kept for a flush (not yet held by every destination). A peer's
     # message beyond it breaks that peer's stream (OrderingFault); a local submit is

@@ -385,9 +385,7 @@ def _decode_flush(message: bytes) -> GroupFlush:
     held_round = (0, 0)
     held: tuple[int, ...] = ()
     if flags & FLUSH_RETRY:
-        held_incarnation, held_round_, h = PROBE_HEAD.unpack(
-            reader.take(PROBE_HEAD.size, "probe")
-        )
+        held_incarnation, held_round_, h = PROBE_HEAD.unpack(reader.take(PROBE_HEAD.size, "probe"))
         held_round = (int(held_incarnation), int(held_round_))
         raw = reader.take(h * PROBE_PART.size, "held parts")
         held = tuple(int(p) for (p,) in PROBE_PART.iter_unpack(raw))
