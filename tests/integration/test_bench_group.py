@@ -63,7 +63,7 @@ def _positive_rates(cell: Any) -> bool:
 
 
 def test_tiny_run_prints_the_documented_json_and_stops_everything() -> None:
-    completed, pid = _run("--daemons", "1,3", "--messages", "60", "--rtt-round-trips", "10")
+    completed, pid = _run("--daemons", "1,3", "--messages", "60", "--skip-rtt")
     assert completed.returncode == 0, completed.stderr[-3000:]
     lines = completed.stdout.strip().splitlines()
     assert len(lines) == 1, completed.stdout  # exactly one JSON object, on one line
@@ -80,24 +80,43 @@ def test_tiny_run_prints_the_documented_json_and_stops_everything() -> None:
     cell = throughput["3"]["1000"]["AGREED"]
     assert cell["mbit_per_s"] == pytest.approx(cell["msgs_per_s"] * 1000 * 8 / 1e6, rel=0.01)
 
-    rtt = result["rtt_ms"]
-    assert set(rtt) == {"min", "median", "p99"}
-    assert 0 < rtt["min"] <= rtt["median"] <= rtt["p99"]
+    assert "rtt_ms" not in result
 
     runs = result["runs"]["3"]["100"]["AGREED"]
     assert runs["messages"] == 20  # 60 / 3 daemons
     assert runs["out_of_order"] == 0  # one sender, AGREED: every receiver in send order
     setup = result["setup"]
     assert setup["daemons"] == [1, 3]
-    assert setup["rtt_round_trips"] == 10
+    assert setup["rtt_round_trips"] is None
     assert set(result["cpu_us_per_msg"]) == {"1", "3"}
     assert set(result["daemon_counters"]) == {"1", "3"}
 
     assert _processes_of_run(pid) == []
 
 
+def test_only_rtt_measures_the_round_trips_with_2_3_and_6_daemons() -> None:
+    completed, pid = _run("--only", "rtt", "--rtt-round-trips", "5")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout)
+    assert set(result) == {"rtt_ms", "setup"}
+    rtt = result["rtt_ms"]
+    assert set(rtt) == {"2", "3", "6"}
+    for by_daemons in rtt.values():
+        assert set(by_daemons) == {"min", "median", "p99"}
+        assert 0 < by_daemons["min"] <= by_daemons["median"] <= by_daemons["p99"]
+    assert result["setup"]["rtt_daemons"] == [2, 3, 6]
+    assert result["setup"]["rtt_round_trips"] == 5
+    assert _processes_of_run(pid) == []
+
+
 def test_usage_errors_exit_2() -> None:
-    for bad in (["--daemons", "0"], ["--sizes", "4"], ["--services", "loud"], ["--window", "0"]):
+    for bad in (
+        ["--daemons", "0"],
+        ["--sizes", "4"],
+        ["--services", "loud"],
+        ["--window", "0"],
+        ["--only", "nothing"],
+    ):
         completed = subprocess.run(
             [*COMMAND, *bad], capture_output=True, text=True, timeout=60, check=False
         )

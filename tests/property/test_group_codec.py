@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from meshcast.errors import DecodeError
 from meshcast.wire.client import ServiceLevel
-from meshcast.wire.group import GroupData, GroupNull, decode_group, encode_group
+from meshcast.wire.group import GroupData, GroupFlush, GroupNull, decode_group, encode_group
 
 u64 = st.integers(0, 2**64 - 1)
 view_ids = st.binary(min_size=8, max_size=8)
@@ -35,6 +35,33 @@ datas = st.builds(
     st.binary(max_size=200),
 )
 nulls = st.builds(GroupNull, view_ids, u64, u64, u64)
+
+
+@st.composite
+def flushes(draw: st.DrawFn) -> GroupFlush:
+    """A FLUSH part, or a probe (RETRY: no copies, the parts it holds)."""
+    parts = draw(st.integers(1, 50))
+    prefixes = draw(st.lists(st.tuples(st.integers(0, 2**32 - 1), u64), max_size=6).map(tuple))
+    head = (draw(view_ids), draw(view_ids), draw(u64), draw(u64), draw(u64))
+    if draw(st.booleans()):
+        held = draw(st.lists(st.integers(0, 2**32 - 1), max_size=20).map(tuple))
+        return GroupFlush(*head, 0, 1, prefixes, (), True, (draw(u64), draw(u64)), held)
+    carried = draw(
+        st.lists(st.tuples(st.integers(0, 2**32 - 1), st.binary(max_size=40)), max_size=5)
+    )
+    part = draw(st.integers(0, parts - 1))
+    return GroupFlush(*head, part, parts, prefixes, tuple(carried))
+
+
+@given(flushes())
+def test_flush_and_probe_round_trip(message: GroupFlush) -> None:
+    assert decode_group(encode_group(message)) == message
+
+
+def test_only_a_probe_lists_held_parts() -> None:
+    part = GroupFlush(bytes(8), bytes(8), 1, 1, 0, 0, 1, (), (), held=(0,))
+    with pytest.raises(ValueError, match="only a probe"):
+        encode_group(part)
 
 
 @given(st.one_of(datas, nulls))

@@ -11,9 +11,10 @@ limits: docs/benchmarks.md.
   client on daemon 1 sends M messages to a group with one receiver client on every
   daemon. `msgs_per_s` is M over the time from the first send to the slowest receiver's
   last delivery; `mbit_per_s` the same for M x size x 8 payload bits.
-* `rtt_ms`: min, median and p99 of the round trip of a 1,000-byte AGREED message from a
-  client on daemon 1 to an echoing client on daemon 2 and back (a 2-daemon cluster),
-  after a warm-up.
+* `rtt_ms`: per cluster size (2, 3 and 6 daemons, full mesh), min, median and p99 of the
+  round trip of a 1,000-byte AGREED message from a client on daemon 1 to an echoing
+  client on daemon 2 and back, after a warm-up; the other daemons host no client, but
+  every AGREED message waits for their timestamps (docs/design/group.md, "NULLs").
 * `cpu_us_per_msg`: CPU time (user + system) per message during each throughput cell,
   of all daemons together, all receivers together and the sender. On a shared 2-core
   machine this is the steadier figure, and it shows where the time goes.
@@ -92,6 +93,8 @@ RTT_SIZE = 1_000
 RTT_ROUND_TRIPS = 200
 RTT_WARMUP = 20
 QUICK_RTT_ROUND_TRIPS = 20
+RTT_DAEMONS = (2, 3, 6)  # cluster sizes of `rtt_ms`: clients on daemons 1 and 2 only
+PARTS = ("throughput", "rtt")  # what --only may pick
 MIN_MTU, MAX_MTU = 512, 65_507  # what [link] mtu accepts (65,507: the largest UDP payload)
 LINK_RATE = "10Gbit"  # uploads, downloads and hence link pacers: out of the way on loopback
 DEFAULT_WINDOW = 256  # messages the sender may have beyond the last token back
@@ -538,12 +541,13 @@ async def measure_cluster(
 
 
 async def measure_rtt(
-    tag: str, round_trips: int, warmup: int, size: int, mtu: int | None = None
+    tag: str, round_trips: int, warmup: int, size: int, mtu: int | None = None, daemons: int = 2
 ) -> list[float]:
-    """Round-trip times (s) of AGREED messages, client on daemon 1 to an echo on daemon 2."""
+    """Round-trip times (s) of AGREED messages, client on daemon 1 to an echo on daemon 2,
+    in a cluster of `daemons` (the others idle)."""
     async with (
-        running_cluster(2, tag, mtu) as cluster,
-        running_workers(cluster.addresses[1:], "echo") as (echo,),
+        running_cluster(daemons, tag, mtu) as cluster,
+        running_workers(cluster.addresses[1:2], "echo") as (echo,),
         await connect(cluster.addresses[0], name="pinger", timeout=REQUEST_TIMEOUT) as pinger,
     ):
         await pinger.join("rtt-back")
@@ -661,6 +665,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--skip-rtt", action="store_true", help="leave out the round-trip measurement"
+    )
+    parser.add_argument(
+        "--only",
+        choices=PARTS,
+        default=None,
+        help="measure only this part: the throughput cells, or the round trips with "
+        f"{', '.join(map(str, RTT_DAEMONS))} daemons (default: both)",
     )
     parser.add_argument(
         "--window",
@@ -783,7 +794,9 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
     cpu: dict[str, object] = {}
     runs: dict[str, object] = {}
     counters: dict[str, object] = {}
-    for count in args.daemons:
+    do_throughput = args.only in (None, "throughput")
+    do_rtt = args.only == "rtt" or (args.only is None and not args.skip_rtt)
+    for count in args.daemons if do_throughput else ():
         cells, final_stats = await measure_cluster(
             count,
             tag,
@@ -798,15 +811,23 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         cpu[str(count)] = _by_cell(cells, lambda _, cell: _cpu_per_message(cell))
         runs[str(count)] = _by_cell(cells, lambda _, cell: cell.describe())
         counters[str(count)] = daemon_counters(final_stats)
-    result: dict[str, object] = {"throughput": throughput}
-    if not args.skip_rtt:
-        samples = await measure_rtt(tag, round_trips, RTT_WARMUP, RTT_SIZE, args.mtu)
-        result["rtt_ms"] = summarise_rtt(samples)
-    result["cpu_us_per_msg"] = cpu
-    result["runs"] = runs
-    result["daemon_counters"] = counters
+    result: dict[str, object] = {}
+    if do_throughput:
+        result["throughput"] = throughput
+    if do_rtt:
+        result["rtt_ms"] = {
+            str(count): summarise_rtt(
+                await measure_rtt(tag, round_trips, RTT_WARMUP, RTT_SIZE, args.mtu, count)
+            )
+            for count in RTT_DAEMONS
+        }
+    if do_throughput:
+        result["cpu_us_per_msg"] = cpu
+        result["runs"] = runs
+        result["daemon_counters"] = counters
     result["setup"] = {
-        "daemons": list(args.daemons),
+        "only": args.only,
+        "daemons": list(args.daemons) if do_throughput else [],
         "sizes": list(args.sizes),
         "services": [s.name for s in args.services],
         "messages_per_cell": {
@@ -817,7 +838,8 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         "window_messages": {
             str(size): Window.for_size(args.window, size).messages for size in args.sizes
         },
-        "rtt_round_trips": None if args.skip_rtt else round_trips,
+        "rtt_round_trips": round_trips if do_rtt else None,
+        "rtt_daemons": list(RTT_DAEMONS) if do_rtt else [],
         "rtt_warmup": RTT_WARMUP,
         "rtt_size": RTT_SIZE,
         "overlay": f"full mesh on 127.0.0.x, shortest-path routing, {LINK_RATE} uploads "
@@ -829,7 +851,8 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         "receivers": "one client per daemon, each in its own process, over Unix sockets",
         "throughput": "messages (payload bits) / (slowest receiver's last delivery - first send)",
         "rtt": f"{RTT_SIZE}-byte AGREED message from a client on daemon 1 to an echoing "
-        "client on daemon 2 and back (2-daemon cluster)",
+        "client on daemon 2 and back, in clusters of "
+        f"{', '.join(map(str, RTT_DAEMONS))} daemons (full mesh, the others idle)",
         "cpu_us_per_msg": "user+system CPU of all daemons / all receivers / the sender "
         "during a cell, per message",
         "daemon_counters": "summed over the daemons of each cluster, warm-up included",

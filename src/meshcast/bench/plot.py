@@ -212,10 +212,18 @@ def tree_quality(directory: Path, quality: Mapping[str, Mapping[str, float]]) ->
 
 
 def group(directory: Path, result: Mapping[str, Any]) -> None:
-    """`group_throughput.png` (messages/s against daemons, per size and service) and,
-    if the round trip was measured, `group_rtt.png`."""
+    """`group_throughput.png` (messages/s against daemons, per size and service) and
+    `group_rtt.png`, each if its part was measured (`--only`)."""
     plt = pyplot()
-    throughput = result["throughput"]
+    throughput = result.get("throughput")
+    if throughput:
+        _group_throughput(plt, directory, throughput)
+    rtt = result.get("rtt_ms")
+    if rtt:
+        _group_rtt(plt, directory, rtt)
+
+
+def _group_throughput(plt: Any, directory: Path, throughput: Mapping[str, Any]) -> None:
     counts = sorted(throughput, key=int)
     sizes = sorted(throughput[counts[0]], key=int)
     figure, panels = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 4), squeeze=False)
@@ -235,11 +243,9 @@ def group(directory: Path, result: Mapping[str, Any]) -> None:
     figure.suptitle("Group throughput through real daemons on loopback")
     _save(plt, figure, directory, "group_throughput.png")
 
-    rtt = result.get("rtt_ms")
-    if not rtt:
-        return
-    # {"min", "median", "p99"} for one 2-daemon cluster, or one such dict per cluster size
-    by_count = {"2": rtt} if "median" in rtt else rtt
+
+def _group_rtt(plt: Any, directory: Path, rtt: Mapping[str, Any]) -> None:
+    by_count = rtt  # cluster size -> {"min", "median", "p99"}
     counts = sorted(by_count, key=int)
     medians = [by_count[c]["median"] for c in counts]
     figure, axes = plt.subplots(figsize=(6, 4))

@@ -11,10 +11,19 @@ from meshcast.errors import ConfigError
 @dataclass(frozen=True, slots=True)
 class GroupConfig:
     # s: a daemon that owes the others its timestamp or ARU (some AGREED/SAFE message waits
-    # for it) sends a NULL at most this long after its last total-order message; it is
-    # also the least time between two of its NULLs, so NULL traffic per daemon is at most
-    # 1/idle_ts_interval messages/s, and none at all while no ordered message is pending.
+    # for it) answers at its next timer, at once, when a peer's stream message arrived
+    # since its own last one: one NULL per batch of input, however many messages the
+    # batch held. Otherwise (nothing new came in) it sends one at most this long after
+    # its last total-order message. None at all while no ordered message is pending.
     idle_ts_interval: float = 0.01
+    # timestamps: a daemon hosting no group member stamps its NULLs this far ahead of
+    # its clock (and its clock jumps there). NULLs do not move the receivers' clocks, so
+    # its one NULL also covers the next messages of the busy daemons, up to that many:
+    # it is off the critical path of a round trip between two other daemons, and under
+    # load it sends one NULL per null_lead timestamps at most. Its own next message (a
+    # join, once a client comes) is stamped above the lead: one answer round from the
+    # others, whose clocks move on data. Daemons with members stamp NULLs at clock + 1.
+    null_lead: int = 1 << 20
     # messages: everything held back at once (FIFO and causal gaps, total-order stream
     # gaps, total-order messages waiting for timestamps or acks). A peer's message beyond
     # it is dropped and breaks that peer's stream (OrderingFault); an in-order NULL takes
@@ -28,13 +37,16 @@ class GroupConfig:
     # s: a daemon tells the others what it holds (ACK) at most this often, and only when
     # that changed; ACKs let every daemon forget the copies kept for a flush
     ack_interval: float = 0.02
-    # s: a daemon still flushing sends its FLUSH again this often to the members it has
-    # not heard from (the overlay may lose a message while views change); each answers
-    # with its own FLUSH for the same view
+    # s: a daemon still flushing probes a member whose FLUSH it lacks parts of this long
+    # after the last part came from it (the overlay may lose a message while views
+    # change), doubling the wait while the member stays silent (up to 8x); the member
+    # answers with the parts the probe does not list, unless its path to the prober
+    # still holds earlier ones
     flush_retry_interval: float = 0.25
     # s: a daemon sends its own message again to a destination whose ACKs still lack it
-    # this long after sending (the overlay loses what a failing link held; when the link
-    # comes back without a view change, nothing else would recover it)
+    # this long after sending, unless the path to it still holds messages of ours (the
+    # overlay loses what a failing link held; when the link comes back without a view
+    # change, nothing else would recover it)
     repair_after: float = 1.0
     # messages: copies kept for a flush (not yet held by every destination). A peer's
     # message beyond it breaks that peer's stream (OrderingFault); a local submit is
@@ -62,6 +74,7 @@ class GroupConfig:
             "max_retained_bytes",
             "dedup_window",
             "max_past_views",
+            "null_lead",
         ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from meshcast.errors import BufferFull, DecodeError, UsageError
 from meshcast.group.causal import CausalReceiver
@@ -87,8 +87,12 @@ class GroupStats:
     views_installed: int = 0
     acks_sent: int = 0
     flushes_started: int = 0  # flush rounds (a view change during a flush: another)
-    flush_messages_sent: int = 0  # FLUSH parts
+    flush_messages_sent: int = 0  # FLUSH parts (first sends and answers to probes)
     flush_copies_sent: int = 0  # message copies carried in them
+    flush_bytes_sent: int = 0  # bytes of those parts, per destination
+    flush_probes_sent: int = 0  # small RETRY probes to members still silent
+    flush_parts_resent: int = 0  # parts sent again because a probe lacked them
+    flush_answers_deferred: int = 0  # probes not answered: our path to the prober is busy
     flush_recovered: int = 0  # messages first received inside a FLUSH
     flush_delivered: int = 0  # delivered when a flush completed
     frozen_dropped: int = 0  # old-view messages arriving after this daemon's FLUSH
@@ -139,8 +143,12 @@ class _ViewState:
         self.last_stream_ts = 0  # timestamp of our last stream message
         self.last_stream_aru = 0  # ARU on it
         self.last_stream_at = float("-inf")  # when we sent it
+        # a peer's stream message came in since our last one: if it makes us owe a NULL,
+        # the NULL goes at the next timer (at once), not idle_ts_interval later
+        self.null_prompt = False
         self.max_order_ts = 0  # highest timestamp of an AGREED/SAFE message seen
         self.max_safe_ts = 0  # highest timestamp of a SAFE message seen
+        self.unheard = set(self.others)  # members with no message in this view yet
 
     def held(self) -> int:
         return self.fifo.held + self.causal.held + self.total.held
@@ -181,15 +189,30 @@ class _Flush:
     target: GroupView
     own_prefixes: dict[NodeId, int]  # what our FLUSH reported
     reports: dict[NodeId, _Report] = field(default_factory=dict)
+    # per member not fully heard: when to probe it next, and the current probe interval
+    # (doubling while it stays silent, reset by each part that arrives from it: parts
+    # still coming in means the rest is in flight, not lost)
+    probe_at: dict[NodeId, float] = field(default_factory=dict)
+    probe_delay: dict[NodeId, float] = field(default_factory=dict)
 
 
 class GroupEngine:
     """Ordering for one daemon. Inputs return effects; nothing here does I/O or reads a
     clock. Call `view_installed` before anything is sent or received."""
 
-    def __init__(self, local: NodeId, config: GroupConfig | None = None) -> None:
+    def __init__(
+        self,
+        local: NodeId,
+        config: GroupConfig | None = None,
+        *,
+        backlogged: Callable[[NodeId], bool] | None = None,
+    ) -> None:
+        """`backlogged(dest)`: the driver's answer (from the overlay, `OverlayNode.
+        backlogged`) to "is what we sent `dest` earlier still in flight on a reliable
+        link?"; repairs and FLUSH parts sent again wait while it is. None: never."""
         self.local = local
         self.config = config or GroupConfig()
+        self._backlogged = backlogged or (lambda _: False)
         self._group_daemons: dict[str, frozenset[NodeId]] = {}
         self._state: _ViewState | None = None
         self._flush: _Flush | None = None
@@ -197,9 +220,11 @@ class GroupEngine:
         self._views = 0  # views installed so far (the number of the last one)
         # latest (incarnation, flush round) seen per daemon: anything earlier is stale
         self._peer_round: dict[NodeId, tuple[int, int]] = {}
-        self._sent_flush: tuple[GroupFlush, ...] = ()  # our latest FLUSH, kept to answer
-        self._retry_at = 0.0  # while flushing: when to send it again
-        self._answered: dict[NodeId, float] = {}  # when we last answered a daemon's retry
+        # our latest FLUSH, per member of its target (each gets only the copies it lacks),
+        # kept to answer probes until every member has been heard in the view it installs
+        self._sent_flush: dict[NodeId, tuple[GroupFlush, ...]] = {}
+        self._retry_at = 0.0  # while flushing: the next probe due
+        self._answered: dict[NodeId, float] = {}  # when we last answered a daemon's probe
         self._blocked = False  # a local `block` member cannot keep up
         self._blocked_groups: tuple[str, ...] = ()  # ...in these groups (() = every group)
         self._queued: deque[tuple[tuple[str, ...], bytes, ServiceLevel, str, int, int]] = deque()
@@ -280,6 +305,15 @@ class GroupEngine:
             and size < self.config.max_retained_bytes // 4
         )
 
+    def _hosts_any(self) -> bool:
+        """Does a local client belong to some group? ('#' groups are the daemons' own,
+        hosted by all: their messages come only when a client asks, e.g. to join.)"""
+        return any(
+            self.local in daemons
+            for group, daemons in self._group_daemons.items()
+            if not group.startswith("#")
+        )
+
     def hosts(self, groups: Iterable[str]) -> bool:
         """Does this daemon host a member of any of `groups`?"""
         return any(self.local in self._group_daemons.get(g, ()) for g in groups)
@@ -292,7 +326,10 @@ class GroupEngine:
             return None
         deadlines = []
         if self._null_needed(state):
-            deadlines.append(state.last_stream_at + self.config.idle_ts_interval)
+            if state.null_prompt:
+                deadlines.append(self._now)
+            else:
+                deadlines.append(state.last_stream_at + self.config.idle_ts_interval)
         if state.others and state.ack_due:
             deadlines.append(state.last_ack_at + self.config.ack_interval)
         if state.others and state.retained.count:
@@ -414,6 +451,7 @@ class GroupEngine:
         own = _Held(self.local, data, encoded, token)
         if service in ORDERED_TOTAL:
             state.last_stream_ts, state.last_stream_aru, state.last_stream_at = ts, aru, now
+            state.null_prompt = False  # this message carries our timestamp and ARU
             state.max_order_ts = max(state.max_order_ts, ts)
             if service == ServiceLevel.SAFE:
                 state.max_safe_ts = max(state.max_safe_ts, ts)
@@ -460,9 +498,14 @@ class GroupEngine:
             self._repair(state, effects)
         if not self._null_needed(state):
             return effects
-        if now < state.last_stream_at + self.config.idle_ts_interval:
+        if not state.null_prompt and now < state.last_stream_at + self.config.idle_ts_interval:
             return effects
-        self._clock += 1
+        # One NULL answers everything received since our last stream message: at most one
+        # per timer firing, i.e. per batch of input the driver ran before its timer.
+        state.null_prompt = False
+        # Stamped ahead only by a daemon hosting no member: it has nothing of its own to
+        # send soon, while one with members would make its next message wait a round.
+        self._clock += 1 if self._hosts_any() else self.config.null_lead
         aru = state.total.aru(self._clock)
         null = GroupNull(state.view.view_id, self._clock, state.total.next_own_seq(), aru)
         state.last_stream_ts, state.last_stream_aru, state.last_stream_at = self._clock, aru, now
@@ -491,6 +534,11 @@ class GroupEngine:
         if source == self.local or source not in state.view.index:
             self._bump(not_member_dropped=1)
             return
+        if self._flush is None and self._sent_flush and source in state.unheard:
+            state.unheard.discard(source)
+            if not state.unheard:  # every member installed this view: none needs our FLUSH
+                self._sent_flush = {}
+                self._answered.clear()
         if state.frozen:
             self._bump(frozen_dropped=1)  # our FLUSH is out: its sender's FLUSH has it
             return
@@ -523,10 +571,13 @@ class GroupEngine:
         raw: bytes,
         effects: list[GroupEffect],
     ) -> None:
-        self._clock = max(self._clock, message.ts)
         if isinstance(message, GroupNull):
+            # A NULL does not move our clock: it promises nothing below its timestamp
+            # will come from its source, and carries nothing to order after. So a NULL
+            # stamped ahead (null_lead) covers our next messages too.
             self._on_stream(state, source, message, None, raw, effects)
             return
+        self._clock = max(self._clock, message.ts)
         service = message.service
         held = _Held(source, message, raw)
         if service in ORDERED_TOTAL:
@@ -591,6 +642,7 @@ class GroupEngine:
         safe = held is not None and held.data.service == ServiceLevel.SAFE
         self._retain(state, source, message, raw)
         state.total.offer(source, seq, message.ts, message.aru, held, safe)
+        state.null_prompt = True  # if we now owe a NULL (timestamp or ARU), owe it at once
         self._deliver_total(state, effects)
 
     def _duplicate(self, state: _ViewState) -> None:
@@ -660,7 +712,13 @@ class GroupEngine:
         acked = self._acked_by(state)
         # Only to a destination whose ACKs of our messages stopped advancing: one that
         # still takes them in is being fed (our outbox or window is merely slow).
-        stuck = {m for m in state.others if state.progress_at.get(m, 0.0) <= due}
+        # ...and whose path holds nothing of ours any more: a message queued or in flight
+        # on a reliable link arrives; sending it again only adds a duplicate to the queue
+        stuck = {
+            m
+            for m in state.others
+            if state.progress_at.get(m, 0.0) <= due and not self._backlogged(m)
+        }
         if not stuck:
             return
         budget = REPAIR_BATCH
@@ -734,72 +792,149 @@ class GroupEngine:
     # ------------------------------------------------------------------ flush
 
     def _start_flush(self, target: GroupView, effects: list[GroupEffect]) -> None:
-        """Stop sending in the current view; send our FLUSH towards `target`."""
+        """Stop sending in the current view; send our FLUSH towards `target`: to each
+        other member, the copies it has not acknowledged (a copy it holds, or one not
+        meant for it, would only be dropped as a duplicate)."""
         self._round += 1
         self._bump(flushes_started=1)
         state = self._state
         prefixes: dict[NodeId, int] = {}
-        copies: list[tuple[int, bytes]] = []
         if state is not None:
             state.frozen = True
             prefixes = {m: state.total.prefix(m) for m in state.view.members}
-            copies = [(int(c.source), c.encoded) for c in state.retained.copies()]
-        self._flush = _Flush(target, prefixes)
-        self._retry_at = self._now + self.config.flush_retry_interval
+        flush = _Flush(target, prefixes)
+        self._flush = flush
         from_view = state.view.view_id if state is not None else NO_VIEW
-        chunks: list[list[tuple[int, bytes]]] = [[]]
-        size = 0
-        for copy in copies:
-            if chunks[-1] and size + len(copy[1]) > FLUSH_PART_BYTES:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(copy)
-            size += len(copy[1])
         reported = tuple((int(m), p) for m, p in sorted(prefixes.items()))
-        self._sent_flush = tuple(
-            GroupFlush(
-                target.view_id,
-                from_view,
-                target.incarnations[target.index[self.local]] if target.incarnations else 0,
-                self._round,
-                self._views,
-                part,
-                len(chunks),
-                reported,
-                tuple(chunk),
-            )
-            for part, chunk in enumerate(chunks)
-        )
+        incarnation = target.incarnations[target.index[self.local]] if target.incarnations else 0
         others = tuple(m for m in target.members if m != self.local)
-        if others:
-            self._send_flush(others, retry=False, effects=effects)
-            self._bump(flush_copies_sent=len(copies))
+        lacking = self._lacking(state, others)
+        self._sent_flush = {}
+        self._answered.clear()
+        interval = self.config.flush_retry_interval
+        for m in others:
+            carried = lacking.get(m, [])
+            chunks: list[list[tuple[int, bytes]]] = [[]]
+            size = 0
+            for copy in carried:
+                if chunks[-1] and size + len(copy[1]) > FLUSH_PART_BYTES:
+                    chunks.append([])
+                    size = 0
+                chunks[-1].append(copy)
+                size += len(copy[1])
+            self._sent_flush[m] = tuple(
+                GroupFlush(
+                    target.view_id,
+                    from_view,
+                    incarnation,
+                    self._round,
+                    self._views,
+                    part,
+                    len(chunks),
+                    reported,
+                    tuple(chunk),
+                )
+                for part, chunk in enumerate(chunks)
+            )
+            self._send_parts(m, self._sent_flush[m], effects)
+            self._bump(flush_copies_sent=len(carried))
+            flush.probe_at[m] = self._now + interval
+            flush.probe_delay[m] = interval
+        self._retry_at = self._now + interval
         self._replay_future(effects)
         self._try_complete(effects)
 
-    def _send_flush(
-        self, dests: tuple[NodeId, ...], *, retry: bool, effects: list[GroupEffect]
-    ) -> None:
-        for message in self._sent_flush:
-            encoded = encode_group(replace(message, retry=retry) if retry else message)
-            effects.append(Broadcast(dests, encoded))
-        self._bump(flush_messages_sent=len(self._sent_flush))
+    def _lacking(
+        self, state: _ViewState | None, members: tuple[NodeId, ...]
+    ) -> dict[NodeId, list[tuple[int, bytes]]]:
+        """Per member of the old view: the copies it has not acknowledged, in the order
+        kept. A member from another view takes none (it ignores our view's copies)."""
+        out: dict[NodeId, list[tuple[int, bytes]]] = {}
+        if state is None:
+            return out
+        acked = self._acked_by(state)
+        old = [m for m in members if m in state.view.index]
+        for m in old:
+            out[m] = []
+        for copy in state.retained.copies():
+            source = copy.source
+            numbers = copy.numbers
+            item = (int(source), copy.encoded)
+            for m in old:
+                if m == source:
+                    continue  # its own message: it has it
+                if copy.stream == "pruned":
+                    n = next((n for d, n in numbers if d == m), None)
+                    if n is not None and acked(m, source)[0] < n:
+                        out[m].append(item)
+                else:
+                    k = 1 if copy.stream == "causal" else 2
+                    if acked(m, source)[k] < numbers[0][1]:
+                        out[m].append(item)
+        return out
+
+    def _send_parts(
+        self, dest: NodeId, parts: Iterable[GroupFlush], effects: list[GroupEffect]
+    ) -> int:
+        sent = 0
+        for message in parts:
+            encoded = encode_group(message)
+            effects.append(Broadcast((dest,), encoded))
+            self._bump(flush_messages_sent=1, flush_bytes_sent=len(encoded))
+            sent += 1
+        return sent
 
     def _retry_flush(self, flush: _Flush, effects: list[GroupEffect]) -> None:
-        """Still flushing: send our FLUSH again to whoever we have not fully heard."""
-        self._retry_at = self._now + self.config.flush_retry_interval
-        silent = tuple(
-            m
-            for m in flush.target.members
-            if m != self.local and (m not in flush.reports or not flush.reports[m].complete)
-        )
-        if silent:
-            self._send_flush(silent, retry=True, effects=effects)
+        """Still flushing: probe each member whose FLUSH is incomplete and from which no
+        part came for a while. A probe is small: it lists the parts we hold, and the
+        member answers with the rest. Over a reliable link a FLUSH in flight is never
+        sent twice: the member resends only on a probe, a probe waits until the
+        member's parts stop coming in, and its interval doubles while the member stays
+        silent (up to 8 x flush_retry_interval)."""
+        interval = self.config.flush_retry_interval
+        due: list[float] = []
+        for m in flush.target.members:
+            if m == self.local:
+                continue
+            report = flush.reports.get(m)
+            if report is not None and report.complete:
+                continue
+            at = flush.probe_at.get(m, self._now)
+            if self._now >= at:
+                delay = flush.probe_delay.get(m, interval)
+                probe = GroupFlush(
+                    flush.target.view_id,
+                    self._state.view.view_id if self._state is not None else NO_VIEW,
+                    self._incarnation_in(flush.target),
+                    self._round,
+                    self._views,
+                    0,
+                    1,
+                    (),
+                    (),
+                    retry=True,
+                    held_round=report.round if report is not None else (0, 0),
+                    held=tuple(sorted(report.got)) if report is not None else (),
+                )
+                effects.append(Broadcast((m,), encode_group(probe)))
+                self._bump(flush_probes_sent=1)
+                at = self._now + delay
+                flush.probe_at[m] = at
+                flush.probe_delay[m] = min(delay * 2, 8 * interval)
+            due.append(at)
+        self._retry_at = min(due, default=self._now + interval)
 
-    def _answer(self, peer: NodeId, target: bytes, effects: list[GroupEffect]) -> None:
-        """`peer` still waits in a flush towards `target`: send it our FLUSH for it
-        (at most twice per retry interval, so answers cannot storm)."""
-        if not self._sent_flush or self._sent_flush[0].view_id != target:
+    def _incarnation_in(self, target: GroupView) -> int:
+        return target.incarnations[target.index[self.local]] if target.incarnations else 0
+
+    def _answer(self, peer: NodeId, probe: GroupFlush, effects: list[GroupEffect]) -> None:
+        """`peer` still waits in a flush towards the probe's target: send it the parts of
+        our FLUSH for that target it lacks (at most twice per retry interval)."""
+        parts = self._sent_flush.get(peer)
+        if not parts or parts[0].view_id != probe.view_id:
+            return
+        if self._backlogged(peer):
+            self._bump(flush_answers_deferred=1)  # our parts are still on their way
             return
         if (
             self._now
@@ -807,7 +942,10 @@ class GroupEngine:
         ):
             return
         self._answered[peer] = self._now
-        self._send_flush((peer,), retry=False, effects=effects)
+        ours = (parts[0].incarnation, parts[0].round)
+        held = set(probe.held) if probe.held_round == ours else set()
+        missing = [p for p in parts if p.part not in held]
+        self._bump(flush_parts_resent=self._send_parts(peer, missing, effects))
 
     def _on_flush(
         self, source: NodeId, message: GroupFlush, raw: bytes, effects: list[GroupEffect]
@@ -815,13 +953,24 @@ class GroupEngine:
         if source == self.local:
             self._bump(not_member_dropped=1)
             return
-        if message.retry:
-            self._answer(source, message.view_id, effects)
         sender_round = (message.incarnation, message.round)
         if sender_round < self._peer_round.get(source, (0, 0)):
             self._bump(stale_flush_dropped=1)
             return
         flush, state = self._flush, self._state
+        if message.retry:
+            # A probe. A new round of the sender towards the view we have: it saw the
+            # view change and come back, we did not; flush with it.
+            if (
+                flush is None
+                and state is not None
+                and message.view_id == state.view.numbered(0).view_id
+                and sender_round > self._peer_round.get(source, (0, 0))
+            ):
+                self._start_flush(state.view.numbered(0), effects)
+                return
+            self._answer(source, message, effects)
+            return
         if (
             flush is None
             and state is not None
@@ -849,6 +998,10 @@ class GroupEngine:
             self._bump(duplicates_dropped=1)
             return
         report.got.add(message.part)
+        # a part came in: the rest is in flight, probe only if it stops coming
+        interval = self.config.flush_retry_interval
+        flush.probe_delay[source] = interval
+        flush.probe_at[source] = self._now + interval
         if state is not None and message.from_view == state.view.view_id:
             for member, prefix in message.prefixes:
                 m = NodeId(member)

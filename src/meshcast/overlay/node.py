@@ -258,6 +258,16 @@ class OverlayNode:
     def endpoint(self) -> LinkEndpoint:
         return self._endpoint
 
+    def backlogged(self, dest: NodeId) -> bool:
+        """Does the first hop towards `dest` still queue messages of ours, not yet sent?
+        Then what we sent `dest` earlier waits in that reliable link's queue, not lost:
+        sending it again would only queue a duplicate. (Packets merely unacknowledged
+        do not count: a link with delay always has some in flight.)"""
+        hop = self._routing.next_hop(self.local, dest)
+        if hop is None or hop not in self._endpoint:
+            return False
+        return self._endpoint.link(hop).statistics().queued_messages > 0
+
     def advertised_bandwidth(self, peer: NodeId) -> float:
         """The bandwidth (bits/s) our LSA reports for the link to `peer`."""
         return self._advertised[peer]

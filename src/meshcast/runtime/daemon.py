@@ -15,6 +15,9 @@ SIGINT (or `stop`), drain, log the final statistics, return the exit status.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import gc
 import json
 import logging
 import math
@@ -79,6 +82,37 @@ DRAIN_TIMEOUT = 2.0  # s: on SIGTERM, wait at most this long for unacknowledged 
 PROBE_MAGIC = b"MCPROBE1"
 _PROBE = struct.Struct("!8sQd")  # magic, probe number, sender's wall clock (s)
 _QUARANTINE_INTERVAL = 0.05  # s: timer back-off after the node raised in on_timer
+# s: after a group view is installed, when to hand the flush's freed memory back to the
+# OS (by then the FLUSH is acknowledged and the old view's copies are gone)
+_RELEASE_AFTER_VIEW = 2.0
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Collect garbage cycles, then give the heap's free pages back to the OS.
+
+    CPython frees a flush's copies at once, but glibc's malloc keeps the pages for
+    reuse, so without this a daemon's RSS stays at its peak after a flush under load
+    (docs/design/group.md, "Flush costs")."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 _LOOPBACK = "127.0.0.1"  # what a configured "localhost" binds to and sends from
 
 
@@ -385,7 +419,9 @@ class OverlayDaemon:
         limits = config.limits
         self.sessions = SessionTable(
             name,
-            GroupMembership(GroupEngine(self.local)),
+            # the overlay tells the engine when a repair would only duplicate a message
+            # still queued on a reliable link (docs/design/group.md, "Flush costs")
+            GroupMembership(GroupEngine(self.local, backlogged=self._backlogged)),
             SessionConfig(
                 DaemonLimits(
                     limits.max_message_size, limits.max_group_name, limits.max_groups_per_client
@@ -423,6 +459,7 @@ class OverlayDaemon:
         self._closed = False
         self._clock = 0.0
         self._timer = DeadlineTimer(self._loop, self._on_timer)
+        self._release: asyncio.TimerHandle | None = None  # release_free_memory, pending
         self._settle_pending = False
         self._draining = False
         self._drained = asyncio.Event()
@@ -604,6 +641,8 @@ class OverlayDaemon:
             return
         self._closed = True
         self._timer.cancel()
+        if self._release is not None:
+            self._release.cancel()
         for shim in self._impaired.values():
             shim.close()
         if self._transport is not None:
@@ -924,6 +963,20 @@ class OverlayDaemon:
 
     # ------------------------------------------------------------------ client sessions
 
+    def _schedule_release(self) -> None:
+        """`release_free_memory` once, _RELEASE_AFTER_VIEW after the latest view."""
+        if self._release is not None:
+            self._release.cancel()
+        self._release = self._loop.call_later(_RELEASE_AFTER_VIEW, self._release_now)
+
+    def _release_now(self) -> None:
+        self._release = None
+        if not self._closed:
+            release_free_memory()
+
+    def _backlogged(self, dest: NodeId) -> bool:
+        return self.node.backlogged(dest)
+
     def _can_submit(self) -> bool:
         """May local clients' requests be taken now? The overlay outbox has room and our
         messages in flight fit the group window. (A `block` member that is behind holds
@@ -992,6 +1045,7 @@ class OverlayDaemon:
                         hosts=[int(h) for h in hosts],
                     )
                 case OrderingReset(_, new_view_id, members, undelivered):
+                    self._schedule_release()
                     self.events.emit(
                         "group_view",
                         view_id=new_view_id.hex(),

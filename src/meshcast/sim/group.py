@@ -145,7 +145,7 @@ def build_group_sim(
             allowed_links=allowed,
         )
         overlay = OverlayNode(node_id, config, incarnation=sim.incarnation(node_id) + 1, rng=rng)
-        engine = GroupEngine(node_id, group_config)
+        engine = GroupEngine(node_id, group_config, backlogged=overlay.backlogged)
         for group, daemons in hosts.items():
             engine.set_group_daemons(group, daemons)
         return GroupDaemon(overlay, engine)

@@ -14,7 +14,8 @@ overlay's source field names the sending daemon. All integers are big-endian; ``
     0x13 FLUSH target 8s | from_view 8s | incarnation u64 | round u64 | views u64 |
                part u32 | parts u32 |
                flags u8 | n u16 | n x (member u32 | total_prefix u64) |
-               m u32 | m x (source u32 | len u32 | a DATA message of from_view)
+               m u32 | m x (source u32 | len u32 | a DATA message of from_view) |
+               with RETRY only: held_incarnation u64 | held_round u64 | h u16 | h x part u32
 
 * ``view_id``: the group view the message was sent in (`meshcast.group.view_id`).
 * ``msg_id``: unique per sending daemon and view, from 1; duplicate detection for
@@ -43,8 +44,11 @@ overlay's source field names the sending daemon. All integers are big-endian; ``
   FLUSH of an earlier (incarnation, round) is stale), how many views it
   has installed, its total-order stream prefixes, and the copies of ``from_view``
   messages that not every member may have (docs/design/group.md, "Virtual synchrony").
-  Flag 0x01 RETRY: sent again because the sender still waits; a daemon that has the part
-  already answers with its own FLUSH for the same target (answers never carry RETRY).
+  Flag 0x01 RETRY: a *probe* from a daemon that still waits for the receiver's FLUSH:
+  no carried messages, only the header, and which parts of the receiver's FLUSH (of its
+  round ``held_incarnation``, ``held_round``) the prober holds; the receiver answers with
+  the parts missing from that list (all of them for another round). A probe is no part
+  of the prober's own FLUSH: its ``part``/``parts`` are 0/1 and ignored.
 
 Theory of operation: docs/design/group.md. `encode_group` refuses (``ValueError``) what
 `decode_group` would refuse; `decode_group` raises only `DecodeError`.
@@ -77,6 +81,8 @@ FLUSH_RETRY = 0x01
 PREFIX_ENTRY = struct.Struct("!IQ")  # member, total-order stream prefix
 CARRIED_COUNT = struct.Struct("!I")
 CARRIED_HEAD = struct.Struct("!II")  # source, length
+PROBE_HEAD = struct.Struct("!QQH")  # held incarnation, held round, parts listed
+PROBE_PART = struct.Struct("!I")
 NO_VIEW = bytes(8)  # from_view of a daemon that never installed a view
 CLOCK = struct.Struct("!Q")
 
@@ -137,6 +143,10 @@ class GroupFlush:
     prefixes: tuple[tuple[int, int], ...]  # (member of from_view, total-order prefix held)
     messages: tuple[tuple[int, bytes], ...]  # (source daemon, encoded DATA of from_view)
     retry: bool = False
+    # a probe (retry) only: the receiver's (incarnation, round) the prober heard parts
+    # of, and which parts it holds
+    held_round: tuple[int, int] = (0, 0)
+    held: tuple[int, ...] = ()
 
 
 GroupMessage = GroupData | GroupNull | GroupAck | GroupFlush
@@ -260,6 +270,16 @@ def _encode_flush(message: GroupFlush) -> bytes:
             raise ValueError("carried message source or length out of range")
         parts.append(CARRIED_HEAD.pack(source, len(data)))
         parts.append(data)
+    if message.retry:
+        held_incarnation, held_round = message.held_round
+        _check_u64("held incarnation", held_incarnation)
+        _check_u64("held round", held_round)
+        if len(message.held) > 0xFFFF or not all(0 <= p <= U32_MAX for p in message.held):
+            raise ValueError("held parts out of range")
+        parts.append(PROBE_HEAD.pack(held_incarnation, held_round, len(message.held)))
+        parts.extend(PROBE_PART.pack(p) for p in message.held)
+    elif message.held or message.held_round != (0, 0):
+        raise ValueError("only a probe (retry) lists held parts")
     return b"".join(parts)
 
 
@@ -388,6 +408,13 @@ def _decode_flush(message: bytes) -> GroupFlush:
     for _ in range(m):
         source, size = CARRIED_HEAD.unpack(reader.take(CARRIED_HEAD.size, "carried message"))
         carried.append((int(source), reader.take(size, "carried message")))
+    held_round = (0, 0)
+    held: tuple[int, ...] = ()
+    if flags & FLUSH_RETRY:
+        held_incarnation, held_round_, h = PROBE_HEAD.unpack(reader.take(PROBE_HEAD.size, "probe"))
+        held_round = (int(held_incarnation), int(held_round_))
+        raw = reader.take(h * PROBE_PART.size, "held parts")
+        held = tuple(int(p) for (p,) in PROBE_PART.iter_unpack(raw))
     if reader.pos != len(message):
         raise DecodeError("trailing bytes after group FLUSH")
     return GroupFlush(
@@ -401,4 +428,6 @@ def _decode_flush(message: bytes) -> GroupFlush:
         prefixes,
         tuple(carried),
         bool(flags),
+        held_round,
+        held,
     )

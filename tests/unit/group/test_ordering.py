@@ -181,24 +181,121 @@ def test_agreed_waits_for_every_daemons_timestamp_and_idle_nulls_unblock_it() ->
     assert len(nulls) == 2  # the NULLs of B and C (and their ACKs)
     m.settle()
     assert m.bodies(A) == m.bodies(B) == m.bodies(C) == [b"m"]
-    assert all(e.next_deadline() is None for e in m.engines.values())  # NULLs stop
+    m.settle()  # NULLs stop: nobody owes one any more
+    assert [m.engines[n].statistics().nulls_sent for n in (A, B, C)] == [0, 1, 1]
     assert m.engines[A].statistics().nulls_sent == 0  # the sender never owed one
 
 
-def test_null_rate_is_bounded_by_idle_ts_interval() -> None:
+NULL_KIND = 0x11
+
+
+def null_count(packets: Iterable[tuple[NodeId, bytes]]) -> int:
+    return sum(payload[0] == NULL_KIND for _, payload in packets)
+
+
+def test_an_idle_daemon_answers_an_ordered_message_at_once() -> None:
+    # idle_ts_interval far beyond the test: only the prompt answer can unblock A's
+    # messages (and no lead: a NULL covers no timestamp beyond the clock)
+    m = Mesh([A, B, C], GroupConfig(idle_ts_interval=60.0, ack_interval=60.0, null_lead=1))
+    m.host("g", [A, B, C])
+    for burst in ([b"m1"], [b"m2", b"m3"]):  # the second: B and C sent a NULL just before
+        for body in burst:
+            m.send(A, S.AGREED, body=body)
+        for idle in (B, C):
+            m.feed(idle, m.take(idle))
+            assert m.engines[idle].next_deadline() == m.now  # owes its timestamp: now
+        m.tick(0.0)  # no time passes
+        m.exchange()
+        m.tick(0.0)
+        m.exchange()
+        assert m.bodies(A)[-1:] == m.bodies(B)[-1:] == m.bodies(C)[-1:] == burst[-1:]
+        m.now += 0.001
+    m.settle()  # NULLs stop: nobody owes one any more
+    assert [m.engines[n].statistics().nulls_sent for n in (A, B, C)] == [0, 2, 2]
+
+
+def test_one_null_stamped_ahead_covers_the_next_round_trips() -> None:
+    m = Mesh([A, B, C], GroupConfig(idle_ts_interval=60.0, ack_interval=60.0))
+    m.host("g", [A, B])  # C hosts no member: nothing of its own to send
+    m.host("#daemons", [A, B, C])  # the daemons' own groups do not count
+    for k in range(20):  # A and B answer each other; C, idle, only orders
+        m.send(A if k % 2 == 0 else B, S.AGREED, body=bytes([k]))
+        m.exchange()
+        m.tick(0.0)
+        m.exchange()
+        assert len(m.bodies(A)) == len(m.bodies(B)) == k + 1  # delivered at once
+    assert m.engines[C].statistics().nulls_sent == 1  # its first answer covers them all
+    assert m.bodies(A) == m.bodies(B)
+    m.host("g", [A, B, C])
+    m.send(C, S.AGREED, body=b"c")  # C's own message is stamped above its lead
+    m.settle()
+    assert m.bodies(A)[-1:] == m.bodies(B)[-1:] == m.bodies(C) == [b"c"]
+    before = m.engines[A].statistics().delivered
+    m.send(A, S.AGREED, body=b"after")  # ...and orders after it: the lead is behind
+    m.settle()
+    assert m.engines[A].statistics().delivered == before + 1
+    assert m.bodies(A)[-2:] == m.bodies(B)[-2:] == [b"c", b"after"]
+
+
+def test_safe_is_delivered_without_waiting_for_idle_ts_interval() -> None:
+    m = Mesh([A, B, C], GroupConfig(idle_ts_interval=60.0, ack_interval=60.0))
+    m.host("g", [A, B, C])
+    m.send(A, S.SAFE, body=b"s")
+    for _ in range(4):  # timestamps, then the ARUs that cover s: a few rounds, no time
+        m.exchange()
+        m.tick(0.0)
+    m.exchange()
+    assert m.bodies(A) == m.bodies(B) == m.bodies(C) == [b"s"]
+    sent = [m.engines[n].statistics().nulls_sent for n in (A, B, C)]
+    m.settle()
+    assert [m.engines[n].statistics().nulls_sent for n in (A, B, C)] == sent
+
+
+def test_one_null_answers_a_whole_batch() -> None:
+    m = Mesh([A, B], GroupConfig(idle_ts_interval=60.0, ack_interval=60.0))
+    m.host("g", [A, B])
+    for _ in range(50):
+        m.send(A, S.AGREED)
+    m.feed(B, m.take(B))  # one batch of 50 ordered messages
+    m.tick(0.0)
+    assert null_count(m.take(A)) == 1
+    assert m.engines[B].statistics().nulls_sent == 1
+
+
+def test_prompt_nulls_are_bounded_by_the_batches_under_load() -> None:
+    m = Mesh([A, B, C], GroupConfig(idle_ts_interval=60.0, ack_interval=0.02))
+    m.host("g", [A, B, C])
+    rng = random.Random(7)
+    batches = 0
+    for _ in range(40):  # A and B load the group; C is idle
+        for _ in range(rng.randint(1, 20)):
+            m.send(rng.choice([A, B]), S.AGREED)
+        for n in (A, B, C):  # each daemon takes what arrived as one batch
+            packets = m.take(n)
+            batches += n == C and bool(packets)
+            m.feed(n, packets)
+        m.tick(0.001)
+    m.settle()
+    c = m.engines[C].statistics()
+    assert c.nulls_sent <= batches  # never more than one per batch received
+    # the busy senders' own messages carry their timestamps: they owed few NULLs
+    sent = sum(m.engines[n].statistics().submitted for n in (A, B))
+    assert m.engines[A].statistics().nulls_sent + m.engines[B].statistics().nulls_sent < sent
+    assert m.bodies(A) == m.bodies(B) == m.bodies(C)
+    assert len(m.bodies(C)) == sent
+
+
+def test_a_null_is_owed_only_for_new_input() -> None:
     m = Mesh([A, B], GroupConfig(idle_ts_interval=0.5, ack_interval=10.0))
     m.host("g", [A, B])
     m.send(A, S.AGREED)
     m.feed(B, m.take(B))
     engine = m.engines[B]
-    assert engine.on_timer(0.0)  # never sent one: due at once
-    for _ in range(3):  # timestamps beyond B's NULL
-        m.send(A, S.AGREED)
-    m.feed(B, m.take(B))
-    deadline = engine.next_deadline()
-    assert deadline == pytest.approx(0.5)
-    assert engine.on_timer(0.2) == []
-    assert len(engine.on_timer(0.5)) == 1
+    engine.on_timer(0.0)
+    assert engine.statistics().nulls_sent == 1  # the prompt NULL
+    for t in (0.1, 0.6, 1.2):  # nothing new arrived: nothing more owed
+        engine.on_timer(t)
+    assert engine.statistics().nulls_sent == 1
 
 
 def test_concurrent_agreed_messages_get_one_order_everywhere() -> None:
