@@ -329,3 +329,31 @@ async def wait_agreed(
 def marks(daemons: Iterable[DaemonProcess]) -> dict[str, int]:
     """How many events each daemon has logged so far: wait for what comes after."""
     return {d.name: len(d.events) for d in daemons}
+
+
+COMMAND_TIMEOUT = 30.0  # s: one command-line run, interpreter start included
+
+
+async def run_command(
+    *argv: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = COMMAND_TIMEOUT,  # noqa: ASYNC109 - the child is killed after it
+) -> tuple[int, str, str]:
+    """Run `argv` to its end (killed after `timeout`): (exit status, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=None if env is None else dict(env),
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out.decode("utf-8"), err.decode("utf-8")

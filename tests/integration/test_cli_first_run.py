@@ -34,12 +34,11 @@ import pytest
 import meshcast
 from meshcast.runtime.local_cluster import free_udp_ports
 
-from .daemon_helpers import DaemonProcess, cluster_toml, host_of
+from .daemon_helpers import DaemonProcess, cluster_toml, host_of, run_command
 
 pytestmark = pytest.mark.timeout(120)
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
-COMMAND_TIMEOUT = 30.0  # s: one command, interpreter start included
 WAIT = 15.0  # s: a line the test waits for
 
 
@@ -50,23 +49,7 @@ def env() -> dict[str, str]:
 
 async def meshcast_cli(*argv: str) -> tuple[int, str, str]:
     """Run ``python -m meshcast ARGV`` to its end: (exit status, stdout, stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "meshcast", *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env(),
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(COMMAND_TIMEOUT):
-            out, err = await process.communicate()
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await run_command(sys.executable, "-m", "meshcast", *argv, env=env())
 
 
 def write_one_daemon_cluster(directory: Path, cluster: str, index: int = 1) -> Path:

@@ -10,7 +10,6 @@ and one line on stderr. Every process is stopped and every wait is bounded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
 import socket
@@ -25,37 +24,20 @@ import pytest
 
 import meshcast
 
-from .daemon_helpers import DaemonProcess, ring, wait_agreed, write_cluster
+from .daemon_helpers import DaemonProcess, ring, run_command, wait_agreed, write_cluster
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio]
 
 STATUS_COMMAND = (sys.executable, "-m", "meshcast", "status")
 VIEW_TIMEOUT = 15.0  # s: start-up of three interpreters included
 WAIT = 15.0  # s: a report showing what the test waits for
-COMMAND_TIMEOUT = 30.0  # s: one `meshcast status` run, interpreter start included
 
 Report = dict[str, Any]
 
 
 async def run_status(*args: str) -> tuple[int, str, str]:
     """Run ``python -m meshcast status ARGS``: (exit status, stdout, stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        *STATUS_COMMAND,
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(COMMAND_TIMEOUT):
-            out, err = await process.communicate()
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, out.decode("utf-8"), err.decode("utf-8")
+    return await run_command(*STATUS_COMMAND, *args)
 
 
 async def report_until(address: list[str], wanted: Callable[[Report], bool]) -> Report:

@@ -11,7 +11,6 @@ under ``counters.links``, the foreign ones under ``counters.daemon``; the table 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import sys
@@ -25,13 +24,12 @@ from meshcast.config import load_config
 from meshcast.runtime.daemon import daemon_address
 from meshcast.wire.packet import Header, Heartbeat, HeartbeatKind, Packet, PacketType, encode
 
-from .daemon_helpers import DaemonProcess, host_of, write_cluster
+from .daemon_helpers import DaemonProcess, host_of, run_command, write_cluster
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio]
 
 STATUS_COMMAND = (sys.executable, "-m", "meshcast", "status")
 WAIT = 20.0  # s: the daemon counting what was sent
-COMMAND_TIMEOUT = 30.0  # s: one `meshcast status` run, interpreter start included
 EXPECTED = {
     "malformed": 5,
     "wrong_sender": 3,
@@ -44,23 +42,8 @@ EXPECTED = {
 
 
 async def run_status(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        *STATUS_COMMAND,
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(COMMAND_TIMEOUT):
-            out, err = await process.communicate()
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, out.decode("utf-8"), err.decode("utf-8")
+    """Run ``python -m meshcast status ARGS``: (exit status, stdout, stderr)."""
+    return await run_command(*STATUS_COMMAND, *args)
 
 
 def heartbeat(sender: int, epoch: int) -> bytes:

@@ -16,13 +16,14 @@ class GroupConfig:
     # batch held. Otherwise (nothing new came in) it sends one at most this long after
     # its last total-order message. None at all while no ordered message is pending.
     idle_ts_interval: float = 0.01
-    # timestamps: a daemon hosting no group member stamps its NULLs this far ahead of
-    # its clock (and its clock jumps there). NULLs do not move the receivers' clocks, so
-    # its one NULL also covers the next messages of the busy daemons, up to that many:
-    # it is off the critical path of a round trip between two other daemons, and under
-    # load it sends one NULL per null_lead timestamps at most. Its own next message (a
-    # join, once a client comes) is stamped above the lead: one answer round from the
-    # others, whose clocks move on data. Daemons with members stamp NULLs at clock + 1.
+    # timestamps: a daemon that sent no AGREED/SAFE message of its own for
+    # idle_ts_interval (it hosts no member, or only listeners) stamps its NULLs this far
+    # ahead of its clock (and its clock jumps there). NULLs do not move the receivers'
+    # clocks, so its one NULL also covers the next messages of the busy daemons, up to
+    # that many: it is off the critical path of a round trip between two other daemons,
+    # and under a flood it sends one NULL per null_lead timestamps at most. Its own next
+    # message is stamped above the lead: one answer round from the others, whose clocks
+    # move on data. A daemon that sends stamps its NULLs at clock + 1.
     null_lead: int = 1 << 20
     # messages: everything held back at once (FIFO and causal gaps, total-order stream
     # gaps, total-order messages waiting for timestamps or acks). A peer's message beyond

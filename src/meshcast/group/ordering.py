@@ -143,6 +143,7 @@ class _ViewState:
         self.last_stream_ts = 0  # timestamp of our last stream message
         self.last_stream_aru = 0  # ARU on it
         self.last_stream_at = float("-inf")  # when we sent it
+        self.own_ordered_at = float("-inf")  # when we last sent an AGREED/SAFE message
         # a peer's stream message came in since our last one: if it makes us owe a NULL,
         # the NULL goes at the next timer (at once), not idle_ts_interval later
         self.null_prompt = False
@@ -305,15 +306,6 @@ class GroupEngine:
             and size < self.config.max_retained_bytes // 4
         )
 
-    def _hosts_any(self) -> bool:
-        """Does a local client belong to some group? ('#' groups are the daemons' own,
-        hosted by all: their messages come only when a client asks, e.g. to join.)"""
-        return any(
-            self.local in daemons
-            for group, daemons in self._group_daemons.items()
-            if not group.startswith("#")
-        )
-
     def hosts(self, groups: Iterable[str]) -> bool:
         """Does this daemon host a member of any of `groups`?"""
         return any(self.local in self._group_daemons.get(g, ()) for g in groups)
@@ -451,6 +443,7 @@ class GroupEngine:
         own = _Held(self.local, data, encoded, token)
         if service in ORDERED_TOTAL:
             state.last_stream_ts, state.last_stream_aru, state.last_stream_at = ts, aru, now
+            state.own_ordered_at = now
             state.null_prompt = False  # this message carries our timestamp and ARU
             state.max_order_ts = max(state.max_order_ts, ts)
             if service == ServiceLevel.SAFE:
@@ -503,9 +496,12 @@ class GroupEngine:
         # One NULL answers everything received since our last stream message: at most one
         # per timer firing, i.e. per batch of input the driver ran before its timer.
         state.null_prompt = False
-        # Stamped ahead only by a daemon hosting no member: it has nothing of its own to
-        # send soon, while one with members would make its next message wait a round.
-        self._clock += 1 if self._hosts_any() else self.config.null_lead
+        # Stamped ahead by a daemon that sent no ordered message of its own lately (it
+        # hosts no member, or only listeners): its one NULL then covers the others' next
+        # messages, which is what keeps NULLs few under a flood. A daemon that does send
+        # stamps at clock + 1, or its next message would wait one answer round.
+        quiet = now >= state.own_ordered_at + self.config.idle_ts_interval
+        self._clock += self.config.null_lead if quiet else 1
         aru = state.total.aru(self._clock)
         null = GroupNull(state.view.view_id, self._clock, state.total.next_own_seq(), aru)
         state.last_stream_ts, state.last_stream_aru, state.last_stream_at = self._clock, aru, now
