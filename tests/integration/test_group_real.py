@@ -1107,7 +1107,15 @@ async def test_bulk_flood_on_loopback_needs_no_repair(cluster: Cluster) -> None:
         async with asyncio.timeout(WAIT * 2):
             for number in range(REPAIR_FLOOD):
                 await sender.send("flood", number, ServiceLevel.RELIABLE, "flood", FAR_SIZE)
-        await reader.wait_until(lambda p: len(p.keys) >= REPAIR_FLOOD, "the flood")
+        try:
+            await reader.wait_until(lambda p: len(p.keys) >= REPAIR_FLOOD, "the flood")
+        except AssertionError as exc:  # say where the missing ones went (seen once in CI)
+            received = {n for _, _, n in reader.keys}
+            missing = sorted(set(range(REPAIR_FLOOD)) - received)
+            raise AssertionError(
+                f"{exc}; missing {missing}; refused to the sender: {sender.rejected}; "
+                f"daemon warnings: {cluster.problems()}"
+            ) from None
         assert sorted(reader.keys) == [("flood", "c2a", n) for n in range(REPAIR_FLOOD)]
     source = await cluster.stopped_stats("d2")
     group = source["group"]
