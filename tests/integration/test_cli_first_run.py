@@ -25,8 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,7 @@ import pytest
 import meshcast
 from meshcast.runtime.local_cluster import free_udp_ports
 
-from .daemon_helpers import DaemonProcess, cluster_toml, host_of, run_command
+from .daemon_helpers import cluster_toml, host_of, run_command, running_daemons
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,24 +72,6 @@ def sockets(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         yield directory
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-
-
-@asynccontextmanager
-async def daemons(*starts: tuple[Path, str, tuple[str, ...]]) -> AsyncIterator[list[DaemonProcess]]:
-    """Start `meshcast daemon --config FILE --name NAME EXTRA...` for each; stop them all."""
-    started: list[DaemonProcess] = []
-    try:
-        results = await asyncio.gather(
-            *(DaemonProcess.start(config, name, *extra) for config, name, extra in starts),
-            return_exceptions=True,
-        )
-        started = [r for r in results if isinstance(r, DaemonProcess)]
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        yield started
-    finally:
-        await asyncio.gather(*(d.stop() for d in started))
 
 
 # ---------------------------------------------------------------- meshcast user --interactive
@@ -154,7 +135,7 @@ async def test_interactive_user_shows_messages_as_they_arrive_and_takes_long_lin
 ) -> None:
     config = write_one_daemon_cluster(tmp_path, "test")
     path = sockets / "d1.sock"
-    async with daemons((config, "d1", ("--client-socket", str(path)))):
+    async with running_daemons(config, ["d1"], "--client-socket", str(path)):
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "meshcast", "user", "--connect", f"unix:{path}",
             "--name", "ia", "--join", "chat", "--interactive", "--timeout", "2",
@@ -205,7 +186,11 @@ async def test_daemons_of_two_clusters_with_one_name_each_get_a_socket_found_by_
 ) -> None:
     alpha = write_one_daemon_cluster(tmp_path, "alpha", 1)
     beta = write_one_daemon_cluster(tmp_path, "beta", 2)
-    async with daemons((alpha, "d1", ()), (beta, "d1", ())) as (d_alpha, d_beta):
+    async with (
+        running_daemons(alpha, ["d1"]) as in_alpha,
+        running_daemons(beta, ["d1"]) as in_beta,
+    ):
+        d_alpha, d_beta = in_alpha["d1"], in_beta["d1"]
         for daemon, cluster in ((d_alpha, "alpha"), (d_beta, "beta")):
             listening = await daemon.wait_event("clients_listening", timeout=WAIT)
             assert listening["unix_path"] == str(sockets / "meshcast" / f"d1@{cluster}.sock")
@@ -260,7 +245,7 @@ async def test_flood_prints_one_summary_line_or_one_json_object(
     tmp_path: Path, sockets: Path
 ) -> None:
     config = write_one_daemon_cluster(tmp_path, "test")
-    async with daemons((config, "d1", ())):
+    async with running_daemons(config, ["d1"]):
         code, out, err = await meshcast_cli(
             "flood", "--connect", "d1", "--messages", "200", "--size", "100"
         )

@@ -421,7 +421,7 @@ class OverlayDaemon:
             name,
             # the overlay tells the engine when a repair would only duplicate a message
             # still queued on a reliable link (docs/design/group.md, "Flush costs")
-            GroupMembership(GroupEngine(self.local, backlogged=self._backlogged)),
+            GroupMembership(GroupEngine(self.local, backlogged=self.node.backlogged)),
             SessionConfig(
                 DaemonLimits(
                     limits.max_message_size, limits.max_group_name, limits.max_groups_per_client
@@ -973,9 +973,6 @@ class OverlayDaemon:
         self._release = None
         if not self._closed:
             release_free_memory()
-
-    def _backlogged(self, dest: NodeId) -> bool:
-        return self.node.backlogged(dest)
 
     def _can_submit(self) -> bool:
         """May local clients' requests be taken now? The overlay outbox has room and our
