@@ -618,7 +618,14 @@ class OverlayDaemon:
             await stop.wait()
             if probes is not None:
                 probes.cancel()
-        self.events.emit("daemon_stopping", reason=self._stop_reason)
+        # The view this daemon leaves: by the time it has drained, the others may have
+        # dropped it and its own view may be itself alone.
+        view = self.node.view
+        self.events.emit(
+            "daemon_stopping",
+            reason=self._stop_reason,
+            view_members=None if view is None else [int(m) for m in view.members],
+        )
         self._run_session_input("shutdown", self.sessions.shutdown)
         if self.client_server is not None:
             await self.client_server.aclose()
