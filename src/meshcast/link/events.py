@@ -67,6 +67,15 @@ class LinkStats:
     stale_dropped: int = 0
     out_of_window_dropped: int = 0
     protocol_violations: int = 0
+    # dropped by the encryption layer (`meshcast.link.secure`); 0 on unencrypted links
+    cleartext_dropped: int = 0
+    truncated_dropped: int = 0
+    unknown_key_dropped: int = 0
+    forged_dropped: int = 0
+    replayed_dropped: int = 0
+    no_session_dropped: int = 0
+    unsendable_dropped: int = 0
+    handshakes_accepted: int = 0
     queued_messages: int = 0
     queued_bytes: int = 0
     unacked_packets: int = 0

@@ -13,13 +13,14 @@ import logging
 import random
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 
 from meshcast.errors import BufferFull, DecodeError, UsageError
 from meshcast.ids import NodeId
 from meshcast.link import (
     Delivered,
     HopLink,
+    Link,
     LinkConfig,
     LinkEffect,
     LinkEndpoint,
@@ -30,6 +31,7 @@ from meshcast.link import (
     Transmit,
 )
 from meshcast.link.pacer import Pacer
+from meshcast.link.secure import RECORD_OVERHEAD, LinkSecurity, SecureLink
 from meshcast.overlay.routing import RoutingTable
 from meshcast.overlay.view import LinkStateDatabase, View
 from meshcast.wire import HEADER_SIZE, PIECE_HEAD, UDP_IP_OVERHEAD, WHOLE_HEAD
@@ -157,6 +159,13 @@ class LinkDrops:
     out_of_window: int = 0  # sequence number outside the receive window
     duplicates: int = 0  # received before (a retransmission that crossed an ACK)
     protocol_violations: int = 0  # decoded, but breaks the link protocol
+    # encrypted links (docs/security.md):
+    cleartext: int = 0  # not sealed: a daemon without keys, or a forger
+    truncated: int = 0  # too short to hold a header and a tag
+    unknown_key: int = 0  # a handshake under a key not in our ring
+    forged: int = 0  # did not authenticate: forged, altered, or under a wrong key
+    replayed: int = 0  # a datagram or handshake seen before
+    no_session: int = 0  # sealed for a session we do not have (an old epoch's)
 
     @classmethod
     def of(cls, stats: LinkStats) -> LinkDrops:
@@ -167,28 +176,20 @@ class LinkDrops:
             stats.out_of_window_dropped,
             stats.duplicates_dropped,
             stats.protocol_violations,
+            stats.cleartext_dropped,
+            stats.truncated_dropped,
+            stats.unknown_key_dropped,
+            stats.forged_dropped,
+            stats.replayed_dropped,
+            stats.no_session_dropped,
         )
 
     def __add__(self, other: LinkDrops) -> LinkDrops:
-        return LinkDrops(
-            self.malformed + other.malformed,
-            self.wrong_sender + other.wrong_sender,
-            self.stale_epoch + other.stale_epoch,
-            self.out_of_window + other.out_of_window,
-            self.duplicates + other.duplicates,
-            self.protocol_violations + other.protocol_violations,
-        )
+        return LinkDrops(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     @property
     def total(self) -> int:
-        return (
-            self.malformed
-            + self.wrong_sender
-            + self.stale_epoch
-            + self.out_of_window
-            + self.duplicates
-            + self.protocol_violations
-        )
+        return sum(astuple(self))
 
 
 @dataclass(slots=True)
@@ -211,9 +212,17 @@ class OverlayNode:
     """The overlay layer of one daemon. Inputs return effects; nothing here does I/O."""
 
     def __init__(
-        self, local: NodeId, config: OverlayConfig, *, incarnation: int, rng: random.Random
+        self,
+        local: NodeId,
+        config: OverlayConfig,
+        *,
+        incarnation: int,
+        rng: random.Random,
+        security: LinkSecurity | None = None,
     ) -> None:
         self.local = local
+        # None: links in the clear (only with `insecure = true`, docs/security.md)
+        self.security = security
         self.config = config
         self.incarnation = incarnation
         self._rng = rng
@@ -393,7 +402,13 @@ class OverlayNode:
     def _open_link(self, peer: NodeId, now: float, effects: list[OverlayEffect]) -> None:
         neighbour = self.config.neighbours[peer]
         link_config = replace(self.config.link, rate_bps=neighbour.bandwidth_bps)
-        link = HopLink(self.local, peer, link_config, epoch=self._rng.randrange(1, 2**32))
+        epoch = self._rng.randrange(1, 2**32)
+        link: Link
+        if self.security is None:
+            link = HopLink(self.local, peer, link_config, epoch=epoch)
+        else:
+            inner = HopLink(self.local, peer, self.security.link_config(link_config), epoch=epoch)
+            link = SecureLink(inner, self.local, self.security)
         if peer in self._endpoint:  # a failed link: its drops stay counted
             self._retired_drops[peer] = self.link_drops(peer)
         self._endpoint.remove(peer)
@@ -617,8 +632,9 @@ class OverlayNode:
 
     def _wire_size(self, message: int) -> int:
         """Bytes one link message puts on the wire: Hop and IP/UDP headers included."""
-        per_datagram = HEADER_SIZE + UDP_IP_OVERHEAD
-        budget = self.config.link.mtu - HEADER_SIZE - STATE_BLOCK.size
+        sealing = 0 if self.security is None else RECORD_OVERHEAD
+        per_datagram = HEADER_SIZE + UDP_IP_OVERHEAD + sealing
+        budget = self.config.link.mtu - HEADER_SIZE - STATE_BLOCK.size - sealing
         if message + WHOLE_HEAD.size <= budget:
             return message + WHOLE_HEAD.size + per_datagram
         pieces = -(-message // (budget - PIECE_HEAD.size))

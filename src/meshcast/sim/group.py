@@ -25,6 +25,7 @@ from meshcast.overlay.node import (
     ViewInstalled,
 )
 from meshcast.sim.network import LinkModel
+from meshcast.sim.overlay import cluster_security
 from meshcast.sim.simulator import Simulator
 from meshcast.wire.client import ServiceLevel
 
@@ -122,9 +123,11 @@ def build_group_sim(
     group_config: GroupConfig | None = None,
     link: LinkConfig | None = None,
     trace: bool = False,
+    secure: bool = True,
 ) -> Simulator:
     """A simulator of group daemons over `links`; `hosts` says which daemons host each
-    group (given to every engine, as the group membership layer would)."""
+    group (given to every engine, as the group membership layer would). Links are
+    encrypted, as a daemon's are, unless `secure` is False."""
     nodes = sorted({n for e in links for n in (e.a, e.b)})
     neighbours: dict[int, dict[NodeId, Neighbour]] = {n: {} for n in nodes}
     for e in links:
@@ -135,6 +138,7 @@ def build_group_sim(
     allowed = frozenset((NodeId(min(e.a, e.b)), NodeId(max(e.a, e.b))) for e in links)
     link_config = link or LinkConfig(heartbeat_interval=0.1, failure_rounds=5)
     sim = Simulator(seed=seed, trace=trace)
+    security = cluster_security(seed) if secure else None
 
     def factory(node_id: NodeId, now: float, rng: random.Random) -> GroupDaemon:
         config = OverlayConfig(
@@ -144,7 +148,13 @@ def build_group_sim(
             policy=policy,
             allowed_links=allowed,
         )
-        overlay = OverlayNode(node_id, config, incarnation=sim.incarnation(node_id) + 1, rng=rng)
+        overlay = OverlayNode(
+            node_id,
+            config,
+            incarnation=sim.incarnation(node_id) + 1,
+            rng=rng,
+            security=None if security is None else security(rng),
+        )
         engine = GroupEngine(node_id, group_config, backlogged=overlay.backlogged)
         for group, daemons in hosts.items():
             engine.set_group_daemons(group, daemons)

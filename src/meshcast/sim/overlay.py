@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from meshcast.ids import NodeId
 from meshcast.link import LinkConfig
+from meshcast.link.secure import LinkSecurity
 from meshcast.overlay.node import (
     Neighbour,
     OverlayConfig,
@@ -19,6 +20,7 @@ from meshcast.overlay.node import (
 from meshcast.overlay.view import View
 from meshcast.sim.network import LinkModel
 from meshcast.sim.simulator import Simulator
+from meshcast.wire.keys import ClusterKey, KeyRing
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,14 @@ class OverlayRecorder:
         return history[-1][1] if history else None
 
 
+def cluster_security(seed: int) -> Callable[[random.Random], LinkSecurity]:
+    """Encrypted links for a simulated cluster, as a daemon has them: one cluster key made
+    from the seed, each node's key pairs from its own seeded generator (runs stay
+    reproducible)."""
+    ring = KeyRing.of(ClusterKey(random.Random(seed ^ 0x5EC0DE).randbytes(32)))
+    return lambda rng: LinkSecurity(ring, rng.randbytes)
+
+
 def build_overlay(
     edges: Iterable[OverlayEdge],
     *,
@@ -75,6 +85,7 @@ def build_overlay(
     upload_bps: Mapping[int, float] | None = None,
     link: LinkConfig | None = None,
     trace: bool = False,
+    secure: bool = True,
     **overlay_options: object,
 ) -> tuple[Simulator, OverlayRecorder]:
     edges = list(edges)
@@ -92,6 +103,7 @@ def build_overlay(
     )
     link_config = link or LinkConfig(heartbeat_interval=0.1, failure_rounds=5)
     sim = Simulator(seed=seed, trace=trace)
+    security = cluster_security(seed) if secure else None
     recorder = OverlayRecorder()
     sim.observe(recorder)
 
@@ -103,7 +115,13 @@ def build_overlay(
             policy=policy,
             **overlay_options,  # type: ignore[arg-type]
         )
-        return OverlayNode(node_id, config, incarnation=sim.incarnation(node_id) + 1, rng=rng)
+        return OverlayNode(
+            node_id,
+            config,
+            incarnation=sim.incarnation(node_id) + 1,
+            rng=rng,
+            security=None if security is None else security(rng),
+        )
 
     for n in nodes:
         sim.add_node(NodeId(n), factory, start=lambda node, now: node.start(now))
