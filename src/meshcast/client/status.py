@@ -1,7 +1,8 @@
 """The human-readable form of a daemon's status report (what `meshcast status` prints).
 
 `format_status(report)` renders the dict that `Client.status()` returns (the keys are in
-docs/client-protocol.md, "Status reports") as a few lines of text: the daemon, its view, its
+docs/client-protocol.md, "Status reports") as a few lines of text: its security mode
+(a daemon without keys first and in capitals: INSECURE), the daemon, its view, its
 tree, its links (with what each dropped, by cause), the groups with their members, one line
 of everything dropped or refused, and the counters that are not zero. A
 key that is missing (an older or newer daemon) is shown as ``-`` or left out; nothing
@@ -183,12 +184,30 @@ def _counter_lines(counters: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _security_lines(security: Mapping[str, Any]) -> list[str]:
+    """First in the report: a daemon running without keys must not go unnoticed."""
+    mode = security.get("mode")
+    if mode is None:
+        return []
+    if mode == "INSECURE":
+        return [
+            "INSECURE: this daemon neither encrypts nor authenticates its traffic "
+            "([security] insecure = true)"
+        ]
+    keys = ", ".join(
+        f"{_text(k.get('fingerprint'))} ({_text(k.get('role'))})"
+        for k in _maps(security.get("keys"))
+    )
+    return [f"security: {_text(mode)}, keys {keys or '-'}"]
+
+
 def format_status(report: Mapping[str, Any]) -> str:
     """The report as text, one line per fact, ending without a newline."""
     daemon = _map(report.get("daemon"))
     name = _text(daemon.get("name"))
     sessions = _map(report.get("sessions"))
-    lines = [
+    lines = _security_lines(_map(report.get("security")))
+    lines += [
         f"daemon {name} (node {_text(daemon.get('node'))}) of cluster "
         f"{_text(daemon.get('cluster'))}, site {_text(daemon.get('site'))}, "
         f"at {_text(daemon.get('address'))}",

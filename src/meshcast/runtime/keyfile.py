@@ -47,19 +47,29 @@ def read_key_file(path: str | os.PathLike[str]) -> ClusterKey:
         raise ConfigError(
             f"cannot open the key file: {exc.strerror or exc}", source=source
         ) from None
-    with os.fdopen(fd, "rb") as file:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError("the key file is not a regular file", source=source)
-        loose = stat.S_IMODE(info.st_mode) & 0o077
-        if loose:
+        if stat.S_IMODE(info.st_mode) & 0o077:
             raise ConfigError(
                 f"the key file can be read or written by others (mode "
                 f"{stat.S_IMODE(info.st_mode):04o}); a cluster key must be private: "
                 f"run `chmod 600 {source}`",
                 source=source,
             )
-        data = file.read(MAX_KEY_FILE_BYTES + 1)
+        data = b""
+        while len(data) <= MAX_KEY_FILE_BYTES:
+            chunk = os.read(fd, MAX_KEY_FILE_BYTES + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the key file: {exc.strerror or exc}", source=source
+        ) from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_KEY_FILE_BYTES:
         raise ConfigError(
             f"the key file is larger than {MAX_KEY_FILE_BYTES} bytes: not a key file",
