@@ -27,12 +27,12 @@ import pytest_asyncio
 from meshcast.config import load_config
 from meshcast.runtime.daemon import EVENTS_LOGGER, ClientListen, OverlayDaemon
 from meshcast.runtime.keyfile import new_key, read_key_file, write_key_file
+from meshcast.runtime.local_cluster import free_udp_ports
 
 from .daemon_helpers import (
     DAEMON_COMMAND,
     DaemonProcess,
     cluster_toml,
-    free_udp_ports,
     host_of,
     run_command,
     write_key,

@@ -413,6 +413,11 @@ class OverlayDaemon:
             raise UsageError(
                 f"probe interval must be a positive number of seconds, got {probe_interval!r}"
             )
+        if not (math.isfinite(insecure_warning_interval) and insecure_warning_interval > 0):
+            raise UsageError(
+                "insecure warning interval must be a positive number of seconds, "
+                f"got {insecure_warning_interval!r}"
+            )
         self.config = config
         self.spec = config.daemon(name)
         self.local = NodeId(self.spec.node_id)
@@ -426,6 +431,8 @@ class OverlayDaemon:
             incarnation=incarnation,
             rng=random.Random(secrets.randbits(64)),
         )
+        self.events = EventLog(name, self.local)
+        self._log = NodeLogAdapter(log, self.local)
         self.keyring: KeyRing | None = None  # None only when [security] insecure = true
         self._install_keyring(ring)
         # What SIGHUP reloads: the [security] section (the cluster file read again by
@@ -434,8 +441,6 @@ class OverlayDaemon:
         self._insecure_warning_interval = insecure_warning_interval
         self._key_reloads = 0
         self._key_reload_failures = 0
-        self.events = EventLog(name, self.local)
-        self._log = NodeLogAdapter(log, self.local)
         limits = config.limits
         self.sessions = SessionTable(
             name,
