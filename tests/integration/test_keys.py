@@ -311,18 +311,26 @@ async def test_a_failed_reload_keeps_the_old_keys_and_the_daemon_serving(
     assert failed["keys"] == before
 
     config = tmp_path / "cluster.toml"
-    config.write_text(config.read_text(encoding="utf-8") + "oops = [\n", encoding="utf-8")
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text + "oops = [\n", encoding="utf-8")
     mark = len(daemon.events)
     daemon.send_signal(signal.SIGHUP)
     failed = await daemon.wait_event("keys_reload_failed", timeout=WAIT, after=mark)
     assert "invalid TOML" in failed["reason"]
+
+    # a reload never turns the protection off
+    config.write_text(text.replace('key_file = "cluster.key"', "insecure = true"), encoding="utf-8")
+    mark = len(daemon.events)
+    daemon.send_signal(signal.SIGHUP)
+    failed = await daemon.wait_event("keys_reload_failed", timeout=WAIT, after=mark)
+    assert "switching between insecure and encrypted needs a restart" in failed["reason"]
 
     report = await status_json(socket)  # still serving, with the key it had
     assert report["security"] == {
         "mode": "encrypted",
         "keys": [{"role": "current", "fingerprint": old.fingerprint, "key_id": old.key_id}],
         "key_reloads": 0,
-        "key_reload_failures": 2,
+        "key_reload_failures": 3,
     }
     assert daemon.process.returncode is None
     assert not daemon.named("keys_reloaded")

@@ -752,8 +752,8 @@ class OverlayDaemon:
         """
         try:
             security = self._reload_security()
-            if (security.key_file is None) != (self.keyring is None):
-                want = "insecure" if security.key_file is None else "encrypted"
+            if security.insecure != (self.keyring is None):
+                want = "insecure" if security.insecure else "encrypted"
                 raise ConfigError(
                     f"the cluster file now asks for {want} mode; switching between "
                     "insecure and encrypted needs a restart"
