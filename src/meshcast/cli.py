@@ -1,4 +1,4 @@
-"""The `meshcast` command: demo, daemon, user, flood, status, bench and sim.
+"""The `meshcast` command: demo, daemon, user, flood, status, keygen, bench and sim.
 
 Results go to stdout (`bench --json`: exactly one JSON object); logs and progress go to
 stderr. Exit status: 0 success, 1 runtime failure, 2 usage error (bad options, a bad
@@ -47,6 +47,15 @@ def _bench(args: argparse.Namespace) -> int:
     result = args.bench_module.run(args)
     text = json.dumps(result, indent=None if args.json else 2, sort_keys=False)
     print(text)
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from meshcast.runtime.keyfile import new_key, write_key_file
+
+    key = new_key()
+    write_key_file(args.file, key, force=args.force)
+    print(f"wrote a new cluster key to {args.file} (mode 0600), fingerprint {key.fingerprint}")
     return 0
 
 
@@ -136,6 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_user_command(sub)
     add_flood_command(sub)
     add_status_command(sub)
+
+    keygen = sub.add_parser(
+        "keygen",
+        help="write a new cluster key file (mode 0600)",
+        description=(
+            "Write a new random 256-bit cluster key to FILE, readable by its owner only "
+            "(mode 0600), and print its fingerprint. Copy the file to every daemon's host "
+            'and name it in the cluster file: [security] key_file = "FILE". An existing '
+            "file is never overwritten without --force."
+        ),
+    )
+    keygen.add_argument("file", metavar="FILE", help="where to write the key")
+    keygen.add_argument(
+        "--force", action="store_true", help="replace FILE if it exists (its old key is lost)"
+    )
+    keygen.set_defaults(handler=_keygen)
 
     sim = sub.add_parser(
         "sim",

@@ -417,19 +417,40 @@ class MembershipConfig:
 
 @dataclass(frozen=True, slots=True)
 class SecurityConfig:
-    """Authentication of daemon traffic (placeholder until the AEAD issue lands)."""
+    """The cluster key that authenticates and encrypts daemon traffic (docs/security.md).
 
-    key_file: str | None = None  # path of the cluster's shared key; None: no key
-    require_auth: bool = False  # drop unauthenticated datagrams; needs key_file
+    The key files are read when a daemon starts and on SIGHUP (`meshcast.runtime.keyfile`),
+    not here: tools that only read the cluster file (``meshcast status``) need no key.
+    A daemon refuses to start without a key unless `insecure` says so (`check_daemon`).
+    """
+
+    key_file: str | None = None  # path of the cluster key; None: no key
+    # path of the key being rolled out (docs/security.md, "Keys"); None: no rotation
+    next_key_file: str | None = None
+    insecure: bool = False  # run without encryption or authentication (loud warnings)
 
     def __post_init__(self) -> None:
         problems = _Problems()
-        if self.key_file is not None and not os.path.isfile(self.key_file):
-            what = "is not a file" if os.path.exists(self.key_file) else "does not exist"
-            problems.add(f"{self.key_file!r} {what}", "security.key_file")
-        if self.require_auth and self.key_file is None:
-            problems.add("needs security.key_file", "security.require_auth")
+        if self.insecure and self.key_file is not None:
+            problems.add(
+                "insecure = true and a key_file contradict each other: remove one",
+                "security.insecure",
+            )
+        if self.next_key_file is not None and self.key_file is None:
+            problems.add("needs security.key_file (the key in use)", "security.next_key_file")
         problems.raise_any()
+
+    def check_daemon(self, source: str = "") -> None:
+        """Raise `ConfigError` unless a daemon may start with this: a key, or insecure."""
+        if self.key_file is None and not self.insecure:
+            raise ConfigError(
+                "a daemon needs a cluster key: create one with `meshcast keygen FILE` and "
+                'name it in the cluster file under [security] as key_file = "FILE" (the same '
+                "key on every daemon), or set insecure = true there to run without "
+                "encryption or authentication",
+                key="security.key_file",
+                source=source,
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -718,7 +739,7 @@ _LINKS_KEYS = (
 )
 _EDGE_KEYS = ("a", "b", "weight", "bandwidth", "emulate")
 _EMULATE_KEYS = ("delay", "delay_ms", "jitter", "jitter_ms", "loss", "rate")
-_SECURITY_KEYS = ("key_file", "require_auth")
+_SECURITY_KEYS = ("key_file", "next_key_file", "insecure")
 _SITE_MESH: dict[str, SiteMesh] = {"full": "full", "none": "none"}
 _WAN_MESH: dict[str, WanMesh] = {"full": "full", "gateways": "gateways", "none": "none"}
 _POLICIES: dict[str, RoutingPolicy] = {policy: policy for policy in ROUTING_POLICIES}
@@ -942,17 +963,21 @@ class _Reader:
         values = self.values(
             {
                 "key_file": partial(self.get, table, "key_file", "security", self.string),
-                "require_auth": partial(self.get, table, "require_auth", "security", self.boolean),
+                "next_key_file": partial(self.get, table, "next_key_file", "security", self.string),
+                "insecure": partial(self.get, table, "insecure", "security", self.boolean),
             }
         )
         if values is None:
             raise _Recorded
-        key_file = values["key_file"]
-        if isinstance(key_file, str):
-            key_file = str(self.base_dir / Path(key_file).expanduser())
-        require_auth = values["require_auth"] or False
+        paths = {}
+        for name in ("key_file", "next_key_file"):
+            path = values[name]
+            # relative to the cluster file's directory, wherever the daemon is started
+            paths[name] = (
+                None if path is None else str(self.base_dir / Path(str(path)).expanduser())
+            )
         return self.build(
-            SecurityConfig, "security", {}, key_file=key_file, require_auth=require_auth
+            SecurityConfig, "security", {}, **paths, insecure=bool(values["insecure"])
         )
 
     def sites(self, root: Mapping[str, object]) -> tuple[SiteSpec, ...]:
@@ -1259,7 +1284,7 @@ def _parse(text: str, source: str, base_dir: Path) -> ClusterConfig:
 
 
 def parse_config(text: str, source: str = "<string>") -> ClusterConfig:
-    """Parse TOML `text`; errors name `source`. A relative key_file is relative to the cwd."""
+    """Parse TOML `text`; errors name `source`. Relative key files are relative to the cwd."""
     return _parse(text, source, Path.cwd())
 
 
@@ -1268,7 +1293,8 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
 
     Raises `ConfigError` naming the file if it cannot be read, is not UTF-8, is not valid
     TOML (the message gives line and column) or any value is wrong (naming the key).
-    A relative ``security.key_file`` is taken relative to the file's directory.
+    A relative ``security.key_file`` or ``next_key_file`` is taken relative to the
+    file's directory.
     """
     file = Path(path)
     source = os.fspath(path)
@@ -1366,7 +1392,9 @@ def dump_config(config: ClusterConfig) -> str:
         lines += ["", f"[{section}]"]
         lines += [f"{k} = {_toml(getattr(value, spec.field))}" for k, spec in keys.items()]
     lines += ["", "[security]"]
-    if config.security.key_file is not None:
-        lines.append(f"key_file = {_toml(config.security.key_file)}")
-    lines.append(f"require_auth = {_toml(config.security.require_auth)}")
+    for name in ("key_file", "next_key_file"):
+        path = getattr(config.security, name)
+        if path is not None:
+            lines.append(f"{name} = {_toml(path)}")
+    lines.append(f"insecure = {_toml(config.security.insecure)}")
     return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 """Helpers of the daemon tests: cluster files on free loopback ports, daemon processes.
 
 `write_cluster` writes a TOML cluster file whose daemons listen on 127.0.0.1, 127.0.0.2,
-... on ports found free at test time. `DaemonProcess` runs ``meshcast daemon`` as a child
+... on ports found free at test time, and its cluster key beside it (`write_key`). `DaemonProcess` runs ``meshcast daemon`` as a child
 process and parses the JSON lines it logs on stderr; `running_daemons` stops every process
 it started (SIGTERM, then SIGKILL), whatever happens in the test.
 """
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshcast.runtime.keyfile import new_key, write_key_file
 from meshcast.runtime.local_cluster import free_udp_ports
 
 # The command under test: the `daemon` subcommand of the `meshcast` console script.
@@ -30,6 +31,7 @@ DAEMON_COMMAND = (sys.executable, "-m", "meshcast.cli", "daemon")
 HELLO_INTERVAL = 0.1  # s: heartbeat of the overlay links
 FAILURE_TIMEOUT = 0.5  # s: a silent neighbour is declared down after this long
 VIEW_SETTLE_INTERVAL = 0.05  # s: quiet time before a new view is installed
+KEY_FILE = "cluster.key"  # the cluster key, beside the cluster file
 START_TIMEOUT = 20.0  # s: process start, bind and first log line
 STOP_TIMEOUT = 10.0  # s: SIGTERM to exit; SIGKILL after that
 
@@ -48,8 +50,12 @@ def cluster_toml(
     ports: Sequence[int],
     *,
     emulated: Iterable[tuple[int, int]] = (),
+    key_file: str | None = KEY_FILE,
 ) -> str:
-    """A cluster of daemons d1..d<count> with the given overlay edges (by daemon number)."""
+    """A cluster of daemons d1..d<count> with the given overlay edges (by daemon number).
+
+    `key_file` (relative to the cluster file's directory: `write_key` puts it there) is
+    the cluster key; None writes ``insecure = true`` instead."""
     lines = [
         "[cluster]",
         'name = "test"',
@@ -85,8 +91,19 @@ def cluster_toml(
         f"hello_interval = {HELLO_INTERVAL}",
         f"failure_timeout = {FAILURE_TIMEOUT}",
         f"view_settle_interval = {VIEW_SETTLE_INTERVAL}",
+        "",
+        "[security]",
+        "insecure = true" if key_file is None else f'key_file = "{key_file}"',
     ]
     return "\n".join(lines) + "\n"
+
+
+def write_key(directory: Path, name: str = KEY_FILE) -> Path:
+    """The cluster key file `name` in `directory` (mode 0600), made if there is none."""
+    path = directory / name
+    if not path.exists():
+        write_key_file(path, new_key())
+    return path
 
 
 def write_cluster(
@@ -96,8 +113,10 @@ def write_cluster(
     *,
     emulated: Iterable[tuple[int, int]] = (),
 ) -> Path:
-    """Write a cluster file on free ports of 127.0.0.1..count; returns its path."""
+    """Write a cluster file on free ports of 127.0.0.1..count, with its key beside it;
+    returns its path."""
     ports = free_udp_ports([host_of(i) for i in range(1, count + 1)])
+    write_key(directory)
     path = directory / "cluster.toml"
     path.write_text(cluster_toml(count, edges, ports, emulated=emulated), encoding="utf-8")
     return path

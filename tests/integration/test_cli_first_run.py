@@ -33,7 +33,7 @@ import pytest
 import meshcast
 from meshcast.runtime.local_cluster import free_udp_ports
 
-from .daemon_helpers import cluster_toml, host_of, run_command, running_daemons
+from .daemon_helpers import cluster_toml, host_of, run_command, running_daemons, write_key
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,6 +58,7 @@ def write_one_daemon_cluster(directory: Path, cluster: str, index: int = 1) -> P
         'name = "test"', f'name = "{cluster}"'
     )
     text = text.replace(f'host = "{host_of(1)}"', f'host = "{host}"')
+    write_key(directory)
     path = directory / f"{cluster}.toml"
     path.write_text(text, encoding="utf-8")
     return path

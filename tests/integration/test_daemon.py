@@ -35,6 +35,7 @@ from .daemon_helpers import (
     running_daemons,
     wait_agreed,
     write_cluster,
+    write_key,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -262,6 +263,7 @@ async def test_bad_configuration_exits_2_naming_the_field(
         text = text.replace("failure_timeout", "failure_timout")
     path = tmp_path / ("absent.toml" if mistake == "missing file" else "cluster.toml")
     if mistake != "missing file":
+        write_key(tmp_path)
         path.write_text(text, encoding="utf-8")
 
     code, stderr = await run_command(*DAEMON_COMMAND, "--config", str(path), "--name", name)

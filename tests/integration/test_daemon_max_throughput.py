@@ -20,7 +20,14 @@ from meshcast.ids import NodeId
 from meshcast.overlay.routing import max_throughput_tree
 from meshcast.overlay.view import Edge, View
 
-from .daemon_helpers import Event, cluster_toml, free_udp_ports, host_of, running_daemons
+from .daemon_helpers import (
+    Event,
+    cluster_toml,
+    free_udp_ports,
+    host_of,
+    running_daemons,
+    write_key,
+)
 from .daemon_helpers import wait_agreed as wait_agreed_views
 
 pytestmark = pytest.mark.timeout(60)
@@ -45,6 +52,7 @@ def write_max_throughput_cluster(directory: Path) -> Path:
             r'upload = "[^"]*"', f'upload = "{UPLOAD_MBIT[i]}Mbit"', blocks[i]
         )
         assert changed == 1
+    write_key(directory)
     path = directory / "cluster.toml"
     path.write_text("[[daemons]]".join(blocks), encoding="utf-8")
     return path

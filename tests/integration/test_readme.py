@@ -48,6 +48,8 @@ async def test_readme_python_snippet_runs_as_a_script_and_ends(tmp_path: Path) -
     script = tmp_path / "snippet.py"
     script.write_text(snippet.replace(README_SOCKET, path), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # the embedded cluster's key is made on first use under here, not in the user's home
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
 
     daemon = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "meshcast", *argv[1:],

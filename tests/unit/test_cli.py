@@ -30,9 +30,17 @@ def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPa
 
 def test_every_subcommand_has_a_description_and_shows_its_defaults() -> None:
     commands = subparsers(build_parser())
-    assert {"demo", "daemon", "user", "flood", "status", "sim", "bench", "bench link"} <= set(
-        commands
-    )
+    assert {
+        "demo",
+        "daemon",
+        "user",
+        "flood",
+        "status",
+        "keygen",
+        "sim",
+        "bench",
+        "bench link",
+    } <= set(commands)
     for name, parser in commands.items():
         assert parser.description, f"meshcast {name} has no description"
         text = " ".join(parser.format_help().split())

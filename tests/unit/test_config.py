@@ -459,7 +459,7 @@ def test_link_section_maps_onto_link_config_with_units() -> None:
 
 def test_membership_limits_and_security_sections(tmp_path: Path) -> None:
     key = tmp_path / "cluster.key"
-    key.write_bytes(b"k" * 32)
+    (tmp_path / "keys").mkdir()
     (tmp_path / "cluster.toml").write_text(
         render(
             tail='[membership]\nhello_interval = "250ms"\nlsa_refresh_interval = 30\n'
@@ -467,15 +467,33 @@ def test_membership_limits_and_security_sections(tmp_path: Path) -> None:
             '[limits]\nmax_message_size = "1MiB"\nmax_dests_per_packet = 8\n'
             "window_messages = 10\nmax_clients = 2\nmax_groups_per_client = 3\n"
             'max_group_name = 32\nblock_timeout = "2s"\n'
-            '[security]\nkey_file = "cluster.key"\nrequire_auth = true\n'
+            '[security]\nkey_file = "cluster.key"\nnext_key_file = "keys/new.key"\n'
         ),
         encoding="utf-8",
     )
     config = load_config(tmp_path / "cluster.toml")
     assert config.membership == MembershipConfig(0.25, 30.0, 0.1, 2.0)
     assert config.limits == LimitsConfig(2**20, 8, 10, 2, 3, 32, block_timeout=2.0)
-    # a relative key file is relative to the configuration file, not to the cwd
-    assert config.security == SecurityConfig(key_file=str(key), require_auth=True)
+    # relative key files are relative to the configuration file, not to the cwd; they
+    # are read by the daemon, so a file that only reads the configuration needs no key
+    assert config.security == SecurityConfig(
+        key_file=str(key), next_key_file=str(tmp_path / "keys" / "new.key")
+    )
+
+
+def test_security_insecure_and_daemon_check() -> None:
+    assert parse(render(tail="[security]\ninsecure = true\n")).security == SecurityConfig(
+        insecure=True
+    )
+    SecurityConfig(insecure=True).check_daemon()
+    SecurityConfig(key_file="/k").check_daemon()
+    with pytest.raises(ConfigError) as caught:
+        parse(render()).security.check_daemon("cluster.toml")
+    message = str(caught.value)
+    assert message.startswith("cluster.toml:security.key_file: a daemon needs a cluster key")
+    assert "meshcast keygen FILE" in message
+    assert 'key_file = "FILE"' in message
+    assert "insecure = true" in message
 
 
 def test_hosts_are_canonical_ip_addresses() -> None:
@@ -915,16 +933,16 @@ ERRORS: list[tuple[str, str, str, str]] = [
         "did you mean 'key_file'",
     ),
     (
-        "security-missing-key",
-        render(tail='[security]\nkey_file = "/nonexistent/cluster.key"\n'),
-        "security.key_file",
-        "'/nonexistent/cluster.key' does not exist",
+        "security-key-and-insecure",
+        render(tail='[security]\nkey_file = "/k"\ninsecure = true\n'),
+        "security.insecure",
+        "insecure = true and a key_file contradict each other",
     ),
     (
-        "security-key-dir",
-        render(tail='[security]\nkey_file = "/"\n'),
-        "security.key_file",
-        "is not a file",
+        "security-next-without-key",
+        render(tail='[security]\nnext_key_file = "/k"\n'),
+        "security.next_key_file",
+        "needs security.key_file",
     ),
     (
         "security-key-type",
@@ -933,16 +951,16 @@ ERRORS: list[tuple[str, str, str, str]] = [
         "must be a string",
     ),
     (
-        "security-auth-type",
-        render(tail='[security]\nrequire_auth = "yes"\n'),
-        "security.require_auth",
+        "security-insecure-type",
+        render(tail='[security]\ninsecure = "yes"\n'),
+        "security.insecure",
         "must be true or false",
     ),
     (
-        "security-auth-no-key",
+        "security-removed-key",
         render(tail="[security]\nrequire_auth = true\n"),
         "security.require_auth",
-        "needs security.key_file",
+        "unknown key",
     ),
     (
         "limits-typo",
@@ -1112,7 +1130,6 @@ def test_emulation_noop() -> None:
 
 def test_dump_round_trips_every_section(tmp_path: Path) -> None:
     key = tmp_path / "k"
-    key.write_bytes(b"x")
     config = dataclasses.replace(
         small_cluster(),
         routing="fanout",
@@ -1122,7 +1139,7 @@ def test_dump_round_trips_every_section(tmp_path: Path) -> None:
             mtu=1200, rate_bps=12.5e6, failure_rounds=3, idle_duplicate_retransmits=False
         ),
         membership=MembershipConfig(0.3, 7.0, 0.05, 0.9),
-        security=SecurityConfig(key_file=str(key), require_auth=True),
+        security=SecurityConfig(key_file=str(key), next_key_file=str(tmp_path / "next")),
         limits=LimitsConfig(1000, 2, 3, 4, 5, 6),
     )
     text = dump_config(config)
@@ -1218,7 +1235,8 @@ def test_docs_name_every_key() -> None:
         "jitter_ms",
         "gateway",
         "key_file",
-        "require_auth",
+        "next_key_file",
+        "insecure",
     ):
         assert f"`{key}`" in docs
 

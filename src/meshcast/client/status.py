@@ -1,8 +1,9 @@
 """The human-readable form of a daemon's status report (what `meshcast status` prints).
 
 `format_status(report)` renders the dict that `Client.status()` returns (the keys are in
-docs/client-protocol.md, "Status reports") as a few lines of text: the daemon, its view, its
-tree, its links (with what each dropped, by cause), the groups with their members, one line
+docs/client-protocol.md, "Status reports") as a few lines of text: the daemon, its keys (a
+daemon without keys gets a first line in capitals: INSECURE), its view, its tree, its links
+(with what each dropped, by cause), the groups with their members, one line
 of everything dropped or refused, and the counters that are not zero. A
 key that is missing (an older or newer daemon) is shown as ``-`` or left out; nothing
 here raises on a report of unexpected shape.
@@ -183,12 +184,35 @@ def _counter_lines(counters: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _insecure_lines(security: Mapping[str, Any]) -> list[str]:
+    """First in the report: a daemon running without keys must not go unnoticed."""
+    if security.get("mode") != "INSECURE":
+        return []
+    return [
+        "INSECURE: this daemon neither encrypts nor authenticates its traffic "
+        "([security] insecure = true)"
+    ]
+
+
+def _security_lines(security: Mapping[str, Any]) -> list[str]:
+    mode = security.get("mode")
+    if mode is None or mode == "INSECURE":
+        return []
+    keys = ", ".join(
+        f"{_text(k.get('fingerprint'))} ({_text(k.get('role'))})"
+        for k in _maps(security.get("keys"))
+    )
+    return [f"security: {_text(mode)}, keys {keys or '-'}"]
+
+
 def format_status(report: Mapping[str, Any]) -> str:
     """The report as text, one line per fact, ending without a newline."""
     daemon = _map(report.get("daemon"))
     name = _text(daemon.get("name"))
     sessions = _map(report.get("sessions"))
-    lines = [
+    security = _map(report.get("security"))
+    lines = _insecure_lines(security)
+    lines += [
         f"daemon {name} (node {_text(daemon.get('node'))}) of cluster "
         f"{_text(daemon.get('cluster'))}, site {_text(daemon.get('site'))}, "
         f"at {_text(daemon.get('address'))}",
@@ -196,6 +220,7 @@ def format_status(report: Mapping[str, Any]) -> str:
         f"up {_text(daemon.get('uptime_seconds'))} s, pid {_text(daemon.get('pid'))}, "
         f"{_text(sessions.get('open'))} of {_text(sessions.get('max_clients'))} client sessions",
     ]
+    lines += _security_lines(security)
     view = report.get("view")
     lines += _view_lines(view) if isinstance(view, Mapping) else ["view: none yet"]
     tree = report.get("tree")

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from meshcast.config import ClusterConfig, DaemonSpec, Emulation
+from meshcast.config import ClusterConfig, DaemonSpec, Emulation, SecurityConfig
 from meshcast.errors import BufferFull, ConfigError, MeshcastError, UsageError
 from meshcast.group import Broadcast, GroupEngine, GroupStats, OrderingFault, OrderingReset
 from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipStats
@@ -65,12 +65,14 @@ from meshcast.overlay.routing import BUILDERS, Tree
 from meshcast.overlay.view import View
 from meshcast.runtime.datagram import open_endpoint
 from meshcast.runtime.impair import ImpairedSender, Impairment
+from meshcast.runtime.keyfile import describe_keyring, load_keyring
 from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
 from meshcast.runtime.sessions import ClientServer, default_socket_path
 from meshcast.runtime.stats import ImpairmentStats
 from meshcast.runtime.timer import DeadlineTimer
 from meshcast.runtime.udp import DEFAULT_SOCKET_BUFFER_BYTES, Address, open_udp_socket
 from meshcast.wire.client import DaemonLimits
+from meshcast.wire.keys import KeyRing
 from meshcast.wire.packet import U32_MAX
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ DRAIN_TIMEOUT = 2.0  # s: on SIGTERM, wait at most this long for unacknowledged 
 PROBE_MAGIC = b"MCPROBE1"
 _PROBE = struct.Struct("!8sQd")  # magic, probe number, sender's wall clock (s)
 _QUARANTINE_INTERVAL = 0.05  # s: timer back-off after the node raised in on_timer
+INSECURE_WARNING_INTERVAL = 60.0  # s: how often a daemon without a key says so again
 # s: after a group view is installed, when to hand the flush's freed memory back to the
 # OS (by then the FLUSH is acknowledged and the old view's copies are gone)
 _RELEASE_AFTER_VIEW = 2.0
@@ -338,6 +341,10 @@ class EventLog:
         """Log `event` at INFO with `fields` (JSON-ready values)."""
         self._log(logging.INFO, event, fields)
 
+    def warning(self, event: str, /, **fields: object) -> None:
+        """Log `event` at WARNING with `fields`."""
+        self._log(logging.WARNING, event, fields)
+
     def error(self, event: str, /, **fields: object) -> None:
         """Log `event` at ERROR with `fields`."""
         self._log(logging.ERROR, event, fields)
@@ -396,6 +403,8 @@ class OverlayDaemon:
         probe_interval: float | None,
         incarnation: int,
         clients: ClientListen | None = None,
+        reload_security: Callable[[], SecurityConfig] | None = None,
+        insecure_warning_interval: float = INSECURE_WARNING_INTERVAL,
     ) -> None:
         """Use `open`: the daemon is not usable before it has a socket."""
         if probe_interval is not None and not (
@@ -404,10 +413,18 @@ class OverlayDaemon:
             raise UsageError(
                 f"probe interval must be a positive number of seconds, got {probe_interval!r}"
             )
+        if not (math.isfinite(insecure_warning_interval) and insecure_warning_interval > 0):
+            raise UsageError(
+                "insecure warning interval must be a positive number of seconds, "
+                f"got {insecure_warning_interval!r}"
+            )
         self.config = config
         self.spec = config.daemon(name)
         self.local = NodeId(self.spec.node_id)
         self.probe_interval = probe_interval
+        # The key files are read before anything is bound: a daemon without a usable
+        # key (and not insecure) does not start (ConfigError naming the file).
+        ring = load_keyring(config.security, config.source)
         self.node = OverlayNode(
             self.local,
             overlay_config(config, name),
@@ -416,6 +433,14 @@ class OverlayDaemon:
         )
         self.events = EventLog(name, self.local)
         self._log = NodeLogAdapter(log, self.local)
+        self.keyring: KeyRing | None = None  # None only when [security] insecure = true
+        self._install_keyring(ring)
+        # What SIGHUP reloads: the [security] section (the cluster file read again by
+        # the daemon command; by default the one the daemon started with).
+        self._reload_security = reload_security or (lambda: config.security)
+        self._insecure_warning_interval = insecure_warning_interval
+        self._key_reloads = 0
+        self._key_reload_failures = 0
         limits = config.limits
         self.sessions = SessionTable(
             name,
@@ -490,15 +515,22 @@ class OverlayDaemon:
         probe_interval: float | None = None,
         incarnation: int | None = None,
         clients: ClientListen | None = None,
+        reload_security: Callable[[], SecurityConfig] | None = None,
+        insecure_warning_interval: float = INSECURE_WARNING_INTERVAL,
     ) -> OverlayDaemon:
         """Bind the daemon's configured host:port and its client sockets. Raises
-        `ConfigError` or `OSError`."""
+        `ConfigError` (also for a missing or unusable key) or `OSError`.
+
+        `reload_security` gives the [security] section a reload (SIGHUP) reads the key
+        files of; by default the one of `config`."""
         daemon = cls(
             config,
             name,
             probe_interval=probe_interval,
             incarnation=incarnation_now() if incarnation is None else incarnation,
             clients=clients,
+            reload_security=reload_security,
+            insecure_warning_interval=insecure_warning_interval,
         )
         sock = open_udp_socket(daemon_address(daemon.spec), DEFAULT_SOCKET_BUFFER_BYTES)
         transport, sockname = await open_endpoint(
@@ -596,6 +628,13 @@ class OverlayDaemon:
             view_settle_interval=self.node.config.view_settle_interval,
             probe_interval=self.probe_interval,
         )
+        self.events.emit(
+            "security",
+            mode=self.security_mode,
+            keys=describe_keyring(self.keyring),
+        )
+        if self.keyring is None:
+            self._warn_insecure()
         server = self.client_server
         self.events.emit(
             "clients_listening",
@@ -615,9 +654,15 @@ class OverlayDaemon:
                 if self.probe_interval is not None
                 else None
             )
+            warnings = (
+                tasks.create_task(self._insecure_loop(self._insecure_warning_interval))
+                if self.keyring is None
+                else None
+            )
             await stop.wait()
-            if probes is not None:
-                probes.cancel()
+            for task in (probes, warnings):
+                if task is not None:
+                    task.cancel()
         # The view this daemon leaves: by the time it has drained, the others may have
         # dropped it and its own view may be itself alone.
         view = self.node.view
@@ -687,6 +732,61 @@ class OverlayDaemon:
                     return False
         return True
 
+    # ------------------------------------------------------------------ keys
+
+    @property
+    def security_mode(self) -> str:
+        """The security mode: "encrypted" with a key ring, "INSECURE" without."""
+        return "INSECURE" if self.keyring is None else "encrypted"
+
+    def _install_keyring(self, ring: KeyRing | None) -> None:
+        """The one place where the daemon's keys change (at start and on reload)."""
+        # the lead connects this to the overlay node's links
+        self.keyring = ring
+
+    def reload_keys(self) -> bool:
+        """Read the key files again (what SIGHUP does); True if the new ring is in use.
+
+        On success the new ring replaces the old (``keys_reloaded``); on any failure the
+        daemon keeps the ring it has and goes on (``keys_reload_failed`` with the reason).
+        """
+        try:
+            security = self._reload_security()
+            if security.insecure != (self.keyring is None):
+                want = "insecure" if security.insecure else "encrypted"
+                raise ConfigError(
+                    f"the cluster file now asks for {want} mode; switching between "
+                    "insecure and encrypted needs a restart"
+                )
+            ring = load_keyring(security, self.config.source)
+        except Exception as exc:
+            # A bad file or edit must never stop a running daemon: it keeps its keys.
+            self._key_reload_failures += 1
+            if not isinstance(exc, ConfigError):
+                self._contain("reload_keys")
+            self.events.error(
+                "keys_reload_failed", reason=str(exc), keys=describe_keyring(self.keyring)
+            )
+            return False
+        self._key_reloads += 1
+        self._install_keyring(ring)
+        self.events.emit("keys_reloaded", mode=self.security_mode, keys=describe_keyring(ring))
+        return True
+
+    def _warn_insecure(self) -> None:
+        self.events.warning(
+            "insecure_warning",
+            message="INSECURE: this daemon neither encrypts nor authenticates its traffic "
+            "([security] insecure = true); anyone who can reach its port can read, forge "
+            "and inject messages. Create a key with `meshcast keygen FILE` and set "
+            '[security] key_file = "FILE" instead.',
+        )
+
+    async def _insecure_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self._warn_insecure()
+
     # ------------------------------------------------------------------ queries
 
     def statistics(self) -> DaemonStats:
@@ -744,6 +844,12 @@ class OverlayDaemon:
             )
         daemon_stats = self.statistics()
         return {
+            "security": {
+                "mode": self.security_mode,
+                "keys": describe_keyring(self.keyring),
+                "key_reloads": self._key_reloads,
+                "key_reload_failures": self._key_reload_failures,
+            },
             "daemon": {
                 "incarnation": self.node.incarnation,
                 "uptime_seconds": round(max(0.0, now - self._opened_at), 3),
@@ -1123,12 +1229,15 @@ async def run_daemon(
     probe_interval: float | None = None,
     stop: asyncio.Event | None = None,
     clients: ClientListen | None = None,
+    reload_security: Callable[[], SecurityConfig] | None = None,
 ) -> int:
     """Run daemon `name` of `config` until stopped; returns the exit status.
 
-    Without `stop`, SIGTERM and SIGINT stop the daemon (drain, log, return 0). Returns 1
-    when the socket cannot be bound or goes away. Raises `ConfigError` for an unknown
-    name or an unusable configuration (before anything is bound).
+    Without `stop`, SIGTERM and SIGINT stop the daemon (drain, log, return 0) and SIGHUP
+    reloads its key files (`OverlayDaemon.reload_keys`, reading the [security] section
+    `reload_security` returns). Returns 1 when the socket cannot be bound or goes away.
+    Raises `ConfigError` for an unknown name, an unusable configuration or a missing or
+    unusable key (before anything is bound).
     """
     loop = asyncio.get_running_loop()
     spec = config.daemon(name)
@@ -1136,7 +1245,11 @@ async def run_daemon(
     events = EventLog(name, spec.node_id)
     try:
         daemon = await OverlayDaemon.open(
-            config, name, probe_interval=probe_interval, clients=clients
+            config,
+            name,
+            probe_interval=probe_interval,
+            clients=clients,
+            reload_security=reload_security,
         )
     except (OSError, MeshcastError) as exc:
         if isinstance(exc, ConfigError):
@@ -1153,6 +1266,12 @@ async def run_daemon(
             except (NotImplementedError, RuntimeError):  # not the main thread / no support
                 continue
             signals.append(sig)
+        try:
+            loop.add_signal_handler(signal.SIGHUP, daemon.reload_keys)
+        except (NotImplementedError, RuntimeError, AttributeError):  # no SIGHUP here
+            pass
+        else:
+            signals.append(signal.SIGHUP)
     try:
         await daemon.serve(stop)
     finally:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 
 from meshcast.argtypes import print_error, seconds
-from meshcast.config import ClusterConfig, default_config, load_config
+from meshcast.config import ClusterConfig, SecurityConfig, default_config, load_config
 from meshcast.errors import ConfigError, MeshcastError
+from meshcast.runtime.keyfile import default_key_path, ensure_key_file, load_keyring
 
 
 def _port(text: str) -> int:
@@ -35,7 +38,10 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
             "Run one overlay daemon: Hop links to its neighbours, heartbeats, failure "
             "detection and the membership protocol. State changes are logged on stderr: "
             "readable lines on a terminal, JSON lines otherwise (--log-format). SIGTERM or "
-            "SIGINT (Ctrl-C) is the daemon's normal stop: it drains and exits 0."
+            "SIGINT (Ctrl-C) is the daemon's normal stop: it drains and exits 0. SIGHUP "
+            "reads the cluster file's [security] section and its key files again (key "
+            "rotation, docs/security.md); a daemon needs a cluster key (meshcast keygen) "
+            "unless the file says insecure = true."
         ),
     )
     parser.add_argument(
@@ -100,8 +106,20 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     parser.set_defaults(handler=daemon_command)
 
 
-def _load(path: str | None) -> ClusterConfig:
-    return default_config() if path is None else load_config(path)
+def _load(path: str | None) -> tuple[ClusterConfig, Callable[[], SecurityConfig]]:
+    """The cluster configuration, and how SIGHUP gets its [security] section again.
+
+    With a file, SIGHUP reads the file again (its other sections need a restart). The
+    embedded cluster has no key of its own: it uses the user's key at
+    `default_key_path()`, made on first use, so that a daemon is never started insecure
+    by default.
+    """
+    if path is not None:
+        return load_config(path), lambda: load_config(path).security
+    key = default_key_path()
+    ensure_key_file(key)
+    security = SecurityConfig(key_file=str(key))
+    return replace(default_config(), security=security), lambda: security
 
 
 def daemon_command(args: argparse.Namespace) -> int:
@@ -124,8 +142,9 @@ def daemon_command(args: argparse.Namespace) -> int:
     )
 
     try:
-        config = _load(args.config)
+        config, reload_security = _load(args.config)
         overlay_config(config, args.name)  # unknown name, unusable policy: before binding
+        load_keyring(config.security, config.source)  # no key, a bad key file: the same
     except ConfigError as exc:
         print_error("meshcast daemon", exc)
         return 2
@@ -135,7 +154,13 @@ def daemon_command(args: argparse.Namespace) -> int:
     )
     try:
         return run(
-            run_daemon(config, args.name, probe_interval=args.probe_interval, clients=clients)
+            run_daemon(
+                config,
+                args.name,
+                probe_interval=args.probe_interval,
+                clients=clients,
+                reload_security=reload_security,
+            )
         )
     except ConfigError as exc:
         print_error("meshcast daemon", exc)

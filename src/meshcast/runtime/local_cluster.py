@@ -1,7 +1,8 @@
 """A cluster of `meshcast daemon` processes on this machine, for the demo.
 
 Each daemon is a real process on its own 127.0.0.x address; their JSON state lines
-(stderr) are collected as events. Every process started here is stopped here.
+(stderr) are collected as events. Every process started here is stopped here. A
+configuration without a key (and not ``insecure``) gets a fresh one for the run.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from meshcast.config import ClusterConfig, dump_config
+from meshcast.config import ClusterConfig, SecurityConfig, dump_config
+from meshcast.runtime.keyfile import new_key, write_key_file
 
 Event = dict[str, object]
 _STOP_TIMEOUT = 5.0  # s for a daemon to drain and exit after SIGTERM
@@ -77,7 +79,14 @@ class LocalCluster:
         self._config = self._config.with_ports(
             {d.name: port for d, port in zip(self._config.daemons, ports, strict=True)}
         )
-        path = Path(self._workdir.name) / "cluster.toml"
+        workdir = Path(self._workdir.name)
+        security = self._config.security
+        if security.key_file is None and not security.insecure:
+            # Secure by default: a fresh key for this run, beside the cluster file.
+            key = workdir / "cluster.key"
+            write_key_file(key, new_key())
+            self._config = replace(self._config, security=SecurityConfig(key_file=str(key)))
+        path = workdir / "cluster.toml"
         path.write_text(dump_config(self._config), encoding="utf-8")
         for spec in self._config.daemons:
             argv = [

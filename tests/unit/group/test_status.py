@@ -252,3 +252,20 @@ def test_the_table_shows_each_links_drops_by_cause_and_one_line_of_all_drops() -
         "4 datagrams from unknown addresses; 1 LSAs of unknown daemons; 2 handshake timeouts"
     ) in lines
     assert "dropped: nothing" in format_status({}).splitlines()
+
+
+def test_the_table_starts_with_insecure_or_names_the_keys_after_the_daemon() -> None:
+    insecure = {"security": {"mode": "INSECURE", "keys": []}, "daemon": {"name": "D1"}}
+    lines = format_status(insecure).splitlines()
+    assert lines[0].startswith("INSECURE: this daemon neither encrypts nor authenticates")
+    keys = [
+        {"role": "next", "fingerprint": "00112233aabbccdd", "key_id": 7},
+        {"role": "current", "fingerprint": "8a591b2cfa184434", "key_id": 138},
+    ]
+    lines = format_status({"security": {"mode": "encrypted", "keys": keys}}).splitlines()
+    assert lines[0].startswith("daemon ")
+    security = "security: encrypted, keys 00112233aabbccdd (next), 8a591b2cfa184434 (current)"
+    assert lines[2] == security
+    assert not any("INSECURE" in line for line in lines)
+    # an older daemon's report has no security section: nothing is made up
+    assert not format_status({}).startswith("security")
