@@ -37,7 +37,7 @@ STREAM_MAGIC = 0x4D53  # "MS": not the datagram magic "MC", so neither parses as
 STREAM_VERSION = 1
 PURPOSE = b"stream"  # hello_aead / session_keys purpose: stream keys never equal link keys
 MAX_OFFERS = 4  # handshake offers an initiator may send (a ring holds 1 or 2 keys)
-MAX_RECORD_PAYLOAD = 256 * 1024  # bytes of payload in one record (a protocol constant)
+MAX_RECORD_PAYLOAD = 64 * 1024  # bytes of payload in one record (a protocol constant)
 MAX_SEALED = MAX_RECORD_PAYLOAD + TAG_SIZE
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
