@@ -6,9 +6,9 @@ For each mode a child process receives on 127.0.0.1 (`--receive MODE`, an intern
 the parent sends `--mib` MiB in `--chunk-kib` pieces, ends its data (CLOSE for the secure
 stream, a TCP FIN for plain) and waits for the child's count of bytes received. The time
 runs from the first byte sent (after the handshake) to that answer, so both ends' work is
-in it: each end runs in its own process, as two daemons would. Plain TCP uses the same
-asyncio streams, read size and buffer limits, so the difference is the records and the
-AEAD. Not part of `meshcast bench` yet; the figures go into docs/security.md.
+in it: each end runs in its own process, as two daemons would. Plain TCP reads the same
+way (one reused 256 KiB buffer) and writes with the same buffer limit, so the difference
+is the records and the AEAD. Not part of `meshcast bench` yet; the figures go into docs/security.md.
 """
 
 from __future__ import annotations
@@ -41,20 +41,39 @@ def _answer(total: int, cpu_seconds: float) -> bytes:
     return total.to_bytes(8, "big") + int(cpu_seconds * 1e6).to_bytes(8, "big")
 
 
+class _PlainReceiver(asyncio.BufferedProtocol):
+    """Counts bytes as the secure stream's driver reads them: one reused 256 KiB buffer."""
+
+    def __init__(self, done: asyncio.Event) -> None:
+        self._buffer = memoryview(bytearray(_READ_CHUNK))
+        self._done = done
+        self._total = 0
+        self._cpu = 0.0
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._cpu = time.process_time()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._total += nbytes
+
+    def eof_received(self) -> bool:
+        assert self._transport is not None
+        self._transport.write(_answer(self._total, time.process_time() - self._cpu))
+        self._transport.close()
+        self._done.set()
+        return True
+
+
 async def _receive_plain() -> None:
     done = asyncio.Event()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        total = 0
-        cpu = time.process_time()
-        while data := await reader.read(_READ_CHUNK):
-            total += len(data)
-        writer.write(_answer(total, time.process_time() - cpu))
-        await writer.drain()
-        writer.close()
-        done.set()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, limit=_READ_CHUNK)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _PlainReceiver(done), "127.0.0.1", 0)
     print(server.sockets[0].getsockname()[1], flush=True)
     async with asyncio.timeout(_TIMEOUT):
         await done.wait()

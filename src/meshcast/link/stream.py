@@ -302,19 +302,41 @@ class SecureStream:
             return []
         effects: list[StreamEffect] = []
         buffer = self._buffer
-        if buffer:
-            buffer += data
-            with memoryview(buffer) as view:
-                used = self._parse(view, effects)
-            del buffer[:used]
-        else:
-            with memoryview(data) as view:
-                used = self._parse(view.cast("B"), effects)
-                if used < len(view):
-                    buffer += view[used:]
+        with memoryview(data) as outer:
+            view = outer.cast("B")
+            pos, end = 0, len(view)
+            # Complete the buffered record from the new bytes, copying no more than it
+            # needs; whole records after it are opened in place.
+            while buffer and pos < end and self._failure is None:
+                take = min(self._unit_size() - len(buffer), end - pos)
+                buffer += view[pos : pos + take]
+                pos += take
+                with memoryview(buffer) as held:
+                    used = self._parse(held, effects)
+                del buffer[:used]
+            if pos < end and self._failure is None:
+                pos += self._parse(view[pos:], effects)
+                if self._failure is None:
+                    buffer += view[pos:]
+            view.release()
         if self._failure is not None:
             buffer.clear()
         return effects
+
+    def _unit_size(self) -> int:
+        """Bytes of the record (or handshake) that starts the buffer, as far as known."""
+        state = self._state
+        held = len(self._buffer)
+        if state is _State.OPEN or state is _State.AWAIT_CONFIRM:
+            if held < RECORD_HEAD.size:
+                return RECORD_HEAD.size
+            sealed_length: int = RECORD_HEAD.unpack_from(self._buffer)[0]
+            return RECORD_HEAD.size + sealed_length
+        if state is _State.AWAIT_REPLY or state is _State.AWAIT_OFFER:
+            return HANDSHAKE_SIZE
+        if state is _State.SKIP_OFFERS:
+            return held + self._skip
+        return held + 1  # any byte fails the stream
 
     def eof_received(self) -> list[StreamEffect]:
         """The connection ended (EOF or reset). Clean only after the peer's CLOSE."""

@@ -67,8 +67,9 @@ __all__ = [
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0  # s: connect + handshake, both sides
 DEFAULT_MAX_PENDING = 64  # connections in their handshake at once, per server
 DEFAULT_WRITE_BUFFER_BYTES = 1024 * 1024  # bytes queued in user space before `send` waits
-_READ_CHUNK = 256 * 1024  # bytes per read: received records waiting for `receive` stay below it
-_READER_LIMIT = 256 * 1024  # StreamReader pauses the socket above twice this
+DEFAULT_INBOX_BYTES = 1024 * 1024  # received bytes waiting for `receive` before reading pauses
+_READ_BUFFER_BYTES = 256 * 1024  # one buffer per stream, reused by every read (no allocation)
+_HANDSHAKE_READ_BYTES = 1024  # the read buffer of a connection before it authenticated
 _CLOSE_TIMEOUT = 5.0  # s: flushing the CLOSE record and closing the socket
 
 OnStream = Callable[["SecureStreamConnection"], Awaitable[None]]
@@ -80,21 +81,36 @@ def _error(failure: Failed) -> StreamFailed:
     return StreamFailed(f"{failure.cause}: {failure.reason}", str(failure.cause))
 
 
-class SecureStreamConnection:
-    """One established secure stream. `send` and `receive` may run in two tasks at once,
-    but each in one task at a time."""
+class SecureStreamConnection(asyncio.BufferedProtocol):
+    """One secure stream on one TCP connection. `send` and `receive` may run in two tasks
+    at once, but each in one task at a time.
+
+    The asyncio protocol callbacks only pump bytes through the `SecureStream` core: the
+    kernel reads into one reused buffer, the core decrypts from it, and reading pauses
+    while `inbox_bytes` of received data wait for `receive`."""
 
     def __init__(
         self,
         core: SecureStream,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        *,
         write_buffer_bytes: int = DEFAULT_WRITE_BUFFER_BYTES,
+        inbox_bytes: int = DEFAULT_INBOX_BYTES,
+        on_connected: Callable[[SecureStreamConnection], None] | None = None,
     ) -> None:
         self._core = core
-        self._reader = reader
-        self._writer = writer
+        self._write_buffer_bytes = write_buffer_bytes
+        self._inbox_limit = inbox_bytes
+        self._on_connected = on_connected
+        self._transport: asyncio.Transport | None = None
+        # Small until the peer authenticated: an idle or hostile connection costs ~1 KiB.
+        self._read_buffer = memoryview(bytearray(_HANDSHAKE_READ_BYTES))
         self._inbox: deque[bytes] = deque()
+        self._inbox_size = 0
+        self._reading_paused = False
+        self._changed = asyncio.Event()  # data, end, failure or established: receivers look
+        self._writable = asyncio.Event()  # the transport's buffer is below its high mark
+        self._writable.set()
+        self._lost = asyncio.Event()  # connection_lost ran
         self._peer_closed = False
         self._failure: Failed | None = None
         self._closed = False
@@ -102,11 +118,6 @@ class SecureStreamConnection:
         self._key_fingerprint = ""
         self._sending = False
         self._receiving = False
-        writer.transport.set_write_buffer_limits(high=write_buffer_bytes)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            # CONFIRM and CLOSE are tiny records: never let Nagle hold them back.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     @property
     def peer(self) -> NodeId:
@@ -119,6 +130,10 @@ class SecureStreamConnection:
         """Fingerprint of the cluster key the handshake used (safe to log)."""
         return self._key_fingerprint
 
+    @property
+    def peer_address(self) -> object:
+        return self._transport.get_extra_info("peername") if self._transport else None
+
     def statistics(self) -> StreamStats:
         return self._core.statistics()
 
@@ -126,20 +141,28 @@ class SecureStreamConnection:
         """Send `data` (any size) in records; waits while the write buffer is full.
 
         Raises `StreamFailed` (or `StreamTruncated`) if the stream failed, `UsageError`
-        after `aclose`/`close` or while another `send` is running."""
+        after `send_eof`/`aclose` or while another `send` is running."""
         if self._sending:
             raise UsageError("another send is in progress on this stream")
         self._sending = True
         try:
             view = memoryview(data).cast("B")
             for start in range(0, len(view), MAX_RECORD_PAYLOAD):
-                self._raise_if_failed()
+                await self._wait_writable()
                 if self._eof_sent:
                     raise UsageError("send after send_eof or aclose")
                 self._apply(self._core.send(view[start : start + MAX_RECORD_PAYLOAD]))
-                await self._drain()
         finally:
             self._sending = False
+
+    async def send_eof(self) -> None:
+        """End our data with the authenticated CLOSE but keep receiving (half close)."""
+        if self._sending:
+            raise UsageError("send_eof while a send is in progress")
+        await self._wait_writable()
+        self._eof_sent = True
+        self._apply(self._core.close())
+        await self._wait_writable()
 
     async def receive(self) -> bytes | None:
         """The next bytes from the peer (record-sized pieces, never empty), or None once
@@ -152,24 +175,22 @@ class SecureStreamConnection:
         try:
             while True:
                 if self._inbox:
-                    return self._inbox.popleft()
+                    data = self._inbox.popleft()
+                    self._inbox_size -= len(data)
+                    if self._reading_paused and self._inbox_size < self._inbox_limit // 2:
+                        self._reading_paused = False
+                        assert self._transport is not None
+                        self._transport.resume_reading()
+                    return data
                 if self._peer_closed:
                     return None
                 self._raise_if_failed()
                 if self._closed:
                     raise UsageError("receive after aclose")
-                await self._read_once()
+                self._changed.clear()
+                await self._changed.wait()
         finally:
             self._receiving = False
-
-    async def send_eof(self) -> None:
-        """End our data with the authenticated CLOSE but keep receiving (half close)."""
-        self._raise_if_failed()
-        if self._sending:
-            raise UsageError("send_eof while a send is in progress")
-        self._eof_sent = True
-        self._apply(self._core.close())
-        await self._drain()
 
     async def aclose(self) -> None:
         """End our data with an authenticated CLOSE (unless `send_eof` did) and close the
@@ -180,18 +201,20 @@ class SecureStreamConnection:
         self._eof_sent = True
         self._apply(self._core.close())
         self._closed = True
+        if self._transport is None:
+            return
+        self._transport.close()  # flushes what is buffered (the CLOSE record), then closes
         try:
             async with asyncio.timeout(_CLOSE_TIMEOUT):
-                await self._writer.drain()
-                self._writer.close()
-                await self._writer.wait_closed()
-        except (OSError, TimeoutError):
+                await self._lost.wait()
+        except TimeoutError:
             self.abort()
 
     def abort(self) -> None:
         """Close the connection at once, without CLOSE: the peer sees a truncated stream."""
         self._closed = True
-        self._writer.transport.abort()
+        if self._transport is not None:
+            self._transport.abort()
 
     async def __aenter__(self) -> SecureStreamConnection:
         return self
@@ -207,45 +230,84 @@ class SecureStreamConnection:
         else:
             self.abort()  # our data did not end as planned: do not let it look complete
 
+    # -- asyncio protocol callbacks: pump only ---------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=self._write_buffer_bytes)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # CONFIRM and CLOSE are tiny records: never let Nagle hold them back.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._on_connected is not None:
+            self._on_connected(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._apply(self._core.data_received(self._read_buffer[:nbytes]))
+        if self._inbox_size >= self._inbox_limit and not self._reading_paused:
+            self._reading_paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._apply(self._core.eof_received())
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._apply(self._core.eof_received())  # nothing if CLOSE came or it failed
+        self._lost.set()
+        self._writable.set()
+        self._changed.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
     # -- internals -------------------------------------------------------------------
 
     async def _handshake(self) -> None:
         """Run the handshake to `Established` (the caller bounds the time)."""
         self._apply(self._core.start())
-        await self._drain()
         while not self._core.established:
             self._raise_if_failed()
-            await self._read_once()
-            await self._drain()  # the responder's reply
+            self._changed.clear()
+            await self._changed.wait()
 
-    async def _read_once(self) -> None:
-        try:
-            data = await self._reader.read(_READ_CHUNK)
-        except OSError:  # reset by the peer: an end like any other, truncated unless CLOSEd
-            data = b""
-        self._apply(self._core.data_received(data) if data else self._core.eof_received())
-
-    async def _drain(self) -> None:
-        try:
-            await self._writer.drain()
-        except OSError as exc:
-            self._apply(self._core.abort(FailureCause.TRUNCATED, f"connection lost: {exc}"))
+    async def _wait_writable(self) -> None:
+        await self._writable.wait()
+        self._raise_if_failed()
+        if self._lost.is_set():
+            # The connection ended under us (the peer's CLOSE may have come first).
+            self._apply(self._core.abort(FailureCause.TRUNCATED, "connection lost while sending"))
             self._raise_if_failed()
+            raise StreamTruncated("connection lost while sending")
 
     def _apply(self, effects: list[StreamEffect]) -> None:
         for effect in effects:
             match effect:
                 case Write(data):
-                    self._writer.write(data)
+                    assert self._transport is not None
+                    self._transport.write(data)
                 case Received(data):
                     self._inbox.append(data)
+                    self._inbox_size += len(data)
                 case Established(_, fingerprint):
                     self._key_fingerprint = fingerprint
+                    self._read_buffer = memoryview(bytearray(_READ_BUFFER_BYTES))
                 case Closed():
                     self._peer_closed = True
                 case Failed():
                     self._failure = effect
-                    self._writer.transport.abort()
+                    if self._transport is not None:
+                        self._transport.abort()
+        if effects:
+            self._changed.set()
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
@@ -269,15 +331,17 @@ async def open_secure_stream(
     refuses a wrong key or an unknown daemon by closing: it tells a stranger nothing)."""
     core = SecureStream.initiator(local, peer, ring, random_bytes)
     stream: SecureStreamConnection | None = None
+    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
             try:
-                reader, writer = await asyncio.open_connection(host, port, limit=_READER_LIMIT)
+                _, stream = await loop.create_connection(
+                    lambda: SecureStreamConnection(core), host, port
+                )
             except OSError as exc:
                 raise StreamFailed(
                     f"cannot connect to daemon {peer} at {host}:{port}: {exc}", "unreachable"
                 ) from exc
-            stream = SecureStreamConnection(core, reader, writer)
             await stream._handshake()
     except TimeoutError:
         if stream is not None:
@@ -317,7 +381,7 @@ class StreamServerStats:
 
 @dataclass(slots=True)
 class _Pending:
-    writer: asyncio.StreamWriter
+    stream: SecureStreamConnection
     evicted: bool = False
 
 
@@ -349,7 +413,7 @@ class StreamServer:
         self._handshake_timeout = handshake_timeout
         self._random = random_bytes
         self._pending: dict[int, _Pending] = {}  # insertion order = age: the oldest first
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._streams: set[SecureStreamConnection] = set()
         self._handlers: set[asyncio.Task[None]] = set()
         self._next_id = 0
         self._accepted = 0
@@ -379,47 +443,39 @@ class StreamServer:
             internal_errors=self._internal_errors,
         )
 
-    def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _new_connection(self) -> SecureStreamConnection:
+        core = SecureStream.responder(self._local, self._ring, self._accept, self._random)
+        return SecureStreamConnection(core, on_connected=self._connected)
+
+    def _connected(self, stream: SecureStreamConnection) -> None:
         self._accepted += 1
         if len(self._pending) >= self._max_pending:
             oldest = next(iter(self._pending))
             victim = self._pending.pop(oldest)
             victim.evicted = True
-            victim.writer.transport.abort()
+            victim.stream.abort()
             self._evicted += 1
         self._next_id += 1
-        ticket = _Pending(writer)
+        ticket = _Pending(stream)
         self._pending[self._next_id] = ticket
-        task = self._tasks.create_task(self._serve(self._next_id, ticket, reader, writer))
+        task = self._tasks.create_task(self._serve(self._next_id, ticket))
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
 
-    async def _serve(
-        self,
-        conn_id: int,
-        ticket: _Pending,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        self._writers.add(writer)
-        core = SecureStream.responder(self._local, self._ring, self._accept, self._random)
-        stream = SecureStreamConnection(core, reader, writer)
+    async def _serve(self, conn_id: int, ticket: _Pending) -> None:
+        stream = ticket.stream
+        self._streams.add(stream)
         try:
-            await self._handshake_then_handle(conn_id, ticket, stream, writer)
+            await self._handshake_then_handle(conn_id, ticket)
         except Exception:  # a bug: contained, so one connection never stops the server
             self._internal_errors += 1
             self._log.exception("secure stream connection failed unexpectedly")
         finally:
             stream.abort()  # no-op after aclose; otherwise the peer sees truncation
-            self._writers.discard(writer)
+            self._streams.discard(stream)
 
-    async def _handshake_then_handle(
-        self,
-        conn_id: int,
-        ticket: _Pending,
-        stream: SecureStreamConnection,
-        writer: asyncio.StreamWriter,
-    ) -> None:
+    async def _handshake_then_handle(self, conn_id: int, ticket: _Pending) -> None:
+        stream = ticket.stream
         try:
             async with asyncio.timeout(self._handshake_timeout):
                 await stream._handshake()
@@ -428,7 +484,7 @@ class StreamServer:
             return
         except StreamFailed as exc:
             if not ticket.evicted:
-                self._count_failure(exc, writer)
+                self._count_failure(exc, stream)
             return
         finally:
             self._pending.pop(conn_id, None)
@@ -437,27 +493,27 @@ class StreamServer:
         try:
             await self._on_stream(stream)
         except StreamFailed as exc:
-            self._count_failure(exc, writer)
+            self._count_failure(exc, stream)
         except Exception:
             self._handler_errors += 1
             self._log.exception("stream handler failed (stream from %s aborted)", stream.peer)
         else:
             await stream.aclose()
 
-    def _count_failure(self, exc: StreamFailed, writer: asyncio.StreamWriter) -> None:
+    def _count_failure(self, exc: StreamFailed, stream: SecureStreamConnection) -> None:
         self._failed[exc.cause] += 1
         if self._limiter.allows(self._failed[exc.cause]):
             self._log.info(
                 "stream from %s refused or failed (%s; %d so far): %s",
-                writer.get_extra_info("peername"),
+                stream.peer_address,
                 exc.cause,
                 self._failed[exc.cause],
                 exc,
             )
 
     def _abort_all(self) -> None:
-        for writer in list(self._writers):
-            writer.transport.abort()
+        for stream in list(self._streams):
+            stream.abort()
         for task in list(self._handlers):
             task.cancel()
 
@@ -489,7 +545,8 @@ async def serve_secure_streams(
             handshake_timeout=handshake_timeout,
             random_bytes=random_bytes,
         )
-        listener = await asyncio.start_server(server._connected, host, port, limit=_READER_LIMIT)
+        loop = asyncio.get_running_loop()
+        listener = await loop.create_server(server._new_connection, host, port)
         sockname = listener.sockets[0].getsockname()
         server.address = (sockname[0], sockname[1])
         try:
