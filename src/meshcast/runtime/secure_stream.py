@@ -372,9 +372,8 @@ class StreamServerStats:
     pending: int  # connections in their handshake now (at most max_pending)
     evicted: int  # pending handshakes closed to make room for a newer connection
     timed_out: int  # handshakes not finished within handshake_timeout
-    failed: dict[str, int] = field(
-        default_factory=dict
-    )  # refused handshakes and failed streams, by cause
+    # refused handshakes and failed streams, by cause (FailureCause values)
+    failed: dict[str, int] = field(default_factory=dict)
     handler_errors: int = 0  # exceptions raised by on_stream (contained, logged)
     internal_errors: int = 0  # bugs contained by the per-connection bulkhead (logged)
 
