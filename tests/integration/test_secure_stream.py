@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import random
 import signal
@@ -313,3 +314,88 @@ async def test_connect_failures_are_typed() -> None:
     with pytest.raises(StreamFailed) as refused:
         await open_secure_stream("127.0.0.1", port, A, B, RING, timeout=WAIT)
     assert refused.value.cause == "unreachable"
+
+
+async def test_a_slow_reader_holds_the_sender_back_with_bounded_buffers() -> None:
+    release, finished = asyncio.Event(), asyncio.Event()
+    digest = hashlib.blake2b()
+
+    async def slow(stream: SecureStreamConnection) -> None:
+        await release.wait()
+        while (data := await stream.receive()) is not None:
+            digest.update(data)
+        finished.set()
+
+    total = 128 * MIB
+    chunk = random.Random(5).randbytes(MIB)
+    async with server(slow) as srv:
+        stream = await open_secure_stream(*srv.address, A, B, RING, timeout=WAIT)
+
+        async def send_all() -> None:
+            for _ in range(total // MIB):
+                await stream.send(chunk)
+            await stream.aclose()
+
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(send_all())
+            # Wait until the sender stalls: nothing reads, so buffers fill and `send` waits.
+            previous = -1
+            async with asyncio.timeout(WAIT):
+                while (sent := stream.statistics().bytes_sent) != previous:
+                    previous = sent
+                    await asyncio.sleep(0.3)
+            # Kernel socket buffers (a few MiB on loopback) + 1 MiB write buffer + 1 MiB
+            # waiting for receive + one read buffer (about 6 MiB here): far below the
+            # 128 MiB the sender offered.
+            assert sent < 32 * MIB
+            release.set()
+        async with asyncio.timeout(WAIT):
+            await finished.wait()
+    expected = hashlib.blake2b()
+    for _ in range(total // MIB):
+        expected.update(chunk)
+    assert digest.digest() == expected.digest()
+
+
+async def test_a_failing_handler_aborts_its_stream_and_the_server_keeps_serving() -> None:
+    calls = 0
+
+    async def flaky(stream: SecureStreamConnection) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("handler bug")
+        await digest_then_reply(stream)
+
+    async with server(flaky) as srv:
+        stream = await open_secure_stream(*srv.address, A, B, RING, timeout=WAIT)
+        with pytest.raises(StreamTruncated):  # aborted: never mistaken for a clean end
+            await stream.receive()
+        stream.abort()
+        assert await transfer(srv.address, MIB, MIB) == "match"
+        stats = await wait_for_stats(srv, lambda s: s.established == 2)
+        assert stats.handler_errors == 1
+        assert stats.internal_errors == 0
+
+
+async def test_throughput_script_reports_both_figures() -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(meshcast.__file__).parent.parent))
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "meshcast.bench.stream",
+        "--mib",
+        "4",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    async with asyncio.timeout(WAIT * 4):
+        out, _ = await child.communicate()
+    assert child.returncode == 0
+    result = json.loads(out)
+    assert result["bytes"] == 4 * MIB
+    for mode in ("plain", "secure"):
+        assert result[mode]["mbytes_per_s"] > 0
+        assert result[mode]["receiver_cpu_s_per_gb"] >= 0
+    assert "secure_cost_pct" in result
