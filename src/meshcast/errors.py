@@ -38,6 +38,24 @@ class BufferFull(UsageError):
     """A bounded send buffer cannot take the message now; wait until it drains."""
 
 
+class StreamFailed(RemoteProtocolError):
+    """A secure bulk stream between daemons failed; `cause` names why (docs/security.md,
+    "Bulk streams": malformed, unknown_key, bad_handshake, unexpected_peer, forged,
+    protocol, truncated, timeout, unreachable)."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class StreamTruncated(StreamFailed):
+    """The stream's connection ended without the peer's authenticated CLOSE: the data
+    received may be incomplete (peer crashed, connection cut, or an attacker reset it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "truncated")
+
+
 @dataclass(frozen=True, slots=True)
 class ConfigProblem:
     """One mistake in a configuration: the field it is in and what is wrong."""
