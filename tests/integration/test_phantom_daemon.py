@@ -3,7 +3,8 @@
 Cluster d1, d2, d3 (full mesh); d1 and d2 run as ``meshcast daemon`` processes. d3 does
 not run: the test binds d3's configured address and speaks the real Hop link protocol to
 d1 and d2 from it (node id 3, a `UdpLinkDriver`), which is what a misconfigured or
-spoofing daemon at that address could do. Over those links it floods two forged LSAs: one
+spoofing daemon at that address could do, holding the cluster key (an insider: without
+the key nothing it sends gets past the link, tests/integration/test_attacks.py). Over those links it floods two forged LSAs: one
 from d3 claiming links to d1, d2 and a daemon 99, one from daemon 99 claiming a link to
 d3. (Without the check, d1 and d2 took both, installed the view {1, 2, 3, 99}, and AGREED
 traffic between their clients stalled: neither 3 nor 99 ever acknowledges.) The daemons
@@ -21,11 +22,13 @@ from typing import Any
 import pytest
 
 import meshcast
-from meshcast.config import load_config
+from meshcast.config import ClusterConfig, load_config
 from meshcast.ids import NodeId
-from meshcast.runtime.daemon import daemon_address, membership_link_config
-from meshcast.runtime.udp import UdpLinkDriver
+from meshcast.runtime.daemon import daemon_address, link_security, membership_link_config
+from meshcast.runtime.keyfile import load_keyring
+from meshcast.runtime.udp import UdpLinkDriver, secure_link_factory
 from meshcast.wire.client import Message
+from meshcast.wire.keys import KeyRing
 from meshcast.wire.overlay import Lsa, LsaEntry, encode_lsa
 
 from .daemon_helpers import DaemonProcess, running_daemons, wait_agreed, write_cluster
@@ -51,6 +54,7 @@ async def test_forged_lsas_are_dropped_and_group_traffic_flows(tmp_path: Path) -
                 listen=daemon_address(config.daemon("d3")),
                 config=membership_link_config(config),
                 on_delivered=lambda _peer, _message: None,
+                link_factory=secure_link_factory(link_security(cluster_ring(config))),
             )
             try:
                 for name in ("d1", "d2"):
@@ -111,3 +115,9 @@ async def _agreed_traffic(sender_sock: str, receiver_sock: str) -> None:
                 if isinstance(event, Message):
                     payloads.append(event.payload)
         assert payloads == [b"m%d" % i for i in range(MESSAGES)]
+
+
+def cluster_ring(config: ClusterConfig) -> KeyRing:
+    ring = load_keyring(config.security, config.source)
+    assert ring is not None  # the test helpers give every cluster a key
+    return ring

@@ -2,8 +2,8 @@
 
 Cluster d1, d2; only d1 runs (a ``meshcast daemon`` process). The test binds d2's
 configured address with a raw UDP socket and sends d1 datagrams that its link to d2 must
-drop: 5 that do not decode, 3 whose header names another daemon (wrong sender), 2 of an
-epoch the link never agreed (stale). A socket on an unconfigured port sends 4 more (foreign
+drop: 5 that do not decode, 3 whose header names another daemon (wrong sender), 2 that
+are not sealed (cleartext: the link is encrypted). A socket on an unconfigured port sends 4 more (foreign
 to the daemon). ``meshcast status --json`` reports each cause on the d2 link and summed
 under ``counters.links``, the foreign ones under ``counters.daemon``; the table shows them.
 """
@@ -33,10 +33,16 @@ WAIT = 20.0  # s: the daemon counting what was sent
 EXPECTED = {
     "malformed": 5,
     "wrong_sender": 3,
-    "stale_epoch": 2,
+    "stale_epoch": 0,
     "out_of_window": 0,
     "duplicates": 0,
     "protocol_violations": 0,
+    "cleartext": 2,
+    "truncated": 0,
+    "unknown_key": 0,
+    "forged": 0,
+    "replayed": 0,
+    "no_session": 0,
     "total": 10,
 }
 
@@ -85,9 +91,9 @@ async def test_status_shows_drops_per_link_and_summed(tmp_path: Path) -> None:
             code, out, err = await run_status("--socket", f"unix:{sock}")
             assert code == 0, err
             lines = out.splitlines()
-            assert "  dropped from d2 (2): malformed 5, wrong sender 3, stale epoch 2" in lines
+            assert "  dropped from d2 (2): malformed 5, wrong sender 3, cleartext 2" in lines
             assert (
-                "dropped: 10 datagrams on links (malformed 5, wrong sender 3, stale epoch 2); "
+                "dropped: 10 datagrams on links (malformed 5, wrong sender 3, cleartext 2); "
                 "4 datagrams from unknown addresses"
             ) in lines
         finally:

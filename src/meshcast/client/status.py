@@ -83,6 +83,12 @@ _DROP_CAUSES = {
     "out_of_window": "out of window",
     "duplicates": "duplicates",
     "protocol_violations": "protocol violations",
+    "cleartext": "cleartext",
+    "truncated": "truncated",
+    "unknown_key": "unknown key",
+    "forged": "forged",
+    "replayed": "replayed",
+    "no_session": "no session",
 }
 
 

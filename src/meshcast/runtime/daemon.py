@@ -49,6 +49,7 @@ from meshcast.group.sessions import (
 )
 from meshcast.ids import NodeId
 from meshcast.link import LinkConfig, LinkStats, Transmit
+from meshcast.link.secure import LinkSecurity
 from meshcast.overlay.node import (
     LinkDrops,
     Neighbour,
@@ -176,6 +177,14 @@ def failure_detection_bound(config: ClusterConfig) -> float:
     """Seconds from a daemon's death to its neighbours declaring it down (see above)."""
     link = membership_link_config(config)
     return link.failure_rounds * link.heartbeat_interval
+
+
+def link_security(ring: KeyRing) -> LinkSecurity:
+    """What the daemon's links encrypt with: its keys, the OS's randomness, and HELLO
+    stamps on the wall clock (the event loop's clock is `time.monotonic`), so that they
+    keep growing across restarts of the daemon (docs/security.md, "Handshake")."""
+    offset_us = time.time_ns() // 1000 - int(time.monotonic() * 1_000_000)
+    return LinkSecurity(ring, os.urandom, clock_offset_us=offset_us)
 
 
 def overlay_config(config: ClusterConfig, name: str) -> OverlayConfig:
@@ -430,6 +439,7 @@ class OverlayDaemon:
             overlay_config(config, name),
             incarnation=incarnation,
             rng=random.Random(secrets.randbits(64)),
+            security=None if ring is None else link_security(ring),
         )
         self.events = EventLog(name, self.local)
         self._log = NodeLogAdapter(log, self.local)
@@ -741,8 +751,10 @@ class OverlayDaemon:
 
     def _install_keyring(self, ring: KeyRing | None) -> None:
         """The one place where the daemon's keys change (at start and on reload)."""
-        # the lead connects this to the overlay node's links
         self.keyring = ring
+        if ring is not None and self.node.security is not None:
+            # Established links keep their session keys; new handshakes use the new ring.
+            self.node.security.keyring = ring
 
     def reload_keys(self) -> bool:
         """Read the key files again (what SIGHUP does); True if the new ring is in use.

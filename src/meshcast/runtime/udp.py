@@ -44,6 +44,7 @@ from meshcast.link.events import (
     Transmit,
 )
 from meshcast.link.hop import HopLink
+from meshcast.link.secure import LinkSecurity, SecureLink
 from meshcast.runtime.datagram import open_endpoint
 from meshcast.runtime.impair import ImpairedSender, Impairment
 from meshcast.runtime.inbox import Inbox, hand_up
@@ -76,6 +77,16 @@ _QUARANTINE_INTERVAL = 0.05  # s: timer back-off after a state machine raised in
 
 def hop_link_factory(local: NodeId, peer: NodeId, config: LinkConfig, epoch: int) -> Link:
     return HopLink(local, peer, config, epoch=epoch)
+
+
+def secure_link_factory(security: LinkSecurity) -> LinkFactory:
+    """Links sealed with `security` (docs/security.md), as a daemon's are."""
+
+    def factory(local: NodeId, peer: NodeId, config: LinkConfig, epoch: int) -> Link:
+        inner = HopLink(local, peer, security.link_config(config), epoch=epoch)
+        return SecureLink(inner, local, security)
+
+    return factory
 
 
 def new_epoch() -> int:
