@@ -24,9 +24,9 @@ import pytest
 import meshcast
 from meshcast.config import ClusterConfig, load_config
 from meshcast.ids import NodeId
-from meshcast.runtime.daemon import daemon_address, link_security, membership_link_config
+from meshcast.runtime.daemon import daemon_address, membership_link_config
 from meshcast.runtime.keyfile import load_keyring
-from meshcast.runtime.udp import UdpLinkDriver, secure_link_factory
+from meshcast.runtime.udp import UdpLinkDriver, link_security, secure_link_factory
 from meshcast.wire.client import Message
 from meshcast.wire.keys import KeyRing
 from meshcast.wire.overlay import Lsa, LsaEntry, encode_lsa

@@ -15,13 +15,18 @@ implementation uses ~1.4 KB packets too. Theory and measured figures: docs/desig
 from __future__ import annotations
 
 import asyncio
+import secrets
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from meshcast.errors import MeshcastError
 from meshcast.ids import NodeId
 from meshcast.link.config import LinkConfig
+from meshcast.runtime.keyfile import write_key_file
 from meshcast.runtime.loop import run
 from meshcast.runtime.peer_process import PeerProcess
+from meshcast.wire.keys import ClusterKey
 
 BENCH_LINK_RATE_BPS = 4e9  # bits/s: pacer out of the way on loopback
 BENCH_BURST_BYTES = 1024 * 1024
@@ -39,14 +44,23 @@ def measure_real(
     *,
     mtu: int = LinkConfig().mtu,
     transport: str = "udp",
+    secure: bool = False,
     timeout: float = 600.0,
 ) -> dict[str, float]:
     """`{"msgs_per_s", "mbytes_per_s", "cpu_s_per_mb"}` of one link between two processes.
 
-    `transport="tcp"` measures a kernel TCP connection instead (`meshcast.runtime.tcp`),
-    for comparison. Raises `BenchmarkError` if a message is lost, duplicated or corrupt.
+    `secure=True` seals the link as a daemon does (a fresh cluster key in a private
+    temporary file). `transport="tcp"` measures a kernel TCP connection instead
+    (`meshcast.runtime.tcp`), for comparison. Raises `BenchmarkError` if a message is
+    lost, duplicated or corrupt.
     """
-    sender, receiver = run(_measure(messages, size, mtu, transport, timeout))
+    with tempfile.TemporaryDirectory(prefix="mcbench") as scratch:
+        key_args: list[str] = []
+        if secure:
+            key_file = Path(scratch) / "bench.key"
+            write_key_file(key_file, ClusterKey(secrets.token_bytes(32)))
+            key_args = ["--key-file", str(key_file)]
+        sender, receiver = run(_measure(messages, size, mtu, transport, timeout, key_args))
     return summarise(sender, receiver, messages)
 
 
@@ -78,8 +92,10 @@ async def _measure(
     mtu: int,
     transport: str,
     timeout: float,  # noqa: ASYNC109 - bounded wait is the API
+    key_args: list[str],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     common = [
+        *key_args,
         "--transport",
         transport,
         "--size",

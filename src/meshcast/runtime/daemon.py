@@ -49,7 +49,6 @@ from meshcast.group.sessions import (
 )
 from meshcast.ids import NodeId
 from meshcast.link import LinkConfig, LinkStats, Transmit
-from meshcast.link.secure import LinkSecurity
 from meshcast.overlay.node import (
     LinkDrops,
     Neighbour,
@@ -71,7 +70,12 @@ from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
 from meshcast.runtime.sessions import ClientServer, default_socket_path
 from meshcast.runtime.stats import ImpairmentStats
 from meshcast.runtime.timer import DeadlineTimer
-from meshcast.runtime.udp import DEFAULT_SOCKET_BUFFER_BYTES, Address, open_udp_socket
+from meshcast.runtime.udp import (
+    DEFAULT_SOCKET_BUFFER_BYTES,
+    Address,
+    link_security,
+    open_udp_socket,
+)
 from meshcast.wire.client import DaemonLimits
 from meshcast.wire.keys import KeyRing
 from meshcast.wire.packet import U32_MAX
@@ -177,14 +181,6 @@ def failure_detection_bound(config: ClusterConfig) -> float:
     """Seconds from a daemon's death to its neighbours declaring it down (see above)."""
     link = membership_link_config(config)
     return link.failure_rounds * link.heartbeat_interval
-
-
-def link_security(ring: KeyRing) -> LinkSecurity:
-    """What the daemon's links encrypt with: its keys, the OS's randomness, and HELLO
-    stamps on the wall clock (the event loop's clock is `time.monotonic`), so that they
-    keep growing across restarts of the daemon (docs/security.md, "Handshake")."""
-    offset_us = time.time_ns() // 1000 - int(time.monotonic() * 1_000_000)
-    return LinkSecurity(ring, os.urandom, clock_offset_us=offset_us)
 
 
 def overlay_config(config: ClusterConfig, name: str) -> OverlayConfig:

@@ -40,11 +40,22 @@ from meshcast.ids import NodeId
 from meshcast.link.config import LinkConfig
 from meshcast.runtime.impair import Impairment
 from meshcast.runtime.json_child import KILL_WAIT, JsonChild, emit, read_event, terminate
+from meshcast.runtime.keyfile import read_key_file
 from meshcast.runtime.loop import run
 from meshcast.runtime.stats import DriverStats
 from meshcast.runtime.tcp import TcpLinkDriver
-from meshcast.runtime.udp import DEFAULT_SEND_BATCH, Address, UdpLinkDriver, parse_address
+from meshcast.runtime.udp import (
+    DEFAULT_SEND_BATCH,
+    Address,
+    LinkFactory,
+    UdpLinkDriver,
+    hop_link_factory,
+    link_security,
+    parse_address,
+    secure_link_factory,
+)
 from meshcast.runtime.workload import MessageChecker, MessagePlan, MessageSource
+from meshcast.wire.keys import KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--burst-bytes", type=int, default=_LINK_DEFAULTS.burst_bytes)
     parser.add_argument(
         "--send-batch", type=int, default=DEFAULT_SEND_BATCH, help="sends coalesced per pump"
+    )
+    parser.add_argument(
+        "--key-file", default=None, help="seal the link with this cluster key (udp only)"
     )
     parser.add_argument("--max-runtime", type=float, default=DEFAULT_MAX_RUNTIME)
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
@@ -275,6 +289,10 @@ async def _run_driver(
         seed=args.seed,
     )
     config = LinkConfig(mtu=args.mtu, rate_bps=args.link_rate_bps, burst_bytes=args.burst_bytes)
+    factory: LinkFactory = hop_link_factory
+    if args.key_file is not None:
+        ring = KeyRing.of(read_key_file(args.key_file))
+        factory = secure_link_factory(link_security(ring))
     udp = await UdpLinkDriver.open(
         node,
         listen=listen,
@@ -282,6 +300,7 @@ async def _run_driver(
         on_delivered=on_delivered,
         impairment=impairment if impaired else None,
         send_batch=args.send_batch,
+        link_factory=factory,
     )
     async with udp:
         await _serve(args, udp, progress)

@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import secrets
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -51,6 +53,7 @@ from meshcast.runtime.inbox import Inbox, hand_up
 from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
 from meshcast.runtime.stats import DriverStats
 from meshcast.runtime.timer import DeadlineTimer
+from meshcast.wire.keys import KeyRing
 from meshcast.wire.packet import HEADER_SIZE, MAGIC, U32_MAX, VERSION, PacketType
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,14 @@ _QUARANTINE_INTERVAL = 0.05  # s: timer back-off after a state machine raised in
 
 def hop_link_factory(local: NodeId, peer: NodeId, config: LinkConfig, epoch: int) -> Link:
     return HopLink(local, peer, config, epoch=epoch)
+
+
+def link_security(ring: KeyRing) -> LinkSecurity:
+    """What the daemon's links encrypt with: its keys, the OS's randomness, and HELLO
+    stamps on the wall clock (the event loop's clock is `time.monotonic`), so that they
+    keep growing across restarts of the daemon (docs/security.md, "Handshake")."""
+    offset_us = time.time_ns() // 1000 - int(time.monotonic() * 1_000_000)
+    return LinkSecurity(ring, os.urandom, clock_offset_us=offset_us)
 
 
 def secure_link_factory(security: LinkSecurity) -> LinkFactory:
