@@ -66,7 +66,13 @@ from meshcast.overlay.view import View
 from meshcast.runtime.datagram import open_endpoint
 from meshcast.runtime.impair import ImpairedSender, Impairment
 from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
-from meshcast.runtime.sessions import ClientServer, default_socket_path
+from meshcast.runtime.sessions import (
+    ClientServer,
+    check_client_access,
+    default_socket_path,
+    is_loopback,
+    socket_group_id,
+)
 from meshcast.runtime.stats import ImpairmentStats
 from meshcast.runtime.timer import DeadlineTimer
 from meshcast.runtime.udp import DEFAULT_SOCKET_BUFFER_BYTES, Address, open_udp_socket
@@ -127,6 +133,18 @@ class ClientListen:
 
 
 # ---------------------------------------------------------------------- configuration
+
+
+def check_clients(config: ClusterConfig, listen: ClientListen) -> int | None:
+    """Check `[clients]` against where the daemon will listen; the socket group's id.
+
+    Raises `ConfigError` when the TCP client port is open beyond loopback and no token is
+    configured, or when ``socket_group`` names no group of this machine.
+    """
+    tcp_host = listen.tcp_host if listen.tcp_port is not None else None
+    check_client_access(tcp_host, config.clients.has_tokens, source=config.source)
+    group = config.clients.socket_group
+    return None if group is None else socket_group_id(group, source=config.source)
 
 
 def incarnation_now(wall_clock: float | None = None) -> int:
@@ -416,6 +434,10 @@ class OverlayDaemon:
         )
         self.events = EventLog(name, self.local)
         self._log = NodeLogAdapter(log, self.local)
+        self.clients = clients if clients is not None else ClientListen()
+        # before any socket is bound: a client port open beyond loopback needs tokens, a
+        # socket group must exist (ConfigError)
+        self._socket_group = check_clients(config, self.clients)
         limits = config.limits
         self.sessions = SessionTable(
             name,
@@ -430,10 +452,10 @@ class OverlayDaemon:
                 handshake_timeout=limits.handshake_timeout,
                 max_pending_handshakes=limits.max_pending_handshakes,
                 block_timeout=limits.block_timeout,
+                access=config.clients.policy(),
             ),
             status=self.status_sections,
         )
-        self.clients = clients if clients is not None else ClientListen()
         self.client_server: ClientServer | None = None
         self._group_broadcasts_lost = 0
         self._loop = asyncio.get_running_loop()
@@ -532,11 +554,13 @@ class OverlayDaemon:
             # machine (a second cluster, a test run) may hold it. Then serve without it.
             path = default_socket_path(self.spec.name, self.config.name)
             try:
-                await server.start_unix(path, default_dir=True)
+                await server.start_unix(path, default_dir=True, group=self._socket_group)
             except OSError as exc:
                 self.events.error("clients_unix_unavailable", path=str(path), error=str(exc))
         else:
-            await server.start_unix(Path(listen.unix_path), default_dir=False)
+            await server.start_unix(
+                Path(listen.unix_path), default_dir=False, group=self._socket_group
+            )
         if listen.tcp_port is not None:
             await server.start_tcp(listen.tcp_host, listen.tcp_port)
 
@@ -607,6 +631,11 @@ class OverlayDaemon:
             if server is None or server.tcp_address is None
             else server.tcp_address[1],
             max_clients=self.config.limits.max_clients,
+            socket_group=self.config.clients.socket_group,
+            tcp_tokens_required=server is not None
+            and server.tcp_address is not None
+            and not is_loopback(server.tcp_address[0]),
+            access_rules=len(self.config.clients.rules),
         )
         self._run_input("start", lambda now: self.node.start(now))
         async with asyncio.TaskGroup() as tasks:

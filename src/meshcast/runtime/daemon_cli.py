@@ -59,7 +59,8 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--client-socket",
         metavar="PATH",
         default=None,
-        help="Unix socket for client sessions (created 0600); default: "
+        help="Unix socket for client sessions (created 0600, or 0660 for [clients] "
+        "socket_group); default: "
         "$XDG_RUNTIME_DIR/meshcast/NAME@CLUSTER.sock, else "
         "<tmp>/meshcast-<uid>/NAME@CLUSTER.sock",
     )
@@ -80,7 +81,8 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--client-host",
         metavar="ADDRESS",
         default="127.0.0.1",
-        help="address of the TCP client listener (default 127.0.0.1: loopback only)",
+        help="address of the TCP client listener (default 127.0.0.1: loopback only; any "
+        "other address needs tokens, see [clients] in docs/config.md)",
     )
     parser.add_argument(
         "--log-format",
@@ -108,6 +110,7 @@ def daemon_command(args: argparse.Namespace) -> int:
     """Handler of ``meshcast daemon``: returns the exit status."""
     from meshcast.runtime.daemon import (
         ClientListen,
+        check_clients,
         configure_logging,
         overlay_config,
         run_daemon,
@@ -126,6 +129,7 @@ def daemon_command(args: argparse.Namespace) -> int:
     try:
         config = _load(args.config)
         overlay_config(config, args.name)  # unknown name, unusable policy: before binding
+        check_clients(config, clients)  # a TCP port beyond loopback without tokens, ...
     except ConfigError as exc:
         print_error("meshcast daemon", exc)
         return 2

@@ -78,6 +78,8 @@ class LocalCluster:
             {d.name: port for d, port in zip(self._config.daemons, ports, strict=True)}
         )
         path = Path(self._workdir.name) / "cluster.toml"
+        # 0600: the dump holds the config's token secrets, if any (load_config checks)
+        path.touch(mode=0o600)
         path.write_text(dump_config(self._config), encoding="utf-8")
         for spec in self._config.daemons:
             argv = [
