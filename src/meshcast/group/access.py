@@ -34,6 +34,8 @@ from fnmatch import translate
 
 __all__ = [
     "ALLOW_WORDS",
+    "EVERYTHING",
+    "NOTHING",
     "AccessPolicy",
     "AccessRule",
     "Operation",
