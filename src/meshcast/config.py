@@ -58,6 +58,7 @@ __all__ = [
     "parse_duration",
     "parse_rate",
     "parse_size",
+    "private_file_fault",
     "read_token_file",
 ]
 
@@ -455,7 +456,7 @@ def _secret_fault(secret: str) -> str | None:
     return None
 
 
-def _private_file_fault(path: Path, what: str) -> str | None:
+def private_file_fault(path: Path, what: str) -> str | None:
     """Refuse a secret file others may read (as ssh refuses its keys), or None if fine."""
     try:
         info = path.stat()
@@ -479,7 +480,7 @@ def read_token_file(path: str | os.PathLike[str]) -> tuple[tuple[str, str], ...]
     """
     file = Path(path)
     key = "clients.token_file"
-    fault = _private_file_fault(file, "token file")
+    fault = private_file_fault(file, "token file")
     if fault is not None:
         raise ConfigError(fault, key=key)
     try:
@@ -1124,7 +1125,7 @@ class _Reader:
             file_tokens = self.located(lambda _v, _k: read_token_file(token_file), None, "")
         tokens = values["tokens"] or ()
         if tokens and self.path is not None:
-            fault = _private_file_fault(self.path, "cluster file")
+            fault = private_file_fault(self.path, "cluster file")
             if fault is not None:
                 raise self.error(
                     f"holds token secrets, but {fault}; or move them to a token_file",
