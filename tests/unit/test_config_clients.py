@@ -237,3 +237,12 @@ def test_a_token_in_both_places_is_refused(tmp_path: Path) -> None:
         load_config(cluster)
     assert info.value.key == "clients.token_file"
     assert "token 'readers' is also defined in clients.tokens" in str(info.value)
+
+
+def test_docs_name_every_clients_key() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text("utf-8")
+    part = docs.split("## [clients]", 1)[1].split("\n## ", 1)[0]
+    for key in ("socket_group", "token_file", "tokens", "rule", "groups", "allow", "clients"):
+        assert f"`{key}`" in part, f"docs/config.md [clients] does not describe {key}"
+    for word in ("join", "read", "send"):
+        assert f"`{word}`" in part
