@@ -517,7 +517,7 @@ class ClientsConfig:
     # (name, secret) from [clients.tokens] in the cluster file itself
     tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     rules: tuple[AccessRule, ...] = ()  # [[clients.rule]], first match wins
-    # (name, secret) read from token_file when the file was loaded
+    # (name, secret) read from token_file (when the file was loaded, or on construction)
     file_tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -525,7 +525,8 @@ class ClientsConfig:
         if self.socket_group is not None and not self.socket_group:
             problems.add("must be a group name, got ''", "clients.socket_group")
         if self.token_file is not None and not self.file_tokens:
-            problems.add("the token file was not read (use read_token_file)", "clients.token_file")
+            with problems.check():  # built in code: read it now (a loaded file was read)
+                object.__setattr__(self, "file_tokens", read_token_file(self.token_file))
         names: dict[str, str] = {}
         secrets: set[str] = set()
         for origin, pairs in (("tokens", self.tokens), ("token_file", self.file_tokens)):
@@ -1122,7 +1123,10 @@ class _Reader:
         token_file = values["token_file"]
         if isinstance(token_file, str):
             token_file = str(self.base_dir / Path(token_file).expanduser())
-            file_tokens = self.located(lambda _v, _k: read_token_file(token_file), None, "")
+            try:
+                file_tokens = read_token_file(token_file)
+            except ConfigError as exc:
+                raise self.relocated(exc, "clients.token_file") from None
         tokens = values["tokens"] or ()
         if tokens and self.path is not None:
             fault = private_file_fault(self.path, "cluster file")

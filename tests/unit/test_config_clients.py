@@ -246,3 +246,25 @@ def test_docs_name_every_clients_key() -> None:
         assert f"`{key}`" in part, f"docs/config.md [clients] does not describe {key}"
     for word in ("join", "read", "send"):
         assert f"`{word}`" in part
+
+
+def test_clients_config_built_in_code_reads_its_token_file(tmp_path: Path) -> None:
+    tokens = secret_file(tmp_path / "tokens", f"readers {READER}\n")
+    clients = ClientsConfig(token_file=str(tokens))
+    assert clients.file_tokens == (("readers", READER),)
+    assert clients.has_tokens
+    tokens.chmod(0o640)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        ClientsConfig(token_file=str(tokens))
+
+
+def test_a_bad_token_file_is_reported_at_its_key_in_the_cluster_file(tmp_path: Path) -> None:
+    secret_file(tmp_path / "tokens", f"readers {READER}\n", 0o644)
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text(BASE + '\n[clients]\ntoken_file = "tokens"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(cluster)
+    assert [(p.key, p.source) for p in info.value.problems] == [
+        ("clients.token_file", str(cluster))
+    ]
+    assert "mode 0644" in str(info.value)

@@ -194,7 +194,8 @@ class _Session:
     blocked_since: float | None = None  # when it began holding senders back
     dropped: dict[str, int] = field(default_factory=dict)  # group -> UNRELIABLE dropped
     remote: bool = False  # came in on a TCP port open beyond loopback: token required
-    principal: Principal | None = None  # who it is for the access rules (after HELLO)
+    token: str | None = None  # the name of the token its HELLO presented, if any
+    principal: Principal | None = None  # who it is for the access rules (once OPEN)
     # group -> operations allowed, remembered: a MULTICAST checks its groups every time
     decisions: dict[str, frozenset[Operation]] = field(default_factory=dict)
 
@@ -521,7 +522,6 @@ class SessionTable:
             )
         elif (refusal := self._authenticate(s, frame, version)) is not None:
             code, text = refusal
-            self._bump(unauthenticated=int(code == ErrorCode.UNAUTHENTICATED))
         elif self.open_sessions() >= self.config.max_clients:
             code = ErrorCode.DAEMON_FULL
             text = f"the daemon already serves {self.config.max_clients} clients"
@@ -536,8 +536,7 @@ class SessionTable:
         s.state = _State.OPEN
         self._pending.pop(s.conn, None)
         s.name = name
-        if s.principal is not None:
-            s.principal = Principal(split_private_name(name)[0], s.principal.token, s.remote)
+        s.principal = Principal(split_private_name(name)[0], s.token, s.remote)
         s.flags = int(frame.flags)
         s.version = version
         self._by_name[name] = s
@@ -548,13 +547,14 @@ class SessionTable:
     def _authenticate(
         self, s: _Session, hello: Hello, version: int
     ) -> tuple[ErrorCode, str] | None:
-        """Check HELLO's token and version against the access policy; set `s.principal`
-        (client name filled in later). The refusal (code, text) if the session may not open."""
+        """Check HELLO's token and version against the access policy and note the token's
+        name in `s`. The refusal (code, text) if the session may not open."""
         access = self.config.access
         token: str | None = None
         if hello.token is not None:
             token = access.authenticate(hello.token)
             if token is None:
+                self._bump(unauthenticated=1)
                 return ErrorCode.UNAUTHENTICATED, "unknown token"
         if version < TOKEN_VERSION and (s.remote or access.rules):
             why = "requires a token" if s.remote else "enforces access rules"
@@ -564,8 +564,9 @@ class SessionTable:
                 f"{TOKEN_VERSION}, not {hello.min_version}..{hello.max_version}",
             )
         if s.remote and token is None:
+            self._bump(unauthenticated=1)
             return ErrorCode.UNAUTHENTICATED, "this port requires a token (none was given)"
-        s.principal = Principal("", token, s.remote)
+        s.token = token
         return None
 
     def _auto_name(self) -> str:
@@ -674,9 +675,10 @@ class SessionTable:
         """ERROR ACCESS_DENIED naming the operation and the first group the rules keep
         `s` from performing it on; None if every group allows it."""
         access = self.config.access
-        who = s.principal
-        if who is None or not access.rules:
+        if not access.rules:
             return None  # no rules: every session past its handshake may do everything
+        who = s.principal
+        assert who is not None  # set when the session opened; only open sessions ask
         for group in groups:
             allowed = s.decisions.get(group)
             if allowed is None:
