@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import meshcast
-from meshcast.client import AccessDenied, Client, ClientError, Unauthenticated
+from meshcast.client import AccessDenied, Client, ClientError, Unauthenticated, blocking
 from meshcast.wire.client import (
     FROM_DAEMON,
     ErrorCode,
@@ -201,6 +201,15 @@ async def test_tokens_on_a_port_open_beyond_loopback(workdir: Path) -> None:
             counters = (await writer.status())["counters"]["sessions"]
             assert counters["unauthenticated"] == 4
             assert counters["handshakes_refused"] == 5
+        # the blocking wrapper passes the token too
+        assert await asyncio.to_thread(blocking_ping, address, READER) >= 0
+        with pytest.raises(Unauthenticated):
+            await asyncio.to_thread(blocking_ping, address, None)
+
+
+def blocking_ping(address: str, token: str | None) -> float:
+    with blocking.connect(address, token=token, timeout=WAIT) as client:
+        return client.ping()
 
 
 async def ping_twice(client: Client) -> None:

@@ -41,14 +41,14 @@ def test_first_matching_rule_wins_and_read_is_join_without_send() -> None:
     )
     policy = AccessPolicy(TOKENS, rules)
     monitor = Principal("monitor-1")
-    assert policy.decide(monitor, "metrics.cpu") == ({JOIN}, 0)
-    assert policy.decide(Principal("alice"), "metrics.cpu") == ({JOIN, SEND}, 1)
+    assert policy.decide(monitor, "metrics.cpu") == (frozenset({JOIN}), 0)
+    assert policy.decide(Principal("alice"), "metrics.cpu") == (frozenset({JOIN, SEND}), 1)
     assert policy.decide(Principal("alice"), "secret") == (frozenset(), 2)
     # local sessions fall back to everything, remote ones to nothing once rules exist
-    assert policy.decide(Principal("alice"), "chat") == ({JOIN, SEND}, None)
-    assert policy.decide(Principal("alice", "readers", remote=True), "chat") == (set(), None)
+    assert policy.decide(Principal("alice"), "chat") == (frozenset({JOIN, SEND}), None)
+    assert policy.decide(Principal("alice", "readers", remote=True), "chat") == (frozenset(), None)
     writer = Principal("bot", "writers", remote=True)
-    assert policy.decide(writer, "chat") == ({SEND}, 3)
+    assert policy.decide(writer, "chat") == (frozenset({SEND}), 3)
     assert policy.decide(writer, "secret") == (frozenset(), 2)
 
 
