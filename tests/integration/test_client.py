@@ -95,6 +95,10 @@ def test_package_top_exports_the_client_api() -> None:
     assert meshcast.Cause is Cause
     assert meshcast.ServiceLevel is ServiceLevel
     assert callable(meshcast.connect)
+    assert issubclass(meshcast.AccessDenied, meshcast.RequestRejected)
+    assert issubclass(meshcast.Unauthenticated, meshcast.ClientError)
+    assert meshcast.ErrorCode.ACCESS_DENIED == 209
+    assert meshcast.ErrorCode.UNAUTHENTICATED == 109
     with pytest.raises(AttributeError):
         _ = meshcast.nonexistent
 

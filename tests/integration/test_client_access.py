@@ -272,6 +272,10 @@ async def test_access_rules_deny_join_and_send_and_the_session_goes_on(workdir: 
             assert (await next_message(reader)).payload == b"43"  # nothing forged came first
             counters = (await local.status())["counters"]["sessions"]
             assert counters["access_denied"] == 3
+        status = (sys.executable, "-m", "meshcast.cli", "status", "--socket", str(socket_path))
+        code, out, err = await run_command(*status)
+        assert code == 0, err
+        assert "3 requests denied by the access rules" in out
 
 
 async def test_the_cli_says_what_was_denied(workdir: Path) -> None:
