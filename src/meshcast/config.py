@@ -509,7 +509,12 @@ def read_token_file(path: str | os.PathLike[str]) -> tuple[tuple[str, str], ...]
 
 @dataclass(frozen=True, slots=True)
 class ClientsConfig:
-    """Who may use a daemon's client sockets, and for what (docs/config.md, "[clients]")."""
+    """Who may use a daemon's client sockets, and for what (docs/config.md, "[clients]").
+
+    The token file is read by the daemon when it starts (`load_policy`), not when the
+    configuration is loaded: clients and tools read the same cluster file and must not
+    need the daemon's secrets.
+    """
 
     # group given the Unix socket, which is then mode 0660; None: 0600, the owner only
     socket_group: str | None = None
@@ -517,44 +522,70 @@ class ClientsConfig:
     # (name, secret) from [clients.tokens] in the cluster file itself
     tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     rules: tuple[AccessRule, ...] = ()  # [[clients.rule]], first match wins
-    # (name, secret) read from token_file (when the file was loaded, or on construction)
-    file_tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         problems = _Problems()
         if self.socket_group is not None and not self.socket_group:
             problems.add("must be a group name, got ''", "clients.socket_group")
-        if self.token_file is not None and not self.file_tokens:
-            with problems.check():  # built in code: read it now (a loaded file was read)
-                object.__setattr__(self, "file_tokens", read_token_file(self.token_file))
-        names: dict[str, str] = {}
-        secrets: set[str] = set()
-        for origin, pairs in (("tokens", self.tokens), ("token_file", self.file_tokens)):
-            for name, secret in pairs:
-                key = f"clients.{origin}" + (f".{name}" if origin == "tokens" else "")
-                if name in names:
-                    problems.add(f"token {name!r} is also defined in clients.{names[name]}", key)
-                names[name] = origin
-                fault = _secret_fault(secret)
-                if fault is not None:
-                    problems.add(fault, key)
-                elif secret in secrets:
-                    problems.add(f"token {name!r} has the secret of another token", key)
-                secrets.add(secret)
-        for i, rule in enumerate(self.rules):
-            unknown = [t for t in rule.tokens or () if t not in names]
-            if unknown:
-                known = f"tokens are {_names(names)}" if names else "no token is configured"
-                problems.add(f"unknown token {unknown[0]!r}; {known}", f"clients.rule[{i}].tokens")
+        # rules naming tokens are checked here only when every token is in this file
+        _check_tokens(self.tokens, (), self.rules, problems, check_rules=self.token_file is None)
         problems.raise_any()
-
-    def policy(self) -> AccessPolicy:
-        """The tokens and rules as the daemon's session table applies them."""
-        return AccessPolicy(dict(self.tokens + self.file_tokens), self.rules)
 
     @property
     def has_tokens(self) -> bool:
-        return bool(self.tokens or self.file_tokens)
+        """Tokens are configured (in the file or a token file): remote clients may come."""
+        return bool(self.tokens) or self.token_file is not None
+
+    def load_policy(self, source: str = "") -> AccessPolicy:
+        """The tokens (the token file read now) and rules as a daemon applies them.
+
+        Raises `ConfigError` naming `source` for an unreadable or unsafe token file, a
+        token defined twice, or a rule naming a token that does not exist.
+        """
+        from_file: tuple[tuple[str, str], ...] = ()
+        if self.token_file is not None:
+            try:
+                from_file = read_token_file(self.token_file)
+            except ConfigError as exc:
+                raise _relocated(exc, "clients.token_file", source) from None
+        problems = _Problems()
+        _check_tokens(self.tokens, from_file, self.rules, problems, check_rules=True)
+        if problems.found:
+            raise ConfigError.of([ConfigProblem(p.message, p.key, source) for p in problems.found])
+        return AccessPolicy(dict(self.tokens + from_file), self.rules)
+
+
+def _check_tokens(
+    inline: Sequence[tuple[str, str]],
+    from_file: Sequence[tuple[str, str]],
+    rules: Sequence[AccessRule],
+    problems: _Problems,
+    *,
+    check_rules: bool,
+) -> None:
+    """Unique names and secrets, good secrets, and (with `check_rules`) rules that name
+    only tokens that exist."""
+    names: dict[str, str] = {}
+    secrets: set[str] = set()
+    for origin, pairs in (("tokens", inline), ("token_file", from_file)):
+        for name, secret in pairs:
+            key = f"clients.{origin}" + (f".{name}" if origin == "tokens" else "")
+            if name in names:
+                problems.add(f"token {name!r} is also defined in clients.{names[name]}", key)
+            names[name] = origin
+            fault = _secret_fault(secret)
+            if fault is not None:
+                problems.add(fault, key)
+            elif secret in secrets:
+                problems.add(f"token {name!r} has the secret of another token", key)
+            secrets.add(secret)
+    if not check_rules:
+        return
+    for i, rule in enumerate(rules):
+        unknown = [t for t in rule.tokens or () if t not in names]
+        if unknown:
+            known = f"tokens are {_names(names)}" if names else "no token is configured"
+            problems.add(f"unknown token {unknown[0]!r}; {known}", f"clients.rule[{i}].tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1097,36 +1128,28 @@ class _Reader:
     def clients(self, root: Mapping[str, object]) -> ClientsConfig:
         """[clients]: socket_group, token_file, [clients.tokens], [[clients.rule]]."""
         table = self.table(root.get("clients", {}), "clients", _CLIENTS_KEYS)
+        found = len(self.problems.found)
         values = self.values(
             {
                 "socket_group": partial(self.get, table, "socket_group", "clients", self.string),
                 "token_file": partial(self.get, table, "token_file", "clients", self.string),
                 "tokens": partial(self.get, table, "tokens", "clients", self.token_table),
-                "rules": partial(
-                    self.get,
-                    table,
-                    "rule",
-                    "clients",
-                    lambda v, k: self.array_of_tables(v, k, _RULE_KEYS),
-                ),
             }
         )
-        entries = values["rules"] if values is not None else None
-        assert entries is None or isinstance(entries, list)
+        entries: list[dict[str, object]] | None = None
+        with self.problems.check():
+            entries = self.get(
+                table, "rule", "clients", lambda v, k: self.array_of_tables(v, k, _RULE_KEYS)
+            )
         rules: list[AccessRule] = []
         for i, entry in enumerate(entries or []):
             with self.problems.check():  # every rule is checked, even after a mistake
                 rules.append(self.rule(entry, f"clients.rule[{i}]"))
-        if values is None or len(rules) != len(entries or []):
+        if values is None or len(self.problems.found) != found:
             raise _Recorded
-        file_tokens: tuple[tuple[str, str], ...] = ()
         token_file = values["token_file"]
-        if isinstance(token_file, str):
+        if isinstance(token_file, str):  # read by the daemon when it starts (load_policy)
             token_file = str(self.base_dir / Path(token_file).expanduser())
-            try:
-                file_tokens = read_token_file(token_file)
-            except ConfigError as exc:
-                raise self.relocated(exc, "clients.token_file") from None
         tokens = values["tokens"] or ()
         if tokens and self.path is not None:
             fault = private_file_fault(self.path, "cluster file")
@@ -1143,7 +1166,6 @@ class _Reader:
             token_file=token_file,
             tokens=tokens,
             rules=tuple(rules),
-            file_tokens=file_tokens,
         )
 
     def token_table(self, value: object, key: str) -> tuple[tuple[str, str], ...]:

@@ -150,6 +150,18 @@ async def test_an_unknown_socket_group_is_a_config_error(workdir: Path) -> None:
     assert "clients.socket_group: no group named 'no-such-group-mc'" in err
 
 
+async def test_an_unsafe_token_file_stops_the_daemon_before_it_binds(workdir: Path) -> None:
+    config = cluster(workdir, '\n[clients]\ntoken_file = "tokens"\n')
+    (workdir / "tokens").chmod(0o644)
+    code, _, err = await run_command(
+        *DAEMON_COMMAND, "--config", str(config), "--name", "d1", "--no-client-socket"
+    )
+    assert code == 2, err
+    assert "clients.token_file: token file" in err
+    assert "mode 0644); run: chmod 600" in err
+    assert READER not in err
+
+
 # ---------------------------------------------------------------- tokens on a TCP port
 
 

@@ -53,7 +53,7 @@ def test_no_clients_section_means_no_tokens_no_rules() -> None:
     config = parse_config(BASE)
     assert config.clients == ClientsConfig()
     assert not config.clients.has_tokens
-    assert config.clients.policy().allowed(Principal("x"), "g") == set(Operation)
+    assert config.clients.load_policy().allowed(Principal("x"), "g") == set(Operation)
 
 
 def test_token_file_rules_and_socket_group(tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ tokens = ["writers"]
         ),
         AccessRule(("*",), frozenset(Operation), None, ("writers",)),
     )
-    policy = clients.policy()
+    policy = clients.load_policy(str(cluster))  # the daemon reads the token file
     assert policy.authenticate(READER) == "readers"
     assert policy.authenticate(WRITER) == "writers"
     assert READER not in repr(config)
@@ -111,7 +111,7 @@ def test_inline_tokens_need_a_private_cluster_file(tmp_path: Path) -> None:
     assert READER not in str(info.value)
     cluster.chmod(0o600)
     config = load_config(cluster)
-    assert config.clients.policy().authenticate(READER) == "readers"
+    assert config.clients.load_policy().authenticate(READER) == "readers"
     dumped = tmp_path / "dumped.toml"
     secret_file(dumped, dump_config(config))
     assert load_config(dumped) == config
@@ -221,10 +221,15 @@ def test_clients_errors_name_the_key(text: str, key: str, message: str) -> None:
 
 def test_every_bad_rule_is_reported_at_once() -> None:
     found = errors(
+        "[clients]\nsocket_group = 7\n"
         '[[clients.rule]]\ngroups = ["a"]\nallow = ["x"]\n'
         '[[clients.rule]]\ngroups = [2]\nallow = ["read"]\n'
     )
-    assert [k for k, _ in found] == ["clients.rule[0].allow[0]", "clients.rule[1].groups[0]"]
+    assert [k for k, _ in found] == [
+        "clients.socket_group",
+        "clients.rule[0].allow[0]",
+        "clients.rule[1].groups[0]",
+    ]
 
 
 def test_a_token_in_both_places_is_refused(tmp_path: Path) -> None:
@@ -233,9 +238,10 @@ def test_a_token_in_both_places_is_refused(tmp_path: Path) -> None:
         tmp_path / "cluster.toml",
         BASE + f'\n[clients]\ntoken_file = "tokens"\n[clients.tokens]\nreaders = "{READER}"\n',
     )
+    clients = load_config(cluster).clients
     with pytest.raises(ConfigError) as info:
-        load_config(cluster)
-    assert info.value.key == "clients.token_file"
+        clients.load_policy(str(cluster))
+    assert (info.value.key, info.value.source) == ("clients.token_file", str(cluster))
     assert "token 'readers' is also defined in clients.tokens" in str(info.value)
 
 
@@ -248,22 +254,34 @@ def test_docs_name_every_clients_key() -> None:
         assert f"`{word}`" in part
 
 
-def test_clients_config_built_in_code_reads_its_token_file(tmp_path: Path) -> None:
-    tokens = secret_file(tmp_path / "tokens", f"readers {READER}\n")
-    clients = ClientsConfig(token_file=str(tokens))
-    assert clients.file_tokens == (("readers", READER),)
+def test_the_token_file_is_read_by_the_daemon_not_by_every_reader(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"  # not there (yet): a client's machine
+    rule = AccessRule(("*",), frozenset({Operation.JOIN}), tokens=("readers",))
+    clients = ClientsConfig(token_file=str(tokens), rules=(rule,))
     assert clients.has_tokens
+    with pytest.raises(ConfigError, match="cannot read token file") as info:
+        clients.load_policy("c.toml")
+    assert (info.value.key, info.value.source) == ("clients.token_file", "c.toml")
+    secret_file(tokens, f"writers {WRITER}\n")
+    with pytest.raises(ConfigError, match="unknown token 'readers'; tokens are writers") as info:
+        clients.load_policy("c.toml")
+    assert info.value.key == "clients.rule[0].tokens"
+    secret_file(tokens, f"readers {READER}\n")
+    assert clients.load_policy().allowed(Principal("x", "readers", remote=True), "g") == {
+        Operation.JOIN
+    }
     tokens.chmod(0o640)
     with pytest.raises(ConfigError, match="chmod 600"):
-        ClientsConfig(token_file=str(tokens))
+        clients.load_policy()
 
 
 def test_a_bad_token_file_is_reported_at_its_key_in_the_cluster_file(tmp_path: Path) -> None:
     secret_file(tmp_path / "tokens", f"readers {READER}\n", 0o644)
     cluster = tmp_path / "cluster.toml"
     cluster.write_text(BASE + '\n[clients]\ntoken_file = "tokens"\n', encoding="utf-8")
+    config = load_config(cluster)  # tools read the file without the daemon's secrets
     with pytest.raises(ConfigError) as info:
-        load_config(cluster)
+        config.clients.load_policy(config.source)
     assert [(p.key, p.source) for p in info.value.problems] == [
         ("clients.token_file", str(cluster))
     ]

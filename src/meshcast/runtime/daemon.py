@@ -36,6 +36,7 @@ from typing import Any
 from meshcast.config import ClusterConfig, DaemonSpec, Emulation
 from meshcast.errors import BufferFull, ConfigError, MeshcastError, UsageError
 from meshcast.group import Broadcast, GroupEngine, GroupStats, OrderingFault, OrderingReset
+from meshcast.group.access import AccessPolicy
 from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipStats
 from meshcast.group.sessions import (
     ClientConnected,
@@ -135,16 +136,18 @@ class ClientListen:
 # ---------------------------------------------------------------------- configuration
 
 
-def check_clients(config: ClusterConfig, listen: ClientListen) -> int | None:
-    """Check `[clients]` against where the daemon will listen; the socket group's id.
+def check_clients(config: ClusterConfig, listen: ClientListen) -> tuple[AccessPolicy, int | None]:
+    """`[clients]` made ready for where the daemon will listen: the access policy (the
+    token file read now) and the socket group's id.
 
-    Raises `ConfigError` when the TCP client port is open beyond loopback and no token is
-    configured, or when ``socket_group`` names no group of this machine.
+    Raises `ConfigError` for an unreadable or unsafe token file, a TCP client port open
+    beyond loopback without tokens, or a ``socket_group`` that names no group here.
     """
+    policy = config.clients.load_policy(config.source)
     tcp_host = listen.tcp_host if listen.tcp_port is not None else None
-    check_client_access(tcp_host, config.clients.has_tokens, source=config.source)
+    check_client_access(tcp_host, policy.has_tokens, source=config.source)
     group = config.clients.socket_group
-    return None if group is None else socket_group_id(group, source=config.source)
+    return policy, None if group is None else socket_group_id(group, source=config.source)
 
 
 def incarnation_now(wall_clock: float | None = None) -> int:
@@ -435,9 +438,9 @@ class OverlayDaemon:
         self.events = EventLog(name, self.local)
         self._log = NodeLogAdapter(log, self.local)
         self.clients = clients if clients is not None else ClientListen()
-        # before any socket is bound: a client port open beyond loopback needs tokens, a
-        # socket group must exist (ConfigError)
-        self._socket_group = check_clients(config, self.clients)
+        # before any socket is bound: the token file must be safe, a client port open
+        # beyond loopback needs tokens, a socket group must exist (ConfigError)
+        access, self._socket_group = check_clients(config, self.clients)
         limits = config.limits
         self.sessions = SessionTable(
             name,
@@ -452,7 +455,7 @@ class OverlayDaemon:
                 handshake_timeout=limits.handshake_timeout,
                 max_pending_handshakes=limits.max_pending_handshakes,
                 block_timeout=limits.block_timeout,
-                access=config.clients.policy(),
+                access=access,
             ),
             status=self.status_sections,
         )

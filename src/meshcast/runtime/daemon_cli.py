@@ -129,7 +129,7 @@ def daemon_command(args: argparse.Namespace) -> int:
     try:
         config = _load(args.config)
         overlay_config(config, args.name)  # unknown name, unusable policy: before binding
-        check_clients(config, clients)  # a TCP port beyond loopback without tokens, ...
+        check_clients(config, clients)  # the token file, a TCP port beyond loopback, ...
     except ConfigError as exc:
         print_error("meshcast daemon", exc)
         return 2
