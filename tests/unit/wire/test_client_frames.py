@@ -205,6 +205,12 @@ def test_clip_text_makes_any_text_fit_an_error() -> None:
     )
 
 
+def test_a_token_stays_out_of_repr() -> None:
+    hello = Hello("bob", token="s3cret-t0ken")
+    assert "s3cret-t0ken" not in repr(hello)
+    assert decode(encode(hello)).token == "s3cret-t0ken"  # type: ignore[union-attr]
+
+
 def test_version_choice() -> None:
     assert client.choose_version(Hello()) == 3
     assert client.choose_version(Hello(max_version=1)) == 1  # a version-1 client
