@@ -3,8 +3,10 @@
 `AccessPolicy` answers two questions for `SessionTable`:
 
 * `authenticate(secret)`: the name of the configured token whose secret this is, or None.
-  Every configured secret is compared with `hmac.compare_digest`, all of them each time,
-  so neither the time taken nor an early exit tells a guesser how close it came.
+  The SHA-256 of the offered secret is compared with that of every configured secret
+  using `hmac.compare_digest`, all of them each time: equal-length digests compared in
+  constant time, so neither the time taken, an early exit nor a length tells a guesser
+  how close it came.
 * `allowed(who, group)`: the operations (`Operation.JOIN`, `Operation.SEND`) a session
   may perform on a group. Rules are tried in order and the **first** whose selectors all
   match decides (as in a firewall: globs have no natural "most specific" order, and
@@ -25,6 +27,7 @@ docs/config.md, "[clients]".
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 from collections.abc import Iterable, Mapping
@@ -72,6 +75,10 @@ def operations_of(words: Iterable[str]) -> frozenset[Operation]:
             raise ValueError(f"unknown operation {word!r}; allowed: {known}")
         granted.add(operation)
     return frozenset(granted)
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8")).digest()
 
 
 def _compiled(patterns: tuple[str, ...] | None) -> re.Pattern[str] | None:
@@ -128,18 +135,16 @@ class AccessPolicy:
     _secrets: tuple[tuple[str, bytes], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "_secrets", tuple((n, s.encode("utf-8")) for n, s in self.tokens.items())
-        )
+        object.__setattr__(self, "_secrets", tuple((n, _digest(s)) for n, s in self.tokens.items()))
 
     @property
     def has_tokens(self) -> bool:
         return bool(self.tokens)
 
     def authenticate(self, secret: str) -> str | None:
-        """The name of the token `secret` is, or None. Compares with every configured
-        secret in constant time each (`hmac.compare_digest`)."""
-        offered = secret.encode("utf-8")
+        """The name of the token `secret` is, or None. Compares its digest with every
+        configured secret's in constant time each (`hmac.compare_digest`)."""
+        offered = _digest(secret)
         found: str | None = None
         for name, expected in self._secrets:
             if hmac.compare_digest(offered, expected) and found is None:
