@@ -560,6 +560,14 @@ class OverlayDaemon:
                 await server.start_unix(path, default_dir=True, group=self._socket_group)
             except OSError as exc:
                 self.events.error("clients_unix_unavailable", path=str(path), error=str(exc))
+            if self._socket_group is not None:
+                self._log.warning(
+                    "[clients] socket_group %s: the socket is in %s, a private (0700) "
+                    "directory the group cannot reach; give --client-socket a path in a "
+                    "directory shared with the group",
+                    self.config.clients.socket_group,
+                    path.parent,
+                )
         else:
             await server.start_unix(
                 Path(listen.unix_path), default_dir=False, group=self._socket_group
