@@ -184,6 +184,7 @@ async def test_tokens_on_a_port_open_beyond_loopback(workdir: Path) -> None:
     extra = ("--no-client-socket", "--client-port", "0", "--client-host", "0.0.0.0")
     async with daemon(cluster(workdir, '\n[clients]\ntoken_file = "tokens"\n'), *extra) as d:
         address = await tcp_address(d)
+        assert d.named("clients_listening")[0]["tcp_tokens_required"] is True
         # no token: a typed ERROR, then the daemon closes the connection
         frames, closed = await raw_hello(address, Hello("anon"))
         assert closed
