@@ -29,7 +29,13 @@ from meshcast.errors import (
 )
 
 if TYPE_CHECKING:
-    from meshcast.client.connection import Client, RequestRejected, connect
+    from meshcast.client.connection import (
+        AccessDenied,
+        Client,
+        RequestRejected,
+        Unauthenticated,
+        connect,
+    )
     from meshcast.wire.client import (
         Cause,
         ErrorCode,
@@ -53,6 +59,8 @@ _LAZY = {
     "connect": "meshcast.client.connection",
     "Client": "meshcast.client.connection",
     "RequestRejected": "meshcast.client.connection",
+    "AccessDenied": "meshcast.client.connection",
+    "Unauthenticated": "meshcast.client.connection",
     "Cause": "meshcast.wire.client",
     "ErrorCode": "meshcast.wire.client",
     "Membership": "meshcast.wire.client",
@@ -87,6 +95,7 @@ __all__ = [
     "RELIABLE",
     "SAFE",
     "UNRELIABLE",
+    "AccessDenied",
     "BufferFull",
     "Cause",
     "Client",
@@ -102,6 +111,7 @@ __all__ = [
     "RequestRejected",
     "ServiceLevel",
     "SlowReceiverPolicy",
+    "Unauthenticated",
     "UsageError",
     "ViewId",
     "WireError",

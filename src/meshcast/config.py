@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import Field, dataclass, field, fields, replace
@@ -33,12 +34,14 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from meshcast.errors import ConfigError, ConfigProblem
+from meshcast.group.access import ALLOW_WORDS, AccessPolicy, AccessRule, operations_of
 from meshcast.ids import MAX_NODE_ID
 from meshcast.link.config import LinkConfig
 
 __all__ = [
     "DEFAULT_SOURCE",
     "ROUTING_POLICIES",
+    "ClientsConfig",
     "ClusterConfig",
     "DaemonSpec",
     "Emulation",
@@ -55,6 +58,8 @@ __all__ = [
     "parse_duration",
     "parse_rate",
     "parse_size",
+    "private_file_fault",
+    "read_token_file",
 ]
 
 RoutingPolicy = Literal["shortest-path", "fanout", "max-throughput"]
@@ -453,6 +458,157 @@ class SecurityConfig:
             )
 
 
+# ---------------------------------------------------------------- [clients]
+
+MIN_TOKEN_LENGTH = 16  # characters of a token secret: shorter ones are guessable
+MAX_TOKEN_LENGTH = 128  # characters (the client protocol's MAX_TOKEN bytes)
+_SECRET = re.compile(r"[\x21-\x7e]+\Z")  # printable ASCII without space
+
+
+def _secret_fault(secret: str) -> str | None:
+    """What is wrong with a token secret (never echoing it), or None."""
+    if not MIN_TOKEN_LENGTH <= len(secret) <= MAX_TOKEN_LENGTH:
+        return (
+            f"a token secret must have {MIN_TOKEN_LENGTH} to {MAX_TOKEN_LENGTH} characters, "
+            f"this one has {len(secret)} (e.g. `openssl rand -hex 32`)"
+        )
+    if not _SECRET.match(secret):
+        return "a token secret must be printable ASCII without spaces"
+    return None
+
+
+def private_file_fault(path: Path, what: str) -> str | None:
+    """Refuse a secret file others may read (as ssh refuses its keys), or None if fine."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        return f"cannot read {what} {str(path)!r}: {exc.strerror or exc}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{what} {str(path)!r} is not a regular file"
+    if info.st_mode & 0o077:
+        return (
+            f"{what} {str(path)!r} is readable or writable by group or others (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
+        )
+    return None
+
+
+def read_token_file(path: str | os.PathLike[str]) -> tuple[tuple[str, str], ...]:
+    """The (name, secret) lines of a token file; `ConfigError` (key ``clients.token_file``).
+
+    One token a line: ``NAME SECRET``; blank lines and lines starting with ``#`` are
+    skipped. The file must be a regular file of mode 0600 (or stricter).
+    """
+    file = Path(path)
+    key = "clients.token_file"
+    fault = private_file_fault(file, "token file")
+    if fault is not None:
+        raise ConfigError(fault, key=key)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read token file {str(file)!r}: {exc}", key=key) from None
+    tokens: list[tuple[str, str]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        where = f"token file {str(file)!r} line {number}"
+        if len(words) != 2:
+            raise ConfigError(f"{where}: expected NAME SECRET, got {len(words)} words", key=key)
+        name, secret = words
+        if not (_NAME.match(name) and len(name) <= MAX_NAME_LENGTH):
+            raise ConfigError(f"{where}: bad token name {name!r}", key=key)
+        fault = _secret_fault(secret)
+        if fault is not None:
+            raise ConfigError(f"{where}: {fault}", key=key)
+        tokens.append((name, secret))
+    if not tokens:
+        raise ConfigError(f"token file {str(file)!r} holds no token", key=key)
+    return tuple(tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientsConfig:
+    """Who may use a daemon's client sockets, and for what (docs/config.md, "[clients]").
+
+    The token file is read by the daemon when it starts (`load_policy`), not when the
+    configuration is loaded: clients and tools read the same cluster file and must not
+    need the daemon's secrets.
+    """
+
+    # group given the Unix socket, which is then mode 0660; None: 0600, the owner only
+    socket_group: str | None = None
+    token_file: str | None = None  # path of a file of `NAME SECRET` lines (mode 0600)
+    # (name, secret) from [clients.tokens] in the cluster file itself
+    tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    rules: tuple[AccessRule, ...] = ()  # [[clients.rule]], first match wins
+
+    def __post_init__(self) -> None:
+        problems = _Problems()
+        if self.socket_group is not None and not self.socket_group:
+            problems.add("must be a group name, got ''", "clients.socket_group")
+        # rules naming tokens are checked here only when every token is in this file
+        _check_tokens(self.tokens, (), self.rules, problems, check_rules=self.token_file is None)
+        problems.raise_any()
+
+    @property
+    def has_tokens(self) -> bool:
+        """Tokens are configured (in the file or a token file): remote clients may come."""
+        return bool(self.tokens) or self.token_file is not None
+
+    def load_policy(self, source: str = "") -> AccessPolicy:
+        """The tokens (the token file read now) and rules as a daemon applies them.
+
+        Raises `ConfigError` naming `source` for an unreadable or unsafe token file, a
+        token defined twice, or a rule naming a token that does not exist.
+        """
+        from_file: tuple[tuple[str, str], ...] = ()
+        if self.token_file is not None:
+            try:
+                from_file = read_token_file(self.token_file)
+            except ConfigError as exc:
+                raise _relocated(exc, "clients.token_file", source) from None
+        problems = _Problems()
+        _check_tokens(self.tokens, from_file, self.rules, problems, check_rules=True)
+        if problems.found:
+            raise ConfigError.of([ConfigProblem(p.message, p.key, source) for p in problems.found])
+        return AccessPolicy(dict(self.tokens + from_file), self.rules)
+
+
+def _check_tokens(
+    inline: Sequence[tuple[str, str]],
+    from_file: Sequence[tuple[str, str]],
+    rules: Sequence[AccessRule],
+    problems: _Problems,
+    *,
+    check_rules: bool,
+) -> None:
+    """Unique names and secrets, good secrets, and (with `check_rules`) rules that name
+    only tokens that exist."""
+    names: dict[str, str] = {}
+    secrets: set[str] = set()
+    for origin, pairs in (("tokens", inline), ("token_file", from_file)):
+        for name, secret in pairs:
+            key = f"clients.{origin}" + (f".{name}" if origin == "tokens" else "")
+            if name in names:
+                problems.add(f"token {name!r} is also defined in clients.{names[name]}", key)
+            names[name] = origin
+            fault = _secret_fault(secret)
+            if fault is not None:
+                problems.add(fault, key)
+            elif secret in secrets:
+                problems.add(f"token {name!r} has the secret of another token", key)
+            secrets.add(secret)
+    if not check_rules:
+        return
+    for i, rule in enumerate(rules):
+        unknown = [t for t in rule.tokens or () if t not in names]
+        if unknown:
+            known = f"tokens are {_names(names)}" if names else "no token is configured"
+            problems.add(f"unknown token {unknown[0]!r}; {known}", f"clients.rule[{i}].tokens")
+
+
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
     """Bounds a daemon enforces on clients and traffic."""
@@ -504,6 +660,7 @@ class ClusterConfig:
     membership: MembershipConfig = field(default_factory=MembershipConfig)  # daemon timers
     security: SecurityConfig = field(default_factory=SecurityConfig)  # authentication
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # bounds on clients, traffic
+    clients: ClientsConfig = field(default_factory=ClientsConfig)  # client access control
     source: str = field(default="<code>", compare=False)  # file path or "<embedded default>"
     # Indexes built by __post_init__: name -> daemon, node id -> daemon, name -> neighbours.
     _by_name: Mapping[str, DaemonSpec] = field(init=False, repr=False, compare=False)
@@ -724,7 +881,19 @@ def _relocated(exc: ConfigError, key: str, source: str) -> ConfigError:
 # Reading TOML
 # ---------------------------------------------------------------------------------------
 
-_TOP_KEYS = ("cluster", "sites", "daemons", "links", "link", "membership", "security", "limits")
+_TOP_KEYS = (
+    "cluster",
+    "sites",
+    "daemons",
+    "links",
+    "link",
+    "membership",
+    "security",
+    "limits",
+    "clients",
+)
+_CLIENTS_KEYS = ("socket_group", "token_file", "tokens", "rule")
+_RULE_KEYS = ("clients", "tokens", "groups", "allow")
 _CLUSTER_KEYS = ("name", "routing")
 _SITE_KEYS = ("name", "gateway")
 _DAEMON_KEYS = ("name", "id", "host", "port", "site", "upload", "download")
@@ -793,9 +962,10 @@ def _key(prefix: str, name: str) -> str:
 class _Reader:
     """Turns the dict tomllib produced into a ClusterConfig, checking every value."""
 
-    def __init__(self, source: str, base_dir: Path) -> None:
+    def __init__(self, source: str, base_dir: Path, path: Path | None = None) -> None:
         self.source = source
         self.base_dir = base_dir
+        self.path = path  # the file read, if any (its mode is checked if it holds secrets)
         self.problems = _Problems()  # every mistake found so far, reported together
 
     def values(self, getters: Mapping[str, Callable[[], object]]) -> dict[str, object] | None:
@@ -979,6 +1149,108 @@ class _Reader:
         return self.build(
             SecurityConfig, "security", {}, **paths, insecure=bool(values["insecure"])
         )
+
+    def clients(self, root: Mapping[str, object]) -> ClientsConfig:
+        """[clients]: socket_group, token_file, [clients.tokens], [[clients.rule]]."""
+        table = self.table(root.get("clients", {}), "clients", _CLIENTS_KEYS)
+        found = len(self.problems.found)
+        values = self.values(
+            {
+                "socket_group": partial(self.get, table, "socket_group", "clients", self.string),
+                "token_file": partial(self.get, table, "token_file", "clients", self.string),
+                "tokens": partial(self.get, table, "tokens", "clients", self.token_table),
+            }
+        )
+        entries: list[dict[str, object]] | None = None
+        with self.problems.check():
+            entries = self.get(
+                table, "rule", "clients", lambda v, k: self.array_of_tables(v, k, _RULE_KEYS)
+            )
+        rules: list[AccessRule] = []
+        for i, entry in enumerate(entries or []):
+            with self.problems.check():  # every rule is checked, even after a mistake
+                rules.append(self.rule(entry, f"clients.rule[{i}]"))
+        if values is None or len(self.problems.found) != found:
+            raise _Recorded
+        token_file = values["token_file"]
+        if isinstance(token_file, str):  # read by the daemon when it starts (load_policy)
+            token_file = str(self.base_dir / Path(token_file).expanduser())
+        tokens = values["tokens"] or ()
+        if tokens and self.path is not None:
+            fault = private_file_fault(self.path, "cluster file")
+            if fault is not None:
+                raise self.error(
+                    f"holds token secrets, but {fault}; or move them to a token_file",
+                    "clients.tokens",
+                )
+        return self.build(
+            ClientsConfig,
+            "clients",
+            {},
+            socket_group=values["socket_group"],
+            token_file=token_file,
+            tokens=tokens,
+            rules=tuple(rules),
+        )
+
+    def token_table(self, value: object, key: str) -> tuple[tuple[str, str], ...]:
+        """[clients.tokens]: NAME = "SECRET" pairs."""
+        if not isinstance(value, dict):
+            raise self.error(f'must be a table of NAME = "SECRET", got {_describe(value)}', key)
+        pairs: list[tuple[str, str]] = []
+        for name, secret in value.items():
+            with self.problems.check():
+                _check_name(name, _key(key, name))
+                pairs.append((name, self.string(secret, _key(key, name))))
+        return tuple(pairs)
+
+    def patterns(self, value: object, key: str) -> tuple[str, ...]:
+        """A non-empty array of non-empty strings (globs or names)."""
+        if not isinstance(value, list):
+            raise self.error(f"must be an array of strings, got {_describe(value)}", key)
+        if not value:
+            hint = "'*' matches every group" if key.endswith("groups") else "leave the key out"
+            raise self.error(f"must not be empty ({hint})", key)
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                got = _describe(item) if not isinstance(item, str) else "an empty string"
+                raise self.error(f"must be an array of non-empty strings, got {got}", f"{key}[{i}]")
+        return tuple(value)
+
+    def rule(self, table: Mapping[str, object], prefix: str) -> AccessRule:
+        """One [[clients.rule]]: groups and allow required, clients and tokens optional."""
+
+        def allow(value: object, key: str) -> list[str]:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise self.error(
+                    f"must be an array of {', '.join(map(repr, ALLOW_WORDS))}, "
+                    f"got {_describe(value)}",
+                    key,
+                )
+            for i, word in enumerate(value):
+                try:
+                    operations_of([word])
+                except ValueError as exc:
+                    raise self.error(str(exc), f"{key}[{i}]") from None
+            return value
+
+        values = self.values(
+            {
+                "groups": partial(self.need, table, "groups", prefix, self.patterns),
+                "allow": partial(self.need, table, "allow", prefix, allow),
+                "clients": partial(self.get, table, "clients", prefix, self.patterns),
+                "tokens": partial(self.get, table, "tokens", prefix, self.patterns),
+            }
+        )
+        if values is None:
+            raise _Recorded
+        groups, words = values["groups"], values["allow"]
+        clients, tokens = values["clients"], values["tokens"]
+        assert isinstance(groups, tuple)
+        assert isinstance(words, list)
+        assert clients is None or isinstance(clients, tuple)
+        assert tokens is None or isinstance(tokens, tuple)
+        return AccessRule(groups, operations_of(words), clients, tokens)
 
     def sites(self, root: Mapping[str, object]) -> tuple[SiteSpec, ...]:
         sites = []
@@ -1243,6 +1515,7 @@ class _Reader:
                 ),
                 "security": partial(self.security, root),
                 "limits": partial(self.section, root, "limits", LimitsConfig, _LIMITS_KEYS),
+                "clients": partial(self.clients, root),
             }
         )
         problems.raise_any()
@@ -1266,6 +1539,7 @@ class _Reader:
             membership=_typed(parts["membership"], MembershipConfig),
             security=_typed(parts["security"], SecurityConfig),
             limits=_typed(parts["limits"], LimitsConfig),
+            clients=_typed(parts["clients"], ClientsConfig),
             source=self.source,
         )
 
@@ -1275,12 +1549,12 @@ def _typed(value: object, kind: type[T]) -> T:
     return value
 
 
-def _parse(text: str, source: str, base_dir: Path) -> ClusterConfig:
+def _parse(text: str, source: str, base_dir: Path, path: Path | None = None) -> ClusterConfig:
     try:
         root = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", source=source) from None
-    return _Reader(source, base_dir).cluster(root)
+    return _Reader(source, base_dir, path).cluster(root)
 
 
 def parse_config(text: str, source: str = "<string>") -> ClusterConfig:
@@ -1306,7 +1580,7 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
         raise ConfigError(
             f"not UTF-8 text: {exc.reason} at byte {exc.start}", source=source
         ) from None
-    return _parse(text, source, file.parent.absolute())
+    return _parse(text, source, file.parent.absolute(), file)
 
 
 @cache
@@ -1397,4 +1671,26 @@ def dump_config(config: ClusterConfig) -> str:
         if path is not None:
             lines.append(f"{name} = {_toml(path)}")
     lines.append(f"insecure = {_toml(config.security.insecure)}")
+    lines += _dump_clients(config.clients)
     return "\n".join(lines) + "\n"
+
+
+def _dump_clients(clients: ClientsConfig) -> list[str]:
+    """[clients] as TOML lines (secrets of [clients.tokens] included: write the result
+    to a file of mode 0600, as `load_config` insists then)."""
+    lines = ["", "[clients]"]
+    if clients.socket_group is not None:
+        lines.append(f"socket_group = {_toml(clients.socket_group)}")
+    if clients.token_file is not None:
+        lines.append(f"token_file = {_toml(clients.token_file)}")
+    if clients.tokens:
+        lines += ["", "[clients.tokens]"]
+        lines += [f"{name} = {_toml(secret)}" for name, secret in clients.tokens]
+    for rule in clients.rules:
+        lines += ["", "[[clients.rule]]"]
+        for key, values in (("clients", rule.clients), ("tokens", rule.tokens)):
+            if values is not None:
+                lines.append(f"{key} = [{', '.join(map(_toml, values))}]")
+        lines.append(f"groups = [{', '.join(map(_toml, rule.groups))}]")
+        lines.append(f"allow = [{', '.join(_toml(str(op)) for op in sorted(rule.allow))}]")
+    return lines

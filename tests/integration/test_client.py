@@ -24,6 +24,7 @@ from meshcast.client import (
     parse_address,
 )
 from meshcast.wire.client import (
+    VERSION,
     Cause,
     DaemonLimits,
     ErrorCode,
@@ -94,6 +95,10 @@ def test_package_top_exports_the_client_api() -> None:
     assert meshcast.Cause is Cause
     assert meshcast.ServiceLevel is ServiceLevel
     assert callable(meshcast.connect)
+    assert issubclass(meshcast.AccessDenied, meshcast.RequestRejected)
+    assert issubclass(meshcast.Unauthenticated, meshcast.ClientError)
+    assert meshcast.ErrorCode.ACCESS_DENIED == 209
+    assert meshcast.ErrorCode.UNAUTHENTICATED == 109
     with pytest.raises(AttributeError):
         _ = meshcast.nonexistent
 
@@ -105,7 +110,7 @@ def test_package_top_exports_the_client_api() -> None:
 async def test_handshake_over_unix_socket(daemon: FakeDaemon) -> None:
     async with await meshcast.connect(daemon.address, name="alice") as c:
         assert c.private_name == "#alice#D1"
-        assert (c.name, c.daemon_name, c.version) == ("alice", "D1", 2)
+        assert (c.name, c.daemon_name, c.version) == ("alice", "D1", VERSION)
         assert c.limits == SMALL
         assert await c.ping() >= 0
     assert c.closed
@@ -152,9 +157,9 @@ async def test_name_in_use_is_refused_with_the_daemons_code(daemon: FakeDaemon) 
 
 @pytest.mark.asyncio
 async def test_unsupported_version_is_refused(sock_dir: str) -> None:
-    fake = FakeDaemon(versions=(3, 4))
+    fake = FakeDaemon(versions=(VERSION + 1, VERSION + 2))
     async with fake.serve_unix(os.path.join(sock_dir, "v.sock")):
-        with pytest.raises(ClientError, match=r"versions 3..4") as info:
+        with pytest.raises(ClientError, match=rf"versions {VERSION + 1}..{VERSION + 2}") as info:
             await meshcast.connect(fake.address, name="old")
         assert info.value.code == ErrorCode.UNSUPPORTED_VERSION
 

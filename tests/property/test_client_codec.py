@@ -109,6 +109,12 @@ FRAMES: dict[FrameType, st.SearchStrategy[Frame]] = {
         st.integers(1, 5),
         st.integers(5, client.U16_MAX),
         st.sampled_from([HelloFlag(0), HelloFlag.MEMBERSHIP]),
+        st.none()
+        | st.text(
+            st.characters(min_codepoint=0x21, max_codepoint=0x7E),
+            min_size=1,
+            max_size=client.MAX_TOKEN,
+        ),
     ),
     FrameType.WELCOME: st.builds(
         Welcome,

@@ -214,6 +214,7 @@ def connect(
     policy: SlowReceiverPolicy | str = SlowReceiverPolicy.BLOCK,
     membership: bool = True,
     queue_size: int = DEFAULT_QUEUE_SIZE,
+    token: str | None = None,
 ) -> BlockingClient:
     """Blocking `meshcast.connect`: same arguments, same errors."""
     runner = _LoopThread()
@@ -226,6 +227,7 @@ def connect(
                 policy=policy,
                 membership=membership,
                 queue_size=queue_size,
+                token=token,
             )
         )
     except BaseException:

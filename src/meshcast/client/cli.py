@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import glob
 import json
+import os
 import re
 import socket
 import sys
@@ -25,14 +26,17 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from meshcast.argtypes import Parser, integer, print_error, seconds
 from meshcast.client.connection import (
+    AccessDenied,
     Client,
     Event,
     RequestRejected,
+    Unauthenticated,
     connect,
     parse_address,
     service_level,
 )
 from meshcast.client.status import format_status
+from meshcast.config import private_file_fault
 from meshcast.errors import ClientError, ConfigError, MeshcastError, UsageError
 from meshcast.wire.client import Membership, Message, ServiceLevel
 
@@ -134,6 +138,55 @@ def _service(text: str) -> ServiceLevel:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+TOKEN_ENV = "MESHCAST_TOKEN"  # the token, when --token-file is not given
+
+
+def client_token(path: str | None) -> str | None:
+    """The token to present: from the --token-file `path`, else $MESHCAST_TOKEN, else None.
+
+    The file holds the secret on its first line that is not blank or a ``#`` comment,
+    alone or as ``NAME SECRET`` (a line of the daemon's token file). Like the daemon, the
+    client refuses a file others may read (`ConfigError`).
+    """
+    if path is None:
+        return os.environ.get(TOKEN_ENV) or None
+    fault = private_file_fault(Path(path), "token file")
+    if fault is not None:
+        raise ConfigError(fault, key="--token-file")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read token file {path!r}: {exc}", key="--token-file") from None
+    for line in text.splitlines():
+        words = line.split()
+        if words and not words[0].startswith("#") and len(words) <= 2:
+            return words[-1]
+        if words and not words[0].startswith("#"):
+            break
+    raise ConfigError(
+        f"token file {path!r} holds no line SECRET or NAME SECRET", key="--token-file"
+    )
+
+
+def _add_token_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=None,
+        help=f"access token to present (mode 0600 file: SECRET or NAME SECRET); default: "
+        f"${TOKEN_ENV}. Needed on a daemon's TCP port open beyond loopback",
+    )
+
+
+def _hint(error: BaseException) -> str | None:
+    """A line on what to do about an access error, for the CLI's message."""
+    if isinstance(error, AccessDenied):
+        return "the daemon's access rules ([[clients.rule]] in its cluster file) forbid this"
+    if isinstance(error, Unauthenticated):
+        return f"present a valid token with --token-file FILE or ${TOKEN_ENV}"
+    return None
+
+
 def _run(main: Coroutine[Any, Any, int], command: str) -> int:
     """One `asyncio.run`; errors become exit statuses (2 usage, 1 runtime)."""
     try:
@@ -143,6 +196,9 @@ def _run(main: Coroutine[Any, Any, int], command: str) -> int:
         return 2
     except (MeshcastError, OSError, TimeoutError) as exc:
         print_error(f"meshcast {command}", exc)
+        hint = _hint(exc)
+        if hint is not None:
+            print(f"meshcast {command}: hint: {hint}", file=sys.stderr)
         return 1
 
 
@@ -218,6 +274,7 @@ def add_user_command(sub: SubParsers) -> None:
     parser.add_argument(
         "--interactive", action="store_true", help="read commands from stdin even if no terminal"
     )
+    _add_token_option(parser)
     parser.set_defaults(handler=user_command)
 
 
@@ -297,7 +354,8 @@ async def _receive_messages(client: Client, count: int, show: Callable[[Event], 
 async def _user(args: argparse.Namespace, interactive: bool) -> int:
     show = _Printer(args.json, sys.stdout)
     address = resolve_address(args.connect, args.config)
-    client = await connect(address, name=args.name, timeout=args.timeout)
+    token = client_token(args.token_file)
+    client = await connect(address, name=args.name, timeout=args.timeout, token=token)
     async with client:
         print(f"connected as {client.private_name}", file=sys.stderr)
         for group in args.join:
@@ -610,6 +668,7 @@ def add_flood_command(sub: SubParsers) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object instead of the summary line"
     )
+    _add_token_option(parser)
     parser.set_defaults(handler=flood_command)
 
 
@@ -671,13 +730,16 @@ async def _flood(args: argparse.Namespace) -> int:
     sender_at = resolve_address(args.connect)
     receivers_at = [resolve_address(a) for a in args.receivers or [args.connect]]
     limit: float = args.timeout
+    token = client_token(args.token_file)
     unreliable = args.service == ServiceLevel.UNRELIABLE
     result: dict[str, Any]
     async with contextlib.AsyncExitStack() as stack:
         async with asyncio.timeout(limit):
             receivers: list[Client] = []
             for i, address in enumerate(receivers_at):
-                client = await connect(address, name=f"{args.name}-r{i}", timeout=limit)
+                client = await connect(
+                    address, name=f"{args.name}-r{i}", timeout=limit, token=token
+                )
                 await stack.enter_async_context(client)
                 receivers.append(client)
             for client in receivers:
@@ -685,7 +747,7 @@ async def _flood(args: argparse.Namespace) -> int:
             names = {c.private_name for c in receivers}
             for client in receivers:  # every receiver sees every other: views agree
                 await _wait_all_joined(client, args.group, names)
-            sender = await connect(sender_at, name=f"{args.name}-s", timeout=limit)
+            sender = await connect(sender_at, name=f"{args.name}-s", timeout=limit, token=token)
             await stack.enter_async_context(sender)
         if args.size > sender.limits.max_message_size:
             raise UsageError(
@@ -819,6 +881,7 @@ def add_status_command(sub: SubParsers) -> None:
         default=5.0,
         help="bound on connecting and on the answer (default: 5)",
     )
+    _add_token_option(parser)
     parser.set_defaults(handler=status_command)
 
 
@@ -845,7 +908,8 @@ def status_command(args: argparse.Namespace) -> int:
 
 async def _status(args: argparse.Namespace) -> int:
     address = status_address(args.socket, args.config, args.name)
-    client = await connect(address, timeout=args.timeout, membership=False)
+    token = client_token(args.token_file)
+    client = await connect(address, timeout=args.timeout, membership=False, token=token)
     async with client:
         report = await client.status()
     print(json.dumps(report, indent=2) if args.json else format_status(report))

@@ -13,7 +13,10 @@ Error contract:
   closed client.
 * `ClientError` (`.code` is the daemon's `ErrorCode`, or 0): the daemon cannot be reached,
   refused the handshake, ended the session, or broke the protocol.
-* `RequestRejected` (a `ClientError`, with `.request_id`): the daemon refused one request.
+* `Unauthenticated` (a `ClientError`): the daemon refused the handshake's token (none
+  given where one is needed, or an unknown one).
+* `RequestRejected` (a `ClientError`, with `.request_id`): the daemon refused one request;
+  its subclass `AccessDenied` when the daemon's access rules forbid it.
   `join()` and `leave()` wait for their outcome and raise it themselves. A MULTICAST has
   no success reply, so a rejected one is raised by the next call of `multicast`, `join`,
   `leave`, `receive`, `receive_nowait` or `close`, once, before that call does anything
@@ -66,6 +69,7 @@ from meshcast.wire.client import (
     Welcome,
     check_client_name,
     check_group_name,
+    check_token,
     encode,
     split_private_name,
 )
@@ -87,6 +91,22 @@ class RequestRejected(ClientError):
     def __init__(self, message: str, code: int, request_id: int) -> None:
         super().__init__(message, code)
         self.request_id = request_id  # the id `multicast()` returned, or the JOIN/LEAVE's
+
+
+class AccessDenied(RequestRejected):
+    """The daemon's access rules forbid this JOIN or MULTICAST (ERROR 209 ACCESS_DENIED).
+
+    The message names the operation and the group; the session goes on."""
+
+
+class Unauthenticated(ClientError):
+    """The daemon refused the handshake (ERROR 109 UNAUTHENTICATED): its client port
+    needs a token and none was given, or the token given is unknown."""
+
+
+def _rejection(message: str, code: ErrorCode, request_id: int) -> RequestRejected:
+    kind = AccessDenied if code == ErrorCode.ACCESS_DENIED else RequestRejected
+    return kind(message, code, request_id)
 
 
 # ---------------------------------------------------------------- addresses
@@ -809,7 +829,7 @@ class Client:
             if status is not None
             else self._described.pop(report.request_id, f"request {report.request_id}")
         )
-        error = RequestRejected(
+        error = _rejection(
             f"daemon at {self._address} rejected {what}: {code.name} ({code.value}): {report.text}",
             code,
             report.request_id,
@@ -849,6 +869,7 @@ async def connect(
     policy: SlowReceiverPolicy | str = SlowReceiverPolicy.BLOCK,
     membership: bool = True,
     queue_size: int = DEFAULT_QUEUE_SIZE,
+    token: str | None = None,
 ) -> Client:
     """Connect to the daemon at `address` and do the handshake.
 
@@ -858,16 +879,25 @@ async def connect(
     each join, leave, ping and close. `policy` is the default slow-receiver policy of
     joins. `membership`: deliver every MEMBERSHIP of our groups (else only those that
     answer our own JOIN and LEAVE). `queue_size` bounds the events not yet received.
+    `token`: the access token (the SECRET of a token file line) to present in HELLO
+    (protocol version 3); needed on a TCP port open beyond loopback. It travels in clear
+    text: outside one machine, use it over a trusted network or a tunnel.
 
     Raises `UsageError` for bad arguments, `ClientError` if the daemon cannot be reached
-    or does not answer in time (the message names the address), and `ClientError` with
-    the daemon's `.code` if it refuses (e.g. NAME_IN_USE, UNSUPPORTED_VERSION).
+    or does not answer in time (the message names the address), `Unauthenticated` if
+    the daemon refuses the token (or needs one), and `ClientError` with the daemon's
+    `.code` if it refuses otherwise (e.g. NAME_IN_USE, UNSUPPORTED_VERSION).
     """
     where = parse_address(address)
     try:
         check_client_name(name)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if token is not None:
+        try:
+            check_token(token)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     limit = _check_timeout(timeout)
     chosen = _policy(policy)
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
@@ -888,7 +918,8 @@ async def connect(
     flags = HelloFlag.MEMBERSHIP if membership else HelloFlag(0)
     try:
         async with asyncio.timeout(limit):
-            welcome, decoder = await _handshake(reader, writer, Hello(name, flags=flags), where)
+            hello = Hello(name, flags=flags, token=token)
+            welcome, decoder = await _handshake(reader, writer, hello, where)
     except TimeoutError:
         writer.close()
         raise ClientError(f"daemon at {where} did not answer HELLO within {limit} s") from None
@@ -935,7 +966,8 @@ async def _handshake(
                 ErrorCode.UNSUPPORTED_VERSION,
             )
         case ErrorReport(code=code, text=text):
-            raise ClientError(
+            kind = Unauthenticated if code == ErrorCode.UNAUTHENTICATED else ClientError
+            raise kind(
                 f"daemon at {where} refused the connection: {code.name} ({code.value}): {text}",
                 code,
             )

@@ -146,6 +146,8 @@ def _drop_lines(counters: Mapping[str, Any]) -> list[str]:
         (sessions, "handshake_bad_frames", "bad frames before HELLO"),
         (sessions, "handshake_timeouts", "handshake timeouts"),
         (sessions, "pending_refused", "connections refused while handshakes waited"),
+        (sessions, "unauthenticated", "handshakes refused for their token"),
+        (sessions, "access_denied", "requests denied by the access rules"),
     ]
     parts += [f"{_count(s.get(key))} {label}" for s, key, label in named if _count(s.get(key))]
     return [f"dropped: {'; '.join(parts) or 'nothing'}"]

@@ -15,6 +15,12 @@ and applies the effects:
 * `ClientConnected`, `ClientDisconnected`, `MembershipChanged`, `OrderingReset`,
   `OrderingFault`: for the log.
 
+Access control (`meshcast.group.access`): a connection the runtime marks `remote` (it
+came in on a TCP port open beyond loopback) must present a valid token in its HELLO; any
+token presented must be valid; JOIN and MULTICAST are checked against the access rules
+(ERROR ACCESS_DENIED, the session goes on). While rules or remote listeners are in
+force, a session must speak version 3, the first that can be told ACCESS_DENIED.
+
 A STATUS request is answered with a bounded JSON report (`status`): the table's own part
 (daemon name and node id, sessions, the replicated group table, counters) plus what the
 injected `status` provider returns for the layers the table cannot see (the daemon's
@@ -38,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from meshcast.errors import BufferFull, UsageError
+from meshcast.group.access import AccessPolicy, Operation, Principal
 from meshcast.group.counters import Counters
 from meshcast.group.events import Deliver, SubmitConfirmed, SubmitLost
 from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipEffect
@@ -47,6 +54,7 @@ from meshcast.wire.client import (
     MAX_STATUS_SIZE,
     MAX_UNCONFIRMED,
     MIN_VERSION,
+    TOKEN_VERSION,
     VERSION,
     Cause,
     Confirmed,
@@ -73,6 +81,7 @@ from meshcast.wire.client import (
     clip_text,
     encode,
     private_name,
+    split_private_name,
 )
 
 log = logging.getLogger(__name__)
@@ -99,6 +108,9 @@ class SessionConfig:
     # connections still waiting for their HELLO at once; the next is refused at once with
     # DAEMON_FULL (max_clients counts sessions only after HELLO)
     max_pending_handshakes: int = 64
+    # tokens and per-group rules ([clients] of the cluster file); default: no tokens, no
+    # rules, every local session may do everything
+    access: AccessPolicy = field(default_factory=AccessPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,11 +164,14 @@ class SessionStats:
     handshake_timeouts: int = 0  # closed: no HELLO within handshake_timeout
     handshake_bad_frames: int = 0  # a frame before HELLO did not decode (longer than a HELLO, ...)
     pending_refused: int = 0  # connections refused: max_pending_handshakes were waiting
+    unauthenticated: int = 0  # handshakes refused: no token where one is needed, or unknown
+    access_denied: int = 0  # JOINs and MULTICASTs the access rules refused (in requests_refused)
 
 
 # What the daemon adds to a STATUS report, given `now`: JSON-ready sections (see `status`).
 StatusProvider = Callable[[float], Mapping[str, object]]
 STATUS_FORMAT = 1  # the report's "format": bumped when a key changes meaning or goes away
+MAX_DECISIONS = 256  # access decisions remembered per session (groups), then forgotten
 
 
 class _State(Enum):
@@ -178,6 +193,11 @@ class _Session:
     backlog: int = 0  # bytes sent while paused
     blocked_since: float | None = None  # when it began holding senders back
     dropped: dict[str, int] = field(default_factory=dict)  # group -> UNRELIABLE dropped
+    remote: bool = False  # came in on a TCP port open beyond loopback: token required
+    token: str | None = None  # the name of the token its HELLO presented, if any
+    principal: Principal | None = None  # who it is for the access rules (once OPEN)
+    # group -> operations allowed, remembered: a MULTICAST checks its groups every time
+    decisions: dict[str, frozenset[Operation]] = field(default_factory=dict)
 
 
 class SessionTable:
@@ -352,14 +372,20 @@ class SessionTable:
 
     # ------------------------------------------------------------------ connection inputs
 
-    def connected(self, conn: int, now: float | None = None) -> list[SessionEffect]:
+    def connected(
+        self, conn: int, now: float | None = None, *, remote: bool = False
+    ) -> list[SessionEffect]:
         """A new connection: it must send HELLO within `handshake_timeout`. Refused at once
-        (DAEMON_FULL, then close) while `max_pending_handshakes` others are waiting."""
+        (DAEMON_FULL, then close) while `max_pending_handshakes` others are waiting.
+        `remote`: it came in on a TCP port open beyond loopback, so its HELLO must carry a
+        valid token (UsageError if no token is configured: the runtime must not open one)."""
         if conn in self._sessions:
             raise UsageError(f"connection {conn} is already open")
+        if remote and not self.config.access.has_tokens:
+            raise UsageError("a remote connection needs configured tokens")
         now = self._now if now is None else max(self._now, now)
         self._now = now
-        s = _Session(conn)
+        s = _Session(conn, remote=remote)
         self._sessions[conn] = s
         limit = self.config.max_pending_handshakes
         if len(self._pending) >= limit:
@@ -494,6 +520,8 @@ class SessionTable:
                 f"this daemon speaks versions {MIN_VERSION}..{VERSION}, "
                 f"not {frame.min_version}..{frame.max_version}"
             )
+        elif (refusal := self._authenticate(s, frame, version)) is not None:
+            code, text = refusal
         elif self.open_sessions() >= self.config.max_clients:
             code = ErrorCode.DAEMON_FULL
             text = f"the daemon already serves {self.config.max_clients} clients"
@@ -508,12 +536,38 @@ class SessionTable:
         s.state = _State.OPEN
         self._pending.pop(s.conn, None)
         s.name = name
+        s.principal = Principal(split_private_name(name)[0], s.token, s.remote)
         s.flags = int(frame.flags)
         s.version = version
         self._by_name[name] = s
         self._bump(sessions_opened=1)
         welcome = Welcome(version, name, self.config.limits)
         return [SendBytes(s.conn, encode(welcome)), ClientConnected(s.conn, name, version)]
+
+    def _authenticate(
+        self, s: _Session, hello: Hello, version: int
+    ) -> tuple[ErrorCode, str] | None:
+        """Check HELLO's token and version against the access policy and note the token's
+        name in `s`. The refusal (code, text) if the session may not open."""
+        access = self.config.access
+        token: str | None = None
+        if hello.token is not None:
+            token = access.authenticate(hello.token)
+            if token is None:
+                self._bump(unauthenticated=1)
+                return ErrorCode.UNAUTHENTICATED, "unknown token"
+        if version < TOKEN_VERSION and (s.remote or access.rules):
+            why = "requires a token" if s.remote else "enforces access rules"
+            return (
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"this daemon {why}: connect with a client speaking protocol version "
+                f"{TOKEN_VERSION}, not {hello.min_version}..{hello.max_version}",
+            )
+        if s.remote and token is None:
+            self._bump(unauthenticated=1)
+            return ErrorCode.UNAUTHENTICATED, "this port requires a token (none was given)"
+        s.token = token
+        return None
 
     def _auto_name(self) -> str:
         while True:
@@ -537,6 +591,8 @@ class SessionTable:
                 elif len(s.groups) >= limits.max_groups_per_client:
                     text = f"a session may be in at most {limits.max_groups_per_client} groups"
                     out.append(self._refuse(s, ErrorCode.TOO_MANY_GROUPS, text, rid))
+                elif (denied := self._denied(s, Operation.JOIN, (group,), rid)) is not None:
+                    out.append(denied)
                 else:
                     out += self._route(self.membership.join(s.name, group, now))
                     s.groups[group] = policy
@@ -550,6 +606,8 @@ class SessionTable:
                 fault = next((f for g in groups if (f := self._group_fault(g)) is not None), None)
                 if fault is not None:
                     out.append(self._refuse(s, ErrorCode.GROUP_NAME_TOO_LONG, fault, rid))
+                elif (denied := self._denied(s, Operation.SEND, groups, rid)) is not None:
+                    out.append(denied)
                 elif len(payload) > limits.max_message_size:
                     text = f"payload of {len(payload)} bytes, more than {limits.max_message_size}"
                     out.append(self._refuse(s, ErrorCode.MESSAGE_TOO_LARGE, text, rid))
@@ -610,6 +668,31 @@ class SessionTable:
             if s.backlog > self.config.max_backlog:
                 return self._slow(s, f"more than {self.config.max_backlog} bytes queued")
         return [SendBytes(s.conn, data)]
+
+    def _denied(
+        self, s: _Session, operation: Operation, groups: tuple[str, ...], rid: int
+    ) -> SendBytes | None:
+        """ERROR ACCESS_DENIED naming the operation and the first group the rules keep
+        `s` from performing it on; None if every group allows it."""
+        access = self.config.access
+        if not access.rules:
+            return None  # no rules: every session past its handshake may do everything
+        who = s.principal
+        assert who is not None  # set when the session opened; only open sessions ask
+        for group in groups:
+            allowed = s.decisions.get(group)
+            if allowed is None:
+                allowed = access.allowed(who, group)
+                if len(s.decisions) >= MAX_DECISIONS:
+                    s.decisions.clear()
+                s.decisions[group] = allowed
+            if operation not in allowed:
+                self._bump(access_denied=1)
+                verb = "join" if operation is Operation.JOIN else "send to"
+                token = f" (token {who.token!r})" if who.token is not None else ""
+                text = f"{s.name}{token} may not {verb} group {group!r}"
+                return self._refuse(s, ErrorCode.ACCESS_DENIED, text, rid)
+        return None
 
     def _group_fault(self, group: str) -> str | None:
         size = len(group.encode("utf-8"))

@@ -36,6 +36,7 @@ from typing import Any
 from meshcast.config import ClusterConfig, DaemonSpec, Emulation, SecurityConfig
 from meshcast.errors import BufferFull, ConfigError, MeshcastError, UsageError
 from meshcast.group import Broadcast, GroupEngine, GroupStats, OrderingFault, OrderingReset
+from meshcast.group.access import AccessPolicy
 from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipStats
 from meshcast.group.sessions import (
     ClientConnected,
@@ -67,7 +68,13 @@ from meshcast.runtime.datagram import open_endpoint
 from meshcast.runtime.impair import ImpairedSender, Impairment
 from meshcast.runtime.keyfile import describe_keyring, load_keyring
 from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
-from meshcast.runtime.sessions import ClientServer, default_socket_path
+from meshcast.runtime.sessions import (
+    ClientServer,
+    check_client_access,
+    default_socket_path,
+    is_loopback,
+    socket_group_id,
+)
 from meshcast.runtime.stats import ImpairmentStats
 from meshcast.runtime.timer import DeadlineTimer
 from meshcast.runtime.udp import (
@@ -135,6 +142,20 @@ class ClientListen:
 
 
 # ---------------------------------------------------------------------- configuration
+
+
+def check_clients(config: ClusterConfig, listen: ClientListen) -> tuple[AccessPolicy, int | None]:
+    """`[clients]` made ready for where the daemon will listen: the access policy (the
+    token file read now) and the socket group's id.
+
+    Raises `ConfigError` for an unreadable or unsafe token file, a TCP client port open
+    beyond loopback without tokens, or a ``socket_group`` that names no group here.
+    """
+    policy = config.clients.load_policy(config.source)
+    tcp_host = listen.tcp_host if listen.tcp_port is not None else None
+    check_client_access(tcp_host, policy.has_tokens, source=config.source)
+    group = config.clients.socket_group
+    return policy, None if group is None else socket_group_id(group, source=config.source)
 
 
 def incarnation_now(wall_clock: float | None = None) -> int:
@@ -447,6 +468,10 @@ class OverlayDaemon:
         self._insecure_warning_interval = insecure_warning_interval
         self._key_reloads = 0
         self._key_reload_failures = 0
+        self.clients = clients if clients is not None else ClientListen()
+        # before any socket is bound: the token file must be safe, a client port open
+        # beyond loopback needs tokens, a socket group must exist (ConfigError)
+        access, self._socket_group = check_clients(config, self.clients)
         limits = config.limits
         self.sessions = SessionTable(
             name,
@@ -461,10 +486,10 @@ class OverlayDaemon:
                 handshake_timeout=limits.handshake_timeout,
                 max_pending_handshakes=limits.max_pending_handshakes,
                 block_timeout=limits.block_timeout,
+                access=access,
             ),
             status=self.status_sections,
         )
-        self.clients = clients if clients is not None else ClientListen()
         self.client_server: ClientServer | None = None
         self._group_broadcasts_lost = 0
         self._loop = asyncio.get_running_loop()
@@ -570,11 +595,21 @@ class OverlayDaemon:
             # machine (a second cluster, a test run) may hold it. Then serve without it.
             path = default_socket_path(self.spec.name, self.config.name)
             try:
-                await server.start_unix(path, default_dir=True)
+                await server.start_unix(path, default_dir=True, group=self._socket_group)
             except OSError as exc:
                 self.events.error("clients_unix_unavailable", path=str(path), error=str(exc))
+            if self._socket_group is not None:
+                self._log.warning(
+                    "[clients] socket_group %s: the socket is in %s, a private (0700) "
+                    "directory the group cannot reach; give --client-socket a path in a "
+                    "directory shared with the group",
+                    self.config.clients.socket_group,
+                    path.parent,
+                )
         else:
-            await server.start_unix(Path(listen.unix_path), default_dir=False)
+            await server.start_unix(
+                Path(listen.unix_path), default_dir=False, group=self._socket_group
+            )
         if listen.tcp_port is not None:
             await server.start_tcp(listen.tcp_host, listen.tcp_port)
 
@@ -652,6 +687,11 @@ class OverlayDaemon:
             if server is None or server.tcp_address is None
             else server.tcp_address[1],
             max_clients=self.config.limits.max_clients,
+            socket_group=self.config.clients.socket_group,
+            tcp_tokens_required=server is not None
+            and server.tcp_address is not None
+            and not is_loopback(server.tcp_address[0]),
+            access_rules=len(self.config.clients.rules),
         )
         self._run_input("start", lambda now: self.node.start(now))
         async with asyncio.TaskGroup() as tasks:

@@ -65,7 +65,8 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--client-socket",
         metavar="PATH",
         default=None,
-        help="Unix socket for client sessions (created 0600); default: "
+        help="Unix socket for client sessions (created 0600, or 0660 for [clients] "
+        "socket_group); default: "
         "$XDG_RUNTIME_DIR/meshcast/NAME@CLUSTER.sock, else "
         "<tmp>/meshcast-<uid>/NAME@CLUSTER.sock",
     )
@@ -86,7 +87,8 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--client-host",
         metavar="ADDRESS",
         default="127.0.0.1",
-        help="address of the TCP client listener (default 127.0.0.1: loopback only)",
+        help="address of the TCP client listener (default 127.0.0.1: loopback only; any "
+        "other address needs tokens, see [clients] in docs/config.md)",
     )
     parser.add_argument(
         "--log-format",
@@ -126,6 +128,7 @@ def daemon_command(args: argparse.Namespace) -> int:
     """Handler of ``meshcast daemon``: returns the exit status."""
     from meshcast.runtime.daemon import (
         ClientListen,
+        check_clients,
         configure_logging,
         overlay_config,
         run_daemon,
@@ -145,6 +148,7 @@ def daemon_command(args: argparse.Namespace) -> int:
         config, reload_security = _load(args.config)
         overlay_config(config, args.name)  # unknown name, unusable policy: before binding
         load_keyring(config.security, config.source)  # no key, a bad key file: the same
+        check_clients(config, clients)  # the token file, a TCP port beyond loopback, ...
     except ConfigError as exc:
         print_error("meshcast daemon", exc)
         return 2

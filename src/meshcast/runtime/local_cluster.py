@@ -87,6 +87,8 @@ class LocalCluster:
             write_key_file(key, new_key())
             self._config = replace(self._config, security=SecurityConfig(key_file=str(key)))
         path = workdir / "cluster.toml"
+        # 0600: the dump holds the config's token secrets, if any (load_config checks)
+        path.touch(mode=0o600)
         path.write_text(dump_config(self._config), encoding="utf-8")
         for spec in self._config.daemons:
             argv = [

@@ -20,14 +20,21 @@ docs/design/daemon.md, "Client sessions".
 Socket path convention (the client library relies on it):
 ``$XDG_RUNTIME_DIR/meshcast/<daemon>@<cluster>.sock`` when ``XDG_RUNTIME_DIR`` is set, else
 ``<tempdir>/meshcast-<uid>/<daemon>@<cluster>.sock``. The directory is created ``0700`` and must
-belong to this user; the socket is created ``0600``. A stale socket file (nothing
-listening) is replaced; a live one, or a path that is not a socket, is an error.
+belong to this user; the socket is created ``0600`` (``0660`` and given to the group of
+``[clients] socket_group`` when set). A stale socket file (nothing listening) is replaced;
+a live one, or a path that is not a socket, is an error.
+
+A TCP listener bound to anything but loopback is *remote*: its connections must present a
+token in their HELLO (`SessionTable.connected(remote=True)`); `check_client_access`
+refuses to start such a listener when no token is configured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
+import ipaddress
 import logging
 import os
 import socket
@@ -39,7 +46,7 @@ from functools import partial
 from pathlib import Path
 from typing import cast
 
-from meshcast.errors import DecodeError
+from meshcast.errors import ConfigError, DecodeError
 from meshcast.group.sessions import SessionEffect, SessionTable
 from meshcast.wire.client import ANY_FRAME, HELLO_FRAME_LIMIT, Frame, FrameDecoder, Multicast
 
@@ -86,8 +93,45 @@ def ensure_private_dir(directory: Path) -> None:
         raise OSError(f"{directory} is open to other users (mode {info.st_mode & 0o777:o})")
 
 
-def bind_unix_socket(path: Path) -> socket.socket:
-    """A listening Unix stream socket at `path`, mode 0600 (stale files handled safely)."""
+def is_loopback(host: str) -> bool:
+    """Is `host` a loopback address (only this machine can connect)? A name other than
+    ``localhost`` is never resolved, so it counts as not loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def socket_group_id(name: str, *, source: str = "") -> int:
+    """The id of group `name` for ``[clients] socket_group``; `ConfigError` if none exists."""
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"no group named {name!r} on this machine (see /etc/group)",
+            key="clients.socket_group",
+            source=source,
+        ) from None
+
+
+def check_client_access(tcp_host: str | None, has_tokens: bool, *, source: str = "") -> None:
+    """Refuse (`ConfigError`) a TCP client listener open beyond loopback without tokens."""
+    if tcp_host is not None and not is_loopback(tcp_host) and not has_tokens:
+        raise ConfigError(
+            f"the TCP client address {tcp_host} is not loopback, so clients must present a "
+            "token: configure [clients] token_file (lines NAME SECRET, mode 0600) or "
+            "[clients.tokens], or bind the client port to 127.0.0.1",
+            key="clients.token_file",
+            source=source,
+        )
+
+
+def bind_unix_socket(path: Path, *, group: int | None = None) -> socket.socket:
+    """A listening Unix stream socket at `path`, mode 0600, or 0660 owned by `group` (a
+    group id) when given. Stale files are handled safely; the socket is never more open
+    than asked, not even for a moment (created 0600, then given to the group)."""
     try:
         info = path.lstat()
     except FileNotFoundError:
@@ -112,6 +156,9 @@ def bind_unix_socket(path: Path) -> socket.socket:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
+        if group is not None:
+            os.chown(path, -1, group)  # EPERM unless this user is a member of the group
+            os.chmod(path, 0o660)
         sock.listen(128)
         sock.setblocking(False)
     except BaseException:
@@ -136,13 +183,15 @@ def _remove_if_ours(path: Path, inode: tuple[int, int]) -> None:
 class _Connection(asyncio.Protocol):
     """Forwards transport events to the server; no logic here."""
 
-    def __init__(self, server: ClientServer) -> None:
+    def __init__(self, server: ClientServer, *, remote: bool = False) -> None:
         self._server = server
+        self._remote = remote  # from a TCP listener open beyond loopback
         self.conn = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport (uvloop's is not an asyncio.Transport subclass)
-        self.conn = self._server._connected(cast("asyncio.Transport", transport))
+        transport = cast("asyncio.Transport", transport)
+        self.conn = self._server._connected(transport, remote=self._remote)
 
     def data_received(self, data: bytes) -> None:
         self._server._data(self.conn, data)
@@ -198,10 +247,11 @@ class ClientServer:
         self._unix_inode: tuple[int, int] | None = None
         self.tcp_address: tuple[str, int] | None = None
 
-    async def start_unix(self, path: Path, *, default_dir: bool) -> None:
+    async def start_unix(self, path: Path, *, default_dir: bool, group: int | None = None) -> None:
+        """Listen at `path` (0600; 0660 owned by group id `group` when given)."""
         if default_dir:
             ensure_private_dir(path.parent)
-        sock = bind_unix_socket(path)
+        sock = bind_unix_socket(path, group=group)
         self.unix_path = path
         self._unix_inode = _inode(path)
         self._servers.append(
@@ -209,7 +259,11 @@ class ClientServer:
         )
 
     async def start_tcp(self, host: str, port: int) -> None:
-        server = await self._loop.create_server(lambda: _Connection(self), host, port)
+        """Listen on TCP `host`:`port`; beyond loopback its clients need a token."""
+        remote = not is_loopback(host)
+        server = await self._loop.create_server(
+            lambda: _Connection(self, remote=remote), host, port
+        )
         self._servers.append(server)
         name = server.sockets[0].getsockname()
         self.tcp_address = (str(name[0]), int(name[1]))
@@ -326,7 +380,7 @@ class ClientServer:
 
     # ------------------------------------------------------------------ transport events
 
-    def _connected(self, transport: asyncio.Transport) -> int:
+    def _connected(self, transport: asyncio.Transport, *, remote: bool) -> int:
         conn = self._next_conn
         self._next_conn += 1
         self._transports[conn] = transport
@@ -336,7 +390,7 @@ class ClientServer:
         # timeout is never the daemon's fault.
         self._decoders[conn] = FrameDecoder(max_frame_size=HELLO_FRAME_LIMIT, accept=ANY_FRAME)
         transport.set_write_buffer_limits(high=self._high_water)
-        self._feed("connected", partial(self._table.connected, conn))
+        self._feed("connected", partial(self._table.connected, conn, remote=remote))
         return conn
 
     def _data(self, conn: int, data: bytes) -> None:

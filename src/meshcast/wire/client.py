@@ -10,6 +10,7 @@ All integers are big-endian. Strings are UTF-8 with a length prefix: ``str8`` is
 ``len u8 | bytes``, ``str16`` is ``len u16 | bytes``. Bodies by type (direction in brackets)::
 
     0x01 HELLO       [c→d] magic "MCCP" | min_version u16 | max_version u16 | flags u16 | name str8
+                           (v3: flag TOKEN 0x0002 = token str8 follows the name)
     0x02 JOIN        [c→d] request_id u32 | policy u8 | group str8
     0x03 LEAVE       [c→d] request_id u32 | group str8
     0x04 MULTICAST   [c→d] request_id u32 | service u8 | msg_type u16 | n u16 | n x group str8 |
@@ -50,7 +51,9 @@ from meshcast.errors import DecodeError
 # ---------------------------------------------------------------- protocol constants
 
 MAGIC = b"MCCP"  # first bytes of HELLO and WELCOME bodies: "meshcast client protocol"
-VERSION = 2  # the newest version this module speaks (2: CONFIRM, CONFIRMED, TRANSITIONAL)
+# the newest version this module speaks (2: CONFIRM, CONFIRMED, TRANSITIONAL; 3: HELLO's
+# token, UNAUTHENTICATED, ACCESS_DENIED)
+VERSION = 3
 MIN_VERSION = 1  # the oldest version this module speaks
 
 LENGTH = struct.Struct("!I")
@@ -63,6 +66,8 @@ U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 # Protocol ceilings: hard limits of the format itself. A daemon's configured limits
 # (`DaemonLimits`, announced in WELCOME) are at most these.
 MAX_CLIENT_NAME = 32  # bytes (UTF-8) of the name a client asks for in HELLO
+MAX_TOKEN = 128  # bytes of the access token a HELLO may carry (v3): printable ASCII
+TOKEN_VERSION = 3  # the first version whose HELLO may carry a token
 MAX_DAEMON_NAME = 64  # bytes of the daemon part of a private name (config names: 64 chars)
 MAX_PRIVATE_NAME = 2 + MAX_CLIENT_NAME + MAX_DAEMON_NAME  # "#client#daemon": 98 bytes
 MAX_GROUP_NAME = 255  # bytes of a group name (a str8)
@@ -115,8 +120,9 @@ def frame_size_limit(max_message_size: int) -> int:
 
 DEFAULT_MAX_FRAME_SIZE = frame_size_limit(DEFAULT_MAX_MESSAGE_SIZE)
 # The largest frame (its length field) a client can need before WELCOME: a HELLO with the
-# longest name. A daemon caps frames at this until the handshake is done (44 bytes).
-HELLO_FRAME_LIMIT = 1 + len(MAGIC) + HELLO_HEAD.size + 1 + MAX_CLIENT_NAME
+# longest name and token. A daemon caps frames at this until the handshake is done
+# (173 bytes).
+HELLO_FRAME_LIMIT = 1 + len(MAGIC) + HELLO_HEAD.size + 1 + MAX_CLIENT_NAME + 1 + MAX_TOKEN
 
 
 # ---------------------------------------------------------------- enumerations
@@ -224,9 +230,14 @@ _CAUSES = {code: cause for cause, code in _CAUSE_CODES.items()}
 
 class HelloFlag(IntFlag):
     MEMBERSHIP = 0x0001  # deliver MEMBERSHIP events (without it: MESSAGE frames only)
+    # (v3) a token str8 follows the name. Set by the encoder from `Hello.token`, never in
+    # `Hello.flags`: an older daemon refuses the unknown bit (BAD_FRAME), a clean failure
+    TOKEN = 0x0002
 
 
-KNOWN_HELLO_FLAGS = int(HelloFlag.MEMBERSHIP)  # other bits must be 0
+KNOWN_HELLO_FLAGS = int(HelloFlag.MEMBERSHIP)  # the bits `Hello.flags` may hold
+WIRE_HELLO_FLAGS = KNOWN_HELLO_FLAGS | int(HelloFlag.TOKEN)  # the bits a HELLO may carry
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+\Z")  # printable ASCII, no space
 
 
 class ErrorCode(IntEnum):
@@ -240,6 +251,7 @@ class ErrorCode(IntEnum):
     SLOW_RECEIVER = 106  # disconnected by the `disconnect` slow-receiver policy
     SHUTTING_DOWN = 107  # the daemon is stopping
     HANDSHAKE_TIMEOUT = 108  # no HELLO within the daemon's handshake_timeout
+    UNAUTHENTICATED = 109  # (v3) HELLO's token is missing (and required here) or unknown
     GROUP_NAME_TOO_LONG = 201  # longer than the daemon's max_group_name
     TOO_MANY_GROUPS = 202  # JOIN beyond max_groups_per_client
     MESSAGE_TOO_LARGE = 203  # payload beyond max_message_size
@@ -248,6 +260,7 @@ class ErrorCode(IntEnum):
     SERVICE_NOT_SUPPORTED = 206  # the daemon does not offer this service level
     INTERNAL_ERROR = 207  # the daemon failed on this request (a bug; it keeps serving)
     TOO_MANY_UNCONFIRMED = 208  # a CONFIRM MULTICAST beyond MAX_UNCONFIRMED outstanding
+    ACCESS_DENIED = 209  # (v3) the daemon's access rules forbid this JOIN or MULTICAST
     MESSAGES_DROPPED = 301  # the `drop-unreliable` policy dropped messages for this client
 
     @property
@@ -297,6 +310,9 @@ class Hello:
     min_version: int = MIN_VERSION
     max_version: int = VERSION
     flags: HelloFlag = HelloFlag.MEMBERSHIP
+    # (v3) the access token: 1..128 bytes of printable ASCII; None: none (flag TOKEN clear).
+    # Needs max_version >= 3. Kept out of repr: it is a secret.
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,7 +597,7 @@ def _check(frame: object) -> None:
     """Raise `_Fault` naming what makes `frame` invalid; shared by encode and decode."""
     fault: str | None = None
     match frame:
-        case Hello(name, min_version, max_version, flags):
+        case Hello(name, min_version, max_version, flags, token):
             fault = (
                 (_word_fault(name, "client name", MAX_CLIENT_NAME) if name != "" else None)
                 or _range_fault(min_version, "min_version", 1, U16_MAX)
@@ -592,6 +608,10 @@ def _check(frame: object) -> None:
                 fault = f"min_version {min_version} is above max_version {max_version}"
             if fault is None and int(flags) & ~KNOWN_HELLO_FLAGS:
                 fault = f"unknown flags 0x{int(flags) & ~KNOWN_HELLO_FLAGS:04x}"
+            if fault is None and token is not None:
+                fault = _token_fault(token)
+                if fault is None and max_version < TOKEN_VERSION:
+                    fault = f"a token needs max_version >= {TOKEN_VERSION}, not {max_version}"
         case Welcome(version, private_name, limits):
             fault = _range_fault(version, "version", 1, U16_MAX) or _private_fault(
                 private_name, "private name"
@@ -639,6 +659,17 @@ def _check(frame: object) -> None:
             fault = f"not a client-protocol frame: {type(frame).__name__}"
     if fault is not None:
         raise _Fault(fault)
+
+
+def _token_fault(token: object) -> str | None:
+    """An access token: 1..MAX_TOKEN bytes of printable ASCII (never echoed: a secret)."""
+    if not isinstance(token, str):
+        return f"token must be a str, not {type(token).__name__}"
+    if not 1 <= len(token) <= MAX_TOKEN:
+        return f"token of {len(token)} characters; allowed: 1..{MAX_TOKEN}"
+    if not _TOKEN_CHARS.match(token):
+        return "token has a character other than printable ASCII (space excluded)"
+    return None
 
 
 def _member_fault(value: object, table: Container[object], what: str) -> str | None:
@@ -730,6 +761,13 @@ def check_client_name(name: str) -> None:
         raise ValueError(fault)
 
 
+def check_token(token: str) -> None:
+    """Raise ValueError unless `token` may be sent in HELLO (1..128 printable ASCII)."""
+    fault = _token_fault(token)
+    if fault is not None:
+        raise ValueError(fault)
+
+
 def check_group_name(name: str, max_bytes: int = MAX_GROUP_NAME) -> None:
     """Raise ValueError unless `name` is a valid group name of at most `max_bytes` bytes.
 
@@ -796,8 +834,11 @@ def _names(names: tuple[str, ...]) -> bytes:
 
 def _encode_body(frame: Frame) -> list[bytes]:
     match frame:
-        case Hello(name, min_version, max_version, flags):
+        case Hello(name, min_version, max_version, flags, None):
             return [MAGIC, HELLO_HEAD.pack(min_version, max_version, flags), _str8(name)]
+        case Hello(name, min_version, max_version, flags, str(token)):
+            head = HELLO_HEAD.pack(min_version, max_version, int(flags) | HelloFlag.TOKEN)
+            return [MAGIC, head, _str8(name), _str8(token)]
         case Welcome(version, private_name, limits):
             return [
                 MAGIC,
@@ -933,9 +974,11 @@ def _parse(ftype: FrameType, r: _Reader) -> Frame:
         case FrameType.HELLO:
             r.magic()
             low, high, flags = r.ints(HELLO_HEAD, "HELLO header")
-            if flags & ~KNOWN_HELLO_FLAGS:
-                raise _Fault(f"unknown flags 0x{flags & ~KNOWN_HELLO_FLAGS:04x}")
-            return Hello(r.text("client name"), low, high, HelloFlag(flags))
+            if flags & ~WIRE_HELLO_FLAGS:
+                raise _Fault(f"unknown flags 0x{flags & ~WIRE_HELLO_FLAGS:04x}")
+            name = r.text("client name")
+            token = r.text("token") if flags & HelloFlag.TOKEN else None
+            return Hello(name, low, high, HelloFlag(flags & KNOWN_HELLO_FLAGS), token)
         case FrameType.WELCOME:
             r.magic()
             (version,) = r.ints(WELCOME_HEAD, "WELCOME header")

@@ -20,6 +20,7 @@ from meshcast.wire.client import (
     FROM_DAEMON,
     HELLO_FRAME_LIMIT,
     MAX_UNCONFIRMED,
+    VERSION,
     Cause,
     Confirmed,
     DaemonLimits,
@@ -93,7 +94,7 @@ def test_handshake_names_and_refusals() -> None:
     assert [f.code for f in frames(effects, 2)] == [ErrorCode.NAME_IN_USE]  # type: ignore[union-attr]
     assert CloseConnection(2) in effects
     t.connected(3)
-    effects = t.frame_received(3, Hello("x", min_version=3, max_version=4), 0.0)
+    effects = t.frame_received(3, Hello("x", min_version=VERSION + 1, max_version=VERSION + 2), 0.0)
     assert [f.code for f in frames(effects, 3)] == [ErrorCode.UNSUPPORTED_VERSION]  # type: ignore[union-attr]
     t.connected(4)
     effects = t.frame_received(4, Join("g"), 0.0)

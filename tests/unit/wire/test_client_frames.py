@@ -49,8 +49,13 @@ ALICE = "#alice#D1"
 BOB = "#bob#D2"
 
 GOLDEN: list[tuple[Frame, str]] = [
-    # HELLO: length 17 | type 01 | magic "MCCP" | min 1 | max 2 | flags MEMBERSHIP | name "alice"
-    (Hello("alice"), "00000011 01 4d434350 0001 0002 0001 05 616c696365"),
+    # HELLO: length 17 | type 01 | magic "MCCP" | min 1 | max 3 | flags MEMBERSHIP | name "alice"
+    (Hello("alice"), "00000011 01 4d434350 0001 0003 0001 05 616c696365"),
+    # HELLO (v3) with a token: flags MEMBERSHIP|TOKEN (0x0003) | name "bob" | token "s3cret"
+    (
+        Hello("bob", token="s3cret"),
+        "00000016 01 4d434350 0001 0003 0003 03 626f62 06 733363726574",
+    ),
     # HELLO from a version-1 client letting the daemon pick its name, no membership events
     (Hello(max_version=1, flags=HelloFlag(0)), "0000000c 01 4d434350 0001 0001 0000 00"),
     # WELCOME: version 1 | private name "#alice#D1" | 16 MiB | 64-byte groups | 100 groups
@@ -94,6 +99,8 @@ GOLDEN: list[tuple[Frame, str]] = [
         "00000025 43 04 63686174 0000000000000003 00000001 04"
         " 00000001 09 23616c696365234431 00000000",
     ),
+    # ERROR (v3): code 209 ACCESS_DENIED | request 4 | text "no" (str16)
+    (ErrorReport(ErrorCode.ACCESS_DENIED, "no", 4), "0000000b 44 00d1 00000004 0002 6e6f"),
     # ERROR: code 203 MESSAGE_TOO_LARGE | request 9 | text "too big" (str16)
     (
         ErrorReport(ErrorCode.MESSAGE_TOO_LARGE, "too big", 9),
@@ -198,11 +205,17 @@ def test_clip_text_makes_any_text_fit_an_error() -> None:
     )
 
 
+def test_a_token_stays_out_of_repr() -> None:
+    hello = Hello("bob", token="s3cret-t0ken")
+    assert "s3cret-t0ken" not in repr(hello)
+    assert decode(encode(hello)).token == "s3cret-t0ken"  # type: ignore[union-attr]
+
+
 def test_version_choice() -> None:
-    assert client.choose_version(Hello()) == 2
+    assert client.choose_version(Hello()) == 3
     assert client.choose_version(Hello(max_version=1)) == 1  # a version-1 client
-    assert client.choose_version(Hello(min_version=1, max_version=7)) == 2
-    assert client.choose_version(Hello(min_version=3, max_version=4)) is None
+    assert client.choose_version(Hello(min_version=1, max_version=7)) == 3
+    assert client.choose_version(Hello(min_version=4, max_version=5)) is None
     assert client.choose_version(Hello(min_version=2, max_version=9), lowest=1, highest=4) == 4
 
 
@@ -222,6 +235,12 @@ G = ("chat",)
         (Hello(min_version=2, max_version=1), "min_version 2 is above max_version 1"),
         (Hello(min_version=0), "min_version 0 is outside 1..65535"),
         (Hello(flags=HelloFlag(0x8000)), "unknown flags 0x8000"),
+        (Hello(flags=HelloFlag.TOKEN), "unknown flags 0x0002"),  # set from `token` only
+        (Hello(token=""), "token of 0 characters; allowed: 1..128"),
+        (Hello(token="x" * 129), "token of 129 characters"),
+        (Hello(token="with space"), "token has a character other than printable ASCII"),
+        (Hello(token="caf\u00e9"), "token has a character other than printable ASCII"),
+        (Hello(max_version=2, token="secret"), "a token needs max_version >= 3, not 2"),
         (Welcome(1, "alice"), "private name 'alice' is not of the form"),
         (Welcome(1, "#alice#"), "daemon part of private name is empty"),
         (Welcome(0, ALICE), "version 0 is outside"),
@@ -314,7 +333,15 @@ HELLO_BODY = b"MCCP" + struct.pack("!HHH", 1, 1, 1) + str8("alice")
         (frame_bytes(0x01, HELLO_BODY + b"!"), "HELLO frame: 1 trailing bytes after the body"),
         (
             frame_bytes(0x01, HELLO_BODY[:8] + b"\x00\x03" + HELLO_BODY[10:]),
-            "HELLO frame: unknown flags 0x0002",
+            "HELLO frame: truncated length of token",  # flag TOKEN (v3), no token
+        ),
+        (
+            frame_bytes(0x01, HELLO_BODY[:8] + b"\x00\x03" + HELLO_BODY[10:] + str8("a b")),
+            "HELLO frame: token has a character other than printable ASCII",
+        ),
+        (
+            frame_bytes(0x01, HELLO_BODY[:8] + b"\x00\x05" + HELLO_BODY[10:]),
+            "HELLO frame: unknown flags 0x0004",
         ),
         (
             frame_bytes(0x01, HELLO_BODY[:10] + b"\x02\xc3\x28"),
