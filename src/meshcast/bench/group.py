@@ -120,9 +120,17 @@ class GroupBenchError(MeshcastError):
 # ---------------------------------------------------------------------- the cluster
 
 
-def bench_config(count: int, tag: str, mtu: int | None = None) -> ClusterConfig:
-    """`count` daemons on 127.0.0.1..count, fully meshed, one site, fast rates; the Hop
-    links' `mtu` if given, else the default.
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """What a run may change in the bench cluster's configuration."""
+
+    mtu: int | None = None  # the Hop links' datagram size; None: the default
+    insecure: bool = False  # links in the clear (for comparison); default: encrypted
+
+
+def bench_config(count: int, tag: str, tuning: Tuning = Tuning()) -> ClusterConfig:
+    """`count` daemons on 127.0.0.1..count, fully meshed, one site, fast rates, links
+    encrypted with a fresh key as users run them (unless `tuning.insecure`).
 
     Daemon names carry `tag` (unique per run): each daemon's default client socket is
     named after it, so clusters of concurrent runs never collide. Ports are placeholders;
@@ -157,8 +165,10 @@ def bench_config(count: int, tag: str, mtu: int | None = None) -> ClusterConfig:
         "[membership]",
         'view_settle_interval = "50ms"',
     ]
-    if mtu is not None:
-        lines += ["", "[link]", f"mtu = {mtu}"]
+    if tuning.mtu is not None:
+        lines += ["", "[link]", f"mtu = {tuning.mtu}"]
+    if tuning.insecure:
+        lines += ["", "[security]", "insecure = true"]
     return parse_config("\n".join(lines) + "\n", source="<bench group>")
 
 
@@ -182,11 +192,11 @@ class RunningCluster:
 
 @contextlib.asynccontextmanager
 async def running_cluster(
-    count: int, tag: str, mtu: int | None = None
+    count: int, tag: str, tuning: Tuning = Tuning()
 ) -> AsyncIterator[RunningCluster]:
     """Start `count` daemons, wait until they agree on one view; yield their client
     addresses (daemon 1 first). Every daemon is stopped on the way out, whatever happens."""
-    config = bench_config(count, tag, mtu)
+    config = bench_config(count, tag, tuning)
     async with LocalCluster(config) as cluster:  # a failed start stops what did start
         handle = await _ready(cluster, config)
         yield handle
@@ -478,11 +488,11 @@ async def flood_setup(
     tag: str,
     window: int,
     timeout: float,  # noqa: ASYNC109 - per cell
-    mtu: int | None = None,
+    tuning: Tuning = Tuning(),
 ) -> AsyncIterator[FloodSetup]:
     """`count` daemons, a receiver process on each, the sender here; all stopped after."""
     async with (
-        running_cluster(count, tag, mtu) as cluster,
+        running_cluster(count, tag, tuning) as cluster,
         running_workers(cluster.addresses, "r") as receivers,
         await connect(cluster.addresses[0], name="sender", timeout=REQUEST_TIMEOUT) as sender,
     ):
@@ -506,12 +516,12 @@ async def measure_cluster(
     *,
     window: int,
     timeout: float,  # noqa: ASYNC109 - bounded wait per cell
-    mtu: int | None = None,
+    tuning: Tuning = Tuning(),
 ) -> tuple[dict[str, dict[str, CellResult]], dict[str, dict[str, Any]]]:
     """Every (size, service) cell on one cluster of `count` daemons; also the daemons'
     final statistics (`daemon_stopped`), by daemon name."""
     results: dict[str, dict[str, CellResult]] = {}
-    async with flood_setup(count, tag, window, timeout, mtu) as setup:
+    async with flood_setup(count, tag, window, timeout, tuning) as setup:
         log.info("%d daemons: warm-up", count)
         tag_of_cell = 1
         await setup.measure(WARMUP_MESSAGES, 1_000, ServiceLevel.RELIABLE, tag_of_cell)
@@ -541,12 +551,17 @@ async def measure_cluster(
 
 
 async def measure_rtt(
-    tag: str, round_trips: int, warmup: int, size: int, mtu: int | None = None, daemons: int = 2
+    tag: str,
+    round_trips: int,
+    warmup: int,
+    size: int,
+    tuning: Tuning = Tuning(),
+    daemons: int = 2,
 ) -> list[float]:
     """Round-trip times (s) of AGREED messages, client on daemon 1 to an echo on daemon 2,
     in a cluster of `daemons` (the others idle)."""
     async with (
-        running_cluster(daemons, tag, mtu) as cluster,
+        running_cluster(daemons, tag, tuning) as cluster,
         running_workers(cluster.addresses[1:2], "echo") as (echo,),
         await connect(cluster.addresses[0], name="pinger", timeout=REQUEST_TIMEOUT) as pinger,
     ):
@@ -691,6 +706,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"the configuration default, {LinkConfig().mtu}, as Spread's ~1.4 KB packets)",
     )
     parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run the daemons' links in the clear, to compare with the default (encrypted)",
+    )
+    parser.add_argument(
         "--cell-timeout",
         type=seconds,
         default=DEFAULT_CELL_TIMEOUT,
@@ -793,6 +813,7 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
     throughput: dict[str, object] = {}
     cpu: dict[str, object] = {}
     runs: dict[str, object] = {}
+    tuning = Tuning(mtu=args.mtu, insecure=args.insecure)
     counters: dict[str, object] = {}
     do_throughput = args.only in (None, "throughput")
     do_rtt = args.only == "rtt" or (args.only is None and not args.skip_rtt)
@@ -805,7 +826,7 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
             base,
             window=args.window,
             timeout=args.cell_timeout,
-            mtu=args.mtu,
+            tuning=tuning,
         )
         throughput[str(count)] = _by_cell(cells, lambda size, cell: cell.rates(size))
         cpu[str(count)] = _by_cell(cells, lambda _, cell: _cpu_per_message(cell))
@@ -817,7 +838,7 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
     if do_rtt:
         result["rtt_ms"] = {
             str(count): summarise_rtt(
-                await measure_rtt(tag, round_trips, RTT_WARMUP, RTT_SIZE, args.mtu, count)
+                await measure_rtt(tag, round_trips, RTT_WARMUP, RTT_SIZE, tuning, count)
             )
             for count in RTT_DAEMONS
         }
@@ -845,6 +866,9 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         "overlay": f"full mesh on 127.0.0.x, shortest-path routing, {LINK_RATE} uploads "
         "and links, everything else default, no emulated delay or loss",
         "mtu": args.mtu or LinkConfig().mtu,
+        "links": "in the clear (--insecure)"
+        if args.insecure
+        else "encrypted (ChaCha20-Poly1305, as users run them)",
         "sender": "one client on daemon 1 (this process), not a member of the group; an "
         f"AGREED token to itself every window/{TOKENS_PER_WINDOW} messages, at most one "
         "window of messages beyond the last token delivered back",
