@@ -394,7 +394,6 @@ async def agreed_traffic(
         await sender.join(group)
         for client in receivers.values():
             await wait_members(client, group, len(receivers) + 1)
-        sender_name: list[str] = []
 
         async def read(name: str, client: Any) -> None:
             got = traffic.got.setdefault(name, [])
@@ -417,7 +416,6 @@ async def agreed_traffic(
 
         readers = [asyncio.create_task(read(n, c)) for n, c in receivers.items()]
         sending = asyncio.create_task(send())
-        del sender_name
 
         async def finish() -> None:
             stop.set()
