@@ -456,22 +456,15 @@ def sealed_under(key: Any, *, d1_epoch: int) -> list[bytes]:
     """DATA, STATE and HEARTBEAT datagrams "from d2 to d1" sealed by a session made
     under `key` (two SecureLinks run in memory: d2's, and one posing as d1 with d1's
     real epoch, so the records carry the key id d1 expects)."""
-    from meshcast.link import HopLink
     from meshcast.link.events import Transmit
     from meshcast.link.secure import LinkSecurity, SecureLink
     from meshcast.wire.keys import KeyRing
 
     security = LinkSecurity(KeyRing.of(key), os.urandom)
     cfg = load_link_config()
-    two = SecureLink(
-        HopLink(NodeId(2), NodeId(1), security.link_config(cfg), epoch=777), NodeId(2), security
-    )
+    two = SecureLink(NodeId(2), NodeId(1), cfg, epoch=777, security=security)
     other_security = LinkSecurity(KeyRing.of(key), os.urandom)
-    one = SecureLink(
-        HopLink(NodeId(1), NodeId(2), other_security.link_config(cfg), epoch=d1_epoch),
-        NodeId(1),
-        other_security,
-    )
+    one = SecureLink(NodeId(1), NodeId(2), cfg, epoch=d1_epoch, security=other_security)
     out: list[bytes] = []
     now = 1.0
 

@@ -868,7 +868,7 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         "mtu": args.mtu or LinkConfig().mtu,
         "links": "in the clear (--insecure)"
         if args.insecure
-        else "encrypted (ChaCha20-Poly1305, as users run them)",
+        else "encrypted (AES-256-GCM, as users run them)",
         "sender": "one client on daemon 1 (this process), not a member of the group; an "
         f"AGREED token to itself every window/{TOKENS_PER_WINDOW} messages, at most one "
         "window of messages beyond the last token delivered back",

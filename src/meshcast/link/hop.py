@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from meshcast import wire
 from meshcast.errors import DecodeError
@@ -91,6 +91,9 @@ class _Counters:
     stale_dropped: int = 0
     out_of_window_dropped: int = 0
     protocol_violations: int = 0
+
+
+_COUNTER_NAMES = tuple(f.name for f in fields(_Counters))
 
 
 @dataclass(slots=True)
@@ -168,13 +171,18 @@ class HopLink:
 
     def statistics(self) -> LinkStats:
         return LinkStats(
-            **asdict(self._counters),
+            **self._counter_values(),
             queued_messages=len(self._queue),
             queued_bytes=self._queue.queued_bytes,
             unacked_packets=len(self._unacked),
             reassembly_bytes=self._reassembly.buffered_bytes,
             srtt=self._rtt.srtt,
         )
+
+    def _counter_values(self) -> dict[str, int]:
+        """The counters of `statistics` (no `asdict`: waiters poll statistics often)."""
+        counters = self._counters
+        return {name: getattr(counters, name) for name in _COUNTER_NAMES}
 
     def next_deadline(self) -> float | None:
         if self._failed or not self._started:

@@ -13,12 +13,13 @@ DEFAULT_WINDOW = 2048  # counters: reordering deeper than this is refused as a r
 
 
 class ReplayWindow:
-    __slots__ = ("_bits", "_highest", "_size")
+    __slots__ = ("_bits", "_highest", "_mask", "_size")
 
     def __init__(self, size: int = DEFAULT_WINDOW) -> None:
         if size < 1:
             raise ValueError(f"window size must be positive, got {size}")
         self._size = size
+        self._mask = (1 << size) - 1
         self._highest = 0  # counters start at 1
         self._bits = 0  # bit i set: counter highest - i seen (bit 0 is `highest` itself)
 
@@ -33,9 +34,12 @@ class ReplayWindow:
 
     def accept(self, counter: int) -> None:
         """Record `counter` (call only after `check` passed and the datagram authenticated)."""
-        if counter > self._highest:
+        if counter == self._highest + 1:  # in order, the common case
+            self._bits = ((self._bits << 1) | 1) & self._mask
+            self._highest = counter
+        elif counter > self._highest:
             shift = counter - self._highest
-            self._bits = ((self._bits << shift) | 1) & ((1 << self._size) - 1)
+            self._bits = ((self._bits << shift) | 1) & self._mask if shift < self._size else 1
             self._highest = counter
         else:
             self._bits |= 1 << (self._highest - counter)

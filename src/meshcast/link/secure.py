@@ -1,7 +1,8 @@
-"""Encrypted, authenticated Hop links: a wrapper that seals what a `HopLink` sends and
-opens what it receives (theory and threat model: docs/security.md).
+"""Encrypted, authenticated Hop links: a `HopLink` whose datagrams are sealed on the way
+out and opened on the way in (theory and threat model: docs/security.md).
 
-The inner link is unchanged; the wrapper rewrites its datagrams on the way out and in:
+The Hop protocol is unchanged: `SecureLink` is a `HopLink` that seals each datagram it
+emits and opens each datagram before the Hop protocol sees it.
 
 * **HELLO** (the handshake) is sealed with `hello_aead` (cluster key, sender, receiver). Its header
   gets ``FLAG_AUTH``, the cluster key's ``key_id`` and, in the ``seq`` field, a stamp that
@@ -25,14 +26,15 @@ does not authenticate, and each one costs at most one AEAD call per candidate ke
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, replace
+import struct
+from dataclasses import dataclass, field, fields, replace
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from meshcast.ids import NodeId
 from meshcast.link.config import LinkConfig
-from meshcast.link.events import LinkEffect, LinkStats, Transmit
+from meshcast.link.events import LinkEffect
 from meshcast.link.hop import HopLink
 from meshcast.link.replay import ReplayWindow
 from meshcast.wire.keys import ClusterKey, KeyRing
@@ -63,7 +65,15 @@ RECORD_OVERHEAD = SEQ_SIZE + TAG_SIZE  # bytes a record adds to the Hop datagram
 HELLO_OVERHEAD = PUBLIC_KEY_SIZE + TAG_SIZE
 _HELLO = int(PacketType.HELLO)
 _SEQ = HEADER_SIZE - SEQ_SIZE  # offset of the header's seq field
-_MAX_COUNTER = (1 << 64) - 1
+_PREFIX = HEADER.pack(MAGIC, VERSION, 0, 0, 0, 0, 0, 0, 0)[:3]  # magic and version
+_IDS = struct.Struct("!IIQ")  # sender, epoch, seq: the header from byte 8
+_EPOCH = struct.Struct("!I")  # at byte 12
+_MIN_RECORD = HEADER_SIZE + SEQ_SIZE + TAG_SIZE
+# flags byte with AUTH cleared, then a zero key id: what an opened record's header holds
+_CLEARED = [bytes((flags & ~FLAG_AUTH, 0)) for flags in range(256)]
+# s: older HELLOs are replays, or come from a peer whose clock is that far behind ours
+# (the clock skew Kerberos tolerates by default)
+MAX_HELLO_AGE = 300.0
 
 
 @dataclass(slots=True)
@@ -78,6 +88,9 @@ class SecurityCounters:
     no_session_dropped: int = 0  # a record of a session we do not have (stale or unknown)
     unsendable_dropped: int = 0  # our own datagrams dropped before a session existed
     handshakes_accepted: int = 0  # HELLOs from a new peer epoch that authenticated
+
+
+_SECURITY_COUNTER_NAMES = tuple(f.name for f in fields(SecurityCounters))
 
 
 class LinkSecurity:
@@ -97,10 +110,15 @@ class LinkSecurity:
         self._keyring = keyring
         self.random_bytes = random_bytes
         self.clock_offset_us = clock_offset_us
+        self.max_hello_age_us = int(MAX_HELLO_AGE * 1_000_000)
         # Highest HELLO stamp accepted per daemon, kept across link replacements so that a
         # fresh link object cannot be fed an old, recorded HELLO. Bounded by the cluster.
         self.hello_stamps: dict[NodeId, int] = {}
-        self._hello_aeads: dict[tuple[bytes, NodeId, NodeId], ChaCha20Poly1305] = {}
+        self._hello_aeads: dict[tuple[bytes, NodeId, NodeId], AESGCM] = {}
+
+    def stamp(self, now: float) -> int:
+        """The wall-clock time of `now` in microseconds: HELLO stamps are taken from it."""
+        return self.clock_offset_us + int(now * 1_000_000)
 
     @property
     def keyring(self) -> KeyRing:
@@ -111,7 +129,7 @@ class LinkSecurity:
         self._keyring = ring
         self._hello_aeads.clear()
 
-    def hello_aead(self, key: ClusterKey, sender: NodeId, receiver: NodeId) -> ChaCha20Poly1305:
+    def hello_aead(self, key: ClusterKey, sender: NodeId, receiver: NodeId) -> AESGCM:
         """The AEAD of HELLOs from `sender` to `receiver` under `key` (one key per direction:
         nonces stay unique, and a HELLO cannot be replayed towards another daemon)."""
         index = (key.secret, sender, receiver)
@@ -122,7 +140,7 @@ class LinkSecurity:
         return cached
 
     def link_config(self, config: LinkConfig) -> LinkConfig:
-        """`config` for the inner Hop link: its datagrams shrink by what sealing adds."""
+        """`config` for the Hop protocol under the seal: its datagrams shrink by what sealing adds."""
         return replace(config, mtu=config.mtu - RECORD_OVERHEAD)
 
 
@@ -132,101 +150,116 @@ class _Session:
 
     own_epoch: int
     peer_epoch: int
-    send: ChaCha20Poly1305 = field(repr=False)
-    receive: ChaCha20Poly1305 = field(repr=False)
+    send: AESGCM = field(repr=False)
+    receive: AESGCM = field(repr=False)
     sent: int = 0  # counter of the last record sealed
     window: ReplayWindow = field(default_factory=ReplayWindow)
+    own_low: int = field(init=False)  # the key id of records sealed for us
+    peer_low: int = field(init=False)  # the key id of records we seal for the peer
+
+    def __post_init__(self) -> None:
+        self.own_low = self.own_epoch & 0xFF
+        self.peer_low = self.peer_epoch & 0xFF
 
 
-class SecureLink:
-    """A `HopLink` whose every datagram is sealed (see the module docstring).
+class SecureLink(HopLink):
+    """A `HopLink` whose every datagram is sealed (see the module docstring)."""
 
-    Offers the same interface as the link it wraps (`meshcast.link.events.Link`)."""
-
-    def __init__(self, inner: HopLink, local: NodeId, security: LinkSecurity) -> None:
-        self._inner = inner
-        self._local = local
+    def __init__(
+        self,
+        local: NodeId,
+        peer: NodeId,
+        config: LinkConfig,
+        *,
+        epoch: int,
+        security: LinkSecurity,
+    ) -> None:
+        # The Hop datagrams are cut shorter by what sealing adds.
+        super().__init__(local, peer, security.link_config(config), epoch=epoch)
         self._security = security
-        self._counters = SecurityCounters()
-        self._own_epoch = inner.epoch
+        self._drops = SecurityCounters()
+        self._own_epoch = epoch
         self._own = Ephemeral.generate(security.random_bytes)
         self._stamp = 0
         self._hellos_sent = 0
-        self._peer_epoch = 0
+        self._keyed_epoch = 0
         self._peer_public = b""
         self._peer_key: ClusterKey | None = None  # the key the peer's HELLOs came under
+        self._warned_old_hello = False
         self._session: _Session | None = None
         self._previous: _Session | None = None
 
     # ------------------------------------------------------------------ queries
 
-    @property
-    def peer(self) -> NodeId:
-        return self._inner.peer
-
-    @property
-    def established(self) -> bool:
-        return self._inner.established
-
-    @property
-    def failed(self) -> bool:
-        return self._inner.failed
-
-    @property
-    def epoch(self) -> int:
-        return self._inner.epoch
-
-    def can_send(self, size: int) -> bool:
-        return self._inner.can_send(size)
-
-    def next_deadline(self) -> float | None:
-        return self._inner.next_deadline()
-
-    def statistics(self) -> LinkStats:
-        return replace(self._inner.statistics(), **asdict(self._counters))
+    def _counter_values(self) -> dict[str, int]:
+        values = super()._counter_values()
+        drops = self._drops
+        values.update((name, getattr(drops, name)) for name in _SECURITY_COUNTER_NAMES)
+        return values
 
     def security_counters(self) -> SecurityCounters:
-        return replace(self._counters)
+        return replace(self._drops)
 
     # ------------------------------------------------------------------ inputs
 
-    def start(self, now: float) -> list[LinkEffect]:
-        return self._seal(self._inner.start(now), now)
-
-    def send(self, payload: bytes, now: float, *, flush: bool = True) -> list[LinkEffect]:
-        return self._seal(self._inner.send(payload, now, flush=flush), now)
-
-    def on_timer(self, now: float) -> list[LinkEffect]:
-        return self._seal(self._inner.on_timer(now), now)
-
     def datagram_received(self, datagram: bytes, now: float) -> list[LinkEffect]:
-        counters = self._counters
+        # The hot path (one call per datagram): records are opened inline.
+        if len(datagram) < _MIN_RECORD or datagram[:3] != _PREFIX:
+            return self._open_odd(datagram, now)
+        sender, epoch, counter = _IDS.unpack_from(datagram, 8)
+        flags = datagram[4]
+        if sender != self._peer or not flags & FLAG_AUTH or datagram[3] == _HELLO:
+            return self._open_odd(datagram, now)
+        session = self._session
+        key_id = datagram[5]
+        if session is None or session.peer_epoch != epoch or session.own_low != key_id:
+            session = self._previous
+            if session is None or session.peer_epoch != epoch or session.own_low != key_id:
+                self._drops.no_session_dropped += 1
+                return []
+        window = session.window
+        if not window.check(counter):
+            self._drops.replayed_dropped += 1
+            return []
+        try:
+            plain = session.receive.decrypt(
+                NONCE.pack(epoch, counter), datagram[HEADER_SIZE:], datagram[:HEADER_SIZE]
+            )
+        except InvalidTag:
+            self._drops.forged_dropped += 1
+            return []
+        window.accept(counter)
+        # The Hop datagram again: the header without AUTH and key id, the Hop seq and body.
+        opened = b"".join((datagram[:4], _CLEARED[flags], datagram[6:16], plain))
+        return super().datagram_received(opened, now)
+
+    def _open_odd(self, datagram: bytes, now: float) -> list[LinkEffect]:
+        """Everything but a well-formed record from the peer: a HELLO, a datagram the Hop
+        link judges (malformed, wrong sender), or one to drop and count."""
+        counters = self._drops
         if len(datagram) < HEADER_SIZE:
-            return self._seal(self._inner.datagram_received(datagram, now), now)  # malformed
+            return super().datagram_received(datagram, now)  # malformed
         magic, version, ptype, flags, key_id, _, sender, epoch, seq = HEADER.unpack_from(datagram)
-        if magic != MAGIC or version != VERSION or sender != self._inner.peer:
+        if magic != MAGIC or version != VERSION or sender != self._peer:
             # Not ours to judge: the Hop link counts it as malformed or foreign.
-            return self._seal(self._inner.datagram_received(datagram, now), now)
+            return super().datagram_received(datagram, now)
         if not flags & FLAG_AUTH:
             counters.cleartext_dropped += 1
             return []
-        if len(datagram) < HEADER_SIZE + TAG_SIZE + (0 if ptype == _HELLO else SEQ_SIZE):
-            counters.truncated_dropped += 1
+        if ptype != _HELLO or len(datagram) < HEADER_SIZE + TAG_SIZE:
+            counters.truncated_dropped += 1  # a record shorter than _MIN_RECORD, or a HELLO
             return []
-        if ptype == _HELLO:
-            opened = self._open_hello(datagram, key_id, sender, epoch, seq)
-        else:
-            opened = self._open_record(datagram, flags, key_id, epoch, seq)
+        opened = self._open_hello(datagram, key_id, sender, epoch, seq, now)
         if opened is None:
             return []
-        return self._seal(self._inner.datagram_received(opened, now), now)
+        return super().datagram_received(opened, now)
 
     # ------------------------------------------------------------------ receiving
 
     def _open_hello(
-        self, datagram: bytes, key_id: int, sender: int, epoch: int, stamp: int
+        self, datagram: bytes, key_id: int, sender: int, epoch: int, stamp: int, now: float
     ) -> bytes | None:
-        counters = self._counters
+        counters = self._drops
         security = self._security
         candidates = security.keyring.candidates(key_id)
         if not candidates:
@@ -236,7 +269,7 @@ class SecureLink:
         iv = NONCE.pack(epoch, stamp)
         for key in candidates:
             try:
-                body = security.hello_aead(key, self._inner.peer, self._local).decrypt(
+                body = security.hello_aead(key, self._peer, self._local).decrypt(
                     iv, datagram[HEADER_SIZE:], header
                 )
                 break
@@ -248,12 +281,27 @@ class SecureLink:
         if len(body) != HELLO_BODY.size + PUBLIC_KEY_SIZE:
             counters.forged_dropped += 1  # authentic but not a HELLO we can read
             return None
-        peer = self._inner.peer
+        peer = self._peer
         if stamp <= security.hello_stamps.get(peer, 0):
             counters.replayed_dropped += 1
             return None
+        if stamp < security.stamp(now) - security.max_hello_age_us:
+            # Recorded long ago: after a restart we no longer know the newest stamp of the
+            # peer, but a real HELLO is fresh (the peer's clock may differ by less).
+            counters.replayed_dropped += 1
+            if not self._warned_old_hello:  # once per link: HELLOs come every few ms
+                self._warned_old_hello = True
+                log.warning(
+                    "link %s->%s: dropped a HELLO %.0f s old: a replay, or the two "
+                    "daemons' clocks differ by more than %.0f s (run NTP)",
+                    self._local,
+                    peer,
+                    (security.stamp(now) - stamp) / 1e6,
+                    MAX_HELLO_AGE,
+                )
+            return None
         public = body[HELLO_BODY.size :]
-        if epoch != self._peer_epoch or public != self._peer_public:
+        if epoch != self._keyed_epoch or public != self._peer_public:
             try:
                 self._new_peer_epoch(epoch, public)
             except ValueError:  # a degenerate public key: no session can come of it
@@ -266,76 +314,44 @@ class SecureLink:
         plain = HEADER.pack(MAGIC, VERSION, _HELLO, flags, 0, 0, sender, epoch, 0)
         return plain + body[: HELLO_BODY.size]
 
-    def _open_record(
-        self, datagram: bytes, flags: int, key_id: int, epoch: int, counter: int
-    ) -> bytes | None:
-        counters = self._counters
-        session = self._session
-        if session is None or session.peer_epoch != epoch or session.own_epoch & 0xFF != key_id:
-            session = self._previous
-            if session is None or session.peer_epoch != epoch or session.own_epoch & 0xFF != key_id:
-                counters.no_session_dropped += 1
-                return None
-        if not session.window.check(counter):
-            counters.replayed_dropped += 1
-            return None
-        try:
-            plain = session.receive.decrypt(
-                NONCE.pack(epoch, counter), datagram[HEADER_SIZE:], datagram[:HEADER_SIZE]
-            )
-        except InvalidTag:
-            counters.forged_dropped += 1
-            return None
-        session.window.accept(counter)
-        header = bytearray(datagram[:_SEQ])
-        header[4] = flags & ~FLAG_AUTH
-        header[5] = 0
-        return bytes(header) + plain
-
     def _new_peer_epoch(self, epoch: int, public: bytes) -> None:
         session = self._make_session(self._own_epoch, self._own, epoch, public)
-        self._peer_epoch = epoch
+        self._keyed_epoch = epoch
         self._peer_public = public
         self._install(session)
 
     # ------------------------------------------------------------------ sending
 
-    def _seal(self, effects: list[LinkEffect], now: float) -> list[LinkEffect]:
-        if self._inner.epoch != self._own_epoch:
-            self._new_own_epoch()
-        sealed: list[LinkEffect] = []
-        for effect in effects:
-            if isinstance(effect, Transmit):
-                datagram = self._seal_datagram(effect.datagram, now)
-                if datagram is None:
-                    continue
-                effect = Transmit(effect.to, datagram)
-            sealed.append(effect)
-        return sealed
+    def _emit(self, datagram: bytes, now: float, effects: list[LinkEffect]) -> None:
+        sealed = self._seal(datagram, now)
+        if sealed is not None:  # else: no keys yet (counted); the Hop link resends it
+            super()._emit(sealed, now, effects)
 
-    def _seal_datagram(self, datagram: bytes, now: float) -> bytes | None:
+    def _seal(self, datagram: bytes, now: float) -> bytes | None:
+        """What the Hop link's `datagram` becomes on the wire; None: no keys yet."""
+        epoch = _EPOCH.unpack_from(datagram, 12)[0]
+        if epoch != self._own_epoch:
+            self._new_own_epoch(epoch)  # the Hop link restarted its stream
         if datagram[3] == _HELLO:
             return self._seal_hello(datagram, now)
         session = self._session
-        if session is None or session.own_epoch != self._own_epoch or session.sent >= _MAX_COUNTER:
+        if session is None or session.own_epoch != epoch:
             # No keys towards the peer yet: the Hop link sends it again once there are.
-            self._counters.unsendable_dropped += 1
+            self._drops.unsendable_dropped += 1
             return None
-        session.sent += 1
-        epoch = session.own_epoch  # the inner link's, checked above
+        counter = session.sent = session.sent + 1
         header = HEADER.pack(
             MAGIC,
             VERSION,
             datagram[3],
             datagram[4] | FLAG_AUTH,
-            session.peer_epoch & 0xFF,
+            session.peer_low,
             0,
             self._local,
             epoch,
-            session.sent,
+            counter,
         )
-        sealed = session.send.encrypt(NONCE.pack(epoch, session.sent), datagram[_SEQ:], header)
-        return header + sealed
+        return header + session.send.encrypt(NONCE.pack(epoch, counter), datagram[_SEQ:], header)
 
     def _seal_hello(self, datagram: bytes, now: float) -> bytes:
         security = self._security
@@ -346,23 +362,23 @@ class SecureLink:
             # key rollout the peer may know only one of them.
             key = ring.keys[self._hellos_sent % len(ring.keys)]
         self._hellos_sent += 1
-        self._stamp = max(self._stamp + 1, security.clock_offset_us + int(now * 1_000_000))
+        self._stamp = max(self._stamp + 1, security.stamp(now))
         _, _, ptype, flags, _, _, sender, epoch, _ = HEADER.unpack_from(datagram)
         header = HEADER.pack(
             MAGIC, VERSION, ptype, flags | FLAG_AUTH, key.key_id, 0, sender, epoch, self._stamp
         )
         body = datagram[HEADER_SIZE:] + self._own.public
-        return header + security.hello_aead(key, self._local, self._inner.peer).encrypt(
+        return header + security.hello_aead(key, self._local, self._peer).encrypt(
             NONCE.pack(epoch, self._stamp), body, header
         )
 
-    def _new_own_epoch(self) -> None:
-        """The inner link restarted its stream: a new epoch gets a new key pair."""
-        self._own_epoch = self._inner.epoch
+    def _new_own_epoch(self, epoch: int) -> None:
+        """The Hop link restarted its stream: a new epoch gets a new key pair."""
+        self._own_epoch = epoch
         self._own = Ephemeral.generate(self._security.random_bytes)
         if self._peer_public:
             self._install(
-                self._make_session(self._own_epoch, self._own, self._peer_epoch, self._peer_public)
+                self._make_session(self._own_epoch, self._own, self._keyed_epoch, self._peer_public)
             )
 
     def _make_session(
@@ -373,11 +389,11 @@ class SecureLink:
             peer_public,
             local=self._local,
             local_epoch=own_epoch,
-            peer=self._inner.peer,
+            peer=self._peer,
             peer_epoch=peer_epoch,
             purpose=PURPOSE,
         )
-        return _Session(own_epoch, peer_epoch, ChaCha20Poly1305(send), ChaCha20Poly1305(receive))
+        return _Session(own_epoch, peer_epoch, AESGCM(send), AESGCM(receive))
 
     def _install(self, session: _Session) -> None:
         self._previous = self._session

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum, auto
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from meshcast.errors import DecodeError, UsageError
 from meshcast.ids import NodeId
@@ -167,8 +167,8 @@ class SecureStream:
         self._ephemeral: Ephemeral | None = None
         self._stream_id = 0
         self._peer_stream_id = 0
-        self._send_aead: ChaCha20Poly1305 | None = None
-        self._recv_aead: ChaCha20Poly1305 | None = None
+        self._send_aead: AESGCM | None = None
+        self._recv_aead: AESGCM | None = None
         self._send_seq = 0  # last sequence number sealed
         self._recv_seq = 0  # last sequence number opened
         self._established = False
@@ -355,7 +355,7 @@ class SecureStream:
     def _random_u32(self) -> int:
         return int.from_bytes(self._random(4), "big") or 1  # 0 is not a stream id
 
-    def _sendable(self) -> ChaCha20Poly1305:
+    def _sendable(self) -> AESGCM:
         if self._failure is not None:
             raise UsageError(f"send on a failed stream ({self._failure.reason})")
         if self._local_closed:
@@ -364,9 +364,7 @@ class SecureStream:
             raise UsageError("send before the stream is established")
         return self._send_aead
 
-    def _seal(
-        self, aead: ChaCha20Poly1305, rtype: RecordType, payload: bytes | memoryview
-    ) -> bytes:
+    def _seal(self, aead: AESGCM, rtype: RecordType, payload: bytes | memoryview) -> bytes:
         if self._send_seq >= U64_MAX:
             raise UsageError("stream exhausted its 2^64 record numbers")
         self._send_seq += 1
@@ -614,7 +612,7 @@ class SecureStream:
         except ValueError as exc:  # a low-order public key: no shared secret
             return self._fail(FailureCause.BAD_HANDSHAKE, f"degenerate public key: {exc}")
         self._peer_stream_id = header.stream_id
-        self._send_aead = ChaCha20Poly1305(send_key)
-        self._recv_aead = ChaCha20Poly1305(recv_key)
+        self._send_aead = AESGCM(send_key)
+        self._recv_aead = AESGCM(recv_key)
         self._ephemeral = None  # forward secrecy: the private half is no longer needed
         return None

@@ -407,8 +407,7 @@ class OverlayNode:
         if self.security is None:
             link = HopLink(self.local, peer, link_config, epoch=epoch)
         else:
-            inner = HopLink(self.local, peer, self.security.link_config(link_config), epoch=epoch)
-            link = SecureLink(inner, self.local, self.security)
+            link = SecureLink(self.local, peer, link_config, epoch=epoch, security=self.security)
         if peer in self._endpoint:  # a failed link: its drops stay counted
             self._retired_drops[peer] = self.link_drops(peer)
         self._endpoint.remove(peer)

@@ -94,8 +94,7 @@ def secure_link_factory(security: LinkSecurity) -> LinkFactory:
     """Links sealed with `security` (docs/security.md), as a daemon's are."""
 
     def factory(local: NodeId, peer: NodeId, config: LinkConfig, epoch: int) -> Link:
-        inner = HopLink(local, peer, security.link_config(config), epoch=epoch)
-        return SecureLink(inner, local, security)
+        return SecureLink(local, peer, config, epoch=epoch, security=security)
 
     return factory
 

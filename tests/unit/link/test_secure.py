@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshcast.link import HopLink, LinkConfig
+from meshcast.link import LinkConfig
 from meshcast.link.replay import ReplayWindow
 from meshcast.link.secure import RECORD_OVERHEAD, LinkSecurity, SecureLink
 from meshcast.wire.keys import ClusterKey, KeyRing
@@ -26,8 +26,7 @@ def security(ring: KeyRing, seed: int) -> LinkSecurity:
 
 
 def secure(local: int, peer: int, epoch: int, sec: LinkSecurity) -> SecureLink:
-    inner = HopLink(local, peer, sec.link_config(CONFIG), epoch=epoch)  # type: ignore[arg-type]
-    return SecureLink(inner, local, sec)  # type: ignore[arg-type]
+    return SecureLink(local, peer, CONFIG, epoch=epoch, security=sec)  # type: ignore[arg-type]
 
 
 RING = KeyRing.of(KEY)
