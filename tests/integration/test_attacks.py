@@ -577,10 +577,9 @@ async def test_replayed_altered_and_old_epoch_datagrams_are_dropped(tmp_path: Pa
 
 @pytest.mark.xfail(
     strict=True,
-    reason="HELLO replay protection does not survive a restart of the receiver: "
-    "LinkSecurity.hello_stamps lives in memory only and _open_hello has no freshness "
-    "bound, so a restarted daemon accepts a recorded HELLO of its peer's previous epoch "
-    "(counted as a handshake, not as replayed)",
+    reason="a restarted daemon no longer knows its peers' newest HELLO stamps "
+    "(LinkSecurity.hello_stamps lives in memory), so it accepts a recorded HELLO of a "
+    "peer's previous epoch younger than MAX_HELLO_AGE (300 s): docs/security.md, 'Known gap'",
 )
 async def test_previous_epoch_hello_replayed_to_a_restarted_daemon_is_dropped(
     tmp_path: Path,
