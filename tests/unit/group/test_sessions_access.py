@@ -7,14 +7,11 @@ from meshcast.group.access import AccessPolicy, AccessRule, operations_of
 from meshcast.group.membership import GroupMembership
 from meshcast.group.sessions import (
     CloseConnection,
-    SendBytes,
     SessionConfig,
-    SessionEffect,
     SessionTable,
 )
 from meshcast.ids import NodeId
 from meshcast.wire.client import (
-    FROM_DAEMON,
     ErrorCode,
     ErrorReport,
     Frame,
@@ -24,8 +21,8 @@ from meshcast.wire.client import (
     Message,
     Multicast,
     Welcome,
-    decode,
 )
+from tests.unit.group.test_sessions import frames
 
 READER = "r" * 24
 WRITER = "w" * 24
@@ -42,15 +39,6 @@ def table(access: AccessPolicy) -> SessionTable:
     t = SessionTable("D1", GroupMembership(GroupEngine(NodeId(1))), SessionConfig(access=access))
     t.view_installed([NodeId(1)], 0.0)
     return t
-
-
-def frames(effects: list[SessionEffect], conn: int) -> list[Frame]:
-    return [
-        decode(e.data if isinstance(e, SendBytes) else e.last, accept=FROM_DAEMON)
-        for e in effects
-        if (isinstance(e, SendBytes) or (isinstance(e, CloseConnection) and e.last))
-        and e.conn == conn
-    ]
 
 
 def handshake(
