@@ -21,6 +21,11 @@ token presented must be valid; JOIN and MULTICAST are checked against the access
 (ERROR ACCESS_DENIED, the session goes on). While rules or remote listeners are in
 force, a session must speak version 3, the first that can be told ACCESS_DENIED.
 
+Errors by who is to blame: a check the client failed is its own 2xx code; a full buffer
+below (`BufferFull`: back-pressure) is BUSY, or INTERNAL_ERROR "daemon busy" to a session
+older than BUSY_VERSION, which cannot decode BUSY; any other engine refusal is a bug,
+INTERNAL_ERROR. Each leaves the session open.
+
 A STATUS request is answered with a bounded JSON report (`status`): the table's own part
 (daemon name and node id, sessions, the replicated group table, counters) plus what the
 injected `status` provider returns for the layers the table cannot see (the daemon's
@@ -50,6 +55,7 @@ from meshcast.group.events import Deliver, SubmitConfirmed, SubmitLost
 from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipEffect
 from meshcast.ids import NodeId
 from meshcast.wire.client import (
+    BUSY_VERSION,
     HELLO_FRAME_LIMIT,
     MAX_STATUS_SIZE,
     MAX_UNCONFIRMED,
@@ -166,6 +172,7 @@ class SessionStats:
     pending_refused: int = 0  # connections refused: max_pending_handshakes were waiting
     unauthenticated: int = 0  # handshakes refused: no token where one is needed, or unknown
     access_denied: int = 0  # JOINs and MULTICASTs the access rules refused (in requests_refused)
+    busy: int = 0  # requests refused with BUSY: a bounded buffer was full (in requests_refused)
 
 
 # What the daemon adds to a STATUS report, given `now`: JSON-ready sections (see `status`).
@@ -405,6 +412,8 @@ class SessionTable:
         out: list[SessionEffect] = []
         try:
             self._request(s, frame, now, out)
+        except BufferFull as exc:  # back-pressure: nobody's fault, the client retries later
+            out.append(self._busy(s, str(exc), _request_id(frame)))
         except UsageError as exc:  # the engine refused what the checks let through
             self._bump(internal_errors=1)
             log.warning("daemon %s: request of %s failed: %s", self.local, s.name, exc)
@@ -625,11 +634,7 @@ class SessionTable:
                         effects = self.membership.submit(
                             groups, payload, service, s.name, now, msg_type, token
                         )
-                    except BufferFull as exc:
-                        self._unconfirm(token)
-                        text = f"daemon busy, message not sent: {exc}"
-                        out.append(self._refuse(s, ErrorCode.INTERNAL_ERROR, text, rid))
-                    except UsageError:
+                    except UsageError:  # BufferFull too: answered in `frame_received`
                         self._unconfirm(token)
                         raise
                     else:
@@ -809,6 +814,13 @@ class SessionTable:
         return self._end(s, ErrorCode.SLOW_RECEIVER, text, "slow receiver", self._now, abort=True)
 
     # ------------------------------------------------------------------ ending sessions
+
+    def _busy(self, s: _Session, reason: str, rid: int) -> SendBytes:
+        """ERROR BUSY: a bounded buffer below is full. A session older than BUSY_VERSION
+        cannot decode 210, so it gets INTERNAL_ERROR with the same text."""
+        self._bump(busy=1)
+        code = ErrorCode.BUSY if s.version >= BUSY_VERSION else ErrorCode.INTERNAL_ERROR
+        return self._refuse(s, code, f"daemon busy, request not taken: {reason}; retry later", rid)
 
     def _refuse(self, s: _Session, code: ErrorCode, text: str, rid: int) -> SendBytes:
         self._bump(requests_refused=1)
