@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from meshcast.errors import BufferFull, UsageError
+from meshcast.errors import BufferFull, ConfigError, UsageError
 from meshcast.group.access import AccessPolicy, Operation, Principal
 from meshcast.group.counters import Counters
 from meshcast.group.events import Deliver, SubmitConfirmed, SubmitLost
@@ -117,6 +117,23 @@ class SessionConfig:
     # tokens and per-group rules ([clients] of the cluster file); default: no tokens, no
     # rules, every local session may do everything
     access: AccessPolicy = field(default_factory=AccessPolicy)
+
+    def __post_init__(self) -> None:
+        """Raises `ConfigError` naming the field."""
+        for key, least in (
+            ("max_clients", 1),
+            ("max_backlog", 1),
+            ("max_pending_handshakes", 1),
+            ("status_max_groups", 0),
+            ("status_max_members", 0),
+        ):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"must be an integer of at least {least}, got {value!r}", key=key)
+        for key in ("block_timeout", "handshake_timeout"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"must be a positive number of seconds, got {value!r}", key=key)
 
 
 @dataclass(frozen=True, slots=True)
