@@ -31,6 +31,7 @@ from meshcast.errors import (
 if TYPE_CHECKING:
     from meshcast.client.connection import (
         AccessDenied,
+        Busy,
         Client,
         RequestRejected,
         Unauthenticated,
@@ -60,6 +61,7 @@ _LAZY = {
     "Client": "meshcast.client.connection",
     "RequestRejected": "meshcast.client.connection",
     "AccessDenied": "meshcast.client.connection",
+    "Busy": "meshcast.client.connection",
     "Unauthenticated": "meshcast.client.connection",
     "Cause": "meshcast.wire.client",
     "ErrorCode": "meshcast.wire.client",
@@ -97,6 +99,7 @@ __all__ = [
     "UNRELIABLE",
     "AccessDenied",
     "BufferFull",
+    "Busy",
     "Cause",
     "Client",
     "ClientError",

@@ -8,6 +8,9 @@ handshake. Groups are local to one fake daemon. Modes:
 * ``normal``: as above;
 * ``mute``: accepts connections and never reads or answers (handshake timeouts);
 * ``no_goodbye``: never answers GOODBYE (bounded close).
+
+``busy_after=N`` takes N MULTICASTs, then refuses the rest as a daemon with full buffers
+does: ERROR BUSY to a session of BUSY_VERSION or later, INTERNAL_ERROR to an older one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Literal
 
 from meshcast.errors import DecodeError
 from meshcast.wire.client import (
+    BUSY_VERSION,
     FROM_CLIENT,
     MIN_VERSION,
     VERSION,
@@ -57,6 +61,7 @@ class Session:
     name: str  # private name
     flags: HelloFlag
     writer: asyncio.StreamWriter
+    version: int
     groups: set[str] = field(default_factory=set)
     received: list[Frame] = field(default_factory=list)
 
@@ -75,8 +80,11 @@ class FakeDaemon:
         services: frozenset[ServiceLevel] = frozenset(ServiceLevel),
         mode: Mode = "normal",
         confirms: bool = True,  # answer CONFIRM MULTICASTs (False: never, to test timeouts)
+        busy_after: int | None = None,  # MULTICASTs taken before every later one is BUSY
     ) -> None:
         self.name = name
+        self.busy_after = busy_after
+        self.multicasts = 0  # MULTICASTs taken
         self.confirms = confirms
         self.limits = limits or DaemonLimits()
         self.versions = versions
@@ -175,7 +183,7 @@ class FakeDaemon:
         if private in self.sessions:
             refuse(ErrorCode.NAME_IN_USE, f"the name {client!r} is in use")
             return None
-        session = Session(private, frame.flags, writer)
+        session = Session(private, frame.flags, writer, version)
         self.sessions[private] = session
         session.send(Welcome(version, private, self.limits))
         return session
@@ -258,6 +266,11 @@ class FakeDaemon:
         if service not in self.services:
             self._reject(session, ErrorCode.SERVICE_NOT_SUPPORTED, service.name, request_id)
             return
+        if self.busy_after is not None and self.multicasts >= self.busy_after:
+            code = ErrorCode.BUSY if session.version >= BUSY_VERSION else ErrorCode.INTERNAL_ERROR
+            self._reject(session, code, "daemon busy, request not taken; retry later", request_id)
+            return
+        self.multicasts += 1
         message = Message(session.name, groups, service, msg_type, payload)
         seen: set[str] = set()
         for group in groups:

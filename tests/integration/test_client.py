@@ -24,6 +24,7 @@ from meshcast.client import (
     parse_address,
 )
 from meshcast.wire.client import (
+    BUSY_VERSION,
     VERSION,
     Cause,
     DaemonLimits,
@@ -99,6 +100,8 @@ def test_package_top_exports_the_client_api() -> None:
     assert issubclass(meshcast.Unauthenticated, meshcast.ClientError)
     assert meshcast.ErrorCode.ACCESS_DENIED == 209
     assert meshcast.ErrorCode.UNAUTHENTICATED == 109
+    assert issubclass(meshcast.Busy, meshcast.RequestRejected)
+    assert meshcast.ErrorCode.BUSY == 210
     with pytest.raises(AttributeError):
         _ = meshcast.nonexistent
 
@@ -316,6 +319,46 @@ async def test_rejected_multicast_is_raised_by_the_next_call(sock_dir: str) -> N
             with pytest.raises(RequestRejected):
                 await alice.close()  # GOODBYE: every outcome is known, none lost
         assert alice.statistics().requests_rejected == 2
+
+
+@pytest.mark.asyncio
+async def test_a_busy_daemon_raises_busy_and_the_session_goes_on(sock_dir: str) -> None:
+    fake = FakeDaemon(busy_after=1)
+    async with fake.serve_unix(os.path.join(sock_dir, "s.sock")):
+        async with await meshcast.connect(fake.address, name="alice") as alice:
+            assert alice.version >= BUSY_VERSION
+            await alice.join("chat")
+            await alice.multicast("chat", b"taken")
+            refused = await alice.multicast("chat", b"refused")
+            await alice.ping()  # the ERROR has arrived by now
+            with pytest.raises(meshcast.Busy, match=r"BUSY \(210\).*retry later") as info:
+                await alice.multicast("chat", b"after")
+            assert isinstance(info.value, RequestRejected)
+            assert (info.value.code, info.value.request_id) == (ErrorCode.BUSY, refused)
+            assert not ErrorCode(info.value.code).ends_session
+            assert await alice.ping() >= 0  # the session goes on
+            await alice.multicast("chat", b"again")  # ("after" was never sent)
+            with pytest.raises(meshcast.Busy):  # "again" was refused too
+                await alice.close()
+        assert alice.statistics().requests_rejected == 2
+
+
+@pytest.mark.asyncio
+async def test_flood_says_the_daemon_was_busy(sock_dir: str) -> None:
+    fake = FakeDaemon(busy_after=5)
+    async with fake.serve_unix(os.path.join(sock_dir, "s.sock")):
+        code, out, err = await _run_cli(
+            "flood", "--connect", fake.address, "--group", "f", "--messages", "50",
+            "--size", "10", "--json", "--timeout", "20",
+        )  # fmt: skip
+    assert code == 1
+    result = json.loads(out)
+    assert result["complete"] is False
+    assert result["received"] == 5
+    assert "the daemon was busy" in err
+    assert "BUSY (210)" in err
+    assert "hint: the daemon could not take the message now" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.asyncio

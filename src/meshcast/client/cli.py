@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from meshcast.argtypes import Parser, integer, print_error, seconds
 from meshcast.client.connection import (
     AccessDenied,
+    Busy,
     Client,
     Event,
     RequestRejected,
@@ -178,8 +179,16 @@ def _add_token_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+BUSY_HINT = (
+    "the daemon could not take the message now (its send window or queues are full): "
+    "send again later, backing off, or send more slowly"
+)
+
+
 def _hint(error: BaseException) -> str | None:
-    """A line on what to do about an access error, for the CLI's message."""
+    """A line on what to do about an access error or a busy daemon, for the CLI's message."""
+    if isinstance(error, Busy):
+        return BUSY_HINT
     if isinstance(error, AccessDenied):
         return "the daemon's access rules ([[clients.rule]] in its cluster file) forbid this"
     if isinstance(error, Unauthenticated):
@@ -491,7 +500,8 @@ class _Console:
             try:
                 event = await self.client.receive()
             except RequestRejected as exc:  # a send the daemon refused: the session goes on
-                self.note(f"error: {exc}")
+                hint = _hint(exc)
+                self.note(f"error: {exc}" + (f"\nhint: {hint}" if hint else ""))
                 continue
             except ClientError as exc:
                 self.ended = exc
@@ -595,7 +605,8 @@ async def _interactive(client: Client, args: argparse.Namespace, show: _Printer)
             except ClientError as exc:
                 if console.ended is not None:
                     break
-                console.note(f"error: {exc}")  # rejected, timed out: the session goes on
+                hint = _hint(exc)  # rejected, timed out: the session goes on
+                console.note(f"error: {exc}" + (f"\nhint: {hint}" if hint else ""))
     finally:
         pump.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -709,6 +720,31 @@ async def _receive_flood(
             expected_next = seq + 1
 
 
+async def _first_refusal(
+    sender: Client, receiving: list[asyncio.Task[None]], tasks: asyncio.TaskGroup
+) -> Busy | None:
+    """Wait until the receivers are done or the daemon refuses one of `sender`'s messages
+    as BUSY (the sender joins nothing, so its `receive` yields only its rejections)."""
+
+    async def watch() -> Busy:
+        while True:
+            try:
+                await sender.receive()
+            except Busy as exc:
+                return exc
+
+    watcher = tasks.create_task(watch())
+    waiting: set[asyncio.Task[Any]] = {watcher, *receiving}
+    while not watcher.done() and waiting != {watcher}:
+        _, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if watcher.done():
+        for task in receiving:  # what was sent will not all arrive: the receivers stop
+            task.cancel()
+        return watcher.result()
+    watcher.cancel()  # the receivers are done
+    return None
+
+
 async def _wait_all_joined(client: Client, group: str, names: set[str]) -> None:
     """Wait until `client` sees a view of `group` containing every name in `names`."""
     while True:
@@ -760,24 +796,44 @@ async def _flood(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         sent_at: float | None = None
         timed_out = False
+        busy: Busy | None = None
         try:
             async with asyncio.timeout(limit), asyncio.TaskGroup() as tasks:
-                for client, tally in zip(receivers, tallies, strict=True):
-                    idle = args.idle if unreliable else None
+                receiving = [
                     tasks.create_task(
-                        _receive_flood(client, sender_name, tally, args.messages, idle)
+                        _receive_flood(
+                            client,
+                            sender_name,
+                            tally,
+                            args.messages,
+                            args.idle if unreliable else None,
+                        )
                     )
+                    for client, tally in zip(receivers, tallies, strict=True)
+                ]
                 sender_name.set_result(sender.private_name)
                 start = time.perf_counter()
                 for seq in range(args.messages):
                     payload = (seq.to_bytes(8, "big") + filler)[: args.size]
-                    await sender.multicast(
-                        args.group, payload, service=args.service, msg_type=FLOOD_MSG_TYPE
-                    )
+                    try:
+                        await sender.multicast(
+                            args.group, payload, service=args.service, msg_type=FLOOD_MSG_TYPE
+                        )
+                    except Busy as exc:  # an earlier message was refused: the run is void
+                        busy = exc
+                        break
                 sent_at = time.perf_counter()
+                if busy is None:  # a refusal still on its way ends the wait for the rest
+                    busy = await _first_refusal(sender, receiving, tasks)
+                else:
+                    for task in receiving:  # what was sent will not all arrive
+                        task.cancel()
         except TimeoutError:
             timed_out = True  # report what arrived
         end = time.perf_counter()
+        if busy is not None:
+            with contextlib.suppress(RequestRejected):
+                await sender.close()  # the later refusals: the first one says it all
         per_receiver: list[dict[str, Any]] = []
         for tally in tallies:
             seconds = (tally.last_at or end) - start
@@ -810,6 +866,10 @@ async def _flood(args: argparse.Namespace) -> int:
             "per_receiver": per_receiver,
         }
     print(json.dumps(result) if args.json else flood_summary(result))
+    if busy is not None:
+        print(f"meshcast flood: error: the daemon was busy: {busy}", file=sys.stderr)
+        print(f"meshcast flood: hint: {BUSY_HINT}", file=sys.stderr)
+        return 1
     if not complete and not unreliable:
         print(
             f"meshcast flood: error: the slowest receiver got {slowest['received']} of "

@@ -16,7 +16,8 @@ Error contract:
 * `Unauthenticated` (a `ClientError`): the daemon refused the handshake's token (none
   given where one is needed, or an unknown one).
 * `RequestRejected` (a `ClientError`, with `.request_id`): the daemon refused one request;
-  its subclass `AccessDenied` when the daemon's access rules forbid it.
+  its subclasses `AccessDenied` when the daemon's access rules forbid it, `Busy` when the
+  daemon cannot take it now (retry later, with back-off).
   `join()` and `leave()` wait for their outcome and raise it themselves. A MULTICAST has
   no success reply, so a rejected one is raised by the next call of `multicast`, `join`,
   `leave`, `receive`, `receive_nowait` or `close`, once, before that call does anything
@@ -99,14 +100,25 @@ class AccessDenied(RequestRejected):
     The message names the operation and the group; the session goes on."""
 
 
+class Busy(RequestRejected):
+    """The daemon cannot take this request now (ERROR 210 BUSY, protocol version 4): a
+    bounded buffer of the daemon is full. Nothing was done; retry later, with back-off.
+    The session goes on."""
+
+
 class Unauthenticated(ClientError):
     """The daemon refused the handshake (ERROR 109 UNAUTHENTICATED): its client port
     needs a token and none was given, or the token given is unknown."""
 
 
+_REJECTIONS: dict[ErrorCode, type[RequestRejected]] = {
+    ErrorCode.ACCESS_DENIED: AccessDenied,
+    ErrorCode.BUSY: Busy,
+}
+
+
 def _rejection(message: str, code: ErrorCode, request_id: int) -> RequestRejected:
-    kind = AccessDenied if code == ErrorCode.ACCESS_DENIED else RequestRejected
-    return kind(message, code, request_id)
+    return _REJECTIONS.get(code, RequestRejected)(message, code, request_id)
 
 
 # ---------------------------------------------------------------- addresses
@@ -842,6 +854,7 @@ class Client:
             confirmed.set_exception(error)
         elif len(self._deferred) < MAX_DEFERRED_ERRORS:
             self._deferred.append(error)
+            self._readable.set()  # a `receive` already waiting raises it now
         else:
             self._stats["deferred_errors_lost"] += 1
             log.warning("%s (not reported: too many unreported rejections)", error)

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from fnmatch import translate
 
+from meshcast.errors import ConfigError
+
 __all__ = [
     "ALLOW_WORDS",
     "EVERYTHING",
@@ -99,11 +101,12 @@ class AccessRule:
     _clients: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        """Raises `ConfigError` naming the field."""
         if not self.groups:
-            raise ValueError("a rule needs at least one group pattern")
+            raise ConfigError("a rule needs at least one group pattern", key="groups")
         for what, values in (("clients", self.clients), ("tokens", self.tokens)):
             if values is not None and not values:
-                raise ValueError(f"{what} is empty: leave it out to match every session")
+                raise ConfigError(f"{what} is empty: leave it out to match every session", key=what)
         object.__setattr__(self, "_groups", _compiled(self.groups))
         object.__setattr__(self, "_clients", _compiled(self.clients))
 

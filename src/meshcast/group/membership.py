@@ -20,40 +20,41 @@ Daemon view changes:
   the other side of a healed partition). A difference between a STATE and the table is
   applied as a `network` change.
 
-Operation payload (the message's payload; the origin daemon is the message's source):
-
-```
-"MCGM" | op u8 | body
-  JOIN 1, LEAVE 2, DISCONNECT 3:  member str8 | n u16 | n x group str8
-  STATE 4:                        n u32 | n x (group str8 | counter u64 | m u32 | m x member str8)
-```
+The operations' payload (JOIN, LEAVE, DISCONNECT, STATE) is encoded and decoded by
+`meshcast.wire.membership`; one that does not decode is a counted drop
+(`malformed_dropped`), never an exception.
 """
 
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from meshcast.errors import BufferFull, UsageError
+from meshcast.errors import BufferFull, DecodeError, UsageError
 from meshcast.group.counters import Counters
 from meshcast.group.events import Broadcast, Deliver, GroupEffect, OrderingReset, ViewTransition
 from meshcast.group.ordering import GroupEngine
 from meshcast.ids import NodeId
 from meshcast.wire.client import Cause, ServiceLevel, ViewId
+from meshcast.wire.membership import (
+    MembershipOp,
+    OpKind,
+    State,
+    StateEntry,
+    decode_membership,
+    encode_membership,
+)
 
 log = logging.getLogger(__name__)
 
 MEMBERSHIP_GROUP = "#membership"  # reserved: the group of membership operations
 MEMBERSHIP_MSG_TYPE = 0xFFFF  # msg_type of membership operations (informative only)
-OP_MAGIC = b"MCGM"
-OP_JOIN, OP_LEAVE, OP_DISCONNECT, OP_STATE = 1, 2, 3, 4
-_OP_CAUSES = {OP_JOIN: Cause.JOIN, OP_LEAVE: Cause.LEAVE, OP_DISCONNECT: Cause.DISCONNECT}
-_U8 = struct.Struct("!B")
-_U16 = struct.Struct("!H")
-_U32 = struct.Struct("!I")
-_U64 = struct.Struct("!Q")
+_OP_CAUSES = {
+    OpKind.JOIN: Cause.JOIN,
+    OpKind.LEAVE: Cause.LEAVE,
+    OpKind.DISCONNECT: Cause.DISCONNECT,
+}
 MAX_PENDING_OPS = 10_000  # operations waiting for a view (or for room in the engine)
 
 
@@ -89,113 +90,14 @@ class _Group:
     members: list[tuple[str, NodeId]] = field(default_factory=list)
 
 
-class _Malformed(Exception):
-    pass
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.at = 0
-
-    def take(self, layout: struct.Struct) -> int:
-        end = self.at + layout.size
-        if end > len(self.data):
-            raise _Malformed("truncated")
-        (value,) = layout.unpack_from(self.data, self.at)
-        self.at = end
-        return int(value)
-
-    def str8(self) -> str:
-        n = self.take(_U8)
-        end = self.at + n
-        if end > len(self.data):
-            raise _Malformed("truncated string")
-        try:
-            text = self.data[self.at : end].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise _Malformed("bad UTF-8") from exc
-        self.at = end
-        return text
-
-
-def _str8(text: str) -> bytes:
-    raw = text.encode("utf-8")
-    if not 1 <= len(raw) <= 255:
-        raise UsageError(f"name {text!r} must be 1..255 bytes")
-    return _U8.pack(len(raw)) + raw
-
-
-def encode_operation(op: int, member: str, groups: Sequence[str]) -> bytes:
-    """A JOIN, LEAVE or DISCONNECT operation (UsageError for bad names or counts)."""
-    if op not in _OP_CAUSES or not 1 <= len(groups) <= 0xFFFF:
-        raise UsageError(f"bad membership operation {op} with {len(groups)} groups")
-    parts = [OP_MAGIC, _U8.pack(op), _str8(member), _U16.pack(len(groups))]
-    parts.extend(_str8(g) for g in groups)
-    return b"".join(parts)
-
-
-@dataclass(frozen=True, slots=True)
-class StateEntry:
-    """One group as the announcing daemon's table had it when it sent a STATE."""
-
-    group: str
-    counter: int
-    coordinator: int
-    members: tuple[tuple[str, int], ...]  # (private name, daemon id) in order
-
-
-@dataclass(frozen=True, slots=True)
-class State:
-    """A STATE operation: the sender's table, and its own clients' memberships."""
-
-    table: tuple[StateEntry, ...]
-    own: tuple[tuple[str, tuple[str, ...]], ...]  # group -> the sender's members, in order
-
-
-def encode_state(state: State) -> bytes:
-    parts = [OP_MAGIC, _U8.pack(OP_STATE), _U32.pack(len(state.table))]
-    for e in state.table:
-        parts += [_str8(e.group), _U64.pack(e.counter), _U32.pack(e.coordinator)]
-        parts.append(_U32.pack(len(e.members)))
-        for name, daemon in e.members:
-            parts += [_str8(name), _U32.pack(daemon)]
-    parts.append(_U32.pack(len(state.own)))
-    for group, members in state.own:
-        parts += [_str8(group), _U32.pack(len(members))]
-        parts.extend(_str8(m) for m in members)
-    return b"".join(parts)
-
-
-def decode_operation(payload: bytes) -> tuple[int, str, tuple[str, ...]] | State:
-    """(op, member, groups) for JOIN/LEAVE/DISCONNECT, or a `State`; raises `_Malformed`."""
-    if not payload.startswith(OP_MAGIC):
-        raise _Malformed("no magic")
-    r = _Reader(payload)
-    r.at = len(OP_MAGIC)
-    op = r.take(_U8)
-    result: tuple[int, str, tuple[str, ...]] | State
-    if op in _OP_CAUSES:
-        member = r.str8()
-        result = (op, member, tuple(r.str8() for _ in range(r.take(_U16))))
-    elif op == OP_STATE:
-        table = []
-        for _ in range(r.take(_U32)):
-            group = r.str8()
-            counter = r.take(_U64)
-            coordinator = r.take(_U32)
-            members = tuple((r.str8(), r.take(_U32)) for _ in range(r.take(_U32)))
-            table.append(StateEntry(group, counter, coordinator, members))
-        own = []
-        for _ in range(r.take(_U32)):
-            group = r.str8()
-            own.append((group, tuple(r.str8() for _ in range(r.take(_U32)))))
-        result = State(tuple(table), tuple(own))
-    else:
-        raise _Malformed(f"unknown operation {op}")
-    if r.at != len(payload):
-        raise _Malformed("trailing bytes")
-    return result
+def _operation(kind: OpKind, member: str, groups: tuple[str, ...]) -> MembershipOp:
+    """The operation, checked now as its encoding will be (UsageError: a bad name or count)."""
+    op = MembershipOp(kind, member, groups)
+    try:
+        encode_membership(op)
+    except ValueError as exc:
+        raise UsageError(f"bad membership operation: {exc}") from None
+    return op
 
 
 def canonical(g: _Group) -> None:
@@ -220,7 +122,7 @@ class GroupMembership:
         self._groups: dict[str, _Group] = {}
         # this daemon's clients' memberships as submitted: group -> members, in order
         self._intent: dict[str, dict[str, None]] = {}
-        self._pending: list[tuple[int, str, tuple[str, ...]]] = []
+        self._pending: list[MembershipOp] = []
         self._view: tuple[NodeId, ...] = ()
         # every daemon hosts the operations, from the start: operations of a new view
         # can be delivered (replayed) before this layer has seen that view's reset
@@ -259,16 +161,16 @@ class GroupMembership:
 
     def join(self, member: str, group: str, now: float) -> list[MembershipEffect]:
         """Ask every daemon to add local client `member` to `group` (applied when ordered)."""
-        return self._request(OP_JOIN, member, (group,), now)
+        return self._request(_operation(OpKind.JOIN, member, (group,)), now)
 
     def leave(self, member: str, group: str, now: float) -> list[MembershipEffect]:
-        return self._request(OP_LEAVE, member, (group,), now)
+        return self._request(_operation(OpKind.LEAVE, member, (group,)), now)
 
     def disconnect(self, member: str, groups: Sequence[str], now: float) -> list[MembershipEffect]:
         """Local client `member` is gone: remove it from `groups` (cause `disconnect`)."""
         if not groups:
             return []
-        return self._request(OP_DISCONNECT, member, tuple(groups), now)
+        return self._request(_operation(OpKind.DISCONNECT, member, tuple(groups)), now)
 
     def submit(
         self,
@@ -317,34 +219,30 @@ class GroupMembership:
 
     # ------------------------------------------------------------------ submitting
 
-    def _request(
-        self, op: int, member: str, groups: tuple[str, ...], now: float
-    ) -> list[MembershipEffect]:
-        encode_operation(op, member, groups)  # UsageError now, not later
+    def _request(self, op: MembershipOp, now: float) -> list[MembershipEffect]:
         if self._pending or self.engine.view is None or self.engine.flushing:
-            return self._queue(op, member, groups)
+            return self._queue(op)
         try:
-            return self._submit_op(op, member, groups, now)
+            return self._submit_op(op, now)
         except BufferFull:
-            return self._queue(op, member, groups)
+            return self._queue(op)
 
-    def _queue(self, op: int, member: str, groups: tuple[str, ...]) -> list[MembershipEffect]:
+    def _queue(self, op: MembershipOp) -> list[MembershipEffect]:
         if len(self._pending) >= MAX_PENDING_OPS:
             raise BufferFull(f"{len(self._pending)} membership operations wait already")
-        self._pending.append((op, member, groups))
+        self._pending.append(op)
         self._bump(operations_queued=1)
         return []
 
-    def _submit_op(
-        self, op: int, member: str, groups: tuple[str, ...], now: float
-    ) -> list[MembershipEffect]:
-        payload = encode_operation(op, member, groups)
+    def _submit_op(self, op: MembershipOp, now: float) -> list[MembershipEffect]:
+        payload = encode_membership(op)
+        member = op.member
         raw = self.engine.submit(
             (MEMBERSHIP_GROUP,), payload, ServiceLevel.AGREED, "", now, MEMBERSHIP_MSG_TYPE
         )
         # Committed: record the intent the next STATE will announce.
-        for g in groups:
-            if op == OP_JOIN:
+        for g in op.groups:
+            if op.kind == OpKind.JOIN:
                 self._intent.setdefault(g, {})[member] = None
             else:
                 local = self._intent.get(g)
@@ -360,9 +258,8 @@ class GroupMembership:
         if self.engine.view is None or self.engine.flushing:
             return effects
         while self._pending:
-            op, member, groups = self._pending[0]
             try:
-                effects.extend(self._submit_op(op, member, groups, now))
+                effects.extend(self._submit_op(self._pending[0], now))
             except BufferFull:
                 break
             self._pending.pop(0)
@@ -379,7 +276,7 @@ class GroupMembership:
         try:
             raw = self.engine.submit(
                 (MEMBERSHIP_GROUP,),
-                encode_state(state),
+                encode_membership(state),
                 ServiceLevel.AGREED,
                 "",
                 now,
@@ -473,35 +370,33 @@ class GroupMembership:
 
     def _apply(self, source: NodeId, payload: bytes) -> list[MembershipChanged]:
         try:
-            decoded = decode_operation(payload)
-        except _Malformed as exc:
+            decoded = decode_membership(payload)
+        except DecodeError as exc:
             self._bump(malformed_dropped=1)
             log.debug("daemon %s: bad membership operation from %s: %s", self.local, source, exc)
             return []
         self._bump(operations_applied=1)
         if isinstance(decoded, State):
             return self._apply_state(source, decoded)
-        op, member, groups = decoded
-        return self._apply_op(source, op, member, groups)
+        return self._apply_op(source, decoded)
 
-    def _apply_op(
-        self, source: NodeId, op: int, member: str, groups: tuple[str, ...]
-    ) -> list[MembershipChanged]:
+    def _apply_op(self, source: NodeId, op: MembershipOp) -> list[MembershipChanged]:
+        member, join = op.member, op.kind == OpKind.JOIN
         out: list[MembershipChanged] = []
         announced = self._announced.get(source)
-        for name in groups:
+        for name in op.groups:
             if announced is not None:  # keep what `source` said it hosts up to date
                 listed = [m for m in announced.get(name, ()) if m != member]
-                announced[name] = (*listed, member) if op == OP_JOIN else tuple(listed)
+                announced[name] = (*listed, member) if join else tuple(listed)
             g = self._groups.get(name)
             present = g is not None and any(m == member for m, _ in g.members)
-            if op == OP_JOIN and not present:
+            if join and not present:
                 g = self._groups.setdefault(name, _Group())
                 g.members.append((member, source))
                 out.append(self._changed(name, g, source, Cause.JOIN, (member,)))
-            elif op != OP_JOIN and present and g is not None:
+            elif not join and present and g is not None:
                 g.members = [(m, d) for m, d in g.members if m != member]
-                out.append(self._changed(name, g, source, _OP_CAUSES[op], (member,)))
+                out.append(self._changed(name, g, source, _OP_CAUSES[op.kind], (member,)))
         return out
 
     def _apply_state(self, source: NodeId, state: State) -> list[MembershipChanged]:

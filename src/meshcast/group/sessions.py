@@ -21,6 +21,11 @@ token presented must be valid; JOIN and MULTICAST are checked against the access
 (ERROR ACCESS_DENIED, the session goes on). While rules or remote listeners are in
 force, a session must speak version 3, the first that can be told ACCESS_DENIED.
 
+Errors by who is to blame: a check the client failed is its own 2xx code; a full buffer
+below (`BufferFull`: back-pressure) is BUSY, or INTERNAL_ERROR "daemon busy" to a session
+older than BUSY_VERSION, which cannot decode BUSY; any other engine refusal is a bug,
+INTERNAL_ERROR. Each leaves the session open.
+
 A STATUS request is answered with a bounded JSON report (`status`): the table's own part
 (daemon name and node id, sessions, the replicated group table, counters) plus what the
 injected `status` provider returns for the layers the table cannot see (the daemon's
@@ -43,13 +48,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from meshcast.errors import BufferFull, UsageError
+from meshcast.errors import BufferFull, ConfigError, UsageError
 from meshcast.group.access import AccessPolicy, Operation, Principal
 from meshcast.group.counters import Counters
 from meshcast.group.events import Deliver, SubmitConfirmed, SubmitLost
 from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipEffect
 from meshcast.ids import NodeId
 from meshcast.wire.client import (
+    BUSY_VERSION,
     HELLO_FRAME_LIMIT,
     MAX_STATUS_SIZE,
     MAX_UNCONFIRMED,
@@ -112,6 +118,23 @@ class SessionConfig:
     # rules, every local session may do everything
     access: AccessPolicy = field(default_factory=AccessPolicy)
 
+    def __post_init__(self) -> None:
+        """Raises `ConfigError` naming the field."""
+        for key, least in (
+            ("max_clients", 1),
+            ("max_backlog", 1),
+            ("max_pending_handshakes", 1),
+            ("status_max_groups", 0),
+            ("status_max_members", 0),
+        ):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"must be an integer of at least {least}, got {value!r}", key=key)
+        for key in ("block_timeout", "handshake_timeout"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"must be a positive number of seconds, got {value!r}", key=key)
+
 
 @dataclass(frozen=True, slots=True)
 class SendBytes:
@@ -166,6 +189,7 @@ class SessionStats:
     pending_refused: int = 0  # connections refused: max_pending_handshakes were waiting
     unauthenticated: int = 0  # handshakes refused: no token where one is needed, or unknown
     access_denied: int = 0  # JOINs and MULTICASTs the access rules refused (in requests_refused)
+    busy: int = 0  # requests refused with BUSY: a bounded buffer was full (in requests_refused)
 
 
 # What the daemon adds to a STATUS report, given `now`: JSON-ready sections (see `status`).
@@ -405,6 +429,8 @@ class SessionTable:
         out: list[SessionEffect] = []
         try:
             self._request(s, frame, now, out)
+        except BufferFull as exc:  # back-pressure: nobody's fault, the client retries later
+            out.append(self._busy(s, str(exc), _request_id(frame)))
         except UsageError as exc:  # the engine refused what the checks let through
             self._bump(internal_errors=1)
             log.warning("daemon %s: request of %s failed: %s", self.local, s.name, exc)
@@ -625,11 +651,7 @@ class SessionTable:
                         effects = self.membership.submit(
                             groups, payload, service, s.name, now, msg_type, token
                         )
-                    except BufferFull as exc:
-                        self._unconfirm(token)
-                        text = f"daemon busy, message not sent: {exc}"
-                        out.append(self._refuse(s, ErrorCode.INTERNAL_ERROR, text, rid))
-                    except UsageError:
+                    except UsageError:  # BufferFull too: answered in `frame_received`
                         self._unconfirm(token)
                         raise
                     else:
@@ -809,6 +831,13 @@ class SessionTable:
         return self._end(s, ErrorCode.SLOW_RECEIVER, text, "slow receiver", self._now, abort=True)
 
     # ------------------------------------------------------------------ ending sessions
+
+    def _busy(self, s: _Session, reason: str, rid: int) -> SendBytes:
+        """ERROR BUSY: a bounded buffer below is full. A session older than BUSY_VERSION
+        cannot decode 210, so it gets INTERNAL_ERROR with the same text."""
+        self._bump(busy=1)
+        code = ErrorCode.BUSY if s.version >= BUSY_VERSION else ErrorCode.INTERNAL_ERROR
+        return self._refuse(s, code, f"daemon busy, request not taken: {reason}; retry later", rid)
 
     def _refuse(self, s: _Session, code: ErrorCode, text: str, rid: int) -> SendBytes:
         self._bump(requests_refused=1)

@@ -10,12 +10,13 @@ yet delivered (Spread §2.1). Theory: docs/design/overlay.md.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import astuple, dataclass, field, replace
 
-from meshcast.errors import BufferFull, DecodeError, UsageError
+from meshcast.errors import BufferFull, ConfigError, DecodeError, UsageError
 from meshcast.ids import NodeId
 from meshcast.link import (
     Delivered,
@@ -32,7 +33,7 @@ from meshcast.link import (
 )
 from meshcast.link.pacer import Pacer
 from meshcast.link.secure import RECORD_OVERHEAD, LinkSecurity, SecureLink
-from meshcast.overlay.routing import RoutingTable
+from meshcast.overlay.routing import BUILDERS, RoutingTable
 from meshcast.overlay.view import LinkStateDatabase, View
 from meshcast.wire import HEADER_SIZE, PIECE_HEAD, UDP_IP_OVERHEAD, WHOLE_HEAD
 from meshcast.wire.overlay import (
@@ -93,16 +94,40 @@ class OverlayConfig:
     allowed_links: frozenset[tuple[NodeId, NodeId]] | None = None
 
     def __post_init__(self) -> None:
-        if self.max_dests_per_packet < 1 or self.window_messages < 1:
-            raise UsageError("max_dests_per_packet and window_messages must be positive")
+        """Raises `ConfigError` naming the field (the daemon's file is checked before)."""
+        if self.policy not in BUILDERS:
+            raise ConfigError(
+                f"unknown routing policy {self.policy!r}; use one of {', '.join(BUILDERS)}",
+                key="policy",
+            )
+        for key in (
+            "max_dests_per_packet",
+            "window_messages",
+            "max_outbox_messages",
+            "feedback_every",
+            "dedup_window",
+        ):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"must be a positive integer, got {value!r}", key=key)
+        for key in ("view_settle_interval", "feedback_interval"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"must be a positive number of seconds, got {value!r}", key=key)
         if self.allowed_links is not None:
             for a, b in self.allowed_links:
                 if not a < b or a not in self.upload_bps or b not in self.upload_bps:
-                    raise UsageError(f"allowed link {a}-{b} is not (a, b), a < b, of daemons")
+                    raise ConfigError(
+                        f"allowed link {a}-{b} is not (a, b), a < b, of daemons",
+                        key="allowed_links",
+                    )
         if not 0 < self.rate_share <= 1:
-            raise UsageError("rate_share must be in (0, 1]")
+            raise ConfigError(f"must be in (0, 1], got {self.rate_share!r}", key="rate_share")
         if not 0 <= self.rate_change_threshold < 1:
-            raise UsageError("rate_change_threshold must be in [0, 1)")
+            raise ConfigError(
+                f"must be in [0, 1), got {self.rate_change_threshold!r}",
+                key="rate_change_threshold",
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -382,6 +382,31 @@ class EventLog:
 # ---------------------------------------------------------------------- the daemon
 
 
+class UnknownEffects:
+    """Effects a layer emitted that the daemon does not know how to apply: a bug (a new
+    effect type without its case in the driver). Counted, and logged once per type at
+    error level, so one forgotten case does not flood the log; the daemon keeps serving.
+    (The simulator raises instead: `sim.group.GroupDaemon`.)"""
+
+    def __init__(self, log: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> None:
+        self._log = log
+        self.count = 0
+        self._logged: set[type] = set()  # bounded by the number of classes in the program
+
+    def dropped(self, effect: object, where: str) -> None:
+        self.count += 1
+        kind = type(effect)
+        if kind not in self._logged:
+            self._logged.add(kind)
+            self._log.error(
+                "bug: unknown effect %s.%s from %s dropped (counted in unknown_effects; "
+                "logged once per type)",
+                kind.__module__,
+                kind.__qualname__,
+                where,
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonStats:
     """Counters of one daemon (a frozen snapshot, logged with ``daemon_stopped``)."""
@@ -397,6 +422,7 @@ class DaemonStats:
     probes_received: int = 0  # probes delivered here
     other_delivered: int = 0  # overlay messages delivered here that are not probes
     group_broadcasts_lost: int = 0  # group messages the overlay outbox refused
+    unknown_effects: int = 0  # effects of a layer the daemon has no case for (a bug), dropped
     view_members: tuple[int, ...] | None = None  # members of the current view
     sessions: SessionStats = field(default_factory=SessionStats)
     group: GroupStats = field(default_factory=GroupStats)
@@ -534,6 +560,7 @@ class OverlayDaemon:
         self._probes_skipped = 0
         self._probes_received = 0
         self._other_delivered = 0
+        self._unknown_effects = UnknownEffects(self._log)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -853,6 +880,7 @@ class OverlayDaemon:
             probes_received=self._probes_received,
             other_delivered=self._other_delivered,
             group_broadcasts_lost=self._group_broadcasts_lost,
+            unknown_effects=self._unknown_effects.count,
             sessions=self.sessions.statistics(),
             group=self.sessions.membership.engine.statistics(),
             membership=self.sessions.membership.statistics(),
@@ -934,6 +962,7 @@ class OverlayDaemon:
                     "probes_sent": daemon_stats.probes_sent,
                     "probes_received": daemon_stats.probes_received,
                     "group_broadcasts_lost": daemon_stats.group_broadcasts_lost,
+                    "unknown_effects": daemon_stats.unknown_effects,
                 },
             },
         }
@@ -1074,6 +1103,8 @@ class OverlayDaemon:
             case ViewAgreed(view):
                 self._agreed_digest = view.digest
                 self.events.emit("view_agreed", **self._describe_view(view))
+            case _:
+                self._unknown_effects.dropped(effect, "the overlay")
 
     def _on_delivered(self, delivered: OverlayDelivered) -> None:
         payload = delivered.payload
@@ -1215,7 +1246,7 @@ class OverlayDaemon:
                         "group_fault", source=int(source), stream=stream, reason=reason
                     )
                 case _:
-                    pass
+                    self._unknown_effects.dropped(effect, "the session table")
 
     # ------------------------------------------------------------------ timer
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 from meshcast.group import Broadcast, GroupConfig, GroupEffect, GroupEngine
 from meshcast.group.membership import GroupMembership, MembershipEffect
@@ -89,6 +90,7 @@ class GroupDaemon:
         while overlay or group:
             if overlay:
                 effect = overlay.pop(0)
+                _check_known(effect, _OVERLAY_EFFECTS, "overlay")
                 out.append(effect)
                 if isinstance(effect, OverlayDelivered):
                     group.extend(self.layer.overlay_delivered(effect.source, effect.payload, now))
@@ -97,12 +99,28 @@ class GroupDaemon:
                     group.extend(self.layer.view_installed(view.members, now, view.incarnations))
                 continue
             g = group.pop(0)
+            _check_known(g, _GROUP_EFFECTS, "group")
             if isinstance(g, Broadcast):
                 # Strict in the simulator: a full outbox (BufferFull) is a test failure.
                 overlay.extend(self.overlay.multicast(g.dests, g.payload, now))
             else:
                 out.append(g)
         return out
+
+
+_OVERLAY_EFFECTS: tuple[type, ...] = get_args(OverlayEffect)
+_GROUP_EFFECTS: tuple[type, ...] = get_args(MembershipEffect)  # the engine's and MembershipChanged
+
+
+def _check_known(effect: object, known: tuple[type, ...], layer: str) -> None:
+    """Strict: an effect type this driver has no case for is a bug (the runtime counts and
+    drops it, `unknown_effects`; here it fails the test at once)."""
+    if not isinstance(effect, known):
+        kind = type(effect)
+        raise AssertionError(
+            f"unknown {layer} effect {kind.__module__}.{kind.__qualname__}: "
+            f"GroupDaemon has no case for it"
+        )
 
 
 @dataclass(frozen=True, slots=True)

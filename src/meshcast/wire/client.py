@@ -52,8 +52,8 @@ from meshcast.errors import DecodeError
 
 MAGIC = b"MCCP"  # first bytes of HELLO and WELCOME bodies: "meshcast client protocol"
 # the newest version this module speaks (2: CONFIRM, CONFIRMED, TRANSITIONAL; 3: HELLO's
-# token, UNAUTHENTICATED, ACCESS_DENIED)
-VERSION = 3
+# token, UNAUTHENTICATED, ACCESS_DENIED; 4: BUSY)
+VERSION = 4
 MIN_VERSION = 1  # the oldest version this module speaks
 
 LENGTH = struct.Struct("!I")
@@ -68,6 +68,7 @@ U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 MAX_CLIENT_NAME = 32  # bytes (UTF-8) of the name a client asks for in HELLO
 MAX_TOKEN = 128  # bytes of the access token a HELLO may carry (v3): printable ASCII
 TOKEN_VERSION = 3  # the first version whose HELLO may carry a token
+BUSY_VERSION = 4  # the first version that can be told BUSY (older sessions get INTERNAL_ERROR)
 MAX_DAEMON_NAME = 64  # bytes of the daemon part of a private name (config names: 64 chars)
 MAX_PRIVATE_NAME = 2 + MAX_CLIENT_NAME + MAX_DAEMON_NAME  # "#client#daemon": 98 bytes
 MAX_GROUP_NAME = 255  # bytes of a group name (a str8)
@@ -261,6 +262,7 @@ class ErrorCode(IntEnum):
     INTERNAL_ERROR = 207  # the daemon failed on this request (a bug; it keeps serving)
     TOO_MANY_UNCONFIRMED = 208  # a CONFIRM MULTICAST beyond MAX_UNCONFIRMED outstanding
     ACCESS_DENIED = 209  # (v3) the daemon's access rules forbid this JOIN or MULTICAST
+    BUSY = 210  # (v4) the daemon cannot take this request now (full buffers): retry later
     MESSAGES_DROPPED = 301  # the `drop-unreliable` policy dropped messages for this client
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from meshcast.errors import ConfigError
 from meshcast.group.access import (
     AccessPolicy,
     AccessRule,
@@ -77,8 +78,9 @@ def test_token_selector_needs_that_token() -> None:
     ],
 )
 def test_rule_refuses_empty_selectors(kwargs: dict[str, object], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message) as info:
         AccessRule(allow=frozenset(), **kwargs)  # type: ignore[arg-type]
+    assert info.value.key in kwargs
 
 
 def test_operations_of_refuses_unknown_words() -> None:

@@ -10,15 +10,10 @@ from meshcast.errors import UsageError
 from meshcast.group import Broadcast, GroupEngine
 from meshcast.group.membership import (
     MEMBERSHIP_GROUP,
-    OP_JOIN,
+    MEMBERSHIP_MSG_TYPE,
     GroupMembership,
     MembershipChanged,
     MembershipEffect,
-    State,
-    StateEntry,
-    decode_operation,
-    encode_operation,
-    encode_state,
 )
 from meshcast.ids import NodeId
 from meshcast.wire.client import Cause, ServiceLevel, ViewId
@@ -67,11 +62,40 @@ class Bus:
         raise AssertionError("bus did not go quiet")
 
 
-def test_operation_codec_round_trips() -> None:
-    op = encode_operation(OP_JOIN, "#a#D1", ("g", "h"))
-    assert decode_operation(op) == (OP_JOIN, "#a#D1", ("g", "h"))
-    state = State((StateEntry("g", 3, 2, (("#a#D1", 1), ("#b#D2", 2))),), (("g", ("#a#D1",)),))
-    assert decode_operation(encode_state(state)) == state
+def test_a_malformed_membership_record_is_a_counted_drop() -> None:
+    """A daemon (buggy or hostile) orders garbage on #membership: every daemon counts and
+    drops it, and the next valid operation still applies everywhere."""
+    bus = Bus([1, 2])
+    bus.install([1, 2])
+    bus.run()
+    one = bus.nodes[NodeId(1)]
+    applied = {n: m.statistics().operations_applied for n, m in bus.nodes.items()}  # STATEs
+    for garbage in (b"MCGM\x09", b"MCGM\x01\x00\x00\x01\x01g", b"not even MCGM"):
+        raw = one.engine.submit(
+            (MEMBERSHIP_GROUP,), garbage, ServiceLevel.AGREED, "", bus.now, MEMBERSHIP_MSG_TYPE
+        )
+        bus.take(NodeId(1), raw)  # type: ignore[arg-type]
+    bus.run()
+    for n, m in bus.nodes.items():
+        stats = m.statistics()
+        assert (stats.malformed_dropped, stats.operations_applied) == (3, applied[n])
+    bus.take(NodeId(1), one.join("#a#D1", "g", bus.now))
+    bus.run()
+    for node, m in bus.nodes.items():
+        assert m.members("g") == ("#a#D1",)
+        assert [c.cause for c in bus.changes[node]] == [Cause.JOIN]
+
+
+def test_bad_names_are_usage_errors_before_anything_is_sent() -> None:
+    bus = Bus([1])
+    bus.install([1])
+    bus.run()
+    m = bus.nodes[NodeId(1)]
+    with pytest.raises(UsageError, match="bad membership operation"):
+        m.join("#a#D1", "g" * 256, bus.now)
+    with pytest.raises(UsageError, match="bad membership operation"):
+        m.join("", "g", bus.now)
+    assert m.statistics().operations_submitted == 0
 
 
 def test_malformed_operation_is_counted_not_applied() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshcast.group import GroupEngine
+from meshcast.group import GroupConfig, GroupEngine
 from meshcast.group.membership import GroupMembership
 from meshcast.group.sessions import (
     ClientConnected,
@@ -17,6 +17,7 @@ from meshcast.group.sessions import (
 )
 from meshcast.ids import NodeId
 from meshcast.wire.client import (
+    BUSY_VERSION,
     FROM_DAEMON,
     HELLO_FRAME_LIMIT,
     MAX_UNCONFIRMED,
@@ -351,3 +352,46 @@ def test_too_many_unconfirmed_messages_are_refused() -> None:
     assert isinstance(refusal, ErrorReport)
     assert refusal.code == ErrorCode.TOO_MANY_UNCONFIRMED
     assert refusal.request_id == 9999
+
+
+def busy_table() -> SessionTable:
+    """A table whose engine takes one message during a flush that never ends (D2's FLUSH
+    never comes): the next ones hit BufferFull."""
+    engine = GroupEngine(NodeId(1), GroupConfig(max_held_messages=2))  # flush queue: 1
+    t = SessionTable("D1", GroupMembership(engine), SessionConfig(LIMITS))
+    t.view_installed([NodeId(1), NodeId(2)], 0.0)
+    return t
+
+
+def test_a_full_buffer_is_busy_not_an_internal_error() -> None:
+    t = busy_table()
+    hello(t, 1, "sender")
+    assert frames(t.frame_received(1, Multicast(("g",), b"a", request_id=1), 0.0), 1) == []
+    effects = t.frame_received(1, Multicast(("g",), b"b", request_id=2, confirm=True), 0.0)
+    (refusal,) = frames(effects, 1)
+    assert isinstance(refusal, ErrorReport)
+    assert (refusal.code, refusal.request_id) == (ErrorCode.BUSY, 2)
+    assert not refusal.code.ends_session
+    assert "retry later" in refusal.text
+    assert not any(isinstance(e, CloseConnection) for e in effects)
+    # the session goes on: it still answers, and the refused CONFIRM is not awaited
+    assert frames(t.frame_received(1, Ping(3), 0.0), 1) == [Pong(3)]
+    stats = t.statistics()
+    assert (stats.busy, stats.requests_refused, stats.internal_errors) == (1, 1, 0)
+    assert (stats.messages_submitted, stats.sessions_closed) == (1, 0)
+    report = t.status(0.0)["counters"]
+    assert report["sessions"]["busy"] == 1  # type: ignore[index]
+
+
+def test_a_session_older_than_busy_is_told_internal_error() -> None:
+    t = busy_table()
+    t.connected(1)
+    (welcome,) = frames(t.frame_received(1, Hello("old", max_version=BUSY_VERSION - 1), 0.0), 1)
+    assert isinstance(welcome, Welcome)
+    assert welcome.version == BUSY_VERSION - 1
+    t.frame_received(1, Multicast(("g",), b"a", request_id=1), 0.0)
+    (refusal,) = frames(t.frame_received(1, Multicast(("g",), b"b", request_id=2), 0.0), 1)
+    assert isinstance(refusal, ErrorReport)
+    assert (refusal.code, refusal.request_id) == (ErrorCode.INTERNAL_ERROR, 2)
+    assert refusal.text.startswith("daemon busy")  # it could not decode 210
+    assert t.statistics().busy == 1

@@ -12,6 +12,7 @@ from meshcast.group.sessions import (
 )
 from meshcast.ids import NodeId
 from meshcast.wire.client import (
+    VERSION,
     ErrorCode,
     ErrorReport,
     Frame,
@@ -71,7 +72,7 @@ def test_a_remote_connection_needs_a_known_token() -> None:
     answer, closed = handshake(t, 4, Hello("d", token=READER), remote=True)
     assert isinstance(answer, Welcome)
     assert not closed
-    assert answer.version == 3
+    assert answer.version == VERSION
     stats = t.statistics()
     assert (stats.unauthenticated, stats.handshakes_refused, stats.sessions_opened) == (2, 3, 1)
 

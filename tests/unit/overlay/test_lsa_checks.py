@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from meshcast.errors import UsageError
+from meshcast.errors import ConfigError
 from meshcast.ids import NodeId
 from meshcast.overlay.node import Neighbour, OverlayConfig, OverlayNode
 from meshcast.sim.overlay import OverlayEdge, OverlayRecorder, build_overlay
@@ -97,11 +97,12 @@ def test_without_the_cluster_links_the_same_forgery_puts_a_phantom_in_the_view()
 
 def test_allowed_links_must_join_configured_daemons() -> None:
     uploads = {ONE: 1e6, TWO: 1e6}
-    with pytest.raises(UsageError, match="allowed link"):
+    with pytest.raises(ConfigError, match="allowed link") as info:
         OverlayConfig(
             neighbours={TWO: Neighbour(1.0, 1e6)},
             upload_bps=uploads,
             allowed_links=frozenset({(ONE, PHANTOM)}),
         )
-    with pytest.raises(UsageError, match="allowed link"):
+    assert info.value.key == "allowed_links"
+    with pytest.raises(ConfigError, match="allowed link"):
         OverlayConfig(neighbours={}, upload_bps=uploads, allowed_links=frozenset({(TWO, ONE)}))

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from meshcast.errors import UsageError
+from meshcast.errors import ConfigError, UsageError
 from meshcast.ids import NodeId
 from meshcast.overlay.node import Neighbour, OverlayConfig, OverlayNode
 from meshcast.overlay.routing import (
@@ -294,5 +294,6 @@ def test_measured_rate_of_a_stranger_is_refused() -> None:
 
 
 def test_rate_change_threshold_is_checked() -> None:
-    with pytest.raises(UsageError):
+    with pytest.raises(ConfigError) as info:
         node_with({2: 10e6}, threshold=1.5)
+    assert info.value.key == "rate_change_threshold"

@@ -49,12 +49,14 @@ ALICE = "#alice#D1"
 BOB = "#bob#D2"
 
 GOLDEN: list[tuple[Frame, str]] = [
-    # HELLO: length 17 | type 01 | magic "MCCP" | min 1 | max 3 | flags MEMBERSHIP | name "alice"
-    (Hello("alice"), "00000011 01 4d434350 0001 0003 0001 05 616c696365"),
+    # HELLO: length 17 | type 01 | magic "MCCP" | min 1 | max 4 | flags MEMBERSHIP | name "alice"
+    (Hello("alice"), "00000011 01 4d434350 0001 0004 0001 05 616c696365"),
+    # HELLO of a version-3 client: max 3
+    (Hello("alice", max_version=3), "00000011 01 4d434350 0001 0003 0001 05 616c696365"),
     # HELLO (v3) with a token: flags MEMBERSHIP|TOKEN (0x0003) | name "bob" | token "s3cret"
     (
         Hello("bob", token="s3cret"),
-        "00000016 01 4d434350 0001 0003 0003 03 626f62 06 733363726574",
+        "00000016 01 4d434350 0001 0004 0003 03 626f62 06 733363726574",
     ),
     # HELLO from a version-1 client letting the daemon pick its name, no membership events
     (Hello(max_version=1, flags=HelloFlag(0)), "0000000c 01 4d434350 0001 0001 0000 00"),
@@ -101,6 +103,8 @@ GOLDEN: list[tuple[Frame, str]] = [
     ),
     # ERROR (v3): code 209 ACCESS_DENIED | request 4 | text "no" (str16)
     (ErrorReport(ErrorCode.ACCESS_DENIED, "no", 4), "0000000b 44 00d1 00000004 0002 6e6f"),
+    # ERROR (v4): code 210 BUSY | request 5 | text "later" (str16)
+    (ErrorReport(ErrorCode.BUSY, "later", 5), "0000000e 44 00d2 00000005 0005 6c61746572"),
     # ERROR: code 203 MESSAGE_TOO_LARGE | request 9 | text "too big" (str16)
     (
         ErrorReport(ErrorCode.MESSAGE_TOO_LARGE, "too big", 9),
@@ -212,10 +216,11 @@ def test_a_token_stays_out_of_repr() -> None:
 
 
 def test_version_choice() -> None:
-    assert client.choose_version(Hello()) == 3
+    assert client.choose_version(Hello()) == 4
     assert client.choose_version(Hello(max_version=1)) == 1  # a version-1 client
-    assert client.choose_version(Hello(min_version=1, max_version=7)) == 3
-    assert client.choose_version(Hello(min_version=4, max_version=5)) is None
+    assert client.choose_version(Hello(max_version=3)) == 3  # cannot be told BUSY
+    assert client.choose_version(Hello(min_version=1, max_version=7)) == 4
+    assert client.choose_version(Hello(min_version=5, max_version=6)) is None
     assert client.choose_version(Hello(min_version=2, max_version=9), lowest=1, highest=4) == 4
 
 
