@@ -71,7 +71,6 @@ from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
 from meshcast.runtime.sessions import (
     ClientServer,
     check_client_access,
-    default_socket_path,
     is_loopback,
     socket_group_id,
 )
@@ -83,6 +82,7 @@ from meshcast.runtime.udp import (
     link_security,
     open_udp_socket,
 )
+from meshcast.socket_paths import default_socket_path
 from meshcast.wire.client import DaemonLimits
 from meshcast.wire.keys import KeyRing
 from meshcast.wire.packet import U32_MAX
