@@ -51,7 +51,6 @@ from meshcast.wire.client import ANY_FRAME, HELLO_FRAME_LIMIT, Frame, FrameDecod
 log = logging.getLogger(__name__)
 
 DEFAULT_WRITE_HIGH_WATER = 1024 * 1024  # bytes queued on a connection before it counts as slow
-READ_CHUNK_FRAMES = 64  # frames handled per connection before yielding to the others
 # s: a slow receiver cut off gets this long to read its last frames and the ERROR saying
 # why before its connection is aborted
 CLOSE_LINGER_TIMEOUT = 10.0
