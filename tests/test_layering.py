@@ -175,6 +175,12 @@ def test_every_unit_has_a_row_and_every_row_a_unit() -> None:
     assert named <= ALLOWED.keys(), f"unknown units in ALLOWED: {named - ALLOWED.keys()}"
 
 
+def test_the_design_doc_has_a_row_for_every_unit() -> None:
+    doc = (SRC.parent.parent / "docs" / "design" / "layering.md").read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\| `([a-z_]+)`", doc, flags=re.MULTILINE))
+    assert rows == set(ALLOWED)
+
+
 def test_the_allowed_table_is_a_layering() -> None:
     assert find_cycle(ALLOWED) == []
 
