@@ -204,6 +204,19 @@ def test_the_graph_sees_function_level_and_string_imports() -> None:
     assert "bench" in graph["cli"]  # BENCH_SUITES: module paths for importlib
 
 
+def test_relative_imports_are_resolved() -> None:
+    source = "from .client import A\nfrom .. import ids\nimport meshcast.link.hop\n"
+    names = {m for m, _ in imported_names(SRC / "wire" / "x.py", ast.parse(source))}
+    assert names == {
+        "meshcast.wire.client",
+        "meshcast.wire.client.A",
+        "meshcast.ids",
+        "meshcast.link.hop",
+    }
+    in_init = {m for m, _ in imported_names(SRC / "wire" / "__init__.py", ast.parse(source))}
+    assert "meshcast.wire.client" in in_init
+
+
 def test_cycles_are_found() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
