@@ -1,5 +1,6 @@
 """Value types for the command-line parsers (argparse `type=`): clear messages, exit 2;
-the parser class and help formatter every `meshcast` subcommand uses."""
+the parser class, help formatter and handler runner every `meshcast` subcommand uses
+(here, below both `meshcast.cli` and `meshcast.client.cli`, which both run handlers)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import math
 import sys
 from collections.abc import Callable
 from typing import Any
+
+from meshcast.errors import ConfigError, MeshcastError, UsageError
 
 
 def seconds(text: str) -> float:
@@ -94,3 +97,23 @@ def print_error(prog: str, error: BaseException) -> None:
     text = str(error) or type(error).__name__
     for line in text.splitlines():
         print(f"{prog}: error: {line}", file=sys.stderr)
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
+
+
+def run_handler(args: argparse.Namespace, prog: str = "meshcast") -> int:
+    """Run the subcommand's handler: typed errors become exit statuses (2 for usage and
+    configuration errors, 1 for other failures), Ctrl-C becomes 130."""
+    try:
+        code: int = args.handler(args)
+    except (UsageError, ConfigError) as exc:
+        print_error(prog, exc)
+        return 2
+    except MeshcastError as exc:
+        print_error(prog, exc)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return code

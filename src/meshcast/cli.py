@@ -14,9 +14,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from meshcast.argtypes import Parser, integer, non_negative_seconds, print_error, probability
+from meshcast.argtypes import Parser, integer, non_negative_seconds, probability, run_handler
 from meshcast.client.cli import add_flood_command, add_status_command, add_user_command
-from meshcast.errors import ConfigError, MeshcastError, UsageError
+from meshcast.errors import UsageError
 from meshcast.runtime.daemon_cli import add_daemon_command
 
 BENCH_SUITES = {
@@ -31,13 +31,13 @@ def _demo(args: argparse.Namespace) -> int:
     from meshcast.runtime.loop import run
 
     if args.link:
-        from meshcast.runtime.demo import run_demo
+        from meshcast.demo.link import run_demo
 
         return run(
             run_demo(messages=args.messages, loss=args.loss, delay=args.delay, seed=args.seed)
         )
     from meshcast.config import load_config
-    from meshcast.runtime.cluster_demo import run_cluster_demo
+    from meshcast.demo.cluster import run_cluster_demo
 
     config = load_config(args.config) if args.config else None
     return run(run_cluster_demo(config, victim=args.kill))
@@ -179,26 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--trace", metavar="FILE", help="write the JSON-lines trace here")
     sim.set_defaults(handler=_sim)
     return parser
-
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
-
-
-def run_handler(args: argparse.Namespace, prog: str = "meshcast") -> int:
-    """Run the subcommand's handler: typed errors become exit statuses (2 for usage and
-    configuration errors, 1 for other failures), Ctrl-C becomes 130."""
-    try:
-        code: int = args.handler(args)
-    except (UsageError, ConfigError) as exc:
-        print_error(prog, exc)
-        return 2
-    except MeshcastError as exc:
-        print_error(prog, exc)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

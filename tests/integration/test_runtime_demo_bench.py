@@ -7,7 +7,7 @@ import io
 import pytest
 
 from meshcast.bench.link_real import measure_real
-from meshcast.runtime.demo import run_demo
+from meshcast.demo.link import run_demo
 
 
 @pytest.mark.asyncio

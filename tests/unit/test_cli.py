@@ -11,8 +11,8 @@ import pytest
 
 from meshcast.cli import build_parser, main
 from meshcast.client.cli import LongLine, check_address, flood_summary, split_lines
+from meshcast.demo.cluster import demo_printer
 from meshcast.errors import UsageError
-from meshcast.runtime.cluster_demo import demo_printer
 from meshcast.sim.scenarios import SCENARIOS, run_scenario
 
 

@@ -95,7 +95,7 @@ def find_daemon(name: str, config: str | None = None) -> str:
     name, `ClientError` when none is listening.
     """
     from meshcast.config import load_config
-    from meshcast.runtime.sessions import (
+    from meshcast.socket_paths import (
         SOCKET_NAME_SEPARATOR,
         default_socket_dir,
         default_socket_path,
@@ -992,7 +992,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m meshcast.client user|flood ...``."""
-    from meshcast.cli import run_handler
+    from meshcast.argtypes import run_handler
 
     return run_handler(build_parser().parse_args(argv))
 

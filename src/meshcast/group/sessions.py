@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -86,6 +85,7 @@ from meshcast.wire.client import (
     choose_version,
     clip_text,
     encode,
+    json_ready,
     private_name,
     split_private_name,
 )
@@ -366,7 +366,7 @@ class SessionTable:
             truncated=truncated,
             counters=counters,
         )
-        ready = _json_ready(report)
+        ready = json_ready(report)
         assert isinstance(ready, dict)
         return ready
 
@@ -910,17 +910,6 @@ class SessionTable:
 def _section(value: object) -> dict[str, object]:
     """A provider's ``daemon`` or ``counters`` section (anything else counts as empty)."""
     return {str(k): v for k, v in value.items()} if isinstance(value, Mapping) else {}
-
-
-def _json_ready(value: object) -> object:
-    """`value` as JSON can carry it: tuples become lists, non-finite floats None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    return value
 
 
 def _compact_json(report: Mapping[str, object]) -> str:

@@ -1,4 +1,5 @@
-"""Links between neighbour daemons: the Hop protocol and a TCP link for comparison."""
+"""Links between neighbour daemons: the Hop protocol (its TCP model for comparison is
+`meshcast.sim.tcp`, beside the simulator that runs it)."""
 
 from meshcast.link.config import LinkConfig
 from meshcast.link.endpoint import LinkEndpoint

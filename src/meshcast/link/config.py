@@ -1,4 +1,4 @@
-"""Configuration of one link endpoint (Hop or TCP model)."""
+"""Configuration of one link endpoint (Hop, or the TCP model of `meshcast.sim.tcp`)."""
 
 from __future__ import annotations
 

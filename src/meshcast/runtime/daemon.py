@@ -71,7 +71,6 @@ from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
 from meshcast.runtime.sessions import (
     ClientServer,
     check_client_access,
-    default_socket_path,
     is_loopback,
     socket_group_id,
 )
@@ -83,7 +82,8 @@ from meshcast.runtime.udp import (
     link_security,
     open_udp_socket,
 )
-from meshcast.wire.client import DaemonLimits
+from meshcast.socket_paths import default_socket_path
+from meshcast.wire.client import DaemonLimits, json_ready
 from meshcast.wire.keys import KeyRing
 from meshcast.wire.packet import U32_MAX
 
@@ -258,17 +258,6 @@ def impairment_for(emulation: Emulation, local: int, peer: int) -> Impairment:
 # ---------------------------------------------------------------------- structured logging
 
 
-def _json_value(value: object) -> object:
-    """JSON has no infinity: an unbounded rate is written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    return value
-
-
 class JsonLineFormatter(logging.Formatter):
     """Each record as one JSON object on one line.
 
@@ -293,7 +282,7 @@ class JsonLineFormatter(logging.Formatter):
             entry["message"] = record.getMessage()
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(_json_value(entry), default=str, allow_nan=False)
+        return json.dumps(json_ready(entry), default=str, allow_nan=False)
 
 
 class HumanLineFormatter(logging.Formatter):
@@ -325,7 +314,7 @@ class HumanLineFormatter(logging.Formatter):
 
 
 def _human_value(value: object) -> str:
-    value = _json_value(value)
+    value = json_ready(value)
     return value if isinstance(value, str) and value and " " not in value else json.dumps(value)
 
 

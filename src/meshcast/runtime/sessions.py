@@ -17,12 +17,11 @@ ERROR SLOW_RECEIVER right after the frames already handed to the socket.
 Theory: docs/design/group.md, "Sessions and membership"; socket conventions:
 docs/design/daemon.md, "Client sessions".
 
-Socket path convention (the client library relies on it):
-``$XDG_RUNTIME_DIR/meshcast/<daemon>@<cluster>.sock`` when ``XDG_RUNTIME_DIR`` is set, else
-``<tempdir>/meshcast-<uid>/<daemon>@<cluster>.sock``. The directory is created ``0700`` and must
-belong to this user; the socket is created ``0600`` (``0660`` and given to the group of
-``[clients] socket_group`` when set). A stale socket file (nothing listening) is replaced;
-a live one, or a path that is not a socket, is an error.
+Unix sockets listen at `meshcast.socket_paths.default_socket_path` unless told otherwise.
+Their directory is created ``0700`` and must belong to this user; the socket is created
+``0600`` (``0660`` and given to the group of ``[clients] socket_group`` when set). A stale
+socket file (nothing listening) is replaced; a live one, or a path that is not a socket, is
+an error.
 
 A TCP listener bound to anything but loopback is *remote*: its connections must present a
 token in their HELLO (`SessionTable.connected(remote=True)`); `check_client_access`
@@ -39,7 +38,6 @@ import logging
 import os
 import socket
 import stat
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -53,31 +51,12 @@ from meshcast.wire.client import ANY_FRAME, HELLO_FRAME_LIMIT, Frame, FrameDecod
 log = logging.getLogger(__name__)
 
 DEFAULT_WRITE_HIGH_WATER = 1024 * 1024  # bytes queued on a connection before it counts as slow
-READ_CHUNK_FRAMES = 64  # frames handled per connection before yielding to the others
 # s: a slow receiver cut off gets this long to read its last frames and the ERROR saying
 # why before its connection is aborted
 CLOSE_LINGER_TIMEOUT = 10.0
 
 Input = Callable[[float], list[SessionEffect]]
 Feed = Callable[[str, Input], None]
-
-
-SOCKET_NAME_SEPARATOR = "@"  # never in a daemon or cluster name: NAME@CLUSTER is unambiguous
-
-
-def default_socket_dir() -> Path:
-    """The directory of the daemons' default client sockets (see the module docstring)."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "meshcast"
-    return Path(tempfile.gettempdir()) / f"meshcast-{os.getuid()}"
-
-
-def default_socket_path(daemon_name: str, cluster_name: str) -> Path:
-    """Where daemon `daemon_name` of cluster `cluster_name` listens for clients unless told
-    otherwise: ``<default_socket_dir()>/NAME@CLUSTER.sock``. The cluster is part of the
-    name so that daemons of two clusters that share a daemon name do not collide."""
-    return default_socket_dir() / f"{daemon_name}{SOCKET_NAME_SEPARATOR}{cluster_name}.sock"
 
 
 def ensure_private_dir(directory: Path) -> None:

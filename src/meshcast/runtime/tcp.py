@@ -2,7 +2,7 @@
 
 This is the comparison the Spread paper makes (Amir et al., section on Hop vs TCP): the
 same messages between the same neighbours, but over one TCP connection per neighbour, so
-a lost segment holds back everything behind it. `meshcast.link.tcp` models that
+a lost segment holds back everything behind it. `meshcast.sim.tcp` models that
 behaviour sans-I/O for the simulator; this module is the real thing on real sockets.
 
 Wire use, per connection::

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from meshcast.errors import UsageError
 from meshcast.ids import NodeId
 from meshcast.link import Delivered, HopLink, Link, LinkConfig, LinkEndpoint
-from meshcast.link.tcp import TcpLink
 from meshcast.sim.network import LinkModel
 from meshcast.sim.simulator import Simulator
+from meshcast.sim.tcp import TcpLink
 
 LinkMaker = Callable[[NodeId, NodeId, LinkConfig, int], Link]
 

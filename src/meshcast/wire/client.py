@@ -39,9 +39,10 @@ only `DecodeError`, naming the frame type and what is wrong.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
-from collections.abc import Container, Iterator
+from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag, StrEnum
 from functools import lru_cache
@@ -724,6 +725,19 @@ def _report_fault(report: object) -> str | None:
     if not isinstance(value, dict):
         return f"report is a JSON {type(value).__name__}, not an object"
     return None
+
+
+def json_ready(value: object) -> object:
+    """`value` as JSON can carry it: mappings become dicts with str keys, tuples lists, and
+    non-finite floats (an unbounded rate) None, as JSON has no infinity. Used for the
+    STATUS report and for the daemon's JSON log lines."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value
 
 
 def _membership_fault(view_id: object, members: object, cause: object, who: object) -> str | None:

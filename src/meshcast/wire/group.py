@@ -87,7 +87,6 @@ NO_VIEW = bytes(8)  # from_view of a daemon that never installed a view
 CLOCK = struct.Struct("!Q")
 
 MAX_GROUP_NAME = 255  # bytes (a str8)
-MAX_SENDER_NAME = 255  # bytes (a str8)
 MAX_GROUPS = 256  # groups one message is addressed to (the client protocol's limit)
 MAX_FIFO_ENTRIES = 4096  # destination daemons of one FIFO message (the overlay's limit)
 MAX_VECTOR = 4096  # entries of a causal vector: daemons in a view

@@ -140,11 +140,6 @@ class Packet:
     tag: bytes = b""
 
 
-def _check_u32(name: str, value: int) -> None:
-    if not 0 <= value <= U32_MAX:
-        raise ValueError(f"{name} out of u32 range: {value}")
-
-
 # ---------------------------------------------------------------- encoding
 
 

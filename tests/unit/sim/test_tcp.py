@@ -28,8 +28,8 @@ from meshcast.link import (
     PeerRestarted,
     Transmit,
 )
-from meshcast.link.tcp import TcpConfig, TcpLink
-from meshcast.link.tcp_congestion import NewReno, RtoEstimator, SackReno, Scoreboard
+from meshcast.sim.tcp import TcpConfig, TcpLink
+from meshcast.sim.tcp_congestion import NewReno, RtoEstimator, SackReno, Scoreboard
 from meshcast.wire import (
     Header,
     Hello,

@@ -255,9 +255,6 @@ class Scoreboard:
         """Outstanding segments presumed lost, resent or not."""
         return len(self._lost)
 
-    def is_sacked(self, seq: int) -> bool:
-        return seq in self._sacked_set
-
     def is_lost(self, seq: int) -> bool:
         return seq in self._lost
 

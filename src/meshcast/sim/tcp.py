@@ -46,7 +46,7 @@ from meshcast.link.events import (
     Transmit,
 )
 from meshcast.link.sendqueue import SendQueue
-from meshcast.link.tcp_congestion import NewReno, RtoEstimator, SackReno
+from meshcast.sim.tcp_congestion import NewReno, RtoEstimator, SackReno
 from meshcast.wire.packet import (
     FLAG_STATE,
     HEADER_SIZE,
