@@ -35,6 +35,8 @@ from typing import Literal, TypeVar
 
 from meshcast.errors import ConfigError, ConfigProblem
 from meshcast.group.access import ALLOW_WORDS, AccessPolicy, AccessRule, operations_of
+from meshcast.group.config import GroupConfig
+from meshcast.group.sessions import SessionConfig
 from meshcast.ids import MAX_NODE_ID
 from meshcast.link.config import LinkConfig
 
@@ -45,11 +47,13 @@ __all__ = [
     "ClusterConfig",
     "DaemonSpec",
     "Emulation",
+    "GroupConfig",
     "LimitsConfig",
     "LinkSpec",
     "MembershipConfig",
     "RoutingPolicy",
     "SecurityConfig",
+    "SessionsConfig",
     "SiteSpec",
     "default_config",
     "dump_config",
@@ -73,6 +77,11 @@ MAX_NAME_LENGTH = 64  # characters of a cluster, site or daemon name
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
 
 T = TypeVar("T")
+
+
+def _typed(value: object, kind: type[T]) -> T:
+    assert isinstance(value, kind)
+    return value
 
 
 class _Recorded(Exception):
@@ -643,6 +652,35 @@ class LimitsConfig:
         problems.raise_any()
 
 
+# SessionConfig's defaults (a slotted dataclass has no class attributes holding them)
+_SESSION_DEFAULTS: dict[str, object] = {f.name: f.default for f in fields(SessionConfig)}
+
+
+@dataclass(frozen=True, slots=True)
+class SessionsConfig:
+    """[sessions]: the settable part of a daemon's `SessionConfig` (client sessions).
+
+    The rest of `SessionConfig` comes from elsewhere: `limits` (DaemonLimits),
+    `max_clients`, `handshake_timeout`, `max_pending_handshakes` and `block_timeout` from
+    [limits], `access` from [clients].
+    """
+
+    # bytes: frames a paused (slow) `block` or `drop-unreliable` member may be sent beyond
+    # its socket's high-water mark before it is disconnected with SLOW_RECEIVER anyway
+    max_backlog: int = _typed(_SESSION_DEFAULTS["max_backlog"], int)
+    # a STATUS report lists at most this many groups, and this many members of each
+    status_max_groups: int = _typed(_SESSION_DEFAULTS["status_max_groups"], int)
+    status_max_members: int = _typed(_SESSION_DEFAULTS["status_max_members"], int)
+
+    def __post_init__(self) -> None:
+        # SessionConfig's own checks, with the keys of this section
+        SessionConfig(
+            max_backlog=self.max_backlog,
+            status_max_groups=self.status_max_groups,
+            status_max_members=self.status_max_members,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
     """A whole cluster: its daemons, sites, overlay links and the policies of every layer.
@@ -660,6 +698,8 @@ class ClusterConfig:
     membership: MembershipConfig = field(default_factory=MembershipConfig)  # daemon timers
     security: SecurityConfig = field(default_factory=SecurityConfig)  # authentication
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # bounds on clients, traffic
+    group: GroupConfig = field(default_factory=GroupConfig)  # the ordering engine's timers, bounds
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)  # client sessions
     clients: ClientsConfig = field(default_factory=ClientsConfig)  # client access control
     source: str = field(default="<code>", compare=False)  # file path or "<embedded default>"
     # Indexes built by __post_init__: name -> daemon, node id -> daemon, name -> neighbours.
@@ -890,6 +930,8 @@ _TOP_KEYS = (
     "membership",
     "security",
     "limits",
+    "group",
+    "sessions",
     "clients",
 )
 _CLIENTS_KEYS = ("socket_group", "token_file", "tokens", "rule")
@@ -932,11 +974,15 @@ def _field_keys(dataclass_fields: Iterable[Field[object]]) -> dict[str, _FieldKe
             keys[name] = _FieldKey(name, "bool")
         elif annotation == "float" and name.endswith("_bps"):
             keys[name.removesuffix("_bps")] = _FieldKey(name, "rate")
-        elif annotation == "float" and name.endswith(("_interval", "_timeout", "_rtt", "_delay")):
+        elif annotation == "float" and name.endswith(
+            ("_interval", "_timeout", "_rtt", "_delay", "_after")
+        ):
             keys[name] = _FieldKey(name, "duration")
         elif annotation == "float":
             keys[name] = _FieldKey(name, "number")
-        elif annotation == "int" and (name.endswith(("_bytes", "_size")) or name == "mtu"):
+        elif annotation == "int" and (
+            name.endswith(("_bytes", "_size")) or name in ("mtu", "max_backlog")
+        ):
             keys[name] = _FieldKey(name, "size")
         elif annotation == "int":
             keys[name] = _FieldKey(name, "int")
@@ -948,6 +994,11 @@ def _field_keys(dataclass_fields: Iterable[Field[object]]) -> dict[str, _FieldKe
 _LINK_CONFIG_KEYS = _field_keys(fields(LinkConfig))
 _MEMBERSHIP_KEYS = _field_keys(fields(MembershipConfig))
 _LIMITS_KEYS = _field_keys(fields(LimitsConfig))
+# GroupConfig fields a file may not set: protocol-internal memory bounds whose right value
+# follows from the protocol, not from the deployment (duplicate detection, late messages).
+_GROUP_INTERNAL = frozenset({"dedup_window", "max_past_views"})
+_GROUP_KEYS = _field_keys(f for f in fields(GroupConfig) if f.name not in _GROUP_INTERNAL)
+_SESSIONS_KEYS = _field_keys(fields(SessionsConfig))
 # Keys people put in the wrong one of [link] (Hop parameters) and [links] (overlay edges).
 _WRONG_SECTION = {
     "link": (frozenset(_LINKS_KEYS), "overlay edges are configured in [links]"),
@@ -1515,6 +1566,8 @@ class _Reader:
                 ),
                 "security": partial(self.security, root),
                 "limits": partial(self.section, root, "limits", LimitsConfig, _LIMITS_KEYS),
+                "group": partial(self.section, root, "group", GroupConfig, _GROUP_KEYS),
+                "sessions": partial(self.section, root, "sessions", SessionsConfig, _SESSIONS_KEYS),
                 "clients": partial(self.clients, root),
             }
         )
@@ -1539,14 +1592,11 @@ class _Reader:
             membership=_typed(parts["membership"], MembershipConfig),
             security=_typed(parts["security"], SecurityConfig),
             limits=_typed(parts["limits"], LimitsConfig),
+            group=_typed(parts["group"], GroupConfig),
+            sessions=_typed(parts["sessions"], SessionsConfig),
             clients=_typed(parts["clients"], ClientsConfig),
             source=self.source,
         )
-
-
-def _typed(value: object, kind: type[T]) -> T:
-    assert isinstance(value, kind)
-    return value
 
 
 def _parse(text: str, source: str, base_dir: Path, path: Path | None = None) -> ClusterConfig:
@@ -1662,6 +1712,8 @@ def dump_config(config: ClusterConfig) -> str:
         ("link", config.link, _LINK_CONFIG_KEYS),
         ("membership", config.membership, _MEMBERSHIP_KEYS),
         ("limits", config.limits, _LIMITS_KEYS),
+        ("group", config.group, _GROUP_KEYS),
+        ("sessions", config.sessions, _SESSIONS_KEYS),
     ):
         lines += ["", f"[{section}]"]
         lines += [f"{k} = {_toml(getattr(value, spec.field))}" for k, spec in keys.items()]

@@ -36,6 +36,7 @@ def overlay(**fields: object) -> OverlayConfig:
         ("dedup_window", 0, "positive integer"),
         ("view_settle_interval", 0.0, "positive number of seconds"),
         ("feedback_interval", math.nan, "positive number of seconds"),
+        ("lsa_refresh_interval", 0.0, "positive number of seconds"),
         ("rate_share", 1.5, "(0, 1]"),
         ("rate_change_threshold", 1.0, "[0, 1)"),
         ("allowed_links", frozenset({(TWO, ONE)}), "allowed link 2-1"),

@@ -65,6 +65,11 @@ class OverlayConfig:
     link: LinkConfig = field(default_factory=LinkConfig)
     policy: str = "shortest-path"
     view_settle_interval: float = 0.05  # s: let a burst of LSAs land before recomputing
+    # s: re-originate our LSA (a new sequence number, so it floods across the whole
+    # overlay) this long after the last one, even without a change. Links are reliable
+    # and a new link exchanges databases, but an LSA dropped by a full link queue would
+    # otherwise be missing until the next change. None: only on a change (experiments).
+    lsa_refresh_interval: float | None = None
     max_dests_per_packet: int = 50  # destinations listed in one data message
     window_messages: int = 1000  # a source's messages not yet delivered by some destination
     max_outbox_messages: int = 10_000  # accepted but not yet sent (rate or window limited)
@@ -110,9 +115,9 @@ class OverlayConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"must be a positive integer, got {value!r}", key=key)
-        for key in ("view_settle_interval", "feedback_interval"):
+        for key in ("view_settle_interval", "feedback_interval", "lsa_refresh_interval"):
             value = getattr(self, key)
-            if not (math.isfinite(value) and value > 0):
+            if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"must be a positive number of seconds, got {value!r}", key=key)
         if self.allowed_links is not None:
             for a, b in self.allowed_links:
@@ -227,6 +232,7 @@ class OverlayStats:
     malformed_dropped: int = 0
     hop_limit_dropped: int = 0
     lsas_flooded: int = 0
+    lsa_refreshes: int = 0  # own LSAs re-originated without a change (lsa_refresh_interval)
     lsas_unknown_dropped: int = 0  # LSAs from a daemon the cluster config does not list
     lsas_bad_link_dropped: int = 0  # LSAs claiming a link the cluster config does not allow
     views_installed: int = 0
@@ -262,6 +268,7 @@ class OverlayNode:
         self._view: View | None = None
         self._agreed_digest: bytes | None = None
         self._view_due_at: float | None = None
+        self._refresh_at: float | None = None  # when our LSA is next re-originated
         self._seq = 0
         self._outbox: deque[tuple[tuple[NodeId, ...], bytes]] = deque()
         self._pacer: Pacer | None = None
@@ -332,7 +339,9 @@ class OverlayNode:
         if not self._started:
             return None
         deadlines = [
-            d for d in (self._endpoint.next_deadline(), self._view_due_at) if d is not None
+            d
+            for d in (self._endpoint.next_deadline(), self._view_due_at, self._refresh_at)
+            if d is not None
         ]
         if self._next_report_at is not None:
             deadlines.append(self._next_report_at)
@@ -417,6 +426,9 @@ class OverlayNode:
         if self._view_due_at is not None and now >= self._view_due_at:
             self._view_due_at = None
             self._recompute_view(now, effects)
+        if self._refresh_at is not None and now >= self._refresh_at:
+            self.stats.lsa_refreshes += 1
+            self._originate(now, effects)  # sets the next refresh
         if self._next_report_at is not None and now >= self._next_report_at:
             self._send_reports(now, effects)
         self._pump(now, effects)
@@ -506,6 +518,8 @@ class OverlayNode:
         digest = self._view.digest if self._view is not None else bytes(8)
         lsa = self._lsdb.originate(entries, digest)
         self._flood(lsa, None, now, effects)
+        interval = self.config.lsa_refresh_interval
+        self._refresh_at = None if interval is None or self._leaving else now + interval
         self._schedule_view(now)
 
     def _flood(

@@ -232,6 +232,7 @@ def overlay_config(config: ClusterConfig, name: str) -> OverlayConfig:
         link=membership_link_config(config),
         policy=config.routing,
         view_settle_interval=config.membership.view_settle_interval,
+        lsa_refresh_interval=config.membership.lsa_refresh_interval,
         max_dests_per_packet=config.limits.max_dests_per_packet,
         window_messages=config.limits.window_messages,
         coalesce_sends=True,
@@ -492,7 +493,7 @@ class OverlayDaemon:
             name,
             # the overlay tells the engine when a repair would only duplicate a message
             # still queued on a reliable link (docs/design/group.md, "Flush costs")
-            GroupMembership(GroupEngine(self.local, backlogged=self.node.backlogged)),
+            GroupMembership(GroupEngine(self.local, config.group, backlogged=self.node.backlogged)),
             SessionConfig(
                 DaemonLimits(
                     limits.max_message_size, limits.max_group_name, limits.max_groups_per_client
@@ -501,6 +502,9 @@ class OverlayDaemon:
                 handshake_timeout=limits.handshake_timeout,
                 max_pending_handshakes=limits.max_pending_handshakes,
                 block_timeout=limits.block_timeout,
+                max_backlog=config.sessions.max_backlog,
+                status_max_groups=config.sessions.status_max_groups,
+                status_max_members=config.sessions.status_max_members,
                 access=access,
             ),
             status=self.status_sections,
