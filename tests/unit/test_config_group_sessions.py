@@ -10,6 +10,7 @@ import pytest
 
 from meshcast.config import (
     ClusterConfig,
+    LimitsConfig,
     SessionsConfig,
     dump_config,
     load_config,
@@ -18,6 +19,7 @@ from meshcast.config import (
 from meshcast.errors import ConfigError
 from meshcast.group import GroupConfig
 from meshcast.group.sessions import SessionConfig
+from meshcast.overlay.node import OverlayConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = "cluster.toml"
@@ -148,3 +150,32 @@ def test_docs_describe_every_key() -> None:
         part = docs.split(f"## [{section}]", 1)[1].split("\n## ", 1)[0]
         for key in keys:
             assert f"`{key}`" in part, f"docs/config.md [{section}] does not describe {key}"
+
+
+def test_limits_defaults_are_the_layers_defaults() -> None:
+    # [limits] keys are copied onto OverlayConfig, SessionConfig and DaemonLimits by the
+    # daemon: a file without [limits] must run the layers with their own defaults
+    limits = LimitsConfig()
+    sessions = SessionConfig()
+    overlay = {f.name: f.default for f in dataclasses.fields(OverlayConfig)}
+    copies = {
+        "max_message_size": sessions.limits.max_message_size,
+        "max_group_name": sessions.limits.max_group_name,
+        "max_groups_per_client": sessions.limits.max_groups_per_client,
+        "max_clients": sessions.max_clients,
+        "handshake_timeout": sessions.handshake_timeout,
+        "max_pending_handshakes": sessions.max_pending_handshakes,
+        "block_timeout": sessions.block_timeout,
+        "max_dests_per_packet": overlay["max_dests_per_packet"],
+        "window_messages": overlay["window_messages"],
+    }
+    assert {f.name for f in dataclasses.fields(LimitsConfig)} == set(copies)
+    assert {name: getattr(limits, name) for name in copies} == copies
+
+
+def test_the_complete_example_of_the_docs_parses() -> None:
+    docs = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
+    example = docs.split("## A complete example", 1)[1].split("```toml\n", 1)[1]
+    config = parse_config(example.split("```", 1)[0], "docs/config.md")
+    assert config.group.idle_ts_interval == 0.02
+    assert config.sessions.max_backlog == 128 * 2**20
