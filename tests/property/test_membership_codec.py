@@ -19,10 +19,15 @@ from meshcast.wire.membership import (
     encode_membership,
 )
 
-names = st.text(min_size=1, max_size=12).filter(lambda t: len(t.encode("utf-8")) <= 255)
-long_names = st.text(st.characters(), min_size=60, max_size=85).filter(
-    lambda t: 1 <= len(t.encode("utf-8")) <= 255
+# Characters on both sides of the surrogates, never next to them: hypothesis 6.155 fails
+# internally ("55296 is not in list") when it shrinks text that borders them.
+letters = st.characters(min_codepoint=1, max_codepoint=0xD7FE) | st.characters(
+    min_codepoint=0x10000, max_codepoint=0x10FFFF
 )
+names = st.text(letters, min_size=1, max_size=12).filter(lambda t: len(t.encode("utf-8")) <= 255)
+long_names = st.text(
+    st.characters(min_codepoint=1, max_codepoint=0xD7FE), min_size=60, max_size=85
+).filter(lambda t: 1 <= len(t.encode("utf-8")) <= 255)
 u32 = st.integers(0, 2**32 - 1)
 ops = st.builds(
     MembershipOp,

@@ -35,7 +35,14 @@ from typing import Any
 
 from meshcast.config import ClusterConfig, DaemonSpec, Emulation, SecurityConfig
 from meshcast.errors import BufferFull, ConfigError, MeshcastError, UsageError
-from meshcast.group import Broadcast, GroupEngine, GroupStats, OrderingFault, OrderingReset
+from meshcast.group import (
+    Broadcast,
+    GroupEngine,
+    GroupStats,
+    OrderingFault,
+    OrderingReset,
+    ViewTransition,
+)
 from meshcast.group.access import AccessPolicy
 from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipStats
 from meshcast.group.sessions import (
@@ -1237,6 +1244,13 @@ class OverlayDaemon:
                 case OrderingFault(source, stream, reason):
                     self.events.error(
                         "group_fault", source=int(source), stream=stream, reason=reason
+                    )
+                case ViewTransition(old_view_id, old_members, survivors):
+                    self.events.emit(
+                        "group_transition",
+                        view_id=old_view_id.hex(),
+                        survivors=[int(m) for m in survivors],
+                        departed=[int(m) for m in old_members if m not in survivors],
                     )
                 case _:
                     self._unknown_effects.dropped(effect, "the session table")
