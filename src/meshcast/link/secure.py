@@ -44,6 +44,7 @@ from meshcast.wire.packet import (
     HEADER_SIZE,
     HELLO_BODY,
     MAGIC,
+    PREFIX,
     VERSION,
     PacketType,
 )
@@ -62,12 +63,9 @@ log = logging.getLogger(__name__)
 PURPOSE = b"link"
 SEQ_SIZE = 8
 RECORD_OVERHEAD = SEQ_SIZE + TAG_SIZE  # bytes a record adds to the Hop datagram it seals
-HELLO_OVERHEAD = PUBLIC_KEY_SIZE + TAG_SIZE
 _HELLO = int(PacketType.HELLO)
 _SEQ = HEADER_SIZE - SEQ_SIZE  # offset of the header's seq field
-_PREFIX = HEADER.pack(MAGIC, VERSION, 0, 0, 0, 0, 0, 0, 0)[:3]  # magic and version
 _IDS = struct.Struct("!IIQ")  # sender, epoch, seq: the header from byte 8
-_EPOCH = struct.Struct("!I")  # at byte 12
 _MIN_RECORD = HEADER_SIZE + SEQ_SIZE + TAG_SIZE
 # flags byte with AUTH cleared, then a zero key id: what an opened record's header holds
 _CLEARED = [bytes((flags & ~FLAG_AUTH, 0)) for flags in range(256)]
@@ -197,14 +195,11 @@ class SecureLink(HopLink):
         values.update((name, getattr(drops, name)) for name in _SECURITY_COUNTER_NAMES)
         return values
 
-    def security_counters(self) -> SecurityCounters:
-        return replace(self._drops)
-
     # ------------------------------------------------------------------ inputs
 
     def datagram_received(self, datagram: bytes, now: float) -> list[LinkEffect]:
         # The hot path (one call per datagram): records are opened inline.
-        if len(datagram) < _MIN_RECORD or datagram[:3] != _PREFIX:
+        if len(datagram) < _MIN_RECORD or datagram[:3] != PREFIX:
             return self._open_odd(datagram, now)
         sender, epoch, counter = _IDS.unpack_from(datagram, 8)
         flags = datagram[4]
@@ -329,7 +324,7 @@ class SecureLink(HopLink):
 
     def _seal(self, datagram: bytes, now: float) -> bytes | None:
         """What the Hop link's `datagram` becomes on the wire; None: no keys yet."""
-        epoch = _EPOCH.unpack_from(datagram, 12)[0]
+        epoch = self._epoch  # the Hop link's, in the header of every datagram it emits
         if epoch != self._own_epoch:
             self._new_own_epoch(epoch)  # the Hop link restarted its stream
         if datagram[3] == _HELLO:
@@ -363,9 +358,17 @@ class SecureLink(HopLink):
             key = ring.keys[self._hellos_sent % len(ring.keys)]
         self._hellos_sent += 1
         self._stamp = max(self._stamp + 1, security.stamp(now))
-        _, _, ptype, flags, _, _, sender, epoch, _ = HEADER.unpack_from(datagram)
+        epoch = self._epoch
         header = HEADER.pack(
-            MAGIC, VERSION, ptype, flags | FLAG_AUTH, key.key_id, 0, sender, epoch, self._stamp
+            MAGIC,
+            VERSION,
+            datagram[3],
+            datagram[4] | FLAG_AUTH,
+            key.key_id,
+            0,
+            self._local,
+            epoch,
+            self._stamp,
         )
         body = datagram[HEADER_SIZE:] + self._own.public
         return header + security.hello_aead(key, self._local, self._peer).encrypt(

@@ -54,7 +54,7 @@ from meshcast.runtime.logs import NodeLogAdapter, RateLimiter
 from meshcast.runtime.stats import DriverStats
 from meshcast.runtime.timer import DeadlineTimer
 from meshcast.wire.keys import KeyRing
-from meshcast.wire.packet import HEADER_SIZE, MAGIC, U32_MAX, VERSION, PacketType
+from meshcast.wire.packet import HEADER_SIZE, PREFIX, U32_MAX, PacketType
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,7 @@ DEFAULT_SEND_TIMEOUT = 30.0  # s: how long `send` waits for room in the link's q
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # Linux values; absent from `socket`
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _DATA = int(PacketType.DATA)
-_PREFIX = struct.pack("!HB", MAGIC, VERSION)  # magic and version open every datagram
-_PREFIX_SIZE = len(_PREFIX)
+_PREFIX_SIZE = len(PREFIX)
 _TYPE_OFFSET = 3  # byte offset of the packet type in the wire header
 _SENDER = struct.Struct("!I")
 _SENDER_OFFSET = 8  # byte offset of the sender node id in the wire header
@@ -448,7 +447,7 @@ class UdpLinkDriver:
         # to be? The link's own decoder checks the rest (and counts what it rejects).
         # A full `decode_header` here would build a Header and an enum per datagram:
         # ~20 % of the receive path (docs/design/runtime.md).
-        if len(data) < HEADER_SIZE or data[:_PREFIX_SIZE] != _PREFIX:
+        if len(data) < HEADER_SIZE or data[:_PREFIX_SIZE] != PREFIX:
             self._malformed_dropped += 1
             if self._limiter.allows(self._malformed_dropped):
                 self._log.debug("drop non-meshcast datagram of %d bytes from %s", len(data), addr)

@@ -39,6 +39,7 @@ from meshcast.errors import DecodeError
 
 MAGIC = 0x4D43  # "MC"
 VERSION = 1
+PREFIX = bytes((MAGIC >> 8, MAGIC & 0xFF, VERSION))  # the first 3 bytes of every datagram
 
 FLAG_STATE = 0x01
 FLAG_AUTH = 0x80
