@@ -16,7 +16,7 @@ from dataclasses import replace
 from meshcast.argtypes import print_error, seconds
 from meshcast.config import ClusterConfig, SecurityConfig, default_config, load_config
 from meshcast.errors import ConfigError, MeshcastError
-from meshcast.runtime.keyfile import default_key_path, ensure_key_file, load_keyring
+from meshcast.runtime.keyfile import default_key_path, ensure_key_file
 
 
 def _port(text: str) -> int:
@@ -128,7 +128,6 @@ def daemon_command(args: argparse.Namespace) -> int:
     """Handler of ``meshcast daemon``: returns the exit status."""
     from meshcast.runtime.daemon import (
         ClientListen,
-        check_clients,
         configure_logging,
         overlay_config,
         run_daemon,
@@ -146,9 +145,9 @@ def daemon_command(args: argparse.Namespace) -> int:
 
     try:
         config, reload_security = _load(args.config)
-        overlay_config(config, args.name)  # unknown name, unusable policy: before binding
-        load_keyring(config.security, config.source)  # no key, a bad key file: the same
-        check_clients(config, clients)  # the token file, a TCP port beyond loopback, ...
+        # An unknown name or unusable policy before logging starts; the daemon checks its
+        # keys and client settings itself, before it binds (a ConfigError, caught below).
+        overlay_config(config, args.name)
     except ConfigError as exc:
         print_error("meshcast daemon", exc)
         return 2
