@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshcast.runtime.keyfile import new_key, write_key_file
+from meshcast.config import ClusterConfig
+from meshcast.runtime.keyfile import load_keyring, new_key, write_key_file
 from meshcast.runtime.local_cluster import free_udp_ports
+from meshcast.wire.keys import KeyRing
 
 # The command under test: the `daemon` subcommand of the `meshcast` console script.
 DAEMON_COMMAND = (sys.executable, "-m", "meshcast.cli", "daemon")
@@ -376,3 +378,10 @@ async def run_command(
             await process.wait()
     assert process.returncode is not None
     return process.returncode, out.decode("utf-8"), err.decode("utf-8")
+
+
+def cluster_ring(config: ClusterConfig) -> KeyRing:
+    """The key ring of a cluster these helpers wrote (they always give it a key)."""
+    ring = load_keyring(config.security, config.source)
+    assert ring is not None
+    return ring

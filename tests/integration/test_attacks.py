@@ -52,6 +52,7 @@ from .attack_helpers import (
 )
 from .daemon_helpers import (
     DaemonProcess,
+    cluster_ring,
     cluster_toml,
     host_of,
     marks,
@@ -384,7 +385,7 @@ async def test_a_daemon_with_another_key_never_gets_in(tmp_path: Path) -> None:
 
     path = write_cluster(tmp_path, 2, [(1, 2)])
     config = load_config(path)
-    ours = load_keyring_of(config)
+    ours = cluster_ring(config)
     other = new_key()
     while other.key_id == ours.newest.key_id:  # 1 in 256: the drop would count as forged
         other = new_key()
@@ -435,14 +436,6 @@ def drain(client: Any) -> list[Any]:
     while (event := client.receive_nowait()) is not None:
         events.append(event)
     return events
-
-
-def load_keyring_of(config: Any) -> Any:
-    from meshcast.runtime.keyfile import load_keyring
-
-    ring = load_keyring(config.security, config.source)
-    assert ring is not None
-    return ring
 
 
 async def epoch_of(target: tuple[str, int], listen: tuple[str, int]) -> int:

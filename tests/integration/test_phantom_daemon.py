@@ -22,16 +22,20 @@ from typing import Any
 import pytest
 
 import meshcast
-from meshcast.config import ClusterConfig, load_config
+from meshcast.config import load_config
 from meshcast.ids import NodeId
 from meshcast.runtime.daemon import daemon_address, membership_link_config
-from meshcast.runtime.keyfile import load_keyring
 from meshcast.runtime.udp import UdpLinkDriver, link_security, secure_link_factory
 from meshcast.wire.client import Message
-from meshcast.wire.keys import KeyRing
 from meshcast.wire.overlay import Lsa, LsaEntry, encode_lsa
 
-from .daemon_helpers import DaemonProcess, running_daemons, wait_agreed, write_cluster
+from .daemon_helpers import (
+    DaemonProcess,
+    cluster_ring,
+    running_daemons,
+    wait_agreed,
+    write_cluster,
+)
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio]
 
@@ -115,9 +119,3 @@ async def _agreed_traffic(sender_sock: str, receiver_sock: str) -> None:
                 if isinstance(event, Message):
                     payloads.append(event.payload)
         assert payloads == [b"m%d" % i for i in range(MESSAGES)]
-
-
-def cluster_ring(config: ClusterConfig) -> KeyRing:
-    ring = load_keyring(config.security, config.source)
-    assert ring is not None  # the test helpers give every cluster a key
-    return ring
