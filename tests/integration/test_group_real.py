@@ -1104,6 +1104,12 @@ async def test_bulk_flood_on_loopback_needs_no_repair(cluster: Cluster) -> None:
     async with connected(cluster, ["c1a", "c2a"], keep=False) as peers:
         reader, sender = peers["c1a"], peers["c2a"]
         await join_all([reader], "flood")
+        # The sender is not a member: its daemon addresses each message to the members it
+        # knows. Until d2 has the join, a message reaches no one (seen in CI: the first
+        # three went missing).
+        await cluster.daemons["d2"].wait_event(
+            "group_membership", lambda e: e["group"] == "flood" and e["members"], timeout=WAIT
+        )
         async with asyncio.timeout(WAIT * 2):
             for number in range(REPAIR_FLOOD):
                 await sender.send("flood", number, ServiceLevel.RELIABLE, "flood", FAR_SIZE)
