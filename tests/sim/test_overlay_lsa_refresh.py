@@ -31,10 +31,10 @@ def test_refresh_repairs_a_lost_lsa_without_a_view_change() -> None:
     lose_lsa(h, 3, 1)
     h.run(2.0)  # node 1's refresh (due 1 s after its last LSA) floods through 2 to 3
     assert held_seq(h, 3, 1) == held_seq(h, 1, 1)
-    assert h.overlay(NodeId(1)).stats.lsa_refreshes >= 1
+    assert h.overlay(NodeId(1)).statistics().lsa_refreshes >= 1
     h.run(10.0)
     # one refresh a second per daemon, and still the same views
-    assert all(8 <= h.overlay(NodeId(n)).stats.lsa_refreshes <= 11 for n in (1, 2, 3))
+    assert all(8 <= h.overlay(NodeId(n)).statistics().lsa_refreshes <= 11 for n in (1, 2, 3))
     assert h.view_change_times() == installed
     check_views_converged(h)
 
@@ -45,4 +45,4 @@ def test_without_refresh_a_lost_lsa_stays_lost() -> None:
     lose_lsa(h, 3, 1)
     h.run(10.0)
     assert held_seq(h, 3, 1) is None
-    assert h.overlay(NodeId(1)).stats.lsa_refreshes == 0
+    assert h.overlay(NodeId(1)).statistics().lsa_refreshes == 0

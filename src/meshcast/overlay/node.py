@@ -223,7 +223,28 @@ class LinkDrops:
 
 
 @dataclass(slots=True)
+class _Counters:
+    """The counters of `OverlayStats`, bumped in place (`+= 1`, checked by mypy)."""
+
+    data_originated: int = 0
+    data_forwarded: int = 0
+    data_delivered: int = 0
+    duplicates_dropped: int = 0
+    unroutable_dropped: int = 0
+    malformed_dropped: int = 0
+    hop_limit_dropped: int = 0
+    lsas_flooded: int = 0
+    lsa_refreshes: int = 0
+    lsas_unknown_dropped: int = 0
+    lsas_bad_link_dropped: int = 0
+    views_installed: int = 0
+    link_messages_sent: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class OverlayStats:
+    """Counters of one overlay node (a frozen snapshot, `OverlayNode.statistics()`)."""
+
     data_originated: int = 0
     data_forwarded: int = 0
     data_delivered: int = 0
@@ -276,7 +297,7 @@ class OverlayNode:
         self._acked_by: dict[NodeId, int] = {}  # per destination, of its current incarnation
         self._sources: dict[NodeId, _SourceState] = {}
         self._next_report_at: float | None = None
-        self.stats = OverlayStats()
+        self._counters = _Counters()
         self._started = False
         self._clock = 0.0  # time of the latest input, for next_deadline()
         self._leaving = False
@@ -319,6 +340,24 @@ class OverlayNode:
         if peer in self._endpoint:
             drops += LinkDrops.of(self._endpoint.link(peer).statistics())
         return drops
+
+    def statistics(self) -> OverlayStats:
+        c = self._counters
+        return OverlayStats(
+            data_originated=c.data_originated,
+            data_forwarded=c.data_forwarded,
+            data_delivered=c.data_delivered,
+            duplicates_dropped=c.duplicates_dropped,
+            unroutable_dropped=c.unroutable_dropped,
+            malformed_dropped=c.malformed_dropped,
+            hop_limit_dropped=c.hop_limit_dropped,
+            lsas_flooded=c.lsas_flooded,
+            lsa_refreshes=c.lsa_refreshes,
+            lsas_unknown_dropped=c.lsas_unknown_dropped,
+            lsas_bad_link_dropped=c.lsas_bad_link_dropped,
+            views_installed=c.views_installed,
+            link_messages_sent=c.link_messages_sent,
+        )
 
     def can_multicast(self) -> bool:
         return len(self._outbox) < self.config.max_outbox_messages
@@ -427,7 +466,7 @@ class OverlayNode:
             self._view_due_at = None
             self._recompute_view(now, effects)
         if self._refresh_at is not None and now >= self._refresh_at:
-            self.stats.lsa_refreshes += 1
+            self._counters.lsa_refreshes += 1
             self._originate(now, effects)  # sets the next refresh
         if self._next_report_at is not None and now >= self._next_report_at:
             self._send_reports(now, effects)
@@ -502,7 +541,7 @@ class OverlayNode:
             # (source window, rate) to keep this from happening to data.
             log.warning("node %s: link to %s is full, message dropped", self.local, peer)
             return False
-        self.stats.link_messages_sent += 1
+        self._counters.link_messages_sent += 1
         flush = not self.config.coalesce_sends
         self._emit_link_effects(link.send(message, now, flush=flush), effects)
         return True
@@ -529,7 +568,7 @@ class OverlayNode:
         for peer in sorted(self._up):
             if peer != came_from:
                 self._send_link(peer, message, now, effects)
-                self.stats.lsas_flooded += 1
+                self._counters.lsas_flooded += 1
 
     def _schedule_view(self, now: float) -> None:
         if self._view_due_at is None:
@@ -542,7 +581,7 @@ class OverlayNode:
             return
         self._view = view
         self._routing.install(view)
-        self.stats.views_installed += 1
+        self._counters.views_installed += 1
         # Destinations that left stop holding the window; sources that left are forgotten.
         self._sent_to = {d: n for d, n in self._sent_to.items() if d in view}
         self._acked_by = {d: n for d, n in self._acked_by.items() if d in view}
@@ -569,7 +608,7 @@ class OverlayNode:
         try:
             decoded = decode_overlay(message)
         except DecodeError as exc:
-            self.stats.malformed_dropped += 1
+            self._counters.malformed_dropped += 1
             log.debug("node %s: malformed overlay message from %s: %s", self.local, peer, exc)
             return
         if isinstance(decoded, Data):
@@ -595,13 +634,13 @@ class OverlayNode:
             return True
         origin = NodeId(lsa.origin)
         if origin not in self.config.upload_bps:
-            self.stats.lsas_unknown_dropped += 1
+            self._counters.lsas_unknown_dropped += 1
             log.debug("node %s: drop LSA of unknown daemon %s via %s", self.local, origin, peer)
             return False
         for entry in lsa.entries:
             other = NodeId(entry.neighbour)
             if (min(origin, other), max(origin, other)) not in allowed:
-                self.stats.lsas_bad_link_dropped += 1
+                self._counters.lsas_bad_link_dropped += 1
                 log.debug(
                     "node %s: drop LSA of %s via %s: link to %s not configured",
                     self.local,
@@ -619,9 +658,9 @@ class OverlayNode:
             self._deliver(source, data, now, effects)
         if remaining:
             if data.hops >= MAX_HOPS:
-                self.stats.hop_limit_dropped += 1
+                self._counters.hop_limit_dropped += 1
                 return
-            self.stats.data_forwarded += 1
+            self._counters.data_forwarded += 1
             self._forward(
                 source,
                 data.incarnation,
@@ -653,7 +692,7 @@ class OverlayNode:
         for dest in dests:
             hop = self._routing.next_hop(source, dest)
             if hop is None or hop not in self._up:
-                self.stats.unroutable_dropped += 1
+                self._counters.unroutable_dropped += 1
                 continue
             by_hop.setdefault(hop, []).append(dest)
         limit = self.config.max_dests_per_packet if self.config.multi_destination else 1
@@ -686,14 +725,14 @@ class OverlayNode:
             state = _SourceState(data.incarnation)
             self._sources[source] = state
         if data.seq in state.recent_set:
-            self.stats.duplicates_dropped += 1
+            self._counters.duplicates_dropped += 1
             return
         state.recent.append(data.seq)
         state.recent_set.add(data.seq)
         if len(state.recent) > self.config.dedup_window:
             state.recent_set.discard(state.recent.popleft())
         state.delivered += 1
-        self.stats.data_delivered += 1
+        self._counters.data_delivered += 1
         effects.append(OverlayDelivered(source, data.seq, data.payload, data.hops))
         if source == self.local:
             self._acked_by[self.local] = state.delivered
@@ -729,7 +768,7 @@ class OverlayNode:
     def _route_feedback(self, feedback: Feedback, now: float, effects: list[OverlayEffect]) -> None:
         hop = self._routing.unicast_next_hop(NodeId(feedback.source))
         if hop is None or hop not in self._up:
-            self.stats.unroutable_dropped += 1
+            self._counters.unroutable_dropped += 1
             return
         self._send_link(hop, encode_feedback(feedback), now, effects)
 
@@ -765,7 +804,7 @@ class OverlayNode:
                 return
             dests, payload = self._outbox.popleft()
             self._seq += 1
-            self.stats.data_originated += 1
+            self._counters.data_originated += 1
             reachable = [d for d in dests if d in self._view]
             for dest in reachable:
                 self._sent_to[dest] = self._sent_to.get(dest, 0) + 1
@@ -773,7 +812,7 @@ class OverlayNode:
                 data = Data(self.local, self.incarnation, self._seq, 0, (self.local,), payload)
                 self._deliver(self.local, data, now, effects)
             others = [d for d in reachable if d != self.local]
-            self.stats.unroutable_dropped += len(dests) - len(reachable)
+            self._counters.unroutable_dropped += len(dests) - len(reachable)
             if others:
                 busiest = self._forward(
                     self.local, self.incarnation, self._seq, 1, others, payload, now, effects

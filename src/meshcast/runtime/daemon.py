@@ -885,7 +885,7 @@ class OverlayDaemon:
             group=self.sessions.membership.engine.statistics(),
             membership=self.sessions.membership.statistics(),
             view_members=None if view is None else tuple(int(m) for m in view.members),
-            overlay=replace(self.node.stats),
+            overlay=self.node.statistics(),
             links={peer: endpoint.link(peer).statistics() for peer in endpoint.peers},
             impairment={peer: shim.statistics() for peer, shim in self._impaired.items()},
         )

@@ -45,7 +45,7 @@ def forge(sim: Simulator, lsa: Lsa) -> None:
 
 
 def stats(sim: Simulator, node: NodeId) -> tuple[int, int]:
-    s = sim.node_as(node, OverlayNode).stats
+    s = sim.node_as(node, OverlayNode).statistics()
     return s.lsas_unknown_dropped, s.lsas_bad_link_dropped
 
 
