@@ -32,7 +32,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from meshcast.errors import BufferFull, DecodeError, UsageError
-from meshcast.group.counters import Counters
 from meshcast.group.events import Broadcast, Deliver, GroupEffect, OrderingReset, ViewTransition
 from meshcast.group.ordering import GroupEngine
 from meshcast.ids import NodeId
@@ -73,8 +72,22 @@ class MembershipChanged:
 MembershipEffect = GroupEffect | MembershipChanged
 
 
+@dataclass(slots=True)
+class _Counters:
+    """The counters of `MembershipStats`, bumped in place (`+= 1`, checked by mypy)."""
+
+    operations_submitted: int = 0
+    operations_applied: int = 0
+    operations_queued: int = 0
+    states_submitted: int = 0
+    malformed_dropped: int = 0
+    changes: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class MembershipStats:
+    """Counters of the group membership layer (a frozen snapshot, `statistics()`)."""
+
     operations_submitted: int = 0
     operations_applied: int = 0
     operations_queued: int = 0  # submitted later: no view yet, or the engine was full
@@ -130,7 +143,7 @@ class GroupMembership:
         # STATEs applied in the current view: daemon -> group -> its own members
         self._announced: dict[NodeId, dict[str, tuple[str, ...]]] = {}
         self._transitional: set[str] = set()  # groups in a transitional view until the reset
-        self._stats = Counters(MembershipStats)
+        self._counters = _Counters()
 
     # ------------------------------------------------------------------ queries
 
@@ -152,7 +165,15 @@ class GroupMembership:
         return {name: tuple(g.members) for name, g in sorted(self._groups.items())}
 
     def statistics(self) -> MembershipStats:
-        return self._stats.snapshot()
+        c = self._counters
+        return MembershipStats(
+            operations_submitted=c.operations_submitted,
+            operations_applied=c.operations_applied,
+            operations_queued=c.operations_queued,
+            states_submitted=c.states_submitted,
+            malformed_dropped=c.malformed_dropped,
+            changes=c.changes,
+        )
 
     def next_deadline(self) -> float | None:
         return self.engine.next_deadline()
@@ -231,7 +252,7 @@ class GroupMembership:
         if len(self._pending) >= MAX_PENDING_OPS:
             raise BufferFull(f"{len(self._pending)} membership operations wait already")
         self._pending.append(op)
-        self._bump(operations_queued=1)
+        self._counters.operations_queued += 1
         return []
 
     def _submit_op(self, op: MembershipOp, now: float) -> list[MembershipEffect]:
@@ -250,7 +271,7 @@ class GroupMembership:
                     local.pop(member, None)
                     if not local:
                         del self._intent[g]
-        self._bump(operations_submitted=1)
+        self._counters.operations_submitted += 1
         return self._filter(raw, now)
 
     def _flush_pending(self, now: float) -> list[MembershipEffect]:
@@ -285,7 +306,7 @@ class GroupMembership:
         except (BufferFull, UsageError) as exc:
             log.warning("daemon %s: membership state not announced: %s", self.local, exc)
             return []
-        self._bump(states_submitted=1)
+        self._counters.states_submitted += 1
         return self._filter(raw, now)
 
     # ------------------------------------------------------------------ applying
@@ -297,7 +318,7 @@ class GroupMembership:
             if isinstance(effect, Deliver) and effect.groups == (MEMBERSHIP_GROUP,):
                 effects.extend(self._apply(effect.source, effect.payload))
             elif isinstance(effect, Deliver) and any(g.startswith("#") for g in effect.groups):
-                self._bump(malformed_dropped=1)  # only daemons name reserved groups
+                self._counters.malformed_dropped += 1  # only daemons name reserved groups
             elif isinstance(effect, ViewTransition):
                 effects.extend(self._transition(effect.survivors))
                 effects.append(effect)
@@ -372,10 +393,10 @@ class GroupMembership:
         try:
             decoded = decode_membership(payload)
         except DecodeError as exc:
-            self._bump(malformed_dropped=1)
+            self._counters.malformed_dropped += 1
             log.debug("daemon %s: bad membership operation from %s: %s", self.local, source, exc)
             return []
-        self._bump(operations_applied=1)
+        self._counters.operations_applied += 1
         if isinstance(decoded, State):
             return self._apply_state(source, decoded)
         return self._apply_op(source, decoded)
@@ -481,11 +502,8 @@ class GroupMembership:
         )
         if not g.members:
             del self._groups[name]
-        self._bump(changes=1)
+        self._counters.changes += 1
         return event
-
-    def _bump(self, **counts: int) -> None:
-        self._stats.bump(**counts)
 
 
 __all__ = [

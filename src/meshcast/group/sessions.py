@@ -50,7 +50,6 @@ from enum import Enum
 
 from meshcast.errors import BufferFull, ConfigError, UsageError
 from meshcast.group.access import AccessPolicy, Operation, Principal
-from meshcast.group.counters import Counters
 from meshcast.group.events import Deliver, SubmitConfirmed, SubmitLost
 from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipEffect
 from meshcast.ids import NodeId
@@ -172,8 +171,33 @@ SessionEffect = (
 )
 
 
+@dataclass(slots=True)
+class _Counters:
+    """The counters of `SessionStats`, bumped in place (`+= 1`, checked by mypy)."""
+
+    sessions_opened: int = 0
+    sessions_closed: int = 0
+    handshakes_refused: int = 0
+    requests_refused: int = 0
+    bad_frames: int = 0
+    messages_submitted: int = 0
+    messages_delivered: int = 0
+    unreliable_dropped: int = 0
+    slow_disconnected: int = 0
+    internal_errors: int = 0
+    status_reports: int = 0
+    handshake_timeouts: int = 0
+    handshake_bad_frames: int = 0
+    pending_refused: int = 0
+    unauthenticated: int = 0
+    access_denied: int = 0
+    busy: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class SessionStats:
+    """Counters of one session table (a frozen snapshot, `statistics()`)."""
+
     sessions_opened: int = 0
     sessions_closed: int = 0
     handshakes_refused: int = 0
@@ -250,7 +274,7 @@ class SessionTable:
         self._pending: dict[int, float] = {}
         self._confirming: dict[int, tuple[int, int]] = {}  # token -> (conn, request id)
         self._next_token = 1
-        self._stats = Counters(SessionStats)
+        self._counters = _Counters()
         self._now = 0.0  # time of the latest input
 
     # ------------------------------------------------------------------ queries
@@ -296,7 +320,26 @@ class SessionTable:
         return self.config.limits.max_frame_size
 
     def statistics(self) -> SessionStats:
-        return self._stats.snapshot()
+        c = self._counters
+        return SessionStats(
+            sessions_opened=c.sessions_opened,
+            sessions_closed=c.sessions_closed,
+            handshakes_refused=c.handshakes_refused,
+            requests_refused=c.requests_refused,
+            bad_frames=c.bad_frames,
+            messages_submitted=c.messages_submitted,
+            messages_delivered=c.messages_delivered,
+            unreliable_dropped=c.unreliable_dropped,
+            slow_disconnected=c.slow_disconnected,
+            internal_errors=c.internal_errors,
+            status_reports=c.status_reports,
+            handshake_timeouts=c.handshake_timeouts,
+            handshake_bad_frames=c.handshake_bad_frames,
+            pending_refused=c.pending_refused,
+            unauthenticated=c.unauthenticated,
+            access_denied=c.access_denied,
+            busy=c.busy,
+        )
 
     def next_deadline(self) -> float | None:
         deadlines = [
@@ -331,7 +374,7 @@ class SessionTable:
         daemon: dict[str, object] = {"name": self.daemon_name, "node": int(self.local)}
         daemon.update(_section(extra.pop("daemon", None)))
         counters: dict[str, object] = {
-            "sessions": asdict(self._stats.snapshot()),
+            "sessions": asdict(self.statistics()),
             "membership": asdict(self.membership.statistics()),
             "group": asdict(self.membership.engine.statistics()),
         }
@@ -414,7 +457,7 @@ class SessionTable:
         self._sessions[conn] = s
         limit = self.config.max_pending_handshakes
         if len(self._pending) >= limit:
-            self._bump(pending_refused=1)
+            self._counters.pending_refused += 1
             text = f"{limit} connections are waiting for their handshake; try again later"
             return self._end(s, ErrorCode.DAEMON_FULL, text, "refused", now)
         self._pending[conn] = now + self.config.handshake_timeout
@@ -433,7 +476,7 @@ class SessionTable:
         except BufferFull as exc:  # back-pressure: nobody's fault, the client retries later
             out.append(self._busy(s, str(exc), _request_id(frame)))
         except UsageError as exc:  # the engine refused what the checks let through
-            self._bump(internal_errors=1)
+            self._counters.internal_errors += 1
             log.warning("daemon %s: request of %s failed: %s", self.local, s.name, exc)
             out.append(self._error(s, ErrorCode.INTERNAL_ERROR, str(exc), _request_id(frame)))
         return out
@@ -444,9 +487,9 @@ class SessionTable:
         s = self._sessions.get(conn)
         if s is None or s.state is _State.CLOSED:
             return []
-        self._bump(bad_frames=1)
+        self._counters.bad_frames += 1
         if s.state is _State.HANDSHAKE:
-            self._bump(handshake_bad_frames=1)
+            self._counters.handshake_bad_frames += 1
         return self._end(s, ErrorCode.BAD_FRAME, reason, "bad frame", now)
 
     def connection_lost(self, conn: int, now: float) -> list[SessionEffect]:
@@ -516,7 +559,7 @@ class SessionTable:
             conn, deadline = next(iter(self._pending.items()))
             if deadline > now:
                 break
-            self._bump(handshake_timeouts=1)
+            self._counters.handshake_timeouts += 1
             text = f"no HELLO within {self.config.handshake_timeout:g} s"
             out += self._end(
                 self._sessions[conn], ErrorCode.HANDSHAKE_TIMEOUT, text, "handshake timeout", now
@@ -534,7 +577,7 @@ class SessionTable:
 
     def _handshake(self, s: _Session, frame: Frame, now: float) -> list[SessionEffect]:
         if not isinstance(frame, Hello):
-            self._bump(handshakes_refused=1)
+            self._counters.handshakes_refused += 1
             return self._end(
                 s, ErrorCode.UNEXPECTED_FRAME, f"expected HELLO, got {_kind(frame)}", "refused", now
             )
@@ -558,7 +601,7 @@ class SessionTable:
                 code = ErrorCode.NAME_IN_USE
                 text = f"name {frame.name!r} is in use on this daemon"
         if code is not None or version is None:
-            self._bump(handshakes_refused=1)
+            self._counters.handshakes_refused += 1
             return self._end(s, code or ErrorCode.UNSUPPORTED_VERSION, text, "refused", now)
         s.state = _State.OPEN
         self._pending.pop(s.conn, None)
@@ -567,7 +610,7 @@ class SessionTable:
         s.flags = int(frame.flags)
         s.version = version
         self._by_name[name] = s
-        self._bump(sessions_opened=1)
+        self._counters.sessions_opened += 1
         welcome = Welcome(version, name, self.config.limits)
         return [SendBytes(s.conn, encode(welcome)), ClientConnected(s.conn, name, version)]
 
@@ -581,7 +624,7 @@ class SessionTable:
         if hello.token is not None:
             token = access.authenticate(hello.token)
             if token is None:
-                self._bump(unauthenticated=1)
+                self._counters.unauthenticated += 1
                 return ErrorCode.UNAUTHENTICATED, "unknown token"
         if version < TOKEN_VERSION and (s.remote or access.rules):
             why = "requires a token" if s.remote else "enforces access rules"
@@ -591,7 +634,7 @@ class SessionTable:
                 f"{TOKEN_VERSION}, not {hello.min_version}..{hello.max_version}",
             )
         if s.remote and token is None:
-            self._bump(unauthenticated=1)
+            self._counters.unauthenticated += 1
             return ErrorCode.UNAUTHENTICATED, "this port requires a token (none was given)"
         s.token = token
         return None
@@ -656,7 +699,7 @@ class SessionTable:
                         self._unconfirm(token)
                         raise
                     else:
-                        self._bump(messages_submitted=1)
+                        self._counters.messages_submitted += 1
                         out += self._route(effects)
             case StatusRequest(rid):
                 out += self._status_reply(s, rid, now)
@@ -681,10 +724,10 @@ class SessionTable:
         try:
             text = self.status_text(now)
         except Exception as exc:  # the injected provider failed: answer, do not go silent
-            self._bump(internal_errors=1)
+            self._counters.internal_errors += 1
             log.exception("daemon %s: status report for %s failed", self.local, s.name)
             return [self._error(s, ErrorCode.INTERNAL_ERROR, f"status report failed: {exc}", rid)]
-        self._bump(status_reports=1)
+        self._counters.status_reports += 1
         data = encode(StatusReply(text, rid))
         if s.paused:  # a client that asks and never reads: bounded like any backlog
             s.backlog += len(data)
@@ -710,7 +753,7 @@ class SessionTable:
                     s.decisions.clear()
                 s.decisions[group] = allowed
             if operation not in allowed:
-                self._bump(access_denied=1)
+                self._counters.access_denied += 1
                 verb = "join" if operation is Operation.JOIN else "send to"
                 token = f" (token {who.token!r})" if who.token is not None else ""
                 text = f"{s.name}{token} may not {verb} group {group!r}"
@@ -815,7 +858,7 @@ class SessionTable:
             ):
                 for g in groups:
                     s.dropped[g] = s.dropped.get(g, 0) + 1
-                self._bump(unreliable_dropped=1)
+                self._counters.unreliable_dropped += 1
                 return []
             s.backlog += len(data)
             self._blocking.add(s.conn)
@@ -824,11 +867,11 @@ class SessionTable:
             if s.backlog > self.config.max_backlog:
                 return self._slow(s, f"more than {self.config.max_backlog} bytes queued")
         if message:
-            self._bump(messages_delivered=1)
+            self._counters.messages_delivered += 1
         return [SendBytes(s.conn, data)]
 
     def _slow(self, s: _Session, text: str) -> list[SessionEffect]:
-        self._bump(slow_disconnected=1)
+        self._counters.slow_disconnected += 1
         return self._end(s, ErrorCode.SLOW_RECEIVER, text, "slow receiver", self._now, abort=True)
 
     # ------------------------------------------------------------------ ending sessions
@@ -836,12 +879,12 @@ class SessionTable:
     def _busy(self, s: _Session, reason: str, rid: int) -> SendBytes:
         """ERROR BUSY: a bounded buffer below is full. A session older than BUSY_VERSION
         cannot decode 210, so it gets INTERNAL_ERROR with the same text."""
-        self._bump(busy=1)
+        self._counters.busy += 1
         code = ErrorCode.BUSY if s.version >= BUSY_VERSION else ErrorCode.INTERNAL_ERROR
         return self._refuse(s, code, f"daemon busy, request not taken: {reason}; retry later", rid)
 
     def _refuse(self, s: _Session, code: ErrorCode, text: str, rid: int) -> SendBytes:
-        self._bump(requests_refused=1)
+        self._counters.requests_refused += 1
         return self._error(s, code, text, rid)
 
     def _error(self, s: _Session, code: ErrorCode, text: str, rid: int = 0) -> SendBytes:
@@ -895,17 +938,14 @@ class SessionTable:
             s.unconfirmed = 0
         groups = tuple(s.groups)
         s.groups.clear()
-        self._bump(sessions_closed=1)
+        self._counters.sessions_closed += 1
         out.append(ClientDisconnected(s.conn, s.name, reason, groups))
         try:
             out += self._route(self.membership.disconnect(s.name, groups, now))
         except BufferFull as exc:
-            self._bump(internal_errors=1)
+            self._counters.internal_errors += 1
             log.error("daemon %s: disconnect of %s not announced: %s", self.local, s.name, exc)
         return out
-
-    def _bump(self, **counts: int) -> None:
-        self._stats.bump(**counts)
 
 
 def _section(value: object) -> dict[str, object]:
