@@ -263,6 +263,20 @@ class ClientStatistics:
 
 
 @dataclass(slots=True)
+class _Counters:
+    """The counters of `ClientStatistics`, bumped in place (`+= 1`, checked by mypy)."""
+
+    multicasts_sent: int = 0
+    payload_bytes_sent: int = 0
+    messages_received: int = 0
+    memberships_received: int = 0
+    requests_rejected: int = 0
+    notices: int = 0
+    events_discarded: int = 0
+    deferred_errors_lost: int = 0
+
+
+@dataclass(slots=True)
 class _Waiter:
     kind: Literal["join", "leave"]
     group: str
@@ -317,16 +331,7 @@ class Client:
         self._groups: set[str] = set()
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
-        self._stats = {
-            "multicasts_sent": 0,
-            "payload_bytes_sent": 0,
-            "messages_received": 0,
-            "memberships_received": 0,
-            "requests_rejected": 0,
-            "notices": 0,
-            "events_discarded": 0,
-            "deferred_errors_lost": 0,
-        }
+        self._counters = _Counters()
         self._reader_task = asyncio.get_running_loop().create_task(
             self._read_loop(), name=f"meshcast-client-reader {welcome.private_name}"
         )
@@ -372,7 +377,18 @@ class Client:
         return self._closed
 
     def statistics(self) -> ClientStatistics:
-        return ClientStatistics(**self._stats, queued=len(self._events))
+        c = self._counters
+        return ClientStatistics(
+            multicasts_sent=c.multicasts_sent,
+            payload_bytes_sent=c.payload_bytes_sent,
+            messages_received=c.messages_received,
+            memberships_received=c.memberships_received,
+            requests_rejected=c.requests_rejected,
+            notices=c.notices,
+            events_discarded=c.events_discarded,
+            deferred_errors_lost=c.deferred_errors_lost,
+            queued=len(self._events),
+        )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "ended" if self._failure else "open"
@@ -495,8 +511,8 @@ class Client:
         return request_id
 
     def _count_sent(self, data: bytes) -> None:
-        self._stats["multicasts_sent"] += 1
-        self._stats["payload_bytes_sent"] += len(data)
+        self._counters.multicasts_sent += 1
+        self._counters.payload_bytes_sent += len(data)
 
     async def ping(self) -> float:
         """Round-trip time to the daemon in seconds (PING/PONG). `ClientError` on timeout."""
@@ -601,7 +617,7 @@ class Client:
         if self._closed:
             return
         self._closed = True
-        self._stats["events_discarded"] += len(self._events)
+        self._counters.events_discarded += len(self._events)
         self._events.clear()
         self._room.set()  # a reader blocked on a full queue goes on (and discards)
         self._readable.set()
@@ -767,10 +783,10 @@ class Client:
         for frame in self._decoder:
             match frame:
                 case Message():
-                    self._stats["messages_received"] += 1
+                    self._counters.messages_received += 1
                     await self._enqueue(frame)
                 case Membership():
-                    self._stats["memberships_received"] += 1
+                    self._counters.memberships_received += 1
                     self._on_membership(frame)
                     await self._enqueue(frame)
                 case ErrorReport():
@@ -827,10 +843,10 @@ class Client:
             )
             return False
         if code >= 300:
-            self._stats["notices"] += 1
+            self._counters.notices += 1
             log.warning("daemon at %s: %s: %s", self._address, code.name, report.text)
             return True
-        self._stats["requests_rejected"] += 1
+        self._counters.requests_rejected += 1
         waiter = self._waiters.get(report.request_id)
         status = self._reports.get(report.request_id)
         confirmed = self._confirms.get(report.request_id)
@@ -856,7 +872,7 @@ class Client:
             self._deferred.append(error)
             self._readable.set()  # a `receive` already waiting raises it now
         else:
-            self._stats["deferred_errors_lost"] += 1
+            self._counters.deferred_errors_lost += 1
             log.warning("%s (not reported: too many unreported rejections)", error)
         return True
 
@@ -865,7 +881,7 @@ class Client:
             self._room.clear()
             await self._room.wait()
         if self._closed:
-            self._stats["events_discarded"] += 1
+            self._counters.events_discarded += 1
             return
         self._events.append(event)
         self._readable.set()
