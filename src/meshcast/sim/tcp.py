@@ -170,6 +170,8 @@ class _Partial:
 
 @dataclass(slots=True)
 class _Counters:
+    """The counters of `LinkStats` and `TcpStats`, bumped in place (`+= 1`, checked by mypy)."""
+
     messages_sent: int = 0
     messages_delivered: int = 0
     bytes_delivered: int = 0
@@ -222,7 +224,7 @@ class TcpLink:
         self._config = config
         self._tcp = tcp if tcp is not None else TcpConfig()
         self._epoch = epoch
-        self._stats = _Counters()
+        self._counters = _Counters()
         self._started = False
         self._failed = False
         self._queue = SendQueue(config.max_send_queue_bytes, config.max_message_size)
@@ -335,24 +337,24 @@ class TcpLink:
         return min(deadlines, default=None)
 
     def statistics(self) -> LinkStats:
-        s = self._stats
+        c = self._counters
         partial = len(self._partial.data) if self._partial is not None else 0
         return LinkStats(
-            messages_sent=s.messages_sent,
-            messages_delivered=s.messages_delivered,
-            bytes_delivered=s.bytes_delivered,
-            packets_sent=s.packets_sent,
-            packets_received=s.packets_received,
-            retransmissions=s.retransmissions,
-            probes_sent=s.probes_sent,
+            messages_sent=c.messages_sent,
+            messages_delivered=c.messages_delivered,
+            bytes_delivered=c.bytes_delivered,
+            packets_sent=c.packets_sent,
+            packets_received=c.packets_received,
+            retransmissions=c.retransmissions,
+            probes_sent=c.probes_sent,
             nacks_sent=0,
-            state_packets_sent=s.state_packets_sent,
-            duplicates_dropped=s.duplicates_dropped,
-            malformed_dropped=s.malformed_dropped,
-            foreign_dropped=s.foreign_dropped,
-            stale_dropped=s.stale_dropped,
-            out_of_window_dropped=s.out_of_window_dropped,
-            protocol_violations=s.protocol_violations,
+            state_packets_sent=c.state_packets_sent,
+            duplicates_dropped=c.duplicates_dropped,
+            malformed_dropped=c.malformed_dropped,
+            foreign_dropped=c.foreign_dropped,
+            stale_dropped=c.stale_dropped,
+            out_of_window_dropped=c.out_of_window_dropped,
+            protocol_violations=c.protocol_violations,
             queued_messages=len(self._queue),
             queued_bytes=self._queue.queued_bytes,
             unacked_packets=len(self._segments),
@@ -363,6 +365,7 @@ class TcpLink:
     def tcp_statistics(self) -> TcpStats:
         """TCP-only state for benchmarks and tests: window, timer and recovery events."""
         cc = self._cc
+        c = self._counters
         if isinstance(cc, SackReno):
             pipe, sacked = cc.board.pipe, cc.board.sacked
         else:
@@ -374,12 +377,12 @@ class TcpLink:
             srtt=self._rto.srtt or 0.0,
             rttvar=self._rto.rttvar,
             in_recovery=cc.in_recovery,
-            fast_retransmits=self._stats.fast_retransmits,
-            timeouts=self._stats.timeouts,
-            dup_acks_received=self._stats.dup_acks_received,
+            fast_retransmits=c.fast_retransmits,
+            timeouts=c.timeouts,
+            dup_acks_received=c.dup_acks_received,
             pipe=pipe,
             sacked=sacked,
-            lost_retransmissions=self._stats.lost_retransmissions,
+            lost_retransmissions=c.lost_retransmissions,
         )
 
     # ---------------------------------------------------------------- inputs
@@ -405,7 +408,7 @@ class TcpLink:
         if self._failed:
             return []
         self._queue.push(bytes(payload))
-        self._stats.messages_sent += 1
+        self._counters.messages_sent += 1
         effects: list[LinkEffect] = []
         if flush:
             self._flush(now, effects)
@@ -419,22 +422,22 @@ class TcpLink:
         try:
             packet = decode(datagram)
         except DecodeError as exc:
-            self._stats.malformed_dropped += 1
+            self._counters.malformed_dropped += 1
             logger.debug("%d: drop malformed datagram from %d: %s", self._local, self._peer, exc)
             return []
         header = packet.header
         if header.sender != self._peer:
-            self._stats.foreign_dropped += 1
+            self._counters.foreign_dropped += 1
             return []
         if header.epoch == 0:
-            self._stats.stale_dropped += 1  # epochs are never 0
+            self._counters.stale_dropped += 1  # epochs are never 0
             return []
         effects: list[LinkEffect] = []
         if isinstance(packet.body, Hello):
             self._on_hello(header, packet.body, now, effects)
         elif self._peer_epoch == 0 or header.epoch != self._peer_epoch:
             # From before a restart, or ahead of the handshake (no TCP Fast Open).
-            self._stats.stale_dropped += 1
+            self._counters.stale_dropped += 1
             return []
         else:
             self._heard(now)
@@ -473,7 +476,7 @@ class TcpLink:
         hello = Hello(self._peer_epoch, self._config.mtu, self._established)
         packet = Packet(Header(PacketType.HELLO, self._local, self._epoch), body=hello)
         effects.append(Transmit(self._peer, encode(packet)))
-        self._stats.packets_sent += 1
+        self._counters.packets_sent += 1
         (self._synack_sent if self._peer_epoch else self._syn_sent).record(now)
         if self._hello_at is None and not self._established:
             self._hello_at = now + self._hello_timeout
@@ -616,12 +619,12 @@ class TcpLink:
         segment = self._segments[seq]
         if retransmit:
             segment.retransmitted = True
-            self._stats.retransmissions += 1
+            self._counters.retransmissions += 1
         segment.sent_at = now
         head = encode_header(PacketType.DATA, self._local, self._epoch, seq, FLAG_STATE)
         room = self._segment_size - HEADER_SIZE - STATE_BLOCK.size - len(segment.body)
         effects.append(Transmit(self._peer, head + self._state_block(room) + segment.body))
-        self._stats.packets_sent += 1
+        self._counters.packets_sent += 1
         self._last_data_sent_at = now
         self._ack_sent()  # every segment carries our cumulative ACK
         if isinstance(self._cc, SackReno):
@@ -636,8 +639,8 @@ class TcpLink:
         head = encode_header(PacketType.STATE, self._local, self._epoch, 0, FLAG_STATE)
         room = self._segment_size - HEADER_SIZE - STATE_BLOCK.size
         effects.append(Transmit(self._peer, head + self._state_block(room)))
-        self._stats.packets_sent += 1
-        self._stats.state_packets_sent += 1
+        self._counters.packets_sent += 1
+        self._counters.state_packets_sent += 1
         self._ack_sent()
 
     def _ack_sent(self) -> None:
@@ -655,16 +658,16 @@ class TcpLink:
         cum = state.cum_ack
         cc = self._cc
         if cum >= self._snd_nxt:
-            self._stats.protocol_violations += 1  # acknowledges segments never sent
+            self._counters.protocol_violations += 1  # acknowledges segments never sent
         elif isinstance(cc, SackReno):
             self._on_sack_ack(cc, state, now, pure=pure)
         elif cum >= self._snd_una:
             self._on_new_ack(cc, cum, now, effects)
         elif pure and cum == self._snd_una - 1 and self._snd_una < self._snd_nxt:
             # RFC 5681 §2: no data, no progress, data outstanding: a duplicate ACK.
-            self._stats.dup_acks_received += 1
+            self._counters.dup_acks_received += 1
             if cc.on_dupack(cum, self._snd_nxt - self._snd_una, self._snd_nxt - 1):
-                self._stats.fast_retransmits += 1
+                self._counters.fast_retransmits += 1
                 self._transmit_segment(self._snd_una, now, effects, retransmit=True)
 
     def _take_acked(self, cum: int, now: float) -> None:
@@ -698,9 +701,9 @@ class TcpLink:
         # An older ACK (reordered) still brings its SACK blocks.
         update = board.ack(self._snd_una - 1, state.nacks, now, self._rto.min_rtt or 0.0)
         if update.beyond_sent:
-            self._stats.protocol_violations += 1  # SACKs segments never sent
+            self._counters.protocol_violations += 1  # SACKs segments never sent
         self._peer_sacks = self._peer_sacks or bool(state.nacks)
-        self._stats.lost_retransmissions += update.lost_retransmissions
+        self._counters.lost_retransmissions += update.lost_retransmissions
         if update.delivered:
             self._rto.progressed()
         if advanced:
@@ -710,7 +713,7 @@ class TcpLink:
             pure and outstanding and not self._peer_sacks and state.cum_ack == self._snd_una - 1
         ):
             self._dupacks += 1
-            self._stats.dup_acks_received += 1
+            self._counters.dup_acks_received += 1
         if cc.in_recovery and self._snd_una > cc.recover:
             cc.end_recovery()
         if (
@@ -720,7 +723,7 @@ class TcpLink:
         ):
             board.mark_head_lost()
             cc.enter_recovery(self._snd_nxt - self._snd_una, self._snd_nxt - 1)
-            self._stats.fast_retransmits += 1
+            self._counters.fast_retransmits += 1
         cc.on_ack(
             update.delivered,
             board.pipe,
@@ -758,7 +761,7 @@ class TcpLink:
                 effects,
             )
             return
-        self._stats.timeouts += 1
+        self._counters.timeouts += 1
         self._cc.on_timeout(
             self._snd_nxt - self._snd_una, self._snd_nxt - 1, first=self._rto.backoffs == 0
         )
@@ -778,15 +781,15 @@ class TcpLink:
         effects: list[LinkEffect],
     ) -> None:
         if not self._established:
-            self._stats.stale_dropped += 1  # its ACK block did not complete our handshake
+            self._counters.stale_dropped += 1  # its ACK block did not complete our handshake
             return
         cum = self._rcv_cum
         if seq <= cum or seq in self._ooo:
-            self._stats.duplicates_dropped += 1
+            self._counters.duplicates_dropped += 1
             self._ack_now = True  # tell the sender at once (RFC 5681 §4.2)
             return
         if seq > cum + self._config.max_unacked_packets:
-            self._stats.out_of_window_dropped += 1
+            self._counters.out_of_window_dropped += 1
             self._ack_now = True
             return
         if seq > cum + 1:
@@ -863,19 +866,19 @@ class TcpLink:
 
     def _violation(self, what: str) -> None:
         """The stream is corrupt: count it and drop the message being reassembled."""
-        self._stats.protocol_violations += 1
+        self._counters.protocol_violations += 1
         self._partial = None
         logger.debug("%d: protocol violation by %d: %s", self._local, self._peer, what)
 
     def _hand_up(self, payload: bytes, effects: list[LinkEffect]) -> None:
-        self._stats.messages_delivered += 1
-        self._stats.bytes_delivered += len(payload)
+        self._counters.messages_delivered += 1
+        self._counters.bytes_delivered += len(payload)
         effects.append(Delivered(self._peer, payload))
 
     # ---------------------------------------------------------------- liveness
 
     def _heard(self, now: float) -> None:
-        self._stats.packets_received += 1
+        self._counters.packets_received += 1
         self._last_heard = now
         self._probes_unanswered = 0
 
@@ -896,7 +899,7 @@ class TcpLink:
             return
         stamp = min(max(int(now * 1e6), 0), U64_MAX)
         self._send_heartbeat(HeartbeatKind.REQUEST, stamp, effects)
-        self._stats.probes_sent += 1
+        self._counters.probes_sent += 1
         self._probes_unanswered += 1
         self._last_probe_at = now
 
@@ -909,7 +912,7 @@ class TcpLink:
             Header(PacketType.HEARTBEAT, self._local, self._epoch), body=Heartbeat(kind, stamp)
         )
         effects.append(Transmit(self._peer, encode(packet)))
-        self._stats.packets_sent += 1
+        self._counters.packets_sent += 1
 
     def _fail(self, reason: str, effects: list[LinkEffect]) -> None:
         self._failed = True
