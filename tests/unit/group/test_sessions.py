@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import FrozenInstanceError, asdict
+
 import pytest
 
 from meshcast.group import GroupConfig, GroupEngine
@@ -39,6 +42,8 @@ from meshcast.wire.client import (
     Pong,
     ServiceLevel,
     SlowReceiverPolicy,
+    StatusReply,
+    StatusRequest,
     Welcome,
     decode,
 )
@@ -395,3 +400,35 @@ def test_a_session_older_than_busy_is_told_internal_error() -> None:
     assert (refusal.code, refusal.request_id) == (ErrorCode.INTERNAL_ERROR, 2)
     assert refusal.text.startswith("daemon busy")  # it could not decode 210
     assert t.statistics().busy == 1
+
+
+def test_statistics_are_frozen_snapshots_that_count() -> None:
+    t = table()
+    a = hello(t, 1, "a")
+    hello(t, 2, "b")
+    before, members_before = t.statistics(), t.membership.statistics()
+    assert (before.sessions_opened, before.messages_submitted) == (2, 0)
+    t.frame_received(1, Join("g"), 0.0)
+    t.frame_received(2, Join("g"), 0.0)
+    effects = t.frame_received(1, Multicast(("g",), b"hi"), 0.0)
+    assert frames(effects, 2) == [Message(a, ("g",), ServiceLevel.RELIABLE, 0, b"hi")]
+    t.decode_failed(2, "JOIN frame: truncated", 0.0)
+    (reply,) = frames(t.frame_received(1, StatusRequest(7), 0.0), 1)
+    assert isinstance(reply, StatusReply)
+    after = t.statistics()
+    assert (after.messages_submitted, after.messages_delivered) == (1, 2)  # to a and to b
+    assert (after.bad_frames, after.sessions_closed, after.status_reports) == (1, 1, 1)
+    members = t.membership.statistics()
+    # a's and b's JOIN and b's leave: submitted, applied and each a change
+    assert (members.operations_submitted, members.changes) == (3, 3)
+    assert members.operations_applied - members_before.operations_applied == 3
+    # the status report carries the same counters, under the same names
+    counters = json.loads(reply.report)["counters"]
+    assert counters["sessions"] == {**asdict(after), "status_reports": 0}  # counted after
+    assert counters["membership"].keys() == asdict(members).keys()
+    # a snapshot stays as it was taken, and cannot be changed
+    assert (before.messages_submitted, members_before.changes) == (0, 0)
+    with pytest.raises(FrozenInstanceError):
+        after.busy = 0  # type: ignore[misc]
+    with pytest.raises(FrozenInstanceError):
+        members.changes = 0  # type: ignore[misc]

@@ -11,6 +11,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable
+from dataclasses import FrozenInstanceError
 
 import pytest
 from hypothesis import given
@@ -194,6 +195,27 @@ def test_satisfies_link_protocol() -> None:
     assert link.peer == B
     assert not link.established
     assert not link.failed
+
+
+def test_statistics_are_frozen_snapshots_that_count() -> None:
+    pump, a, b = established_pump()
+    before, tcp_before = a.statistics(), a.tcp_statistics()
+    assert before.messages_sent == b.statistics().messages_delivered == 0
+    for payload in (b"one", b"two"):
+        pump.send(A, payload)
+    pump.apply(B, b.datagram_received(b"junk", pump.now))
+    pump.run(until=pump.now + 1.0)
+    assert pump.delivered[B] == [b"one", b"two"]
+    sent, got = a.statistics(), b.statistics()
+    assert sent.messages_sent == 2
+    assert sent.packets_sent > before.packets_sent
+    assert (got.messages_delivered, got.bytes_delivered, got.malformed_dropped) == (2, 6, 1)
+    # a snapshot stays as it was taken, and cannot be changed
+    assert before.messages_sent == 0
+    with pytest.raises(FrozenInstanceError):
+        sent.messages_sent = 0  # type: ignore[misc]
+    with pytest.raises(FrozenInstanceError):
+        tcp_before.timeouts = 1  # type: ignore[misc]
 
 
 def test_active_open_takes_one_round_trip_and_passive_side_one_and_a_half() -> None:
