@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,28 @@ async def test_one_multicast_to_several_groups_arrives_once(daemon: FakeDaemon) 
         assert message.groups == ("g1", "g2", "g3")
         assert message.service == ServiceLevel.FIFO
         assert bob.receive_nowait() is None
+
+
+@pytest.mark.asyncio
+async def test_statistics_is_a_frozen_snapshot_that_counts(daemon: FakeDaemon) -> None:
+    async with (
+        await meshcast.connect(daemon.address, name="alice") as alice,
+        await meshcast.connect(daemon.address, name="bob") as bob,
+    ):
+        before = bob.statistics()
+        await bob.join("g")
+        await alice.multicast("g", b"hello")
+        await _wait_until_queued(bob, 2)  # the join's view and the message
+        queued = bob.statistics()
+        assert (queued.memberships_received, queued.messages_received, queued.queued) == (1, 1, 2)
+        assert [type(await _next(bob)) for _ in range(2)] == [Membership, Message]
+        sent = alice.statistics()
+        assert (sent.multicasts_sent, sent.payload_bytes_sent) == (1, 5)
+        assert bob.statistics().queued == 0
+        # a snapshot stays as it was taken, and cannot be changed
+        assert (before.messages_received, queued.queued) == (0, 2)
+        with pytest.raises(FrozenInstanceError):
+            sent.multicasts_sent = 0  # type: ignore[misc]
 
 
 @pytest.mark.asyncio
