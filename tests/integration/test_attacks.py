@@ -33,7 +33,7 @@ from meshcast.runtime.daemon import daemon_address
 from meshcast.runtime.local_cluster import free_udp_ports
 from meshcast.wire.client import Message, ServiceLevel
 from meshcast.wire.group import GroupData, encode_group
-from meshcast.wire.overlay import Data, Lsa, LsaEntry, encode_data, encode_lsa
+from meshcast.wire.overlay import Data, Lsa, LsaEntry, Upper, encode_data, encode_lsa
 from meshcast.wire.packet import FLAG_AUTH, HEADER_SIZE, PacketType
 
 from .attack_helpers import (
@@ -244,7 +244,17 @@ def forged_group_messages(incarnations: list[int]) -> list[bytes]:
             payload=b"forged %d" % number,
         )
         out.append(
-            encode_data(Data(2, incarnations[1], 1_000_000 + number, 1, (1,), encode_group(group)))
+            encode_data(
+                Data(
+                    2,
+                    incarnations[1],
+                    1_000_000 + number,
+                    1,
+                    Upper.GROUP,
+                    (1,),
+                    encode_group(group),
+                )
+            )
         )
     return out
 
@@ -378,7 +388,7 @@ async def test_a_daemon_with_another_key_never_gets_in(tmp_path: Path) -> None:
     driver sends HELLOs; then sealed DATA and STATE datagrams of a session made under its
     key. d1 never establishes the link, delivers nothing, and counts every datagram."""
     from meshcast.link.secure import LinkSecurity
-    from meshcast.runtime.daemon import membership_link_config
+    from meshcast.daemon.config import membership_link_config
     from meshcast.runtime.keyfile import new_key
     from meshcast.runtime.udp import UdpLinkDriver, secure_link_factory
     from meshcast.wire.keys import KeyRing

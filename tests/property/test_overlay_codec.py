@@ -35,6 +35,7 @@ datas = st.builds(
     u32,
     st.integers(0, 2**64 - 1),
     st.integers(0, 255),
+    st.integers(0, 255),
     st.lists(u32, min_size=1, max_size=60, unique=True).map(tuple),
     st.binary(max_size=500),
 )

@@ -42,6 +42,7 @@ from meshcast.wire.overlay import (
     Feedback,
     Lsa,
     LsaEntry,
+    Upper,
     decode_overlay,
     encode_data_head,
     encode_feedback,
@@ -143,6 +144,7 @@ class OverlayDelivered:
     seq: int
     payload: bytes
     hops: int  # overlay links it crossed
+    upper: int = Upper.RAW  # the protocol the payload is for (wire.overlay.Upper)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +293,7 @@ class OverlayNode:
         self._view_due_at: float | None = None
         self._refresh_at: float | None = None  # when our LSA is next re-originated
         self._seq = 0
-        self._outbox: deque[tuple[tuple[NodeId, ...], bytes]] = deque()
+        self._outbox: deque[tuple[tuple[NodeId, ...], bytes, int]] = deque()
         self._pacer: Pacer | None = None
         self._sent_to: dict[NodeId, int] = {}
         self._acked_by: dict[NodeId, int] = {}  # per destination, of its current incarnation
@@ -410,8 +412,11 @@ class OverlayNode:
         self._originate(now, effects)
         return effects
 
-    def multicast(self, dests: Sequence[NodeId], payload: bytes, now: float) -> list[OverlayEffect]:
-        """Send one message to the listed daemons (this one included if listed).
+    def multicast(
+        self, dests: Sequence[NodeId], payload: bytes, now: float, *, upper: int = Upper.RAW
+    ) -> list[OverlayEffect]:
+        """Send one message to the listed daemons (this one included if listed), for
+        their protocol `upper` (a `wire.overlay.Upper`; RAW when nothing sits above).
 
         Raises `BufferFull` when the outbox is full: the caller waits (`can_multicast`).
         """
@@ -421,7 +426,9 @@ class OverlayNode:
             raise UsageError("this daemon is leaving the overlay")
         if len(self._outbox) >= self.config.max_outbox_messages:
             raise BufferFull(f"{len(self._outbox)} messages wait for the source's rate and window")
-        self._outbox.append((tuple(sorted(set(dests))), payload))
+        if not 0 <= upper <= 0xFF:
+            raise UsageError(f"upper protocol must fit one byte, got {upper!r}")
+        self._outbox.append((tuple(sorted(set(dests))), payload, upper))
         effects: list[OverlayEffect] = []
         self._pump(now, effects)
         return effects
@@ -666,6 +673,7 @@ class OverlayNode:
                 data.incarnation,
                 data.seq,
                 data.hops + 1,
+                data.upper,
                 remaining,
                 data.payload,
                 now,
@@ -678,6 +686,7 @@ class OverlayNode:
         incarnation: int,
         seq: int,
         hops: int,
+        upper: int,
         dests: Sequence[NodeId],
         payload: bytes,
         now: float,
@@ -701,7 +710,9 @@ class OverlayNode:
             group = by_hop[hop]
             wire_bytes = 0
             for i in range(0, len(group), limit):
-                head = encode_data_head(source, incarnation, seq, hops, tuple(group[i : i + limit]))
+                head = encode_data_head(
+                    source, incarnation, seq, hops, upper, tuple(group[i : i + limit])
+                )
                 self._send_link(hop, head + payload, now, effects)
                 wire_bytes += self._wire_size(len(head) + len(payload))
             busiest = max(busiest, wire_bytes)
@@ -733,7 +744,7 @@ class OverlayNode:
             state.recent_set.discard(state.recent.popleft())
         state.delivered += 1
         self._counters.data_delivered += 1
-        effects.append(OverlayDelivered(source, data.seq, data.payload, data.hops))
+        effects.append(OverlayDelivered(source, data.seq, data.payload, data.hops, data.upper))
         if source == self.local:
             self._acked_by[self.local] = state.delivered
         elif state.delivered - state.reported >= self.config.feedback_every:
@@ -802,20 +813,22 @@ class OverlayNode:
             pacer = self._pacer
             if pacer is not None and not pacer.ready(now):
                 return
-            dests, payload = self._outbox.popleft()
+            dests, payload, upper = self._outbox.popleft()
             self._seq += 1
             self._counters.data_originated += 1
             reachable = [d for d in dests if d in self._view]
             for dest in reachable:
                 self._sent_to[dest] = self._sent_to.get(dest, 0) + 1
             if self.local in reachable:
-                data = Data(self.local, self.incarnation, self._seq, 0, (self.local,), payload)
+                data = Data(
+                    self.local, self.incarnation, self._seq, 0, upper, (self.local,), payload
+                )
                 self._deliver(self.local, data, now, effects)
             others = [d for d in reachable if d != self.local]
             self._counters.unroutable_dropped += len(dests) - len(reachable)
             if others:
                 busiest = self._forward(
-                    self.local, self.incarnation, self._seq, 1, others, payload, now, effects
+                    self.local, self.incarnation, self._seq, 1, upper, others, payload, now, effects
                 )
                 if pacer is not None:
                     pacer.charge(busiest, now)

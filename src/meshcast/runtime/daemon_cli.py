@@ -126,12 +126,9 @@ def _load(path: str | None) -> tuple[ClusterConfig, Callable[[], SecurityConfig]
 
 def daemon_command(args: argparse.Namespace) -> int:
     """Handler of ``meshcast daemon``: returns the exit status."""
-    from meshcast.runtime.daemon import (
-        ClientListen,
-        configure_logging,
-        overlay_config,
-        run_daemon,
-    )
+    from meshcast.daemon.config import overlay_config
+    from meshcast.runtime.daemon import ClientListen, run_daemon
+    from meshcast.runtime.logs import configure_logging
     from meshcast.runtime.loop import run
 
     if args.no_client_socket and args.client_socket is not None:

@@ -1,18 +1,12 @@
 """The daemon's client server: Unix-domain (default) and loopback TCP stream sockets.
 
-Thin asyncio shell around `meshcast.group.sessions.SessionTable` (the protocol logic):
-each connection gets an integer id and a `FrameDecoder`; decoded frames, decode
-failures, EOF/resets and write-buffer pauses are handed to the daemon through `feed`,
-which runs them in its bulkhead against the table and applies the effects, calling back
-`send` and `close_connection` here.
-
-Hold-back: while `can_submit()` is False (the overlay outbox or the group send window is
-full) no connection is read. A MULTICAST to a group that `holds_back` (a slow `block`
-member is in it, here or at another daemon) stays decoded but untaken, and only its
-connection stops being read until the group is released: other clients go on.
-Frames for a connection whose transport is over its high-water mark wait here, not in
-the transport, so that a slow receiver's disconnection can drop them and still write its
-ERROR SLOW_RECEIVER right after the frames already handed to the socket.
+A thin asyncio shell: each connection gets an integer id, and its events (connected,
+bytes, EOF or reset, write buffer over or under its high-water mark) go to the daemon
+(`ClientEvents`), which feeds them to its `DaemonNode`; the node's client effects come
+back here: `send` (coalesced, written once per loop iteration), `set_reading` (the node
+holds one read chunk per connection at most: the rest waits in the socket) and
+`close_connection`. Decoding, fair reading, hold-back and the slow-receiver backlog are
+the node's (`meshcast.daemon.clients`).
 
 Theory: docs/design/group.md, "Sessions and membership"; socket conventions:
 docs/design/daemon.md, "Client sessions".
@@ -38,25 +32,31 @@ import logging
 import os
 import socket
 import stat
-from collections import deque
-from collections.abc import Callable, Iterable
-from functools import partial
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
-from meshcast.errors import ConfigError, DecodeError
-from meshcast.group.sessions import SessionEffect, SessionTable
-from meshcast.wire.client import ANY_FRAME, HELLO_FRAME_LIMIT, Frame, FrameDecoder, Multicast
+from meshcast.daemon.node import DEFAULT_WRITE_CHUNK
+from meshcast.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WRITE_HIGH_WATER = 1024 * 1024  # bytes queued on a connection before it counts as slow
+# bytes queued on a connection before it counts as slow: the node hands a slow client's
+# backlog out in chunks of this size
+DEFAULT_WRITE_HIGH_WATER = DEFAULT_WRITE_CHUNK
 # s: a slow receiver cut off gets this long to read its last frames and the ERROR saying
 # why before its connection is aborted
 CLOSE_LINGER_TIMEOUT = 10.0
 
-Input = Callable[[float], list[SessionEffect]]
-Feed = Callable[[str, Input], None]
+
+
+class ClientEvents(Protocol):
+    """What the server tells the daemon about its connections."""
+
+    def client_connected(self, conn: int, *, remote: bool) -> None: ...
+    def client_data(self, conn: int, data: bytes) -> None: ...
+    def client_lost(self, conn: int) -> None: ...
+    def writing_paused(self, conn: int) -> None: ...
+    def writing_resumed(self, conn: int) -> None: ...
 
 
 def ensure_private_dir(directory: Path) -> None:
@@ -173,7 +173,7 @@ class _Connection(asyncio.Protocol):
         self.conn = self._server._connected(transport, remote=self._remote)
 
     def data_received(self, data: bytes) -> None:
-        self._server._data(self.conn, data)
+        self._server._events.client_data(self.conn, data)
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
@@ -182,45 +182,27 @@ class _Connection(asyncio.Protocol):
         self._server._lost(self.conn)
 
     def pause_writing(self) -> None:
-        self._server._pause_writing(self.conn)
+        self._server._events.writing_paused(self.conn)
 
     def resume_writing(self) -> None:
-        self._server._resume_writing(self.conn)
+        self._server._events.writing_resumed(self.conn)
 
 
 class ClientServer:
     """Listening sockets and open client connections of one daemon."""
 
     def __init__(
-        self,
-        table: SessionTable,
-        feed: Feed,
-        *,
-        can_submit: Callable[[], bool] = lambda: True,
-        holds_back: Callable[[Iterable[str]], bool] = lambda _groups: False,
-        write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
+        self, events: ClientEvents, *, write_high_water: int = DEFAULT_WRITE_HIGH_WATER
     ) -> None:
-        self._table = table
-        self._feed = feed
-        self._can_submit = can_submit
-        self._holds_back = holds_back
+        self._events = events
         self._high_water = write_high_water
         self._loop = asyncio.get_running_loop()
         self._servers: list[asyncio.Server] = []
         self._transports: dict[int, asyncio.Transport] = {}
-        self._decoders: dict[int, FrameDecoder] = {}
-        # frames for each connection since the last settle: written as one chunk then
+        # frames for each connection since the last flush: written as one chunk then
         self._outgoing: dict[int, list[bytes]] = {}
-        # frames for connections whose transport is over its high-water mark (bounded by
-        # the table's max_backlog), and those connections
-        self._backlog: dict[int, deque[bytes]] = {}
-        self._write_paused: set[int] = set()
-        self._slow: set[int] = set()  # connections the table was told are paused
         self._lingering: dict[int, asyncio.TimerHandle] = {}  # closing: abort if unread
         self._next_conn = 1
-        self._held = False  # reading paused on every connection (outbox or window full)
-        # a MULTICAST to a held-back group, decoded but not taken; its connection is not read
-        self._pending: dict[int, Frame] = {}
         self._closed = False
         self.unix_path: Path | None = None
         self._unix_inode: tuple[int, int] | None = None
@@ -251,11 +233,11 @@ class ClientServer:
     def connections(self) -> int:
         return len(self._transports)
 
-    # ------------------------------------------------------------------ called by the daemon
+    # ------------------------------------------------------------------ the node's effects
 
     def send(self, conn: int, data: bytes) -> None:
-        """Queue a frame; `settle` (once per loop iteration) writes each connection's
-        frames with one write: a burst of deliveries wakes a client once, not per frame."""
+        """Queue bytes; `flush` (once per loop iteration) writes each connection's with
+        one write: a burst of deliveries wakes a client once, not per frame."""
         transport = self._transports.get(conn)
         if transport is None or transport.is_closing():
             return
@@ -265,29 +247,33 @@ class ClientServer:
         else:
             chunks.append(data)
 
+    def write_now(self, conn: int, data: bytes) -> None:
+        """Write at once, after what `send` queued for `conn` (a slow client's backlog:
+        the socket must say whether it took it before the next chunk is asked for)."""
+        self._write_out(conn)
+        transport = self._transports.get(conn)
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def flush(self) -> None:
+        for conn in list(self._outgoing):
+            self._write_out(conn)
+
     def _write_out(self, conn: int) -> None:
         chunks = self._outgoing.pop(conn, None)
         transport = self._transports.get(conn)
         if not chunks or transport is None or transport.is_closing():
             return
-        if conn in self._write_paused:
-            self._backlog.setdefault(conn, deque()).extend(chunks)
-            return
         transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
-    def _write_backlog(self, conn: int, transport: asyncio.Transport, *, everything: bool) -> None:
-        """Hand queued frames to the transport, a high-water mark's worth at a time,
-        until it pauses again (or all of them, when closing)."""
-        backlog = self._backlog.get(conn)
-        while backlog and (everything or conn not in self._write_paused):
-            chunk: list[bytes] = []
-            size = 0
-            while backlog and (everything or size < self._high_water):
-                chunk.append(backlog.popleft())
-                size += len(chunk[-1])
-            transport.write(b"".join(chunk))
-        if not backlog:
-            self._backlog.pop(conn, None)
+    def set_reading(self, conn: int, paused: bool) -> None:
+        transport = self._transports.get(conn)
+        if transport is None or transport.is_closing():
+            return
+        if paused:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     def close_connection(self, conn: int, abort: bool, last: bytes = b"") -> None:
         """Close `conn`. `abort`: drop the frames not yet handed to its socket, write
@@ -296,10 +282,8 @@ class ClientServer:
         transport = self._transports.get(conn)
         if transport is None:
             return
-        self._forget_pending(conn)
         if abort:
             self._outgoing.pop(conn, None)
-            self._backlog.pop(conn, None)
             if transport.is_closing():
                 return
             if last:
@@ -308,43 +292,15 @@ class ClientServer:
             if transport.get_write_buffer_size() and conn not in self._lingering:
                 self._lingering[conn] = self._loop.call_later(CLOSE_LINGER_TIMEOUT, transport.abort)
         else:
-            if not transport.is_closing():  # what was sent before the close goes first
-                self._write_backlog(conn, transport, everything=True)
             self._write_out(conn)
             transport.close()
-
-    def settle(self) -> None:
-        """After the daemon's inputs: write what they queued; resume reading once nothing
-        holds local senders back."""
-        for conn in list(self._outgoing):
-            self._write_out(conn)
-        if self._held and self._can_submit():
-            self._held = False
-            candidates = list(self._transports)
-        elif self._held:
-            candidates = []
-        else:
-            candidates = list(self._pending)
-        for conn in candidates:
-            transport = self._transports.get(conn)
-            if transport is None or self._waits(conn):
-                continue
-            if not transport.is_closing():
-                transport.resume_reading()
-            self._pump(conn)
-
-    def _waits(self, conn: int) -> bool:
-        """Does `conn`'s next frame wait for a held-back group?"""
-        frame = self._pending.get(conn)
-        return isinstance(frame, Multicast) and self._holds_back(frame.groups)
 
     async def aclose(self) -> None:
         """Stop listening, abort what is still open, remove our socket file."""
         if self._closed:
             return
         self._closed = True
-        for conn in list(self._outgoing):
-            self._write_out(conn)
+        self.flush()
         for server in self._servers:
             server.close()
         for handle in self._lingering.values():
@@ -363,91 +319,15 @@ class ClientServer:
         conn = self._next_conn
         self._next_conn += 1
         self._transports[conn] = transport
-        # Until its HELLO, a connection may send no frame longer than a HELLO can be: a
-        # stranger costs the daemon one read chunk, not a 16 MiB frame. Handshakes go on
-        # while local senders are held back (a HELLO submits nothing), so the handshake
-        # timeout is never the daemon's fault.
-        self._decoders[conn] = FrameDecoder(max_frame_size=HELLO_FRAME_LIMIT, accept=ANY_FRAME)
         transport.set_write_buffer_limits(high=self._high_water)
-        self._feed("connected", partial(self._table.connected, conn, remote=remote))
+        self._events.client_connected(conn, remote=remote)
         return conn
-
-    def _data(self, conn: int, data: bytes) -> None:
-        decoder = self._decoders.get(conn)
-        if decoder is None:
-            return
-        decoder.feed(data)
-        self._pump(conn)
-
-    def _pump(self, conn: int) -> None:
-        decoder = self._decoders.get(conn)
-        while decoder is not None and conn in self._transports:
-            if not self._can_submit() and not self._table.handshaking(conn):
-                self._hold(conn)
-                return
-            frame = self._pending.pop(conn, None)
-            if frame is None:
-                try:
-                    frame = decoder.next_frame()
-                except DecodeError as exc:
-                    self._feed("decode_failed", partial(self._table.decode_failed, conn, str(exc)))
-                    self._decoders.pop(conn, None)
-                    return
-                if frame is None:
-                    return
-            if isinstance(frame, Multicast) and self._holds_back(frame.groups):
-                # a slow `block` member is in one of its groups: this client waits
-                self._pending[conn] = frame
-                self._transports[conn].pause_reading()
-                return
-            self._feed("frame_received", partial(self._table.frame_received, conn, frame))
-            if self._transports.get(conn) is None or self._transports[conn].is_closing():
-                return
-            if decoder.max_frame_size == HELLO_FRAME_LIMIT:  # the handshake may be done
-                decoder.max_frame_size = self._table.frame_limit(conn)
-
-    def _hold(self, conn: int) -> None:
-        """Stop reading every connection past its handshake (`conn` is one)."""
-        transport = self._transports.get(conn)
-        if transport is not None and not transport.is_closing():
-            transport.pause_reading()
-        if self._held:
-            return
-        self._held = True
-        for other, transport in self._transports.items():
-            if not transport.is_closing() and not self._table.handshaking(other):
-                transport.pause_reading()
-
-    def _forget_pending(self, conn: int) -> None:
-        self._pending.pop(conn, None)
 
     def _lost(self, conn: int) -> None:
         if self._transports.pop(conn, None) is None:
             return
-        self._decoders.pop(conn, None)
         self._outgoing.pop(conn, None)
-        self._backlog.pop(conn, None)
-        self._write_paused.discard(conn)
-        self._slow.discard(conn)
-        self._forget_pending(conn)
         handle = self._lingering.pop(conn, None)
         if handle is not None:
             handle.cancel()
-        self._feed("connection_lost", partial(self._table.connection_lost, conn))
-
-    def _pause_writing(self, conn: int) -> None:
-        self._write_paused.add(conn)
-        if conn not in self._slow:  # once per slow period: the table counts its backlog
-            self._slow.add(conn)
-            self._table.writing_paused(conn)
-
-    def _resume_writing(self, conn: int) -> None:
-        self._write_paused.discard(conn)
-        transport = self._transports.get(conn)
-        if transport is None or transport.is_closing():
-            return
-        self._write_backlog(conn, transport, everything=False)
-        if conn in self._write_paused or conn in self._backlog:
-            return  # still behind: the table keeps counting
-        self._slow.discard(conn)
-        self._feed("writing_resumed", lambda _now: self._table.writing_resumed(conn))
+        self._events.client_lost(conn)

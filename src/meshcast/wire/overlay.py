@@ -4,8 +4,8 @@ Every overlay message starts with one kind byte:
 
     0x01 LSA       origin u32 | incarnation u32 | seq u32 | view_digest 8s | n u16 |
                    n x (neighbour u32 | weight f64 | bandwidth_bps f64)
-    0x02 DATA      source u32 | incarnation u32 | seq u64 | hops u8 | n u16 | n x dest u32 |
-                   payload (the rest)
+    0x02 DATA      source u32 | incarnation u32 | seq u64 | hops u8 | upper u8 | n u16 |
+                   n x dest u32 | payload (the rest)
     0x03 FEEDBACK  source u32 | incarnation u32 | delivered u64 | reporter u32 |
                    reporter_incarnation u32
 
@@ -13,6 +13,8 @@ Every overlay message starts with one kind byte:
   `view_digest` is the view the origin has installed, so daemons can tell when they agree.
 * DATA: one message from `source` for the explicit list of destination daemons (seed 001,
   claim 4); every daemon on the way splits the list per next hop. `hops` counts links.
+  `upper` names the protocol the payload is for at the destination (`Upper`): the daemon
+  hands it to that layer without looking inside; forwarders pass it on unread.
 * FEEDBACK: a destination tells a source how many of its messages it has delivered, for
   the source's end-to-end window (Spread §2.1: a slow receiver slows the sender).
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
 
 from meshcast.errors import DecodeError
 
@@ -33,13 +36,22 @@ KIND_FEEDBACK = 0x03
 
 LSA_HEAD = struct.Struct("!BIII8sH")
 LSA_ENTRY = struct.Struct("!Idd")
-DATA_HEAD = struct.Struct("!BIIQBH")
+DATA_HEAD = struct.Struct("!BIIQBBH")
 DEST = struct.Struct("!I")
 FEEDBACK = struct.Struct("!BIIQII")
 
 MAX_LSA_ENTRIES = 4096
 MAX_DESTS = 4096
 MAX_HOPS = 255
+
+
+class Upper(IntEnum):
+    """The protocol a DATA message's payload is for (its `upper` byte)."""
+
+    RAW = 0  # no daemon layer above: the overlay's own tests and benchmarks
+    GROUP = 1  # group communication (meshcast.group)
+    PROBE = 2  # the daemon's latency probes
+    REPLICATION = 3  # bulk replication (reserved)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +76,7 @@ class Data:
     incarnation: int
     seq: int
     hops: int
+    upper: int  # an `Upper` value; unknown ones are forwarded and dropped at delivery
     dests: tuple[int, ...]
     payload: bytes
 
@@ -93,19 +106,19 @@ def encode_lsa(lsa: Lsa) -> bytes:
 
 
 def encode_data_head(
-    source: int, incarnation: int, seq: int, hops: int, dests: tuple[int, ...]
+    source: int, incarnation: int, seq: int, hops: int, upper: int, dests: tuple[int, ...]
 ) -> bytes:
     """Everything of a DATA message but its payload, so a forwarder re-heads without copying twice."""
     if not dests or len(dests) > MAX_DESTS:
         raise ValueError(f"a data message needs 1..{MAX_DESTS} destinations, got {len(dests)}")
-    return DATA_HEAD.pack(KIND_DATA, source, incarnation, seq, hops, len(dests)) + struct.pack(
-        f"!{len(dests)}I", *dests
-    )
+    return DATA_HEAD.pack(
+        KIND_DATA, source, incarnation, seq, hops, upper, len(dests)
+    ) + struct.pack(f"!{len(dests)}I", *dests)
 
 
 def encode_data(data: Data) -> bytes:
     return (
-        encode_data_head(data.source, data.incarnation, data.seq, data.hops, data.dests)
+        encode_data_head(data.source, data.incarnation, data.seq, data.hops, data.upper, data.dests)
         + data.payload
     )
 
@@ -129,7 +142,7 @@ def decode_overlay(message: bytes) -> OverlayMessage:
     if kind == KIND_DATA:
         if len(message) < DATA_HEAD.size:
             raise DecodeError("truncated data header")
-        _, source, incarnation, seq, hops, n = DATA_HEAD.unpack_from(message)
+        _, source, incarnation, seq, hops, upper, n = DATA_HEAD.unpack_from(message)
         if n == 0 or n > MAX_DESTS:
             raise DecodeError(f"data message with {n} destinations")
         end = DATA_HEAD.size + n * DEST.size
@@ -138,7 +151,7 @@ def decode_overlay(message: bytes) -> OverlayMessage:
         dests = struct.unpack_from(f"!{n}I", message, DATA_HEAD.size)
         if len(set(dests)) != n:
             raise DecodeError("duplicate destination in a data message")
-        return Data(source, incarnation, seq, hops, dests, message[end:])
+        return Data(source, incarnation, seq, hops, upper, dests, message[end:])
     if kind == KIND_LSA:
         if len(message) < LSA_HEAD.size:
             raise DecodeError("truncated LSA header")

@@ -9,7 +9,8 @@ import pytest
 
 from meshcast.config import parse_config
 from meshcast.group import GroupConfig
-from meshcast.runtime.daemon import ClientListen, OverlayDaemon, overlay_config
+from meshcast.daemon.config import overlay_config
+from meshcast.runtime.daemon import ClientListen, OverlayDaemon
 
 CLUSTER = """
 [[sites]]
@@ -58,4 +59,4 @@ async def test_the_daemon_uses_the_files_group_sessions_and_membership_values() 
         6,
     )
     assert (sessions.max_clients, sessions.block_timeout) == (7, 3.0)  # from [limits]
-    assert daemon.node.config.lsa_refresh_interval == 2.0
+    assert daemon.node.overlay.config.lsa_refresh_interval == 2.0

@@ -1,0 +1,682 @@
+"""`DaemonNode`: one daemon as one sans-I/O object.
+
+It owns the overlay node (links, daemon membership, routing, forwarding), the group
+layers (`GroupEngine` under `GroupMembership`) and the client session table with the
+clients' byte streams (`ClientStreams`), and routes effects between them: what the
+overlay delivers goes up to the protocol its DATA header names (`wire.overlay.Upper`),
+what the group layer broadcasts goes down to the overlay, what the sessions write goes
+out to the clients. The driver (the asyncio runtime, or the simulator) feeds it inputs —
+datagrams, client connections and their bytes, socket back-pressure, the timer — and
+applies the effects each input returns (`DaemonEffect`: `Transmit`, `ClientWrite`,
+`ClientClose`, `ClientReading`, `DaemonEvent`); after every input it re-arms one timer
+from `next_deadline()`. Theory of operation: docs/design/daemon.md.
+
+Bulkhead: with `contain_bugs` (the runtime), an exception a layer raises while handling
+one input is counted (`internal_errors`), reported as a `bug_contained` event, and the
+daemon keeps serving; without it (the simulator), it propagates and fails the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import get_args
+
+from meshcast.daemon.clients import ClientStreams
+from meshcast.daemon.effects import ClientClose, DaemonEffect, DaemonEvent
+from meshcast.daemon.probes import Probe, decode_probe, encode_probe
+from meshcast.daemon.status import describe_tree, describe_view, status_sections
+from meshcast.errors import BufferFull, ConfigError, DecodeError, UsageError
+from meshcast.group import (
+    Broadcast,
+    GroupConfig,
+    GroupEngine,
+    OrderingFault,
+    OrderingReset,
+    ViewTransition,
+)
+from meshcast.group.membership import GroupMembership, MembershipChanged
+from meshcast.group.sessions import (
+    ClientConnected,
+    ClientDisconnected,
+    CloseConnection,
+    SendBytes,
+    SessionConfig,
+    SessionEffect,
+    SessionTable,
+)
+from meshcast.ids import NodeId
+from meshcast.link.events import Transmit
+from meshcast.link.secure import LinkSecurity
+from meshcast.overlay.node import (
+    NeighbourChanged,
+    OverlayConfig,
+    OverlayDelivered,
+    OverlayEffect,
+    OverlayNode,
+    ViewAgreed,
+    ViewInstalled,
+)
+from meshcast.wire.client import Multicast
+from meshcast.wire.keys import KeyRing
+from meshcast.wire.overlay import Upper
+
+DEFAULT_WRITE_CHUNK = 1024 * 1024  # bytes: a client socket's high-water mark
+DEFAULT_FRAMES_PER_TURN = 64  # client frames taken from one connection before the next's
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonNodeConfig:
+    """What the daemon layer itself needs (each layer below has its own config)."""
+
+    name: str  # the daemon's name in the cluster
+    probe_interval: float | None = None  # s between latency probes; None: no probes
+    write_chunk: int = DEFAULT_WRITE_CHUNK  # bytes handed to a slow client at a time
+    frames_per_turn: int = DEFAULT_FRAMES_PER_TURN
+
+    def __post_init__(self) -> None:
+        if self.probe_interval is not None and not (
+            math.isfinite(self.probe_interval) and self.probe_interval > 0
+        ):
+            raise ConfigError(
+                f"must be a positive number of seconds, got {self.probe_interval!r}",
+                key="probe_interval",
+            )
+        if self.write_chunk < 1:
+            raise ConfigError(f"must be at least 1, got {self.write_chunk}", key="write_chunk")
+        if self.frames_per_turn < 1:
+            raise ConfigError(
+                f"must be at least 1, got {self.frames_per_turn}", key="frames_per_turn"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonNodeStats:
+    """Counters of the daemon layer (the layers below have their own)."""
+
+    internal_errors: int = 0  # exceptions of a layer contained by the bulkhead
+    probes_sent: int = 0  # probes multicast (probe_interval)
+    probes_skipped: int = 0  # probes not sent because the overlay outbox was full
+    probes_received: int = 0  # probes delivered here
+    probes_malformed: int = 0  # probe payloads that did not decode, dropped
+    group_delivered: int = 0  # overlay messages for the group layer
+    unknown_upper_dropped: int = 0  # overlay messages for a protocol this daemon lacks
+    group_broadcasts_lost: int = 0  # group messages the overlay outbox refused
+    unknown_effects: int = 0  # effects of a layer the daemon has no case for (a bug)
+    client_frames: int = 0  # frames taken from clients
+    client_turns: int = 0  # reading turns that stopped at frames_per_turn
+
+
+_OVERLAY_EFFECTS: tuple[type, ...] = get_args(OverlayEffect)
+
+
+class DaemonNode:
+    """One daemon: overlay, group layers and client sessions (see the module docstring)."""
+
+    def __init__(
+        self,
+        local: NodeId,
+        config: DaemonNodeConfig,
+        overlay: OverlayConfig,
+        *,
+        incarnation: int,
+        rng: random.Random,
+        wall_clock: Callable[[], float],
+        group: GroupConfig | None = None,
+        sessions: SessionConfig | None = None,
+        security: LinkSecurity | None = None,
+        names: Mapping[NodeId, str] | None = None,
+        emulated: frozenset[NodeId] = frozenset(),
+        status: Callable[[float], Mapping[str, object]] | None = None,
+        contain_bugs: bool = True,
+    ) -> None:
+        """`wall_clock` stamps probes (the simulator passes its virtual clock); `names`
+        are the cluster's daemon names and `emulated` the links the driver impairs, for
+        events and status; `status` adds the driver's sections to a STATUS report
+        (socket address, pid, keys)."""
+        self.local = local
+        self.config = config
+        self.overlay = OverlayNode(
+            local, overlay, incarnation=incarnation, rng=rng, security=security
+        )
+        # the overlay tells the engine when a repair would only duplicate a message still
+        # queued on a reliable link (docs/design/group.md, "Flush costs")
+        self.engine = GroupEngine(local, group, backlogged=self.overlay.backlogged)
+        self.sessions = SessionTable(
+            config.name, GroupMembership(self.engine), sessions, status=self._status
+        )
+        self.clients = ClientStreams(write_chunk=config.write_chunk)
+        self.names: Mapping[NodeId, str] = names if names is not None else {}
+        self.emulated = emulated  # links the driver impairs on purpose (for status)
+        self._extra_status = status
+        self._wall_clock = wall_clock
+        self._contain_bugs = contain_bugs
+        self._now = 0.0
+        self._next_probe_at: float | None = None
+        self._probe_number = 0
+        self._agreed_digest: bytes | None = None  # digest of the latest ViewAgreed
+        self._held = False  # local requests wait: overlay outbox or group window full
+        self._logged_unknown: set[type] = set()
+        # counters (statistics())
+        self._internal_errors = 0
+        self._probes_sent = 0
+        self._probes_skipped = 0
+        self._probes_received = 0
+        self._probes_malformed = 0
+        self._group_delivered = 0
+        self._unknown_upper_dropped = 0
+        self._group_broadcasts_lost = 0
+        self._unknown_effects = 0
+        self._client_frames = 0
+        self._client_turns = 0
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def incarnation(self) -> int:
+        return self.overlay.incarnation
+
+    @property
+    def agreed(self) -> bool:
+        """Has every daemon of the current view said it installed the same view?"""
+        view = self.overlay.view
+        return view is not None and view.digest == self._agreed_digest
+
+    def can_submit(self) -> bool:
+        """May local clients' requests be taken now? The overlay outbox has room and our
+        messages in flight fit the group window. (A `block` member that is behind holds
+        back only messages to its groups: `GroupEngine.holds_back`.)"""
+        return self.overlay.can_multicast() and self.engine.can_submit()
+
+    def next_deadline(self) -> float | None:
+        """When to call `on_timer` next (absolute, the inputs' clock); None: no timer."""
+        deadlines = [
+            d
+            for d in (
+                self.overlay.next_deadline(),
+                self.sessions.next_deadline(),
+                self._next_probe_at,
+            )
+            if d is not None
+        ]
+        if self._runnable():
+            deadlines.append(self._now)  # client input waits its turn: right away
+        return min(deadlines, default=None)
+
+    def is_drained(self) -> bool:
+        """Has every live link everything acknowledged (nothing queued or in flight)?"""
+        endpoint = self.overlay.endpoint
+        for peer in self.overlay.neighbours_up:
+            if peer in endpoint:
+                stats = endpoint.link(peer).statistics()
+                if stats.queued_messages or stats.unacked_packets:
+                    return False
+        return True
+
+    def wants_writing(self, conn: int) -> bool:
+        """After `writing_resumed`: call it again while this is True and the socket is
+        still not over its high-water mark (the backlog is handed out a chunk a time)."""
+        return self.clients.wants_writing(conn)
+
+    def statistics(self) -> DaemonNodeStats:
+        return DaemonNodeStats(
+            internal_errors=self._internal_errors,
+            probes_sent=self._probes_sent,
+            probes_skipped=self._probes_skipped,
+            probes_received=self._probes_received,
+            probes_malformed=self._probes_malformed,
+            group_delivered=self._group_delivered,
+            unknown_upper_dropped=self._unknown_upper_dropped,
+            group_broadcasts_lost=self._group_broadcasts_lost,
+            unknown_effects=self._unknown_effects,
+            client_frames=self._client_frames,
+            client_turns=self._client_turns,
+        )
+
+    # ------------------------------------------------------------------ inputs
+
+    def start(self, now: float) -> list[DaemonEffect]:
+        self._tick(now)
+        if self.config.probe_interval is not None:
+            self._next_probe_at = now + self.config.probe_interval
+        out: list[DaemonEffect] = []
+        self._overlay_input("start", lambda: self.overlay.start(now), out)
+        return self._settle(out)
+
+    def leave(self, now: float) -> list[DaemonEffect]:
+        """The daemon stops: tell the clients (ERROR SHUTTING_DOWN, close), then the other
+        daemons (the overlay leaves its view). Then wait for `is_drained`."""
+        self._tick(now)
+        self._next_probe_at = None
+        out: list[DaemonEffect] = []
+        self._session_input("shutdown", lambda: self.sessions.shutdown(now), out)
+        self._overlay_input("leave", lambda: self.overlay.leave(now), out)
+        return self._settle(out)
+
+    def datagram_received(self, peer: NodeId, data: bytes, now: float) -> list[DaemonEffect]:
+        """A datagram from configured neighbour `peer` (the driver maps addresses)."""
+        self._tick(now)
+        out: list[DaemonEffect] = []
+        self._overlay_input(
+            "datagram_received", lambda: self.overlay.datagram_received(peer, data, now), out
+        )
+        return self._settle(out)
+
+    def on_timer(self, now: float) -> list[DaemonEffect]:
+        self._tick(now)
+        out: list[DaemonEffect] = []
+        self._overlay_input("on_timer", lambda: self.overlay.on_timer(now), out)
+        deadline = self.sessions.next_deadline()
+        if deadline is not None and deadline <= now:
+            self._session_input("group on_timer", lambda: self.sessions.on_timer(now), out)
+        if self._next_probe_at is not None and self._next_probe_at <= now:
+            interval = self.config.probe_interval or 0.0
+            self._next_probe_at = max(self._next_probe_at + interval, now)
+            self._guard("probe", lambda: self._send_probe(now, out), out)
+        self._read_clients(now, out)
+        return self._settle(out)
+
+    def client_connected(
+        self, conn: int, now: float, *, remote: bool = False
+    ) -> list[DaemonEffect]:
+        """A client connected (`remote`: on a TCP port open beyond loopback, so its HELLO
+        must carry a token). `conn` is the driver's id for it, unique while it is open."""
+        self._tick(now)
+        if conn in self.clients:
+            raise UsageError(f"client connection {conn} is already open")
+        self.clients.open(conn)
+        out: list[DaemonEffect] = []
+        self._session_input(
+            "connected", lambda: self.sessions.connected(conn, now, remote=remote), out
+        )
+        return self._settle(out)
+
+    def client_data(self, conn: int, data: bytes, now: float) -> list[DaemonEffect]:
+        """Bytes the client sent; frames are taken in turn with other connections'."""
+        self._tick(now)
+        self.clients.feed(conn, data)
+        out: list[DaemonEffect] = []
+        self._read_clients(now, out, only=conn)
+        return self._settle(out)
+
+    def client_lost(self, conn: int, now: float) -> list[DaemonEffect]:
+        """The connection is gone (EOF, reset, or closed after a `ClientClose`)."""
+        self._tick(now)
+        if conn not in self.clients:
+            return []
+        self.clients.forget(conn)
+        out: list[DaemonEffect] = []
+        self._session_input(
+            "connection_lost", lambda: self.sessions.connection_lost(conn, now), out
+        )
+        return self._settle(out)
+
+    def writing_paused(self, conn: int) -> None:
+        """The connection's socket buffer passed its high-water mark."""
+        if self.clients.writing_paused(conn):
+            self.sessions.writing_paused(conn)
+
+    def writing_resumed(self, conn: int, now: float) -> list[DaemonEffect]:
+        """The socket buffer fell back: the next chunk of the backlog (see
+        `wants_writing`); once it is empty, the session is no longer slow."""
+        self._tick(now)
+        writes, drained = self.clients.writing_resumed(conn)
+        out: list[DaemonEffect] = list(writes)
+        if drained:
+            self._session_input("writing_resumed", lambda: self.sessions.writing_resumed(conn), out)
+        return self._settle(out)
+
+    def set_keyring(self, keyring: KeyRing) -> None:
+        """New keys (a reload): established links keep theirs, new handshakes use these."""
+        security = self.overlay.security
+        if security is not None:
+            security.keyring = keyring
+
+    # ------------------------------------------------------------------ routing
+
+    def _overlay_input(
+        self, where: str, feed: Callable[[], list[OverlayEffect]], out: list[DaemonEffect]
+    ) -> None:
+        effects: list[OverlayEffect] = []
+
+        def run() -> None:
+            effects.extend(feed())
+
+        self._guard(where, run, out)
+        self._apply_overlay(effects, out)
+
+    def _session_input(
+        self, where: str, feed: Callable[[], list[SessionEffect]], out: list[DaemonEffect]
+    ) -> None:
+        effects: list[SessionEffect] = []
+
+        def run() -> None:
+            effects.extend(feed())
+
+        self._guard(where, run, out)
+        self._apply_sessions(effects, out)
+
+    def _apply_overlay(self, effects: Iterable[OverlayEffect], out: list[DaemonEffect]) -> None:
+        for effect in effects:
+            if type(effect) is Transmit:
+                out.append(effect)
+                continue
+            match effect:
+                case OverlayDelivered(source, seq, payload, hops, upper):
+                    if upper == Upper.GROUP:
+                        self._group_delivered += 1
+                        self._session_input(
+                            "overlay_delivered",
+                            lambda: self.sessions.overlay_delivered(source, payload, self._now),
+                            out,
+                        )
+                    elif upper == Upper.PROBE:
+                        self._probe_received(source, seq, payload, hops, out)
+                    else:
+                        self._unknown_upper_dropped += 1
+                case NeighbourChanged(neighbour, up, reason):
+                    out.append(
+                        DaemonEvent(
+                            "neighbour_up" if up else "neighbour_down",
+                            {
+                                "neighbour": int(neighbour),
+                                "neighbour_name": self.names.get(neighbour, "?"),
+                                "reason": reason,
+                            },
+                        )
+                    )
+                case ViewInstalled(view):
+                    fields = describe_view(view, self.names)
+                    fields["tree"] = describe_tree(self.overlay.routing.tree(self.local))
+                    out.append(DaemonEvent("view_installed", fields))
+                    self._session_input(
+                        "view_installed",
+                        lambda: self.sessions.view_installed(
+                            view.members, self._now, view.incarnations
+                        ),
+                        out,
+                    )
+                case ViewAgreed(view):
+                    self._agreed_digest = view.digest
+                    out.append(DaemonEvent("view_agreed", describe_view(view, self.names)))
+                case _:
+                    self._unknown(effect, "the overlay", out)
+
+    def _apply_sessions(self, effects: Iterable[SessionEffect], out: list[DaemonEffect]) -> None:
+        for effect in effects:
+            match effect:
+                case SendBytes(conn, data):
+                    self.clients.write(conn, data)
+                case Broadcast(dests, payload):
+                    self._broadcast(dests, payload, out)
+                case CloseConnection(conn, abort, last):
+                    self._close(conn, abort, last, out)
+                case ClientConnected(conn, name, version):
+                    out.append(
+                        DaemonEvent(
+                            "client_connected", {"conn": conn, "client": name, "version": version}
+                        )
+                    )
+                case ClientDisconnected(conn, name, reason, groups):
+                    out.append(
+                        DaemonEvent(
+                            "client_disconnected",
+                            {
+                                "conn": conn,
+                                "client": name,
+                                "reason": reason,
+                                "groups": list(groups),
+                            },
+                        )
+                    )
+                case MembershipChanged(group, view_id, members, cause, who, hosts):
+                    out.append(
+                        DaemonEvent(
+                            "group_membership",
+                            {
+                                "group": group,
+                                "view": [view_id.counter, view_id.coordinator],
+                                "members": list(members),
+                                "cause": str(cause),
+                                "who": list(who),
+                                "hosts": [int(h) for h in hosts],
+                            },
+                        )
+                    )
+                case OrderingReset(_, new_view_id, members, undelivered):
+                    out.append(
+                        DaemonEvent(
+                            "group_view",
+                            {
+                                "view_id": new_view_id.hex(),
+                                "members": [int(m) for m in members],
+                                "undelivered": len(undelivered),
+                            },
+                        )
+                    )
+                case OrderingFault(source, stream, reason):
+                    out.append(
+                        DaemonEvent(
+                            "group_fault",
+                            {"source": int(source), "stream": stream, "reason": reason},
+                            "error",
+                        )
+                    )
+                case ViewTransition(old_view_id, old_members, survivors):
+                    out.append(
+                        DaemonEvent(
+                            "group_transition",
+                            {
+                                "view_id": old_view_id.hex(),
+                                "survivors": [int(m) for m in survivors],
+                                "departed": [int(m) for m in old_members if m not in survivors],
+                            },
+                        )
+                    )
+                case _:
+                    self._unknown(effect, "the session table", out)
+
+    def _broadcast(
+        self, dests: tuple[NodeId, ...], payload: bytes, out: list[DaemonEffect]
+    ) -> None:
+        try:
+            effects = self.overlay.multicast(dests, payload, self._now, upper=Upper.GROUP)
+        except BufferFull:
+            # can_submit() keeps clients out while the outbox is full; what still comes
+            # (ACKs, flush parts) is repaired by the group layer's retransmissions
+            self._group_broadcasts_lost += 1
+            return
+        except UsageError:  # leaving: the view is going away anyway
+            self._group_broadcasts_lost += 1
+            return
+        self._apply_overlay(effects, out)
+
+    def _close(self, conn: int, abort: bool, last: bytes, out: list[DaemonEffect]) -> None:
+        if abort:
+            self.clients.drop_writes(conn)
+            out.append(ClientClose(conn, abort=True, last=last))
+        else:
+            out.extend(self.clients.drain_all(conn))
+            out.append(ClientClose(conn))
+        self.clients.stop_reading(conn)  # what it sends after this is not read
+
+    # ------------------------------------------------------------------ client reading
+
+    def _runnable(self) -> bool:
+        """Is some connection's input takeable now?"""
+        if not self.clients.has_input():
+            return False
+        if self.can_submit():
+            return any(not self._waits(conn) for conn in self.clients.ready())
+        return any(self.sessions.handshaking(conn) for conn in self.clients.ready())
+
+    def _waits(self, conn: int) -> bool:
+        """Does `conn`'s next frame wait for a group a slow `block` member holds back?"""
+        try:
+            frame = self.clients.head(conn)
+        except DecodeError:
+            return False  # its turn reports it
+        return isinstance(frame, Multicast) and self.engine.holds_back(frame.groups)
+
+    def _read_clients(self, now: float, out: list[DaemonEffect], only: int | None = None) -> None:
+        """One turn: up to `frames_per_turn` frames from each connection with input (or
+        from `only`, the one whose bytes just arrived: the others' turns come with the
+        timer, which `next_deadline` sets to now while input waits)."""
+        conns = [only] if only is not None else self.clients.ready()
+        for conn in conns:
+            self._guard("client frames", partial(self._take_frames, conn, now, out), out)
+            self.clients.take_turn(conn)
+
+    def _take_frames(self, conn: int, now: float, out: list[DaemonEffect]) -> None:
+        streams = self.clients
+        for _ in range(self.config.frames_per_turn):
+            try:
+                frame = streams.head(conn)
+            except DecodeError as exc:
+                streams.stop_reading(conn)
+                self._session_input(
+                    "decode_failed", partial(self.sessions.decode_failed, conn, str(exc), now), out
+                )
+                return
+            if frame is None:
+                return  # it needs more bytes
+            # the frame stays the connection's head (it is not read meanwhile) while:
+            if not self.sessions.handshaking(conn) and not self.can_submit():
+                return  # the overlay outbox or the group window is full
+            if isinstance(frame, Multicast) and self.engine.holds_back(frame.groups):
+                return  # a slow `block` member is in one of its groups
+            streams.pop_head(conn)
+            self._client_frames += 1
+            self._session_input(
+                "frame_received", partial(self.sessions.frame_received, conn, frame, now), out
+            )
+            streams.set_frame_limit(conn, self.sessions.frame_limit(conn))
+        self._client_turns += 1
+        with contextlib.suppress(DecodeError):  # raised again at its next turn
+            streams.head(conn)  # decoded now: the connection is paused if one is left
+
+    # ------------------------------------------------------------------ probes
+
+    def _send_probe(self, now: float, out: list[DaemonEffect]) -> None:
+        """Multicast one probe to every other member of the current view."""
+        view = self.overlay.view
+        if view is None:
+            return
+        dests = [m for m in view.members if m != self.local]
+        if not dests:
+            return
+        if not self.overlay.can_multicast():
+            self._probes_skipped += 1
+            return
+        self._probe_number += 1
+        payload = encode_probe(Probe(self._probe_number, self._wall_clock()))
+        try:
+            effects = self.overlay.multicast(dests, payload, now, upper=Upper.PROBE)
+        except BufferFull:
+            self._probes_skipped += 1
+            return
+        self._probes_sent += 1
+        self._apply_overlay(effects, out)
+
+    def _probe_received(
+        self, source: NodeId, seq: int, payload: bytes, hops: int, out: list[DaemonEffect]
+    ) -> None:
+        try:
+            probe = decode_probe(payload)
+        except DecodeError:
+            self._probes_malformed += 1
+            return
+        self._probes_received += 1
+        tree = self.overlay.routing.tree(source)
+        out.append(
+            DaemonEvent(
+                "probe_received",
+                {
+                    "source": int(source),
+                    "source_name": self.names.get(source, "?"),
+                    "seq": seq,
+                    "probe": probe.number,
+                    "hops": hops,
+                    "depth": tree.depth(self.local)
+                    if tree is not None and self.local in tree.parent
+                    else None,
+                    "latency_ms": round((self._wall_clock() - probe.sent_at) * 1000, 3),
+                },
+            )
+        )
+
+    # ------------------------------------------------------------------ after every input
+
+    def _settle(self, out: list[DaemonEffect]) -> list[DaemonEffect]:
+        """Tell the engine which groups slow members block, hand out the coalesced client
+        writes, and tell the driver which connections to read."""
+
+        def settle() -> None:
+            # a `block` member behind: the next ACK tells every daemon to hold back
+            # senders to its groups
+            self.engine.set_blocked(self.sessions.blocked_groups())
+
+        self._guard("settle", settle, out)
+        out.extend(self.clients.flush())
+        out.extend(self.clients.reading_changes())
+        return out
+
+    def _status(self, now: float) -> Mapping[str, object]:
+        sections = status_sections(self, now)
+        if self._extra_status is not None:
+            for key, value in self._extra_status(now).items():
+                if key in sections and isinstance(value, dict):
+                    merged = dict(sections[key])  # type: ignore[call-overload]
+                    merged.update(value)
+                    sections[key] = merged
+                else:
+                    sections[key] = value
+        return sections
+
+    def _tick(self, now: float) -> None:
+        if now > self._now:
+            self._now = now
+
+    def _guard(self, where: str, run: Callable[[], None], out: list[DaemonEffect]) -> None:
+        if not self._contain_bugs:
+            run()
+            return
+        try:
+            run()
+        except Exception as exc:
+            self._internal_errors += 1
+            out.append(
+                DaemonEvent(
+                    "bug_contained",
+                    {
+                        "where": where,
+                        "error": repr(exc),
+                        "count": self._internal_errors,
+                        "traceback": traceback.format_exc(limit=8),
+                    },
+                    "error",
+                )
+            )
+
+    def _unknown(self, effect: object, where: str, out: list[DaemonEffect]) -> None:
+        kind = type(effect)
+        if not self._contain_bugs:
+            raise AssertionError(
+                f"unknown effect {kind.__module__}.{kind.__qualname__} from {where}: "
+                "DaemonNode has no case for it"
+            )
+        self._unknown_effects += 1
+        if kind not in self._logged_unknown:  # bounded by the classes in the program
+            self._logged_unknown.add(kind)
+            out.append(
+                DaemonEvent(
+                    "unknown_effect",
+                    {"effect": f"{kind.__module__}.{kind.__qualname__}", "from": where},
+                    "error",
+                )
+            )
