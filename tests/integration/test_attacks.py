@@ -387,8 +387,8 @@ async def test_a_daemon_with_another_key_never_gets_in(tmp_path: Path) -> None:
     """A process at d2's address with another cluster key: a real (encrypted) Hop link
     driver sends HELLOs; then sealed DATA and STATE datagrams of a session made under its
     key. d1 never establishes the link, delivers nothing, and counts every datagram."""
-    from meshcast.link.secure import LinkSecurity
     from meshcast.daemon.config import membership_link_config
+    from meshcast.link.secure import LinkSecurity
     from meshcast.runtime.keyfile import new_key
     from meshcast.runtime.udp import UdpLinkDriver, secure_link_factory
     from meshcast.wire.keys import KeyRing

@@ -223,6 +223,17 @@ class DaemonNode:
         still not over its high-water mark (the backlog is handed out a chunk a time)."""
         return self.clients.wants_writing(conn)
 
+    def memory(self) -> int:
+        """Bytes this daemon holds for others, what its bounds are about: the overlay's
+        (outbox, link queues, reassembly), the group layer's retained and held-back
+        messages, and the clients' unread input and unwritten output."""
+        return (
+            self.overlay.memory()
+            + self.engine.memory()
+            + self.clients.backlog_bytes()
+            + self.clients.buffered_bytes()
+        )
+
     def statistics(self) -> DaemonNodeStats:
         return DaemonNodeStats(
             internal_errors=self._internal_errors,

@@ -364,6 +364,15 @@ class OverlayNode:
     def can_multicast(self) -> bool:
         return len(self._outbox) < self.config.max_outbox_messages
 
+    def memory(self) -> int:
+        """Bytes held for others: payloads in the outbox, messages queued, unacknowledged
+        or being reassembled on the links (O(outbox): for tests and status, not hot paths)."""
+        held = sum(len(payload) for _, payload, _ in self._outbox)
+        for peer in self._endpoint.peers:
+            stats = self._endpoint.link(peer).statistics()
+            held += stats.queued_bytes + stats.reassembly_bytes
+        return held
+
     def window_open(self) -> bool:
         view = self._view
         if view is None:

@@ -48,7 +48,6 @@ DEFAULT_WRITE_HIGH_WATER = DEFAULT_WRITE_CHUNK
 CLOSE_LINGER_TIMEOUT = 10.0
 
 
-
 class ClientEvents(Protocol):
     """What the server tells the daemon about its connections."""
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from meshcast.config import parse_config
-from meshcast.group import GroupConfig
 from meshcast.daemon.config import overlay_config
+from meshcast.group import GroupConfig
 from meshcast.runtime.daemon import ClientListen, OverlayDaemon
 
 CLUSTER = """

@@ -1,0 +1,293 @@
+"""Whole daemons in the simulator: `DaemonNode`s — the object the asyncio runtime drives —
+with simulated clients that speak the client protocol in frames.
+
+`build_daemon_sim` wires daemons over emulated links; `DaemonSim` connects clients to
+them. A `SimClient` is the client side of one connection: it encodes frames into the
+node (`client_data`), decodes what the node writes (`ClientWrite`) into `received`, and
+models its socket: bytes it has not read count against `high_water`, past which the node
+is told `writing_paused` (as asyncio's transport does), and `read()` makes room again
+(`writing_resumed`, a chunk at a time, as the runtime pump does). A client that does not
+read is a slow receiver; `ClientReading` pauses and resumes its sending; a
+`ClientClose` ends it. Nothing here bypasses the node: what the runtime would do with an
+effect, the harness does in virtual time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from meshcast.daemon import (
+    ClientClose,
+    ClientReading,
+    ClientWrite,
+    DaemonEvent,
+    DaemonNode,
+    DaemonNodeConfig,
+)
+from meshcast.errors import DecodeError
+from meshcast.group import GroupConfig
+from meshcast.group.sessions import SessionConfig
+from meshcast.ids import NodeId
+from meshcast.link import LinkConfig
+from meshcast.overlay.node import Neighbour, OverlayConfig
+from meshcast.sim.group import GroupLink
+from meshcast.sim.overlay import cluster_security
+from meshcast.sim.simulator import Simulator
+from meshcast.wire.client import (
+    ClientFrame,
+    ErrorReport,
+    Frame,
+    FrameDecoder,
+    Hello,
+    Message,
+    encode,
+)
+
+DEFAULT_HIGH_WATER = 64 * 1024  # bytes a simulated client's socket holds unread
+
+
+@dataclass(eq=False)
+class SimClient:
+    """The client end of one simulated connection (see the module docstring)."""
+
+    dsim: DaemonSim
+    node: NodeId
+    conn: int
+    incarnation: int  # of the daemon it connected to
+    name: str
+    reading: bool = True  # does the application read what arrives?
+    received: list[Frame] = field(default_factory=list)
+    unread: int = 0  # bytes in its socket not yet read
+    write_paused: bool = False  # the daemon was told its socket is full
+    send_paused: bool = False  # the daemon stopped reading it (ClientReading)
+    waiting: deque[bytes] = field(default_factory=deque)  # frames not yet taken
+    closed: bool = False
+    close_error: ErrorReport | None = None  # the ERROR the daemon closed it with
+    _decoder: FrameDecoder = field(default_factory=FrameDecoder)
+    _buffer: deque[bytes] = field(default_factory=deque)
+
+    @property
+    def alive(self) -> bool:
+        return not self.closed and self.dsim.daemon_alive(self.node, self.incarnation)
+
+    def send(self, frame: ClientFrame) -> None:
+        """Write one frame (it waits while the daemon does not read this connection)."""
+        if not self.alive:
+            return
+        data = encode(frame)
+        if self.send_paused or self.waiting:
+            self.waiting.append(data)
+            return
+        self._write(data)
+
+    def crash(self) -> None:
+        """The client process dies: the daemon sees the connection reset."""
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.dsim.daemon_alive(self.node, self.incarnation):
+            self.dsim.sim.act(self.node, lambda d, now: d.client_lost(self.conn, now))
+
+    def read(self, limit: int | None = None) -> int:
+        """Read up to `limit` unread bytes (all by default); returns how many."""
+        taken = 0
+        while self._buffer and (limit is None or taken < limit):
+            data = self._buffer.popleft()
+            if limit is not None and taken + len(data) > limit:
+                keep = limit - taken
+                self._buffer.appendleft(data[keep:])
+                data = data[:keep]
+            taken += len(data)
+            self._decode(data)
+        self.unread -= taken
+        if self.write_paused and self.unread <= self.dsim.high_water // 4 and self.alive:
+            self.write_paused = False
+            self.dsim.sim.call_later(0.0, lambda: self.dsim.resume_writing(self))
+        return taken
+
+    def messages(self) -> list[Message]:
+        return [f for f in self.received if isinstance(f, Message)]
+
+    # ------------------------------------------------------------------ from the node
+
+    def _written(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._buffer.append(data)
+        self.unread += len(data)
+        if self.reading:
+            self.read()
+        elif self.unread > self.dsim.high_water and not self.write_paused:
+            self.write_paused = True
+            node = self.dsim.live_node(self.node, self.incarnation)
+            if node is not None:
+                node.writing_paused(self.conn)
+
+    def _reading(self, paused: bool) -> None:
+        self.send_paused = paused
+        if not paused and self.waiting:
+            self.dsim.sim.call_later(0.0, self._send_waiting)
+
+    def _send_waiting(self) -> None:
+        while self.waiting and not self.send_paused and self.alive:
+            self._write(self.waiting.popleft())
+
+    def _write(self, data: bytes) -> None:
+        self.dsim.sim.act(self.node, lambda d, now: d.client_data(self.conn, data, now))
+
+    def _closed_by_daemon(self, abort: bool, last: bytes) -> None:
+        if self.closed:
+            return
+        if not abort:
+            self.read()  # a graceful close: everything written before it arrives
+        elif last:
+            self._decode(last)
+        self.closed = True
+        self.dsim.sim.call_later(0.0, self._lost)
+
+    def _lost(self) -> None:
+        if self.dsim.daemon_alive(self.node, self.incarnation):
+            self.dsim.sim.act(self.node, lambda d, now: d.client_lost(self.conn, now))
+
+    def _decode(self, data: bytes) -> None:
+        self._decoder.feed(data)
+        while True:
+            try:
+                frame = self._decoder.next_frame()
+            except DecodeError as exc:
+                raise AssertionError(f"the daemon wrote a bad frame: {exc}") from None
+            if frame is None:
+                return
+            self.received.append(frame)
+            if isinstance(frame, ErrorReport) and 100 <= frame.code < 200:
+                self.close_error = frame
+
+
+class DaemonSim:
+    """A `Simulator` of `DaemonNode`s with the clients connected to them."""
+
+    def __init__(self, sim: Simulator, high_water: int = DEFAULT_HIGH_WATER) -> None:
+        self.sim = sim
+        self.high_water = high_water
+        self.events: list[tuple[NodeId, float, DaemonEvent]] = []
+        self._clients: dict[tuple[NodeId, int], SimClient] = {}
+        self._conn_ids = itertools.count(1)
+        sim.observe(self._observe)
+
+    def node(self, node_id: NodeId) -> DaemonNode:
+        return self.sim.node_as(node_id, DaemonNode)
+
+    def daemon_alive(self, node_id: NodeId, incarnation: int) -> bool:
+        return self.sim.is_alive(node_id) and self.sim.incarnation(node_id) == incarnation
+
+    def live_node(self, node_id: NodeId, incarnation: int) -> DaemonNode | None:
+        return self.node(node_id) if self.daemon_alive(node_id, incarnation) else None
+
+    def clients(self, node_id: NodeId | None = None) -> list[SimClient]:
+        return [c for c in self._clients.values() if node_id is None or c.node == node_id]
+
+    def connect(self, node_id: NodeId, name: str, *, reading: bool = True) -> SimClient:
+        """A new client of daemon `node_id`: it connects and sends its HELLO."""
+        conn = next(self._conn_ids)
+        client = SimClient(self, node_id, conn, self.sim.incarnation(node_id), name, reading)
+        self._clients[(node_id, conn)] = client
+        self.sim.act(node_id, lambda d, now: d.client_connected(conn, now))
+        client.send(Hello(name))
+        return client
+
+    def resume_writing(self, client: SimClient) -> None:
+        """The client's socket has room: hand it the backlog a chunk at a time, while it
+        keeps room (what the runtime pump does on asyncio's resume_writing)."""
+        node = self.live_node(client.node, client.incarnation)
+        while node is not None and not client.write_paused and not client.closed:
+            self.sim.act(client.node, lambda d, now: d.writing_resumed(client.conn, now))
+            if not node.wants_writing(client.conn):
+                return
+
+    def _observe(self, node_id: NodeId, effect: object, now: float) -> None:
+        match effect:
+            case ClientWrite(conn, data):
+                self._client(node_id, conn)._written(data)
+            case ClientReading(conn, paused):
+                self._client(node_id, conn)._reading(paused)
+            case ClientClose(conn, abort, last):
+                self._client(node_id, conn)._closed_by_daemon(abort, last)
+            case DaemonEvent():
+                self.events.append((node_id, now, effect))
+            case _:
+                kind = type(effect)
+                raise AssertionError(
+                    f"unknown effect {kind.__module__}.{kind.__qualname__} from daemon "
+                    f"{node_id}: the simulator has no case for it"
+                )
+
+    def _client(self, node_id: NodeId, conn: int) -> SimClient:
+        client = self._clients.get((node_id, conn))
+        if client is None:
+            raise AssertionError(f"daemon {node_id} wrote to connection {conn}, never opened")
+        return client
+
+
+def build_daemon_sim(
+    links: Sequence[GroupLink],
+    *,
+    seed: int,
+    policy: str = "shortest-path",
+    group_config: GroupConfig | None = None,
+    session_config: SessionConfig | None = None,
+    link: LinkConfig | None = None,
+    high_water: int = DEFAULT_HIGH_WATER,
+    secure: bool = True,
+) -> DaemonSim:
+    """Daemons over `links`, each a `DaemonNode` named ``d<id>``; links are encrypted, as
+    a daemon's are, unless `secure` is False. Bugs are not contained: an exception inside
+    a daemon fails the run."""
+    nodes = sorted({n for e in links for n in (e.a, e.b)})
+    neighbours: dict[int, dict[NodeId, Neighbour]] = {n: {} for n in nodes}
+    for e in links:
+        neighbours[e.a][NodeId(e.b)] = Neighbour(e.weight, e.bandwidth_bps)
+        neighbours[e.b][NodeId(e.a)] = Neighbour(e.weight, e.bandwidth_bps)
+    uploads = {NodeId(n): float("inf") for n in nodes}
+    allowed = frozenset((NodeId(min(e.a, e.b)), NodeId(max(e.a, e.b))) for e in links)
+    link_config = link or LinkConfig(heartbeat_interval=0.1, failure_rounds=5)
+    names = {NodeId(n): f"d{n}" for n in nodes}
+    sim = Simulator(seed=seed)
+    security = cluster_security(seed) if secure else None
+
+    def factory(node_id: NodeId, now: float, rng: random.Random) -> DaemonNode:
+        overlay = OverlayConfig(
+            neighbours=neighbours[node_id],
+            upload_bps=uploads,
+            link=link_config,
+            policy=policy,
+            allowed_links=allowed,
+        )
+        return DaemonNode(
+            node_id,
+            DaemonNodeConfig(names[node_id], write_chunk=high_water),
+            overlay,
+            incarnation=sim.incarnation(node_id) + 1,
+            rng=rng,
+            wall_clock=lambda: sim.now,
+            group=group_config,
+            sessions=session_config,
+            security=None if security is None else security(rng),
+            names=names,
+            contain_bugs=False,
+        )
+
+    def start(node: DaemonNode, now: float) -> list[object]:
+        return list(node.start(now))
+
+    for n in nodes:
+        sim.add_node(NodeId(n), factory, start=start)
+    for e in links:
+        sim.add_link(NodeId(e.a), NodeId(e.b), e.model)
+    return DaemonSim(sim, high_water)
