@@ -244,6 +244,7 @@ def build_daemon_sim(
     session_config: SessionConfig | None = None,
     link: LinkConfig | None = None,
     high_water: int = DEFAULT_HIGH_WATER,
+    probe_interval: float | None = None,
     secure: bool = True,
 ) -> DaemonSim:
     """Daemons over `links`, each a `DaemonNode` named ``d<id>``; links are encrypted, as
@@ -271,7 +272,7 @@ def build_daemon_sim(
         )
         return DaemonNode(
             node_id,
-            DaemonNodeConfig(names[node_id], write_chunk=high_water),
+            DaemonNodeConfig(names[node_id], probe_interval, write_chunk=high_water),
             overlay,
             incarnation=sim.incarnation(node_id) + 1,
             rng=rng,
