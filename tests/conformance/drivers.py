@@ -174,7 +174,7 @@ class RealDriver:
 
     async def wait_for(self, condition: Callable[[], bool], what: str) -> None:
         async with asyncio.timeout(WAIT):
-            while not condition():
+            while not condition():  # noqa: ASYNC110 - state of another object, no event to wait on
                 await asyncio.sleep(0.01)
 
     async def pause(self, seconds: float) -> None:

@@ -142,7 +142,9 @@ def test_a_layer_that_raises_is_contained_and_counted(monkeypatch: pytest.Monkey
     monkeypatch.setattr(node.sessions, "connected", broken)
     effects = node.client_connected(1, now)
     bugs = [e for e in effects if isinstance(e, DaemonEvent) and e.name == "bug_contained"]
-    assert len(bugs) == 1 and bugs[0].level == "error" and "boom" in str(bugs[0].fields["error"])
+    assert len(bugs) == 1
+    assert bugs[0].level == "error"
+    assert "boom" in str(bugs[0].fields["error"])
     assert node.statistics().internal_errors == 1
     strict = lone_daemon(contain_bugs=False)
     settle(strict, 1.0)
@@ -164,7 +166,8 @@ def test_unknown_effects_are_counted_once_logged_or_fail_in_strict_mode(
     monkeypatch.setattr(node.sessions, "connected", lambda *_a, **_k: [Novel(1), Novel(2)])
     effects = node.client_connected(1, now)
     events = [e for e in effects if isinstance(e, DaemonEvent) and e.name == "unknown_effect"]
-    assert len(events) == 1 and "Novel" in str(events[0].fields["effect"])
+    assert len(events) == 1
+    assert "Novel" in str(events[0].fields["effect"])
     assert node.statistics().unknown_effects == 2
     strict = lone_daemon(contain_bugs=False)
     settle(strict, 1.0)
@@ -187,7 +190,9 @@ def test_overlay_data_goes_to_the_protocol_its_header_names() -> None:
     assert stats.probes_malformed == 1
     assert stats.probes_received >= 2  # probe_interval 0.2 s since the view formed
     probes = [e for n, _, e in dsim.events if n == 2 and e.name == "probe_received"]
-    assert probes and probes[0].fields["source"] == 1 and probes[0].fields["hops"] == 1
+    assert probes
+    assert probes[0].fields["source"] == 1
+    assert probes[0].fields["hops"] == 1
     with pytest.raises(FrozenInstanceError):
         stats.probes_received = 0  # type: ignore[misc]
 
@@ -218,7 +223,8 @@ def test_a_slow_clients_backlog_is_handed_out_a_chunk_at_a_time() -> None:
         if drained:
             break
         assert streams.wants_writing(1)
-    assert written == b"a" * 60 + b"b" * 300 and rounds >= 3
+    assert written == b"a" * 60 + b"b" * 300
+    assert rounds >= 3
     streams.write(1, b"c")
     assert streams.flush() == [ClientWrite(1, b"c")]  # no longer slow
 
