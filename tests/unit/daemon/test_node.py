@@ -172,7 +172,7 @@ def test_unknown_effects_are_counted_once_logged_or_fail_in_strict_mode(
     strict = lone_daemon(contain_bugs=False)
     settle(strict, 1.0)
     monkeypatch.setattr(strict.sessions, "connected", lambda *_a, **_k: [Novel(1)])
-    with pytest.raises(AssertionError, match="unknown effect .*Novel"):
+    with pytest.raises(AssertionError, match=r"unknown effect .*Novel"):
         strict.client_connected(1, now)
 
 
