@@ -420,11 +420,16 @@ class DaemonNode:
 
     def _apply_sessions(self, effects: Iterable[SessionEffect], out: list[DaemonEffect]) -> None:
         for effect in effects:
+            if isinstance(effect, SendBytes):
+                self.clients.write(effect.conn, effect.data)
+                continue
+            if isinstance(effect, Broadcast):
+                self._broadcast(effect.dests, effect.payload, out)
+                continue
+            # what the clients were sent goes out before what follows it (a view's last
+            # deliveries before the event of the next view, a reply before a close)
+            out.extend(self.clients.flush())
             match effect:
-                case SendBytes(conn, data):
-                    self.clients.write(conn, data)
-                case Broadcast(dests, payload):
-                    self._broadcast(dests, payload, out)
                 case CloseConnection(conn, abort, last):
                     self._close(conn, abort, last, out)
                 case ClientConnected(conn, name, version):

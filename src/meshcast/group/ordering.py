@@ -257,6 +257,12 @@ class GroupEngine:
         """Messages held back now (bounded by `max_held_messages`)."""
         return self._state.held() if self._state is not None else 0
 
+    def memory(self) -> int:
+        """Bytes held for others: copies retained until stable (messages held back for
+        order are among them) and messages of a view not installed here yet."""
+        future = sum(len(raw) for _, _, raw in self._future)
+        return future if self._state is None else future + self._state.retained.total_bytes
+
     def can_submit(self) -> bool:
         """Would a local message be taken now? False while our own copies not yet held
         everywhere fill the window, or the flush queue is full. (A slow `block` member
