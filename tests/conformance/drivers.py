@@ -15,7 +15,8 @@ from typing import Protocol
 
 from meshcast.config import load_config
 from meshcast.ids import NodeId
-from meshcast.runtime.daemon import ClientListen, OverlayDaemon
+from meshcast.runtime.daemon import OverlayDaemon
+from meshcast.runtime.endpoints import ClientListen
 from meshcast.sim.daemon import DaemonSim, SimClient, build_daemon_sim
 from meshcast.sim.group import GroupLink
 from meshcast.sim.network import LinkModel

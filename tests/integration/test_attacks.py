@@ -29,7 +29,7 @@ import meshcast
 from meshcast.config import load_config
 from meshcast.errors import UsageError
 from meshcast.ids import NodeId
-from meshcast.runtime.daemon import daemon_address
+from meshcast.runtime.endpoints import daemon_address
 from meshcast.runtime.local_cluster import free_udp_ports
 from meshcast.wire.client import Message, ServiceLevel
 from meshcast.wire.group import GroupData, encode_group

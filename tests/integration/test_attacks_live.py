@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshcast.config import load_config
-from meshcast.runtime.daemon import daemon_address
+from meshcast.runtime.endpoints import daemon_address
 from meshcast.wire.packet import FLAG_AUTH, HEADER_SIZE, PacketType
 
 from .attack_helpers import (

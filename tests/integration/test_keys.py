@@ -25,7 +25,8 @@ import pytest
 import pytest_asyncio
 
 from meshcast.config import load_config
-from meshcast.runtime.daemon import ClientListen, OverlayDaemon
+from meshcast.runtime.daemon import OverlayDaemon
+from meshcast.runtime.endpoints import ClientListen
 from meshcast.runtime.keyfile import new_key, read_key_file, write_key_file
 from meshcast.runtime.local_cluster import free_udp_ports
 from meshcast.runtime.logs import EVENTS_LOGGER

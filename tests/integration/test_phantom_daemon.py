@@ -25,7 +25,7 @@ import meshcast
 from meshcast.config import load_config
 from meshcast.daemon.config import membership_link_config
 from meshcast.ids import NodeId
-from meshcast.runtime.daemon import daemon_address
+from meshcast.runtime.endpoints import daemon_address
 from meshcast.runtime.udp import UdpLinkDriver, link_security, secure_link_factory
 from meshcast.wire.client import Message
 from meshcast.wire.overlay import Lsa, LsaEntry, encode_lsa

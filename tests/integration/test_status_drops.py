@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from meshcast.config import load_config
-from meshcast.runtime.daemon import daemon_address
+from meshcast.runtime.endpoints import daemon_address
 from meshcast.wire.packet import Header, Heartbeat, HeartbeatKind, Packet, PacketType, encode
 
 from .daemon_helpers import DaemonProcess, host_of, run_command, write_cluster

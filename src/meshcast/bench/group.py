@@ -770,7 +770,7 @@ _COUNTERS = {
     "overlay_data_originated": ("overlay", "data_originated"),
     "group_repairs_sent": ("group", "repairs_sent"),
     "group_duplicates_dropped": ("group", "duplicates_dropped"),
-    "group_broadcasts_lost": ("", "group_broadcasts_lost"),
+    "group_broadcasts_lost": ("daemon", "group_broadcasts_lost"),
     "sessions_slow_disconnected": ("sessions", "slow_disconnected"),
     "internal_errors": ("", "internal_errors"),
 }

@@ -25,10 +25,9 @@ import secrets
 import signal
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from meshcast.config import ClusterConfig, DaemonSpec, Emulation, SecurityConfig
+from meshcast.config import ClusterConfig, SecurityConfig
 from meshcast.daemon import (
     ClientClose,
     ClientReading,
@@ -36,7 +35,6 @@ from meshcast.daemon import (
     DaemonEffect,
     DaemonEvent,
     DaemonNode,
-    DaemonNodeStats,
 )
 from meshcast.daemon.config import (
     daemon_names,
@@ -46,25 +44,26 @@ from meshcast.daemon.config import (
     session_config,
 )
 from meshcast.errors import ConfigError, MeshcastError, UsageError
-from meshcast.group import GroupStats
-from meshcast.group.access import AccessPolicy
-from meshcast.group.membership import MembershipStats
-from meshcast.group.sessions import SessionStats, SessionTable
+from meshcast.group.sessions import SessionTable
 from meshcast.ids import NodeId
-from meshcast.link import LinkStats, Transmit
-from meshcast.overlay.node import OverlayStats
+from meshcast.link import Transmit
+from meshcast.runtime.daemon_keys import DaemonKeys
 from meshcast.runtime.datagram import open_endpoint
-from meshcast.runtime.impair import ImpairedSender, Impairment
-from meshcast.runtime.keyfile import describe_keyring, load_keyring
+from meshcast.runtime.endpoints import (
+    ClientListen,
+    Neighbours,
+    check_clients,
+    daemon_address,
+    incarnation_now,
+)
+from meshcast.runtime.keyfile import describe_keyring
 from meshcast.runtime.logs import EventLog, NodeLogAdapter, RateLimiter
 from meshcast.runtime.memory import release_free_memory
 from meshcast.runtime.sessions import (
     ClientServer,
-    check_client_access,
     is_loopback,
-    socket_group_id,
 )
-from meshcast.runtime.stats import ImpairmentStats
+from meshcast.runtime.stats import DaemonStats
 from meshcast.runtime.timer import DeadlineTimer
 from meshcast.runtime.udp import (
     DEFAULT_SOCKET_BUFFER_BYTES,
@@ -74,98 +73,16 @@ from meshcast.runtime.udp import (
 )
 from meshcast.socket_paths import default_socket_path
 from meshcast.wire.keys import KeyRing
-from meshcast.wire.packet import U32_MAX
 
 log = logging.getLogger(__name__)
 
-INCARNATION_EPOCH = 1_704_067_200  # 2024-01-01T00:00:00Z: incarnations count from here
 DRAIN_TIMEOUT = 2.0  # s: on SIGTERM, wait at most this long for unacknowledged packets
 _QUARANTINE_INTERVAL = 0.05  # s: timer back-off after the node raised in on_timer
 INSECURE_WARNING_INTERVAL = 60.0  # s: how often a daemon without a key says so again
 # s: after a group view is installed, when to hand the flush's freed memory back to the
 # OS (by then the FLUSH is acknowledged and the old view's copies are gone)
 _RELEASE_AFTER_VIEW = 2.0
-_LOOPBACK = "127.0.0.1"  # what a configured "localhost" binds to and sends from
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-
-
-@dataclass(frozen=True, slots=True)
-class ClientListen:
-    """Where a daemon accepts client sessions (docs/design/daemon.md, "Client sessions")."""
-
-    # the Unix socket: None = the default path (`default_socket_path`), "" = no Unix socket
-    unix_path: str | None = None
-    tcp_port: int | None = None  # None: no TCP; 0: an ephemeral port (logged)
-    tcp_host: str = _LOOPBACK
-
-
-def check_clients(config: ClusterConfig, listen: ClientListen) -> tuple[AccessPolicy, int | None]:
-    """`[clients]` made ready for where the daemon will listen: the access policy (the
-    token file read now) and the socket group's id.
-
-    Raises `ConfigError` for an unreadable or unsafe token file, a TCP client port open
-    beyond loopback without tokens, or a ``socket_group`` that names no group here.
-    """
-    policy = config.clients.load_policy(config.source)
-    tcp_host = listen.tcp_host if listen.tcp_port is not None else None
-    check_client_access(tcp_host, policy.has_tokens, source=config.source)
-    group = config.clients.socket_group
-    return policy, None if group is None else socket_group_id(group, source=config.source)
-
-
-def incarnation_now(wall_clock: float | None = None) -> int:
-    """A u32 that grows with the wall clock (deciseconds since 2024): a restart is newer.
-
-    The link-state database keeps a daemon's newest LSA by (incarnation, seq), so a
-    restarted daemon must never come back with a smaller incarnation than before.
-    """
-    now = time.time() if wall_clock is None else wall_clock
-    return max(1, min(int((now - INCARNATION_EPOCH) * 10), U32_MAX))
-
-
-def daemon_address(spec: DaemonSpec) -> Address:
-    """The numeric (host, port) a daemon binds and sends from."""
-    host = _LOOPBACK if spec.host == "localhost" else spec.host
-    return host, spec.port
-
-
-def impairment_for(emulation: Emulation, local: int, peer: int) -> Impairment:
-    """The shim for one direction of an emulated edge (seeded by its two ends)."""
-    return Impairment(
-        loss=emulation.loss,
-        delay=emulation.delay,
-        jitter=emulation.jitter,
-        rate_bps=emulation.rate_bps,
-        seed=local * 1_000_003 + peer,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class DaemonStats:
-    """Counters of one daemon (a frozen snapshot, logged with ``daemon_stopped``)."""
-
-    datagrams_received: int = 0  # datagrams read from the socket
-    datagrams_sent: int = 0  # datagrams handed to the socket (or to an impairment shim)
-    foreign_dropped: int = 0  # from an address that is no configured neighbour's
-    unroutable_dropped: int = 0  # transmissions to a node that is not a neighbour
-    socket_errors: int = 0  # errors the socket reported (ICMP port unreachable, ...)
-    internal_errors: int = 0  # unexpected exceptions contained (the node's and the pump's)
-    unknown_effects: int = 0  # effects the pump has no case for (a bug), dropped
-    view_members: tuple[int, ...] | None = None  # members of the current view
-    daemon: DaemonNodeStats = field(default_factory=DaemonNodeStats)
-    sessions: SessionStats = field(default_factory=SessionStats)
-    group: GroupStats = field(default_factory=GroupStats)
-    membership: MembershipStats = field(default_factory=MembershipStats)
-    overlay: OverlayStats = field(default_factory=OverlayStats)
-    links: dict[NodeId, LinkStats] = field(default_factory=dict)  # per neighbour
-    impairment: dict[NodeId, ImpairmentStats] = field(default_factory=dict)  # emulated links
-
-    def as_dict(self) -> dict[str, object]:
-        """Plain JSON-ready form (peer ids become strings)."""
-        data = asdict(self)
-        data["links"] = {str(peer): asdict(stats) for peer, stats in self.links.items()}
-        data["impairment"] = {str(peer): asdict(stats) for peer, stats in self.impairment.items()}
-        return data
 
 
 class OverlayDaemon:
@@ -197,25 +114,20 @@ class OverlayDaemon:
         self.spec = config.daemon(name)
         self.local = NodeId(self.spec.node_id)
         self.probe_interval = probe_interval
-        # The key files are read before anything is bound: a daemon without a usable
-        # key (and not insecure) does not start (ConfigError naming the file).
-        ring = load_keyring(config.security, config.source)
-        self.keyring: KeyRing | None = ring  # None only when [security] insecure = true
+        # SIGHUP reloads the [security] section (the cluster file read again by the
+        # daemon command; by default the one the daemon started with)
+        self.keys = DaemonKeys(
+            config.security,
+            config.source,
+            reload_security=reload_security or (lambda: config.security),
+            install=lambda ring: self.node.set_keyring(ring),
+        )
         self.clients = clients if clients is not None else ClientListen()
         # before any socket is bound: the token file must be safe, a client port open
         # beyond loopback needs tokens, a socket group must exist (ConfigError)
         access, self._socket_group = check_clients(config, self.clients)
         self._names = daemon_names(config)
-        self._addresses: dict[NodeId, Address] = {}
-        self._by_address: dict[Address, NodeId] = {}
-        self._emulations: dict[NodeId, Emulation] = {}
-        for spec, link in config.neighbours(name):
-            peer = NodeId(spec.node_id)
-            address = daemon_address(spec)
-            self._addresses[peer] = address
-            self._by_address[address] = peer
-            if link.emulation is not None:
-                self._emulations[peer] = link.emulation
+        self.neighbours = Neighbours(config, name)
         try:
             settings = node_config(config, name, probe_interval=probe_interval)
         except ConfigError as exc:
@@ -229,23 +141,16 @@ class OverlayDaemon:
             wall_clock=time.time,
             group=config.group,
             sessions=session_config(config, access),
-            security=None if ring is None else link_security(ring),
+            security=None if self.keys.ring is None else link_security(self.keys.ring),
             names=self._names,
-            emulated=frozenset(self._emulations),
+            emulated=frozenset(self.neighbours.emulations),
             status=self._status,
         )
         self.events = EventLog(name, self.local)
         self._log = NodeLogAdapter(log, self.local)
-        # What SIGHUP reloads: the [security] section (the cluster file read again by
-        # the daemon command; by default the one the daemon started with).
-        self._reload_security = reload_security or (lambda: config.security)
         self._insecure_warning_interval = insecure_warning_interval
-        self._key_reloads = 0
-        self._key_reload_failures = 0
         self.client_server: ClientServer | None = None
         self._loop = asyncio.get_running_loop()
-        self._senders: dict[NodeId, Callable[[bytes, Address], None]] = {}
-        self._impaired: dict[NodeId, ImpairedSender] = {}
         self._transport: asyncio.DatagramTransport | None = None
         self._bound: Address = ("", 0)
         self._lost: asyncio.Future[None] = self._loop.create_future()
@@ -347,15 +252,7 @@ class OverlayDaemon:
     def _attach(self, transport: asyncio.DatagramTransport, sockname: tuple[str, int]) -> None:
         self._transport = transport
         self._bound = (sockname[0], sockname[1])
-        send: Callable[[bytes, Address], None] = transport.sendto
-        for peer in self._addresses:
-            emulation = self._emulations.get(peer)
-            if emulation is None:
-                self._senders[peer] = send
-            else:
-                shim = ImpairedSender(impairment_for(emulation, self.local, peer), send)
-                self._impaired[peer] = shim
-                self._senders[peer] = shim
+        self.neighbours.attach(transport.sendto)
 
     @property
     def address(self) -> Address:
@@ -379,7 +276,7 @@ class OverlayDaemon:
         self._log_start()
         self._feed("start", self.node.start)
         warnings = None
-        if self.keyring is None:
+        if self.keys.ring is None:
             warnings = asyncio.create_task(self._insecure_loop(self._insecure_warning_interval))
         try:
             await stop.wait()
@@ -430,18 +327,18 @@ class OverlayDaemon:
                     "name": self._names[peer],
                     "weight": overlay.neighbours[peer].weight,
                     "bandwidth_bps": overlay.neighbours[peer].bandwidth_bps,
-                    "emulated": peer in self._emulations,
+                    "emulated": peer in self.neighbours.emulations,
                 }
-                for peer in sorted(self._addresses)
+                for peer in self.neighbours.peers
             ],
             heartbeat_interval=overlay.link.heartbeat_interval,
             failure_timeout=failure_detection_bound(self.config),
             view_settle_interval=overlay.view_settle_interval,
             probe_interval=self.probe_interval,
         )
-        self.events.emit("security", mode=self.security_mode, keys=describe_keyring(self.keyring))
-        if self.keyring is None:
-            self._warn_insecure()
+        self.events.emit("security", mode=self.keys.mode, keys=describe_keyring(self.keys.ring))
+        if self.keys.ring is None:
+            self.keys.warn_insecure(self.events)
         server = self.client_server
         tcp = None if server is None else server.tcp_address
         self.events.emit(
@@ -463,8 +360,7 @@ class OverlayDaemon:
         self._timer.cancel()
         if self._release is not None:
             self._release.cancel()
-        for shim in self._impaired.values():
-            shim.close()
+        self.neighbours.close()
         if self._transport is not None:
             self._transport.close()
         elif not self._lost.done():
@@ -491,54 +387,26 @@ class OverlayDaemon:
     # ------------------------------------------------------------------ keys
 
     @property
+    def keyring(self) -> KeyRing | None:
+        """The key ring in use; None only when [security] insecure = true."""
+        return self.keys.ring
+
+    @property
     def security_mode(self) -> str:
-        """The security mode: "encrypted" with a key ring, "INSECURE" without."""
-        return "INSECURE" if self.keyring is None else "encrypted"
+        return self.keys.mode
 
     def reload_keys(self) -> bool:
-        """Read the key files again (what SIGHUP does); True if the new ring is in use.
-
-        On success the new ring replaces the old (``keys_reloaded``); on any failure the
-        daemon keeps the ring it has and goes on (``keys_reload_failed`` with the reason).
-        """
+        """Read the key files again (what SIGHUP does); True if the new ring is in use."""
         try:
-            security = self._reload_security()
-            if security.insecure != (self.keyring is None):
-                want = "insecure" if security.insecure else "encrypted"
-                raise ConfigError(
-                    f"the cluster file now asks for {want} mode; switching between "
-                    "insecure and encrypted needs a restart"
-                )
-            ring = load_keyring(security, self.config.source)
-        except Exception as exc:
-            # A bad file or edit must never stop a running daemon: it keeps its keys.
-            self._key_reload_failures += 1
-            if not isinstance(exc, ConfigError):
-                self._contain("reload_keys")
-            self.events.error(
-                "keys_reload_failed", reason=str(exc), keys=describe_keyring(self.keyring)
-            )
+            return self.keys.reload(self.events)
+        except Exception:
+            self._contain("reload_keys")
             return False
-        self._key_reloads += 1
-        self.keyring = ring
-        if ring is not None:
-            self.node.set_keyring(ring)
-        self.events.emit("keys_reloaded", mode=self.security_mode, keys=describe_keyring(ring))
-        return True
-
-    def _warn_insecure(self) -> None:
-        self.events.warning(
-            "insecure_warning",
-            message="INSECURE: this daemon neither encrypts nor authenticates its traffic "
-            "([security] insecure = true); anyone who can reach its port can read, forge "
-            "and inject messages. Create a key with `meshcast keygen FILE` and set "
-            '[security] key_file = "FILE" instead.',
-        )
 
     async def _insecure_loop(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            self._warn_insecure()
+            self.keys.warn_insecure(self.events)
 
     # ------------------------------------------------------------------ queries
 
@@ -567,19 +435,14 @@ class OverlayDaemon:
             membership=node.sessions.membership.statistics(),
             overlay=node.overlay.statistics(),
             links={peer: endpoint.link(peer).statistics() for peer in endpoint.peers},
-            impairment={peer: shim.statistics() for peer, shim in self._impaired.items()},
+            impairment=self.neighbours.impairment(),
         )
 
     def _status(self, now: float) -> Mapping[str, object]:
         """What only the process knows, for a STATUS report (the node adds the rest)."""
         stats = self.statistics()
         return {
-            "security": {
-                "mode": self.security_mode,
-                "keys": describe_keyring(self.keyring),
-                "key_reloads": self._key_reloads,
-                "key_reload_failures": self._key_reload_failures,
-            },
+            "security": self.keys.status(),
             "daemon": {
                 "uptime_seconds": round(max(0.0, now - self._opened_at), 3),
                 "cluster": self.config.name,
@@ -619,7 +482,7 @@ class OverlayDaemon:
         self._datagrams_received += 1
         if self._closed:
             return
-        peer = self._by_address.get((str(addr[0]), int(addr[1])))
+        peer = self.neighbours.peer_of(addr)
         if peer is None:
             self._foreign_dropped += 1
             if self._limiter.allows(self._foreign_dropped):
@@ -705,13 +568,10 @@ class OverlayDaemon:
             kind = type(effect)
             if kind is Transmit:
                 assert isinstance(effect, Transmit)
-                send = self._senders.get(effect.to)
-                address = self._addresses.get(effect.to)
-                if send is None or address is None or self._closed:
+                if not self._closed and self.neighbours.send(effect.to, effect.datagram):
+                    self._datagrams_sent += 1
+                else:
                     self._unroutable_dropped += 1
-                    continue
-                self._datagrams_sent += 1
-                send(effect.datagram, address)
             elif kind is ClientWrite:
                 assert isinstance(effect, ClientWrite)
                 if server is not None:

@@ -127,7 +127,8 @@ def _load(path: str | None) -> tuple[ClusterConfig, Callable[[], SecurityConfig]
 def daemon_command(args: argparse.Namespace) -> int:
     """Handler of ``meshcast daemon``: returns the exit status."""
     from meshcast.daemon.config import overlay_config
-    from meshcast.runtime.daemon import ClientListen, run_daemon
+    from meshcast.runtime.daemon import run_daemon
+    from meshcast.runtime.endpoints import ClientListen
     from meshcast.runtime.logs import configure_logging
     from meshcast.runtime.loop import run
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from meshcast.daemon import DaemonNodeStats
+from meshcast.group import GroupStats
+from meshcast.group.membership import MembershipStats
+from meshcast.group.sessions import SessionStats
 from meshcast.ids import NodeId
 from meshcast.link.events import LinkStats
+from meshcast.overlay.node import OverlayStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,4 +49,32 @@ class DriverStats:
         """Plain JSON-ready form (peer ids become strings)."""
         data = asdict(self)
         data["links"] = {str(peer): asdict(stats) for peer, stats in self.links.items()}
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonStats:
+    """Counters of one daemon (a frozen snapshot, logged with ``daemon_stopped``)."""
+
+    datagrams_received: int = 0  # datagrams read from the socket
+    datagrams_sent: int = 0  # datagrams handed to the socket (or to an impairment shim)
+    foreign_dropped: int = 0  # from an address that is no configured neighbour's
+    unroutable_dropped: int = 0  # transmissions to a node that is not a neighbour
+    socket_errors: int = 0  # errors the socket reported (ICMP port unreachable, ...)
+    internal_errors: int = 0  # unexpected exceptions contained (the node's and the pump's)
+    unknown_effects: int = 0  # effects the pump has no case for (a bug), dropped
+    view_members: tuple[int, ...] | None = None  # members of the current view
+    daemon: DaemonNodeStats = field(default_factory=DaemonNodeStats)
+    sessions: SessionStats = field(default_factory=SessionStats)
+    group: GroupStats = field(default_factory=GroupStats)
+    membership: MembershipStats = field(default_factory=MembershipStats)
+    overlay: OverlayStats = field(default_factory=OverlayStats)
+    links: dict[NodeId, LinkStats] = field(default_factory=dict)  # per neighbour
+    impairment: dict[NodeId, ImpairmentStats] = field(default_factory=dict)  # emulated links
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain JSON-ready form (peer ids become strings)."""
+        data = asdict(self)
+        data["links"] = {str(peer): asdict(stats) for peer, stats in self.links.items()}
+        data["impairment"] = {str(peer): asdict(stats) for peer, stats in self.impairment.items()}
         return data

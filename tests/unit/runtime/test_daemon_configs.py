@@ -10,7 +10,8 @@ import pytest
 from meshcast.config import parse_config
 from meshcast.daemon.config import overlay_config
 from meshcast.group import GroupConfig
-from meshcast.runtime.daemon import ClientListen, OverlayDaemon
+from meshcast.runtime.daemon import OverlayDaemon
+from meshcast.runtime.endpoints import ClientListen
 
 CLUSTER = """
 [[sites]]
