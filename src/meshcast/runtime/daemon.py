@@ -1,13 +1,11 @@
-"""The daemon on real sockets: what `meshcast daemon --config FILE --name NAME` runs.
+"""The daemon as a process: what `meshcast daemon --config FILE --name NAME` runs.
 
-Theory of operation: docs/design/daemon.md. `OverlayDaemon` is a pump around one
-`DaemonNode` (meshcast.daemon: the overlay, the group layers and the client sessions, all
-sans-I/O). It feeds the node each input — a datagram (mapped from its source address to
-a neighbour), a client connection's events, the timer — applies the effects that come
-back (datagrams to the UDP socket, bytes and closes to client sockets, reading paused or
-resumed, events to the log), and re-arms one timer from `DaemonNode.next_deadline()`,
-once per loop iteration. Besides the pump it owns what only a process has: the sockets,
-the key files (SIGHUP reloads them), the clock, and the life cycle (start, drain, stop).
+Theory of operation: docs/design/daemon.md. `OverlayDaemon` builds one `DaemonNode`
+(meshcast.daemon: the overlay, the group layers and the client sessions, all sans-I/O)
+from the cluster file and drives it with a `DaemonPump` (runtime/pump.py: feed an input,
+apply the effects, re-arm one timer). Around them it owns what only a process has: the
+UDP and client sockets, the key files (SIGHUP reloads them), the life cycle (start,
+drain, stop) and the status sections only a process knows (address, pid, uptime).
 
 Events are logged by `meshcast.runtime.logs` (JSON lines or readable lines).
 `run_daemon` is the whole life of one daemon: bind, start, serve until SIGTERM or SIGINT
@@ -29,11 +27,6 @@ from pathlib import Path
 
 from meshcast.config import ClusterConfig, SecurityConfig
 from meshcast.daemon import (
-    ClientClose,
-    ClientReading,
-    ClientWrite,
-    DaemonEffect,
-    DaemonEvent,
     DaemonNode,
 )
 from meshcast.daemon.config import (
@@ -46,7 +39,6 @@ from meshcast.daemon.config import (
 from meshcast.errors import ConfigError, MeshcastError, UsageError
 from meshcast.group.sessions import SessionTable
 from meshcast.ids import NodeId
-from meshcast.link import Transmit
 from meshcast.runtime.daemon_keys import DaemonKeys
 from meshcast.runtime.datagram import open_endpoint
 from meshcast.runtime.endpoints import (
@@ -57,14 +49,13 @@ from meshcast.runtime.endpoints import (
     incarnation_now,
 )
 from meshcast.runtime.keyfile import describe_keyring
-from meshcast.runtime.logs import EventLog, NodeLogAdapter, RateLimiter
-from meshcast.runtime.memory import release_free_memory
+from meshcast.runtime.logs import EventLog, NodeLogAdapter
+from meshcast.runtime.pump import DaemonPump
 from meshcast.runtime.sessions import (
     ClientServer,
     is_loopback,
 )
 from meshcast.runtime.stats import DaemonStats
-from meshcast.runtime.timer import DeadlineTimer
 from meshcast.runtime.udp import (
     DEFAULT_SOCKET_BUFFER_BYTES,
     Address,
@@ -77,12 +68,7 @@ from meshcast.wire.keys import KeyRing
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 2.0  # s: on SIGTERM, wait at most this long for unacknowledged packets
-_QUARANTINE_INTERVAL = 0.05  # s: timer back-off after the node raised in on_timer
 INSECURE_WARNING_INTERVAL = 60.0  # s: how often a daemon without a key says so again
-# s: after a group view is installed, when to hand the flush's freed memory back to the
-# OS (by then the FLUSH is acknowledged and the old view's copies are gone)
-_RELEASE_AFTER_VIEW = 2.0
-_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 class OverlayDaemon:
@@ -148,6 +134,7 @@ class OverlayDaemon:
         )
         self.events = EventLog(name, self.local)
         self._log = NodeLogAdapter(log, self.local)
+        self.pump = DaemonPump(self.node, self.neighbours, self.events, self._log)
         self._insecure_warning_interval = insecure_warning_interval
         self.client_server: ClientServer | None = None
         self._loop = asyncio.get_running_loop()
@@ -158,23 +145,7 @@ class OverlayDaemon:
         self._stop: asyncio.Event | None = None
         self._stop_reason = "stop requested"
         self._closed = False
-        self._clock = 0.0
-        self._timer = DeadlineTimer(self._loop, self._on_timer)
-        self._release: asyncio.TimerHandle | None = None  # release_free_memory, pending
-        self._settle_pending = False
-        self._draining = False
-        self._drained = asyncio.Event()
         self._opened_at = self._loop.time()
-        self._limiter = RateLimiter()
-        self._logged_unknown: set[type] = set()
-        # counters (reported by `statistics()`)
-        self._datagrams_received = 0
-        self._datagrams_sent = 0
-        self._foreign_dropped = 0
-        self._unroutable_dropped = 0
-        self._socket_errors = 0
-        self._internal_errors = 0
-        self._unknown_effects = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -208,8 +179,8 @@ class OverlayDaemon:
         transport, sockname = await open_endpoint(
             daemon._loop,
             sock,
-            daemon._on_datagram,
-            daemon._on_socket_error,
+            daemon.pump.datagram_received,
+            daemon.pump.socket_error,
             daemon._on_connection_lost,
         )
         daemon._attach(transport, sockname)
@@ -221,8 +192,8 @@ class OverlayDaemon:
         return daemon
 
     async def _open_clients(self) -> None:
-        server = ClientServer(self)
-        self.client_server = server
+        server = ClientServer(self.pump)
+        self.client_server = self.pump.client_server = server
         listen = self.clients
         if listen.unix_path == "":
             pass
@@ -274,7 +245,7 @@ class OverlayDaemon:
         """Start the node, serve until `stop` is set, then drain and close."""
         self._stop = stop
         self._log_start()
-        self._feed("start", self.node.start)
+        self.pump.feed("start", self.node.start)
         warnings = None
         if self.keys.ring is None:
             warnings = asyncio.create_task(self._insecure_loop(self._insecure_warning_interval))
@@ -294,11 +265,11 @@ class OverlayDaemon:
         started = self._loop.time()
         # ERROR SHUTTING_DOWN to the clients, then tell the other daemons we leave and
         # wait (at most DRAIN_TIMEOUT) until every live link has everything acknowledged
-        self._feed("leave", self.node.leave)
+        self.pump.feed("leave", self.node.leave)
         if self.client_server is not None:
             self.client_server.flush()
             await self.client_server.aclose()
-        drained = self._failure is None and await self._drain(DRAIN_TIMEOUT)
+        drained = self._failure is None and await self.pump.drained(DRAIN_TIMEOUT)
         drain_seconds = self._loop.time() - started
         stats = self.statistics()
         await self.aclose()
@@ -357,9 +328,7 @@ class OverlayDaemon:
         if self._closed:
             return
         self._closed = True
-        self._timer.cancel()
-        if self._release is not None:
-            self._release.cancel()
+        self.pump.close()
         self.neighbours.close()
         if self._transport is not None:
             self._transport.close()
@@ -373,16 +342,14 @@ class OverlayDaemon:
             await self.client_server.aclose()
         await asyncio.shield(self._lost)
 
-    async def _drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - the bound is the point
-        self._draining = True
-        if self.node.is_drained():
-            return True
-        try:
-            async with asyncio.timeout(timeout):
-                await self._drained.wait()
-        except TimeoutError:
-            return False
-        return True
+    def _on_connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self._failure = f"UDP socket closed unexpectedly: {exc}"
+            self._log.error("%s", self._failure)
+            self.close()
+            self.request_stop("socket lost")
+        if not self._lost.done():
+            self._lost.set_result(None)
 
     # ------------------------------------------------------------------ keys
 
@@ -400,7 +367,7 @@ class OverlayDaemon:
         try:
             return self.keys.reload(self.events)
         except Exception:
-            self._contain("reload_keys")
+            self.pump.contain("reload_keys")
             return False
 
     async def _insecure_loop(self, interval: float) -> None:
@@ -420,14 +387,15 @@ class OverlayDaemon:
         endpoint = node.overlay.endpoint
         view = node.overlay.view
         daemon = node.statistics()
+        pump = self.pump.statistics()
         return DaemonStats(
-            datagrams_received=self._datagrams_received,
-            datagrams_sent=self._datagrams_sent,
-            foreign_dropped=self._foreign_dropped,
-            unroutable_dropped=self._unroutable_dropped,
-            socket_errors=self._socket_errors,
-            internal_errors=self._internal_errors + daemon.internal_errors,
-            unknown_effects=self._unknown_effects + daemon.unknown_effects,
+            datagrams_received=pump.datagrams_received,
+            datagrams_sent=pump.datagrams_sent,
+            foreign_dropped=pump.foreign_dropped,
+            unroutable_dropped=pump.unroutable_dropped,
+            socket_errors=pump.socket_errors,
+            internal_errors=pump.internal_errors + daemon.internal_errors,
+            unknown_effects=pump.unknown_effects + daemon.unknown_effects,
             view_members=None if view is None else tuple(int(m) for m in view.members),
             daemon=daemon,
             sessions=node.sessions.statistics(),
@@ -463,218 +431,6 @@ class OverlayDaemon:
                 }
             },
         }
-
-    # ------------------------------------------------------------------ inputs
-
-    def _feed(self, where: str, feed: Callable[[float], list[DaemonEffect]]) -> None:
-        """One input of the node: run it, apply its effects, settle after the burst."""
-        if self._closed:
-            return
-        try:
-            effects = feed(self._now())
-        except Exception:
-            self._contain(where)
-        else:
-            self._apply(effects)
-        self._settle()
-
-    def _on_datagram(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self._datagrams_received += 1
-        if self._closed:
-            return
-        peer = self.neighbours.peer_of(addr)
-        if peer is None:
-            self._foreign_dropped += 1
-            if self._limiter.allows(self._foreign_dropped):
-                self._log.debug(
-                    "drop datagram of %d bytes from unknown address %s", len(data), addr
-                )
-            return
-        self._feed("datagram_received", lambda now: self.node.datagram_received(peer, data, now))
-
-    def _on_timer(self) -> None:
-        now = self._now(self._timer.fired_at())
-        if self._closed:
-            return
-        try:
-            effects = self.node.on_timer(now)
-        except Exception:
-            self._contain("on_timer")
-            self._timer.quarantine_until = now + _QUARANTINE_INTERVAL
-        else:
-            self._apply(effects)
-        self._settle()
-
-    def _on_socket_error(self, exc: Exception) -> None:
-        # ICMP port unreachable while a neighbour is down: expected, counted, rarely logged.
-        self._socket_errors += 1
-        if self._limiter.allows(self._socket_errors):
-            self._log.debug("socket error: %s", exc)
-
-    def _on_connection_lost(self, exc: Exception | None) -> None:
-        if not self._closed:
-            self._failure = f"UDP socket closed unexpectedly: {exc}"
-            self._log.error("%s", self._failure)
-            self.close()
-            self.request_stop("socket lost")
-        if not self._lost.done():
-            self._lost.set_result(None)
-
-    # client connections (`ClientEvents`: called by the client server)
-
-    def client_connected(self, conn: int, *, remote: bool) -> None:
-        self._feed(
-            "client_connected",
-            lambda now: self.node.client_connected(conn, now, remote=remote),
-        )
-
-    def client_data(self, conn: int, data: bytes) -> None:
-        self._feed("client_data", lambda now: self.node.client_data(conn, data, now))
-
-    def client_lost(self, conn: int) -> None:
-        self._feed("client_lost", lambda now: self.node.client_lost(conn, now))
-
-    def writing_paused(self, conn: int) -> None:
-        try:
-            self.node.writing_paused(conn)
-        except Exception:
-            self._contain("writing_paused")
-
-    def writing_resumed(self, conn: int) -> None:
-        # The node hands the backlog out a chunk at a time; each is written at once, so
-        # the socket can pause us again (`writing_paused`) before the next is asked for.
-        # Bounded: every round takes a chunk from the backlog or ends it.
-        while not self._closed:
-            try:
-                effects = self.node.writing_resumed(conn, self._now())
-            except Exception:
-                self._contain("writing_resumed")
-                break
-            server = self.client_server
-            for effect in effects:
-                if type(effect) is ClientWrite and effect.conn == conn and server is not None:
-                    server.write_now(conn, effect.data)
-                else:
-                    self._apply([effect])
-            self._settle()
-            if not self.node.wants_writing(conn):
-                break
-
-    # ------------------------------------------------------------------ effects
-
-    def _apply(self, effects: list[DaemonEffect]) -> None:
-        server = self.client_server
-        for effect in effects:
-            kind = type(effect)
-            if kind is Transmit:
-                assert isinstance(effect, Transmit)
-                if not self._closed and self.neighbours.send(effect.to, effect.datagram):
-                    self._datagrams_sent += 1
-                else:
-                    self._unroutable_dropped += 1
-            elif kind is ClientWrite:
-                assert isinstance(effect, ClientWrite)
-                if server is not None:
-                    server.send(effect.conn, effect.data)
-            elif kind is DaemonEvent:
-                assert isinstance(effect, DaemonEvent)
-                self._on_event(effect)
-            elif kind is ClientReading:
-                assert isinstance(effect, ClientReading)
-                if server is not None:
-                    server.set_reading(effect.conn, effect.paused)
-            elif kind is ClientClose:
-                assert isinstance(effect, ClientClose)
-                if server is not None:
-                    server.close_connection(effect.conn, effect.abort, effect.last)
-            else:
-                self._unknown(effect)
-
-    def _on_event(self, event: DaemonEvent) -> None:
-        if event.name == "bug_contained":
-            self._log_bug(event)
-            return
-        if event.name == "group_view":
-            self._schedule_release()
-        try:
-            self.events.log(_LEVELS[event.level], event.name, dict(event.fields))
-        except Exception:
-            self._contain(f"logging {event.name}")
-
-    def _log_bug(self, event: DaemonEvent) -> None:
-        count = event.fields.get("count", 0)
-        if isinstance(count, int) and self._limiter.allows(count):
-            self._log.error(
-                "bug contained: a layer raised in %s (%s so far): %s\n%s",
-                event.fields.get("where"),
-                count,
-                event.fields.get("error"),
-                event.fields.get("traceback"),
-            )
-
-    def _unknown(self, effect: object) -> None:
-        self._unknown_effects += 1
-        kind = type(effect)
-        if kind not in self._logged_unknown:  # bounded by the classes in the program
-            self._logged_unknown.add(kind)
-            self._log.error(
-                "bug: unknown effect %s.%s dropped (counted in unknown_effects; logged once "
-                "per type)",
-                kind.__module__,
-                kind.__qualname__,
-            )
-
-    def _schedule_release(self) -> None:
-        """`release_free_memory` once, _RELEASE_AFTER_VIEW after the latest view."""
-        if self._release is not None:
-            self._release.cancel()
-        self._release = self._loop.call_later(_RELEASE_AFTER_VIEW, self._release_now)
-
-    def _release_now(self) -> None:
-        self._release = None
-        if not self._closed:
-            release_free_memory()
-
-    # ------------------------------------------------------------------ timer
-
-    def _settle(self) -> None:
-        """After an input: settle once the loop has run every callback now ready, so a
-        burst of datagrams or client frames costs one deadline scan, not one each."""
-        if self._settle_pending or self._closed:
-            return
-        self._settle_pending = True
-        self._loop.call_soon(self._settle_now)
-
-    def _settle_now(self) -> None:
-        """Write what the clients were sent, re-arm the one timer, note a finished drain."""
-        self._settle_pending = False
-        if self._closed:
-            return
-        if self.client_server is not None:
-            self.client_server.flush()
-        try:
-            deadline = self.node.next_deadline()
-        except Exception:
-            self._contain("next_deadline")
-            deadline = self._now() + _QUARANTINE_INTERVAL
-        self._timer.arm(deadline)
-        if self._draining and not self._drained.is_set() and self.node.is_drained():
-            self._drained.set()
-
-    def _now(self, at_least: float = 0.0) -> float:
-        """The loop clock, never going backwards (a timer may pass its deadline as now)."""
-        now = max(self._loop.time(), at_least)
-        if now > self._clock:
-            self._clock = now
-        return self._clock
-
-    def _contain(self, where: str) -> None:
-        """The bulkhead: log the unexpected exception and keep serving."""
-        self._internal_errors += 1
-        if self._limiter.allows(self._internal_errors):
-            self._log.exception(
-                "bug contained: the daemon raised in %s (%d so far)", where, self._internal_errors
-            )
 
 
 # ---------------------------------------------------------------------- entry point
