@@ -141,6 +141,8 @@ def _drop_lines(counters: Mapping[str, Any]) -> list[str]:
         parts.append(f"{_count(links.get('total'))} datagrams on links ({_causes(links)})")
     named = [
         (daemon, "foreign_dropped", "datagrams from unknown addresses"),
+        (daemon, "unknown_upper_dropped", "overlay messages for a protocol this daemon lacks"),
+        (daemon, "probes_malformed", "malformed probes"),
         (overlay, "lsas_unknown_dropped", "LSAs of unknown daemons"),
         (overlay, "lsas_bad_link_dropped", "LSAs claiming unconfigured links"),
         (sessions, "handshake_bad_frames", "bad frames before HELLO"),

@@ -237,7 +237,7 @@ def test_the_table_shows_each_links_drops_by_cause_and_one_line_of_all_drops() -
         ],
         "counters": {
             "links": {**dropped, "duplicates": 0, "total": 10},
-            "daemon": {"foreign_dropped": 4},
+            "daemon": {"foreign_dropped": 4, "unknown_upper_dropped": 3},
             "overlay": {"lsas_unknown_dropped": 1, "lsas_bad_link_dropped": 0},
             "sessions": {"handshake_timeouts": 2},
         },
@@ -249,7 +249,8 @@ def test_the_table_shows_each_links_drops_by_cause_and_one_line_of_all_drops() -
     assert not any(line.startswith("  dropped from D3") for line in lines)
     assert (
         "dropped: 10 datagrams on links (malformed 5, wrong sender 3, stale epoch 2); "
-        "4 datagrams from unknown addresses; 1 LSAs of unknown daemons; 2 handshake timeouts"
+        "4 datagrams from unknown addresses; 3 overlay messages for a protocol this daemon "
+        "lacks; 1 LSAs of unknown daemons; 2 handshake timeouts"
     ) in lines
     assert "dropped: nothing" in format_status({}).splitlines()
 
