@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import get_args
 
 from meshcast.group import Broadcast, GroupConfig, GroupEffect, GroupEngine
@@ -25,7 +24,7 @@ from meshcast.overlay.node import (
     OverlayNode,
     ViewInstalled,
 )
-from meshcast.sim.network import LinkModel
+from meshcast.sim.daemon import GroupLink
 from meshcast.sim.overlay import cluster_security
 from meshcast.sim.simulator import Simulator
 from meshcast.wire.client import ServiceLevel
@@ -121,15 +120,6 @@ def _check_known(effect: object, known: tuple[type, ...], layer: str) -> None:
             f"unknown {layer} effect {kind.__module__}.{kind.__qualname__}: "
             f"GroupDaemon has no case for it"
         )
-
-
-@dataclass(frozen=True, slots=True)
-class GroupLink:
-    a: int
-    b: int
-    model: LinkModel  # the emulated network between them (loss, delay, jitter, reorder)
-    weight: float = 1.0
-    bandwidth_bps: float = 100e6  # what the daemons advertise
 
 
 def build_group_sim(
