@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -215,7 +214,7 @@ def check_fifo(run: Run) -> None:
 def check_causal(run: Run, family: tuple[S, ...]) -> int:
     """If a client sent m2 after sending or getting m1 (transitively), every client
     getting both gets m1 first. Messages of `family` only. Returns pairs checked."""
-    deps = causes(run.group.timeline, lambda hid: run.group.sent[hid].service in family)
+    deps = run.group.causal_past(lambda hid: run.group.sent[hid].service in family)
     checked = 0
     for node in run.nodes:
         order = {
@@ -228,38 +227,6 @@ def check_causal(run: Run, family: tuple[S, ...]) -> int:
                     if order[dep] > pos:
                         run.fail(f"daemon {node} delivered {hid} before its cause {dep}")
     return checked
-
-
-def causes(
-    timeline: dict[Process, list[tuple[str, object]]], counts: Callable[[int], bool]
-) -> dict[int, frozenset[int]]:
-    """Each message's causal past among those `counts` accepts: what its sender had sent
-    or got before sending it, transitively through what those messages' senders had."""
-    deps: dict[int, frozenset[int]] = {}
-    pending = {
-        p: [(k, int(h)) for k, h in line if k in ("send", "deliver")]  # type: ignore[call-overload]
-        for p, line in timeline.items()
-    }
-    past: dict[Process, set[int]] = {p: set() for p in pending}
-    progress = True
-    while progress:  # a delivery needs its message's past known first
-        progress = False
-        for p, items in pending.items():
-            while items:
-                kind, hid = items[0]
-                if not counts(hid):
-                    items.pop(0)
-                    continue
-                if kind == "send":
-                    deps[hid] = frozenset(past[p])
-                    past[p].add(hid)
-                elif hid in deps:
-                    past[p] |= deps[hid] | {hid}
-                else:
-                    break  # its sender's timeline has not been replayed that far yet
-                items.pop(0)
-                progress = True
-    return deps
 
 
 def check_total_order(run: Run) -> None:

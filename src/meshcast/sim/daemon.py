@@ -18,7 +18,7 @@ import itertools
 import random
 import struct
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from meshcast.daemon import (
@@ -469,6 +469,32 @@ class GroupClients:
                     member.discard(group)
             out.append((entry, frozenset(member)))
         return out
+
+    def causal_past(self, counts: Callable[[int], bool]) -> dict[int, frozenset[int]]:
+        """Each sent message's causal past among those `counts` accepts: what its client
+        had sent or got before sending it, transitively through the pasts of those."""
+        past_of: dict[int, frozenset[int]] = {}
+        pending = {
+            p: deque((k, _id(v)) for k, v in line if k in ("send", "deliver") and counts(_id(v)))
+            for p, line in self.timeline.items()
+        }
+        past: dict[Process, set[int]] = {p: set() for p in pending}
+        progress = True
+        while progress:  # a delivery needs its message's past known first
+            progress = False
+            for p, items in pending.items():
+                while items:
+                    kind, hid = items[0]
+                    if kind == "send":
+                        past_of[hid] = frozenset(past[p])
+                        past[p].add(hid)
+                    elif hid in past_of:
+                        past[p] |= past_of[hid] | {hid}
+                    else:
+                        break  # its sender's timeline is not replayed that far yet
+                    items.popleft()
+                    progress = True
+        return past_of
 
     # ------------------------------------------------------------------ observing
 
