@@ -17,8 +17,7 @@ from meshcast.config import load_config
 from meshcast.ids import NodeId
 from meshcast.runtime.daemon import OverlayDaemon
 from meshcast.runtime.endpoints import ClientListen
-from meshcast.sim.daemon import DaemonSim, SimClient, build_daemon_sim
-from meshcast.sim.group import GroupLink
+from meshcast.sim.daemon import DaemonSim, GroupLink, SimClient, build_daemon_sim
 from meshcast.sim.network import LinkModel
 from meshcast.wire.client import ClientFrame, Frame, FrameDecoder, Hello, encode
 

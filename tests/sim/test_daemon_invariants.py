@@ -29,8 +29,7 @@ import pytest
 from meshcast.group.sessions import SessionConfig
 from meshcast.ids import NodeId
 from meshcast.overlay.routing import POLICIES
-from meshcast.sim.daemon import DaemonSim, SimClient, build_daemon_sim
-from meshcast.sim.group import GroupLink
+from meshcast.sim.daemon import DaemonSim, GroupLink, SimClient, build_daemon_sim
 from meshcast.sim.network import LinkModel
 from meshcast.wire.client import (
     ErrorCode,

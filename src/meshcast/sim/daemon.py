@@ -1,8 +1,8 @@
 """Whole daemons in the simulator: `DaemonNode`s — the object the asyncio runtime drives —
 with simulated clients that speak the client protocol in frames.
 
-`build_daemon_sim` wires daemons over emulated links; `DaemonSim` connects clients to
-them. A `SimClient` is the client side of one connection: it encodes frames into the
+`build_daemon_sim` wires daemons over emulated links (`GroupLink`); `DaemonSim` connects
+clients to them. A `SimClient` is the client side of one connection: it encodes frames into the
 node (`client_data`), decodes what the node writes (`ClientWrite`) into `received`, and
 models its socket: bytes it has not read count against `high_water`, past which the node
 is told `writing_paused` (as asyncio's transport does), and `read()` makes room again
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import itertools
 import random
+import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from meshcast.daemon import (
@@ -34,7 +35,7 @@ from meshcast.group.sessions import SessionConfig
 from meshcast.ids import NodeId
 from meshcast.link import LinkConfig
 from meshcast.overlay.node import Neighbour, OverlayConfig
-from meshcast.sim.group import GroupLink
+from meshcast.sim.network import LinkModel
 from meshcast.sim.overlay import cluster_security
 from meshcast.sim.simulator import Simulator
 from meshcast.wire.client import (
@@ -43,11 +44,27 @@ from meshcast.wire.client import (
     Frame,
     FrameDecoder,
     Hello,
+    Join,
+    Membership,
     Message,
+    Multicast,
+    ServiceLevel,
+    Welcome,
     encode,
 )
 
 DEFAULT_HIGH_WATER = 64 * 1024  # bytes a simulated client's socket holds unread
+
+
+@dataclass(frozen=True, slots=True)
+class GroupLink:
+    """A link between daemons `a` and `b` in a simulated cluster."""
+
+    a: int
+    b: int
+    model: LinkModel  # the emulated network between them (loss, delay, jitter, reorder)
+    weight: float = 1.0
+    bandwidth_bps: float = 100e6  # what the daemons advertise
 
 
 @dataclass(eq=False)
@@ -292,3 +309,231 @@ def build_daemon_sim(
     for e in links:
         sim.add_link(NodeId(e.a), NodeId(e.b), e.model)
     return DaemonSim(sim, high_water)
+
+
+Process = tuple[NodeId, int]  # a daemon process: (daemon, incarnation); a restart is a new one
+MESSAGE_ID = struct.Struct("!Q")  # `GroupClients`' message id: the first bytes of each payload
+# A timeline entry of `GroupClients`, in the order the process's client saw or did it:
+# ("view", view id hex) from the daemon's group_view event, ("deliver", id) a MESSAGE,
+# ("member", (group, in?)) a MEMBERSHIP frame about the client itself, ("send", id).
+Entry = tuple[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSend:
+    """A MULTICAST a `GroupClients` client sent."""
+
+    hid: int
+    process: Process  # the sender's daemon process
+    service: ServiceLevel
+    groups: tuple[str, ...]
+    at: float
+    # the members of each of `groups` in the sender daemon's table when it was sent: the
+    # daemons it is addressed to (unless that table changes before the daemon takes it)
+    members: Mapping[str, frozenset[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class ViewSegment:
+    """What a process's client saw during one group view (`GroupClients.segments`)."""
+
+    view: str  # the view id (hex); "" before the first view
+    delivered: tuple[int, ...]  # in order; flush deliveries precede the next view's event
+    joined: frozenset[str]  # groups the client was in when the view began
+    throughout: frozenset[str]  # ...and stayed in, without any change, until the next view
+
+
+class GroupClients:
+    """One client per daemon ("c<d>"), joined to the groups `hosts` gives that daemon:
+    "daemon d hosts g" is "a client of d joined g". A restarted daemon is a new process
+    whose clients are gone: `restart` reconnects its client (and rejoins) after
+    `reconnect_after` seconds, as a real deployment would. Every client reads at once.
+
+    `timeline` records per process what its client saw, in true order (client writes that
+    precede an event in the node are emitted before it): see `Entry`. `send` makes a
+    client of a daemon multicast a payload that starts with its id (`MESSAGE_ID`); a send
+    the daemon refuses (ERROR with its request id) is listed in `refused`."""
+
+    def __init__(
+        self,
+        dsim: DaemonSim,
+        hosts: Mapping[str, Sequence[NodeId]],
+        *,
+        reconnect_after: float = 0.05,
+    ) -> None:
+        self.dsim = dsim
+        self.hosts = {g: frozenset(daemons) for g, daemons in hosts.items()}
+        self.reconnect_after = reconnect_after
+        self.clients: dict[NodeId, SimClient] = {}  # the current client of each daemon
+        self.names: dict[Process, str] = {}  # private name of each process's client
+        self.timeline: dict[Process, list[Entry]] = {}
+        self.sent: dict[int, GroupSend] = {}
+        self.refused: set[int] = set()
+        self._by_conn: dict[tuple[NodeId, int], SimClient] = {}
+        self._taken: dict[int, int] = {}  # conn -> frames of its client already in a timeline
+        self._ids = itertools.count(1)
+        dsim.sim.observe(self._observe)
+
+    def process(self, node: NodeId) -> Process:
+        return (node, self.dsim.sim.incarnation(node))
+
+    def connect_all(self) -> None:
+        for node in self.dsim.sim.node_ids():
+            self.connect(node)
+
+    def connect(self, node: NodeId) -> SimClient | None:
+        """Connect daemon `node`'s client and join its groups (None: the daemon is down)."""
+        sim = self.dsim.sim
+        if not sim.is_alive(node):
+            return None
+        client = self.dsim.connect(node, f"c{node}")
+        self._by_conn[(node, client.conn)] = client
+        self.timeline.setdefault((node, client.incarnation), [])
+        self.clients[node] = client
+        for group in sorted(g for g, daemons in self.hosts.items() if node in daemons):
+            client.send(Join(group))
+        return client
+
+    def restart(self, node: NodeId) -> None:
+        """Restart crashed daemon `node`; its new client connects `reconnect_after` later."""
+        sim = self.dsim.sim
+        sim.restart(node)
+        incarnation = sim.incarnation(node)
+
+        def reconnect() -> None:
+            if self.dsim.daemon_alive(node, incarnation):
+                self.connect(node)
+
+        sim.call_later(self.reconnect_after, reconnect)
+
+    def send(
+        self, node: NodeId, service: ServiceLevel, groups: tuple[str, ...], padding: int = 0
+    ) -> int | None:
+        """Daemon `node`'s client multicasts; returns the message id (None: it is gone)."""
+        client = self.clients.get(node)
+        if client is None or not client.alive:
+            return None
+        hid = next(self._ids)
+        process = (client.node, client.incarnation)
+        table = self.dsim.node(node).sessions.membership.table()
+        members = {g: frozenset(m for m, _ in table.get(g, ())) for g in groups}
+        now = self.dsim.sim.now
+        self.sent[hid] = GroupSend(hid, process, service, groups, now, members)
+        self.timeline[process].append(("send", hid))  # its own delivery comes after
+        payload = MESSAGE_ID.pack(hid) + bytes(padding)
+        client.send(Multicast(groups, payload, service, request_id=hid))
+        return hid
+
+    # ------------------------------------------------------------------ queries
+
+    def delivered(self, process: Process) -> list[int]:
+        return [_id(v) for k, v in self.timeline.get(process, ()) if k == "deliver"]
+
+    def segments(self, process: Process) -> list[ViewSegment]:
+        """The process's views in order, with what its client delivered in each."""
+        out: list[ViewSegment] = []
+        view, delivered = "", list[int]()
+        member: set[str] = set()
+        joined: frozenset[str] = frozenset()
+        changed: set[str] = set()
+        for kind, value in self.timeline.get(process, ()):
+            if kind == "view":
+                if view or delivered:
+                    out.append(ViewSegment(view, tuple(delivered), joined, joined - changed))
+                view, delivered = str(value), []
+                joined, changed = frozenset(member), set()
+            elif kind == "deliver":
+                delivered.append(_id(value))
+            elif kind == "member":
+                group, inside = _change(value)
+                changed.add(group)
+                if inside:
+                    member.add(group)
+                else:
+                    member.discard(group)
+        if view or delivered:
+            out.append(ViewSegment(view, tuple(delivered), joined, joined - changed))
+        return out
+
+    def member_at(self, process: Process) -> list[tuple[Entry, frozenset[str]]]:
+        """Each entry of the process's timeline with the groups its client was in then."""
+        member: set[str] = set()
+        out: list[tuple[Entry, frozenset[str]]] = []
+        for entry in self.timeline.get(process, ()):
+            kind, value = entry
+            if kind == "member":
+                group, inside = _change(value)
+                if inside:
+                    member.add(group)
+                else:
+                    member.discard(group)
+            out.append((entry, frozenset(member)))
+        return out
+
+    def causal_past(self, counts: Callable[[int], bool]) -> dict[int, frozenset[int]]:
+        """Each sent message's causal past among those `counts` accepts: what its client
+        had sent or got before sending it, transitively through the pasts of those."""
+        past_of: dict[int, frozenset[int]] = {}
+        pending = {
+            p: deque((k, _id(v)) for k, v in line if k in ("send", "deliver") and counts(_id(v)))
+            for p, line in self.timeline.items()
+        }
+        past: dict[Process, set[int]] = {p: set() for p in pending}
+        progress = True
+        while progress:  # a delivery needs its message's past known first
+            progress = False
+            for p, items in pending.items():
+                while items:
+                    kind, hid = items[0]
+                    if kind == "send":
+                        past_of[hid] = frozenset(past[p])
+                        past[p].add(hid)
+                    elif hid in past_of:
+                        past[p] |= past_of[hid] | {hid}
+                    else:
+                        break  # its sender's timeline is not replayed that far yet
+                    items.popleft()
+                    progress = True
+        return past_of
+
+    # ------------------------------------------------------------------ observing
+
+    def _observe(self, node_id: NodeId, effect: object, now: float) -> None:
+        if isinstance(effect, ClientWrite | ClientClose):
+            client = self._by_conn.get((node_id, effect.conn))
+            if client is not None:
+                self._take(client)
+        elif isinstance(effect, DaemonEvent) and effect.name == "group_view":
+            process = self.process(node_id)
+            self.timeline.setdefault(process, []).append(("view", effect.fields["view_id"]))
+
+    def _take(self, client: SimClient) -> None:
+        """The frames the client decoded since the last time, into its timeline."""
+        process = (client.node, client.incarnation)
+        line = self.timeline.setdefault(process, [])
+        start = self._taken.get(client.conn, 0)
+        for frame in client.received[start:]:
+            match frame:
+                case Welcome(_, private):
+                    self.names[process] = private
+                case Message(_, _, _, _, payload):
+                    line.append(("deliver", MESSAGE_ID.unpack_from(payload)[0]))
+                case Membership(group, _, members, _, who):
+                    own = self.names.get(process)
+                    if own in who:
+                        line.append(("member", (group, own in members)))
+                case ErrorReport(_, _, request_id) if request_id in self.sent:
+                    self.refused.add(request_id)
+        self._taken[client.conn] = len(client.received)
+
+
+def _id(value: object) -> int:
+    assert isinstance(value, int)
+    return value
+
+
+def _change(value: object) -> tuple[str, bool]:
+    assert isinstance(value, tuple)
+    group, inside = value
+    assert isinstance(group, str)
+    return group, bool(inside)

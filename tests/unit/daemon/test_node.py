@@ -25,8 +25,7 @@ from meshcast.errors import ConfigError, DecodeError
 from meshcast.ids import NodeId
 from meshcast.link import LinkConfig
 from meshcast.overlay.node import OverlayConfig
-from meshcast.sim.daemon import build_daemon_sim
-from meshcast.sim.group import GroupLink
+from meshcast.sim.daemon import GroupLink, build_daemon_sim
 from meshcast.sim.network import LinkModel
 from meshcast.wire.client import (
     ErrorCode,
