@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 from meshcast.errors import BufferFull, DecodeError, UsageError
 from meshcast.group.counters import Counters
+from meshcast.group.engine import GroupEngine
 from meshcast.group.events import Broadcast, Deliver, GroupEffect, OrderingReset, ViewTransition
-from meshcast.group.ordering import GroupEngine
 from meshcast.ids import NodeId
 from meshcast.wire.client import Cause, ServiceLevel, ViewId
 from meshcast.wire.membership import (

@@ -36,6 +36,11 @@ class Retention:
         self.count = 0
         self._by_source: dict[NodeId, list[int]] = {}  # source -> [copies, bytes]
 
+    @property
+    def size(self) -> int:
+        """Bytes of every copy kept."""
+        return sum(counts[1] for counts in self._by_source.values())
+
     def of(self, source: NodeId) -> tuple[int, int]:
         """(copies, bytes) of `source`'s messages (for our own: what bounds sending)."""
         counts = self._by_source.get(source)
