@@ -313,9 +313,10 @@ class GroupEngine:
     ) -> None:
         if isinstance(message, GroupFlush):
             self._on_flush(source, message, raw, now, effects)
-        elif not self._flush.admit(source, message, raw):
             return
-        elif isinstance(message, GroupAck):
+        if not self._flush.admit(source, message, raw):
+            return  # of another view, from outside it, or our FLUSH is out
+        if isinstance(message, GroupAck):
             self._stability.on_ack(source, message, self._ordering.ack_vector(), now)
         else:
             self._ordering.received(source, message, raw, now, effects)

@@ -1,5 +1,5 @@
-"""Ordering: the service levels over the overlay, hold-back and delivery (JGroups' NAKACK2,
-SEQUENCER and TOA in one protocol: one numbering per stream, kept per view).
+"""Ordering: the service levels over the overlay, hold-back and delivery; the ordering
+protocol of the group stack (docs/design/group.md, "The protocol stack").
 
 Sits above `OverlayNode`, which delivers each message exactly once to the daemons listed
 but in any order. Per service (theory, costs and limits: docs/design/group.md):
