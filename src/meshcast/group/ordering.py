@@ -254,11 +254,7 @@ class Ordering:
             encoded = encode_group(data)
         except ValueError as exc:
             raise UsageError(f"cannot send this message: {exc}") from exc
-        # Committed: nothing below raises.
-        streams.next_msg_id += 1
-        for d, n in data.fifo:
-            streams.pruned_sent[NodeId(d)] = n
-        self._c.submitted += 1
+        self._commit(streams, data)  # nothing below raises
         effects: list[GroupEffect] = []
         if dests:
             stream, numbers = _numbering(data)
@@ -384,27 +380,30 @@ class Ordering:
         sender: str,
         msg_type: int,
     ) -> tuple[GroupData, tuple[NodeId, ...]]:
-        """Number a local message in its service's stream; return it and whom it goes to."""
-        self._clock += 1
+        """Number a local message in its service's stream; return it and whom it goes to.
+        Nothing is taken yet (`_commit`): a message that does not encode uses no number,
+        or it would leave a gap that holds back our later messages everywhere."""
+        ts = self._clock + 1
         seq = 0
         fifo: tuple[tuple[int, int], ...] = ()
         vector: tuple[int, ...] = ()
         if service in ORDERED_TOTAL:
             dests = streams.others
-            seq = streams.total.next_own_seq()
+            seq = streams.total.prefix(self.local) + 1
         elif service == ServiceLevel.CAUSAL:
             dests = streams.others
-            seq, vector = streams.causal.stamp(streams.view.index[self.local])
+            vector = tuple(streams.causal.processed)
+            seq = vector[streams.view.index[self.local]] + 1
         else:
             dests = self._dests(streams, groups)
             if service in PRUNED:
                 fifo = tuple((d, streams.pruned_sent.get(d, 0) + 1) for d in dests)
-        aru = streams.total.aru(self._clock)
+        aru = streams.total.aru(ts)
         data = GroupData(
             service,
             streams.view.view_id,
             streams.next_msg_id,
-            self._clock,
+            ts,
             seq,
             aru,
             msg_type,
@@ -415,6 +414,18 @@ class Ordering:
             payload,
         )
         return data, dests
+
+    def _commit(self, streams: _Streams, data: GroupData) -> None:
+        """Take the numbers `_stamp` gave a local message that encoded."""
+        self._clock = data.ts
+        streams.next_msg_id += 1
+        if data.service in ORDERED_TOTAL:
+            streams.total.next_own_seq()
+        elif data.service == ServiceLevel.CAUSAL:
+            streams.causal.stamp(streams.view.index[self.local])
+        for d, n in data.fifo:
+            streams.pruned_sent[NodeId(d)] = n
+        self._c.submitted += 1
 
     def _deliver_own(
         self, streams: _Streams, own: Held, now: float, effects: list[GroupEffect]

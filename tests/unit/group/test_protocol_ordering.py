@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from meshcast.errors import BufferFull, ConfigError
+from meshcast.errors import BufferFull, ConfigError, UsageError
 from meshcast.group import (
     Broadcast,
     Deliver,
@@ -90,6 +90,23 @@ def test_agreed_waits_for_every_members_timestamp() -> None:
     assert SubmitConfirmed(7) in later
     assert keep.retained == 3  # our message and both NULLs, until every ACK covers them
     assert ordering.clock == 1  # NULLs do not move the clock
+
+
+@pytest.mark.parametrize("service", [S.AGREED, S.CAUSAL, S.FIFO])
+def test_a_message_that_does_not_encode_takes_no_number(service: S) -> None:
+    ordering, _ = stack()
+    with pytest.raises(UsageError):
+        ordering.send(("g",), b"bad", service, "#c#A", 0.0, msg_type=1 << 16)  # not a u16
+    assert ordering.clock == 0
+    [sent] = [
+        e for e in ordering.send(("g",), b"ok", service, "#c#A", 0.0) if isinstance(e, Broadcast)
+    ]
+    data = decode_group(sent.payload)
+    assert isinstance(data, GroupData)
+    assert (data.ts, data.msg_id) == (1, 1)
+    assert data.seq == (0 if service == S.FIFO else 1)  # no gap for the receivers to wait on
+    assert data.fifo == (((B, 1), (C, 1)) if service == S.FIFO else ())
+    assert ordering.ack_vector()[0] == (A, 0, int(service == S.CAUSAL), int(service == S.AGREED))
 
 
 def test_own_agreed_messages_are_bounded_by_half_the_hold_back() -> None:
