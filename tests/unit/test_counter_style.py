@@ -18,9 +18,6 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "meshcast"
 
-# The old `Counters.bump(**kw)` and its last user, until the rewrite of group/ordering.py
-# lands; the lead removes both entries (and group/counters.py) at the merge.
-OLD_STYLE_ALLOWED = {"group/counters.py", "group/ordering.py"}
 
 # attributes naming a counters object or dict: `self._stats[...] += 1` counts under a
 # string key (a local tally, as a bench keeps, is no layer's counter)
@@ -156,7 +153,6 @@ def test_counters_are_typed_fields_not_string_keys() -> None:
     found = [
         f"{rel(path)}:{line}: {what}"
         for path in python_files()
-        if rel(path) not in OLD_STYLE_ALLOWED
         for line, what in old_style(parsed(path))
     ]
     assert found == []
@@ -176,10 +172,6 @@ def test_every_statistics_returns_a_frozen_dataclass() -> None:
             assert all(_is_frozen_dataclass(c) for c in defined), f"{rel(path)}:{line}: {name}"
             seen += 1
     assert seen >= 10  # the scan sees the layers' statistics()
-
-
-def test_the_allow_list_names_files_that_exist() -> None:
-    assert {rel(p) for p in python_files()} >= OLD_STYLE_ALLOWED
 
 
 # ---------------------------------------------------------------- the checks catch each style

@@ -1,7 +1,16 @@
 """Named groups over the overlay: ordering, virtual synchrony, membership, sessions
 (docs/design/group.md)."""
 
-from meshcast.group.config import GroupConfig
+from meshcast.group.config import (
+    FlushConfig,
+    GroupConfig,
+    OrderingConfig,
+    RepairConfig,
+    StabilityConfig,
+    StackConfig,
+    split_config,
+)
+from meshcast.group.engine import GroupEngine, GroupStats, StackStats
 from meshcast.group.events import (
     Broadcast,
     Deliver,
@@ -13,22 +22,40 @@ from meshcast.group.events import (
     SubmitLost,
     ViewTransition,
 )
-from meshcast.group.ordering import GroupEngine, GroupStats
+from meshcast.group.flush import Flush, FlushStats
+from meshcast.group.ordering import Ordering, OrderingStats
+from meshcast.group.repair import Repair, RepairStats
+from meshcast.group.stability import Stability, StabilityStats
 from meshcast.group.view import GroupView, view_id
 
 __all__ = [
     "Broadcast",
     "Deliver",
+    "Flush",
+    "FlushConfig",
+    "FlushStats",
     "GroupConfig",
     "GroupEffect",
     "GroupEngine",
     "GroupStats",
     "GroupView",
     "MessageRef",
+    "Ordering",
+    "OrderingConfig",
     "OrderingFault",
     "OrderingReset",
+    "OrderingStats",
+    "Repair",
+    "RepairConfig",
+    "RepairStats",
+    "Stability",
+    "StabilityConfig",
+    "StabilityStats",
+    "StackConfig",
+    "StackStats",
     "SubmitConfirmed",
     "SubmitLost",
     "ViewTransition",
+    "split_config",
     "view_id",
 ]

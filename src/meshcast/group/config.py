@@ -1,4 +1,9 @@
-"""Configuration of the group ordering engine."""
+"""Configuration of the group layer.
+
+`GroupConfig` is what a user sets (the cluster file's `[group]` section). The engine is a
+stack of four protocols (docs/design/group.md, "The protocol stack"), each with its own
+frozen config below; `split_config` derives them from one `GroupConfig`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,28 @@ from dataclasses import dataclass
 
 from meshcast.errors import ConfigError
 
+FLUSH_PART_BYTES = 1 << 20  # carried copies per FLUSH part (one bigger copy: a part alone)
+REPAIR_BATCH = 256  # own copies sent again per repair look, at most
+
+
+def _check_seconds(config: object, *keys: str) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError("must be a positive number of seconds", key=key)
+
+
+def _check_counts(config: object, *keys: str) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"must be a positive integer, got {value!r}", key=key)
+
 
 @dataclass(frozen=True, slots=True)
 class GroupConfig:
+    """The group layer's settings, as a user gives them (`split_config`: per protocol)."""
+
     # s: a daemon that owes the others its timestamp or ARU (some AGREED/SAFE message waits
     # for it) answers at its next timer, at once, when a peer's stream message arrived
     # since its own last one: one NULL per batch of input, however many messages the
@@ -64,11 +88,11 @@ class GroupConfig:
     max_past_views: int = 16
 
     def __post_init__(self) -> None:
-        for key in ("idle_ts_interval", "ack_interval", "flush_retry_interval", "repair_after"):
-            value = getattr(self, key)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError("must be a positive number of seconds", key=key)
-        for key in (
+        _check_seconds(
+            self, "idle_ts_interval", "ack_interval", "flush_retry_interval", "repair_after"
+        )
+        _check_counts(
+            self,
             "max_held_messages",
             "max_future_messages",
             "max_retained_messages",
@@ -76,7 +100,97 @@ class GroupConfig:
             "dedup_window",
             "max_past_views",
             "null_lead",
-        ):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"must be a positive integer, got {value!r}", key=key)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OrderingConfig:
+    """`meshcast.group.ordering.Ordering`: FIFO, causal and total order, hold-back."""
+
+    # s, timestamps, messages: as the GroupConfig fields of the same names
+    idle_ts_interval: float = 0.01
+    null_lead: int = 1 << 20
+    max_held_messages: int = 10_000  # own AGREED/SAFE waiting: at most half of it
+    # msg ids remembered per source for duplicate detection of UNRELIABLE/RELIABLE data
+    dedup_window: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_seconds(self, "idle_ts_interval")
+        _check_counts(self, "null_lead", "max_held_messages", "dedup_window")
+
+
+@dataclass(frozen=True, slots=True)
+class StabilityConfig:
+    """`meshcast.group.stability.Stability`: copies kept until stable, ACKs."""
+
+    ack_interval: float = 0.02  # s: ACKs at most this often, and only when they changed
+    # messages: copies kept; a local submit is refused while a quarter of it is our own
+    max_retained_messages: int = 100_000
+    # bytes: a local submit is refused while our own copies reach a quarter of this
+    max_retained_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        _check_seconds(self, "ack_interval")
+        _check_counts(self, "max_retained_messages", "max_retained_bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class FlushConfig:
+    """`meshcast.group.flush.Flush`: the view change (and messages of other views)."""
+
+    flush_retry_interval: float = 0.25  # s: probe a silent member after this (doubling)
+    max_future_messages: int = 20_000  # messages: kept for a view not installed yet
+    max_past_views: int = 16  # earlier view ids remembered: their messages are dropped
+    # messages: local submits queued during a flush (GroupConfig: max_held_messages / 2)
+    max_queued_submits: int = 5_000
+    max_part_bytes: int = FLUSH_PART_BYTES  # bytes of carried copies per FLUSH part
+
+    def __post_init__(self) -> None:
+        _check_seconds(self, "flush_retry_interval")
+        _check_counts(
+            self, "max_future_messages", "max_past_views", "max_queued_submits", "max_part_bytes"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RepairConfig:
+    """`meshcast.group.repair.Repair`: own copies sent again to who still lacks them."""
+
+    repair_after: float = 1.0  # s: a copy unacknowledged this long is sent again
+    max_repairs_per_look: int = REPAIR_BATCH  # copies sent again per look (every half)
+
+    def __post_init__(self) -> None:
+        _check_seconds(self, "repair_after")
+        _check_counts(self, "max_repairs_per_look")
+
+
+@dataclass(frozen=True, slots=True)
+class StackConfig:
+    """The configuration of each protocol of one daemon's group stack."""
+
+    ordering: OrderingConfig
+    stability: StabilityConfig
+    flush: FlushConfig
+    repair: RepairConfig
+
+
+def split_config(config: GroupConfig) -> StackConfig:
+    """The per-protocol configs of `config` (each takes the fields it owns)."""
+    return StackConfig(
+        OrderingConfig(
+            config.idle_ts_interval,
+            config.null_lead,
+            config.max_held_messages,
+            config.dedup_window,
+        ),
+        StabilityConfig(
+            config.ack_interval, config.max_retained_messages, config.max_retained_bytes
+        ),
+        FlushConfig(
+            config.flush_retry_interval,
+            config.max_future_messages,
+            config.max_past_views,
+            max(config.max_held_messages // 2, 1),
+        ),
+        RepairConfig(config.repair_after),
+    )

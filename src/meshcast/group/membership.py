@@ -32,8 +32,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from meshcast.errors import BufferFull, DecodeError, UsageError
+from meshcast.group.engine import GroupEngine
 from meshcast.group.events import Broadcast, Deliver, GroupEffect, OrderingReset, ViewTransition
-from meshcast.group.ordering import GroupEngine
 from meshcast.ids import NodeId
 from meshcast.wire.client import Cause, ServiceLevel, ViewId
 from meshcast.wire.membership import (

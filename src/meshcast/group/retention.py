@@ -37,7 +37,7 @@ class Retention:
         self._by_source: dict[NodeId, list[int]] = {}  # source -> [copies, bytes]
 
     @property
-    def total_bytes(self) -> int:
+    def size(self) -> int:
         """Bytes of every copy kept."""
         return sum(counts[1] for counts in self._by_source.values())
 
