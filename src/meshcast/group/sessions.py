@@ -267,6 +267,10 @@ class SessionTable:
         self._status_provider = status
         self._sessions: dict[int, _Session] = {}
         self._by_name: dict[str, _Session] = {}
+        # group -> its members on this daemon, as of the effect being routed: one batch of
+        # the membership layer's effects can change a group and deliver a message to it,
+        # in total order, and each delivery must see the table of its place in that order
+        self._local_members: dict[str, tuple[str, ...]] = {}
         self._next_auto = 1
         self._blocking: set[int] = set()  # paused sessions holding local senders back
         # connections before HELLO -> deadline of their handshake, earliest first (the
@@ -775,6 +779,13 @@ class SessionTable:
             if isinstance(effect, Deliver):
                 out += self._deliver(effect)
             elif isinstance(effect, MembershipChanged):
+                local = tuple(
+                    m for m, d in zip(effect.members, effect.hosts, strict=True) if d == self.local
+                )
+                if local:
+                    self._local_members[effect.group] = local
+                else:
+                    self._local_members.pop(effect.group, None)
                 out.append(effect)
                 out += self._membership(effect)
             elif isinstance(effect, SubmitConfirmed | SubmitLost):
@@ -806,7 +817,7 @@ class SessionTable:
         frame = Membership(change.group, change.view_id, change.members, change.cause, change.who)
         data: bytes | None = None
         out: list[SessionEffect] = []
-        names = {*self.membership.local_members(change.group), *change.who}
+        names = {*self._local_members.get(change.group, ()), *change.who}
         for name in sorted(names):
             s = self._by_name.get(name)
             if s is None or s.state is not _State.OPEN:
@@ -825,7 +836,7 @@ class SessionTable:
     def _deliver(self, d: Deliver) -> list[SessionEffect]:
         targets: dict[str, list[str]] = {}
         for g in d.groups:
-            for name in self.membership.local_members(g):
+            for name in self._local_members.get(g, ()):
                 targets.setdefault(name, []).append(g)
         if not targets:
             return []

@@ -185,6 +185,24 @@ def test_messages_of_a_future_view_wait_and_of_a_past_view_are_dropped() -> None
     assert a.flush.statistics().stale_view_dropped == 1
 
 
+def test_messages_of_a_view_never_installed_go_once_their_sender_is_heard_here() -> None:
+    """A partition view this daemon missed never comes: once its sender's first message
+    in our view arrives, what it sent before for that view is dropped, not kept until
+    the buffer overflows (the daemon's memory returns to its level after the faults)."""
+    a, b, _ = first_view()
+    missed = GroupView.of([B], [7]).numbered(9)  # B's view while cut off from A
+    stale = GroupNull(missed.view_id, 5, 5, 0)
+    assert not a.flush.admit(B, stale, encode_group(stale))
+    assert a.flush.future_bytes() == len(encode_group(stale))
+    current = GroupNull(a.flush.view.view_id, 1, 1, 0)  # type: ignore[union-attr]
+    assert a.flush.admit(B, current, encode_group(current))
+    assert a.flush.future_bytes() == 0
+    assert a.flush.statistics().future_dropped == 1
+    later = GroupNull(missed.view_id, 6, 6, 0)  # B heard already: this one waits
+    assert not a.flush.admit(B, later, encode_group(later))
+    assert a.flush.statistics().future_messages == 1
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

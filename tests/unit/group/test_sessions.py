@@ -8,7 +8,8 @@ from dataclasses import FrozenInstanceError, asdict
 import pytest
 
 from meshcast.group import GroupConfig, GroupEngine
-from meshcast.group.membership import GroupMembership
+from meshcast.group.events import Deliver
+from meshcast.group.membership import GroupMembership, MembershipChanged
 from meshcast.group.sessions import (
     ClientConnected,
     ClientDisconnected,
@@ -44,6 +45,7 @@ from meshcast.wire.client import (
     SlowReceiverPolicy,
     StatusReply,
     StatusRequest,
+    ViewId,
     Welcome,
     decode,
 )
@@ -432,3 +434,28 @@ def test_statistics_are_frozen_snapshots_that_count() -> None:
         after.busy = 0  # type: ignore[misc]
     with pytest.raises(FrozenInstanceError):
         members.changes = 0  # type: ignore[misc]
+
+
+def test_each_delivery_sees_the_membership_of_its_place_in_the_total_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One batch of the membership layer drops a local member from g (a merge's STATE
+    catch-up), delivers a message to g, then adds the member back: the member gets the
+    two MEMBERSHIP frames and not the message, as its own frames say it was out (found by
+    the virtual synchrony suite, seed 120: it used to get the message in between)."""
+    t = table()
+    name = hello(t, 1, "alice")
+    t.frame_received(1, Join("g"), 0.0)
+    assert t.membership.local_members("g") == (name,)
+    view = ViewId(9, 1)
+    out = MembershipChanged("g", view, (), Cause.NETWORK, (name,), ())
+    back = MembershipChanged("g", ViewId(10, 1), (name,), Cause.NETWORK, (name,), (NodeId(1),))
+    message = Deliver("#bob#D2", ("g",), ServiceLevel.AGREED, 0, b"m44", NodeId(2), 44)
+    monkeypatch.setattr(t.membership, "overlay_delivered", lambda *_: [out, message, back])
+    got = frames(t.overlay_delivered(NodeId(2), b"", 1.0), 1)
+    assert [type(f) for f in got] == [Membership, Membership]
+    message_after = Deliver("#bob#D2", ("g",), ServiceLevel.AGREED, 0, b"m45", NodeId(2), 45)
+    monkeypatch.setattr(t.membership, "overlay_delivered", lambda *_: [message_after])
+    assert frames(t.overlay_delivered(NodeId(2), b"", 1.0), 1) == [
+        Message("#bob#D2", ("g",), ServiceLevel.AGREED, 0, b"m45")
+    ]
