@@ -32,6 +32,7 @@ class Client(Protocol):
     @property
     def received(self) -> list[Frame]: ...
     async def send(self, frame: ClientFrame) -> None: ...
+    async def send_raw(self, data: bytes) -> None: ...
     async def crash(self) -> None: ...
 
 
@@ -56,6 +57,9 @@ class _SimClientAdapter:
 
     async def send(self, frame: ClientFrame) -> None:
         self._client.send(frame)
+
+    async def send_raw(self, data: bytes) -> None:
+        self._client.send_raw(data)
 
     async def crash(self) -> None:
         self._client.crash()
@@ -106,7 +110,10 @@ class _RealClient:
         return self._frames
 
     async def send(self, frame: ClientFrame) -> None:
-        self._writer.write(encode(frame))
+        await self.send_raw(encode(frame))
+
+    async def send_raw(self, data: bytes) -> None:
+        self._writer.write(data)
         await self._writer.drain()
 
     async def crash(self) -> None:

@@ -5,6 +5,7 @@ object in both."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest_asyncio
 
 from meshcast.wire.client import (
     Cause,
+    Confirmed,
+    ErrorCode,
     ErrorReport,
     Join,
     Membership,
@@ -20,6 +23,8 @@ from meshcast.wire.client import (
     Multicast,
     ServiceLevel,
     SlowReceiverPolicy,
+    StatusReply,
+    StatusRequest,
     Welcome,
 )
 
@@ -112,3 +117,45 @@ async def test_a_client_that_crashes_leaves_its_groups_as_a_disconnect(driver: D
     await b.send(Multicast(("g",), b"still here", ServiceLevel.SAFE))
     await driver.wait_for(lambda: len(messages(b)) == 1, "b's own message")
     assert not [f for f in b.received if isinstance(f, ErrorReport)]
+
+
+@pytest.mark.asyncio
+async def test_a_safe_message_sent_with_confirm_is_confirmed_after_delivery(
+    driver: Driver,
+) -> None:
+    a = await driver.connect(1, "a")
+    b = await driver.connect(3, "b")
+    await joined(driver, [a, b], "g")
+    await a.send(Multicast(("g",), b"safe", ServiceLevel.SAFE, request_id=7, confirm=True))
+    await driver.wait_for(
+        lambda: any(isinstance(f, Confirmed) for f in a.received), "CONFIRMED at the sender"
+    )
+    assert [f for f in a.received if isinstance(f, Confirmed)] == [Confirmed(7)]
+    await driver.wait_for(lambda: len(messages(b)) == 1, "the message at the other member")
+
+
+@pytest.mark.asyncio
+async def test_a_status_request_reports_the_daemons_view(driver: Driver) -> None:
+    client = await driver.connect(2, "watcher")
+    await driver.wait_for(lambda: any(isinstance(f, Welcome) for f in client.received), "WELCOME")
+    await client.send(StatusRequest(request_id=3))
+    await driver.wait_for(
+        lambda: any(isinstance(f, StatusReply) for f in client.received), "STATUS_REPLY"
+    )
+    (reply,) = [f for f in client.received if isinstance(f, StatusReply)]
+    report = json.loads(reply.report)
+    assert reply.request_id == 3
+    assert report["daemon"]["name"] == "d2"
+    assert [m["node"] for m in report["view"]["members"]] == [1, 2, 3]
+    assert report["view"]["agreed"] is True
+    assert report["counters"]["daemon"]["internal_errors"] == 0
+
+
+@pytest.mark.asyncio
+async def test_bytes_that_are_no_frame_end_the_session_with_bad_frame(driver: Driver) -> None:
+    client = await driver.connect(1, "garbled")
+    await driver.wait_for(lambda: any(isinstance(f, Welcome) for f in client.received), "WELCOME")
+    await client.send_raw(b"\x00\x00\x00\x03\xee\xee\xee")
+    await driver.wait_for(lambda: any(isinstance(f, ErrorReport) for f in client.received), "ERROR")
+    (error,) = [f for f in client.received if isinstance(f, ErrorReport)]
+    assert error.code == ErrorCode.BAD_FRAME

@@ -93,9 +93,12 @@ class SimClient:
 
     def send(self, frame: ClientFrame) -> None:
         """Write one frame (it waits while the daemon does not read this connection)."""
+        self.send_raw(encode(frame))
+
+    def send_raw(self, data: bytes) -> None:
+        """Write bytes as they are (a broken client)."""
         if not self.alive:
             return
-        data = encode(frame)
         if self.send_paused or self.waiting:
             self.waiting.append(data)
             return

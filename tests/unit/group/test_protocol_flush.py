@@ -189,7 +189,7 @@ def test_messages_of_a_view_never_installed_go_once_their_sender_is_heard_here()
     """A partition view this daemon missed never comes: once its sender's first message
     in our view arrives, what it sent before for that view is dropped, not kept until
     the buffer overflows (the daemon's memory returns to its level after the faults)."""
-    a, b, _ = first_view()
+    a, _, _ = first_view()
     missed = GroupView.of([B], [7]).numbered(9)  # B's view while cut off from A
     stale = GroupNull(missed.view_id, 5, 5, 0)
     assert not a.flush.admit(B, stale, encode_group(stale))
