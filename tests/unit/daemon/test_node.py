@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import FrozenInstanceError, dataclass
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meshcast.daemon import (
     ClientClose,
@@ -233,3 +235,47 @@ def test_the_daemon_layer_config_is_checked() -> None:
         DaemonNodeConfig("d", probe_interval=0.0)
     with pytest.raises(ConfigError, match="frames_per_turn"):
         DaemonNodeConfig("d", frames_per_turn=0)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 3),
+            st.one_of(
+                st.binary(max_size=300),
+                st.sampled_from(
+                    [
+                        encode(Hello("h")),
+                        encode(Ping(1)),
+                        encode(Multicast(("g",), b"x")),
+                        b"\xff\xff\xff\xff",
+                        b"\x00\x00\x00\x00",
+                    ]
+                ),
+            ),
+        ),
+        max_size=25,
+    )
+)
+def test_any_bytes_from_any_client_never_raise_and_stay_bounded(
+    chunks: list[tuple[int, bytes]],
+) -> None:
+    """Strict mode (the simulator's: a layer's exception propagates): whatever clients
+    send, the daemon answers with frames or closes and never raises; its turns end (no
+    input is left takeable), and a lost connection leaves nothing behind."""
+    node = lone_daemon(contain_bugs=False)
+    now = settle(node, 1.0)
+    for conn in (1, 2, 3):
+        node.client_connected(conn, now)
+    for conn, data in chunks:
+        node.client_data(conn, data, now)
+        for _ in range(20):  # the turns of input left waiting
+            if node.next_deadline() != now:
+                break
+            node.on_timer(now)
+        assert node.next_deadline() != now  # every takeable frame was taken
+    for conn in (1, 2, 3):
+        node.client_lost(conn, now + 1)
+    assert len(node.clients) == 0
+    assert node.sessions.open_sessions() == 0
