@@ -30,7 +30,12 @@ from typing import get_args
 from meshcast.daemon.clients import ClientStreams
 from meshcast.daemon.effects import ClientClose, DaemonEffect, DaemonEvent
 from meshcast.daemon.probes import Probe, decode_probe, encode_probe
-from meshcast.daemon.status import describe_tree, describe_view, status_sections
+from meshcast.daemon.status import (
+    describe_tree,
+    describe_view,
+    merge_sections,
+    status_sections,
+)
 from meshcast.errors import BufferFull, ConfigError, DecodeError, UsageError
 from meshcast.group import (
     Broadcast,
@@ -644,15 +649,9 @@ class DaemonNode:
 
     def _status(self, now: float) -> Mapping[str, object]:
         sections = status_sections(self, now)
-        if self._extra_status is not None:
-            for key, value in self._extra_status(now).items():
-                if key in sections and isinstance(value, dict):
-                    merged = dict(sections[key])  # type: ignore[call-overload]
-                    merged.update(value)
-                    sections[key] = merged
-                else:
-                    sections[key] = value
-        return sections
+        if self._extra_status is None:
+            return sections
+        return merge_sections(sections, self._extra_status(now))
 
     def _tick(self, now: float) -> None:
         if now > self._now:

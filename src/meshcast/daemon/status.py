@@ -84,3 +84,17 @@ def status_sections(daemon: DaemonNode, now: float) -> dict[str, object]:
             "daemon": asdict(daemon.statistics()),
         },
     }
+
+
+def merge_sections(ours: Mapping[str, object], theirs: Mapping[str, object]) -> dict[str, object]:
+    """`ours` with `theirs` added in: objects present in both are merged key by key, at
+    every depth (the driver's ``counters.daemon`` joins the node's), other values of
+    `theirs` win."""
+    merged = dict(ours)
+    for key, value in theirs.items():
+        mine = merged.get(key)
+        if isinstance(mine, Mapping) and isinstance(value, Mapping):
+            merged[key] = merge_sections(mine, value)
+        else:
+            merged[key] = value
+    return merged

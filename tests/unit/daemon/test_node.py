@@ -279,3 +279,21 @@ def test_any_bytes_from_any_client_never_raise_and_stay_bounded(
         node.client_lost(conn, now + 1)
     assert len(node.clients) == 0
     assert node.sessions.open_sessions() == 0
+
+
+def test_the_drivers_status_sections_join_the_nodes_at_every_depth() -> None:
+    node = lone_daemon(
+        status=lambda _now: {
+            "daemon": {"pid": 7},
+            "counters": {"daemon": {"datagrams_received": 3}},
+            "security": {"mode": "encrypted"},
+        }
+    )
+    settle(node, 1.0)
+    report = node.sessions.status(1.0)
+    assert report["daemon"]["name"] == "d1"  # type: ignore[index]
+    assert report["daemon"]["pid"] == 7  # type: ignore[index]
+    daemon_counters = report["counters"]["daemon"]  # type: ignore[index]
+    assert daemon_counters["datagrams_received"] == 3
+    assert daemon_counters["probes_sent"] == 0  # the node's, kept beside the driver's
+    assert report["security"] == {"mode": "encrypted"}
