@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import get_args
+from typing import TypeVar, get_args
 
 from meshcast.daemon.clients import ClientStreams
 from meshcast.daemon.effects import ClientClose, DaemonEffect, DaemonEvent
@@ -118,6 +118,7 @@ class DaemonNodeStats:
 
 
 _OVERLAY_EFFECTS: tuple[type, ...] = get_args(OverlayEffect)
+E = TypeVar("E")
 
 
 class DaemonNode:
@@ -165,7 +166,7 @@ class DaemonNode:
         self._next_probe_at: float | None = None
         self._probe_number = 0
         self._agreed_digest: bytes | None = None  # digest of the latest ViewAgreed
-        self._held = False  # local requests wait: overlay outbox or group window full
+        self._blocking = False  # the engine was last told some groups are blocked
         self._logged_unknown: set[type] = set()
         # counters (statistics())
         self._internal_errors = 0
@@ -200,18 +201,13 @@ class DaemonNode:
 
     def next_deadline(self) -> float | None:
         """When to call `on_timer` next (absolute, the inputs' clock); None: no timer."""
-        deadlines = [
-            d
-            for d in (
-                self.overlay.next_deadline(),
-                self.sessions.next_deadline(),
-                self._next_probe_at,
-            )
-            if d is not None
-        ]
-        if self._runnable():
-            deadlines.append(self._now)  # client input waits its turn: right away
-        return min(deadlines, default=None)
+        if self.clients.has_input() and self._runnable():
+            return self._now  # client input waits its turn: right away
+        deadline = self.overlay.next_deadline()
+        for other in (self.sessions.next_deadline(), self._next_probe_at):
+            if other is not None and (deadline is None or other < deadline):
+                deadline = other
+        return deadline
 
     def is_drained(self) -> bool:
         """Has every live link everything acknowledged (nothing queued or in flight)?"""
@@ -358,40 +354,36 @@ class DaemonNode:
     def _overlay_input(
         self, where: str, feed: Callable[[], list[OverlayEffect]], out: list[DaemonEffect]
     ) -> None:
-        effects: list[OverlayEffect] = []
-
-        def run() -> None:
-            effects.extend(feed())
-
-        self._guard(where, run, out)
-        self._apply_overlay(effects, out)
+        effects = self._call(where, feed, out)
+        if effects:
+            self._apply_overlay(effects, out)
 
     def _session_input(
         self, where: str, feed: Callable[[], list[SessionEffect]], out: list[DaemonEffect]
     ) -> None:
-        effects: list[SessionEffect] = []
+        effects = self._call(where, feed, out)
+        if effects:
+            self._apply_sessions(effects, out)
 
-        def run() -> None:
-            effects.extend(feed())
-
-        self._guard(where, run, out)
-        self._apply_sessions(effects, out)
-
-    def _apply_overlay(self, effects: Iterable[OverlayEffect], out: list[DaemonEffect]) -> None:
+    def _apply_overlay(self, effects: Iterable[object], out: list[DaemonEffect]) -> None:
+        # typed `object`: an effect type the overlay adds without a case here is counted
         for effect in effects:
-            if type(effect) is Transmit:
+            if isinstance(effect, Transmit):
                 out.append(effect)
+                continue
+            if isinstance(effect, OverlayDelivered) and effect.upper == Upper.GROUP:
+                self._group_delivered += 1
+                self._session_input(
+                    "overlay_delivered",
+                    partial(
+                        self.sessions.overlay_delivered, effect.source, effect.payload, self._now
+                    ),
+                    out,
+                )
                 continue
             match effect:
                 case OverlayDelivered(source, seq, payload, hops, upper):
-                    if upper == Upper.GROUP:
-                        self._group_delivered += 1
-                        self._session_input(
-                            "overlay_delivered",
-                            lambda: self.sessions.overlay_delivered(source, payload, self._now),
-                            out,
-                        )
-                    elif upper == Upper.PROBE:
+                    if upper == Upper.PROBE:
                         self._probe_received(source, seq, payload, hops, out)
                     else:
                         self._unknown_upper_dropped += 1
@@ -636,16 +628,19 @@ class DaemonNode:
     def _settle(self, out: list[DaemonEffect]) -> list[DaemonEffect]:
         """Tell the engine which groups slow members block, hand out the coalesced client
         writes, and tell the driver which connections to read."""
-
-        def settle() -> None:
+        if self._blocking or not self.sessions.accepting:
             # a `block` member behind: the next ACK tells every daemon to hold back
-            # senders to its groups
-            self.engine.set_blocked(self.sessions.blocked_groups())
-
-        self._guard("settle", settle, out)
+            # senders to its groups (and, once none is, that they may go on)
+            self._call("settle", self._update_blocked, out)
         out.extend(self.clients.flush())
         out.extend(self.clients.reading_changes())
         return out
+
+    def _update_blocked(self) -> list[DaemonEffect]:
+        groups = self.sessions.blocked_groups()
+        self.engine.set_blocked(groups)
+        self._blocking = bool(groups)
+        return []
 
     def _status(self, now: float) -> Mapping[str, object]:
         sections = status_sections(self, now)
@@ -657,6 +652,16 @@ class DaemonNode:
         if now > self._now:
             self._now = now
 
+    def _call(self, where: str, feed: Callable[[], list[E]], out: list[DaemonEffect]) -> list[E]:
+        """`feed()` in the bulkhead: what it returns, or nothing if it raised."""
+        if not self._contain_bugs:
+            return feed()
+        try:
+            return feed()
+        except Exception as exc:
+            self._bug(where, exc, out)
+            return []
+
     def _guard(self, where: str, run: Callable[[], None], out: list[DaemonEffect]) -> None:
         if not self._contain_bugs:
             run()
@@ -664,19 +669,22 @@ class DaemonNode:
         try:
             run()
         except Exception as exc:
-            self._internal_errors += 1
-            out.append(
-                DaemonEvent(
-                    "bug_contained",
-                    {
-                        "where": where,
-                        "error": repr(exc),
-                        "count": self._internal_errors,
-                        "traceback": traceback.format_exc(limit=8),
-                    },
-                    "error",
-                )
+            self._bug(where, exc, out)
+
+    def _bug(self, where: str, exc: Exception, out: list[DaemonEffect]) -> None:
+        self._internal_errors += 1
+        out.append(
+            DaemonEvent(
+                "bug_contained",
+                {
+                    "where": where,
+                    "error": repr(exc),
+                    "count": self._internal_errors,
+                    "traceback": traceback.format_exc(limit=8),
+                },
+                "error",
             )
+        )
 
     def _unknown(self, effect: object, where: str, out: list[DaemonEffect]) -> None:
         kind = type(effect)
