@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar, get_args
+from typing import TypeVar
 
 from meshcast.daemon.clients import ClientStreams
 from meshcast.daemon.effects import ClientClose, DaemonEffect, DaemonEvent
@@ -117,7 +117,6 @@ class DaemonNodeStats:
     client_turns: int = 0  # reading turns that stopped at frames_per_turn
 
 
-_OVERLAY_EFFECTS: tuple[type, ...] = get_args(OverlayEffect)
 E = TypeVar("E")
 
 
