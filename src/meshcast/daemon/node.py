@@ -200,7 +200,7 @@ class DaemonNode:
 
     def next_deadline(self) -> float | None:
         """When to call `on_timer` next (absolute, the inputs' clock); None: no timer."""
-        if self.clients.has_input() and self._runnable():
+        if self._runnable():
             return self._now  # client input waits its turn: right away
         deadline = self.overlay.next_deadline()
         for other in (self.sessions.next_deadline(), self._next_probe_at):

@@ -23,6 +23,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from meshcast.config import ClusterConfig, SecurityConfig
@@ -50,7 +51,7 @@ from meshcast.runtime.endpoints import (
 )
 from meshcast.runtime.keyfile import describe_keyring
 from meshcast.runtime.logs import EventLog, NodeLogAdapter
-from meshcast.runtime.pump import DaemonPump
+from meshcast.runtime.pump import DaemonPump, PumpStats
 from meshcast.runtime.sessions import (
     ClientServer,
     is_loopback,
@@ -386,18 +387,10 @@ class OverlayDaemon:
         node = self.node
         endpoint = node.overlay.endpoint
         view = node.overlay.view
-        daemon = node.statistics()
-        pump = self.pump.statistics()
         return DaemonStats(
-            datagrams_received=pump.datagrams_received,
-            datagrams_sent=pump.datagrams_sent,
-            foreign_dropped=pump.foreign_dropped,
-            unroutable_dropped=pump.unroutable_dropped,
-            socket_errors=pump.socket_errors,
-            internal_errors=pump.internal_errors + daemon.internal_errors,
-            unknown_effects=pump.unknown_effects + daemon.unknown_effects,
+            **asdict(self._counters()),
             view_members=None if view is None else tuple(int(m) for m in view.members),
-            daemon=daemon,
+            daemon=node.statistics(),
             sessions=node.sessions.statistics(),
             group=node.engine.statistics(),
             membership=node.sessions.membership.statistics(),
@@ -408,7 +401,6 @@ class OverlayDaemon:
 
     def _status(self, now: float) -> Mapping[str, object]:
         """What only the process knows, for a STATUS report (the node adds the rest)."""
-        stats = self.statistics()
         return {
             "security": self.keys.status(),
             "daemon": {
@@ -419,18 +411,18 @@ class OverlayDaemon:
                 "routing": self.config.routing,
                 "pid": os.getpid(),
             },
-            "counters": {
-                "daemon": {
-                    "datagrams_received": stats.datagrams_received,
-                    "datagrams_sent": stats.datagrams_sent,
-                    "foreign_dropped": stats.foreign_dropped,
-                    "unroutable_dropped": stats.unroutable_dropped,
-                    "socket_errors": stats.socket_errors,
-                    "internal_errors": stats.internal_errors,
-                    "unknown_effects": stats.unknown_effects,
-                }
-            },
+            "counters": {"daemon": asdict(self._counters())},
         }
+
+    def _counters(self) -> PumpStats:
+        """The pump's counters, with the bugs the node contained and the effects it had
+        no case for added to the pump's own."""
+        pump, node = self.pump.statistics(), self.node.statistics()
+        return replace(
+            pump,
+            internal_errors=pump.internal_errors + node.internal_errors,
+            unknown_effects=pump.unknown_effects + node.unknown_effects,
+        )
 
 
 # ---------------------------------------------------------------------- entry point

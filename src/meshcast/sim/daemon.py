@@ -34,9 +34,8 @@ from meshcast.group import GroupConfig
 from meshcast.group.sessions import SessionConfig
 from meshcast.ids import NodeId
 from meshcast.link import LinkConfig
-from meshcast.overlay.node import Neighbour, OverlayConfig
 from meshcast.sim.network import LinkModel
-from meshcast.sim.overlay import cluster_security
+from meshcast.sim.overlay import cluster_security, overlay_configs
 from meshcast.sim.simulator import Simulator
 from meshcast.wire.client import (
     ClientFrame,
@@ -112,8 +111,7 @@ class SimClient:
         if self.closed:
             return
         self.closed = True
-        if self.dsim.daemon_alive(self.node, self.incarnation):
-            self.dsim.sim.act(self.node, lambda d, now: d.client_lost(self.conn, now))
+        self._lost()
 
     def read(self, limit: int | None = None) -> int:
         """Read up to `limit` unread bytes (all by default); returns how many."""
@@ -271,29 +269,16 @@ def build_daemon_sim(
     a daemon's are, unless `secure` is False. Bugs are not contained: an exception inside
     a daemon fails the run."""
     nodes = sorted({n for e in links for n in (e.a, e.b)})
-    neighbours: dict[int, dict[NodeId, Neighbour]] = {n: {} for n in nodes}
-    for e in links:
-        neighbours[e.a][NodeId(e.b)] = Neighbour(e.weight, e.bandwidth_bps)
-        neighbours[e.b][NodeId(e.a)] = Neighbour(e.weight, e.bandwidth_bps)
-    uploads = {NodeId(n): float("inf") for n in nodes}
-    allowed = frozenset((NodeId(min(e.a, e.b)), NodeId(max(e.a, e.b))) for e in links)
-    link_config = link or LinkConfig(heartbeat_interval=0.1, failure_rounds=5)
+    config_of = overlay_configs(links, policy=policy, link=link)
     names = {NodeId(n): f"d{n}" for n in nodes}
     sim = Simulator(seed=seed)
     security = cluster_security(seed) if secure else None
 
     def factory(node_id: NodeId, now: float, rng: random.Random) -> DaemonNode:
-        overlay = OverlayConfig(
-            neighbours=neighbours[node_id],
-            upload_bps=uploads,
-            link=link_config,
-            policy=policy,
-            allowed_links=allowed,
-        )
         return DaemonNode(
             node_id,
             DaemonNodeConfig(names[node_id], probe_interval, write_chunk=high_water),
-            overlay,
+            config_of(node_id),
             incarnation=sim.incarnation(node_id) + 1,
             rng=rng,
             wall_clock=lambda: sim.now,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from meshcast.ids import NodeId
 from meshcast.link import LinkConfig
@@ -31,6 +32,56 @@ class OverlayEdge:
     bandwidth_bps: float = 100e6
     weight: float = 1.0
     loss: float = 0.0
+
+
+class Edge(Protocol):
+    """What an overlay config needs of a simulated edge (`OverlayEdge`, `GroupLink`)."""
+
+    @property
+    def a(self) -> int: ...
+    @property
+    def b(self) -> int: ...
+    @property
+    def weight(self) -> float: ...
+    @property
+    def bandwidth_bps(self) -> float: ...
+
+
+def overlay_configs(
+    edges: Iterable[Edge],
+    *,
+    policy: str,
+    link: LinkConfig | None = None,
+    upload_bps: Mapping[int, float] | None = None,
+    **overlay_options: object,
+) -> Callable[[NodeId], OverlayConfig]:
+    """Each daemon's `OverlayConfig` in a cluster of `edges`, as the daemon builds its own
+    from a cluster file: neighbours with the edges' weights and bandwidths, every daemon's
+    upload (unbounded unless given), and views that hold configured daemons and links
+    only (unless `overlay_options` gives `allowed_links`, None for no check)."""
+    edges = list(edges)
+    nodes = sorted({n for e in edges for n in (e.a, e.b)})
+    neighbours: dict[int, dict[NodeId, Neighbour]] = {n: {} for n in nodes}
+    for e in edges:
+        neighbours[e.a][NodeId(e.b)] = Neighbour(e.weight, e.bandwidth_bps)
+        neighbours[e.b][NodeId(e.a)] = Neighbour(e.weight, e.bandwidth_bps)
+    uploads = {NodeId(n): float((upload_bps or {}).get(n, float("inf"))) for n in nodes}
+    overlay_options.setdefault(
+        "allowed_links",
+        frozenset((NodeId(min(e.a, e.b)), NodeId(max(e.a, e.b))) for e in edges),
+    )
+    link_config = link or LinkConfig(heartbeat_interval=0.1, failure_rounds=5)
+
+    def config_of(node_id: NodeId) -> OverlayConfig:
+        return OverlayConfig(
+            neighbours=neighbours[node_id],
+            upload_bps=uploads,
+            link=link_config,
+            policy=policy,
+            **overlay_options,  # type: ignore[arg-type]
+        )
+
+    return config_of
 
 
 def full_mesh(n: int, **kwargs: float) -> list[OverlayEdge]:
@@ -90,34 +141,18 @@ def build_overlay(
 ) -> tuple[Simulator, OverlayRecorder]:
     edges = list(edges)
     nodes = sorted({n for e in edges for n in (e.a, e.b)})
-    neighbours: dict[int, dict[NodeId, Neighbour]] = {n: {} for n in nodes}
-    for e in edges:
-        neighbours[e.a][NodeId(e.b)] = Neighbour(e.weight, e.bandwidth_bps)
-        neighbours[e.b][NodeId(e.a)] = Neighbour(e.weight, e.bandwidth_bps)
-    uploads = {NodeId(n): float((upload_bps or {}).get(n, float("inf"))) for n in nodes}
-    # as the daemon's config: views hold configured daemons and links only (unless the
-    # caller passes allowed_links, None for none)
-    overlay_options.setdefault(
-        "allowed_links",
-        frozenset((NodeId(min(e.a, e.b)), NodeId(max(e.a, e.b))) for e in edges),
+    config_of = overlay_configs(
+        edges, policy=policy, link=link, upload_bps=upload_bps, **overlay_options
     )
-    link_config = link or LinkConfig(heartbeat_interval=0.1, failure_rounds=5)
     sim = Simulator(seed=seed, trace=trace)
     security = cluster_security(seed) if secure else None
     recorder = OverlayRecorder()
     sim.observe(recorder)
 
     def factory(node_id: NodeId, now: float, rng: random.Random) -> OverlayNode:
-        config = OverlayConfig(
-            neighbours=neighbours[node_id],
-            upload_bps=uploads,
-            link=link_config,
-            policy=policy,
-            **overlay_options,  # type: ignore[arg-type]
-        )
         return OverlayNode(
             node_id,
-            config,
+            config_of(node_id),
             incarnation=sim.incarnation(node_id) + 1,
             rng=rng,
             security=None if security is None else security(rng),
