@@ -104,3 +104,15 @@ class ClientError(MeshcastError):
     def __init__(self, message: str, code: int = 0) -> None:
         super().__init__(message)
         self.code = code
+
+
+class ReplicationError(MeshcastError):
+    """A bulk replication cannot go on (the message says what and where)."""
+
+
+class IntegrityError(ReplicationError):
+    """Data does not match its hash: a chunk, or a whole file at the end."""
+
+
+class BlobUnavailable(ReplicationError):
+    """A file cannot be read or written: missing, unreadable, a bad name or destination."""

@@ -106,12 +106,53 @@ class Plan:
     _to: dict[NodeId, tuple[Feed, ...]] = field(default_factory=dict, compare=False)
 
     def feeds_from(self, node: NodeId) -> tuple[Feed, ...]:
-        ...
+        return self._from.get(node, ())
 
     def feeds_to(self, node: NodeId) -> tuple[Feed, ...]:
-        ...
+        return self._to.get(node, ())
 
 
-def make_plan(spec: PlanSpec) -> Plan:
+def make_plan(spec: PlanSpec) -> Plan:  # TEMPORARY (lead's scaffold; the helper's replaces it)
     """The plan for `spec` (raises `UsageError` for a spec that cannot be planned)."""
-    raise NotImplementedError
+    n = len(spec.recipients)
+    if spec.strategy is Strategy.FANOUT:
+        feeds = [Feed(spec.origin, r, (0,), FeedKind.WHOLE) for r in spec.recipients]
+        return _finish(spec, 1, ((0, spec.chunk_count),), tuple((r,) for r in spec.recipients),
+                       tuple(-1 for _ in spec.recipients), feeds)
+    k = max(1, min(spec.max_connections - int(spec.variant), n, spec.chunk_count))
+    base, extra = divmod(spec.chunk_count, k)
+    subfiles = []
+    first = 0
+    for i in range(k):
+        end = first + base + (1 if i >= k - extra else 0)
+        subfiles.append((first, end))
+        first = end
+    groups = tuple(tuple(spec.recipients[g:g + k]) for g in range(0, n, k))
+    parents = tuple(range(-1, len(groups) - 1))
+    feeds: list[Feed] = []
+    def holder(g: int, i: int) -> NodeId:
+        return groups[g][i % len(groups[g])]
+    for g, group in enumerate(groups):
+        for i in range(k):
+            h = holder(g, i)
+            sender = spec.origin if g == 0 else holder(g - 1, i)
+            kind = FeedKind.DISTRIBUTION if g == 0 else FeedKind.PRIMARY
+            feeds.append(Feed(sender, h, (i,), kind, priority=0))
+        for j, member in enumerate(group):
+            mine = tuple(i for i in range(k) if holder(g, i) == member)
+            for other in group:
+                if other != member and mine:
+                    feeds.append(Feed(member, other, mine, FeedKind.COLLECTION, priority=1))
+    return _finish(spec, k, tuple(subfiles), groups, parents, feeds)
+
+
+def _finish(spec: PlanSpec, k: int, subfiles: tuple[tuple[int, int], ...],
+            groups: tuple[tuple[NodeId, ...], ...], parents: tuple[int, ...],
+            feeds: list[Feed]) -> Plan:
+    plan = Plan(spec, k, subfiles, groups, parents, tuple(feeds))
+    for f in feeds:
+        plan._from.setdefault(f.sender, ())
+        plan._from[f.sender] += (f,)
+        plan._to.setdefault(f.receiver, ())
+        plan._to[f.receiver] += (f,)
+    return plan
