@@ -19,7 +19,8 @@ spec, so only the spec travels with the data. The rules (docs/design/replicate.m
 - A node's fast-forward peers (distinct peers over feeds without `after_complete`, in or
   out) never exceed k + variant <= max_connections.
 - Capacity-aware: recipients fastest first before grouping; subfile i's size in proportion to
-  the slowest holder of subfile i across the groups (its "column").
+  the slowest holder of subfile i across the groups (its "column"), leaving out a holder
+  that forwards nothing (a last group of one node).
 """
 
 from __future__ import annotations
@@ -227,11 +228,14 @@ def _fastreplica(
     k = max(1, min(spec.max_connections - int(spec.variant), n, spec.chunk_count))
     groups = tuple(recipients[start : start + k] for start in range(0, n, k))
     parents, tree_of, after = _group_tree(len(groups), spec.variant, spec.tree)
-    if capacity is None:
+    if capacity is None or k == 1:
         sizes = _equal_sizes(spec.chunk_count, k)
     else:
-        # a column's slowest holder limits the rate at which its subfile spreads
-        columns = [min(capacity[group[i % len(group)]] for group in groups) for i in range(k)]
+        # A column's slowest holder limits the rate at which its subfile spreads. A lone
+        # node in a leaf group (the last group, of one node) spreads nothing: left out.
+        fed = set(parents)
+        spreading = [group for g, group in enumerate(groups) if len(group) > 1 or g in fed]
+        columns = [min(capacity[group[i % len(group)]] for group in spreading) for i in range(k)]
         sizes = _proportional_sizes(spec.chunk_count, columns)
     feeds: list[Feed] = []
     rank: dict[int, int] = {}  # after-complete children seen per sender group

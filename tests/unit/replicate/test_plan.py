@@ -234,6 +234,24 @@ def test_capacity_aware_orders_fastest_first_and_sizes_by_column() -> None:
     assert aware.subfiles == ((0, 7), (7, 10))
 
 
+def test_capacity_aware_leaves_out_a_lone_leaf() -> None:
+    """Node 5, alone in the last group, forwards nothing: its slowness limits no column."""
+    plan = make_plan(
+        PlanSpec(
+            ORIGIN,
+            nodes(1, 2, 3, 4, 5),
+            10,
+            max_connections=3,
+            capacities=(100.0, 50.0, 40.0, 30.0, 20.0, 1.0),
+            capacity_aware=True,
+        )
+    )
+    check_plan(plan)
+    assert plan.groups == (nodes(1, 2), nodes(3, 4), nodes(5))
+    # column 0 = nodes 1 and 3 (slowest 30), column 1 = nodes 2 and 4 (slowest 20)
+    assert plan.subfiles == ((0, 6), (6, 10))
+
+
 def test_capacity_aware_keeps_one_chunk_per_subfile() -> None:
     plan = make_plan(
         PlanSpec(
