@@ -7,14 +7,32 @@ the first group (distribution), every node forwards its subfile to the rest of i
 in fast-forward mode along the primary tree and after completion into secondary trees.
 
 Every node of the origin's recipients and of the plan computes the same plan from the same
-spec, so only the spec travels with the data.
+spec, so only the spec travels with the data. The rules (docs/design/replicate.md, "Plans"):
+
+- k = min(max_connections - variant, recipients, chunks), at least 1; groups of k recipients
+  in order (the last may be smaller, and is always a leaf); in a group of r nodes, node
+  j % r holds subfile j.
+- Group trees by variant: K1 a chain of fast-forward edges, K2 a breadth-first binary tree of
+  fast-forward edges, K a binary tree of after-complete edges served one child after the
+  other. Tree.BALANCED: a primary tree of m groups and m1 secondary trees of at most m
+  groups (m1 in {m-1, m}); primary group t feeds the root of secondary tree t after complete.
+- A node's fast-forward peers (distinct peers over feeds without `after_complete`, in or
+  out) never exceed k + variant <= max_connections.
+- Capacity-aware: recipients fastest first before grouping; subfile i's size in proportion to
+  the slowest holder of subfile i across the groups (its "column"), leaving out a holder
+  that forwards nothing (a last group of one node).
 """
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
+from fractions import Fraction
 
+from meshcast.errors import UsageError
 from meshcast.ids import NodeId
 
 __all__ = [
@@ -27,6 +45,13 @@ __all__ = [
     "Variant",
     "make_plan",
 ]
+
+# A sender serves lower priorities first: the data every later group waits for (distribution,
+# fast-forward tree edges), then its own group (collection), then after-complete children one
+# after the other (PRIORITY_SECONDARY + the child's rank among its sender's such children).
+PRIORITY_TREE = 0
+PRIORITY_COLLECTION = 1
+PRIORITY_SECONDARY = 2
 
 
 class Strategy(StrEnum):
@@ -93,8 +118,10 @@ class Plan:
     """`subfiles[i]` = (first chunk, end chunk) of subfile i; they cover 0..chunk_count
     exactly, in order, none empty. `groups[g]` lists group g's nodes; node j of a group
     holds subfile j (in a group smaller than k, node j % len(group) holds subfile j).
-    `parents[g]` is the group feeding group g (-1: the origin). Every recipient receives
-    every subfile from exactly one feed."""
+    `parents[g]` is the group feeding group g (-1: the origin). `tree_of[g]` is 0 for a group
+    of the primary tree and t + 1 for one of secondary tree t. Every recipient receives
+    every subfile from exactly one feed. The baselines have k = 1, one subfile (the whole
+    file) and one group per recipient."""
 
     spec: PlanSpec
     k: int
@@ -102,57 +129,309 @@ class Plan:
     groups: tuple[tuple[NodeId, ...], ...]
     parents: tuple[int, ...]
     feeds: tuple[Feed, ...]
+    tree_of: tuple[int, ...] = ()
     _from: dict[NodeId, tuple[Feed, ...]] = field(default_factory=dict, compare=False)
     _to: dict[NodeId, tuple[Feed, ...]] = field(default_factory=dict, compare=False)
+    _group: dict[NodeId, int] = field(default_factory=dict, compare=False)
 
     def feeds_from(self, node: NodeId) -> tuple[Feed, ...]:
+        """The feeds `node` sends, in the order to serve them (by priority, then plan order)."""
         return self._from.get(node, ())
 
     def feeds_to(self, node: NodeId) -> tuple[Feed, ...]:
+        """The feeds `node` receives (by priority, then plan order); together they carry
+        every subfile once (none for the origin)."""
         return self._to.get(node, ())
 
+    @property
+    def recipients(self) -> tuple[NodeId, ...]:
+        """Every recipient, in group order (fastest first in a capacity-aware plan)."""
+        return tuple(node for group in self.groups for node in group)
 
-def make_plan(spec: PlanSpec) -> Plan:  # TEMPORARY (lead's scaffold; the helper's replaces it)
-    """The plan for `spec` (raises `UsageError` for a spec that cannot be planned)."""
-    n = len(spec.recipients)
+    def group_of(self, node: NodeId) -> int:
+        """The group `node` belongs to, -1 for the origin (UsageError for a stranger)."""
+        if node == self.spec.origin:
+            return -1
+        try:
+            return self._group[node]
+        except KeyError:
+            raise UsageError(f"node {node} is not in this plan") from None
+
+    def holder(self, group: int, subfile: int) -> NodeId:
+        """The node of `group` that holds (receives from the group's parent and spreads
+        through the group) `subfile`."""
+        nodes = self.groups[group]
+        return nodes[subfile % len(nodes)]
+
+    def held(self, node: NodeId) -> tuple[int, ...]:
+        """The subfiles `node` holds in its group (every subfile for the origin)."""
+        group = self.group_of(node)
+        if group < 0:
+            return tuple(range(len(self.subfiles)))
+        nodes = self.groups[group]
+        return tuple(range(nodes.index(node), len(self.subfiles), len(nodes)))
+
+    def subfile_of(self, chunk: int) -> int:
+        """The subfile chunk `chunk` belongs to."""
+        if not 0 <= chunk < self.subfiles[-1][1]:
+            raise UsageError(f"chunk {chunk} is outside 0..{self.subfiles[-1][1] - 1}")
+        return bisect_right(self.subfiles, chunk, key=lambda bounds: bounds[0]) - 1
+
+
+def make_plan(spec: PlanSpec) -> Plan:
+    """The plan for `spec` (raises `UsageError` for a spec that cannot be planned: a variant
+    leaving no connection, no recipients, the origin or a duplicate among the recipients,
+    no chunks, capacities of the wrong length or not positive)."""
+    recipients, capacity = _checked_order(spec)
     if spec.strategy is Strategy.FANOUT:
-        feeds = [Feed(spec.origin, r, (0,), FeedKind.WHOLE) for r in spec.recipients]
-        return _finish(spec, 1, ((0, spec.chunk_count),), tuple((r,) for r in spec.recipients),
-                       tuple(-1 for _ in spec.recipients), feeds)
+        return _fanout(spec, recipients)
+    if spec.strategy is Strategy.ALM_TREE:
+        return _alm_tree(spec, recipients)
+    return _fastreplica(spec, recipients, capacity)
+
+
+def _checked_order(spec: PlanSpec) -> tuple[tuple[NodeId, ...], dict[NodeId, float] | None]:
+    """The recipients in planning order (fastest first if capacity-aware) and, if
+    capacity-aware, their upload capacities."""
+    if spec.max_connections - int(spec.variant) < 1:
+        raise UsageError(
+            f"max_connections {spec.max_connections} leaves no connection for variant "
+            f"{spec.variant.name} (it needs at least {int(spec.variant) + 1})"
+        )
+    if not spec.recipients:
+        raise UsageError("no recipients to replicate to")
+    if spec.origin in spec.recipients:
+        raise UsageError(f"the origin {spec.origin} is among the recipients")
+    if len(set(spec.recipients)) != len(spec.recipients):
+        raise UsageError("a recipient is listed twice")
+    if spec.chunk_count < 1:
+        raise UsageError(f"chunk_count {spec.chunk_count} < 1")
+    capacities = spec.capacities
+    if capacities is not None:
+        if len(capacities) != len(spec.recipients) + 1:
+            raise UsageError(
+                f"{len(capacities)} capacities for an origin and {len(spec.recipients)} recipients"
+            )
+        if not all(math.isfinite(value) and value > 0 for value in capacities):
+            raise UsageError("capacities must be positive and finite")
+    if not spec.capacity_aware or capacities is None:
+        return spec.recipients, None
+    capacity = dict(zip(spec.recipients, capacities[1:], strict=True))
+    # stable: equal capacities keep the given order
+    return tuple(sorted(spec.recipients, key=lambda node: -capacity[node])), capacity
+
+
+def _fastreplica(
+    spec: PlanSpec, recipients: tuple[NodeId, ...], capacity: dict[NodeId, float] | None
+) -> Plan:
+    n = len(recipients)
     k = max(1, min(spec.max_connections - int(spec.variant), n, spec.chunk_count))
-    base, extra = divmod(spec.chunk_count, k)
-    subfiles = []
-    first = 0
-    for i in range(k):
-        end = first + base + (1 if i >= k - extra else 0)
-        subfiles.append((first, end))
-        first = end
-    groups = tuple(tuple(spec.recipients[g:g + k]) for g in range(0, n, k))
-    parents = tuple(range(-1, len(groups) - 1))
+    groups = tuple(recipients[start : start + k] for start in range(0, n, k))
+    parents, tree_of, after = _group_tree(len(groups), spec.variant, spec.tree)
+    if capacity is None or k == 1:
+        sizes = _equal_sizes(spec.chunk_count, k)
+    else:
+        # A column's slowest holder limits the rate at which its subfile spreads. A lone
+        # node in a leaf group (the last group, of one node) spreads nothing: left out.
+        fed = set(parents)
+        spreading = [group for g, group in enumerate(groups) if len(group) > 1 or g in fed]
+        columns = [min(capacity[group[i % len(group)]] for group in spreading) for i in range(k)]
+        sizes = _proportional_sizes(spec.chunk_count, columns)
     feeds: list[Feed] = []
-    def holder(g: int, i: int) -> NodeId:
-        return groups[g][i % len(groups[g])]
+    rank: dict[int, int] = {}  # after-complete children seen per sender group
     for g, group in enumerate(groups):
-        for i in range(k):
-            h = holder(g, i)
-            sender = spec.origin if g == 0 else holder(g - 1, i)
-            kind = FeedKind.DISTRIBUTION if g == 0 else FeedKind.PRIMARY
-            feeds.append(Feed(sender, h, (i,), kind, priority=0))
-        for j, member in enumerate(group):
-            mine = tuple(i for i in range(k) if holder(g, i) == member)
-            for other in group:
-                if other != member and mine:
-                    feeds.append(Feed(member, other, mine, FeedKind.COLLECTION, priority=1))
-    return _finish(spec, k, tuple(subfiles), groups, parents, feeds)
+        parent = parents[g]
+        if parent < 0:
+            feeds += _group_feeds(
+                k, lambda _: spec.origin, group, FeedKind.DISTRIBUTION, False, PRIORITY_TREE
+            )
+        elif after[g]:
+            priority = PRIORITY_SECONDARY + rank.get(parent, 0)
+            rank[parent] = rank.get(parent, 0) + 1
+            source = groups[parent]
+            feeds += _group_feeds(k, _holder_in(source), group, FeedKind.SECONDARY, True, priority)
+        else:
+            source = groups[parent]
+            feeds += _group_feeds(
+                k, _holder_in(source), group, FeedKind.PRIMARY, False, PRIORITY_TREE
+            )
+        feeds += _collection(k, group)
+    return _plan(spec, k, _bounds(sizes), groups, tuple(parents), tuple(tree_of), feeds)
 
 
-def _finish(spec: PlanSpec, k: int, subfiles: tuple[tuple[int, int], ...],
-            groups: tuple[tuple[NodeId, ...], ...], parents: tuple[int, ...],
-            feeds: list[Feed]) -> Plan:
-    plan = Plan(spec, k, subfiles, groups, parents, tuple(feeds))
-    for f in feeds:
-        plan._from.setdefault(f.sender, ())
-        plan._from[f.sender] += (f,)
-        plan._to.setdefault(f.receiver, ())
-        plan._to[f.receiver] += (f,)
-    return plan
+def _holder_in(group: tuple[NodeId, ...]) -> Callable[[int], NodeId]:
+    return lambda subfile: group[subfile % len(group)]
+
+
+def _group_feeds(
+    k: int,
+    sender_of: Callable[[int], NodeId],
+    group: tuple[NodeId, ...],
+    kind: FeedKind,
+    after_complete: bool,
+    priority: int,
+) -> list[Feed]:
+    """Subfile i from `sender_of(i)` to the holder of i in `group`: one feed per pair."""
+    pairs: dict[tuple[NodeId, NodeId], list[int]] = {}
+    for subfile in range(k):
+        pair = (sender_of(subfile), group[subfile % len(group)])
+        pairs.setdefault(pair, []).append(subfile)
+    return [
+        Feed(sender, receiver, tuple(subfiles), kind, after_complete, priority)
+        for (sender, receiver), subfiles in pairs.items()
+    ]
+
+
+def _collection(k: int, group: tuple[NodeId, ...]) -> list[Feed]:
+    """Every holder to the rest of its group, starting with its right-hand neighbour so
+    that not every holder serves the group's first node first."""
+    size = len(group)
+    return [
+        Feed(
+            sender,
+            group[(j + step) % size],
+            tuple(range(j, k, size)),
+            FeedKind.COLLECTION,
+            False,
+            PRIORITY_COLLECTION,
+        )
+        for j, sender in enumerate(group)
+        for step in range(1, size)
+    ]
+
+
+def _group_tree(
+    count: int, variant: Variant, tree: Tree
+) -> tuple[list[int], list[int], list[bool]]:
+    """`parents`, `tree_of` and, for each group, whether its incoming edge waits for the
+    sender to complete. Groups are numbered breadth-first: the primary tree first, then each
+    secondary tree; the last group (the only one that may be smaller than k) is a leaf."""
+    primary = count if tree is Tree.CHAIN else _primary_size(count)
+    parents = _shape(primary, variant)
+    tree_of = [0] * primary
+    after = [variant is Variant.K and parent >= 0 for parent in parents]
+    rest = count - primary
+    trees = -(-rest // primary)
+    start = primary
+    for t, size in enumerate(_split(rest, trees)):
+        for local in _shape(size, variant):
+            parents.append(t if local < 0 else start + local)
+            tree_of.append(t + 1)
+            after.append(local < 0 or variant is Variant.K)
+        start += size
+    return parents, tree_of, after
+
+
+def _shape(size: int, variant: Variant) -> list[int]:
+    """Parents within one tree of `size` groups (-1: its root): a chain for K1, else a
+    breadth-first binary tree."""
+    if variant is Variant.K1:
+        return [i - 1 for i in range(size)]
+    return [(i - 1) // 2 if i else -1 for i in range(size)]
+
+
+def _primary_size(count: int) -> int:
+    """The smallest m with m * (m + 1) >= count: m primary groups and m1 = ceil((count -
+    m) / m) secondary trees of at most m groups, with m1 in {m - 1, m} (patent [0050]:
+    m and m1 similar)."""
+    m = max(1, math.isqrt(count) - 1)
+    while m * (m + 1) < count:
+        m += 1
+    return m
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """`total` in `parts` as equal as possible, the first ones larger."""
+    if parts == 0:
+        return []
+    base, extra = divmod(total, parts)
+    return [base + 1] * extra + [base] * (parts - extra)
+
+
+def _equal_sizes(total: int, parts: int) -> list[int]:
+    """As equal as possible; the last subfiles take the remainder."""
+    base, extra = divmod(total, parts)
+    return [base] * (parts - extra) + [base + 1] * extra
+
+
+def _proportional_sizes(total: int, weights: Sequence[float]) -> list[int]:
+    """`total` chunks in proportion to `weights` (largest remainders, ties to the later
+    subfiles as in the equal split), each at least one: a share below one chunk is fixed at
+    one and the rest shared again among the others. Exact arithmetic, so every node
+    computes the same sizes."""
+    exact = [Fraction(weight) for weight in weights]
+    fixed: set[int] = set()
+    while True:
+        free = [i for i in range(len(exact)) if i not in fixed]
+        rest = total - len(fixed)
+        weight = sum((exact[i] for i in free), Fraction(0))
+        share = {i: rest * exact[i] / weight for i in free}
+        small = [i for i in free if share[i] < 1]
+        if not small:
+            break
+        fixed.update(small)  # never all: the shares sum to rest >= len(free)
+    sizes = [1] * len(exact)
+    for i in free:
+        sizes[i] = math.floor(share[i])
+    short = rest - sum(sizes[i] for i in free)
+    for i in sorted(free, key=lambda i: (share[i] - sizes[i], i), reverse=True)[:short]:
+        sizes[i] += 1
+    return sizes
+
+
+def _bounds(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    bounds = []
+    first = 0
+    for size in sizes:
+        bounds.append((first, first + size))
+        first += size
+    return tuple(bounds)
+
+
+def _fanout(spec: PlanSpec, recipients: tuple[NodeId, ...]) -> Plan:
+    feeds = [Feed(spec.origin, node, (0,), FeedKind.WHOLE) for node in recipients]
+    groups = tuple((node,) for node in recipients)
+    parents = (-1,) * len(recipients)
+    return _plan(spec, 1, ((0, spec.chunk_count),), groups, parents, (0,) * len(groups), feeds)
+
+
+def _alm_tree(spec: PlanSpec, recipients: tuple[NodeId, ...]) -> Plan:
+    parents = tuple(_shape(len(recipients), Variant.K2))
+    feeds = [
+        Feed(spec.origin if parent < 0 else recipients[parent], node, (0,), FeedKind.WHOLE)
+        for node, parent in zip(recipients, parents, strict=True)
+    ]
+    groups = tuple((node,) for node in recipients)
+    return _plan(spec, 1, ((0, spec.chunk_count),), groups, parents, (0,) * len(groups), feeds)
+
+
+def _plan(
+    spec: PlanSpec,
+    k: int,
+    subfiles: tuple[tuple[int, int], ...],
+    groups: tuple[tuple[NodeId, ...], ...],
+    parents: tuple[int, ...],
+    tree_of: tuple[int, ...],
+    feeds: list[Feed],
+) -> Plan:
+    senders: dict[NodeId, list[Feed]] = {}
+    receivers: dict[NodeId, list[Feed]] = {}
+    for feed in feeds:
+        senders.setdefault(feed.sender, []).append(feed)
+        receivers.setdefault(feed.receiver, []).append(feed)
+    return Plan(
+        spec=spec,
+        k=k,
+        subfiles=subfiles,
+        groups=groups,
+        parents=parents,
+        feeds=tuple(feeds),
+        tree_of=tree_of,
+        _from={node: _by_priority(out) for node, out in senders.items()},
+        _to={node: _by_priority(into) for node, into in receivers.items()},
+        _group={node: g for g, group in enumerate(groups) for node in group},
+    )
+
+
+def _by_priority(feeds: list[Feed]) -> tuple[Feed, ...]:
+    return tuple(sorted(feeds, key=lambda feed: feed.priority))  # stable: plan order next
