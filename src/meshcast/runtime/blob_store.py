@@ -35,6 +35,9 @@ PARTIAL_SUFFIX = ".meshcast-partial"
 _INDEX_TMP = INDEX_NAME + ".tmp"
 _INDEX_MAX_BYTES = 8 * 1024 * 1024  # a larger index is ignored (it is only a cache)
 _INDEX_MAX_ENTRIES = 10_000
+# O_NONBLOCK: opening a FIFO put in place of a file must not block the daemon (then
+# refused: not a regular file); it changes nothing for regular files
+_READ = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 _NAME_MAX = 255  # bytes of UTF-8: the file name limit of Linux file systems
 _PARTIAL_FIXED = len(".") + len(".") + 16 + len(PARTIAL_SUFFIX)
 # whole-file hashes use every core: 5.9 against 3.1 GB/s on 8 MiB blocks, 2 cores
@@ -115,7 +118,7 @@ def hash_file(path: str, chunk_size: int | None = None) -> Manifest:
 def _open_source(path: str) -> int:
     """A read-only descriptor of the regular file at `path` (a local, trusted path)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, _READ)
     except FileNotFoundError as exc:
         raise BlobUnavailable(f"{path}: no such file") from exc
     except PermissionError as exc:
@@ -422,7 +425,10 @@ class DiskStore(ChunkStore):
         else:
             if not dest or "\0" in dest:
                 raise BlobUnavailable(f"bad destination directory {dest!r}")
-            path = (self._root / dest).resolve()  # an absolute dest replaces the root
+            try:
+                path = (self._root / dest).resolve()  # an absolute dest replaces the root
+            except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (3.11)
+                raise BlobUnavailable(f"bad destination directory {dest!r}: {exc}") from exc
         if not any(path == root or root in path.parents for root in self._roots):
             allowed = ", ".join(str(root) for root in self._roots)
             raise BlobUnavailable(
@@ -440,7 +446,7 @@ class DiskStore(ChunkStore):
         """The entry of the final file if it is already in place with the manifest's digest."""
         name = manifest.name
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            fd = os.open(name, _READ | os.O_NOFOLLOW, dir_fd=dir_fd)
         except OSError:
             return None  # missing, a symbolic link, unreadable: received anew
         try:
@@ -476,7 +482,7 @@ class DiskStore(ChunkStore):
     def _open_partial(self, manifest: Manifest, directory: str, dir_fd: int) -> _Open:
         """The entry of the partial file, created or resumed (its held chunks re-hashed)."""
         name = partial_name(manifest.name, manifest.digest)
-        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
         where = os.path.join(directory, name)
         created = True
         try:
@@ -639,7 +645,7 @@ def _index_load(dir_fd: int) -> dict[str, dict[str, object]]:
     """The directory's index (name -> {"key": stat key, "digest": hex}); {} when missing or
     unreadable (it is a cache)."""
     try:
-        fd = os.open(INDEX_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(INDEX_NAME, _READ | os.O_NOFOLLOW, dir_fd=dir_fd)
     except OSError:
         return {}
     try:

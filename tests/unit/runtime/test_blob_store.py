@@ -297,6 +297,22 @@ def test_a_symlink_at_the_final_name_is_neither_trusted_nor_followed(
     assert path.read_bytes() == data
 
 
+def test_a_fifo_is_refused_as_source_and_ignored_at_the_final_name(
+    tmp_path: Path, origin: tuple[Path, bytes, Manifest, DiskStore]
+) -> None:
+    _, data, manifest, source = origin
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(BlobUnavailable, match="fifo: not a regular file"):
+        hash_file(str(fifo))  # does not block waiting for a writer
+    recv = tmp_path / "recv"
+    recv.mkdir()
+    os.mkfifo(recv / manifest.name)
+    dest = DiskStore(recv)
+    assert dest.begin(manifest, None) == set()
+    assert Path(replicate(manifest, source, dest)).read_bytes() == data
+
+
 def test_empty_file_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "empty"
     path.write_bytes(b"")
