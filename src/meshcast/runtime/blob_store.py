@@ -40,8 +40,10 @@ _INDEX_MAX_ENTRIES = 10_000
 _READ = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 _NAME_MAX = 255  # bytes of UTF-8: the file name limit of Linux file systems
 _PARTIAL_FIXED = len(".") + len(".") + 16 + len(PARTIAL_SUFFIX)
-# whole-file hashes use every core: 5.9 against 3.1 GB/s on 8 MiB blocks, 2 cores
-_AUTO_THREADS = blake3.blake3.AUTO
+# one hashing thread: blake3's max_threads=AUTO doubles a whole-file hash on an idle
+# 2-core machine (5.9 against 3.1 GB/s, 8 MiB blocks) but slows hash_file by a third when
+# the other core is busy (0.53 against 0.76 GB/s), as it is in a daemon moving a file
+_HASH_THREADS = 1
 
 
 def _block_size(chunk_size: int) -> int:
@@ -85,7 +87,7 @@ def hash_file(path: str, chunk_size: int | None = None) -> Manifest:
         if chunk <= 0:
             raise UsageError(f"chunk size must be positive, not {chunk}")
         buf = bytearray(_block_size(chunk))
-        whole = blake3.blake3(max_threads=_AUTO_THREADS)
+        whole = blake3.blake3(max_threads=_HASH_THREADS)
         hashes: list[bytes] = []
         total = 0
         try:
@@ -521,7 +523,7 @@ class DiskStore(ChunkStore):
 
     def _digest(self, fd: int, size: int) -> bytes:
         """BLAKE3 of the first `size` bytes of `fd` (fewer if the file is shorter)."""
-        hasher = blake3.blake3(max_threads=_AUTO_THREADS)
+        hasher = blake3.blake3(max_threads=_HASH_THREADS)
         with self._buffer(BLOCK_SIZE) as buf:
             for block in _read_blocks(fd, 0, size, buf):
                 hasher.update(block)
