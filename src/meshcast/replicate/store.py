@@ -8,10 +8,12 @@ replication is known by its file's digest (`Manifest.digest`), so every call aft
 
 Threads: the runtime calls `finalize` (which re-hashes the whole file) and may call `begin`
 (which may re-hash a partial or complete file) in a worker thread, while the loop thread
-keeps calling the other methods for other digests. A store therefore keeps its state per
-digest, and every method may run concurrently with any call for *another* digest. Calls
-for one digest are the caller's to serialize: nothing may overlap `begin(d)` or
-`finalize(d)` for the same digest `d`.
+keeps calling the other methods. A store therefore keeps its state per digest, and every
+method may run concurrently with any call for *another* digest. For the same digest,
+`read` and `write` may run while `finalize` does (a node keeps forwarding the chunks it
+holds while its copy is checked), and `close` may come during `finalize` (the store then
+releases the file when `finalize` ends); nothing else may overlap for one digest: the
+caller serializes `begin`, `finalize` and the rest.
 """
 
 from __future__ import annotations

@@ -184,6 +184,13 @@ class _Open:
     partial: str  # the partial file's name in the directory; "" once complete or a source
     held: bytearray  # held[i] == 1: chunk i is on disk and verified
     missing: int  # chunks not held
+    finalizing: bool = False  # finalize() is running (in a worker thread)
+    closed: bool = False  # close() came: the last of close() and finalize() closes the fds
+
+    def close_fds(self) -> None:
+        os.close(self.fd)
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
 
     def final_path(self) -> str:
         if self.dir_fd < 0:
@@ -201,9 +208,11 @@ class DiskStore(ChunkStore):
     those directories are trusted: the checks keep out names and destinations from the
     network, not a local attacker racing the daemon.
 
-    Threads: every method may run in any thread, concurrently with calls for other digests
-    (a lock guards the table of open files, the counters and each directory's index; the
-    state of one digest is touched by one call at a time, which the caller ensures).
+    Threads: every method may run in any thread, concurrently with calls for other digests:
+    a lock guards the table of open files and the counters, another each directory's index.
+    For one digest, `read` and `write` may run while `finalize` does (a node forwards what
+    it holds while its copy is checked), and `close` during `finalize` defers closing the
+    files to its end; other calls for one digest must not overlap (the caller's to ensure).
     """
 
     def __init__(self, root: Path, allowed_dest: Sequence[Path] = ()) -> None:
@@ -301,7 +310,10 @@ class DiskStore(ChunkStore):
         done = 0
         try:
             while done < length:
-                done += os.pwrite(entry.fd, view[done:], offset + done)
+                wrote = os.pwrite(entry.fd, view[done:], offset + done)
+                if wrote == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += wrote
         except OSError as exc:
             raise _write_error(entry.path, exc) from exc
         entry.held[index] = 1
@@ -314,6 +326,20 @@ class DiskStore(ChunkStore):
         entry = self._entry(digest)
         if entry.dir_fd < 0 or not entry.partial:
             return entry.final_path()  # a source, or complete at begin
+        with self._lock:
+            if entry.finalizing:
+                raise UsageError(f"{entry.final_path()}: already being finalized")
+            entry.finalizing = True
+        try:
+            return self._finalize(entry)
+        finally:
+            with self._lock:
+                entry.finalizing = False
+                release = entry.closed
+            if release:
+                entry.close_fds()
+
+    def _finalize(self, entry: _Open) -> str:
         if entry.missing:
             raise UsageError(f"{entry.final_path()}: {entry.missing} chunks not written yet")
         manifest = entry.manifest
@@ -356,11 +382,12 @@ class DiskStore(ChunkStore):
     def close(self, digest: bytes) -> None:
         with self._lock:
             entry = self._open.pop(digest, None)
-        if entry is None:
-            return
-        os.close(entry.fd)
-        if entry.dir_fd >= 0:
-            os.close(entry.dir_fd)
+            if entry is None:
+                return
+            entry.closed = True
+            if entry.finalizing:
+                return  # a descriptor closed under finalize could be reused: it closes them
+        entry.close_fds()
 
     def memory(self) -> int:
         with self._lock:
@@ -415,9 +442,7 @@ class DiskStore(ChunkStore):
             if entry.manifest.digest not in self._open:
                 self._open[entry.manifest.digest] = entry
                 return
-        os.close(entry.fd)
-        if entry.dir_fd >= 0:
-            os.close(entry.dir_fd)
+        entry.close_fds()
         raise UsageError(f"file {entry.manifest.digest.hex()[:16]} is already open")
 
     def _destination(self, dest: str | None) -> str:

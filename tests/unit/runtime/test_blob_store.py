@@ -492,6 +492,37 @@ def test_finalize_in_a_worker_thread_while_another_file_is_written(tmp_path: Pat
     assert (tmp_path / "recv" / "f0").read_bytes() == files[0][1]
 
 
+def test_reads_and_a_close_may_come_while_the_same_file_is_finalized(tmp_path: Path) -> None:
+    path = tmp_path / "big"
+    data = make_file(path, 16 * 1024 * 1024)  # long enough to hash that calls overlap
+    manifest = hash_file(str(path), 64 * 1024)
+    source = DiskStore(tmp_path / "s")
+    source.open_source(manifest, str(path))
+    dest = DiskStore(tmp_path / "recv")
+    dest.begin(manifest, None)
+    for index in range(manifest.chunk_count):
+        dest.write(manifest.digest, index, source.read(manifest.digest, index))
+    results: list[str | BaseException] = []
+
+    def finalize() -> None:
+        try:
+            results.append(dest.finalize(manifest.digest))
+        except BaseException as exc:
+            results.append(exc)
+
+    worker = threading.Thread(target=finalize)
+    worker.start()
+    for index in range(0, manifest.chunk_count, 7):  # a node forwards while it finalizes
+        assert dest.read(manifest.digest, index) == source.read(manifest.digest, index)
+    dest.close(manifest.digest)
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    assert results == [str((tmp_path / "recv" / "big").resolve())]
+    assert (tmp_path / "recv" / "big").read_bytes() == data
+    with pytest.raises(UsageError, match="not open"):
+        dest.read(manifest.digest, 0)
+
+
 # -- any size, any chunk size, any order
 
 
