@@ -46,11 +46,6 @@ _PARTIAL_FIXED = len(".") + len(".") + 16 + len(PARTIAL_SUFFIX)
 _HASH_THREADS = 1
 
 
-def _block_size(chunk_size: int) -> int:
-    """BLOCK_SIZE rounded down to whole chunks (at least one)."""
-    return max(chunk_size, BLOCK_SIZE - BLOCK_SIZE % chunk_size)
-
-
 def _read_blocks(fd: int, start: int, end: int, buf: bytearray) -> Iterator[memoryview]:
     """The bytes [start, end) of `fd` in blocks of len(buf), read into `buf` (each view is
     valid until the next one). Stops early at end of file."""
@@ -71,6 +66,42 @@ def _read_blocks(fd: int, start: int, end: int, buf: bytearray) -> Iterator[memo
         offset += got
 
 
+class _ChunkHasher:
+    """The hashes of the chunks of a stream of blocks (and the whole stream's, if given a
+    hasher); blocks and chunks of any sizes, so memory does not depend on the chunk size."""
+
+    def __init__(self, chunk_size: int, whole: blake3.blake3 | None = None) -> None:
+        self.digests: list[bytes] = []  # of the chunks completed so far
+        self.total = 0  # bytes hashed
+        self._chunk_size = chunk_size
+        self._whole = whole
+        self._part = blake3.blake3(max_threads=_HASH_THREADS)  # the chunk in progress
+        self._in_part = 0
+
+    def update(self, block: memoryview) -> None:
+        if self._whole is not None:
+            self._whole.update(block)
+        self.total += len(block)
+        at = 0
+        while at < len(block):
+            n = min(self._chunk_size - self._in_part, len(block) - at)
+            self._part.update(block[at : at + n])
+            at += n
+            self._in_part += n
+            if self._in_part == self._chunk_size:
+                self.digests.append(self._part.digest())
+                self._part = blake3.blake3(max_threads=_HASH_THREADS)
+                self._in_part = 0
+
+    def finish(self) -> list[bytes]:
+        """Every chunk's hash: the last one may be short; an empty stream is one empty
+        chunk."""
+        if self._in_part or not self.digests:
+            self.digests.append(self._part.digest())
+            self._in_part = 0
+        return self.digests
+
+
 def hash_file(path: str, chunk_size: int | None = None) -> Manifest:
     """The manifest of the file at `path`: every chunk's hash and the whole file's, in one
     pass over the file in blocks of BLOCK_SIZE (memory does not grow with the file). Its
@@ -86,28 +117,20 @@ def hash_file(path: str, chunk_size: int | None = None) -> Manifest:
         chunk = chunk_size if chunk_size is not None else chunk_size_for(size)
         if chunk <= 0:
             raise UsageError(f"chunk size must be positive, not {chunk}")
-        buf = bytearray(_block_size(chunk))
+        buf = bytearray(BLOCK_SIZE)
         whole = blake3.blake3(max_threads=_HASH_THREADS)
-        hashes: list[bytes] = []
-        total = 0
+        chunks = _ChunkHasher(chunk, whole)
         try:
             for block in _read_blocks(fd, 0, size, buf):
-                whole.update(block)
-                # blocks are whole chunks but for the file's last one
-                hashes.extend(
-                    blake3.blake3(block[at : at + chunk]).digest()
-                    for at in range(0, len(block), chunk)
-                )
-                total += len(block)
+                chunks.update(block)
             after = os.fstat(fd)
         except OSError as exc:
             raise BlobUnavailable(f"{path}: cannot read: {exc.strerror}") from exc
     finally:
         os.close(fd)
-    if total != size or (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
+    if chunks.total != size or (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
         raise BlobUnavailable(f"{path}: changed while it was being hashed")
-    if not hashes:
-        hashes.append(blake3.blake3(b"").digest())  # an empty file is one empty chunk
+    hashes = chunks.finish()
     return Manifest(
         name=os.path.basename(path),
         size=size,
@@ -559,17 +582,17 @@ class DiskStore(ChunkStore):
         """held[i] == 1 for each chunk within the first `length` bytes of `fd` that matches
         its hash."""
         held = bytearray(manifest.chunk_count)
-        chunk = manifest.chunk_size
-        index = 0
-        with self._buffer(_block_size(chunk)) as buf:
+        chunks = _ChunkHasher(manifest.chunk_size)
+        with self._buffer(BLOCK_SIZE) as buf:
             for block in _read_blocks(fd, 0, length, buf):
-                for at in range(0, len(block), chunk):
-                    if manifest.verifies(index, block[at : at + chunk]):
-                        held[index] = 1
-                    index += 1
+                chunks.update(block)
                 self._count_hashed(len(block))
-        if manifest.size == 0 and length == 0:
-            held[0] = 1  # the one empty chunk of an empty file
+        # the chunks entirely within `length` (a partial file may be short)
+        complete = (
+            manifest.chunk_count if length == manifest.size else length // manifest.chunk_size
+        )
+        for index, digest in enumerate(chunks.finish()[:complete]):
+            held[index] = digest == manifest.chunk_hashes[index]
         return held
 
     def _count_hashed(self, n: int) -> None:

@@ -221,6 +221,38 @@ def test_resume_skips_a_chunk_corrupted_in_the_partial_file(
     assert Path(replicate(manifest, source, second)).read_bytes() == data
 
 
+def test_resume_from_a_short_partial_file_holds_only_whole_chunks(
+    tmp_path: Path, origin: tuple[Path, bytes, Manifest, DiskStore]
+) -> None:
+    _, data, manifest, source = origin
+    recv = tmp_path / "recv"
+    recv.mkdir()
+    # a partial file cut halfway through chunk 3 (an older meshcast, a full disk...)
+    (recv / partial_name(manifest.name, manifest.digest)).write_bytes(data[: 3 * CHUNK + 10])
+    store = DiskStore(recv)
+    assert store.begin(manifest, None) == {0, 1, 2}
+    assert Path(replicate(manifest, source, store)).read_bytes() == data
+
+
+def test_chunks_larger_than_a_read_block(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    chunk = 9 * 1024 * 1024  # spans two 8 MiB read blocks
+    data = make_file(path, 2 * chunk + 5)
+    manifest = hash_file(str(path), chunk)
+    assert manifest.chunk_hashes == tuple(
+        blake3.blake3(data[at : at + chunk]).digest() for at in range(0, len(data), chunk)
+    )
+    source = DiskStore(tmp_path / "s")
+    source.open_source(manifest, str(path))
+    first = DiskStore(tmp_path / "recv")
+    first.begin(manifest, None)
+    first.write(manifest.digest, 1, source.read(manifest.digest, 1))
+    first.close_all()
+    second = DiskStore(tmp_path / "recv")
+    assert second.begin(manifest, None) == {1}
+    assert Path(replicate(manifest, source, second)).read_bytes() == data
+
+
 def test_a_complete_file_is_all_held_and_the_index_spares_a_rehash(
     tmp_path: Path, origin: tuple[Path, bytes, Manifest, DiskStore]
 ) -> None:
