@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import random
+import resource
+import signal
 import stat
 import tempfile
 import threading
@@ -475,6 +477,25 @@ def test_destinations_must_stay_inside_the_allowed_directories(
         store.write(manifest.digest, index, source.read(manifest.digest, index))
     assert store.finalize(manifest.digest) == str(allowed.resolve() / "in" / manifest.name)
     assert (allowed / "in" / manifest.name).read_bytes() == data
+
+
+def test_a_file_that_cannot_be_preallocated_leaves_no_partial_file(
+    tmp_path: Path, origin: tuple[Path, bytes, Manifest, DiskStore]
+) -> None:
+    _, _, manifest, _ = origin
+    store = DiskStore(tmp_path / "recv")
+    # the file size limit stands in for a full disk: both refuse the preallocation
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (CHUNK, limits[1]))
+    try:
+        with pytest.raises(BlobUnavailable, match=r"release\.tar\..*meshcast-partial"):
+            store.begin(manifest, None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert os.listdir(tmp_path / "recv") == []
+    assert store.memory() == 0
 
 
 def test_a_dest_that_is_a_file_is_unavailable(
