@@ -25,11 +25,20 @@ from meshcast.errors import BlobUnavailable, IntegrityError, UsageError
 from meshcast.replicate.manifest import Manifest, chunk_size_for
 from meshcast.replicate.store import ChunkStore
 
-__all__ = ["BLOCK_SIZE", "INDEX_NAME", "PARTIAL_SUFFIX", "DiskStore", "StoreStats", "hash_file"]
+__all__ = [
+    "BLOCK_SIZE",
+    "INDEX_NAME",
+    "PARTIAL_SUFFIX",
+    "DiskStore",
+    "StoreStats",
+    "check_name",
+    "hash_file",
+    "partial_name",
+]
 
 _log = logging.getLogger(__name__)
 
-BLOCK_SIZE = 8 * 1024 * 1024  # bytes read per system call when hashing (a multiple of the chunk)
+BLOCK_SIZE = 8 * 1024 * 1024  # bytes read per system call when hashing
 INDEX_NAME = ".meshcast-index.json"  # per destination: digests of complete files
 PARTIAL_SUFFIX = ".meshcast-partial"
 _INDEX_TMP = INDEX_NAME + ".tmp"
@@ -240,7 +249,7 @@ class DiskStore(ChunkStore):
 
     def __init__(self, root: Path, allowed_dest: Sequence[Path] = ()) -> None:
         try:
-            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_directories(root)
         except OSError as exc:
             raise BlobUnavailable(f"{root}: cannot create: {exc.strerror}") from exc
         self._root = root.resolve()
@@ -368,6 +377,11 @@ class DiskStore(ChunkStore):
         manifest = entry.manifest
         try:
             os.fsync(entry.fd)
+            if os.fstat(entry.fd).st_size != manifest.size:
+                raise IntegrityError(
+                    f"{os.path.join(entry.path, entry.partial)}: not {manifest.size} bytes:"
+                    " changed on disk while received"
+                )
             found = self._digest(entry.fd, manifest.size)
         except OSError as exc:
             raise BlobUnavailable(f"{entry.final_path()}: cannot read: {exc.strerror}") from exc
@@ -485,7 +499,7 @@ class DiskStore(ChunkStore):
                 f"destination {dest!r} ({path}) is outside the allowed directories: {allowed}"
             )
         try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_directories(path)
         except FileExistsError as exc:
             raise BlobUnavailable(f"destination {path}: not a directory") from exc
         except OSError as exc:
@@ -645,6 +659,18 @@ class DiskStore(ChunkStore):
 
 def _indices(held: bytearray) -> set[int]:
     return {index for index, flag in enumerate(held) if flag}
+
+
+def _make_directories(path: Path) -> None:
+    """`mkdir -p -m 0700`: unlike Path.mkdir(parents=True), every directory created is 0700."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
 
 
 def _open_directory(path: str) -> int:

@@ -171,6 +171,22 @@ def test_a_corrupted_byte_on_disk_fails_finalize_and_leaves_no_final_file(
     assert Path(dest.finalize(manifest.digest)).exists()
 
 
+def test_a_partial_file_grown_on_disk_fails_finalize(
+    tmp_path: Path, origin: tuple[Path, bytes, Manifest, DiskStore]
+) -> None:
+    _, _, manifest, source = origin
+    recv = tmp_path / "recv"
+    dest = DiskStore(recv)
+    dest.begin(manifest, None)
+    for index in range(manifest.chunk_count):
+        dest.write(manifest.digest, index, source.read(manifest.digest, index))
+    with (recv / partial_name(manifest.name, manifest.digest)).open("ab") as f:
+        f.write(b"appended")
+    with pytest.raises(IntegrityError, match="changed on disk"):
+        dest.finalize(manifest.digest)
+    assert not (recv / manifest.name).exists()
+
+
 def test_a_manifest_whose_digest_contradicts_its_chunks_never_completes(
     tmp_path: Path, origin: tuple[Path, bytes, Manifest, DiskStore]
 ) -> None:
@@ -470,7 +486,7 @@ def test_destinations_must_stay_inside_the_allowed_directories(
     # a relative dest is under the root, created 0o700; an allowed absolute one works too
     held = store.begin(manifest, "releases/v1")
     assert held == set()
-    assert mode(root / "releases" / "v1") == 0o700
+    assert mode(root / "releases") == mode(root / "releases" / "v1") == 0o700
     store.close(manifest.digest)
     store.begin(manifest, str(allowed / "in"))
     for index in range(manifest.chunk_count):
