@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from meshcast.link.events import Transmit
+from meshcast.replicate.engine import CloseStream, Finalize, HashFile, OpenStream, StreamSend
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,4 +49,6 @@ class DaemonEvent:
     level: Literal["info", "warning", "error"] = "info"
 
 
-DaemonEffect = Transmit | ClientWrite | ClientClose | ClientReading | DaemonEvent
+# the replication engine's stream and file work passes through unchanged
+ReplicationWork = OpenStream | StreamSend | CloseStream | HashFile | Finalize
+DaemonEffect = Transmit | ClientWrite | ClientClose | ClientReading | DaemonEvent | ReplicationWork

@@ -40,7 +40,6 @@ from meshcast.errors import DecodeError, ReplicationError, UsageError
 from meshcast.ids import NodeId
 from meshcast.replicate.manifest import Manifest
 from meshcast.replicate.messages import (
-    FRAME_HEADER,
     MAX_STREAM_MESSAGE,
     Chunk,
     End,
@@ -182,6 +181,7 @@ class RecipientReport:
     rate: float  # bytes/s over the last reports
     eta: float | None  # s, at that rate
     detail: str
+    path: str  # where the complete copy is on that daemon ("" until then)
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +406,7 @@ class _Recipient:
     held_bytes: int = 0
     bad_chunks: int = 0
     detail: str = ""
+    path: str = ""
     rate: float = 0.0
     last_at: float | None = None
 
@@ -554,7 +555,9 @@ class Replicator:
 
     # ------------------------------------------------------------ origin
 
-    def request(self, request: ReplicationRequest, now: float) -> tuple[int, list[ReplicationEffect]]:
+    def request(
+        self, request: ReplicationRequest, now: float
+    ) -> tuple[int, list[ReplicationEffect]]:
         """Start replicating `request.path`; returns the replication id and the effects."""
         self._now = now
         if len(self._transfers) + len(self._pending) >= self.config.max_transfers:
@@ -580,14 +583,14 @@ class Replicator:
         out: list[ReplicationEffect] = []
         if manifest is None:
             self._c.replications_failed += 1
-            report = ReplicationReport(rid, request.path, 0, "", "failed", now - asked, (), error or "")
+            report = ReplicationReport(
+                rid, request.path, 0, "", "failed", now - asked, (), error or ""
+            )
             out.append(ReplicationUpdate(rid, report, final=True))
             return out
         caps = None
         if request.capacity_aware:
-            caps = tuple(
-                self._capacities.get(n, 0.0) for n in (self.local, *request.recipients)
-            )
+            caps = tuple(self._capacities.get(n, 0.0) for n in (self.local, *request.recipients))
             if not all(c > 0 for c in caps):
                 caps = None
         spec = PlanSpec(
@@ -607,8 +610,14 @@ class Replicator:
         except (UsageError, ReplicationError) as exc:
             self._c.replications_failed += 1
             report = ReplicationReport(
-                rid, manifest.name, manifest.size, manifest.digest.hex(), "failed",
-                now - asked, (), str(exc),
+                rid,
+                manifest.name,
+                manifest.size,
+                manifest.digest.hex(),
+                "failed",
+                now - asked,
+                (),
+                str(exc),
             )
             out.append(ReplicationUpdate(rid, report, final=True))
             return out
@@ -691,9 +700,7 @@ class Replicator:
         self._pump(out)
         return out
 
-    def stream_closed(
-        self, stream: int, error: str | None, now: float
-    ) -> list[ReplicationEffect]:
+    def stream_closed(self, stream: int, error: str | None, now: float) -> list[ReplicationEffect]:
         self._now = now
         out: list[ReplicationEffect] = []
         o = self._outs.pop(stream, None)
@@ -708,7 +715,11 @@ class Replicator:
                 out.append(
                     ReplicationEvent(
                         "replication_feed_failed",
-                        {"rid": f"{o.transfer.rid:016x}", "peer": peer, "reason": error or "closed"},
+                        {
+                            "rid": f"{o.transfer.rid:016x}",
+                            "peer": peer,
+                            "reason": error or "closed",
+                        },
                         "warning",
                     )
                 )
@@ -746,6 +757,7 @@ class Replicator:
         r.held_bytes = progress.held_bytes
         r.bad_chunks = progress.bad_chunks
         r.detail = progress.detail
+        r.path = progress.path
         r.state = {
             ReceiverState.RECEIVING: "receiving",
             ReceiverState.VERIFYING: "verifying",
@@ -955,7 +967,13 @@ class Replicator:
             return
         t.reported_held = state_held
         progress = Progress(
-            t.rid, t.state, t.held_count, t.held_bytes, t.bad_chunks, t.detail[:1000]
+            t.rid,
+            t.state,
+            t.held_count,
+            t.held_bytes,
+            t.bad_chunks,
+            t.detail[:1000],
+            t.path or "",
         )
         out.append(SendControl(t.spec.origin, encode_control(progress)))
         if t.state in (ReceiverState.RECEIVING, ReceiverState.VERIFYING):
@@ -1144,14 +1162,14 @@ class Replicator:
             left = t.manifest.size - r.held_bytes
             eta = left / r.rate if r.rate > 0 and r.state == "receiving" else None
             recipients.append(
-                RecipientReport(r.node, r.state, r.held_bytes, r.bad_chunks, r.rate, eta, r.detail)
+                RecipientReport(
+                    r.node, r.state, r.held_bytes, r.bad_chunks, r.rate, eta, r.detail, r.path
+                )
             )
         states = {r.state for r in recipients}
-        state: Literal["hashing", "running", "complete", "failed"]
+        state: Literal["hashing", "running", "complete", "failed"] = "running"
         if t.finished:
             state = "complete" if states == {"complete"} else "failed"
-        else:
-            state = "running"
         return ReplicationReport(
             t.rid,
             t.manifest.name,
@@ -1166,4 +1184,3 @@ class Replicator:
 
 class _ProtocolViolation(Exception):
     """A peer broke the stream protocol: its stream is dropped and counted."""
-

@@ -23,7 +23,7 @@ ranges it already holds (a resumed or complete copy), which the feeder skips.
 every hop): ``"MCRP" | type u8 | body``::
 
     PROGRESS 16  rid u64 | state u8 | held_chunks u32 | held_bytes u64 | bad_chunks u32 |
-                 detail str16                                   recipient -> origin
+                 detail str16 | path str16                      recipient -> origin
 
 `decode_*` raise only `DecodeError`; `encode_*` refuse (`ValueError`) what they would refuse.
 """
@@ -136,6 +136,7 @@ class Progress:
     held_bytes: int
     bad_chunks: int
     detail: str = ""
+    path: str = ""  # where the complete copy is
 
 
 # ---------------------------------------------------------------- encoding
@@ -247,6 +248,7 @@ def encode_control(message: Progress) -> bytes:
             message.bad_chunks,
         )
         + _str16(message.detail)
+        + _str16(message.path)
     )
 
 
@@ -399,10 +401,17 @@ def decode_control(payload: bytes | memoryview) -> Progress:
         raise DecodeError(f"unknown control message type {kind}")
     rid, state, held_chunks, held_bytes, bad = r.unpack(_PROGRESS)
     detail = r.str16()
+    path = r.str16()
     r.done()
     try:
         return Progress(
-            int(rid), ReceiverState(state), int(held_chunks), int(held_bytes), int(bad), detail
+            int(rid),
+            ReceiverState(int(state)),
+            int(held_chunks),
+            int(held_bytes),
+            int(bad),
+            detail,
+            path,
         )
     except ValueError as exc:
         raise DecodeError(f"bad receiver state {state}") from exc

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from meshcast.errors import BlobUnavailable
 from meshcast.replicate.manifest import Manifest
 
-__all__ = ["ChunkStore"]
+__all__ = ["ChunkStore", "NoStore"]
 
 
 class ChunkStore(Protocol):
@@ -85,3 +86,31 @@ class ChunkStore(Protocol):
     def memory(self) -> int:
         """Bytes the store holds in memory (chunk data and bookkeeping)."""
         ...
+
+
+class NoStore:
+    """The store of a daemon without a place for replicated files: it takes part in no
+    replication (every request and offer fails with a clear reason)."""
+
+    _REASON = "replication is not enabled on this daemon (it has no data directory)"
+
+    def open_source(self, manifest: Manifest, path: str) -> None:
+        raise BlobUnavailable(self._REASON)
+
+    def begin(self, manifest: Manifest, dest: str | None) -> set[int]:
+        raise BlobUnavailable(self._REASON)
+
+    def read(self, digest: bytes, index: int) -> bytes:
+        raise BlobUnavailable(self._REASON)
+
+    def write(self, digest: bytes, index: int, data: bytes | memoryview) -> None:
+        raise BlobUnavailable(self._REASON)
+
+    def finalize(self, digest: bytes) -> str:
+        raise BlobUnavailable(self._REASON)
+
+    def close(self, digest: bytes) -> None:
+        pass
+
+    def memory(self) -> int:
+        return 0

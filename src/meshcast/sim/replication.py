@@ -20,6 +20,7 @@ import itertools
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import blake3
 
@@ -252,16 +253,11 @@ class ReplicationSim:
                 case CloseStream(stream, abort):
                     self._close(i, stream, abort)
                 case SendControl(dest, payload):
-                    j = self._index[dest]
-                    src = self.ids[i]
                     self._at(
                         self.now + self.latency,
-                        lambda j=j, src=src, p=payload: self._input(
-                            j, lambda e: e.control_received(src, p, self.now)
-                        ),
+                        partial(self._control, self._index[dest], self.ids[i], payload),
                     )
                 case Finalize(rid, digest):
-                    store = self.stores[i]
 
                     def finish(i: int = i, rid: int = rid, digest: bytes = digest) -> None:
                         try:
@@ -273,18 +269,9 @@ class ReplicationSim:
                             self.completed[self.ids[i]] = self.now
                         self._input(i, lambda e: e.finalized(rid, path, error, self.now))
 
-                    del store
                     self._at(self.now, finish)
                 case HashFile(rid, path):
-                    f = self._paths.get(path)
-                    manifest = f.manifest if f else None
-                    err = None if f else f"{path}: no such file"
-                    self._at(
-                        self.now,
-                        lambda i=i, rid=rid, m=manifest, err=err: self._input(
-                            i, lambda e: e.hashed(rid, m, err, self.now)
-                        ),
-                    )
+                    self._at(self.now, partial(self._hashed, i, rid, path))
                 case ReplicationUpdate(rid, report, final):
                     self.reports[rid] = report
                     if final:
@@ -296,7 +283,16 @@ class ReplicationSim:
         deadline = engine.next_deadline()
         if deadline is not None and deadline != self._timers[i]:
             self._timers[i] = deadline
-            self._at(max(deadline, self.now), lambda i=i, d=deadline: self._timer(i, d))
+            self._at(max(deadline, self.now), partial(self._timer, i, deadline))
+
+    def _control(self, j: int, source: NodeId, payload: bytes) -> None:
+        self._input(j, lambda e: e.control_received(source, payload, self.now))
+
+    def _hashed(self, i: int, rid: int, path: str) -> None:
+        f = self._paths.get(path)
+        manifest = f.manifest if f else None
+        error = None if f else f"{path}: no such file"
+        self._input(i, lambda e: e.hashed(rid, manifest, error, self.now))
 
     def _timer(self, i: int, deadline: float) -> None:
         if self._timers[i] != deadline:
@@ -364,7 +360,9 @@ class ReplicationSim:
         def closed() -> None:
             self._streams.pop((i, own_id), None)
             self._streams.pop((j, peer_id), None)
-            self._input(j, lambda e: e.stream_closed(peer_id, "aborted" if abort else None, self.now))
+            self._input(
+                j, lambda e: e.stream_closed(peer_id, "aborted" if abort else None, self.now)
+            )
             self._input(i, lambda e: e.stream_closed(own_id, None, self.now))
 
         self._at(when + (self.latency if abort else 0.0), closed)
