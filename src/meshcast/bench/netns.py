@@ -262,8 +262,8 @@ def cleanup_stale(prefix: str = PREFIX, *, grace: float = 1.0) -> list[str]:
         if problems:
             raise TestbedError("cleanup_stale: " + "; ".join(problems))
         _log.info("cleanup_stale: removed %s", ", ".join(stale))
-    for path in LOCK_DIR.glob(f"{prefix.removeprefix(PREFIX).rstrip('-')}*.lock"):
-        ns_prefix = PREFIX + path.stem + "-"
+    for path in LOCK_DIR.glob(f"{prefix.rstrip('-')}*.lock"):
+        ns_prefix = path.stem + "-"
         if ns_prefix.startswith(prefix) and not _is_locked(ns_prefix):
             path.unlink(missing_ok=True)
     return stale
