@@ -62,8 +62,8 @@ def test_tbf_bucket_covers_a_tick_and_the_queue_stays_short(rate: float, hz: int
     params = netns.TbfParams.for_rate(rate, hz)
     assert params.burst_bytes >= rate / 8 / hz  # tbf's rule: a tick's worth of tokens
     assert params.burst_bytes > netns.GSO_MAX_BYTES  # a whole GSO packet passes
-    assert params.limit_bytes >= 4 * netns.GSO_MAX_BYTES
-    if rate >= 4 * netns.GSO_MAX_BYTES * 8 / netns.QUEUE_DELAY:
+    assert params.limit_bytes >= 8 * netns.GSO_MAX_BYTES
+    if rate >= netns.MIN_LIMIT_BYTES * 8 / netns.QUEUE_DELAY:
         assert params.limit_bytes * 8 / rate == pytest.approx(netns.QUEUE_DELAY, rel=0.01)
     args = params.tc_args()
     assert args[:2] == ["tbf", "rate"]

@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import gzip
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -63,21 +64,23 @@ _TAG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 # - GSO: a host's veth end builds super-packets of at most GSO_MAX_BYTES (veth's default
 #   is 64 KiB). TCP fills whatever queue it is given, so the queue must be small in
 #   time; at 100 Mbit/s 64 KiB is already 5 ms, and a queue of a few such packets drops
-#   whole 44-segment bursts (BBR then lost 10% of the rate to retransmissions). With 16
-#   KiB the same byte limit holds 4+ packets and drops come one small burst at a time.
+#   whole 44-segment bursts. With 16 KiB the same bytes hold 4x as many packets.
 # - burst: at least what one timer tick lets through, rate/HZ (tc's rule; a smaller
 #   bucket cannot refill between two watchdog wake-ups that fire a tick late), and at
 #   least one GSO packet plus a frame. The bucket only lets the first `burst` bytes of
 #   a busy period leave at line rate; after that the rate is exactly R.
 # - limit: the bytes that may wait for tokens, so the queue delay is at most limit/R:
-#   R·4 ms, but at least 4 GSO packets (5.2 ms at 100 Mbit/s) so a small cap still has
-#   room for one burst of each of a few flows. One and eight TCP flows (BBR and CUBIC)
-#   reach 95.4-95.7% of R as payload at 100 and 400 Mbit/s, which is the ceiling:
-#   tbf counts Ethernet frames, and 1448 payload bytes ride in 1514-byte frames (95.6%).
+#   R·4 ms, but at least 8 GSO packets (128 KiB: 10.5 ms at 100 Mbit/s). A drop here is
+#   local: TCP is told at once and keeps the segment, but a flow whose every packet
+#   was refused sends again only when its probe timer fires (200 ms+), and with 8 flows
+#   at 100 Mbit/s a 64 KiB limit lost 5-8% of the rate to such pauses in half the runs;
+#   128 KiB never did. One and eight TCP flows (BBR and CUBIC) then reach 95.4-95.7% of
+#   R as payload at 100 and 400 Mbit/s, the ceiling: tbf counts Ethernet frames, and
+#   1448 payload bytes ride in 1514-byte frames (95.6%).
 GSO_MAX_BYTES = 16 * 1024
 MIN_BURST_BYTES = GSO_MAX_BYTES + 1514
-QUEUE_DELAY = 0.004  # seconds of queue at the cap, at most
-MIN_LIMIT_BYTES = 4 * GSO_MAX_BYTES
+QUEUE_DELAY = 0.004  # seconds of queue at the cap, at most (for caps >= 262 Mbit/s)
+MIN_LIMIT_BYTES = 8 * GSO_MAX_BYTES
 
 
 class TestbedError(MeshcastError):
@@ -656,3 +659,52 @@ def measure_tcp_goodput(
     return measure_tcp_transfer(
         testbed, sender, receiver, nbytes, flows, congestion=congestion, timeout=timeout
     ).goodput_bps
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m meshcast.bench.netns`: goodput/cap of capped TCP transfers, as JSON lines."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m meshcast.bench.netns",
+        description="Measure TCP goodput between two testbed hosts against their tbf cap.",
+    )
+    parser.add_argument("--rates", default="100e6,400e6", help="caps in bits/s, comma-separated")
+    parser.add_argument("--flows", default="1,8", help="TCP flow counts, comma-separated")
+    parser.add_argument("--cc", default="", help="congestion controls, e.g. bbr,cubic")
+    parser.add_argument("--seconds", type=float, default=5.0, help="transfer length at the cap")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args(argv)
+    ok, reason = available()
+    if not ok:
+        print(f"netns testbed unavailable: {reason}", file=sys.stderr)
+        return 1
+    ccs: list[str | None] = [c for c in args.cc.split(",") if c] or [None]
+    for rate in (float(r) for r in args.rates.split(",")):
+        nbytes = int(rate / 8 * args.seconds)
+        with Testbed(2, rate) as bed:
+            for cc, flows in itertools.product(ccs, (int(f) for f in args.flows.split(","))):
+                for _ in range(args.repeat):
+                    drops = bed.qdisc_stats(0).get("drops", 0)
+                    t = measure_tcp_transfer(bed, 0, 1, nbytes, flows, congestion=cc)
+                    row = {
+                        "cap_bps": rate,
+                        "cc": cc or "default",
+                        "flows": flows,
+                        "mbytes": round(nbytes / 1e6, 1),
+                        "goodput_ratio": round(t.goodput_bps / rate, 4),
+                        "seconds": round(t.seconds, 3),
+                        "tbf_drops": bed.qdisc_stats(0).get("drops", 0) - drops,
+                        "echo_rtt_ms_p50_p95_max": [
+                            t.rtt_quantile(0.5),
+                            t.rtt_quantile(0.95),
+                            t.rtt_ms[-1] if t.rtt_ms else float("nan"),
+                        ],
+                        "tbf": [bed.tbf[0].burst_bytes, bed.tbf[0].limit_bytes],
+                    }
+                    print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
