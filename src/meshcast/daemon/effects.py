@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from meshcast.link.events import Transmit
-from meshcast.replicate.engine import CloseStream, Finalize, HashFile, OpenStream, StreamSend
+from meshcast.replicate.engine import (
+    BeginCopy,
+    CloseStream,
+    Finalize,
+    HashFile,
+    OpenStream,
+    StreamSend,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,5 +57,5 @@ class DaemonEvent:
 
 
 # the replication engine's stream and file work passes through unchanged
-ReplicationWork = OpenStream | StreamSend | CloseStream | HashFile | Finalize
+ReplicationWork = OpenStream | StreamSend | CloseStream | HashFile | BeginCopy | Finalize
 DaemonEffect = Transmit | ClientWrite | ClientClose | ClientReading | DaemonEvent | ReplicationWork

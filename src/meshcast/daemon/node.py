@@ -405,6 +405,12 @@ class DaemonNode:
         """The driver hashed the file of `HashFile(rid)` (or could not: `error`)."""
         return self._replication(now, "hashed", lambda r: r.hashed(rid, manifest, error, now))
 
+    def replication_begun(
+        self, rid: int, held: set[int] | None, error: str | None, now: float
+    ) -> list[DaemonEffect]:
+        """The driver carried out `BeginCopy(rid)`: the chunks held already, or `error`."""
+        return self._replication(now, "begun", lambda r: r.begun(rid, held, error, now))
+
     def replication_finalized(
         self, rid: int, path: str | None, error: str | None, now: float
     ) -> list[DaemonEffect]:

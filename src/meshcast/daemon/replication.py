@@ -20,6 +20,7 @@ from meshcast.daemon.effects import DaemonEffect, DaemonEvent
 from meshcast.errors import BufferFull, UsageError
 from meshcast.ids import NodeId
 from meshcast.replicate.engine import (
+    BeginCopy,
     CloseStream,
     Finalize,
     HashFile,
@@ -160,7 +161,9 @@ class DaemonReplication:
 
     def apply(self, effects: Iterable[ReplicationEffect], out: list[DaemonEffect]) -> None:
         for effect in effects:
-            if isinstance(effect, (StreamSend, OpenStream, CloseStream, HashFile, Finalize)):
+            if isinstance(
+                effect, (StreamSend, OpenStream, CloseStream, HashFile, BeginCopy, Finalize)
+            ):
                 out.append(effect)
             elif isinstance(effect, SendControl):
                 self._backlog.append(effect)

@@ -58,6 +58,7 @@ from meshcast.replicate.store import ChunkStore
 
 __all__ = [
     "INBOUND_STREAM_BASE",
+    "BeginCopy",
     "CloseStream",
     "Finalize",
     "HashFile",
@@ -164,6 +165,16 @@ class SendControl:
 
 
 @dataclass(frozen=True, slots=True)
+class BeginCopy:
+    """Open (or resume) the copy of `manifest` in `dest` (`ChunkStore.begin`, in a worker
+    thread: resuming re-hashes what a partial file holds), then call `begun`."""
+
+    rid: int
+    manifest: Manifest
+    dest: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Finalize:
     """Every chunk of `digest` is written: check the whole file, rename it into place (in
     a worker thread: it reads the whole file), then call `finalized`."""
@@ -214,6 +225,7 @@ class ReplicationEvent:
 
 ReplicationEffect = (
     HashFile
+    | BeginCopy
     | OpenStream
     | StreamSend
     | CloseStream
@@ -448,6 +460,8 @@ class _Transfer:
         # the origin's view of every recipient
         self.recipients: dict[NodeId, _Recipient] = {}
         self.finished = False
+        self.opening = False  # waiting for `begun`: its streams get their HAVE then
+        self.waiting: list[tuple[int, Offer]] = []
 
     @property
     def complete(self) -> bool:
@@ -833,14 +847,12 @@ class Replicator:
                 return
             self._ins[stream] = t
             t.ins.add(stream)
-            held = [c for c in range(t.manifest.chunk_count) if t.held[c]]
-            out.append(StreamSend(stream, (encode_stream_message(Have(_ranges_of(held))),)))
-            if held:
-                self._c.bytes_skipped += sum(
-                    t.manifest.chunk_length(c)
-                    for c in held
-                    if any(a <= c < b for a, b in message.ranges)
-                )
+            if t.opening:
+                t.waiting.append((stream, message))
+            elif t.state == ReceiverState.FAILED:
+                self._drop_stream(stream, t.detail, out)
+            else:
+                out.extend(self._send_have(t, stream, message))
             return
         if t is None:
             raise _ProtocolViolation("data before OFFER")
@@ -850,6 +862,65 @@ class Replicator:
             pass  # the feeder closes the stream after END
         else:
             raise _ProtocolViolation(f"unexpected {type(message).__name__} from a feeder")
+
+    def _send_have(self, t: _Transfer, stream: int, offer: Offer) -> list[ReplicationEffect]:
+        held = [c for c in range(t.manifest.chunk_count) if t.held[c]]
+        if held:
+            self._c.bytes_skipped += sum(
+                t.manifest.chunk_length(c) for c in held if any(a <= c < b for a, b in offer.ranges)
+            )
+        return [StreamSend(stream, (encode_stream_message(Have(_ranges_of(held))),))]
+
+    def begun(
+        self, rid: int, held: set[int] | None, error: str | None, now: float
+    ) -> list[ReplicationEffect]:
+        """The store opened the copy of `BeginCopy(rid)`: `held` are the chunks it holds
+        already (a resumed or complete copy), or it could not (`error`)."""
+        self._now = now
+        t = self._transfers.get(rid)
+        if t is None or not t.opening:
+            return []
+        t.opening = False
+        out: list[ReplicationEffect] = []
+        waiting, t.waiting = t.waiting, []
+        if held is None:
+            t.state = ReceiverState.FAILED
+            t.detail = error or "the copy could not be opened"
+            self._c.copies_failed += 1
+            out.append(
+                ReplicationEvent(
+                    "replica_failed", {"rid": f"{rid:016x}", "reason": t.detail}, "error"
+                )
+            )
+            for stream, _ in waiting:
+                self._drop_stream(stream, t.detail, out)
+            self._report_progress(t, out)
+            self._maybe_forget(t)
+            return out
+        for c in held:
+            if 0 <= c < t.manifest.chunk_count and not t.held[c]:
+                t.held[c] = 1
+                t.held_count += 1
+                t.held_bytes += t.manifest.chunk_length(c)
+        out.append(
+            ReplicationEvent(
+                "replica_started",
+                {
+                    "rid": f"{rid:016x}",
+                    "file": t.manifest.name,
+                    "bytes": t.manifest.size,
+                    "held_bytes": t.held_bytes,
+                },
+            )
+        )
+        for stream, offer in waiting:
+            if stream in t.ins:
+                out.extend(self._send_have(t, stream, offer))
+        self._open_feeds(t, out)
+        self._report_progress(t, out)
+        self._check_complete(t, out)
+        self._pump(out)
+        return out
 
     def _join(self, offer: Offer, out: list[ReplicationEffect]) -> _Transfer | None:
         """A first OFFER of replication `offer.rid`: take our part in it."""
@@ -872,38 +943,8 @@ class Replicator:
             now=self._now,
         )
         self._transfers[offer.rid] = t
-        try:
-            held = self._store.begin(offer.manifest, offer.dest or None)
-        except ReplicationError as exc:
-            t.state = ReceiverState.FAILED
-            t.detail = str(exc)
-            self._c.copies_failed += 1
-            out.append(
-                ReplicationEvent(
-                    "replica_failed", {"rid": f"{offer.rid:016x}", "reason": str(exc)}, "error"
-                )
-            )
-            self._report_progress(t, out)
-            return t
-        for c in held:
-            if 0 <= c < t.manifest.chunk_count and not t.held[c]:
-                t.held[c] = 1
-                t.held_count += 1
-                t.held_bytes += t.manifest.chunk_length(c)
-        out.append(
-            ReplicationEvent(
-                "replica_started",
-                {
-                    "rid": f"{offer.rid:016x}",
-                    "file": offer.manifest.name,
-                    "bytes": offer.manifest.size,
-                    "held_bytes": t.held_bytes,
-                },
-            )
-        )
-        self._open_feeds(t, out)
-        self._report_progress(t, out)
-        self._check_complete(t, out)
+        t.opening = True
+        out.append(BeginCopy(offer.rid, offer.manifest, offer.dest or None))
         return t
 
     def _on_chunk(

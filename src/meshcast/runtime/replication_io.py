@@ -9,7 +9,7 @@
   handshake).
 * Each stream has a writer task (its sends in order; once its queue is empty the node is
   told the stream is drained) and a reader task feeding what arrives to the node.
-* Hashing a file and finalizing a copy read whole files: they run in worker threads, one
+* Hashing a file, opening a copy (a resume re-hashes it) and finalizing one read whole files: they run in worker threads, one
   at a time per daemon, so the loop never blocks on them.
 
 Every failure becomes `stream_closed(stream, reason)` for the node: nothing here decides
@@ -34,6 +34,7 @@ from meshcast.errors import ReplicationError, StreamFailed, UsageError
 from meshcast.ids import NodeId
 from meshcast.replicate.engine import (
     INBOUND_STREAM_BASE,
+    BeginCopy,
     CloseStream,
     Finalize,
     HashFile,
@@ -172,6 +173,13 @@ class ReplicationIO:
                 return self.node.replication_hashed(rid, manifest, error, now)
 
             self._in_thread("replication_hashed", lambda: hash_file(path), hashed)
+        elif isinstance(effect, BeginCopy):
+            rid, manifest, dest = effect.rid, effect.manifest, effect.dest
+
+            def begun(now: float, held: set[int] | None, error: str | None) -> Effects:
+                return self.node.replication_begun(rid, held, error, now)
+
+            self._in_thread("replication_begun", lambda: self.store.begin(manifest, dest), begun)
         elif isinstance(effect, Finalize):
             rid, digest = effect.rid, effect.digest
 

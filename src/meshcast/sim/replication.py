@@ -24,10 +24,11 @@ from functools import partial
 
 import blake3
 
-from meshcast.errors import IntegrityError
+from meshcast.errors import IntegrityError, ReplicationError
 from meshcast.ids import NodeId
 from meshcast.replicate.engine import (
     INBOUND_STREAM_BASE,
+    BeginCopy,
     CloseStream,
     Finalize,
     HashFile,
@@ -270,6 +271,8 @@ class ReplicationSim:
                         self._input(i, lambda e: e.finalized(rid, path, error, self.now))
 
                     self._at(self.now, finish)
+                case BeginCopy(rid, manifest, dest):
+                    self._at(self.now, partial(self._begin, i, rid, manifest, dest))
                 case HashFile(rid, path):
                     self._at(self.now, partial(self._hashed, i, rid, path))
                 case ReplicationUpdate(rid, report, final):
@@ -287,6 +290,14 @@ class ReplicationSim:
 
     def _control(self, j: int, source: NodeId, payload: bytes) -> None:
         self._input(j, lambda e: e.control_received(source, payload, self.now))
+
+    def _begin(self, i: int, rid: int, manifest: Manifest, dest: str | None) -> None:
+        try:
+            held: set[int] | None = self.stores[i].begin(manifest, dest)
+            error = None
+        except ReplicationError as exc:
+            held, error = None, str(exc)
+        self._input(i, lambda e: e.begun(rid, held, error, self.now))
 
     def _hashed(self, i: int, rid: int, path: str) -> None:
         f = self._paths.get(path)
