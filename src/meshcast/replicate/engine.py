@@ -43,6 +43,7 @@ from meshcast.replicate.messages import (
     MAX_STREAM_MESSAGE,
     Chunk,
     End,
+    Fetch,
     Have,
     Offer,
     Progress,
@@ -53,7 +54,16 @@ from meshcast.replicate.messages import (
     encode_control,
     encode_stream_message,
 )
-from meshcast.replicate.plan import Feed, Plan, PlanSpec, Strategy, Tree, Variant, make_plan
+from meshcast.replicate.plan import (
+    Feed,
+    FeedKind,
+    Plan,
+    PlanSpec,
+    Strategy,
+    Tree,
+    Variant,
+    make_plan,
+)
 from meshcast.replicate.store import ChunkStore
 
 __all__ = [
@@ -250,6 +260,7 @@ class _Counters:
     chunks_received: int = 0
     chunks_duplicate: int = 0
     chunks_bad: int = 0
+    repairs_sent: int = 0
     chunks_sent: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
@@ -271,6 +282,7 @@ class ReplicatorStats:
     chunks_received: int
     chunks_duplicate: int
     chunks_bad: int
+    repairs_sent: int
     chunks_sent: int
     bytes_received: int
     bytes_sent: int
@@ -462,6 +474,8 @@ class _Transfer:
         self.finished = False
         self.opening = False  # waiting for `begun`: its streams get their HAVE then
         self.waiting: list[tuple[int, Offer]] = []
+        self.bad_from: dict[NodeId, int] = {}  # daemons that sent damaged chunks, how many
+        self.fetching: set[int] = set()  # chunks asked for again
 
     @property
     def complete(self) -> bool:
@@ -533,6 +547,7 @@ class Replicator:
             chunks_received=c.chunks_received,
             chunks_duplicate=c.chunks_duplicate,
             chunks_bad=c.chunks_bad,
+            repairs_sent=c.repairs_sent,
             chunks_sent=c.chunks_sent,
             bytes_received=c.bytes_received,
             bytes_sent=c.bytes_sent,
@@ -760,6 +775,8 @@ class Replicator:
         except DecodeError:
             self._c.malformed += 1
             return []
+        if isinstance(progress, Fetch):
+            return self._on_fetch(source, progress)
         t = self._transfers.get(progress.rid)
         if t is None or not t.is_origin or source not in t.recipients:
             return []
@@ -835,6 +852,26 @@ class Replicator:
         return out
 
     # ------------------------------------------------------------ receiving
+
+    def _on_fetch(self, source: NodeId, fetch: Fetch) -> list[ReplicationEffect]:
+        """`source` asks for chunks again: send those we hold on a new stream."""
+        t = self._transfers.get(fetch.rid)
+        if t is None or source == self.local:
+            return []
+        count = t.manifest.chunk_count
+        ranges = tuple(
+            (first, min(end, count))
+            for first, end in fetch.ranges
+            if first < count and all(t.held[first : min(end, count)])
+        )
+        if not ranges:
+            return []
+        self._c.repairs_sent += 1
+        out: list[ReplicationEffect] = []
+        feed = Feed(self.local, source, (), FeedKind.REPAIR)
+        self._open_feed(t, feed, ranges, out)
+        self._pump(out)
+        return out
 
     def _on_incoming(self, stream: int, message: object, out: list[ReplicationEffect]) -> None:
         t = self._ins.get(stream)
@@ -960,16 +997,23 @@ class Replicator:
             self._c.chunks_duplicate += 1
             return
         if not manifest.verifies(index, chunk.data):
+            sender = self._peers.get(stream, NodeId(0))
             self._c.chunks_bad += 1
             t.bad_chunks += 1
-            t.detail = f"bad chunk {index} from {self._peers.get(stream)}"
+            t.bad_from[sender] = t.bad_from.get(sender, 0) + 1
+            t.detail = f"bad chunk {index} from daemon {sender}: fetched again from the origin"
             out.append(
                 ReplicationEvent(
                     "replication_bad_chunk",
-                    {"rid": f"{t.rid:016x}", "chunk": index, "peer": self._peers.get(stream, 0)},
+                    {"rid": f"{t.rid:016x}", "chunk": index, "peer": int(sender)},
                     "warning",
                 )
             )
+            # the origin holds every chunk: ask it for this one on a new stream
+            if index not in t.fetching and t.spec.origin != sender:
+                t.fetching.add(index)
+                fetch = Fetch(t.rid, ((index, index + 1),))
+                out.append(SendControl(t.spec.origin, encode_control(fetch)))
             return
         try:
             self._store.write(manifest.digest, index, chunk.data)
@@ -1025,16 +1069,25 @@ class Replicator:
     def _open_feeds(self, t: _Transfer, out: list[ReplicationEffect]) -> None:
         for feed in t.plan.feeds_from(self.local):
             ranges = tuple(t.plan.subfiles[i] for i in feed.subfiles)
-            stream = next(self._stream_ids)
-            o = _Out(t, feed, stream, ranges)
-            t.outs.append(o)
-            self._outs[stream] = o
-            self._peers[stream] = feed.receiver
-            self._deframers[stream] = _Deframer()
-            self._c.streams_opened += 1
-            offer = Offer(t.rid, t.rate, t.dest, ranges, t.spec, t.manifest)
-            out.append(OpenStream(stream, feed.receiver))
-            out.append(StreamSend(stream, (encode_stream_message(offer),)))
+            self._open_feed(t, feed, ranges, out)
+
+    def _open_feed(
+        self,
+        t: _Transfer,
+        feed: Feed,
+        ranges: tuple[tuple[int, int], ...],
+        out: list[ReplicationEffect],
+    ) -> None:
+        stream = next(self._stream_ids)
+        o = _Out(t, feed, stream, ranges)
+        t.outs.append(o)
+        self._outs[stream] = o
+        self._peers[stream] = feed.receiver
+        self._deframers[stream] = _Deframer()
+        self._c.streams_opened += 1
+        offer = Offer(t.rid, t.rate, t.dest, ranges, t.spec, t.manifest)
+        out.append(OpenStream(stream, feed.receiver))
+        out.append(StreamSend(stream, (encode_stream_message(offer),)))
 
     def _on_feedback(self, o: _Out, message: object, out: list[ReplicationEffect]) -> None:
         if not isinstance(message, Have) or o.remote_known:

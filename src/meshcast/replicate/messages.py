@@ -24,6 +24,10 @@ every hop): ``"MCRP" | type u8 | body``::
 
     PROGRESS 16  rid u64 | state u8 | held_chunks u32 | held_bytes u64 | bad_chunks u32 |
                  detail str16 | path str16                      recipient -> origin
+    FETCH 17     rid u64 | n u16 | n x (first u32 | end u32)    recipient -> a holder
+
+FETCH asks a daemon that holds the chunks (the origin) to send them again on a new stream
+(a chunk that arrived damaged).
 
 `decode_*` raise only `DecodeError`; `encode_*` refuse (`ValueError`) what they would refuse.
 """
@@ -46,6 +50,7 @@ __all__ = [
     "Chunk",
     "ControlType",
     "End",
+    "Fetch",
     "Have",
     "Offer",
     "Progress",
@@ -87,6 +92,7 @@ class StreamType(IntEnum):
 
 class ControlType(IntEnum):
     PROGRESS = 16
+    FETCH = 17
 
 
 class ReceiverState(IntEnum):
@@ -137,6 +143,15 @@ class Progress:
     bad_chunks: int
     detail: str = ""
     path: str = ""  # where the complete copy is
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    rid: int
+    ranges: Ranges
+
+
+Control = Progress | Fetch
 
 
 # ---------------------------------------------------------------- encoding
@@ -236,7 +251,14 @@ def encode_chunk_head(index: int, length: int) -> bytes:
     return _CHUNK_HEAD.pack(length + 5, StreamType.CHUNK, index)
 
 
-def encode_control(message: Progress) -> bytes:
+def encode_control(message: Control) -> bytes:
+    if isinstance(message, Fetch):
+        return (
+            CONTROL_MAGIC
+            + _U8.pack(ControlType.FETCH)
+            + _U64.pack(message.rid)
+            + _ranges32(message.ranges, _U16)
+        )
     return (
         CONTROL_MAGIC
         + _U8.pack(ControlType.PROGRESS)
@@ -391,12 +413,16 @@ def decode_stream_message(frame: memoryview) -> StreamMessage:
     raise DecodeError(f"unknown stream message type {kind}")
 
 
-def decode_control(payload: bytes | memoryview) -> Progress:
+def decode_control(payload: bytes | memoryview) -> Control:
     view = memoryview(payload)
     if bytes(view[:4]) != CONTROL_MAGIC:
         raise DecodeError("not a replication control message")
     r = _Reader(view[4:])
     kind = r.u8()
+    if kind == ControlType.FETCH:
+        fetch = Fetch(r.u64(), r.ranges(r.u16()))
+        r.done()
+        return fetch
     if kind != ControlType.PROGRESS:
         raise DecodeError(f"unknown control message type {kind}")
     rid, state, held_chunks, held_bytes, bad = r.unpack(_PROGRESS)

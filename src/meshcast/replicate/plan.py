@@ -79,6 +79,7 @@ class FeedKind(StrEnum):
     PRIMARY = "primary"  # node i -> node i of a child group, fast-forward
     SECONDARY = "secondary"  # node i -> node i of a child group, once it holds its subfile
     WHOLE = "whole"  # baselines: the whole file, sender to receiver
+    REPAIR = "repair"  # not planned: chunks a receiver asked for again (FETCH)
 
 
 @dataclass(frozen=True, slots=True)
