@@ -73,7 +73,7 @@ _TAG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 #   R·4 ms, but at least 8 GSO packets (128 KiB: 10.5 ms at 100 Mbit/s). A drop here is
 #   local: TCP is told at once and keeps the segment, but a flow whose every packet
 #   was refused sends again only when its probe timer fires (200 ms+), and with 8 flows
-#   at 100 Mbit/s a 64 KiB limit lost 5-8% of the rate to such pauses in half the runs;
+#   at 100 Mbit/s a 64 KiB limit lost 5-8% of the rate to such pauses in 5 runs of 7;
 #   128 KiB never did. One and eight TCP flows (BBR and CUBIC) then reach 95.4-95.7% of
 #   R as payload at 100 and 400 Mbit/s, the ceiling: tbf counts Ethernet frames, and
 #   1448 payload bytes ride in 1514-byte frames (95.6%).
