@@ -129,6 +129,9 @@ def test_set_upload_takes_effect(testbed: Testbed) -> None:
 def test_cleanup_stale_keeps_a_live_testbed(testbed: Testbed) -> None:
     assert netns.cleanup_stale(testbed.prefix) == []
     assert set(our_namespaces(testbed.prefix)) == {*testbed.names, testbed.hub}
+    with pytest.raises(TestbedError, match="live testbed"):
+        Testbed(1, 1e8, tag=testbed.tag)
+    assert set(our_namespaces(testbed.prefix)) == {*testbed.names, testbed.hub}
 
 
 # -- tearing down -----------------------------------------------------------------------

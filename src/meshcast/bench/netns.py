@@ -27,6 +27,7 @@ import asyncio
 import atexit
 import contextlib
 import fcntl
+import functools
 import gzip
 import ipaddress
 import itertools
@@ -73,7 +74,7 @@ _TAG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 #   R·4 ms, but at least 8 GSO packets (128 KiB: 10.5 ms at 100 Mbit/s). A drop here is
 #   local: TCP is told at once and keeps the segment, but a flow whose every packet
 #   was refused sends again only when its probe timer fires (200 ms+), and with 8 flows
-#   at 100 Mbit/s a 64 KiB limit lost 5-8% of the rate to such pauses in half the runs;
+#   at 100 Mbit/s a 64 KiB limit lost 5-8% of the rate to such pauses in 5 runs of 7;
 #   128 KiB never did. One and eight TCP flows (BBR and CUBIC) then reach 95.4-95.7% of
 #   R as payload at 100 and 400 Mbit/s, the ceiling: tbf counts Ethernet frames, and
 #   1448 payload bytes ride in 1514-byte frames (95.6%).
@@ -121,6 +122,7 @@ class TbfParams:
         ]
 
 
+@functools.cache
 def kernel_hz() -> int:
     """The kernel's CONFIG_HZ if its config is readable, else 100 (the largest tick)."""
     candidates = [Path("/proc/config.gz"), Path(f"/boot/config-{os.uname().release}")]
@@ -193,6 +195,23 @@ def _pid_running(pid: int) -> bool:
 
 def _lock_path(ns_prefix: str) -> Path:
     return LOCK_DIR / f"{ns_prefix.rstrip('-')}.lock"
+
+
+def _take_lock(ns_prefix: str) -> IO[bytes]:
+    """Hold the lock of testbed `ns_prefix` until the file is closed (or we die)."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    lock = _lock_path(ns_prefix).open("wb")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        lock.close()
+        raise TestbedError(f"a live testbed already uses {ns_prefix!r}") from exc
+    return lock
+
+
+def _release_lock(ns_prefix: str, lock: IO[bytes]) -> None:
+    _lock_path(ns_prefix).unlink(missing_ok=True)
+    lock.close()  # releases the flock
 
 
 def _is_locked(ns_prefix: str) -> bool:
@@ -281,9 +300,12 @@ def available() -> tuple[bool, str]:
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
     if missing:
         return False, f"{' and '.join(missing)} not found: install iproute2"
-    probe = f"{PREFIX}probe{os.getpid()}"
+    probe_prefix = f"{PREFIX}probe{os.getpid()}-"
+    probe = f"{probe_prefix}x"
     veth = ["name", "va", "gso_max_size", str(GSO_MAX_BYTES), "type", "veth", "peer", "name", "vb"]
+    lock = None
     try:
+        lock = _take_lock(probe_prefix)  # so a concurrent cleanup_stale leaves it alone
         _cmd(["ip", "netns", "add", probe])
         _in(probe, "ip", "link", "add", "name", BRIDGE, "type", "bridge")
         _in(probe, "ip", "link", "add", *veth)
@@ -291,8 +313,12 @@ def available() -> tuple[bool, str]:
         _in(probe, "tc", "qdisc", "add", "dev", "va", "root", *TbfParams.for_rate(1e8).tc_args())
     except TestbedError as exc:
         return False, f"cannot build a namespace testbed: {exc}"
+    except OSError as exc:
+        return False, f"cannot take a lock in {LOCK_DIR}: {exc}"
     finally:
         _cmd(["ip", "netns", "del", probe], check=False)
+        if lock is not None:
+            _release_lock(probe_prefix, lock)
     return True, "root, iproute2, veth, bridge and tbf available"
 
 
@@ -362,14 +388,7 @@ class Testbed:
 
     def _build(self) -> None:
         started = time.monotonic()
-        LOCK_DIR.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock_path(self.prefix).open("wb")
-        try:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            self._lock.close()
-            self._lock = None
-            raise TestbedError(f"a live testbed already uses tag {self.tag!r}") from exc
+        self._lock = _take_lock(self.prefix)
         existing = set(netns_list()) & {self.hub, *self.names}
         if existing:
             raise TestbedError(
@@ -480,8 +499,7 @@ class Testbed:
             ours.append(self.hub)
         problems += _remove_namespaces(ours, self.grace)
         if self._lock is not None:
-            _lock_path(self.prefix).unlink(missing_ok=True)
-            self._lock.close()  # releases the flock
+            _release_lock(self.prefix, self._lock)
             self._lock = None
         if problems:
             raise TestbedError(f"testbed {self.tag}: " + "; ".join(problems))
