@@ -53,7 +53,7 @@ from meshcast.wire.client import (
     Ping,
     Pong,
     Replicate,
-    ReplicationReply,
+    Replication,
     ServiceLevel,
     ViewId,
     Welcome,
@@ -283,7 +283,7 @@ class FakeDaemon:
             if index:
                 await asyncio.sleep(self.report_interval)
             final = entry["state"] in ("complete", "failed")
-            session.send(ReplicationReply(frame.token, final, json.dumps(entry)))
+            session.send(Replication(frame.token, final, json.dumps(entry)))
 
     def _reject(self, session: Session, code: ErrorCode, text: str, request_id: int) -> None:
         session.send(ErrorReport(code, clip_text(text), request_id))

@@ -73,7 +73,6 @@ from meshcast.wire.client import (
     Ping,
     Pong,
     Replicate,
-    ReplicationReply,
     ServiceLevel,
     SlowReceiverPolicy,
     StatusReply,
@@ -85,6 +84,7 @@ from meshcast.wire.client import (
     encode,
     split_private_name,
 )
+from meshcast.wire.client import Replication as ReplicationFrame
 
 log = logging.getLogger(__name__)
 
@@ -898,7 +898,7 @@ class Client:
                     confirmed = self._confirms.get(request_id)
                     if confirmed is not None and not confirmed.done():
                         confirmed.set_result(None)
-                case ReplicationReply():
+                case ReplicationFrame():
                     self._on_replication(frame)
                 case Ping(nonce):
                     self._writer.write(encode(Pong(nonce)))
@@ -917,7 +917,7 @@ class Client:
                     raise DecodeError(f"unexpected {type(frame).__name__} after the handshake")
         return True
 
-    def _on_replication(self, frame: ReplicationReply) -> None:
+    def _on_replication(self, frame: ReplicationFrame) -> None:
         handle = self._replications.get(frame.token)
         if handle is None:  # a late frame of a replication this client gave up on
             log.debug("REPLICATION for unknown token %d from %s", frame.token, self._address)

@@ -468,7 +468,7 @@ class Replicate:
 
 
 @dataclass(frozen=True, slots=True)
-class ReplicationReply:
+class Replication:
     """Daemon → client (REPLICATION, v5): a progress report of the REPLICATE `token`.
 
     `report` is kept as the JSON text that travelled (like `StatusReply`); its shape is
@@ -518,7 +518,7 @@ DaemonFrame = (
     | ErrorReport
     | StatusReply
     | Confirmed
-    | ReplicationReply
+    | Replication
     | Ping
     | Pong
     | Goodbye
@@ -536,7 +536,7 @@ Frame = (
     | ErrorReport
     | StatusReply
     | Confirmed
-    | ReplicationReply
+    | Replication
     | Ping
     | Pong
     | Goodbye
@@ -555,7 +555,7 @@ FRAME_TYPE_OF: dict[type[Frame], FrameType] = {
     ErrorReport: FrameType.ERROR,
     StatusReply: FrameType.STATUS_REPLY,
     Confirmed: FrameType.CONFIRMED,
-    ReplicationReply: FrameType.REPLICATION,
+    Replication: FrameType.REPLICATION,
     Ping: FrameType.PING,
     Pong: FrameType.PONG,
     Goodbye: FrameType.GOODBYE,
@@ -749,7 +749,7 @@ def _check(frame: object) -> None:
             fault = _range_fault(request_id, "request_id", 0, U32_MAX) or _report_fault(report)
         case Replicate():
             fault = _replicate_fault(frame)
-        case ReplicationReply(token, final, report):
+        case Replication(token, final, report):
             fault = _range_fault(token, "token", 0, U32_MAX) or (
                 _replication_fault(report, final)
                 if isinstance(final, bool)
@@ -927,8 +927,8 @@ def _field_fault(obj: dict[str, object], key: str, ok: bool, want: str, where: s
 
 
 def replication_report_fault(value: object, final: bool | None = None) -> str | None:
-    """What is wrong with a REPLICATION report (parsed JSON), or None. With `final`, the
-    state must agree: complete or failed exactly when final. Unknown keys are allowed."""
+    """What is wrong with a REPLICATION report (parsed JSON), or None. A final report is
+    in state complete or failed. Unknown keys are allowed."""
     if not isinstance(value, dict):
         return f"report is a JSON {type(value).__name__}, not an object"
     g = value.get
@@ -963,9 +963,8 @@ def replication_report_fault(value: object, final: bool | None = None) -> str | 
     )
     if fault is not None:
         return fault
-    if final is not None and (state in FINAL_REPLICATION_STATES) != final:
-        kind = "a final" if final else "a progress"
-        return f"{kind} report in state {state!r}"
+    if final and state not in FINAL_REPLICATION_STATES:
+        return f"a final report in state {state!r}"
     recipients = g("recipients")
     assert isinstance(recipients, list)
     for index, entry in enumerate(recipients):
@@ -1178,7 +1177,7 @@ def _encode_body(frame: Frame) -> list[bytes]:
             bits = CAPACITY_AWARE_FLAG if aware else 0
             tail = REPLICATE_TAIL.pack(rate, strategy, variant, tree, k, bits)
             return [REPLICATE_HEAD.pack(tag), _str16(path), _str16(targets), _str16(dest), tail]
-        case ReplicationReply(tag, final, report):
+        case Replication(tag, final, report):
             return [REPLICATION_HEAD.pack(tag, int(final)), report.encode("utf-8")]
         case Ping(nonce) | Pong(nonce):
             return [NONCE.pack(nonce)]
@@ -1358,7 +1357,7 @@ def _parse(ftype: FrameType, r: _Reader) -> Frame:
             tag, final = r.ints(REPLICATION_HEAD, "REPLICATION header")
             if final > 1:
                 raise _Fault(f"final is {final}, not 0 or 1")
-            return ReplicationReply(tag, bool(final), r.report(MAX_REPLICATION_REPORT))
+            return Replication(tag, bool(final), r.report(MAX_REPLICATION_REPORT))
         case FrameType.PING:
             return Ping(*r.ints(NONCE, "nonce"))
         case FrameType.PONG:
