@@ -165,39 +165,41 @@ class RichView:
         self._live.start()
 
     def update(self, report: ReplicationReport) -> None:
-        self._live.update(self._render(report))
-
-    def _render(self, report: ReplicationReport) -> Any:
-        from rich.console import Group
-        from rich.progress_bar import ProgressBar
-        from rich.table import Table
-        from rich.text import Text
-
-        table = Table(title=f"{report.name} ({human_bytes(report.size)}): {report.state}")
-        for column, justify in (
-            ("recipient", "left"),
-            ("state", "left"),
-            ("bytes", "right"),
-            ("rate", "right"),
-            ("ETA", "right"),
-        ):
-            table.add_column(column, justify=justify)  # type: ignore[arg-type]
-        colours = {"complete": "green", "failed": "red", "receiving": "cyan"}
-        for r in report.recipients:
-            table.add_row(
-                r.daemon,
-                Text(r.state, style=colours.get(r.state, "")),
-                f"{human_bytes(r.held_bytes)} / {human_bytes(report.size)}",
-                human_rate(r.rate),
-                human_eta(None if r.complete else r.eta),
-            )
-        total = max(1, report.size * len(report.recipients))
-        bar = ProgressBar(total=total, completed=min(report.held_bytes, total), width=50)
-        line = Text(f" {100 * report.held_bytes / total:.0f}%  {report.elapsed:.1f} s")
-        return Group(table, Group(bar, line))
+        self._live.update(render_report(report))
 
     def close(self) -> None:
         self._live.stop()
+
+
+def render_report(report: ReplicationReport) -> Any:
+    """The live display of one report: a table of the recipients over an overall bar."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"{report.name} ({human_bytes(report.size)}): {report.state}")
+    for column, justify in (
+        ("recipient", "left"),
+        ("state", "left"),
+        ("bytes", "right"),
+        ("rate", "right"),
+        ("ETA", "right"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    colours = {"complete": "green", "failed": "red", "receiving": "cyan"}
+    for r in report.recipients:
+        table.add_row(
+            r.daemon,
+            Text(r.state, style=colours.get(r.state, "")),
+            f"{human_bytes(r.held_bytes)} / {human_bytes(report.size)}",
+            human_rate(r.rate),
+            human_eta(None if r.complete else r.eta),
+        )
+    total = max(1, report.size * len(report.recipients))
+    bar = ProgressBar(total=total, completed=min(report.held_bytes, total), width=50)
+    line = Text(f" {100 * report.held_bytes / total:.0f}%  {report.elapsed:.1f} s")
+    return Group(table, Group(bar, line))
 
 
 def progress_view(out: TextIO) -> ProgressView:

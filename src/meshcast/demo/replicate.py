@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -166,6 +168,20 @@ def print_digests(source: str, digest: str, copies: Sequence[Copy], out: TextIO)
     return same
 
 
+@contextlib.contextmanager
+def _runtime_dir(path: str) -> Iterator[None]:
+    """$XDG_RUNTIME_DIR is `path` inside (for the daemon processes started there)."""
+    old = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("XDG_RUNTIME_DIR", None)
+        else:
+            os.environ["XDG_RUNTIME_DIR"] = old
+
+
 def _source(path: str) -> tuple[Path, int]:
     """The file to replicate, absolute, and its size; `UsageError` if it is not a file."""
     source = Path(path).absolute()
@@ -188,7 +204,28 @@ async def run_local(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         f"({human_bytes(size)} from D1 to the {count - 1} others)",
         file=err,
     )
-    async with LocalCluster(config) as cluster:  # stops every daemon on the way out
+    with contextlib.ExitStack() as stack:
+        sockets = stack.enter_context(tempfile.TemporaryDirectory(prefix="mc-rep-"))
+        return await _run_cluster(args, config, names, source, source_digest, sockets, out)
+
+
+async def _run_cluster(
+    args: argparse.Namespace,
+    config: ClusterConfig,
+    names: set[str],
+    source: Path,
+    source_digest: str,
+    sockets: str,
+    out: TextIO,
+) -> int:
+    err = sys.stderr
+    cluster = LocalCluster(config)
+    # the daemons' client sockets go to a private directory (their default socket path is
+    # under $XDG_RUNTIME_DIR, read when they start), apart from any other daemon here
+    with _runtime_dir(sockets):
+        await cluster.__aenter__()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_exit(cluster.__aexit__)  # stops every daemon on the way out
         addresses = await _ready(cluster, names)
         client = await connect(addresses["D1"], timeout=CONNECT_TIMEOUT, membership=False)
         async with client:
