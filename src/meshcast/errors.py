@@ -124,3 +124,4 @@ class ClientError(MeshcastError):
     def __init__(self, message: str, code: int = 0) -> None:
         super().__init__(message)
         self.code = code
+

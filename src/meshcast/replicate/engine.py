@@ -554,9 +554,7 @@ class Replicator:
 
     # ------------------------------------------------------------ origin
 
-    def request(
-        self, request: ReplicationRequest, now: float
-    ) -> tuple[int, list[ReplicationEffect]]:
+    def request(self, request: ReplicationRequest, now: float) -> tuple[int, list[ReplicationEffect]]:
         """Start replicating `request.path`; returns the replication id and the effects."""
         self._now = now
         if len(self._transfers) + len(self._pending) >= self.config.max_transfers:
@@ -582,14 +580,14 @@ class Replicator:
         out: list[ReplicationEffect] = []
         if manifest is None:
             self._c.replications_failed += 1
-            report = ReplicationReport(
-                rid, request.path, 0, "", "failed", now - asked, (), error or ""
-            )
+            report = ReplicationReport(rid, request.path, 0, "", "failed", now - asked, (), error or "")
             out.append(ReplicationUpdate(rid, report, final=True))
             return out
         caps = None
         if request.capacity_aware:
-            caps = tuple(self._capacities.get(n, 0.0) for n in (self.local, *request.recipients))
+            caps = tuple(
+                self._capacities.get(n, 0.0) for n in (self.local, *request.recipients)
+            )
             if not all(c > 0 for c in caps):
                 caps = None
         spec = PlanSpec(
@@ -609,14 +607,8 @@ class Replicator:
         except (UsageError, ReplicationError) as exc:
             self._c.replications_failed += 1
             report = ReplicationReport(
-                rid,
-                manifest.name,
-                manifest.size,
-                manifest.digest.hex(),
-                "failed",
-                now - asked,
-                (),
-                str(exc),
+                rid, manifest.name, manifest.size, manifest.digest.hex(), "failed",
+                now - asked, (), str(exc),
             )
             out.append(ReplicationUpdate(rid, report, final=True))
             return out
@@ -699,7 +691,9 @@ class Replicator:
         self._pump(out)
         return out
 
-    def stream_closed(self, stream: int, error: str | None, now: float) -> list[ReplicationEffect]:
+    def stream_closed(
+        self, stream: int, error: str | None, now: float
+    ) -> list[ReplicationEffect]:
         self._now = now
         out: list[ReplicationEffect] = []
         o = self._outs.pop(stream, None)
@@ -714,11 +708,7 @@ class Replicator:
                 out.append(
                     ReplicationEvent(
                         "replication_feed_failed",
-                        {
-                            "rid": f"{o.transfer.rid:016x}",
-                            "peer": peer,
-                            "reason": error or "closed",
-                        },
+                        {"rid": f"{o.transfer.rid:016x}", "peer": peer, "reason": error or "closed"},
                         "warning",
                     )
                 )
@@ -1176,3 +1166,4 @@ class Replicator:
 
 class _ProtocolViolation(Exception):
     """A peer broke the stream protocol: its stream is dropped and counted."""
+

@@ -364,9 +364,7 @@ class ReplicationSim:
         def closed() -> None:
             self._streams.pop((i, own_id), None)
             self._streams.pop((j, peer_id), None)
-            self._input(
-                j, lambda e: e.stream_closed(peer_id, "aborted" if abort else None, self.now)
-            )
+            self._input(j, lambda e: e.stream_closed(peer_id, "aborted" if abort else None, self.now))
             self._input(i, lambda e: e.stream_closed(own_id, None, self.now))
 
         self._at(when + (self.latency if abort else 0.0), closed)
