@@ -172,3 +172,16 @@ def test_finish_names_who_misses_what() -> None:
     done = make("complete", {"D2": ("complete", 2 << 20)}, final=True)
     assert finish(done, True, out, io.StringIO()) == 0
     assert json.loads(out.getvalue()) == done.to_json()
+
+
+def test_the_status_text_lists_replications_and_who_is_not_done() -> None:
+    from meshcast.client.status import format_status
+
+    running = make("running", {"D2": ("receiving", 1 << 20), "D3": ("complete", 2 << 20)})
+    text = format_status({"replication": {"replications": [running.to_json()]}})
+    assert "replications: 1" in text
+    assert "00000000000000ff  big.iso  running  3145728 of 4194304 bytes (75%)" in text
+    assert "1 of 2 recipients complete" in text
+    assert "    D2  receiving  1048576 bytes" in text
+    assert "D3  complete" not in text  # the complete ones are not listed one by one
+    assert "replications" not in format_status({"replication": {"replications": []}})
