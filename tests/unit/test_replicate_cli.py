@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -185,3 +186,37 @@ def test_the_status_text_lists_replications_and_who_is_not_done() -> None:
     assert "    D2  receiving  1048576 bytes" in text
     assert "D3  complete" not in text  # the complete ones are not listed one by one
     assert "replications" not in format_status({"replication": {"replications": []}})
+
+
+def test_local_pieces_hash_streamed_and_compare(tmp_path: Path) -> None:
+    import blake3
+
+    from meshcast.demo.replicate import Copy, file_digest, local_config, print_digests
+
+    data = bytes(range(256)) * 9000  # > 2 read chunks
+    source = tmp_path / "src.bin"
+    source.write_bytes(data)
+    digest = blake3.blake3(data).hexdigest()
+    assert file_digest(source) == digest
+    out = io.StringIO()
+    good = [Copy("D2", "/c/D2", digest), Copy("D3", "/c/D3", digest)]
+    assert print_digests(str(source), digest, good, out)
+    assert out.getvalue().splitlines()[-1] == "all 2 copies equal the source"
+    out = io.StringIO()
+    bad = [
+        Copy("D2", "/c/D2", digest),
+        Copy("D3", "/c/D3", "00" * 32),
+        Copy("D4", None, None, "failed"),
+    ]
+    assert not print_digests(str(source), digest, bad, out)
+    lines = out.getvalue().splitlines()
+    assert lines[-3].endswith("/c/D3  DIFFERS")
+    assert "(no copy)" in lines[-2]
+    assert lines[-1] == "NOT every copy equals the source"
+    assert not print_digests(str(source), digest, [], io.StringIO())
+    config = local_config(3, "local-1")
+    assert [(d.name, d.host, d.node_id) for d in config.daemons] == [
+        ("D1", "127.0.0.1", 1),
+        ("D2", "127.0.0.2", 2),
+        ("D3", "127.0.0.3", 3),
+    ]

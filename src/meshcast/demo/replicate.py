@@ -161,9 +161,12 @@ def print_digests(source: str, digest: str, copies: Sequence[Copy], out: TextIO)
         mark = "" if c.digest == digest else "  DIFFERS"
         same = same and c.digest == digest
         print(f"{c.daemon:<{width}}  {c.digest}  {c.path}{mark}", file=out)
-    verdict = (
-        f"all {len(copies)} copies equal the source" if same else "NOT every copy equals the source"
-    )
+    if not copies:
+        verdict = "no copies were made"
+    elif same:
+        verdict = f"all {len(copies)} copies equal the source"
+    else:
+        verdict = "NOT every copy equals the source"
     print(verdict, file=out)
     return same
 
