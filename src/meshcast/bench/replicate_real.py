@@ -38,6 +38,10 @@ from meshcast.replicate.bound import lower_bound
 _log = logging.getLogger(__name__)
 
 PORT = 4801  # every daemon on its own host: one port number for all
+# Each daemon shapes its replication payload to this fraction of its uplink: a full-size
+# TCP segment carries 1448 payload bytes in a 1514-byte frame (0.956), and a tbf queue
+# kept short drops no connection's first packet (a dropped SYN waits 1 s to be sent again).
+RATE_FRACTION = 0.95
 READY_TIMEOUT = 60.0  # s: the daemons agree on a view of all of them
 RUN_TIMEOUT = 900.0  # s: one replication (fanout at 100 Mbit/s of 8 x 128 MiB is ~90 s)
 
@@ -101,25 +105,27 @@ def _digest(path: Path) -> str:
 class _Cluster:
     """The daemons of one testbed (or of loopback), started as processes."""
 
-    def __init__(self, workdir: Path, hosts: int, upload_bps: float, shaped: bool) -> None:
+    def __init__(
+        self, workdir: Path, hosts: int, upload_bps: float, shaped: bool, rate: float
+    ) -> None:
         self.workdir = workdir
         self.hosts = hosts
         self.upload_bps = upload_bps
         self.testbed: netns.Testbed | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
         self.shaped = shaped
+        self.rate = rate  # [replicate] rate, bits/s (0: none)
 
     def start(self) -> None:
         from meshcast.runtime.keyfile import new_key, write_key_file
 
         if self.shaped:
             addresses = [f"127.0.77.{i + 1}" for i in range(self.hosts)]
-            # meshcast's own cap on each daemon's replication upload (payload bytes)
-            rate = self.upload_bps
         else:
+            netns.cleanup_stale()
             self.testbed = netns.Testbed(self.hosts, self.upload_bps, tag=f"r{os.getpid()}")
             addresses = self.testbed.addresses
-            rate = 0.0  # the kernel's tbf is the cap
+        rate = self.rate
         key = self.workdir / "cluster.key"
         write_key_file(key, new_key())
         toml = _cluster_toml(addresses, [self.upload_bps] * self.hosts, rate)
@@ -188,14 +194,14 @@ async def _wait_ready(cluster: _Cluster) -> None:
     raise TimeoutError("the daemons did not agree on a view of all of them")
 
 
-async def _replicate(cluster: _Cluster, source: Path, strategy: str) -> tuple[float, dict[str, object]]:
+async def _replicate(cluster: _Cluster, source: Path, strategy: str) -> tuple[float, object]:
     import meshcast
 
     async with await meshcast.connect(f"unix:{cluster.socket(0)}", name="bench") as client:
         started = time.perf_counter()
         handle = await client.replicate(str(source), to="all", strategy=strategy)
         report = await asyncio.wait_for(handle.wait(), RUN_TIMEOUT)
-        return time.perf_counter() - started, report  # type: ignore[return-value]
+        return time.perf_counter() - started, report
 
 
 def run_real(
@@ -205,11 +211,13 @@ def run_real(
     size: int = 128 << 20,
     strategies: Sequence[str] = ("fastreplica", "fanout"),
     shaped: bool = False,
+    rate_fraction: float = RATE_FRACTION,
 ) -> dict[str, RealRun]:
-    """Replicate a `size`-byte file to `recipients` daemons with each strategy."""
+    """Replicate a `size`-byte file to `recipients` daemons with each strategy. Each
+    daemon shapes its replication upload to `rate_fraction` of its cap (payload bits)."""
     workdir = Path(tempfile.mkdtemp(prefix="meshcast-bench-replicate-"))
     workdir.chmod(0o755)  # the daemons in the namespaces run as the same user anyway
-    cluster = _Cluster(workdir, recipients + 1, upload_bps, shaped)
+    cluster = _Cluster(workdir, recipients + 1, upload_bps, shaped, upload_bps * rate_fraction)
     results: dict[str, RealRun] = {}
     try:
         source = workdir / "payload.bin"
@@ -228,7 +236,9 @@ def run_real(
             cpu_before = _cpu_seconds(pids)
             seconds, report = asyncio.run(_replicate(cluster, source, strategy))
             cpu = _cpu_seconds(pids) - cpu_before
-            copies = [workdir / f"H{i}" / "replicas" / source.name for i in range(1, recipients + 1)]
+            copies = [
+                workdir / f"H{i}" / "replicas" / source.name for i in range(1, recipients + 1)
+            ]
             equal = all(p.exists() and _digest(p) == want for p in copies)
             state = str(getattr(report, "state", "?"))
             results[strategy] = RealRun(
@@ -241,8 +251,74 @@ def run_real(
                 equal,
                 state,
             )
-            _log.info("real %s at %.0f Mbit/s: %.2f s (bound %.2f s)", strategy, upload_bps / 1e6, seconds, bound)
+            _log.info(
+                "real %s at %.0f Mbit/s: %.2f s (bound %.2f s)",
+                strategy,
+                upload_bps / 1e6,
+                seconds,
+                bound,
+            )
     finally:
         cluster.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return results
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryRun:
+    file_bytes: int
+    seconds: float
+    rss_before_mib: dict[str, float]
+    rss_peak_mib: dict[str, float]
+    rss_after_mib: dict[str, float]
+    digests_equal: bool
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_memory(size: int = 4 << 30, recipients: int = 2) -> MemoryRun:
+    """Replicate a `size`-byte file over loopback and sample every daemon's RSS: the
+    daemons stream it in chunks, so their memory must not grow with the file."""
+    workdir = Path(tempfile.mkdtemp(prefix="meshcast-bench-memory-"))
+    cluster = _Cluster(workdir, recipients + 1, 10e9, shaped=True, rate=0.0)
+    try:
+        source = workdir / "big.bin"
+        block = os.urandom(1 << 20)
+        with source.open("wb") as f:  # random bytes: nothing compresses or dedups
+            for i in range(size >> 20):
+                f.write(block[i % 251 :] + block[: i % 251])
+        want = _digest(source)
+        cluster.start()
+        asyncio.run(_wait_ready(cluster))
+        names = [f"H{i}" for i in range(recipients + 1)]
+        pids = [p.pid for p in cluster.procs]
+        before = {n: _rss_mib(p) for n, p in zip(names, pids, strict=True)}
+        peak = dict(before)
+
+        async def sample_while(task: asyncio.Task[tuple[float, object]]) -> None:
+            while not task.done():
+                for n, p in zip(names, pids, strict=True):
+                    peak[n] = max(peak[n], _rss_mib(p))
+                await asyncio.sleep(0.1)
+
+        async def run() -> float:
+            task = asyncio.ensure_future(_replicate(cluster, source, "fastreplica"))
+            await sample_while(task)  # type: ignore[arg-type]
+            return (await task)[0]
+
+        seconds = asyncio.run(run())
+        after = {n: _rss_mib(p) for n, p in zip(names, pids, strict=True)}
+        copies = [workdir / f"H{i}" / "replicas" / source.name for i in range(1, recipients + 1)]
+        equal = all(p.exists() and _digest(p) == want for p in copies)
+        return MemoryRun(size, seconds, before, peak, after, equal)
+    finally:
+        cluster.close()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -71,7 +71,13 @@ from meshcast.overlay.node import (
 from meshcast.replicate.engine import ReplicationEffect, Replicator, ReplicatorConfig
 from meshcast.replicate.manifest import Manifest
 from meshcast.replicate.store import ChunkStore, NoStore
-from meshcast.wire.client import Multicast, Replicate, Replication, encode
+from meshcast.wire.client import (
+    REPLICATE_VERSION,
+    Multicast,
+    Replicate,
+    Replication,
+    encode,
+)
 from meshcast.wire.keys import KeyRing
 from meshcast.wire.overlay import Upper
 
@@ -464,7 +470,7 @@ class DaemonNode:
 
     def _write_report(self, conn: int, token: int, final: bool, report: bytes) -> None:
         if conn in self.clients:
-            self.clients.write(conn, encode(Replication(token, final, report)))
+            self.clients.write(conn, encode(Replication(token, final, report.decode())))
 
     def _apply_overlay(self, effects: Iterable[object], out: list[DaemonEffect]) -> None:
         # typed `object`: an effect type the overlay adds without a case here is counted
@@ -677,7 +683,10 @@ class DaemonNode:
                 return  # a slow `block` member is in one of its groups
             streams.pop_head(conn)
             self._client_frames += 1
-            if isinstance(frame, Replicate):
+            if (
+                isinstance(frame, Replicate)
+                and self.sessions.session_version(conn) >= REPLICATE_VERSION
+            ):
                 self._guard("replicate", partial(self._replicate, conn, frame, now, out), out)
                 continue
             self._session_input(

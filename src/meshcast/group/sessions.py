@@ -316,6 +316,11 @@ class SessionTable:
     def handshaking(self, conn: int) -> bool:
         return conn in self._pending
 
+    def session_version(self, conn: int) -> int:
+        """The protocol version `conn`'s session agreed on (0: no open session)."""
+        s = self._sessions.get(conn)
+        return s.version if s is not None and s.state is _State.OPEN else 0
+
     def frame_limit(self, conn: int) -> int:
         """The largest frame (length field) to read from `conn` now: what a HELLO can need
         before the handshake, the session's frame cap after it."""
@@ -715,6 +720,15 @@ class SessionTable:
                 out += self._drop(s, "goodbye", now, close=True, last=encode(Goodbye()))
             case Hello():
                 out += self._end(s, ErrorCode.UNEXPECTED_FRAME, "a second HELLO", "bad frame", now)
+            case Replicate():  # the daemon takes it from a session of version 5 or later
+                out += self._end(
+                    s,
+                    ErrorCode.UNEXPECTED_FRAME,
+                    f"REPLICATE needs protocol version {REPLICATE_VERSION}, the session has "
+                    f"{s.version}",
+                    "bad frame",
+                    now,
+                )
             case _:
                 out += self._end(
                     s,

@@ -1532,23 +1532,3 @@ class FrameDecoder:
         if self.buffered:
             raise DecodeError(f"stream ended inside a frame ({self.buffered} bytes pending)")
 
-
-@dataclass(frozen=True, slots=True)
-class Replicate:  # TEMPORARY placeholder until the client helper's v5 frames land
-    token: int
-    path: str
-    targets: str
-    dest: str
-    rate: float
-    strategy: int
-    variant: int
-    tree: int
-    max_connections: int
-    capacity_aware: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Replication:  # TEMPORARY placeholder
-    token: int
-    final: bool
-    report: bytes
