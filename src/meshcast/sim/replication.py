@@ -20,6 +20,7 @@ import itertools
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import blake3
 
@@ -79,6 +80,10 @@ class SyntheticStore:
         self._held: dict[bytes, set[int]] = {}
         self.finalized: dict[bytes, str] = {}
         self.corrupt: set[bytes] = set()  # digests whose copy must fail the final check
+        # with a clock: (time, bytes held) after every new chunk, for progress plots
+        self.clock: Callable[[], float] | None = None
+        self.progress: list[tuple[float, int]] = []
+        self._held_bytes: dict[bytes, int] = {}
 
     def open_source(self, manifest: Manifest, path: str) -> None:
         self._held[manifest.digest] = set(range(manifest.chunk_count))
@@ -92,7 +97,12 @@ class SyntheticStore:
         return self._files[digest].chunk(index)
 
     def write(self, digest: bytes, index: int, data: bytes | memoryview) -> None:
-        self._held.setdefault(digest, set()).add(index)
+        held = self._held.setdefault(digest, set())
+        if self.clock is not None and index not in held:
+            total = self._held_bytes.get(digest, 0) + len(data)
+            self._held_bytes[digest] = total
+            self.progress.append((self.clock(), total))
+        held.add(index)
 
     def finalize(self, digest: bytes) -> str:
         f = self._files[digest]
@@ -135,7 +145,8 @@ class SimOutcome:
 
 
 class ReplicationSim:
-    """Nodes 0..n: node 0 is the origin. `uploads`/`downloads` in bits/s."""
+    """Nodes 0..n: node 0 is the origin. `uploads`/`downloads` in bits/s. With
+    `record_progress`, each store's `progress` lists (time, bytes held) after every chunk."""
 
     def __init__(
         self,
@@ -146,6 +157,7 @@ class ReplicationSim:
         seed: int = 1,
         config: ReplicatorConfig | None = None,
         shape: bool = True,
+        record_progress: bool = False,
     ) -> None:
         self.n = len(uploads)
         self.ids = [NodeId(i + 1) for i in range(self.n)]
@@ -156,6 +168,9 @@ class ReplicationSim:
         self.now = 0.0
         self.files: dict[bytes, SyntheticFile] = {}
         self.stores = [SyntheticStore(self.files) for _ in range(self.n)]
+        if record_progress:
+            for store in self.stores:
+                store.clock = self._clock
         base = config or ReplicatorConfig()
         capacities = {node: uploads[i] for i, node in enumerate(self.ids)}
         self.engines = []
@@ -194,6 +209,9 @@ class ReplicationSim:
         self.events = 0
         self.log: list[ReplicationEvent] = []
         self._paths: dict[str, SyntheticFile] = {}
+
+    def _clock(self) -> float:
+        return self.now
 
     # ------------------------------------------------------------ set-up
 
@@ -254,12 +272,7 @@ class ReplicationSim:
                 case SendControl(dest, payload):
                     j = self._index[dest]
                     src = self.ids[i]
-                    self._at(
-                        self.now + self.latency,
-                        lambda j=j, src=src, p=payload: self._input(
-                            j, lambda e: e.control_received(src, p, self.now)
-                        ),
-                    )
+                    self._at(self.now + self.latency, partial(self._control, j, src, payload))
                 case Finalize(rid, digest):
                     store = self.stores[i]
 
@@ -279,12 +292,7 @@ class ReplicationSim:
                     f = self._paths.get(path)
                     manifest = f.manifest if f else None
                     err = None if f else f"{path}: no such file"
-                    self._at(
-                        self.now,
-                        lambda i=i, rid=rid, m=manifest, err=err: self._input(
-                            i, lambda e: e.hashed(rid, m, err, self.now)
-                        ),
-                    )
+                    self._at(self.now, partial(self._hashed, i, rid, manifest, err))
                 case ReplicationUpdate(rid, report, final):
                     self.reports[rid] = report
                     if final:
@@ -296,7 +304,13 @@ class ReplicationSim:
         deadline = engine.next_deadline()
         if deadline is not None and deadline != self._timers[i]:
             self._timers[i] = deadline
-            self._at(max(deadline, self.now), lambda i=i, d=deadline: self._timer(i, d))
+            self._at(max(deadline, self.now), partial(self._timer, i, deadline))
+
+    def _control(self, j: int, source: NodeId, payload: bytes) -> None:
+        self._input(j, lambda e: e.control_received(source, payload, self.now))
+
+    def _hashed(self, i: int, rid: int, manifest: Manifest | None, error: str | None) -> None:
+        self._input(i, lambda e: e.hashed(rid, manifest, error, self.now))
 
     def _timer(self, i: int, deadline: float) -> None:
         if self._timers[i] != deadline:
@@ -364,7 +378,9 @@ class ReplicationSim:
         def closed() -> None:
             self._streams.pop((i, own_id), None)
             self._streams.pop((j, peer_id), None)
-            self._input(j, lambda e: e.stream_closed(peer_id, "aborted" if abort else None, self.now))
+            self._input(
+                j, lambda e: e.stream_closed(peer_id, "aborted" if abort else None, self.now)
+            )
             self._input(i, lambda e: e.stream_closed(own_id, None, self.now))
 
         self._at(when + (self.latency if abort else 0.0), closed)
