@@ -25,6 +25,7 @@ BENCH_SUITES = {
     "overlay": "meshcast.bench.overlay",
     "tree": "meshcast.bench.tree",
     "group": "meshcast.bench.group",
+    "replicate": "meshcast.bench.replicate",
 }
 
 

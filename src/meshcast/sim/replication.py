@@ -81,6 +81,10 @@ class SyntheticStore:
         self._held: dict[bytes, set[int]] = {}
         self.finalized: dict[bytes, str] = {}
         self.corrupt: set[bytes] = set()  # digests whose copy must fail the final check
+        # with a clock: (time, bytes held) after every new chunk, for progress plots
+        self.clock: Callable[[], float] | None = None
+        self.progress: list[tuple[float, int]] = []
+        self._held_bytes: dict[bytes, int] = {}
 
     def open_source(self, manifest: Manifest, path: str) -> None:
         self._held[manifest.digest] = set(range(manifest.chunk_count))
@@ -94,7 +98,12 @@ class SyntheticStore:
         return self._files[digest].chunk(index)
 
     def write(self, digest: bytes, index: int, data: bytes | memoryview) -> None:
-        self._held.setdefault(digest, set()).add(index)
+        held = self._held.setdefault(digest, set())
+        if self.clock is not None and index not in held:
+            total = self._held_bytes.get(digest, 0) + len(data)
+            self._held_bytes[digest] = total
+            self.progress.append((self.clock(), total))
+        held.add(index)
 
     def finalize(self, digest: bytes) -> str:
         f = self._files[digest]
@@ -137,7 +146,8 @@ class SimOutcome:
 
 
 class ReplicationSim:
-    """Nodes 0..n: node 0 is the origin. `uploads`/`downloads` in bits/s."""
+    """Nodes 0..n: node 0 is the origin. `uploads`/`downloads` in bits/s. With
+    `record_progress`, each store's `progress` lists (time, bytes held) after every chunk."""
 
     def __init__(
         self,
@@ -148,6 +158,7 @@ class ReplicationSim:
         seed: int = 1,
         config: ReplicatorConfig | None = None,
         shape: bool = True,
+        record_progress: bool = False,
     ) -> None:
         self.n = len(uploads)
         self.ids = [NodeId(i + 1) for i in range(self.n)]
@@ -158,6 +169,9 @@ class ReplicationSim:
         self.now = 0.0
         self.files: dict[bytes, SyntheticFile] = {}
         self.stores = [SyntheticStore(self.files) for _ in range(self.n)]
+        if record_progress:
+            for store in self.stores:
+                store.clock = self._clock
         base = config or ReplicatorConfig()
         capacities = {node: uploads[i] for i, node in enumerate(self.ids)}
         self.engines = []
@@ -196,6 +210,9 @@ class ReplicationSim:
         self.events = 0
         self.log: list[ReplicationEvent] = []
         self._paths: dict[str, SyntheticFile] = {}
+
+    def _clock(self) -> float:
+        return self.now
 
     # ------------------------------------------------------------ set-up
 
