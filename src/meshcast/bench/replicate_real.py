@@ -33,6 +33,8 @@ from pathlib import Path
 import blake3
 
 from meshcast.bench import netns
+from meshcast.client.connection import connect
+from meshcast.errors import MeshcastError
 from meshcast.replicate.bound import lower_bound
 
 _log = logging.getLogger(__name__)
@@ -176,17 +178,15 @@ class _Cluster:
 
 
 async def _wait_ready(cluster: _Cluster) -> None:
-    import meshcast
-
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         await asyncio.sleep(0.5)
         if not cluster.socket(0).exists():
             continue
         try:
-            async with await meshcast.connect(f"unix:{cluster.socket(0)}", name="bench") as c:
+            async with await connect(f"unix:{cluster.socket(0)}", name="bench") as c:
                 status = await c.status()
-        except (OSError, meshcast.MeshcastError):
+        except (OSError, MeshcastError):
             continue
         view = status.get("view") or {}
         if view.get("agreed") and len(view.get("members", [])) == cluster.hosts:
@@ -195,9 +195,7 @@ async def _wait_ready(cluster: _Cluster) -> None:
 
 
 async def _replicate(cluster: _Cluster, source: Path, strategy: str) -> tuple[float, object]:
-    import meshcast
-
-    async with await meshcast.connect(f"unix:{cluster.socket(0)}", name="bench") as client:
+    async with await connect(f"unix:{cluster.socket(0)}", name="bench") as client:
         started = time.perf_counter()
         handle = await client.replicate(str(source), to="all", strategy=strategy)
         report = await asyncio.wait_for(handle.wait(), RUN_TIMEOUT)
@@ -311,7 +309,7 @@ def run_memory(size: int = 4 << 30, recipients: int = 2) -> MemoryRun:
 
         async def run() -> float:
             task = asyncio.ensure_future(_replicate(cluster, source, "fastreplica"))
-            await sample_while(task)  # type: ignore[arg-type]
+            await sample_while(task)
             return (await task)[0]
 
         seconds = asyncio.run(run())
