@@ -84,16 +84,22 @@ def _cluster_toml(addresses: Sequence[str], uploads: Sequence[float], rate: floa
     return "\n".join(lines) + "\n"
 
 
-def _cpu_seconds(pids: Sequence[int]) -> float:
+def _cpu_split(pids: Sequence[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of the processes so far."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    user = system = 0.0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    return total
+        user += int(fields[11]) / tick
+        system += int(fields[12]) / tick
+    return user, system
+
+
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    return sum(_cpu_split(pids))
 
 
 def _digest(path: Path) -> str:
@@ -231,9 +237,11 @@ def run_real(
         for strategy in strategies:
             for i in range(1, recipients + 1):  # every run starts from empty recipients
                 shutil.rmtree(workdir / f"H{i}" / "replicas", ignore_errors=True)
-            cpu_before = _cpu_seconds(pids)
+            user0, system0 = _cpu_split(pids)
             seconds, report = asyncio.run(_replicate(cluster, source, strategy))
-            cpu = _cpu_seconds(pids) - cpu_before
+            user1, system1 = _cpu_split(pids)
+            cpu = user1 + system1 - user0 - system0
+            _log.info("cpu: user %.2f s, system %.2f s", user1 - user0, system1 - system0)
             copies = [
                 workdir / f"H{i}" / "replicas" / source.name for i in range(1, recipients + 1)
             ]

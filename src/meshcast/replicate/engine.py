@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from meshcast.errors import DecodeError, ReplicationError, UsageError
 from meshcast.ids import NodeId
 from meshcast.replicate.manifest import Manifest
 from meshcast.replicate.messages import (
+    MAX_RECIPIENTS,
     MAX_STREAM_MESSAGE,
     Chunk,
     End,
@@ -87,6 +89,7 @@ __all__ = [
 ]
 
 INBOUND_STREAM_BASE = 1 << 32
+MAX_DEST = 4096  # bytes: a request's dest directory (a path; the OFFER carries it)
 
 # ---------------------------------------------------------------- configuration, requests
 
@@ -467,7 +470,7 @@ class _Transfer:
         self.started = now
         self.last_progress = now
         self.report_due: float | None = None
-        self.reported_held: tuple[ReceiverState, int] | None = None
+        self.reported: tuple[ReceiverState, int, int] | None = None  # state, held, bad
         self.path: str | None = None
         # the origin's view of every recipient
         self.recipients: dict[NodeId, _Recipient] = {}
@@ -476,6 +479,8 @@ class _Transfer:
         self.waiting: list[tuple[int, Offer]] = []
         self.bad_from: dict[NodeId, int] = {}  # daemons that sent damaged chunks, how many
         self.fetching: set[int] = set()  # chunks asked for again
+        self.digest = manifest.digest
+        self.store_open = False  # the store has the file open for this transfer
 
     @property
     def complete(self) -> bool:
@@ -595,8 +600,18 @@ class Replicator:
             raise UsageError("a replication needs at least one recipient")
         if self.local in request.recipients:
             raise UsageError("the origin cannot be one of its own recipients")
-        if request.rate is not None and not request.rate > 0:
-            raise UsageError("the rate must be positive")
+        if request.rate is not None and not 0 < request.rate < math.inf:
+            raise UsageError("the rate must be positive and finite")
+        if len(request.recipients) > MAX_RECIPIENTS:
+            raise UsageError(f"more than {MAX_RECIPIENTS} recipients")
+        if not 1 <= request.max_connections <= 255:
+            raise UsageError("max_connections must be 1 to 255")
+        try:
+            dest_bytes = len(request.dest.encode())
+        except UnicodeEncodeError as exc:
+            raise UsageError("the dest directory is not valid text") from exc
+        if dest_bytes > MAX_DEST:
+            raise UsageError(f"the dest directory is longer than {MAX_DEST} bytes")
         rid = self._rng.getrandbits(64) or 1
         self._pending[rid] = (request, now)
         return rid, [HashFile(rid, request.path)]
@@ -653,6 +668,7 @@ class Replicator:
         t = _Transfer(
             rid, manifest, plan, rate=request.rate or 0.0, dest=request.dest, origin=True, now=asked
         )
+        t.store_open = True
         t.held = bytearray(b"\x01" * manifest.chunk_count)
         t.held_count = manifest.chunk_count
         t.held_bytes = manifest.size
@@ -699,6 +715,8 @@ class Replicator:
         out: list[ReplicationEffect] = []
         try:
             for frame in deframer.feed(data):
+                if stream not in self._deframers:
+                    break  # dropped by the message before (refused): the rest is moot
                 message = decode_stream_message(frame)
                 if stream in self._outs:
                     self._on_feedback(self._outs[stream], message, out)
@@ -878,7 +896,12 @@ class Replicator:
         if isinstance(message, Offer):
             if t is not None:
                 raise _ProtocolViolation("a second OFFER on one stream")
-            t = self._transfers.get(message.rid) or self._join(message, out)
+            t = self._transfers.get(message.rid)
+            if t is not None and (
+                t.is_origin or t.manifest != message.manifest or t.spec != message.spec
+            ):
+                raise _ProtocolViolation("an OFFER that disagrees with its replication")
+            t = t or self._join(message, out)
             if t is None:
                 self._drop_stream(stream, "refused", out)
                 return
@@ -934,6 +957,7 @@ class Replicator:
             self._report_progress(t, out)
             self._maybe_forget(t)
             return out
+        t.store_open = True
         for c in held:
             if 0 <= c < t.manifest.chunk_count and not t.held[c]:
                 t.held[c] = 1
@@ -980,6 +1004,24 @@ class Replicator:
             now=self._now,
         )
         self._transfers[offer.rid] = t
+        # the store serves one replication per file at a time (its contract)
+        other = next(
+            (x for x in self._transfers.values() if x is not t and x.digest == t.digest), None
+        )
+        if other is not None:
+            what = "sent" if other.is_origin else "received"
+            t.state = ReceiverState.FAILED
+            t.detail = (
+                f"{offer.manifest.name} is being {what} here already (replication {other.rid:016x})"
+            )
+            self._c.copies_failed += 1
+            out.append(
+                ReplicationEvent(
+                    "replica_failed", {"rid": f"{offer.rid:016x}", "reason": t.detail}, "error"
+                )
+            )
+            self._report_progress(t, out)
+            return t
         t.opening = True
         out.append(BeginCopy(offer.rid, offer.manifest, offer.dest or None))
         return t
@@ -1002,6 +1044,8 @@ class Replicator:
             t.bad_chunks += 1
             t.bad_from[sender] = t.bad_from.get(sender, 0) + 1
             t.detail = f"bad chunk {index} from daemon {sender}: fetched again from the origin"
+            if t.report_due is None:  # the origin hears of it even if nothing else follows
+                t.report_due = self._now + self.config.progress_interval
             out.append(
                 ReplicationEvent(
                     "replication_bad_chunk",
@@ -1047,10 +1091,10 @@ class Replicator:
         t.report_due = None
         if t.is_origin:
             return
-        state_held = (t.state, t.held_count)
-        if state_held == t.reported_held:
+        reported = (t.state, t.held_count, t.bad_chunks)
+        if reported == t.reported:
             return
-        t.reported_held = state_held
+        t.reported = reported
         progress = Progress(
             t.rid,
             t.state,
@@ -1193,14 +1237,17 @@ class Replicator:
     def _drop_stream(self, stream: int, reason: str, out: list[ReplicationEffect]) -> None:
         out.append(CloseStream(stream, abort=True))
         o = self._outs.pop(stream, None)
+        t = self._ins.pop(stream, None)
+        self._deframers.pop(stream, None)
+        self._peers.pop(stream, None)
+        # (the driver's stream_closed finds the stream gone: forget the transfer here)
         if o is not None:
             o.failed = o.ended = True
             o.transfer.detail = f"feed dropped: {reason}"
-        t = self._ins.pop(stream, None)
+            self._maybe_forget(o.transfer)
         if t is not None:
             t.ins.discard(stream)
-        self._deframers.pop(stream, None)
-        self._peers.pop(stream, None)
+            self._maybe_forget(t)
 
     # ------------------------------------------------------------ ends
 
@@ -1248,7 +1295,8 @@ class Replicator:
         if t.report_due is not None and not t.is_origin:
             return
         self._transfers.pop(t.rid, None)
-        self._store.close(t.manifest.digest)
+        if t.store_open:  # (a copy the store refused must not close another's file)
+            self._store.close(t.digest)
 
     def _report(self, t: _Transfer) -> ReplicationReport:
         recipients = []

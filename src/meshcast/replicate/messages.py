@@ -38,7 +38,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from meshcast.errors import DecodeError
+from meshcast.errors import DecodeError, UsageError
 from meshcast.ids import NodeId
 from meshcast.replicate.manifest import HASH_SIZE, MAX_CHUNK_SIZE, MAX_CHUNKS, Manifest
 from meshcast.replicate.plan import PlanSpec, Strategy, Tree, Variant
@@ -46,6 +46,7 @@ from meshcast.replicate.plan import PlanSpec, Strategy, Tree, Variant
 __all__ = [
     "CONTROL_MAGIC",
     "FRAME_HEADER",
+    "MAX_RECIPIENTS",
     "MAX_STREAM_MESSAGE",
     "Chunk",
     "ControlType",
@@ -375,7 +376,7 @@ def _decode_manifest(r: _Reader) -> Manifest:
         raise DecodeError(f"chunk size {chunk_size}")
     try:
         return Manifest(name, size, chunk_size, hashes, digest)
-    except ValueError as exc:
+    except UsageError as exc:  # (the manifest's own check: hashes that do not cover size)
         raise DecodeError(str(exc)) from exc
 
 
