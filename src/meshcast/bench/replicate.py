@@ -18,7 +18,16 @@ the same file and capacities. 1.0 is the best any plan can do.
     primary tree (chain, balanced).
   - `details`: raw seconds of each run (bound, last and mean completion), events and CPU
     seconds of the simulation; `params`: sizes and rates; `targets`: pass/fail.
-* `real`: daemons over real sockets (a hook: skipped until the lead adds it).
+* `real`: daemon processes on separate hosts (network namespaces, each host's upload
+  capped by `tc tbf`; `meshcast.bench.replicate_real`): the origin and 8 recipients, a
+  128 MiB file, at 100 and 400 Mbit/s, FastReplica and the naive fanout in the same run;
+  the ratio to the bound at the tbf rate, every copy's digest checked, and the daemons' CPU
+  seconds (user + system) per GB received. Not root: the same over loopback with each
+  daemon's upload shaped by meshcast's own rate cap (`mode` says which).
+* `memory`: one 4 GiB file replicated over loopback to 2 daemons; every daemon's RSS
+  before, at its peak during, and after the run.
+
+`--suite sim|real|memory|all` picks the parts (default: all).
 """
 
 from __future__ import annotations
@@ -64,7 +73,10 @@ VARIANT_N = 64
 TARGET_FASTREPLICA = 1.10
 TARGET_CAPACITY_AWARE = 1.25
 PLOT_N = 64  # the run whose per-recipient progress is plotted
-REAL_SKIPPED = "not implemented yet: the real-socket part of this suite comes later"
+TARGET_REAL = {"100mbit": 1.15, "400mbit": 1.30}
+REAL_RATES = {"100mbit": 100e6, "400mbit": 400e6}
+REAL_MIB, REAL_QUICK_MIB = 128, 8
+MEMORY_GIB = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ratios then include the start-up of the pipeline and are higher)",
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of the simulator's engines")
+    parser.add_argument(
+        "--suite",
+        choices=("sim", "real", "memory", "all"),
+        default="all",
+        help="which parts to run (default: all; real and memory start daemon processes)",
+    )
     plot.add_plot_argument(parser, "per-recipient progress and ratio plots")
 
 
@@ -253,19 +271,80 @@ def measure_sim(quick: bool, seed: int, plot_dir: Path | None) -> dict[str, Any]
     return result
 
 
-def measure_real(args: argparse.Namespace) -> dict[str, Any]:
-    """Daemons over real sockets (issue 12: network namespaces with `tc tbf`, a loopback
-    fallback): the hook the real part plugs into."""
-    del args
-    return {"skipped": REAL_SKIPPED}
+def measure_real(quick: bool) -> dict[str, Any]:
+    """Daemon processes on separate hosts: network namespaces with `tc tbf` (root), else
+    loopback with meshcast's own rate cap."""
+    from meshcast.bench import netns
+    from meshcast.bench.replicate_real import run_real
+
+    usable, reason = netns.available()
+    size = (REAL_QUICK_MIB if quick else REAL_MIB) * MIB
+    recipients = 3 if quick else 8
+    result: dict[str, Any] = {
+        "mode": "netns" if usable else f"loopback, shaped by meshcast ({reason})",
+        "params": {"recipients": recipients, "file_mib": size // MIB},
+    }
+    details: dict[str, Any] = {}
+    cpu: dict[str, float] = {}
+    passed: dict[str, bool] = {}
+    for label, rate in REAL_RATES.items():
+        runs = run_real(rate, recipients=recipients, size=size, shaped=not usable)
+        result[label] = {name: round(r.ratio, 4) for name, r in runs.items()}
+        details[label] = {
+            name: {
+                "seconds": round(r.seconds, 3),
+                "bound": round(r.bound, 3),
+                "cpu_seconds": round(r.cpu_seconds, 2),
+                "digests_equal": r.digests_equal,
+                "state": r.state,
+            }
+            for name, r in runs.items()
+        }
+        cpu[label] = round(runs["fastreplica"].cpu_seconds_per_gb, 2)
+        ok = all(r.digests_equal and r.state == "complete" for r in runs.values())
+        passed[f"fastreplica_{label}_le_{TARGET_REAL[label]}"] = (
+            ok and runs["fastreplica"].ratio <= TARGET_REAL[label]
+        )
+    result["cpu_s_per_gb"] = cpu
+    result["details"] = details
+    result["targets"] = passed
+    return result
+
+
+def measure_memory(quick: bool) -> dict[str, Any]:
+    from meshcast.bench.replicate_real import run_memory
+
+    size = (64 * MIB) if quick else MEMORY_GIB << 30
+    m = run_memory(size)
+    return {
+        "file_bytes": m.file_bytes,
+        "seconds": round(m.seconds, 2),
+        "digests_equal": m.digests_equal,
+        "rss_mib": {
+            name: {
+                "before": round(m.rss_before_mib[name], 1),
+                "peak": round(m.rss_peak_mib[name], 1),
+                "after": round(m.rss_after_mib[name], 1),
+            }
+            for name in m.rss_peak_mib
+        },
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    wall, cpu = time.monotonic(), time.process_time()
-    sim = measure_sim(args.quick, args.seed, args.plot)
-    sim["params"]["wall_s"] = round(time.monotonic() - wall, 1)
-    sim["params"]["cpu_s"] = round(time.process_time() - cpu, 1)
-    return {"sim": sim, "real": measure_real(args)}
+    out: dict[str, object] = {}
+    suite = getattr(args, "suite", "all")
+    if suite in ("sim", "all"):
+        wall, cpu = time.monotonic(), time.process_time()
+        sim = measure_sim(args.quick, args.seed, args.plot)
+        sim["params"]["wall_s"] = round(time.monotonic() - wall, 1)
+        sim["params"]["cpu_s"] = round(time.process_time() - cpu, 1)
+        out["sim"] = sim
+    if suite in ("real", "all"):
+        out["real"] = measure_real(args.quick)
+    if suite in ("memory", "all"):
+        out["memory"] = measure_memory(args.quick)
+    return out
 
 
 # ---------------------------------------------------------------------- plots

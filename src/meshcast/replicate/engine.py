@@ -535,7 +535,16 @@ class Replicator:
         for t in self._transfers.values():
             if t.report_due is not None and (deadline is None or t.report_due < deadline):
                 deadline = t.report_due
+            stall = self._stall_deadline(t)
+            if stall is not None and (deadline is None or stall < deadline):
+                deadline = stall
         return deadline
+
+    def _stall_deadline(self, t: _Transfer) -> float | None:
+        """When a copy that stopped receiving is given up here (None: not receiving)."""
+        if t.is_origin or t.state != ReceiverState.RECEIVING or t.opening:
+            return None
+        return t.last_progress + self.config.give_up_after
 
     def memory(self) -> int:
         """Bytes held for others: partly received stream messages."""
@@ -864,10 +873,39 @@ class Replicator:
                     t.report_due = now + self.config.progress_interval
                 else:
                     self._report_progress(t, out)
+            stall = self._stall_deadline(t)
+            if stall is not None and now >= stall:
+                self._give_up_copy(t, out)
         if self._wake_at is not None and now >= self._wake_at:
             self._wake_at = None
         self._pump(out)
         return out
+
+    def _give_up_copy(self, t: _Transfer, out: list[ReplicationEffect]) -> None:
+        """No chunk arrived for `give_up_after`: fail this copy (its partial file stays for
+        a later replication of the same file to resume from) and free what it held."""
+        feeders = sorted({int(self._peers[s]) for s in t.ins if s in self._peers})
+        t.state = ReceiverState.FAILED
+        stalled = (
+            f"no data for {self.config.give_up_after:.0f} s "
+            f"({t.manifest.chunk_count - t.held_count} chunks missing; feeders {feeders})"
+        )
+        t.detail = f"{stalled}; {t.detail}" if t.detail else stalled
+        self._c.copies_failed += 1
+        out.append(
+            ReplicationEvent(
+                "replica_failed", {"rid": f"{t.rid:016x}", "reason": t.detail}, "error"
+            )
+        )
+        self._report_progress(t, out)
+        detail = t.detail
+        for stream in list(t.ins):
+            self._drop_stream(stream, "given up", out)
+        for o in t.outs:
+            if not o.ended:
+                self._drop_stream(o.stream, "given up", out)
+        t.detail = detail
+        self._maybe_forget(t)
 
     # ------------------------------------------------------------ receiving
 
@@ -875,6 +913,9 @@ class Replicator:
         """`source` asks for chunks again: send those we hold on a new stream."""
         t = self._transfers.get(fetch.rid)
         if t is None or source == self.local:
+            return []
+        if len(self._ins) + len(self._outs) >= self.config.max_streams:
+            self._c.streams_refused += 1
             return []
         count = t.manifest.chunk_count
         ranges = tuple(
@@ -1070,6 +1111,7 @@ class Replicator:
         t.held[index] = 1
         t.held_count += 1
         t.held_bytes += len(chunk.data)
+        t.last_progress = self._now
         self._fresh[(t.rid, index)] = memoryview(chunk.data)
         for o in t.outs:
             self._wake(o)

@@ -261,7 +261,9 @@ def test_a_bad_chunk_is_counted_never_written_nor_forwarded_and_reported() -> No
     assert "bad chunk 3" in by_node[net.ids[1]].detail
     assert by_node[net.ids[1]].held_bytes == 19 * CHUNK_SIZE
     assert by_node[net.ids[2]].held_bytes == 13 * CHUNK_SIZE
-    assert all(r.state == "receiving" for r in report.recipients)
+    # each copy gives itself up too after give_up_after without data (which is first
+    # depends on whose clock started later): never complete
+    assert all(r.state in ("receiving", "failed") for r in report.recipients)
     assert not net.stores[1].finalized
     assert not net.stores[2].finalized
 
@@ -388,10 +390,12 @@ def test_have_twice_from_a_receiver_drops_that_feed_only() -> None:
     assert net.stores[1].finalized[f.manifest.digest] == "sim:f"
     assert f.manifest.digest not in net.stores[2].finalized
     by_node = {r.node: r.state for r in report.recipients}
-    assert by_node == {net.ids[1]: "complete", net.ids[2]: "receiving"}
+    assert by_node[net.ids[1]] == "complete"
+    assert by_node[net.ids[2]] in ("receiving", "failed")  # it gives itself up too
     assert report.state == "failed"
     net.run()
     assert net.engines[1].statistics().transfers == 0
+    assert net.engines[2].statistics().transfers == 0  # the stalled copy is forgotten
 
 
 @given(
