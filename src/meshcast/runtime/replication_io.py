@@ -253,7 +253,7 @@ class ReplicationIO:
         assert conn is not None
         stream = s.id
         while True:
-            data = await conn.receive()
+            data = await conn.receive_all()
             if data is None:
                 return
             self._feed("replication_stream_data", partial(self._data, stream, data))
