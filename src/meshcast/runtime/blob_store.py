@@ -681,21 +681,20 @@ def _open_directory(path: str) -> int:
 
 
 def _preallocate(fd: int, size: int, where: str) -> None:
-    """Reserve the file's blocks now, so a full disk shows at begin and not mid-transfer."""
-    if size == 0:
-        os.ftruncate(fd, 0)
-        return
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except AttributeError:  # not on this platform
-        os.ftruncate(fd, size)
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # the file system cannot: sparse
-            os.ftruncate(fd, size)
-        elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise BlobUnavailable(f"{where}: no space for {size} bytes") from exc
-        else:
-            raise
+    """Size the partial file (sparse) after checking the file system has room for it, so a
+    full disk shows at begin and not mid-transfer (unless something else fills it
+    meanwhile: then a write fails with BlobUnavailable). Not posix_fallocate: on ext4 every
+    later write into its unwritten extents costs ~10x (360 MB/s against 3.4 GB/s for 256 KiB
+    pwrites on the development VM), CPU the daemon needs for the transfer itself."""
+    st = os.fstat(fd)
+    missing = size - st.st_blocks * 512  # what a resumed partial file does not hold yet
+    if missing > 0:
+        fs = os.fstatvfs(fd)
+        if fs.f_bavail * fs.f_frsize < missing:
+            raise BlobUnavailable(
+                f"{where}: no space for {size} bytes ({fs.f_bavail * fs.f_frsize} free)"
+            )
+    os.ftruncate(fd, size)
 
 
 def _write_error(directory: str, exc: OSError) -> BlobUnavailable:
