@@ -847,14 +847,7 @@ class Replicator:
                 )
             )
         else:
-            t.state = ReceiverState.FAILED
-            t.detail = error or "the copy did not verify"
-            self._c.copies_failed += 1
-            out.append(
-                ReplicationEvent(
-                    "replica_failed", {"rid": f"{rid:016x}", "reason": t.detail}, "error"
-                )
-            )
+            self._fail_copy(t, error or "the copy did not verify", out)
         self._report_progress(t, out)
         self._maybe_forget(t)
         return out
@@ -881,6 +874,15 @@ class Replicator:
         self._pump(out)
         return out
 
+    def _fail_copy(self, t: _Transfer, reason: str, out: list[ReplicationEffect]) -> None:
+        """This node's copy cannot complete: say why (the caller reports it)."""
+        t.state = ReceiverState.FAILED
+        t.detail = reason
+        self._c.copies_failed += 1
+        out.append(
+            ReplicationEvent("replica_failed", {"rid": f"{t.rid:016x}", "reason": reason}, "error")
+        )
+
     def _give_up_copy(self, t: _Transfer, out: list[ReplicationEffect]) -> None:
         """No chunk arrived for `give_up_after`: fail this copy (its partial file stays for
         a later replication of the same file to resume from) and free what it held."""
@@ -890,13 +892,7 @@ class Replicator:
             f"no data for {self.config.give_up_after:.0f} s "
             f"({t.manifest.chunk_count - t.held_count} chunks missing; feeders {feeders})"
         )
-        t.detail = f"{stalled}; {t.detail}" if t.detail else stalled
-        self._c.copies_failed += 1
-        out.append(
-            ReplicationEvent(
-                "replica_failed", {"rid": f"{t.rid:016x}", "reason": t.detail}, "error"
-            )
-        )
+        self._fail_copy(t, f"{stalled}; {t.detail}" if t.detail else stalled, out)
         self._report_progress(t, out)
         detail = t.detail
         for stream in list(t.ins):
@@ -985,14 +981,7 @@ class Replicator:
         out: list[ReplicationEffect] = []
         waiting, t.waiting = t.waiting, []
         if held is None:
-            t.state = ReceiverState.FAILED
-            t.detail = error or "the copy could not be opened"
-            self._c.copies_failed += 1
-            out.append(
-                ReplicationEvent(
-                    "replica_failed", {"rid": f"{rid:016x}", "reason": t.detail}, "error"
-                )
-            )
+            self._fail_copy(t, error or "the copy could not be opened", out)
             for stream, _ in waiting:
                 self._drop_stream(stream, t.detail, out)
             self._report_progress(t, out)
@@ -1051,15 +1040,10 @@ class Replicator:
         )
         if other is not None:
             what = "sent" if other.is_origin else "received"
-            t.state = ReceiverState.FAILED
-            t.detail = (
-                f"{offer.manifest.name} is being {what} here already (replication {other.rid:016x})"
-            )
-            self._c.copies_failed += 1
-            out.append(
-                ReplicationEvent(
-                    "replica_failed", {"rid": f"{offer.rid:016x}", "reason": t.detail}, "error"
-                )
+            self._fail_copy(
+                t,
+                f"{offer.manifest.name} is being {what} here already (replication {other.rid:016x})",
+                out,
             )
             self._report_progress(t, out)
             return t
@@ -1103,9 +1087,7 @@ class Replicator:
         try:
             self._store.write(manifest.digest, index, chunk.data)
         except ReplicationError as exc:
-            t.state = ReceiverState.FAILED
-            t.detail = str(exc)
-            self._c.copies_failed += 1
+            self._fail_copy(t, str(exc), out)
             self._report_progress(t, out)
             return
         t.held[index] = 1
