@@ -17,12 +17,13 @@ spec, so only the spec travels with the data. The rules (docs/design/replicate.m
   other. Tree.BALANCED: a primary tree of m groups and m1 secondary trees of at most m
   groups (m1 in {m-1, m}); primary group t feeds the root of secondary tree t after complete.
 - A node's fast-forward peers (distinct peers over feeds without `after_complete`, in or
-  out) never exceed k + variant <= max_connections.
-- Capacity-aware (beyond the patent): groups of the same sizes, filled so that each group's
-  upload capacity matches the copies it must upload (slow nodes gather in the leaf groups);
-  in each group, members fastest first hold consecutive chunk ranges in proportion to their
-  capacities; the subfiles are the common refinement of every group's ranges, so a member
-  may hold several subfiles or none. Connections: see `Plan` and the design doc.
+  out) never exceed k + variant <= max_connections (except in capacity-aware plans).
+- Capacity-aware (beyond the patent, unequal capacities): groups of the same sizes, filled
+  so that each group's capacity matches the copies it must upload (the slowest nodes gather
+  in the leaf groups); min(chunks, 64 k) equal subfiles, shared in each group by D'Hondt in
+  file order (in proportion to capacity, interleaved over the file), so a member may hold
+  many subfiles or none. A member may then talk to its whole group, its parent group and
+  its child groups: up to 3k - 1 fast-forward peers for K1.
 """
 
 from __future__ import annotations
@@ -125,12 +126,12 @@ class Plan:
     exactly, in order, none empty. `groups[g]` lists group g's nodes; `holders[g][i]` is the
     node of group g that holds subfile i (receives it from the group's parent and spreads it
     through the group). In the patent's plan there are k subfiles and node j % len(group) of
-    a group holds subfile j. A capacity-aware plan has at least k subfiles (the common
-    refinement of every group's proportional ranges); a member holds consecutive subfiles,
-    possibly none. `parents[g]` is the group feeding group g (-1: the origin). `tree_of[g]`
-    is 0 for a group of the primary tree and t + 1 for one of secondary tree t. Every
-    recipient receives every subfile from exactly one feed. The baselines have k = 1, one
-    subfile (the whole file) and one group per recipient."""
+    a group holds subfile j. A capacity-aware plan has min(chunks, 64 k) subfiles, and a
+    member holds a share in proportion to its capacity, spread over the file, possibly
+    none. `parents[g]` is the group feeding group g (-1: the origin). `tree_of[g]` is 0 for
+    a group of the primary tree and t + 1 for one of secondary tree t. Every recipient
+    receives every subfile from exactly one feed. The baselines have k = 1, one subfile
+    (the whole file) and one group per recipient."""
 
     spec: PlanSpec
     k: int
