@@ -58,6 +58,10 @@ PRIORITY_SECONDARY = 2
 # Capacity-aware plans: subfiles per group member, so each member's share is within about
 # 1/SUBFILES_PER_MEMBER of its capacity's (at most min(chunks, this x k) subfiles).
 SUBFILES_PER_MEMBER = 64
+# Capacity-aware grouping: swaps tried after the greedy fill, and the groups with the most
+# slack a swap may take a faster node from (bounds the planning time for many groups).
+MAX_SWAPS = 256
+SWAP_PARTNERS = 16
 
 
 class Strategy(StrEnum):
@@ -280,8 +284,8 @@ def _balanced_groups(
     capacity), and the plan is as fast as its slowest group. The nodes, fastest first, each
     join the group furthest below its share of the total capacity (in proportion to
     r - 1 + c: the leaf groups have the smallest, so the slowest nodes end up there); then
-    swaps of a node of the slowest group for a faster one elsewhere, while one shortens
-    the slowest group's time. Each group lists its members fastest first, ties in the given
+    swaps of a node of the slowest group for a faster one of a group with slack (the
+    SWAP_PARTNERS with most), while one shortens the slowest group's time. Each group lists its members fastest first, ties in the given
     order. (Floats in a fixed order: IEEE arithmetic gives every node the same groups.)"""
     order = {node: i for i, node in enumerate(recipients)}
     work = [size - 1 + child for size, child in zip(sizes, children, strict=True)]
@@ -289,21 +293,27 @@ def _balanced_groups(
     target = [total * w / sum(work) if sum(work) else 0.0 for w in work]
     have = [0.0] * len(sizes)
     members: list[list[NodeId]] = [[] for _ in sizes]
-    # stable: equal capacities keep the given order
+    # stable: equal capacities keep the given order; the heap: (-deficit, g) of each group
+    # with room, so ties go to the earlier group
+    room = [(-target[g], g) for g in range(len(sizes))]
+    heapq.heapify(room)
     for node in sorted(recipients, key=lambda node: -capacity[node]):
-        g = max(
-            (g for g in range(len(sizes)) if len(members[g]) < sizes[g]),
-            key=lambda g: (target[g] - have[g], -g),
-        )
+        _, g = heapq.heappop(room)
         members[g].append(node)
         have[g] += capacity[node]
-    for _ in range(2 * len(sizes)):  # bounded: each swap shortens the slowest group
+        if len(members[g]) < sizes[g]:
+            heapq.heappush(room, (have[g] - target[g], g))
+    # bounded: each swap shortens the slowest group; partners: the groups with most slack
+    for _ in range(min(2 * len(sizes), MAX_SWAPS)):
         worst = max(range(len(sizes)), key=lambda g: (work[g] / have[g], -g))
         best: tuple[float, int, NodeId, NodeId] | None = None
-        for other in range(len(sizes)):
-            if other == worst:
-                continue
-            slow_here = {capacity[node]: node for node in members[worst]}
+        slow_here = {capacity[node]: node for node in members[worst]}
+        partners = heapq.nsmallest(
+            SWAP_PARTNERS,
+            (g for g in range(len(sizes)) if g != worst),
+            key=lambda g: (work[g] / have[g], g),
+        )
+        for other in partners:
             fast_there = {capacity[node]: node for node in members[other]}
             for slow, x in slow_here.items():
                 for fast, y in fast_there.items():
@@ -376,9 +386,12 @@ def _collection(group: tuple[NodeId, ...], holders: Sequence[NodeId]) -> list[Fe
     """Every holder to the rest of its group, starting with its right-hand neighbour so
     that not every holder serves the group's first node first."""
     size = len(group)
+    held_by: dict[NodeId, list[int]] = {}
+    for i, holder in enumerate(holders):
+        held_by.setdefault(holder, []).append(i)
     feeds = []
     for j, sender in enumerate(group):
-        held = tuple(i for i, holder in enumerate(holders) if holder == sender)
+        held = tuple(held_by.get(sender, ()))
         if held:
             feeds += [
                 Feed(
@@ -505,12 +518,16 @@ def _plan(
         _from={node: _by_priority(out) for node, out in senders.items()},
         _to={node: _by_priority(into) for node, into in receivers.items()},
         _group={node: g for g, group in enumerate(groups) for node in group},
-        _held={
-            node: tuple(i for i, holder in enumerate(column) if holder == node)
-            for column in holders
-            for node in set(column)
-        },
+        _held=_held_by(holders),
     )
+
+
+def _held_by(holders: tuple[tuple[NodeId, ...], ...]) -> dict[NodeId, tuple[int, ...]]:
+    held: dict[NodeId, list[int]] = {}
+    for column in holders:
+        for i, holder in enumerate(column):
+            held.setdefault(holder, []).append(i)
+    return {node: tuple(subfiles) for node, subfiles in held.items()}
 
 
 def _by_priority(feeds: list[Feed]) -> tuple[Feed, ...]:
