@@ -1,19 +1,20 @@
 """Property tests for the replication planner: on any spec, every strategy, variant and tree
 gives a valid plan (tests/unit/replicate/plan_checks.py lists the invariants and the
 connection counting rule); balanced trees are balanced, K2 trees shallow, capacity-aware plans
-put slow nodes last and size subfiles by their columns' slowest holder."""
+share each group's subfiles in proportion to capacity, at an even pace, and are the patent's
+plan when the capacities are equal."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from fractions import Fraction
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from meshcast.ids import NodeId
 from meshcast.replicate.bound import lower_bound
-from meshcast.replicate.plan import Plan, PlanSpec, Strategy, Tree, Variant, make_plan
+from meshcast.replicate.plan import PlanSpec, Strategy, Tree, Variant, make_plan
 from tests.unit.replicate.plan_checks import check_plan, group_depth
 
 CAPACITIES = st.sampled_from([1.0, 2.5, 10.0, 40.0, 100.0]) | st.floats(
@@ -115,42 +116,40 @@ def test_k2_trees_are_logarithmically_deep(spec: PlanSpec) -> None:
         assert depth <= 2 * levels
 
 
-def _columns(plan: Plan, capacity: dict[NodeId, float]) -> list[float]:
-    """The slowest holder of each subfile among those that forward it to someone."""
-    columns = []
-    for i in range(plan.k):
-        senders = {feed.sender for feed in plan.feeds if i in feed.subfiles}
-        holders = [plan.holder(g, i) for g in range(len(plan.groups))]
-        columns.append(min(capacity[node] for node in holders if node in senders))
-    return columns
-
-
 @given(specs(strategies=(Strategy.FASTREPLICA,), capacity_aware=True))
-def test_capacity_aware_puts_slow_nodes_last_and_sizes_subfiles_by_column(
-    spec: PlanSpec,
-) -> None:
+def test_capacity_aware_shares_follow_capacity_at_an_even_pace(spec: PlanSpec) -> None:
+    """In every group, members fastest first; every prefix of the subfiles is shared by
+    D'Hondt (no member holds more per unit of capacity than another would with one more),
+    so each member's share is as close to its capacity's as whole subfiles allow, and it
+    arrives at an even pace through the file."""
     plan = make_plan(spec)
     assert spec.capacities is not None
     capacity = dict(zip(spec.recipients, spec.capacities[1:], strict=True))
-    # every node of a group is at least as fast as every node of a later group
-    order = [capacity[node] for node in plan.recipients]
-    assert order == sorted(order, reverse=True)
-    if plan.k == 1:
-        return  # one subfile: nothing to size
-    # subfile sizes follow the slowest holder of each column
-    weights = _columns(plan, capacity)
-    sizes = [end - first for first, end in plan.subfiles]
-    for i in range(plan.k):
-        for j in range(plan.k):
-            if weights[i] < weights[j]:
-                assert sizes[i] <= sizes[j]
-    total = sum(Fraction(weight) for weight in weights)
-    ideal = [spec.chunk_count * Fraction(weight) / total for weight in weights]
-    if min(ideal) >= 1:
-        assert all(abs(size - share) < 1 for size, share in zip(sizes, ideal, strict=True))
-    else:  # the one-chunk floor only takes chunks from subfiles above their share
-        for size, share in zip(sizes, ideal, strict=True):
-            assert size == 1 or size < share + 1
+    if len(set(capacity.values())) == 1:
+        return  # the patent's plan: nothing to balance
+    for g, group in enumerate(plan.groups):
+        order = [capacity[node] for node in group]
+        assert order == sorted(order, reverse=True)
+        held = dict.fromkeys(group, 0)
+        for holder in plan.holders[g]:
+            held[holder] += 1
+            for a in group:
+                for b in group:
+                    assert held[a] / capacity[a] <= (held[b] + 1) / capacity[b] * (1 + 1e-9)
+
+
+@given(specs(strategies=(Strategy.FASTREPLICA,), capacity_aware=True))
+def test_capacity_aware_with_equal_capacities_is_the_patent_plan(spec: PlanSpec) -> None:
+    assert spec.capacities is not None
+    equal = (spec.capacities[0],) * len(spec.capacities)
+    aware = make_plan(dataclasses.replace(spec, capacities=equal))
+    plain = make_plan(dataclasses.replace(spec, capacities=None, capacity_aware=False))
+    assert (aware.subfiles, aware.groups, aware.holders, aware.feeds) == (
+        plain.subfiles,
+        plain.groups,
+        plain.holders,
+        plain.feeds,
+    )
 
 
 @given(

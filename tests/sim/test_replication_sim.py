@@ -93,11 +93,21 @@ def test_heterogeneous_uplinks_every_copy_verified(aware: bool, variant: Variant
 
 def test_capacity_aware_beats_the_patent_plan_when_slow_nodes_would_hold_subfiles() -> None:
     # one group of 8 with a 5 Mbit/s node among 100 Mbit/s ones: in the patent plan the slow
-    # node spreads 1/8 of the file; capacity-aware, its subfile shrinks in proportion
+    # node spreads 1/8 of the file; capacity-aware, its share shrinks in proportion
     uploads = [UPLOAD, 5e6, *([UPLOAD] * 7)]
     _, _, patent = _run(uploads, {})
     _, _, aware = _run(uploads, {"capacity_aware": True})
     assert aware.last < patent.last
+
+
+def test_capacity_aware_balances_groups_of_mixed_uplinks() -> None:
+    # 3 groups of 8 drawn from four uplink speeds: the patent's groups in the given order
+    # put the four 10 Mbit/s nodes of the last group behind the rest; balanced groups and
+    # shares in proportion to capacity use every uplink
+    uploads = [UPLOAD, *([100e6] * 6 + [50e6] * 6 + [25e6] * 6 + [10e6] * 6)]
+    _, _, patent = _run(uploads, {})
+    _, _, aware = _run(uploads, {"capacity_aware": True})
+    assert aware.last < 0.6 * patent.last
 
 
 @pytest.mark.parametrize("shape", FASTREPLICA_SHAPES[:3] + BASELINES, ids=lambda s: str(s))

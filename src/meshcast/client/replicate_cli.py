@@ -322,7 +322,8 @@ def add_replicate_command(sub: SubParsers, local: LocalRunner | None = None) -> 
     plan.add_argument(
         "--capacity-aware",
         action="store_true",
-        help="size subfiles to the senders' upload capacities (slow nodes at the leaves)",
+        help="plan by the daemons' upload capacities: balanced groups, each node spreading a "
+        "share in proportion to its upload, slow nodes at the leaves",
     )
     parser.add_argument("--json", action="store_true", help="print the final report as JSON")
     parser.add_argument(

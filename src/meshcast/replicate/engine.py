@@ -355,6 +355,17 @@ class _Deframer:
         return memoryview(joined)[:n]
 
 
+def _merged(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Ranges in order with adjacent ones joined (a feed's consecutive subfiles)."""
+    out: list[tuple[int, int]] = []
+    for first, end in ranges:
+        if out and out[-1][1] == first:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((first, end))
+    return tuple(out)
+
+
 def _ranges_of(chunks: Iterable[int]) -> tuple[tuple[int, int], ...]:
     out: list[tuple[int, int]] = []
     for c in sorted(chunks):
@@ -1136,7 +1147,7 @@ class Replicator:
 
     def _open_feeds(self, t: _Transfer, out: list[ReplicationEffect]) -> None:
         for feed in t.plan.feeds_from(self.local):
-            ranges = tuple(t.plan.subfiles[i] for i in feed.subfiles)
+            ranges = _merged(t.plan.subfiles[i] for i in feed.subfiles)
             self._open_feed(t, feed, ranges, out)
 
     def _open_feed(

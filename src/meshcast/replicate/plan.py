@@ -17,20 +17,23 @@ spec, so only the spec travels with the data. The rules (docs/design/replicate.m
   other. Tree.BALANCED: a primary tree of m groups and m1 secondary trees of at most m
   groups (m1 in {m-1, m}); primary group t feeds the root of secondary tree t after complete.
 - A node's fast-forward peers (distinct peers over feeds without `after_complete`, in or
-  out) never exceed k + variant <= max_connections.
-- Capacity-aware: recipients fastest first before grouping; subfile i's size in proportion to
-  the slowest holder of subfile i across the groups (its "column"), leaving out a holder
-  that forwards nothing (a last group of one node).
+  out) never exceed k + variant <= max_connections (except in capacity-aware plans).
+- Capacity-aware (beyond the patent, unequal capacities): groups of the same sizes, filled
+  so that each group's capacity matches the copies it must upload (the slowest nodes gather
+  in the leaf groups); min(chunks, 64 k) equal subfiles, shared in each group by D'Hondt in
+  file order (in proportion to capacity, interleaved over the file), so a member may hold
+  many subfiles or none. A member may then talk to its whole group, its parent group and
+  its child groups: up to 3k - 1 fast-forward peers for K1.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from fractions import Fraction
 
 from meshcast.errors import UsageError
 from meshcast.ids import NodeId
@@ -52,6 +55,13 @@ __all__ = [
 PRIORITY_TREE = 0
 PRIORITY_COLLECTION = 1
 PRIORITY_SECONDARY = 2
+# Capacity-aware plans: subfiles per group member, so each member's share is within about
+# 1/SUBFILES_PER_MEMBER of its capacity's (at most min(chunks, this x k) subfiles).
+SUBFILES_PER_MEMBER = 64
+# Capacity-aware grouping: swaps tried after the greedy fill, and the groups with the most
+# slack a swap may take a faster node from (bounds the planning time for many groups).
+MAX_SWAPS = 256
+SWAP_PARTNERS = 16
 
 
 class Strategy(StrEnum):
@@ -117,12 +127,15 @@ class PlanSpec:
 @dataclass(frozen=True, slots=True)
 class Plan:
     """`subfiles[i]` = (first chunk, end chunk) of subfile i; they cover 0..chunk_count
-    exactly, in order, none empty. `groups[g]` lists group g's nodes; node j of a group
-    holds subfile j (in a group smaller than k, node j % len(group) holds subfile j).
-    `parents[g]` is the group feeding group g (-1: the origin). `tree_of[g]` is 0 for a group
-    of the primary tree and t + 1 for one of secondary tree t. Every recipient receives
-    every subfile from exactly one feed. The baselines have k = 1, one subfile (the whole
-    file) and one group per recipient."""
+    exactly, in order, none empty. `groups[g]` lists group g's nodes; `holders[g][i]` is the
+    node of group g that holds subfile i (receives it from the group's parent and spreads it
+    through the group). In the patent's plan there are k subfiles and node j % len(group) of
+    a group holds subfile j. A capacity-aware plan has min(chunks, 64 k) subfiles, and a
+    member holds a share in proportion to its capacity, spread over the file, possibly
+    none. `parents[g]` is the group feeding group g (-1: the origin). `tree_of[g]` is 0 for
+    a group of the primary tree and t + 1 for one of secondary tree t. Every recipient
+    receives every subfile from exactly one feed. The baselines have k = 1, one subfile
+    (the whole file) and one group per recipient."""
 
     spec: PlanSpec
     k: int
@@ -131,9 +144,11 @@ class Plan:
     parents: tuple[int, ...]
     feeds: tuple[Feed, ...]
     tree_of: tuple[int, ...] = ()
+    holders: tuple[tuple[NodeId, ...], ...] = ()
     _from: dict[NodeId, tuple[Feed, ...]] = field(default_factory=dict, compare=False)
     _to: dict[NodeId, tuple[Feed, ...]] = field(default_factory=dict, compare=False)
     _group: dict[NodeId, int] = field(default_factory=dict, compare=False)
+    _held: dict[NodeId, tuple[int, ...]] = field(default_factory=dict, compare=False)
 
     def feeds_from(self, node: NodeId) -> tuple[Feed, ...]:
         """The feeds `node` sends, in the order to serve them (by priority, then plan order)."""
@@ -146,7 +161,8 @@ class Plan:
 
     @property
     def recipients(self) -> tuple[NodeId, ...]:
-        """Every recipient, in group order (fastest first in a capacity-aware plan)."""
+        """Every recipient, in group order (in a capacity-aware plan, each group's members
+        fastest first)."""
         return tuple(node for group in self.groups for node in group)
 
     def group_of(self, node: NodeId) -> int:
@@ -161,16 +177,14 @@ class Plan:
     def holder(self, group: int, subfile: int) -> NodeId:
         """The node of `group` that holds (receives from the group's parent and spreads
         through the group) `subfile`."""
-        nodes = self.groups[group]
-        return nodes[subfile % len(nodes)]
+        return self.holders[group][subfile]
 
     def held(self, node: NodeId) -> tuple[int, ...]:
-        """The subfiles `node` holds in its group (every subfile for the origin)."""
-        group = self.group_of(node)
-        if group < 0:
+        """The subfiles `node` holds in its group, in order (every subfile for the origin;
+        none for a member of a capacity-aware plan that only receives)."""
+        if self.group_of(node) < 0:
             return tuple(range(len(self.subfiles)))
-        nodes = self.groups[group]
-        return tuple(range(nodes.index(node), len(self.subfiles), len(nodes)))
+        return self._held.get(node, ())
 
     def subfile_of(self, chunk: int) -> int:
         """The subfile chunk `chunk` belongs to."""
@@ -192,8 +206,9 @@ def make_plan(spec: PlanSpec) -> Plan:
 
 
 def _checked_order(spec: PlanSpec) -> tuple[tuple[NodeId, ...], dict[NodeId, float] | None]:
-    """The recipients in planning order (fastest first if capacity-aware) and, if
-    capacity-aware, their upload capacities."""
+    """The recipients in the given order and, if the plan is capacity-aware, their upload
+    capacities (None when they are all equal: then there is nothing to balance and the
+    plan is the patent's)."""
     if spec.max_connections - int(spec.variant) < 1:
         raise UsageError(
             f"max_connections {spec.max_connections} leaves no connection for variant "
@@ -215,11 +230,9 @@ def _checked_order(spec: PlanSpec) -> tuple[tuple[NodeId, ...], dict[NodeId, flo
             )
         if not all(math.isfinite(value) and value > 0 for value in capacities):
             raise UsageError("capacities must be positive and finite")
-    if not spec.capacity_aware or capacities is None:
+    if not spec.capacity_aware or capacities is None or len(set(capacities[1:])) == 1:
         return spec.recipients, None
-    capacity = dict(zip(spec.recipients, capacities[1:], strict=True))
-    # stable: equal capacities keep the given order
-    return tuple(sorted(spec.recipients, key=lambda node: -capacity[node])), capacity
+    return spec.recipients, dict(zip(spec.recipients, capacities[1:], strict=True))
 
 
 def _fastreplica(
@@ -227,78 +240,171 @@ def _fastreplica(
 ) -> Plan:
     n = len(recipients)
     k = max(1, min(spec.max_connections - int(spec.variant), n, spec.chunk_count))
-    groups = tuple(recipients[start : start + k] for start in range(0, n, k))
-    parents, tree_of, after = _group_tree(len(groups), spec.variant, spec.tree)
-    if capacity is None or k == 1:
-        sizes = _equal_sizes(spec.chunk_count, k)
+    sizes = [len(recipients[start : start + k]) for start in range(0, n, k)]
+    parents, tree_of, after = _group_tree(len(sizes), spec.variant, spec.tree)
+    if capacity is None:
+        groups = tuple(recipients[start : start + k] for start in range(0, n, k))
+        subfiles = _bounds(_equal_sizes(spec.chunk_count, k))
+        holders = tuple(tuple(group[i % len(group)] for i in range(k)) for group in groups)
     else:
-        # A column's slowest holder limits the rate at which its subfile spreads. A lone
-        # node in a leaf group (the last group, of one node) spreads nothing: left out.
-        fed = set(parents)
-        spreading = [group for g, group in enumerate(groups) if len(group) > 1 or g in fed]
-        columns = [min(capacity[group[i % len(group)]] for group in spreading) for i in range(k)]
-        sizes = _proportional_sizes(spec.chunk_count, columns)
+        children = [parents.count(g) for g in range(len(sizes))]
+        groups = _balanced_groups(recipients, capacity, sizes, children)
+        subfiles, holders = _apportioned_holders(spec.chunk_count, k, groups, capacity)
     feeds: list[Feed] = []
     rank: dict[int, int] = {}  # after-complete children seen per sender group
     for g, group in enumerate(groups):
         parent = parents[g]
         if parent < 0:
             feeds += _group_feeds(
-                k, lambda _: spec.origin, group, FeedKind.DISTRIBUTION, False, PRIORITY_TREE
+                lambda _: spec.origin, holders[g], FeedKind.DISTRIBUTION, False, PRIORITY_TREE
             )
         elif after[g]:
             priority = PRIORITY_SECONDARY + rank.get(parent, 0)
             rank[parent] = rank.get(parent, 0) + 1
-            source = groups[parent]
-            feeds += _group_feeds(k, _holder_in(source), group, FeedKind.SECONDARY, True, priority)
-        else:
-            source = groups[parent]
             feeds += _group_feeds(
-                k, _holder_in(source), group, FeedKind.PRIMARY, False, PRIORITY_TREE
+                holders[parent].__getitem__, holders[g], FeedKind.SECONDARY, True, priority
             )
-        feeds += _collection(k, group)
-    return _plan(spec, k, _bounds(sizes), groups, tuple(parents), tuple(tree_of), feeds)
+        else:
+            feeds += _group_feeds(
+                holders[parent].__getitem__, holders[g], FeedKind.PRIMARY, False, PRIORITY_TREE
+            )
+        feeds += _collection(group, holders[g])
+    return _plan(spec, k, subfiles, groups, tuple(parents), tuple(tree_of), feeds, holders)
 
 
-def _holder_in(group: tuple[NodeId, ...]) -> Callable[[int], NodeId]:
-    return lambda subfile: group[subfile % len(group)]
+def _balanced_groups(
+    recipients: tuple[NodeId, ...],
+    capacity: dict[NodeId, float],
+    sizes: Sequence[int],
+    children: Sequence[int],
+) -> tuple[tuple[NodeId, ...], ...]:
+    """Groups of the given sizes whose capacities match their work. A group of r nodes
+    with c child groups uploads every byte r - 1 + c times (collection, then its children),
+    so with shares in proportion to capacity it finishes after (r - 1 + c) * F / (its
+    capacity), and the plan is as fast as its slowest group. The nodes, fastest first, each
+    join the group furthest below its share of the total capacity (in proportion to
+    r - 1 + c: the leaf groups have the smallest, so the slowest nodes end up there); then
+    swaps of a node of the slowest group for a faster one of a group with slack (the
+    SWAP_PARTNERS with most), while one shortens the slowest group's time. Each group lists its members fastest first, ties in the given
+    order. (Floats in a fixed order: IEEE arithmetic gives every node the same groups.)"""
+    order = {node: i for i, node in enumerate(recipients)}
+    work = [size - 1 + child for size, child in zip(sizes, children, strict=True)]
+    total = math.fsum(capacity.values())
+    target = [total * w / sum(work) if sum(work) else 0.0 for w in work]
+    have = [0.0] * len(sizes)
+    members: list[list[NodeId]] = [[] for _ in sizes]
+    # stable: equal capacities keep the given order; the heap: (-deficit, g) of each group
+    # with room, so ties go to the earlier group
+    room = [(-target[g], g) for g in range(len(sizes))]
+    heapq.heapify(room)
+    for node in sorted(recipients, key=lambda node: -capacity[node]):
+        _, g = heapq.heappop(room)
+        members[g].append(node)
+        have[g] += capacity[node]
+        if len(members[g]) < sizes[g]:
+            heapq.heappush(room, (have[g] - target[g], g))
+    # bounded: each swap shortens the slowest group; partners: the groups with most slack
+    for _ in range(min(2 * len(sizes), MAX_SWAPS)):
+        worst = max(range(len(sizes)), key=lambda g: (work[g] / have[g], -g))
+        best: tuple[float, int, NodeId, NodeId] | None = None
+        slow_here = {capacity[node]: node for node in members[worst]}
+        partners = heapq.nsmallest(
+            SWAP_PARTNERS,
+            (g for g in range(len(sizes)) if g != worst),
+            key=lambda g: (work[g] / have[g], g),
+        )
+        for other in partners:
+            fast_there = {capacity[node]: node for node in members[other]}
+            for slow, x in slow_here.items():
+                for fast, y in fast_there.items():
+                    if fast <= slow:
+                        continue
+                    delta = fast - slow
+                    value = max(
+                        work[worst] / (have[worst] + delta), work[other] / (have[other] - delta)
+                    )
+                    if value < work[worst] / have[worst] and (best is None or value < best[0]):
+                        best = (value, other, x, y)
+        if best is None:
+            break
+        _, other, x, y = best
+        members[worst][members[worst].index(x)] = y
+        members[other][members[other].index(y)] = x
+        have[worst] += capacity[y] - capacity[x]
+        have[other] += capacity[x] - capacity[y]
+    return tuple(
+        tuple(sorted(group, key=lambda node: (-capacity[node], order[node]))) for group in members
+    )
+
+
+def _apportioned_holders(
+    chunk_count: int, k: int, groups: Sequence[tuple[NodeId, ...]], capacity: dict[NodeId, float]
+) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[NodeId, ...], ...]]:
+    """The subfiles and holders of a capacity-aware plan: m = min(chunks, SUBFILES_PER_MEMBER
+    * k) equal subfiles, and in each group, subfile after subfile in file order, the next
+    one to the member that would hold the fewest per unit of capacity with it (the smallest
+    (held + 1) / capacity, ties to the earlier member: D'Hondt's apportionment). This
+    minimises the group's largest held / capacity, so its members finish together within
+    about r / m, and it interleaves each member's subfiles over the whole file: every holder
+    receives its share at an even pace wherever its parent's holders are, so none waits
+    for data while others are busy. A member whose share rounds to nothing only receives.
+    (Floats: IEEE division is correctly rounded, so every node computes the same quotients.)
+    """
+    m = min(chunk_count, SUBFILES_PER_MEMBER * k)
+    holders = []
+    for group in groups:
+        count = [0] * len(group)
+        heap = [(1.0 / capacity[node], j) for j, node in enumerate(group)]
+        column = []
+        for _ in range(m):
+            _, j = heapq.heappop(heap)
+            column.append(group[j])
+            count[j] += 1
+            heapq.heappush(heap, ((count[j] + 1) / capacity[group[j]], j))
+        holders.append(tuple(column))
+    return _bounds(_equal_sizes(chunk_count, m)), tuple(holders)
 
 
 def _group_feeds(
-    k: int,
     sender_of: Callable[[int], NodeId],
-    group: tuple[NodeId, ...],
+    holders: Sequence[NodeId],
     kind: FeedKind,
     after_complete: bool,
     priority: int,
 ) -> list[Feed]:
-    """Subfile i from `sender_of(i)` to the holder of i in `group`: one feed per pair."""
+    """Subfile i from `sender_of(i)` to `holders[i]`: one feed per (sender, receiver) pair."""
     pairs: dict[tuple[NodeId, NodeId], list[int]] = {}
-    for subfile in range(k):
-        pair = (sender_of(subfile), group[subfile % len(group)])
-        pairs.setdefault(pair, []).append(subfile)
+    for subfile, holder in enumerate(holders):
+        pairs.setdefault((sender_of(subfile), holder), []).append(subfile)
     return [
         Feed(sender, receiver, tuple(subfiles), kind, after_complete, priority)
         for (sender, receiver), subfiles in pairs.items()
     ]
 
 
-def _collection(k: int, group: tuple[NodeId, ...]) -> list[Feed]:
+def _collection(group: tuple[NodeId, ...], holders: Sequence[NodeId]) -> list[Feed]:
     """Every holder to the rest of its group, starting with its right-hand neighbour so
     that not every holder serves the group's first node first."""
     size = len(group)
-    return [
-        Feed(
-            sender,
-            group[(j + step) % size],
-            tuple(range(j, k, size)),
-            FeedKind.COLLECTION,
-            False,
-            PRIORITY_COLLECTION,
-        )
-        for j, sender in enumerate(group)
-        for step in range(1, size)
-    ]
+    held_by: dict[NodeId, list[int]] = {}
+    for i, holder in enumerate(holders):
+        held_by.setdefault(holder, []).append(i)
+    feeds = []
+    for j, sender in enumerate(group):
+        held = tuple(held_by.get(sender, ()))
+        if held:
+            feeds += [
+                Feed(
+                    sender,
+                    group[(j + step) % size],
+                    held,
+                    FeedKind.COLLECTION,
+                    False,
+                    PRIORITY_COLLECTION,
+                )
+                for step in range(1, size)
+            ]
+    return feeds
 
 
 def _group_tree(
@@ -355,31 +461,6 @@ def _equal_sizes(total: int, parts: int) -> list[int]:
     return [base] * (parts - extra) + [base + 1] * extra
 
 
-def _proportional_sizes(total: int, weights: Sequence[float]) -> list[int]:
-    """`total` chunks in proportion to `weights` (largest remainders, ties to the later
-    subfiles as in the equal split), each at least one: a share below one chunk is fixed at
-    one and the rest shared again among the others. Exact arithmetic, so every node
-    computes the same sizes."""
-    exact = [Fraction(weight) for weight in weights]
-    fixed: set[int] = set()
-    while True:
-        free = [i for i in range(len(exact)) if i not in fixed]
-        rest = total - len(fixed)
-        weight = sum((exact[i] for i in free), Fraction(0))
-        share = {i: rest * exact[i] / weight for i in free}
-        small = [i for i in free if share[i] < 1]
-        if not small:
-            break
-        fixed.update(small)  # never all: the shares sum to rest >= len(free)
-    sizes = [1] * len(exact)
-    for i in free:
-        sizes[i] = math.floor(share[i])
-    short = rest - sum(sizes[i] for i in free)
-    for i in sorted(free, key=lambda i: (share[i] - sizes[i], i), reverse=True)[:short]:
-        sizes[i] += 1
-    return sizes
-
-
 def _bounds(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
     bounds = []
     first = 0
@@ -393,7 +474,9 @@ def _fanout(spec: PlanSpec, recipients: tuple[NodeId, ...]) -> Plan:
     feeds = [Feed(spec.origin, node, (0,), FeedKind.WHOLE) for node in recipients]
     groups = tuple((node,) for node in recipients)
     parents = (-1,) * len(recipients)
-    return _plan(spec, 1, ((0, spec.chunk_count),), groups, parents, (0,) * len(groups), feeds)
+    return _plan(
+        spec, 1, ((0, spec.chunk_count),), groups, parents, (0,) * len(groups), feeds, groups
+    )
 
 
 def _alm_tree(spec: PlanSpec, recipients: tuple[NodeId, ...]) -> Plan:
@@ -403,7 +486,9 @@ def _alm_tree(spec: PlanSpec, recipients: tuple[NodeId, ...]) -> Plan:
         for node, parent in zip(recipients, parents, strict=True)
     ]
     groups = tuple((node,) for node in recipients)
-    return _plan(spec, 1, ((0, spec.chunk_count),), groups, parents, (0,) * len(groups), feeds)
+    return _plan(
+        spec, 1, ((0, spec.chunk_count),), groups, parents, (0,) * len(groups), feeds, groups
+    )
 
 
 def _plan(
@@ -414,6 +499,7 @@ def _plan(
     parents: tuple[int, ...],
     tree_of: tuple[int, ...],
     feeds: list[Feed],
+    holders: tuple[tuple[NodeId, ...], ...],
 ) -> Plan:
     senders: dict[NodeId, list[Feed]] = {}
     receivers: dict[NodeId, list[Feed]] = {}
@@ -428,10 +514,20 @@ def _plan(
         parents=parents,
         feeds=tuple(feeds),
         tree_of=tree_of,
+        holders=holders,
         _from={node: _by_priority(out) for node, out in senders.items()},
         _to={node: _by_priority(into) for node, into in receivers.items()},
         _group={node: g for g, group in enumerate(groups) for node in group},
+        _held=_held_by(holders),
     )
+
+
+def _held_by(holders: tuple[tuple[NodeId, ...], ...]) -> dict[NodeId, tuple[int, ...]]:
+    held: dict[NodeId, list[int]] = {}
+    for column in holders:
+        for i, holder in enumerate(column):
+            held.setdefault(holder, []).append(i)
+    return {node: tuple(subfiles) for node, subfiles in held.items()}
 
 
 def _by_priority(feeds: list[Feed]) -> tuple[Feed, ...]:

@@ -5,6 +5,11 @@ peers it shares at least one feed with (sent or received) that is not `after_com
 two collection feeds between a pair of group members are one connection. After-complete
 feeds are left out: they start only once the sender holds their subfiles, when the
 connection that brought them has ended (patent [0062]: "terminated and replaced").
+
+Capacity-aware plans go beyond the patent and only there is the budget relaxed: a member
+may exchange subfiles with every member of its parent and child groups, so its peers are
+bounded by its group, its parent group (or the origin) and its child groups (at most 3k - 1
+for K1), and the origin still has at most k.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from meshcast.replicate.plan import (
     PRIORITY_COLLECTION,
     PRIORITY_SECONDARY,
     PRIORITY_TREE,
+    SUBFILES_PER_MEMBER,
     FeedKind,
     Plan,
     Strategy,
@@ -55,7 +61,19 @@ def check_plan(plan: Plan) -> None:
     for (_, end), (first, _) in zip(plan.subfiles, plan.subfiles[1:], strict=False):
         assert end == first
     assert all(first < end for first, end in plan.subfiles)
-    assert len(plan.subfiles) == plan.k
+    count = len(plan.subfiles)
+    if spec.strategy is Strategy.FASTREPLICA and aware(plan):
+        assert count == min(chunk_count, SUBFILES_PER_MEMBER * plan.k)
+    else:
+        assert count == plan.k
+    # one holder per subfile per group, a member of that group; held() agrees
+    assert len(plan.holders) == len(plan.groups)
+    for g, group in enumerate(plan.groups):
+        assert len(plan.holders[g]) == count
+        assert set(plan.holders[g]) <= set(group)
+        for node in group:
+            held = plan.held(node)
+            assert held == tuple(i for i in range(count) if plan.holder(g, i) == node)
     # the groups hold every recipient once
     assert sorted(plan.recipients) == sorted(spec.recipients)
     assert len(plan.parents) == len(plan.groups) == len(plan.tree_of)
@@ -70,14 +88,14 @@ def check_plan(plan: Plan) -> None:
         assert feed.sender == spec.origin or feed.sender in members
         assert feed.subfiles
         assert list(feed.subfiles) == sorted(set(feed.subfiles))
-        assert all(0 <= subfile < plan.k for subfile in feed.subfiles)
+        assert all(0 <= subfile < count for subfile in feed.subfiles)
         assert feed.after_complete == (feed.kind is FeedKind.SECONDARY)
         for subfile in feed.subfiles:
             assert (feed.receiver, subfile) not in source, "a subfile received twice"
             source[(feed.receiver, subfile)] = feed.sender
-    assert len(source) == len(members) * plan.k
+    assert len(source) == len(members) * count
     # per subfile the feeds form a tree rooted at the origin: every sender holds what it sends
-    for subfile in range(plan.k):
+    for subfile in range(count):
         for node in members:
             at, steps = node, 0
             while at != spec.origin:
@@ -114,6 +132,13 @@ def check_baseline(plan: Plan) -> None:
         assert len(plan.feeds_from(spec.origin)) == 1
         assert all(len(plan.feeds_from(node)) <= 2 for node in spec.recipients)
         assert group_depth(plan) == math.floor(math.log2(len(spec.recipients))) + 1
+
+
+def aware(plan: Plan) -> bool:
+    """Whether the plan is capacity-aware (unequal capacities; with equal ones the planner
+    makes the patent's plan)."""
+    capacities = plan.spec.capacities
+    return plan.spec.capacity_aware and capacities is not None and len(set(capacities[1:])) > 1
 
 
 def check_fastreplica(plan: Plan) -> None:
@@ -174,13 +199,27 @@ def check_fastreplica(plan: Plan) -> None:
             assert len(primary) <= fast
         # after-complete children are served one after the other: distinct priorities
         sequential = {
-            feed.priority for feed in plan.feeds_from(plan.groups[parent][0]) if feed.after_complete
+            feed.priority
+            for node in plan.groups[parent]
+            for feed in plan.feeds_from(node)
+            if feed.after_complete
         }
         assert len(sequential) == len([g for g in kids if feed_after(plan, g)])
-    # the connection budget
-    assert fast_forward_peers(plan, spec.origin) == plan.k
-    for node in spec.recipients:
-        assert fast_forward_peers(plan, node) <= plan.k + int(variant) <= spec.max_connections
+    # the connection budget (relaxed beyond the patent: capacity-aware plans)
+    if aware(plan):
+        assert fast_forward_peers(plan, spec.origin) <= plan.k
+        for g, group in enumerate(plan.groups):
+            near = len(group) - 1
+            parent = plan.parents[g]
+            near += len(plan.groups[parent]) if parent >= 0 else 1  # 1: the origin
+            near += sum(len(plan.groups[c]) for c in children.get(g, ()))
+            assert all(fast_forward_peers(plan, node) <= near for node in group)
+    else:
+        assert fast_forward_peers(plan, spec.origin) == plan.k
+        for node in spec.recipients:
+            assert fast_forward_peers(plan, node) <= plan.k + int(variant) <= spec.max_connections
+        for g, group in enumerate(plan.groups):  # the patent's holders
+            assert plan.holders[g] == tuple(group[i % len(group)] for i in range(plan.k))
     # primary and secondary trees
     primary_size = plan.tree_of.count(0)
     secondary = max(plan.tree_of)
@@ -194,13 +233,13 @@ def check_fastreplica(plan: Plan) -> None:
             assert len(members) <= primary_size
             assert plan.parents[members[0]] == t - 1  # fed by primary group t - 1
             assert all(plan.tree_of[plan.parents[g]] == t for g in members[1:])
-    if not spec.capacity_aware or spec.capacities is None:
-        sizes = [end - first for first, end in plan.subfiles]
-        assert sizes == sorted(sizes)
-        assert sizes[-1] - sizes[0] <= 1
+    # equal subfiles, the last ones taking the remainder (capacity-aware too: its shares
+    # are counts of subfiles)
+    sizes = [end - first for first, end in plan.subfiles]
+    assert sizes == sorted(sizes)
+    assert sizes[-1] - sizes[0] <= 1
 
 
 def feed_after(plan: Plan, group: int) -> bool:
     """Whether `group` is fed after its parent group completes."""
-    node = plan.groups[group][0]
-    return any(feed.after_complete for feed in plan.feeds_to(node))
+    return any(feed.after_complete for node in plan.groups[group] for feed in plan.feeds_to(node))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from meshcast.errors import UsageError
 from meshcast.ids import NodeId
+from meshcast.replicate.bound import lower_bound
 from meshcast.replicate.plan import (
     Feed,
     FeedKind,
+    Plan,
     PlanSpec,
     Strategy,
     Tree,
@@ -210,7 +214,7 @@ def test_alm_tree_baseline() -> None:
     )
 
 
-def test_capacity_aware_orders_fastest_first_and_sizes_by_column() -> None:
+def test_capacity_aware_balances_groups_and_apportions_subfiles() -> None:
     capacities = (100.0, 10.0, 40.0, 20.0, 30.0)  # the origin, then nodes 1..4
     spec = PlanSpec(ORIGIN, nodes(1, 2, 3, 4), 10, max_connections=3, capacities=capacities)
     plain = make_plan(spec)
@@ -228,43 +232,92 @@ def test_capacity_aware_orders_fastest_first_and_sizes_by_column() -> None:
         )
     )
     check_plan(aware)
-    assert aware.groups == (nodes(2, 4), nodes(3, 1))
-    # column 0 = nodes 2 and 3 (slowest 20), column 1 = nodes 4 and 1 (slowest 10): 20:10
-    # of 10 chunks = 6.67 : 3.33, the larger remainder rounds up
-    assert aware.subfiles == ((0, 7), (7, 10))
+    # group 0 uploads each byte twice (collection, its child), group 1 once: 2/3 and 1/3 of
+    # the 100 of capacity; members fastest first
+    assert aware.groups == (nodes(2, 3), nodes(4, 1))
+    assert aware.subfiles == tuple((i, i + 1) for i in range(10))  # min(10, 64 k) subfiles
+    # D'Hondt, subfile after subfile: 40:20 -> 7:3 and 30:10 -> 8:2, interleaved
+    assert aware.holders == (
+        nodes(2, 2, 3, 2, 2, 3, 2, 2, 3, 2),
+        nodes(4, 4, 4, 1, 4, 4, 4, 1, 4, 4),
+    )
+    assert aware.held(NodeId(3)) == (2, 5, 8)
+    assert aware.held(NodeId(1)) == (3, 7)
+    # each holder of group 0 feeds the holders of its subfiles in group 1
+    assert aware.feeds_to(NodeId(4)) == (
+        feed(2, 4, (0, 1, 4, 6, 9), PRIM, 0),
+        feed(3, 4, (2, 5, 8), PRIM, 0),
+        feed(1, 4, (3, 7), COLL, 1),
+    )
+    assert aware.feeds_to(NodeId(1)) == (
+        feed(2, 1, (3, 7), PRIM, 0),
+        feed(4, 1, (0, 1, 2, 4, 5, 6, 8, 9), COLL, 1),
+    )
+    # beyond the patent's k + 1 = 3: node 2 talks to the origin, 3, 4 and 1
+    assert fast_forward_peers(aware, NodeId(2)) == 4
 
 
-def test_capacity_aware_leaves_out_a_lone_leaf() -> None:
-    """Node 5, alone in the last group, forwards nothing: its slowness limits no column."""
+def test_capacity_aware_puts_the_slowest_node_in_the_lone_leaf() -> None:
+    """The last group, of one node, uploads nothing: the slowest node goes there."""
     plan = make_plan(
         PlanSpec(
             ORIGIN,
             nodes(1, 2, 3, 4, 5),
             10,
             max_connections=3,
-            capacities=(100.0, 50.0, 40.0, 30.0, 20.0, 1.0),
+            capacities=(100.0, 1.0, 50.0, 40.0, 30.0, 20.0),
             capacity_aware=True,
         )
     )
     check_plan(plan)
-    assert plan.groups == (nodes(1, 2), nodes(3, 4), nodes(5))
-    # column 0 = nodes 1 and 3 (slowest 30), column 1 = nodes 2 and 4 (slowest 20)
-    assert plan.subfiles == ((0, 6), (6, 10))
+    assert plan.groups[2] == nodes(1)
+    assert plan.held(NodeId(1)) == tuple(range(10))
+    assert plan.feeds_from(NodeId(1)) == ()
 
 
-def test_capacity_aware_keeps_one_chunk_per_subfile() -> None:
+def test_capacity_aware_member_with_no_share_only_receives() -> None:
     plan = make_plan(
-        PlanSpec(
-            ORIGIN,
-            nodes(1, 2, 3),
-            4,
-            capacities=(1.0, 1.0, 100.0, 1.0),
-            capacity_aware=True,
-        )
+        PlanSpec(ORIGIN, nodes(1, 2, 3), 4, capacities=(1.0, 1.0, 100.0, 1.0), capacity_aware=True)
     )
     check_plan(plan)
     assert plan.groups == (nodes(2, 1, 3),)
-    assert plan.subfiles == ((0, 2), (2, 3), (3, 4))
+    assert plan.holders == (nodes(2, 2, 2, 2),)  # 4/100 < 1/1: node 2 holds every subfile
+    assert plan.held(NodeId(1)) == plan.held(NodeId(3)) == ()
+    assert plan.feeds_from(NodeId(1)) == ()
+    assert plan.feeds_to(NodeId(1)) == (feed(2, 1, (0, 1, 2, 3), COLL, 1),)
+
+
+def _upload_time(plan: Plan, capacities: tuple[float, ...], chunk: int) -> float:
+    """Seconds the busiest node needs to upload what the plan gives it, at its capacity
+    (a lower bound on the plan's completion: the fluid model's)."""
+    capacity = dict(zip((plan.spec.origin, *plan.spec.recipients), capacities, strict=True))
+    sent: dict[NodeId, int] = {}
+    for f in plan.feeds:
+        chunks = sum(plan.subfiles[i][1] - plan.subfiles[i][0] for i in f.subfiles)
+        sent[f.sender] = sent.get(f.sender, 0) + chunks * chunk
+    return max(8 * sent[node] / capacity[node] for node in sent)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_capacity_aware_uses_every_upload_on_the_bench_instance(seed: int) -> None:
+    """`meshcast bench replicate`'s heterogeneous instance: the patent's plan loads the
+    slow nodes like the fast ones, the capacity-aware plan in proportion to capacity, close
+    to the aggregate bound N·F/(u_s + Σu_i)."""
+    rng = random.Random(seed)
+    capacities = (100e6, *(rng.choice((10e6, 25e6, 50e6, 100e6)) for _ in range(64)))
+    chunk, chunks = 64 * 1024, 512
+    recipients = nodes(*range(1, 65))
+    bound = lower_bound(chunk * chunks, capacities[0], capacities[1:])
+    for aware in (False, True):
+        plan = make_plan(
+            PlanSpec(ORIGIN, recipients, chunks, capacities=capacities, capacity_aware=aware)
+        )
+        check_plan(plan)
+        ratio = _upload_time(plan, capacities, chunk) / bound
+        if aware:
+            assert ratio < 1.06
+        else:
+            assert ratio > 4
 
 
 def test_capacity_aware_with_equal_capacities_is_the_patent_plan() -> None:
