@@ -33,6 +33,7 @@ import heapq
 import itertools
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -90,6 +91,9 @@ __all__ = [
 
 INBOUND_STREAM_BASE = 1 << 32
 MAX_DEST = 4096  # bytes: a request's dest directory (a path; the OFFER carries it)
+# replications this node took part in and forgot, remembered so that a late OFFER of one
+# (a feeder that joined after this copy was done) is answered, not joined all over again
+MAX_FORGOTTEN = 4096
 
 # ---------------------------------------------------------------- configuration, requests
 
@@ -490,6 +494,9 @@ class _Transfer:
         self.waiting: list[tuple[int, Offer]] = []
         self.bad_from: dict[NodeId, int] = {}  # daemons that sent damaged chunks, how many
         self.fetching: set[int] = set()  # chunks asked for again
+        # some feed to this node starts only once its sender holds its subfiles
+        self.fed_late = False
+
         self.digest = manifest.digest
         self.store_open = False  # the store has the file open for this transfer
 
@@ -538,6 +545,7 @@ class Replicator:
         self._fresh: dict[tuple[int, int], memoryview] = {}  # chunks received this input
         self._now = 0.0
         self._c = _Counters()
+        self._forgotten: OrderedDict[int, bool] = OrderedDict()  # rid -> copy complete
 
     # ------------------------------------------------------------ queries
 
@@ -552,8 +560,10 @@ class Replicator:
         return deadline
 
     def _stall_deadline(self, t: _Transfer) -> float | None:
-        """When a copy that stopped receiving is given up here (None: not receiving)."""
-        if t.is_origin or t.state != ReceiverState.RECEIVING or t.opening:
+        """When a copy that stopped receiving is given up here (None: not receiving, or
+        fed after its feeders complete: then a long wait is the plan, and the origin
+        decides when the replication has stalled)."""
+        if t.is_origin or t.state != ReceiverState.RECEIVING or t.opening or t.fed_late:
             return None
         return t.last_progress + self.config.give_up_after
 
@@ -949,6 +959,9 @@ class Replicator:
                 t.is_origin or t.manifest != message.manifest or t.spec != message.spec
             ):
                 raise _ProtocolViolation("an OFFER that disagrees with its replication")
+            if t is None and message.rid in self._forgotten:
+                self._answer_forgotten(stream, message, out)
+                return
             t = t or self._join(message, out)
             if t is None:
                 self._drop_stream(stream, "refused", out)
@@ -970,6 +983,25 @@ class Replicator:
             pass  # the feeder closes the stream after END
         else:
             raise _ProtocolViolation(f"unexpected {type(message).__name__} from a feeder")
+
+    def _answer_forgotten(self, stream: int, offer: Offer, out: list[ReplicationEffect]) -> None:
+        """An OFFER of a replication this node is done with. Joining it again would open the
+        copy and every feed of ours a second time (and those feeds' receivers, done too,
+        would join again...): a complete copy answers that it holds every chunk (the feeder
+        ends its feed as usual), a failed one refuses the stream."""
+        if not self._forgotten[offer.rid]:
+            self._drop_stream(stream, "refused: this copy failed", out)
+            return
+        count = offer.manifest.chunk_count
+        self._c.bytes_skipped += sum(
+            offer.manifest.range_bytes(first, min(end, count)) for first, end in offer.ranges
+        )
+        everything = ((0, count),)
+        out.append(StreamSend(stream, (encode_stream_message(Have(everything)),)))
+        out.append(CloseStream(stream))
+        self._ins.pop(stream, None)
+        self._deframers.pop(stream, None)
+        self._peers.pop(stream, None)
 
     def _send_have(self, t: _Transfer, stream: int, offer: Offer) -> list[ReplicationEffect]:
         held = [c for c in range(t.manifest.chunk_count) if t.held[c]]
@@ -1058,6 +1090,7 @@ class Replicator:
             )
             self._report_progress(t, out)
             return t
+        t.fed_late = any(f.after_complete for f in plan.feeds_to(self.local))
         t.opening = True
         out.append(BeginCopy(offer.rid, offer.manifest, offer.dest or None))
         return t
@@ -1332,6 +1365,10 @@ class Replicator:
         self._transfers.pop(t.rid, None)
         if t.store_open:  # (a copy the store refused must not close another's file)
             self._store.close(t.digest)
+        if not t.is_origin:
+            self._forgotten[t.rid] = t.state == ReceiverState.COMPLETE
+            while len(self._forgotten) > MAX_FORGOTTEN:
+                self._forgotten.popitem(last=False)
 
     def _report(self, t: _Transfer) -> ReplicationReport:
         recipients = []
