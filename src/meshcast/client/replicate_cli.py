@@ -104,6 +104,8 @@ def missing_lines(report: ReplicationReport) -> list[str]:
 def result_lines(report: ReplicationReport) -> list[str]:
     """The final result for stdout: a header and one line per recipient."""
     done = sum(1 for r in report.recipients if r.complete)
+    if not report.recipients:  # refused before anything moved
+        return [f"not replicated: {report.name}: {report.detail or report.state}"]
     head = (
         f"replicated {report.name} ({human_bytes(report.size)}, blake3 {report.digest or '-'}) "
         f"to {done} of {len(report.recipients)} daemons in {report.elapsed:.1f} s"
