@@ -19,6 +19,7 @@ daemon keeps serving; without it (the simulator), it propagates and fails the te
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import traceback
@@ -469,8 +470,17 @@ class DaemonNode:
         return out
 
     def _write_report(self, conn: int, token: int, final: bool, report: bytes) -> None:
-        if conn in self.clients:
-            self.clients.write(conn, encode(Replication(token, final, report.decode())))
+        if conn not in self.clients:
+            return
+        try:
+            frame = encode(Replication(token, final, report.decode()))
+        except ValueError as exc:  # a bug: the client must still hear how it ended
+            self._internal_errors += 1
+            slim = {"rid": "0" * 16, "name": "", "size": 0, "digest": "", "elapsed": 0.0}
+            slim |= {"state": "failed" if final else "running", "recipients": []}
+            slim["detail"] = f"the daemon could not encode its report: {exc}"[:1000]
+            frame = encode(Replication(token, final, json.dumps(slim)))
+        self.clients.write(conn, frame)
 
     def _apply_overlay(self, effects: Iterable[object], out: list[DaemonEffect]) -> None:
         # typed `object`: an effect type the overlay adds without a case here is counted

@@ -214,8 +214,8 @@ class DaemonReplication:
                     "state": r.state,
                     "held_bytes": r.held_bytes,
                     "bad_chunks": r.bad_chunks,
-                    "rate": round(r.rate, 1),
-                    "eta": None if r.eta is None else round(r.eta, 3),
+                    "rate": round(max(0.0, r.rate), 1),
+                    "eta": None if r.eta is None else round(max(0.0, r.eta), 3),
                     "detail": r.detail,
                     "path": r.path or None,
                 }

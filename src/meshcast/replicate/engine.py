@@ -267,6 +267,7 @@ class _Counters:
     chunks_received: int = 0
     chunks_duplicate: int = 0
     chunks_bad: int = 0
+    reports_stale: int = 0
     repairs_sent: int = 0
     chunks_sent: int = 0
     bytes_received: int = 0
@@ -289,6 +290,7 @@ class ReplicatorStats:
     chunks_received: int
     chunks_duplicate: int
     chunks_bad: int
+    reports_stale: int
     repairs_sent: int
     chunks_sent: int
     bytes_received: int
@@ -304,6 +306,21 @@ class ReplicatorStats:
 
 
 # ---------------------------------------------------------------- internal state
+
+RecipientState = Literal["waiting", "receiving", "verifying", "complete", "failed"]
+_STATE_NAME: dict[ReceiverState, RecipientState] = {
+    ReceiverState.RECEIVING: "receiving",
+    ReceiverState.VERIFYING: "verifying",
+    ReceiverState.COMPLETE: "complete",
+    ReceiverState.FAILED: "failed",
+}
+# how far a copy has come (a report of a lower rank than the last one is older)
+_STATE_RANK = {
+    ReceiverState.RECEIVING: 0,
+    ReceiverState.VERIFYING: 1,
+    ReceiverState.COMPLETE: 2,
+    ReceiverState.FAILED: 2,
+}
 
 
 class _Deframer:
@@ -451,6 +468,7 @@ class _Recipient:
     path: str = ""
     rate: float = 0.0
     last_at: float | None = None
+    rank: int = -1  # _STATE_RANK of the latest report taken
 
 
 class _Transfer:
@@ -582,6 +600,7 @@ class Replicator:
             chunks_received=c.chunks_received,
             chunks_duplicate=c.chunks_duplicate,
             chunks_bad=c.chunks_bad,
+            reports_stale=c.reports_stale,
             repairs_sent=c.repairs_sent,
             chunks_sent=c.chunks_sent,
             bytes_received=c.bytes_received,
@@ -829,20 +848,26 @@ class Replicator:
         if t is None or not t.is_origin or source not in t.recipients:
             return []
         r = t.recipients[source]
+        # Reports may overtake one another (the overlay forwards without blocking, so two
+        # messages of one source can arrive out of order): an older one is dropped.
+        rank = _STATE_RANK[progress.state]
+        if (
+            r.state in ("complete", "failed")
+            or rank < r.rank
+            or (rank == r.rank and progress.held_bytes < r.held_bytes)
+        ):
+            self._c.reports_stale += 1
+            return []
+        r.rank = rank
         if r.last_at is not None and now > r.last_at:
-            sample = (progress.held_bytes - r.held_bytes) / (now - r.last_at)
+            sample = max(0.0, (progress.held_bytes - r.held_bytes) / (now - r.last_at))
             r.rate = sample if r.rate == 0 else 0.5 * r.rate + 0.5 * sample
         r.last_at = now
-        r.held_bytes = progress.held_bytes
-        r.bad_chunks = progress.bad_chunks
+        r.held_bytes = max(r.held_bytes, progress.held_bytes)
+        r.bad_chunks = max(r.bad_chunks, progress.bad_chunks)
         r.detail = progress.detail
         r.path = progress.path
-        r.state = {
-            ReceiverState.RECEIVING: "receiving",
-            ReceiverState.VERIFYING: "verifying",
-            ReceiverState.COMPLETE: "complete",
-            ReceiverState.FAILED: "failed",
-        }[progress.state]  # type: ignore[assignment]
+        r.state = _STATE_NAME[progress.state]
         t.last_progress = now
         out: list[ReplicationEffect] = []
         if all(x.state in ("complete", "failed") for x in t.recipients.values()):

@@ -33,6 +33,7 @@ from meshcast.replicate.messages import (
     ReceiverState,
     decode_control,
     encode_chunk_head,
+    encode_control,
     encode_stream_message,
 )
 from meshcast.replicate.plan import PlanSpec, Strategy, Tree, Variant, make_plan
@@ -863,3 +864,25 @@ def test_fuzz_feedback_on_a_feed(writes: list[bytes], have_first: bool) -> None:
         effects += engine.stream_data(opened.stream, data, 0.001)
     aborts = [e for e in effects if isinstance(e, CloseStream) and e.abort]
     assert engine.statistics().malformed == len(aborts) <= 1
+
+
+def test_an_older_report_overtaken_by_a_newer_one_is_dropped() -> None:
+    """The overlay may deliver two PROGRESS of one recipient out of order: the origin keeps
+    the newest (a complete copy stays complete; bytes and rate never go backwards)."""
+    sim = ReplicationSim([100e6] * 3, downloads=[None, None, 1e6], seed=3)  # one slow
+    sim.add_file("f", 40 * CHUNK_SIZE, CHUNK_SIZE)
+    rid = sim.replicate(request_to(list(sim.ids[1:]), strategy=Strategy.FANOUT))
+    while not sim.completed and sim.events < 1_000_000:
+        sim.run(until=sim.now + 0.001)
+    (done,) = sim.completed
+    origin = sim.engines[0]
+    old = encode_control(Progress(rid, ReceiverState.RECEIVING, 1, CHUNK_SIZE, 0))
+    assert origin.control_received(done, old, sim.now) == []
+    assert origin.statistics().reports_stale == 1
+    (report,) = origin.reports()
+    mine = next(r for r in report.recipients if r.node == done)
+    assert mine.state == "complete"
+    assert mine.held_bytes == 40 * CHUNK_SIZE
+    assert all(r.rate >= 0 for r in report.recipients)
+    sim.run()
+    assert sim.reports[rid].state == "complete"
