@@ -37,6 +37,12 @@ if TYPE_CHECKING:
         Unauthenticated,
         connect,
     )
+    from meshcast.client.replication import (
+        RecipientProgress,
+        Replication,
+        ReplicationFailed,
+        ReplicationReport,
+    )
     from meshcast.wire.client import (
         Cause,
         ErrorCode,
@@ -63,6 +69,10 @@ _LAZY = {
     "AccessDenied": "meshcast.client.connection",
     "Busy": "meshcast.client.connection",
     "Unauthenticated": "meshcast.client.connection",
+    "Replication": "meshcast.client.replication",
+    "ReplicationFailed": "meshcast.client.replication",
+    "ReplicationReport": "meshcast.client.replication",
+    "RecipientProgress": "meshcast.client.replication",
     "Cause": "meshcast.wire.client",
     "ErrorCode": "meshcast.wire.client",
     "Membership": "meshcast.wire.client",
@@ -110,7 +120,11 @@ __all__ = [
     "MeshcastError",
     "Message",
     "MessageTooLarge",
+    "RecipientProgress",
     "RemoteProtocolError",
+    "Replication",
+    "ReplicationFailed",
+    "ReplicationReport",
     "RequestRejected",
     "ServiceLevel",
     "SlowReceiverPolicy",

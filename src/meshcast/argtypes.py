@@ -117,3 +117,31 @@ def run_handler(args: argparse.Namespace, prog: str = "meshcast") -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return code
+
+
+_RATE_PREFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def bit_rate(text: str) -> float:
+    """A positive rate in bits/s: a number with an optional decimal prefix, ``80M``,
+    ``1.5G``, ``500k``, ``100Mbit`` (as the config's rates). ``MB/s``, ``Mbps`` and the
+    like are refused: bytes and bits differ eightfold."""
+    value = text.strip()
+    lowered = value.lower()
+    if lowered.endswith(("bps", "/s", "b")) and not lowered.endswith("bit"):
+        raise argparse.ArgumentTypeError(
+            f"ambiguous rate {text!r}: write bits/s as e.g. 80M or 80Mbit (1 byte = 8 bits)"
+        )
+    if lowered.endswith("bit"):
+        lowered = lowered[: -len("bit")]
+    prefix = lowered[-1:] if lowered[-1:] in ("k", "m", "g", "t") else ""
+    try:
+        number = float(lowered[: len(lowered) - len(prefix)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a rate: {text!r} (bits/s, e.g. 80M, 1.5G, 500k, 100Mbit)"
+        ) from None
+    rate = number * _RATE_PREFIXES[prefix]
+    if not (math.isfinite(rate) and rate > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive rate, got {text!r}")
+    return rate

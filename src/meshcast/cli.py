@@ -1,4 +1,4 @@
-"""The `meshcast` command: demo, daemon, user, flood, status, keygen, bench and sim.
+"""The `meshcast` command: demo, daemon, user, flood, replicate, status, keygen, bench, sim.
 
 Results go to stdout (`bench --json`: exactly one JSON object); logs and progress go to
 stderr. Exit status: 0 success, 1 runtime failure, 2 usage error (bad options, a bad
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from meshcast.argtypes import Parser, integer, non_negative_seconds, probability, run_handler
 from meshcast.client.cli import add_flood_command, add_status_command, add_user_command
+from meshcast.client.replicate_cli import add_replicate_command
 from meshcast.errors import UsageError
 from meshcast.runtime.daemon_cli import add_daemon_command
 
@@ -24,6 +25,7 @@ BENCH_SUITES = {
     "overlay": "meshcast.bench.overlay",
     "tree": "meshcast.bench.tree",
     "group": "meshcast.bench.group",
+    "replicate": "meshcast.bench.replicate",
 }
 
 
@@ -41,6 +43,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     config = load_config(args.config) if args.config else None
     return run(run_cluster_demo(config, victim=args.kill))
+
+
+def _replicate_local(args: argparse.Namespace) -> int:
+    from meshcast.demo.replicate import replicate_local
+
+    return replicate_local(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -144,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_daemon_command(sub)
     add_user_command(sub)
     add_flood_command(sub)
+    add_replicate_command(sub, local=_replicate_local)
     add_status_command(sub)
 
     keygen = sub.add_parser(

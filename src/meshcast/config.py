@@ -682,6 +682,26 @@ class SessionsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicateConfig:
+    """[replicate]: bulk replication (docs/design/replicate.md)."""
+
+    # bits/s each daemon uploads for replication at most; 0: no cap of its own (a request
+    # can still set one). Set it a little below the uplink: the engine then decides what
+    # goes on the wire first (tree edges before collection) instead of the kernel's queue.
+    rate_bps: float = 0.0
+    progress_interval: float = 0.25  # s between a recipient's progress reports
+    give_up_after: float = 120.0  # s without progress from any recipient: the origin stops
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.rate_bps) and self.rate_bps >= 0):
+            raise ConfigError(f"must be 0 or a positive rate, got {self.rate_bps!r}", key="rate")
+        for key in ("progress_interval", "give_up_after"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"must be a positive number of seconds, got {value!r}", key=key)
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     """A whole cluster: its daemons, sites, overlay links and the policies of every layer.
 
@@ -700,6 +720,7 @@ class ClusterConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # bounds on clients, traffic
     group: GroupConfig = field(default_factory=GroupConfig)  # the ordering engine's timers, bounds
     sessions: SessionsConfig = field(default_factory=SessionsConfig)  # client sessions
+    replicate: ReplicateConfig = field(default_factory=ReplicateConfig)  # bulk replication
     clients: ClientsConfig = field(default_factory=ClientsConfig)  # client access control
     source: str = field(default="<code>", compare=False)  # file path or "<embedded default>"
     # Indexes built by __post_init__: name -> daemon, node id -> daemon, name -> neighbours.
@@ -933,6 +954,7 @@ _TOP_KEYS = (
     "group",
     "sessions",
     "clients",
+    "replicate",
 )
 _CLIENTS_KEYS = ("socket_group", "token_file", "tokens", "rule")
 _RULE_KEYS = ("clients", "tokens", "groups", "allow")
@@ -999,6 +1021,7 @@ _LIMITS_KEYS = _field_keys(fields(LimitsConfig))
 _GROUP_INTERNAL = frozenset({"dedup_window", "max_past_views"})
 _GROUP_KEYS = _field_keys(f for f in fields(GroupConfig) if f.name not in _GROUP_INTERNAL)
 _SESSIONS_KEYS = _field_keys(fields(SessionsConfig))
+_REPLICATE_KEYS = _field_keys(fields(ReplicateConfig))
 # Keys people put in the wrong one of [link] (Hop parameters) and [links] (overlay edges).
 _WRONG_SECTION = {
     "link": (frozenset(_LINKS_KEYS), "overlay edges are configured in [links]"),
@@ -1569,6 +1592,9 @@ class _Reader:
                 "group": partial(self.section, root, "group", GroupConfig, _GROUP_KEYS),
                 "sessions": partial(self.section, root, "sessions", SessionsConfig, _SESSIONS_KEYS),
                 "clients": partial(self.clients, root),
+                "replicate": partial(
+                    self.section, root, "replicate", ReplicateConfig, _REPLICATE_KEYS
+                ),
             }
         )
         problems.raise_any()
@@ -1595,6 +1621,7 @@ class _Reader:
             group=_typed(parts["group"], GroupConfig),
             sessions=_typed(parts["sessions"], SessionsConfig),
             clients=_typed(parts["clients"], ClientsConfig),
+            replicate=_typed(parts["replicate"], ReplicateConfig),
             source=self.source,
         )
 
@@ -1714,6 +1741,7 @@ def dump_config(config: ClusterConfig) -> str:
         ("limits", config.limits, _LIMITS_KEYS),
         ("group", config.group, _GROUP_KEYS),
         ("sessions", config.sessions, _SESSIONS_KEYS),
+        ("replicate", config.replicate, _REPLICATE_KEYS),
     ):
         lines += ["", f"[{section}]"]
         lines += [f"{k} = {_toml(getattr(value, spec.field))}" for k, spec in keys.items()]

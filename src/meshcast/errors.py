@@ -98,9 +98,30 @@ class ConfigError(MeshcastError):
         Exception.__init__(self, "\n".join(str(p) for p in problems))
 
 
+class ReplicationError(MeshcastError):
+    """Bulk replication failed on this node: a file could not be read, written or verified."""
+
+
+class IntegrityError(ReplicationError):
+    """Bytes do not match their BLAKE3 hash: a chunk, or a whole file against its manifest's
+    digest. `chunks` lists the chunk indices found bad on disk (empty when every chunk matches
+    its hash but the whole file does not: a manifest whose digest contradicts its chunks)."""
+
+    def __init__(self, message: str, chunks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.chunks = chunks
+
+
+class BlobUnavailable(ReplicationError):
+    """A file cannot be used: missing, unreadable or not a regular file; a file name or a
+    destination directory that is invalid or not allowed; no space left. The message names
+    the path."""
+
+
 class ClientError(MeshcastError):
     """Client side: daemon unreachable or request rejected."""
 
     def __init__(self, message: str, code: int = 0) -> None:
         super().__init__(message)
         self.code = code
+

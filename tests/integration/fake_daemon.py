@@ -9,6 +9,11 @@ handshake. Groups are local to one fake daemon. Modes:
 * ``mute``: accepts connections and never reads or answers (handshake timeouts);
 * ``no_goodbye``: never answers GOODBYE (bounded close).
 
+``replicate=SCRIPT`` answers REPLICATE (version 5): ``SCRIPT(frame)`` returns the report
+objects to send, one REPLICATION each, ``report_interval`` seconds apart (the last one, in
+state complete or failed, is final); without a script every REPLICATE is refused with a
+final report in state failed, as a daemon refuses a request.
+
 ``busy_after=N`` takes N MULTICASTs, then refuses the rest as a daemon with full buffers
 does: ERROR BUSY to a session of BUSY_VERSION or later, INTERNAL_ERROR to an older one.
 """
@@ -18,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,6 +33,7 @@ from meshcast.wire.client import (
     BUSY_VERSION,
     FROM_CLIENT,
     MIN_VERSION,
+    REPLICATE_VERSION,
     VERSION,
     Cause,
     Confirmed,
@@ -45,6 +52,8 @@ from meshcast.wire.client import (
     Multicast,
     Ping,
     Pong,
+    Replicate,
+    Replication,
     ServiceLevel,
     ViewId,
     Welcome,
@@ -54,6 +63,41 @@ from meshcast.wire.client import (
 )
 
 Mode = Literal["normal", "mute", "no_goodbye"]
+ReplicateScript = Callable[[Replicate], list[dict[str, object]]]
+
+
+def report(
+    state: str,
+    recipients: dict[str, tuple[str, int]],
+    *,
+    size: int = 1000,
+    name: str = "file.bin",
+    detail: str = "",
+    rid: str = "00000000000000aa",
+) -> dict[str, object]:
+    """A REPLICATION report object: `recipients` maps daemon -> (state, held_bytes)."""
+    return {
+        "rid": rid,
+        "name": name,
+        "size": size,
+        "digest": "ab" * 32 if state != "hashing" else "",
+        "state": state,
+        "elapsed": 0.5,
+        "detail": detail,
+        "recipients": [
+            {
+                "daemon": daemon,
+                "state": where,
+                "held_bytes": held,
+                "bad_chunks": 0,
+                "rate": 1000.0,
+                "eta": None if where in ("complete", "failed") else (size - held) / 1000.0,
+                "detail": "disk full" if where == "failed" else "",
+                "path": f"/data/{daemon}/{name}" if where == "complete" else None,
+            }
+            for daemon, (where, held) in recipients.items()
+        ],
+    }
 
 
 @dataclass(eq=False)
@@ -81,8 +125,14 @@ class FakeDaemon:
         mode: Mode = "normal",
         confirms: bool = True,  # answer CONFIRM MULTICASTs (False: never, to test timeouts)
         busy_after: int | None = None,  # MULTICASTs taken before every later one is BUSY
+        replicate: ReplicateScript | None = None,  # the reports answering a REPLICATE
+        report_interval: float = 0.01,  # seconds between two REPLICATION frames
     ) -> None:
         self.name = name
+        self.replicate = replicate
+        self.report_interval = report_interval
+        self._scripts: set[asyncio.Task[None]] = set()
+        self.replicates: list[Replicate] = []  # every REPLICATE received
         self.busy_after = busy_after
         self.multicasts = 0  # MULTICASTs taken
         self.confirms = confirms
@@ -123,6 +173,9 @@ class FakeDaemon:
             yield
         finally:
             self._server.close()
+            for task in list(self._scripts):
+                task.cancel()
+            await asyncio.gather(*self._scripts, return_exceptions=True)
             for writer in list(self._writers):
                 writer.close()
             async with asyncio.timeout(5):
@@ -199,6 +252,11 @@ class FakeDaemon:
                 self._multicast(session, groups, payload, service, msg_type, request_id)
                 if confirm and self.confirms:
                     session.send(Confirmed(request_id))
+            case Replicate() if session.version >= REPLICATE_VERSION:
+                self.replicates.append(frame)
+                task = asyncio.ensure_future(self._replicate(session, frame))
+                self._scripts.add(task)
+                task.add_done_callback(self._scripts.discard)
             case Ping(nonce):
                 session.send(Pong(nonce))
             case Goodbye():
@@ -214,6 +272,18 @@ class FakeDaemon:
                 )
                 return False
         return True
+
+    async def _replicate(self, session: Session, frame: Replicate) -> None:
+        if self.replicate is None:
+            name = frame.path.rsplit("/", 1)[-1]
+            script = [report("failed", {}, size=0, name=name, detail="replication not offered")]
+        else:
+            script = self.replicate(frame)
+        for index, entry in enumerate(script):
+            if index:
+                await asyncio.sleep(self.report_interval)
+            final = entry["state"] in ("complete", "failed")
+            session.send(Replication(frame.token, final, json.dumps(entry)))
 
     def _reject(self, session: Session, code: ErrorCode, text: str, request_id: int) -> None:
         session.send(ErrorReport(code, clip_text(text), request_id))

@@ -42,6 +42,7 @@ QUICK_SUITES = {  # arguments that would make each suite short if it did run
     "overlay": ("--messages", "20", "--packet-messages", "3", "--paper-sources-only"),
     "tree": TINY_TREE,
     "group": ("--daemons", "1", "--sizes", "100", "--messages", "20", "--skip-rtt"),
+    "replicate": ("--quick",),
 }
 
 

@@ -109,6 +109,29 @@ async def test_64_mib_arrive_intact_in_order() -> None:
         assert stats.pending == 0
 
 
+async def test_receive_all_hands_over_what_arrived_in_one_piece_in_order() -> None:
+    """`receive_all` joins the records waiting (a reader that fell behind gets them in one
+    call); the bytes and their order are those sent, and the end is still None."""
+    got: list[bytes] = []
+
+    async def collect(stream: SecureStreamConnection) -> None:
+        await asyncio.sleep(0.2)  # let several records queue up
+        while (data := await stream.receive_all()) is not None:
+            got.append(data)
+
+    async with server(collect) as srv:
+        rng = random.Random(5)
+        sent = [rng.randbytes(rng.randrange(1, 100_000)) for _ in range(12)]
+        async with await open_secure_stream(*srv.address, A, B, RING, timeout=WAIT) as stream:
+            for piece in sent:
+                await stream.send(piece)
+        await wait_for_stats(srv, lambda s: s.established == 1)
+        async with asyncio.timeout(WAIT):
+            while b"".join(got) != b"".join(sent):  # noqa: ASYNC110 - the handler appends
+                await asyncio.sleep(0.01)
+    assert len(got) < sum(-(-len(p) // (64 * 1024)) for p in sent)  # some were joined
+
+
 async def test_wrong_key_and_unknown_daemon_are_refused_and_the_server_keeps_serving() -> None:
     async with server() as srv:
         with pytest.raises(StreamTruncated, match="during the handshake"):

@@ -32,6 +32,8 @@ from meshcast.wire.client import (
     Multicast,
     Ping,
     Pong,
+    Replicate,
+    Replication,
     ServiceLevel,
     SlowReceiverPolicy,
     StatusReply,
@@ -102,6 +104,55 @@ reports = st.builds(
     st.booleans(),
 )
 
+paths = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=60).map(
+    lambda s: "/" + s
+)
+daemon_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,11}", fullmatch=True)
+targets = (
+    st.just("all")
+    | group_names.map(lambda g: "group:" + g)
+    | st.lists(daemon_names, min_size=1, max_size=6, unique=True).map(",".join)
+)
+amounts = st.integers(0, 10**12) | st.floats(0, 1e12, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def replication_reports(draw: st.DrawFn, final: bool) -> str:
+    """A REPLICATION report's JSON text: every documented key, some unknown ones."""
+    state = draw(st.sampled_from(["complete", "failed"] if final else ["hashing", "running"]))
+    recipients = [
+        {
+            "daemon": draw(daemon_names),
+            "state": draw(st.sampled_from(client.RECIPIENT_STATES)),
+            "held_bytes": draw(st.integers(0, 2**50)),
+            "bad_chunks": draw(st.integers(0, 1000)),
+            "rate": draw(amounts),
+            "eta": draw(st.none() | amounts),
+            "detail": draw(texts),
+            "path": draw(st.none() | paths),
+        }
+        for _ in range(draw(st.integers(0, 5)))
+    ]
+    report = {
+        "rid": draw(st.from_regex(r"[0-9a-f]{16}", fullmatch=True)),
+        "name": draw(texts),
+        "size": draw(st.integers(0, 2**50)),
+        "digest": draw(st.from_regex(r"[0-9a-f]{0,64}", fullmatch=True)),
+        "state": state,
+        "elapsed": draw(amounts),
+        "detail": draw(texts),
+        "recipients": recipients,
+        **draw(st.dictionaries(st.sampled_from(["extra", "more"]), json_values, max_size=2)),
+    }
+    return json.dumps(report, ensure_ascii=draw(st.booleans()))
+
+
+@st.composite
+def replication_replies(draw: st.DrawFn) -> Replication:
+    final = draw(st.booleans())
+    return Replication(draw(u32), final, draw(replication_reports(final)))
+
+
 FRAMES: dict[FrameType, st.SearchStrategy[Frame]] = {
     FrameType.HELLO: st.builds(
         Hello,
@@ -138,6 +189,20 @@ FRAMES: dict[FrameType, st.SearchStrategy[Frame]] = {
     FrameType.STATUS: st.builds(StatusRequest, u32),
     FrameType.STATUS_REPLY: st.builds(StatusReply, reports, u32),
     FrameType.CONFIRMED: st.builds(Confirmed, u32),
+    FrameType.REPLICATE: st.builds(
+        Replicate,
+        paths,
+        targets,
+        u32,
+        st.just("") | paths | daemon_names,
+        st.floats(0, 1e15, allow_nan=False, allow_infinity=False),
+        st.integers(0, 2),
+        st.integers(0, 2),
+        st.integers(0, 1),
+        st.integers(1, 255),
+        st.booleans(),
+    ),
+    FrameType.REPLICATION: replication_replies(),
     FrameType.PING: st.builds(Ping, u64),
     FrameType.PONG: st.builds(Pong, u64),
     FrameType.GOODBYE: st.just(Goodbye()),
@@ -351,3 +416,42 @@ def test_status_frames_come_from_their_own_side_only() -> None:
         decode(reply, accept=client.FROM_CLIENT)
     with pytest.raises(DecodeError, match="STATUS frame: 1 trailing bytes"):
         decode(struct.pack("!IBIB", 6, FrameType.STATUS, 9, 0))
+
+
+# ---------------------------------------------------------------- REPLICATE and REPLICATION
+
+
+@given(targets)
+def test_targets_parse_to_what_they_name(text: str) -> None:
+    parsed = client.parse_targets(text)
+    assert str(parsed) == text
+    if parsed.kind == "daemons":
+        assert ",".join(parsed.daemons) == text
+
+
+@given(st.data())
+def test_a_replication_report_keeps_its_text(data: st.DataObject) -> None:
+    frame = data.draw(replication_replies())
+    decoded = decode(encode(frame))
+    assert isinstance(decoded, Replication)
+    assert json.loads(decoded.report) == json.loads(frame.report)
+    if decoded.final:
+        assert json.loads(decoded.report)["state"] in ("complete", "failed")
+
+
+@given(st.data(), st.binary(max_size=60))
+def test_mutated_replication_bodies_raise_only_decode_error(
+    data: st.DataObject, junk: bytes
+) -> None:
+    frame = data.draw(st.sampled_from([FrameType.REPLICATE, FrameType.REPLICATION]))
+    encoded = bytearray(encode(data.draw(FRAMES[frame])))
+    for _ in range(data.draw(st.integers(1, 3))):
+        position = data.draw(st.integers(5, len(encoded) - 1))
+        encoded[position] = data.draw(st.integers(0, 255))
+    body = bytes(encoded[5:]) + junk
+    candidate = struct.pack("!IB", 1 + len(body), frame) + body
+    try:
+        decoded = decode(candidate)
+    except DecodeError:
+        return
+    assert decode(encode(decoded)) == decoded

@@ -19,6 +19,12 @@ from meshcast.client.connection import (
     parse_address,
     service_level,
 )
+from meshcast.client.replication import (
+    RecipientProgress,
+    Replication,
+    ReplicationFailed,
+    ReplicationReport,
+)
 from meshcast.errors import ClientError, MessageTooLarge, UsageError
 from meshcast.wire.client import (
     Cause,
@@ -47,6 +53,10 @@ __all__ = [
     "Membership",
     "Message",
     "MessageTooLarge",
+    "RecipientProgress",
+    "Replication",
+    "ReplicationFailed",
+    "ReplicationReport",
     "RequestRejected",
     "ServiceLevel",
     "SlowReceiverPolicy",

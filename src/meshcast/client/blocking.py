@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from types import TracebackType
@@ -29,6 +30,7 @@ from meshcast.client.connection import (
     Event,
 )
 from meshcast.client.connection import connect as connect_async
+from meshcast.client.replication import DEFAULT_MAX_CONNECTIONS, Replication, ReplicationReport
 from meshcast.errors import UsageError
 from meshcast.wire.client import DaemonLimits, Membership, ServiceLevel, SlowReceiverPolicy
 
@@ -153,6 +155,35 @@ class BlockingClient:
     def ping(self) -> float:
         return self._runner.call(lambda: self._client.ping())
 
+    def replicate(
+        self,
+        path: str | os.PathLike[str],
+        to: str | Sequence[str] = "all",
+        *,
+        rate: float | None = None,
+        dest: str | None = None,
+        strategy: str = "fastreplica",
+        variant: str = "k+1",
+        tree: str = "chain",
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        capacity_aware: bool = False,
+    ) -> BlockingReplication:
+        """See `Client.replicate`; the handle's `wait` and iteration block."""
+        handle = self._runner.call(
+            lambda: self._client.replicate(
+                path,
+                to,
+                rate=rate,
+                dest=dest,
+                strategy=strategy,
+                variant=variant,
+                tree=tree,
+                max_connections=max_connections,
+                capacity_aware=capacity_aware,
+            )
+        )
+        return BlockingReplication(self._runner, handle)
+
     def status(self) -> dict[str, Any]:
         """The daemon's status report (see `Client.status`)."""
         return self._runner.call(lambda: self._client.status())
@@ -206,6 +237,42 @@ class BlockingClient:
         return f"<BlockingClient {self._client!r}>"
 
 
+class BlockingReplication:
+    """The blocking twin of `Replication` (from `BlockingClient.replicate`)."""
+
+    def __init__(self, runner: _LoopThread, handle: Replication) -> None:
+        self._runner = runner
+        self._handle = handle
+
+    @property
+    def token(self) -> int:
+        return self._handle.token
+
+    @property
+    def latest(self) -> ReplicationReport | None:
+        return self._handle.latest
+
+    @property
+    def done(self) -> bool:
+        return self._handle.done
+
+    def wait(self, timeout: float | None = None) -> ReplicationReport:
+        """The final report (see `Replication.wait`); `TimeoutError` after `timeout` s."""
+        return self._runner.call(lambda: _within(timeout, self._handle.wait()))
+
+    def next_report(self, timeout: float | None = None) -> ReplicationReport | None:
+        """The next report, None after the final one; `TimeoutError` after `timeout` s."""
+        return self._runner.call(lambda: _within(timeout, self._handle.next_report()))
+
+    def __iter__(self) -> Iterator[ReplicationReport]:
+        """Reports up to and including the final one."""
+        while (report := self.next_report()) is not None:
+            yield report
+
+    def __repr__(self) -> str:
+        return f"<BlockingReplication {self._handle!r}>"
+
+
 def connect(
     address: str,
     *,
@@ -236,4 +303,4 @@ def connect(
     return BlockingClient(runner, client)
 
 
-__all__ = ["BlockingClient", "connect"]
+__all__ = ["BlockingClient", "BlockingReplication", "connect"]

@@ -987,6 +987,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_user_command(sub)
     add_flood_command(sub)
     add_status_command(sub)
+    from meshcast.client.replicate_cli import add_replicate_command  # it imports this module
+
+    add_replicate_command(sub)
     return parser
 
 

@@ -31,18 +31,27 @@ import itertools
 import json
 import logging
 import math
+import os
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
 
+from meshcast.client.replication import (
+    DEFAULT_MAX_CONNECTIONS,
+    Replication,
+    absolute_path,
+    parse_report,
+    replicate_options,
+)
 from meshcast.errors import ClientError, DecodeError, MessageTooLarge, UsageError
 from meshcast.wire.client import (
     FROM_DAEMON,
     MAX_DEST_GROUPS,
     MAX_UNCONFIRMED,
     MIN_VERSION,
+    REPLICATE_VERSION,
     U16_MAX,
     U32_MAX,
     VERSION,
@@ -63,6 +72,7 @@ from meshcast.wire.client import (
     Multicast,
     Ping,
     Pong,
+    Replicate,
     ServiceLevel,
     SlowReceiverPolicy,
     StatusReply,
@@ -74,6 +84,7 @@ from meshcast.wire.client import (
     encode,
     split_private_name,
 )
+from meshcast.wire.client import Replication as ReplicationFrame
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +338,7 @@ class Client:
         # CONFIRM MULTICASTs by request id; at most MAX_UNCONFIRMED at once (the daemon's bound)
         self._confirms: dict[int, asyncio.Future[None]] = {}
         self._confirm_slots = asyncio.Semaphore(MAX_UNCONFIRMED)
+        self._replications: dict[int, Replication] = {}  # REPLICATEs not yet final, by token
         self._described: OrderedDict[int, str] = OrderedDict()
         self._groups: set[str] = set()
         self._ids = itertools.count(1)
@@ -513,6 +525,83 @@ class Client:
     def _count_sent(self, data: bytes) -> None:
         self._counters.multicasts_sent += 1
         self._counters.payload_bytes_sent += len(data)
+
+    async def replicate(
+        self,
+        path: str | os.PathLike[str],
+        to: str | Sequence[str] = "all",
+        *,
+        rate: float | None = None,
+        dest: str | None = None,
+        strategy: str = "fastreplica",
+        variant: str = "k+1",
+        tree: str = "chain",
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        capacity_aware: bool = False,
+    ) -> Replication:
+        """Replicate the file at `path` on the daemon's host to other daemons (protocol
+        version 5); return its `Replication` handle once the request is sent.
+
+        `path` is resolved against this process's working directory (the client and its
+        daemon share the machine). `to`: ``"all"`` (every other daemon of the view),
+        ``"group:G"`` (the daemons hosting members of group G), daemon names as a list or
+        ``"D2,D3"``. `rate`: bytes/s each sender may use (None: the daemons' own caps).
+        `dest`: the directory of the copies on every recipient (None: its default, under
+        its data directory). `strategy`: ``fastreplica``, ``fanout`` or ``alm_tree``;
+        `variant`: ``k``, ``k+1`` or ``k+2``; `tree`: ``chain`` or ``balanced``;
+        `max_connections`: the concurrency k is planned from (1..255); `capacity_aware`:
+        size subfiles to the senders' upload capacities.
+
+        Raises `UsageError` for bad arguments or a daemon older than version 5, and
+        `ClientError` if the session is over. Any number may run at once on one client;
+        the daemon refusing one is its final report (state ``failed``), raised by
+        `Replication.wait` as `ReplicationFailed`.
+        """
+        self._check_usable()
+        if self.version < REPLICATE_VERSION:
+            raise UsageError(
+                f"replicate needs protocol version {REPLICATE_VERSION}; the daemon at "
+                f"{self._address} speaks version {self.version}"
+            )
+        absolute = absolute_path(path)
+        options = replicate_options(
+            to,
+            rate=rate,
+            dest=dest,
+            strategy=strategy,
+            variant=variant,
+            tree=tree,
+            max_connections=max_connections,
+            capacity_aware=capacity_aware,
+        )
+        token = self._next_request_id()
+        while token in self._replications:  # after a wrap-around: skip the live ones
+            token = self._next_request_id()
+        frame = Replicate(
+            absolute,
+            options.targets,
+            token,
+            options.dest,
+            options.rate,
+            options.strategy,
+            options.variant,
+            options.tree,
+            options.max_connections,
+            options.capacity_aware,
+        )
+        handle = Replication(token, absolute, options.targets)
+        self._replications[token] = handle
+        try:
+            await self._write(frame)
+        except BaseException:
+            self._replications.pop(token, None)
+            raise
+        return handle
+
+    @property
+    def replications(self) -> tuple[Replication, ...]:
+        """The replications started by this client that have no final report yet."""
+        return tuple(self._replications.values())
 
     async def ping(self) -> float:
         """Round-trip time to the daemon in seconds (PING/PONG). `ClientError` on timeout."""
@@ -745,6 +834,15 @@ class Client:
         for reply in self._reports.values():
             if not reply.done():
                 reply.set_exception(error)
+        for replication in self._replications.values():
+            replication._fail(
+                ClientError(
+                    f"{error} (no final report of the replication of {replication.path!r}: "
+                    "the daemons may still be copying it)",
+                    getattr(error, "code", 0),
+                )
+            )
+        self._replications.clear()
         for confirmed in self._confirms.values():
             if not confirmed.done():
                 confirmed.set_exception(
@@ -800,6 +898,8 @@ class Client:
                     confirmed = self._confirms.get(request_id)
                     if confirmed is not None and not confirmed.done():
                         confirmed.set_result(None)
+                case ReplicationFrame():
+                    self._on_replication(frame)
                 case Ping(nonce):
                     self._writer.write(encode(Pong(nonce)))
                 case Pong(nonce):
@@ -816,6 +916,19 @@ class Client:
                 case _:
                     raise DecodeError(f"unexpected {type(frame).__name__} after the handshake")
         return True
+
+    def _on_replication(self, frame: ReplicationFrame) -> None:
+        handle = self._replications.get(frame.token)
+        if handle is None:  # a late frame of a replication this client gave up on
+            log.debug("REPLICATION for unknown token %d from %s", frame.token, self._address)
+            return
+        try:
+            report = parse_report(frame.report, frame.final)
+        except ValueError as exc:  # the decoder checked it: cannot happen
+            raise DecodeError(f"REPLICATION frame: {exc}") from None
+        if frame.final:
+            del self._replications[frame.token]
+        handle._report(report)
 
     def _on_membership(self, view: Membership) -> None:
         if view.who != (self.private_name,) or view.cause not in (Cause.JOIN, Cause.LEAVE):
@@ -850,11 +963,16 @@ class Client:
         waiter = self._waiters.get(report.request_id)
         status = self._reports.get(report.request_id)
         confirmed = self._confirms.get(report.request_id)
+        # a daemon answers a REPLICATE with REPLICATION frames only; an ERROR about one
+        # (e.g. BUSY) still settles it, so no handle waits forever
+        replication = self._replications.pop(report.request_id, None)
         what = (
             f"{waiter.kind.upper()} {waiter.group!r}"
             if waiter is not None
             else "STATUS"
             if status is not None
+            else f"REPLICATE of {replication.path!r}"
+            if replication is not None
             else self._described.pop(report.request_id, f"request {report.request_id}")
         )
         error = _rejection(
@@ -868,6 +986,8 @@ class Client:
             status.set_exception(error)
         elif confirmed is not None and not confirmed.done():
             confirmed.set_exception(error)
+        elif replication is not None:
+            replication._fail(error)
         elif len(self._deferred) < MAX_DEFERRED_ERRORS:
             self._deferred.append(error)
             self._readable.set()  # a `receive` already waiting raises it now

@@ -215,6 +215,33 @@ def _security_lines(security: Mapping[str, Any]) -> list[str]:
     return [f"security: {_text(mode)}, keys {keys or '-'}"]
 
 
+def _replication_lines(report: Mapping[str, Any]) -> list[str]:
+    """Replications this daemon knows of (the origin's and the recipients' view), if any."""
+    replications = _maps(_map(report.get("replication")).get("replications"))
+    if not replications:
+        return []
+    lines = [f"replications: {len(replications)}"]
+    for entry in replications:
+        recipients = _maps(entry.get("recipients"))
+        size = _count(entry.get("size"))
+        held = sum(_count(r.get("held_bytes")) for r in recipients)
+        done = sum(1 for r in recipients if r.get("state") == "complete")
+        total = size * len(recipients)
+        share = f" ({100 * held // total}%)" if total else ""
+        lines.append(
+            f"  {_text(entry.get('rid'))}  {_text(entry.get('name'))}  "
+            f"{_text(entry.get('state'))}  {held} of {total} bytes{share}, "
+            f"{done} of {len(recipients)} recipients complete"
+        )
+        lines += [
+            f"    {_text(r.get('daemon'))}  {_text(r.get('state'))}  "
+            f"{_count(r.get('held_bytes'))} bytes  {_text(r.get('detail'))}".rstrip()
+            for r in recipients
+            if r.get("state") != "complete"
+        ]
+    return lines
+
+
 def format_status(report: Mapping[str, Any]) -> str:
     """The report as text, one line per fact, ending without a newline."""
     daemon = _map(report.get("daemon"))
@@ -238,6 +265,7 @@ def format_status(report: Mapping[str, Any]) -> str:
         lines.append(_tree_line(tree, name))
     lines += _link_lines(_maps(report.get("links")))
     lines += _group_lines(report)
+    lines += _replication_lines(report)
     if report.get("truncated"):
         lines.append("(the daemon cut this report short: some groups or members are left out)")
     if "error" in report:

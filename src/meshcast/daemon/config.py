@@ -16,6 +16,7 @@ from meshcast.ids import NodeId
 from meshcast.link.config import LinkConfig
 from meshcast.overlay.node import Neighbour, OverlayConfig
 from meshcast.overlay.routing import BUILDERS
+from meshcast.replicate.engine import ReplicatorConfig
 from meshcast.wire.client import DaemonLimits
 
 # bytes: the most a group DATA and overlay DATA header add to a client payload (256 group
@@ -115,3 +116,18 @@ def node_config(
 
 def daemon_names(config: ClusterConfig) -> dict[NodeId, str]:
     return {NodeId(d.node_id): d.name for d in config.daemons}
+
+
+def replicator_config(config: ClusterConfig) -> ReplicatorConfig:
+    """[replicate] as the replication engine's config (its rate in bytes/s)."""
+    section = config.replicate
+    return ReplicatorConfig(
+        rate=section.rate_bps / 8 if section.rate_bps else None,
+        progress_interval=section.progress_interval,
+        give_up_after=section.give_up_after,
+    )
+
+
+def upload_capacities(config: ClusterConfig) -> dict[NodeId, float]:
+    """Each daemon's configured upload, bits/s (for capacity-aware replication plans)."""
+    return {NodeId(d.node_id): d.upload_bps for d in config.daemons}

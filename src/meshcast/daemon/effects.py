@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from meshcast.link.events import Transmit
+from meshcast.replicate.engine import (
+    BeginCopy,
+    CloseStream,
+    Finalize,
+    HashFile,
+    OpenStream,
+    StreamSend,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,4 +56,6 @@ class DaemonEvent:
     level: Literal["info", "warning", "error"] = "info"
 
 
-DaemonEffect = Transmit | ClientWrite | ClientClose | ClientReading | DaemonEvent
+# the replication engine's stream and file work passes through unchanged
+ReplicationWork = OpenStream | StreamSend | CloseStream | HashFile | BeginCopy | Finalize
+DaemonEffect = Transmit | ClientWrite | ClientClose | ClientReading | DaemonEvent | ReplicationWork

@@ -19,6 +19,7 @@ daemon keeps serving; without it (the simulator), it propagates and fails the te
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import traceback
@@ -30,6 +31,7 @@ from typing import TypeVar
 from meshcast.daemon.clients import ClientStreams
 from meshcast.daemon.effects import ClientClose, DaemonEffect, DaemonEvent
 from meshcast.daemon.probes import Probe, decode_probe, encode_probe
+from meshcast.daemon.replication import DaemonReplication, ReplicateAsk
 from meshcast.daemon.status import (
     describe_tree,
     describe_view,
@@ -67,7 +69,16 @@ from meshcast.overlay.node import (
     ViewAgreed,
     ViewInstalled,
 )
-from meshcast.wire.client import Multicast
+from meshcast.replicate.engine import ReplicationEffect, Replicator, ReplicatorConfig
+from meshcast.replicate.manifest import Manifest
+from meshcast.replicate.store import ChunkStore, NoStore
+from meshcast.wire.client import (
+    REPLICATE_VERSION,
+    Multicast,
+    Replicate,
+    Replication,
+    encode,
+)
 from meshcast.wire.keys import KeyRing
 from meshcast.wire.overlay import Upper
 
@@ -139,11 +150,16 @@ class DaemonNode:
         emulated: frozenset[NodeId] = frozenset(),
         status: Callable[[float], Mapping[str, object]] | None = None,
         contain_bugs: bool = True,
+        store: ChunkStore | None = None,
+        replication: ReplicatorConfig | None = None,
+        capacities: Mapping[NodeId, float] | None = None,
     ) -> None:
         """`wall_clock` stamps probes (the simulator passes its virtual clock); `names`
         are the cluster's daemon names and `emulated` the links the driver impairs, for
         events and status; `status` adds the driver's sections to a STATUS report
-        (socket address, pid, keys)."""
+        (socket address, pid, keys). `store` holds replicated files (None: this daemon
+        takes no part in replication); `capacities` are the daemons' upload bits/s, for
+        capacity-aware plans."""
         self.local = local
         self.config = config
         self.overlay = OverlayNode(
@@ -157,6 +173,19 @@ class DaemonNode:
         )
         self.clients = ClientStreams(write_chunk=config.write_chunk)
         self.names: Mapping[NodeId, str] = names if names is not None else {}
+        self.replication = DaemonReplication(
+            Replicator(
+                local,
+                store if store is not None else NoStore(),
+                replication,
+                rng=random.Random(rng.getrandbits(64)),
+                capacities=capacities,
+            ),
+            self.names,
+            send_control=self._send_control,
+            write_report=self._write_report,
+            enabled=store is not None,
+        )
         self.emulated = emulated  # links the driver impairs on purpose (for status)
         self._extra_status = status
         self._wall_clock = wall_clock
@@ -203,7 +232,11 @@ class DaemonNode:
         if self._runnable():
             return self._now  # client input waits its turn: right away
         deadline = self.overlay.next_deadline()
-        for other in (self.sessions.next_deadline(), self._next_probe_at):
+        for other in (
+            self.sessions.next_deadline(),
+            self._next_probe_at,
+            self.replication.replicator.next_deadline(),
+        ):
             if other is not None and (deadline is None or other < deadline):
                 deadline = other
         return deadline
@@ -232,6 +265,7 @@ class DaemonNode:
             + self.engine.memory()
             + self.clients.backlog_bytes()
             + self.clients.buffered_bytes()
+            + self.replication.replicator.memory()
         )
 
     def statistics(self) -> DaemonNodeStats:
@@ -289,6 +323,11 @@ class DaemonNode:
             interval = self.config.probe_interval or 0.0
             self._next_probe_at = max(self._next_probe_at + interval, now)
             self._guard("probe", lambda: self._send_probe(now, out), out)
+        deadline = self.replication.replicator.next_deadline()
+        if deadline is not None and deadline <= now:
+            self._replicate_input(
+                "replication on_timer", lambda: self.replication.replicator.on_timer(now), out
+            )
         self._read_clients(now, out)
         return self._settle(out)
 
@@ -321,6 +360,7 @@ class DaemonNode:
         if conn not in self.clients:
             return []
         self.clients.forget(conn)
+        self.replication.forget_client(conn)
         out: list[DaemonEffect] = []
         self._session_input(
             "connection_lost", lambda: self.sessions.connection_lost(conn, now), out
@@ -341,6 +381,48 @@ class DaemonNode:
         if drained:
             self._session_input("writing_resumed", lambda: self.sessions.writing_resumed(conn), out)
         return self._settle(out)
+
+    # replication: the driver's streams and file work (ids: `meshcast.replicate.engine`)
+
+    def replication_stream_accepted(
+        self, stream: int, peer: NodeId, now: float
+    ) -> list[DaemonEffect]:
+        """Daemon `peer` opened a replication stream to us (authenticated by the driver)."""
+        return self._replication(
+            now, "stream_accepted", lambda r: r.stream_accepted(stream, peer, now)
+        )
+
+    def replication_stream_data(self, stream: int, data: bytes, now: float) -> list[DaemonEffect]:
+        return self._replication(now, "stream_data", lambda r: r.stream_data(stream, data, now))
+
+    def replication_stream_drained(self, stream: int, now: float) -> list[DaemonEffect]:
+        """Everything sent on `stream` so far has left the driver's buffer."""
+        return self._replication(now, "stream_drained", lambda r: r.stream_drained(stream, now))
+
+    def replication_stream_closed(
+        self, stream: int, error: str | None, now: float
+    ) -> list[DaemonEffect]:
+        return self._replication(
+            now, "stream_closed", lambda r: r.stream_closed(stream, error, now)
+        )
+
+    def replication_hashed(
+        self, rid: int, manifest: Manifest | None, error: str | None, now: float
+    ) -> list[DaemonEffect]:
+        """The driver hashed the file of `HashFile(rid)` (or could not: `error`)."""
+        return self._replication(now, "hashed", lambda r: r.hashed(rid, manifest, error, now))
+
+    def replication_begun(
+        self, rid: int, held: set[int] | None, error: str | None, now: float
+    ) -> list[DaemonEffect]:
+        """The driver carried out `BeginCopy(rid)`: the chunks held already, or `error`."""
+        return self._replication(now, "begun", lambda r: r.begun(rid, held, error, now))
+
+    def replication_finalized(
+        self, rid: int, path: str | None, error: str | None, now: float
+    ) -> list[DaemonEffect]:
+        """The driver carried out `Finalize(rid)`: the copy is at `path`, or `error`."""
+        return self._replication(now, "finalized", lambda r: r.finalized(rid, path, error, now))
 
     def set_keyring(self, keyring: KeyRing) -> None:
         """New keys (a reload): established links keep theirs, new handshakes use these."""
@@ -364,6 +446,42 @@ class DaemonNode:
         if effects:
             self._apply_sessions(effects, out)
 
+    def _replication(
+        self, now: float, where: str, feed: Callable[[Replicator], list[ReplicationEffect]]
+    ) -> list[DaemonEffect]:
+        self._tick(now)
+        out: list[DaemonEffect] = []
+        replicator = self.replication.replicator
+        self._replicate_input(f"replication {where}", lambda: feed(replicator), out)
+        return self._settle(out)
+
+    def _replicate_input(
+        self, where: str, feed: Callable[[], list[ReplicationEffect]], out: list[DaemonEffect]
+    ) -> None:
+        effects = self._call(where, feed, out)
+        if effects:
+            self._guard(where, lambda: self.replication.apply(effects, out), out)
+
+    def _send_control(self, dest: NodeId, payload: bytes) -> list[DaemonEffect]:
+        """One replication control message to daemon `dest`, over the overlay."""
+        out: list[DaemonEffect] = []
+        effects = self.overlay.multicast([dest], payload, self._now, upper=Upper.REPLICATION)
+        self._apply_overlay(effects, out)
+        return out
+
+    def _write_report(self, conn: int, token: int, final: bool, report: bytes) -> None:
+        if conn not in self.clients:
+            return
+        try:
+            frame = encode(Replication(token, final, report.decode()))
+        except ValueError as exc:  # a bug: the client must still hear how it ended
+            self._internal_errors += 1
+            slim = {"rid": "0" * 16, "name": "", "size": 0, "digest": "", "elapsed": 0.0}
+            slim |= {"state": "failed" if final else "running", "recipients": []}
+            slim["detail"] = f"the daemon could not encode its report: {exc}"[:1000]
+            frame = encode(Replication(token, final, json.dumps(slim)))
+        self.clients.write(conn, frame)
+
     def _apply_overlay(self, effects: Iterable[object], out: list[DaemonEffect]) -> None:
         # typed `object`: an effect type the overlay adds without a case here is counted
         for effect in effects:
@@ -382,7 +500,18 @@ class DaemonNode:
                 continue
             match effect:
                 case OverlayDelivered(source, seq, payload, hops, upper):
-                    if upper == Upper.PROBE:
+                    if upper == Upper.REPLICATION:
+                        self._replicate_input(
+                            "replication control",
+                            partial(
+                                self.replication.replicator.control_received,
+                                source,
+                                payload,
+                                self._now,
+                            ),
+                            out,
+                        )
+                    elif upper == Upper.PROBE:
                         self._probe_received(source, seq, payload, hops, out)
                     else:
                         self._unknown_upper_dropped += 1
@@ -564,6 +693,12 @@ class DaemonNode:
                 return  # a slow `block` member is in one of its groups
             streams.pop_head(conn)
             self._client_frames += 1
+            if (
+                isinstance(frame, Replicate)
+                and self.sessions.session_version(conn) >= REPLICATE_VERSION
+            ):
+                self._guard("replicate", partial(self._replicate, conn, frame, now, out), out)
+                continue
             self._session_input(
                 "frame_received", partial(self.sessions.frame_received, conn, frame, now), out
             )
@@ -571,6 +706,31 @@ class DaemonNode:
         self._client_turns += 1
         with contextlib.suppress(DecodeError):  # raised again at its next turn
             streams.head(conn)  # decoded now: the connection is paused if one is left
+
+    def _replicate(self, conn: int, frame: Replicate, now: float, out: list[DaemonEffect]) -> None:
+        """A client's REPLICATE: this daemon is the origin."""
+        ask = ReplicateAsk(
+            token=frame.token,
+            path=frame.path,
+            targets=frame.targets,
+            dest=frame.dest,
+            rate=frame.rate,
+            strategy=frame.strategy,
+            variant=frame.variant,
+            tree=frame.tree,
+            max_connections=frame.max_connections,
+            capacity_aware=frame.capacity_aware,
+        )
+        view = self.overlay.view
+        table = self.sessions.membership.table()
+        self.replication.request(
+            conn,
+            ask,
+            now,
+            view=() if view is None else view.members,
+            group_hosts=lambda g: (daemon for _, daemon in table.get(g, ())),
+            out=out,
+        )
 
     # ------------------------------------------------------------------ probes
 
@@ -631,6 +791,8 @@ class DaemonNode:
             # a `block` member behind: the next ACK tells every daemon to hold back
             # senders to its groups (and, once none is, that they may go on)
             self._call("settle", self._update_blocked, out)
+        if self.replication.has_backlog():
+            self._guard("replication controls", lambda: self.replication.flush(out), out)
         out.extend(self.clients.flush())
         out.extend(self.clients.reading_changes())
         return out

@@ -59,6 +59,7 @@ from meshcast.wire.client import (
     MAX_STATUS_SIZE,
     MAX_UNCONFIRMED,
     MIN_VERSION,
+    REPLICATE_VERSION,
     TOKEN_VERSION,
     VERSION,
     Cause,
@@ -77,6 +78,7 @@ from meshcast.wire.client import (
     Multicast,
     Ping,
     Pong,
+    Replicate,
     ServiceLevel,
     SlowReceiverPolicy,
     StatusReply,
@@ -315,6 +317,11 @@ class SessionTable:
 
     def handshaking(self, conn: int) -> bool:
         return conn in self._pending
+
+    def session_version(self, conn: int) -> int:
+        """The protocol version `conn`'s session agreed on (0: no open session)."""
+        s = self._sessions.get(conn)
+        return s.version if s is not None and s.state is _State.OPEN else 0
 
     def frame_limit(self, conn: int) -> int:
         """The largest frame (length field) to read from `conn` now: what a HELLO can need
@@ -715,6 +722,15 @@ class SessionTable:
                 out += self._drop(s, "goodbye", now, close=True, last=encode(Goodbye()))
             case Hello():
                 out += self._end(s, ErrorCode.UNEXPECTED_FRAME, "a second HELLO", "bad frame", now)
+            case Replicate():  # the daemon takes it from a session of version 5 or later
+                out += self._end(
+                    s,
+                    ErrorCode.UNEXPECTED_FRAME,
+                    f"REPLICATE needs protocol version {REPLICATE_VERSION}, the session has "
+                    f"{s.version}",
+                    "bad frame",
+                    now,
+                )
             case _:
                 out += self._end(
                     s,

@@ -35,11 +35,14 @@ from meshcast.daemon.config import (
     failure_detection_bound,
     node_config,
     overlay_config,
+    replicator_config,
     session_config,
+    upload_capacities,
 )
 from meshcast.errors import ConfigError, MeshcastError, UsageError
 from meshcast.group.sessions import SessionTable
 from meshcast.ids import NodeId
+from meshcast.runtime.blob_store import DiskStore
 from meshcast.runtime.daemon_keys import DaemonKeys
 from meshcast.runtime.datagram import open_endpoint
 from meshcast.runtime.endpoints import (
@@ -52,6 +55,7 @@ from meshcast.runtime.endpoints import (
 from meshcast.runtime.keyfile import describe_keyring
 from meshcast.runtime.logs import EventLog, NodeLogAdapter
 from meshcast.runtime.pump import DaemonPump, PumpStats
+from meshcast.runtime.replication_io import ReplicationIO
 from meshcast.runtime.sessions import (
     ClientServer,
     is_loopback,
@@ -90,8 +94,10 @@ class OverlayDaemon:
         clients: ClientListen | None = None,
         reload_security: Callable[[], SecurityConfig] | None = None,
         insecure_warning_interval: float = INSECURE_WARNING_INTERVAL,
+        data_dir: Path | None = None,
     ) -> None:
-        """Use `open`: the daemon is not usable before it has a socket."""
+        """Use `open`: the daemon is not usable before it has a socket. `data_dir`: where
+        replicated files land (under `replicas/`); None: no part in replication."""
         if not (math.isfinite(insecure_warning_interval) and insecure_warning_interval > 0):
             raise UsageError(
                 "insecure warning interval must be a positive number of seconds, "
@@ -107,7 +113,7 @@ class OverlayDaemon:
             config.security,
             config.source,
             reload_security=reload_security or (lambda: config.security),
-            install=lambda ring: self.node.set_keyring(ring),
+            install=self._install_keys,
         )
         self.clients = clients if clients is not None else ClientListen()
         # before any socket is bound: the token file must be safe, a client port open
@@ -119,6 +125,10 @@ class OverlayDaemon:
             settings = node_config(config, name, probe_interval=probe_interval)
         except ConfigError as exc:
             raise UsageError(f"probe interval {exc}") from None
+        # replication needs the cluster key: its streams are authenticated and encrypted
+        self.store: DiskStore | None = None
+        if data_dir is not None and self.keys.ring is not None:
+            self.store = DiskStore(data_dir / "replicas")
         self.node = DaemonNode(
             self.local,
             settings,
@@ -132,10 +142,22 @@ class OverlayDaemon:
             names=self._names,
             emulated=frozenset(self.neighbours.emulations),
             status=self._status,
+            store=self.store,
+            replication=replicator_config(config),
+            capacities=upload_capacities(config),
         )
         self.events = EventLog(name, self.local)
         self._log = NodeLogAdapter(log, self.local)
         self.pump = DaemonPump(self.node, self.neighbours, self.events, self._log)
+        self.replication: ReplicationIO | None = None
+        if self.store is not None:
+            self.replication = self.pump.replication = ReplicationIO(
+                self.node,
+                self.store,
+                {NodeId(d.node_id): daemon_address(d) for d in config.daemons},
+                lambda: self.keys.ring,
+                self.pump.feed,
+            )
         self._insecure_warning_interval = insecure_warning_interval
         self.client_server: ClientServer | None = None
         self._loop = asyncio.get_running_loop()
@@ -161,6 +183,7 @@ class OverlayDaemon:
         clients: ClientListen | None = None,
         reload_security: Callable[[], SecurityConfig] | None = None,
         insecure_warning_interval: float = INSECURE_WARNING_INTERVAL,
+        data_dir: Path | None = None,
     ) -> OverlayDaemon:
         """Bind the daemon's configured host:port and its client sockets. Raises
         `ConfigError` (also for a missing or unusable key) or `OSError`.
@@ -175,6 +198,7 @@ class OverlayDaemon:
             clients=clients,
             reload_security=reload_security,
             insecure_warning_interval=insecure_warning_interval,
+            data_dir=data_dir,
         )
         sock = open_udp_socket(daemon_address(daemon.spec), DEFAULT_SOCKET_BUFFER_BYTES)
         transport, sockname = await open_endpoint(
@@ -187,6 +211,8 @@ class OverlayDaemon:
         daemon._attach(transport, sockname)
         try:
             await daemon._open_clients()
+            if daemon.replication is not None:  # TCP on the UDP socket's address and port
+                await daemon.replication.start(*daemon.address)
         except BaseException:
             await daemon.aclose()
             raise
@@ -341,6 +367,8 @@ class OverlayDaemon:
         self.close()
         if self.client_server is not None:
             await self.client_server.aclose()
+        if self.replication is not None:
+            await self.replication.aclose()
         await asyncio.shield(self._lost)
 
     def _on_connection_lost(self, exc: Exception | None) -> None:
@@ -353,6 +381,11 @@ class OverlayDaemon:
             self._lost.set_result(None)
 
     # ------------------------------------------------------------------ keys
+
+    def _install_keys(self, ring: KeyRing) -> None:
+        self.node.set_keyring(ring)
+        if self.replication is not None:
+            self.replication.set_ring(ring)
 
     @property
     def keyring(self) -> KeyRing | None:
@@ -412,6 +445,10 @@ class OverlayDaemon:
                 "pid": os.getpid(),
             },
             "counters": {"daemon": asdict(self._counters())},
+            "replication": {
+                "data_dir": None if self.store is None else str(self.store.root),
+                "streams": None if self.replication is None else self.replication.status(),
+            },
         }
 
     def _counters(self) -> PumpStats:
@@ -436,6 +473,7 @@ async def run_daemon(
     stop: asyncio.Event | None = None,
     clients: ClientListen | None = None,
     reload_security: Callable[[], SecurityConfig] | None = None,
+    data_dir: Path | None = None,
 ) -> int:
     """Run daemon `name` of `config` until stopped; returns the exit status.
 
@@ -456,6 +494,7 @@ async def run_daemon(
             probe_interval=probe_interval,
             clients=clients,
             reload_security=reload_security,
+            data_dir=data_dir,
         )
     except (OSError, MeshcastError) as exc:
         if isinstance(exc, ConfigError):

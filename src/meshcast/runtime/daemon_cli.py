@@ -9,9 +9,11 @@ be bound, the socket goes away), 2 on bad usage or a bad configuration file (the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from meshcast.argtypes import print_error, seconds
 from meshcast.config import ClusterConfig, SecurityConfig, default_config, load_config
@@ -91,6 +93,13 @@ def add_daemon_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "other address needs tokens, see [clients] in docs/config.md)",
     )
     parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=None,
+        help="where replicated files land (under DIR/replicas, created 0700); default: "
+        "$XDG_DATA_HOME/meshcast/CLUSTER/NAME, else ~/.local/share/meshcast/CLUSTER/NAME",
+    )
+    parser.add_argument(
         "--log-format",
         choices=("auto", "human", "json"),
         default="auto",
@@ -124,6 +133,12 @@ def _load(path: str | None) -> tuple[ClusterConfig, Callable[[], SecurityConfig]
     return replace(default_config(), security=security), lambda: security
 
 
+def default_data_dir(cluster: str, name: str) -> Path:
+    """$XDG_DATA_HOME/meshcast/CLUSTER/NAME, else ~/.local/share/meshcast/CLUSTER/NAME."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "meshcast" / cluster / name
+
+
 def daemon_command(args: argparse.Namespace) -> int:
     """Handler of ``meshcast daemon``: returns the exit status."""
     from meshcast.daemon.config import overlay_config
@@ -153,6 +168,7 @@ def daemon_command(args: argparse.Namespace) -> int:
         int(getattr(args, "verbose", 0) or 0) + int(args.daemon_verbose),
         log_format=args.log_format,
     )
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(config.name, args.name)
     try:
         return run(
             run_daemon(
@@ -161,6 +177,7 @@ def daemon_command(args: argparse.Namespace) -> int:
                 probe_interval=args.probe_interval,
                 clients=clients,
                 reload_security=reload_security,
+                data_dir=data_dir,
             )
         )
     except ConfigError as exc:

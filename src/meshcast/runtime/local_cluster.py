@@ -100,6 +100,8 @@ class LocalCluster:
                 str(path),
                 "--name",
                 spec.name,
+                "--data-dir",
+                str(workdir / spec.name),
             ]
             if self._probe_interval is not None:
                 argv += ["--probe-interval", str(self._probe_interval)]

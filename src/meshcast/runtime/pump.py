@@ -32,6 +32,7 @@ from meshcast.link import Transmit
 from meshcast.runtime.endpoints import Neighbours
 from meshcast.runtime.logs import EventLog, RateLimiter
 from meshcast.runtime.memory import release_free_memory
+from meshcast.runtime.replication_io import ReplicationIO
 from meshcast.runtime.sessions import ClientServer
 from meshcast.runtime.timer import DeadlineTimer
 
@@ -69,6 +70,7 @@ class DaemonPump:
         self.neighbours = neighbours
         self.events = events
         self.client_server: ClientServer | None = None
+        self.replication: ReplicationIO | None = None  # streams and file work
         self._log = log
         self._loop = asyncio.get_running_loop()
         self._timer = DeadlineTimer(self._loop, self._on_timer)
@@ -226,7 +228,7 @@ class DaemonPump:
             elif isinstance(effect, ClientClose):
                 if server is not None:
                     server.close_connection(effect.conn, effect.abort, effect.last)
-            else:
+            elif self.replication is None or not self.replication.apply(effect):
                 self._unknown(effect)
 
     def _on_event(self, event: DaemonEvent) -> None:

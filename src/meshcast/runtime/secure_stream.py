@@ -169,6 +169,14 @@ class SecureStreamConnection(asyncio.BufferedProtocol):
         the peer's authenticated CLOSE arrived. Raises `StreamTruncated` if the connection
         ended without it, `StreamFailed` if the peer broke the protocol or a record was
         forged, replayed, reordered or lost."""
+        return await self._receive(1)
+
+    async def receive_all(self) -> bytes | None:
+        """Like `receive`, but every byte received so far in one piece (one wake-up and
+        one hand-over for what several records brought: less work per byte)."""
+        return await self._receive(self._inbox_limit)
+
+    async def _receive(self, limit: int) -> bytes | None:
         if self._receiving:
             raise UsageError("another receive is in progress on this stream")
         self._receiving = True
@@ -176,6 +184,14 @@ class SecureStreamConnection(asyncio.BufferedProtocol):
             while True:
                 if self._inbox:
                     data = self._inbox.popleft()
+                    if self._inbox and len(data) < limit:
+                        pieces = [data]
+                        size = len(data)
+                        while self._inbox and size < limit:
+                            piece = self._inbox.popleft()
+                            pieces.append(piece)
+                            size += len(piece)
+                        data = b"".join(pieces)
                     self._inbox_size -= len(data)
                     if self._reading_paused and self._inbox_size < self._inbox_limit // 2:
                         self._reading_paused = False

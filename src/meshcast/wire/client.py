@@ -16,6 +16,9 @@ All integers are big-endian. Strings are UTF-8 with a length prefix: ``str8`` is
     0x04 MULTICAST   [c→d] request_id u32 | service u8 | msg_type u16 | n u16 | n x group str8 |
                            payload (the rest)          (v2: service bit 0x80 = CONFIRM)
     0x05 STATUS      [c→d] request_id u32
+    0x06 REPLICATE   [c→d] token u32 | path str16 | targets str16 | dest str16 | rate f64 |
+                           strategy u8 | variant u8 | tree u8 | max_connections u8 | flags u8
+                           (v5; flags bit 0x01 = capacity-aware)
     0x41 WELCOME     [d→c] magic "MCCP" | version u16 | private_name str8 |
                            max_message_size u32 | max_group_name u8 | max_groups_per_client u32
     0x42 MESSAGE     [d→c] service u8 | msg_type u16 | sender str8 | n u16 | n x group str8 |
@@ -26,6 +29,8 @@ All integers are big-endian. Strings are UTF-8 with a length prefix: ``str8`` is
     0x45 STATUS_REPLY
                  [d→c] request_id u32 | report (the rest: UTF-8 JSON text of one object)
     0x46 CONFIRMED   [d→c] request_id u32                  (v2: a CONFIRM MULTICAST is delivered)
+    0x47 REPLICATION [d→c] token u32 | final u8 | report (the rest: UTF-8 JSON of one object)
+                           (v5: progress, then one final report, of a REPLICATE)
     0x81 PING        [both] nonce u64
     0x82 PONG        [both] nonce u64 (echoes the PING)
     0x83 GOODBYE     [both] (empty)
@@ -46,6 +51,7 @@ from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag, StrEnum
 from functools import lru_cache
+from typing import Literal
 
 from meshcast.errors import DecodeError
 
@@ -53,8 +59,8 @@ from meshcast.errors import DecodeError
 
 MAGIC = b"MCCP"  # first bytes of HELLO and WELCOME bodies: "meshcast client protocol"
 # the newest version this module speaks (2: CONFIRM, CONFIRMED, TRANSITIONAL; 3: HELLO's
-# token, UNAUTHENTICATED, ACCESS_DENIED; 4: BUSY)
-VERSION = 4
+# token, UNAUTHENTICATED, ACCESS_DENIED; 4: BUSY; 5: REPLICATE, REPLICATION)
+VERSION = 5
 MIN_VERSION = 1  # the oldest version this module speaks
 
 LENGTH = struct.Struct("!I")
@@ -70,6 +76,7 @@ MAX_CLIENT_NAME = 32  # bytes (UTF-8) of the name a client asks for in HELLO
 MAX_TOKEN = 128  # bytes of the access token a HELLO may carry (v3): printable ASCII
 TOKEN_VERSION = 3  # the first version whose HELLO may carry a token
 BUSY_VERSION = 4  # the first version that can be told BUSY (older sessions get INTERNAL_ERROR)
+REPLICATE_VERSION = 5  # the first version with REPLICATE and REPLICATION
 MAX_DAEMON_NAME = 64  # bytes of the daemon part of a private name (config names: 64 chars)
 MAX_PRIVATE_NAME = 2 + MAX_CLIENT_NAME + MAX_DAEMON_NAME  # "#client#daemon": 98 bytes
 MAX_GROUP_NAME = 255  # bytes of a group name (a str8)
@@ -78,6 +85,9 @@ MAX_MEMBERS = 65_535  # members listed in one MEMBERSHIP (and entries of its `wh
 MAX_ERROR_TEXT = 1024  # bytes of the text of an ERROR
 MAX_MESSAGE_SIZE = 1 << 30  # bytes: the largest max_message_size a daemon may announce
 MAX_STATUS_SIZE = 1 << 20  # bytes (UTF-8) of the JSON report of a STATUS_REPLY
+MAX_REPLICATE_PATH = 4096  # bytes (UTF-8) of REPLICATE's path and dest (Linux PATH_MAX)
+MAX_REPLICATE_TARGETS = U16_MAX  # bytes of REPLICATE's targets (a str16)
+MAX_REPLICATION_REPORT = 1 << 20  # bytes (UTF-8) of the JSON report of a REPLICATION
 MAX_UNCONFIRMED = 1024  # CONFIRM MULTICASTs of one session not yet CONFIRMED (v2)
 CONFIRM_FLAG = 0x80  # in MULTICAST's service byte (v2): answer with CONFIRMED once delivered
 
@@ -95,6 +105,9 @@ MESSAGE_HEAD = struct.Struct("!BH")  # service, msg_type; then sender str8, n u1
 VIEW_AND_CAUSE = struct.Struct("!QIB")  # view counter, view coordinator, cause
 ERROR_HEAD = struct.Struct("!HI")  # code, request_id; then text str16
 STATUS_HEAD = struct.Struct("!I")  # request_id (STATUS; STATUS_REPLY: then the report)
+REPLICATE_HEAD = struct.Struct("!I")  # token; then path, targets, dest (str16 each)
+REPLICATE_TAIL = struct.Struct("!dBBBBB")  # rate, strategy, variant, tree, max_connections, flags
+REPLICATION_HEAD = struct.Struct("!IB")  # token, final; then the report
 NONCE = struct.Struct("!Q")
 U16 = struct.Struct("!H")
 U32 = struct.Struct("!I")
@@ -117,7 +130,8 @@ def frame_size_limit(max_message_size: int) -> int:
         + 2 * (4 + MAX_MEMBERS * (1 + MAX_PRIVATE_NAME))
     )
     status = 1 + STATUS_HEAD.size + MAX_STATUS_SIZE
-    return max(max(multicast, message) + max_message_size, membership, status)
+    replication = 1 + REPLICATION_HEAD.size + MAX_REPLICATION_REPORT
+    return max(max(multicast, message) + max_message_size, membership, status, replication)
 
 
 DEFAULT_MAX_FRAME_SIZE = frame_size_limit(DEFAULT_MAX_MESSAGE_SIZE)
@@ -136,12 +150,14 @@ class FrameType(IntEnum):
     LEAVE = 0x03
     MULTICAST = 0x04
     STATUS = 0x05
+    REPLICATE = 0x06
     WELCOME = 0x41
     MESSAGE = 0x42
     MEMBERSHIP = 0x43
     ERROR = 0x44
     STATUS_REPLY = 0x45
     CONFIRMED = 0x46
+    REPLICATION = 0x47
     PING = 0x81
     PONG = 0x82
     GOODBYE = 0x83
@@ -156,6 +172,7 @@ FROM_CLIENT = frozenset(
         FrameType.LEAVE,
         FrameType.MULTICAST,
         FrameType.STATUS,
+        FrameType.REPLICATE,
         FrameType.PING,
         FrameType.PONG,
         FrameType.GOODBYE,
@@ -169,6 +186,7 @@ FROM_DAEMON = frozenset(
         FrameType.ERROR,
         FrameType.STATUS_REPLY,
         FrameType.CONFIRMED,
+        FrameType.REPLICATION,
         FrameType.PING,
         FrameType.PONG,
         FrameType.GOODBYE,
@@ -415,6 +433,68 @@ class StatusReply:
     request_id: int = 0  # the STATUS's request_id
 
 
+# REPLICATE's enumerations travel as plain indexes: this package sits below
+# `meshcast.replicate`, whose `Strategy`, `Variant` and `Tree` they index in definition order
+# (names here for the client library and the docs; a test checks they stay the same).
+REPLICATE_STRATEGIES = ("fastreplica", "fanout", "alm_tree")
+REPLICATE_VARIANTS = ("k", "k+1", "k+2")  # connections beyond a group's k: 0, 1, 2
+REPLICATE_TREES = ("chain", "balanced")
+CAPACITY_AWARE_FLAG = 0x01  # REPLICATE flags: size subfiles to the senders' capacities
+KNOWN_REPLICATE_FLAGS = CAPACITY_AWARE_FLAG
+MAX_REPLICATE_CONNECTIONS = U8_MAX
+ALL_TARGETS = "all"  # REPLICATE targets: every daemon of the view but the origin
+GROUP_TARGET_PREFIX = "group:"  # "group:G": the daemons hosting members of group G
+REPLICATION_STATES = ("hashing", "running", "complete", "failed")
+RECIPIENT_STATES = ("waiting", "receiving", "verifying", "complete", "failed")
+FINAL_REPLICATION_STATES = ("complete", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class Replicate:
+    """Client → daemon (REPLICATE, v5): copy the file `path` on the daemon's host to the
+    daemons named by `targets`. Answered by REPLICATION frames carrying `token`, the last
+    one final (a refusal too: a final report whose state is "failed")."""
+
+    path: str  # absolute path on the daemon's host: 1..4096 bytes, no control characters
+    targets: str  # "all" | "name1,name2,..." (daemon names) | "group:G" (`parse_targets`)
+    token: int = 0  # u32 chosen by the client; distinct among its replications in progress
+    dest: str = ""  # directory for the copies on each recipient; "": its default
+    rate: float = 0.0  # bytes/s per sender; 0: no cap beyond the daemons' own
+    strategy: int = 0  # index into REPLICATE_STRATEGIES
+    variant: int = 1  # index into REPLICATE_VARIANTS (k, k+1, k+2)
+    tree: int = 0  # index into REPLICATE_TREES
+    max_connections: int = 9  # the concurrency k is planned from: 1..255
+    capacity_aware: bool = False  # flags bit 0x01
+
+
+@dataclass(frozen=True, slots=True)
+class Replication:
+    """Daemon → client (REPLICATION, v5): a progress report of the REPLICATE `token`.
+
+    `report` is kept as the JSON text that travelled (like `StatusReply`); its shape is
+    checked on decode (`replication_report_fault`), keys not known here are allowed."""
+
+    token: int  # the REPLICATE's token
+    final: bool  # the last frame of this token: the report's state is complete or failed
+    report: str  # JSON text of one object, <= MAX_REPLICATION_REPORT bytes of UTF-8
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationTargets:
+    """REPLICATE's `targets`, parsed: every daemon, one group's daemons, or a list."""
+
+    kind: Literal["all", "group", "daemons"]
+    group: str = ""  # kind "group": the group name
+    daemons: tuple[str, ...] = ()  # kind "daemons": distinct daemon names, in given order
+
+    def __str__(self) -> str:
+        if self.kind == "all":
+            return ALL_TARGETS
+        if self.kind == "group":
+            return GROUP_TARGET_PREFIX + self.group
+        return ",".join(self.daemons)
+
+
 @dataclass(frozen=True, slots=True)
 class Ping:
     nonce: int  # u64, echoed by the PONG
@@ -430,9 +510,18 @@ class Goodbye:
     """Closing: the client's last frame; the daemon answers with its own last frame."""
 
 
-ClientFrame = Hello | Join | Leave | Multicast | StatusRequest | Ping | Pong | Goodbye
+ClientFrame = Hello | Join | Leave | Multicast | StatusRequest | Replicate | Ping | Pong | Goodbye
 DaemonFrame = (
-    Welcome | Message | Membership | ErrorReport | StatusReply | Confirmed | Ping | Pong | Goodbye
+    Welcome
+    | Message
+    | Membership
+    | ErrorReport
+    | StatusReply
+    | Confirmed
+    | Replication
+    | Ping
+    | Pong
+    | Goodbye
 )
 Frame = (
     Hello
@@ -440,12 +529,14 @@ Frame = (
     | Leave
     | Multicast
     | StatusRequest
+    | Replicate
     | Welcome
     | Message
     | Membership
     | ErrorReport
     | StatusReply
     | Confirmed
+    | Replication
     | Ping
     | Pong
     | Goodbye
@@ -457,12 +548,14 @@ FRAME_TYPE_OF: dict[type[Frame], FrameType] = {
     Leave: FrameType.LEAVE,
     Multicast: FrameType.MULTICAST,
     StatusRequest: FrameType.STATUS,
+    Replicate: FrameType.REPLICATE,
     Welcome: FrameType.WELCOME,
     Message: FrameType.MESSAGE,
     Membership: FrameType.MEMBERSHIP,
     ErrorReport: FrameType.ERROR,
     StatusReply: FrameType.STATUS_REPLY,
     Confirmed: FrameType.CONFIRMED,
+    Replication: FrameType.REPLICATION,
     Ping: FrameType.PING,
     Pong: FrameType.PONG,
     Goodbye: FrameType.GOODBYE,
@@ -654,6 +747,14 @@ def _check(frame: object) -> None:
             fault = _range_fault(request_id, "request_id", 0, U32_MAX)
         case StatusReply(report, request_id):
             fault = _range_fault(request_id, "request_id", 0, U32_MAX) or _report_fault(report)
+        case Replicate():
+            fault = _replicate_fault(frame)
+        case Replication(token, final, report):
+            fault = _range_fault(token, "token", 0, U32_MAX) or (
+                _replication_fault(report, final)
+                if isinstance(final, bool)
+                else f"final must be a bool, not {type(final).__name__}"
+            )
         case Ping(nonce) | Pong(nonce):
             fault = _range_fault(nonce, "nonce", 0, U64_MAX)
         case Goodbye():
@@ -708,23 +809,202 @@ def _no_constant(name: str) -> object:
 
 def _report_fault(report: object) -> str | None:
     """The report of a STATUS_REPLY: the UTF-8 JSON text of one object, bounded."""
+    return _json_object(report, MAX_STATUS_SIZE)[1]
+
+
+def _str16_fault(text: object, what: str, low: int, high: int) -> str | None:
+    """A str16 field: `low`..`high` bytes of UTF-8, no control characters."""
+    if not isinstance(text, str):
+        return f"{what} must be a str, not {type(text).__name__}"
+    fault = _text_fault(text, what, high)
+    if fault is None and len(text.encode("utf-8")) < low:
+        fault = f"{what} is empty"
+    return fault
+
+
+def _replicate_fault(frame: Replicate) -> str | None:
+    fault = (
+        _range_fault(frame.token, "token", 0, U32_MAX)
+        or _str16_fault(frame.path, "path", 1, MAX_REPLICATE_PATH)
+        or _targets_fault(frame.targets)
+        or _str16_fault(frame.dest, "dest", 0, MAX_REPLICATE_PATH)
+        or _range_fault(frame.strategy, "strategy", 0, len(REPLICATE_STRATEGIES) - 1)
+        or _range_fault(frame.variant, "variant", 0, len(REPLICATE_VARIANTS) - 1)
+        or _range_fault(frame.tree, "tree", 0, len(REPLICATE_TREES) - 1)
+        or _range_fault(frame.max_connections, "max_connections", 1, MAX_REPLICATE_CONNECTIONS)
+    )
+    if fault is not None:
+        return fault
+    if not frame.path.startswith("/"):
+        return f"path {shown(frame.path)} is not absolute"
+    rate = frame.rate
+    if isinstance(rate, bool) or not isinstance(rate, int | float):
+        return f"rate must be a number, not {type(rate).__name__}"
+    if not math.isfinite(rate) or rate < 0:
+        return f"rate {rate!r} is not a finite number of bytes/s >= 0 (0: no cap)"
+    aware: object = frame.capacity_aware
+    return None if isinstance(aware, bool) else f"capacity_aware must be a bool, not {aware!r}"
+
+
+def _targets_fault(text: object) -> str | None:
+    try:
+        parse_targets(text)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def parse_targets(text: object) -> ReplicationTargets:
+    """REPLICATE's targets: ``all``, ``group:G`` or ``name1,name2,...`` (distinct daemon
+    names). ValueError naming what is wrong."""
+    fault = _str16_fault(text, "targets", 1, MAX_REPLICATE_TARGETS)
+    if fault is not None:
+        raise ValueError(fault)
+    assert isinstance(text, str)
+    if text == ALL_TARGETS:
+        return ReplicationTargets("all")
+    if text.startswith(GROUP_TARGET_PREFIX):
+        group = text[len(GROUP_TARGET_PREFIX) :]
+        fault = _group_fault(group, "group name in targets")
+        if fault is not None:
+            raise ValueError(fault)
+        return ReplicationTargets("group", group=group)
+    names = tuple(text.split(","))
+    for name in names:
+        fault = _word_fault(name, "daemon name in targets", MAX_DAEMON_NAME)
+        if fault is not None:
+            raise ValueError(fault)
+    if len(set(names)) != len(names):
+        twice = next(n for i, n in enumerate(names) if n in names[:i])
+        raise ValueError(f"targets name daemon {shown(twice)} twice")
+    return ReplicationTargets("daemons", daemons=names)
+
+
+def _json_object(report: object, limit: int) -> tuple[dict[str, object] | None, str | None]:
+    """(the object, None) for the UTF-8 JSON text of one object within `limit` bytes;
+    (None, fault) otherwise."""
     if not isinstance(report, str):
-        return f"report must be a str, not {type(report).__name__}"
+        return None, f"report must be a str, not {type(report).__name__}"
     try:
         size = len(report.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        return f"report cannot be encoded as UTF-8 ({exc.reason} at index {exc.start})"
-    if size > MAX_STATUS_SIZE:
-        return f"report is {size} bytes, more than {MAX_STATUS_SIZE}"
+        return None, f"report cannot be encoded as UTF-8 ({exc.reason} at index {exc.start})"
+    if size > limit:
+        return None, f"report is {size} bytes, more than {limit}"
     try:
         value = json.loads(report, parse_constant=_no_constant)
     except RecursionError:
-        return "report is not JSON: nested too deeply"
+        return None, "report is not JSON: nested too deeply"
     except ValueError as exc:
-        return f"report is not JSON: {exc}"
+        return None, f"report is not JSON: {exc}"
+    if not isinstance(value, dict):
+        return None, f"report is a JSON {type(value).__name__}, not an object"
+    return value, None
+
+
+_HEX = re.compile(r"[0-9a-f]*\Z")
+_RID = re.compile(r"[0-9a-f]{16}\Z")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_amount(value: object) -> bool:
+    """A finite number >= 0 (JSON has no other kind; ints count)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+def _field_fault(obj: dict[str, object], key: str, ok: bool, want: str, where: str) -> str | None:
+    if key not in obj:
+        return f"{where} has no {key!r}"
+    return None if ok else f"{where}: {key!r} must be {want}, not {obj[key]!r:.80}"
+
+
+def replication_report_fault(value: object, final: bool | None = None) -> str | None:
+    """What is wrong with a REPLICATION report (parsed JSON), or None. A final report is
+    in state complete or failed. Unknown keys are allowed."""
     if not isinstance(value, dict):
         return f"report is a JSON {type(value).__name__}, not an object"
+    g = value.get
+    state = g("state")
+    fault = (
+        _field_fault(
+            value,
+            "rid",
+            isinstance(g("rid"), str) and bool(_RID.match(str(g("rid")))),
+            "16 lowercase hex digits",
+            "report",
+        )
+        or _field_fault(value, "name", isinstance(g("name"), str), "a string", "report")
+        or _field_fault(value, "size", _is_count(g("size")), "an integer >= 0", "report")
+        or _field_fault(
+            value,
+            "digest",
+            isinstance(g("digest"), str) and bool(_HEX.match(str(g("digest")))),
+            "lowercase hex",
+            "report",
+        )
+        or _field_fault(
+            value,
+            "state",
+            state in REPLICATION_STATES,
+            "one of " + "|".join(REPLICATION_STATES),
+            "report",
+        )
+        or _field_fault(value, "elapsed", _is_amount(g("elapsed")), "a number >= 0", "report")
+        or _field_fault(value, "detail", isinstance(g("detail"), str), "a string", "report")
+        or _field_fault(value, "recipients", isinstance(g("recipients"), list), "a list", "report")
+    )
+    if fault is not None:
+        return fault
+    if final and state not in FINAL_REPLICATION_STATES:
+        return f"a final report in state {state!r}"
+    recipients = g("recipients")
+    assert isinstance(recipients, list)
+    for index, entry in enumerate(recipients):
+        where = f"recipient {index}"
+        if not isinstance(entry, dict):
+            return f"{where} is a JSON {type(entry).__name__}, not an object"
+        e = entry.get
+        eta, path = e("eta"), e("path")
+        fault = (
+            _field_fault(entry, "daemon", isinstance(e("daemon"), str), "a string", where)
+            or _field_fault(
+                entry,
+                "state",
+                e("state") in RECIPIENT_STATES,
+                "one of " + "|".join(RECIPIENT_STATES),
+                where,
+            )
+            or _field_fault(
+                entry, "held_bytes", _is_count(e("held_bytes")), "an integer >= 0", where
+            )
+            or _field_fault(
+                entry, "bad_chunks", _is_count(e("bad_chunks")), "an integer >= 0", where
+            )
+            or _field_fault(entry, "rate", _is_amount(e("rate")), "a number >= 0", where)
+            or _field_fault(
+                entry, "eta", eta is None or _is_amount(eta), "a number >= 0 or null", where
+            )
+            or _field_fault(entry, "detail", isinstance(e("detail"), str), "a string", where)
+            or _field_fault(
+                entry, "path", path is None or isinstance(path, str), "a string or null", where
+            )
+        )
+        if fault is not None:
+            return fault
     return None
+
+
+def _replication_fault(report: object, final: bool) -> str | None:
+    value, fault = _json_object(report, MAX_REPLICATION_REPORT)
+    return fault or replication_report_fault(value, final)
 
 
 def json_ready(value: object) -> object:
@@ -840,6 +1120,11 @@ def _str8(text: str) -> bytes:
     return bytes((len(data),)) + data
 
 
+def _str16(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return U16.pack(len(data)) + data
+
+
 def _groups(groups: tuple[str, ...]) -> bytes:
     return U16.pack(len(groups)) + b"".join(_str8(g) for g in groups)
 
@@ -888,6 +1173,12 @@ def _encode_body(frame: Frame) -> list[bytes]:
             return [STATUS_HEAD.pack(request_id)]
         case StatusReply(report, request_id):
             return [STATUS_HEAD.pack(request_id), report.encode("utf-8")]
+        case Replicate(path, targets, tag, dest, rate, strategy, variant, tree, k, aware):
+            bits = CAPACITY_AWARE_FLAG if aware else 0
+            tail = REPLICATE_TAIL.pack(rate, strategy, variant, tree, k, bits)
+            return [REPLICATE_HEAD.pack(tag), _str16(path), _str16(targets), _str16(dest), tail]
+        case Replication(tag, final, report):
+            return [REPLICATION_HEAD.pack(tag, int(final)), report.encode("utf-8")]
         case Ping(nonce) | Pong(nonce):
             return [NONCE.pack(nonce)]
         case Goodbye():
@@ -967,10 +1258,10 @@ class _Reader:
         self.pos = self.end
         return data
 
-    def report(self) -> str:
-        """The rest of the frame as the UTF-8 text of a status report (size checked first)."""
-        if self.end - self.pos > MAX_STATUS_SIZE:
-            raise _Fault(f"report is {self.end - self.pos} bytes, more than {MAX_STATUS_SIZE}")
+    def report(self, limit: int = MAX_STATUS_SIZE) -> str:
+        """The rest of the frame as the UTF-8 text of a report (size checked first)."""
+        if self.end - self.pos > limit:
+            raise _Fault(f"report is {self.end - self.pos} bytes, more than {limit}")
         raw = self.rest()
         try:
             return raw.decode("utf-8")
@@ -1049,6 +1340,24 @@ def _parse(ftype: FrameType, r: _Reader) -> Frame:
         case FrameType.CONFIRMED:
             (request_id,) = r.ints(STATUS_HEAD, "CONFIRMED header")
             return Confirmed(request_id)
+        case FrameType.REPLICATE:
+            (tag,) = r.ints(REPLICATE_HEAD, "REPLICATE header")
+            path = r.text("path", prefix=U16)
+            targets = r.text("targets", prefix=U16)
+            dest = r.text("dest", prefix=U16)
+            if r.end - r.pos < REPLICATE_TAIL.size:
+                raise _Fault(f"truncated REPLICATE tail: {r.end - r.pos} of {REPLICATE_TAIL.size}")
+            rate, strategy, variant, tree, k, bits = REPLICATE_TAIL.unpack_from(r.data, r.pos)
+            r.pos += REPLICATE_TAIL.size
+            if bits & ~KNOWN_REPLICATE_FLAGS:
+                raise _Fault(f"unknown flags 0x{bits & ~KNOWN_REPLICATE_FLAGS:02x}")
+            aware = bool(bits & CAPACITY_AWARE_FLAG)
+            return Replicate(path, targets, tag, dest, rate, strategy, variant, tree, k, aware)
+        case FrameType.REPLICATION:
+            tag, final = r.ints(REPLICATION_HEAD, "REPLICATION header")
+            if final > 1:
+                raise _Fault(f"final is {final}, not 0 or 1")
+            return Replication(tag, bool(final), r.report(MAX_REPLICATION_REPORT))
         case FrameType.PING:
             return Ping(*r.ints(NONCE, "nonce"))
         case FrameType.PONG:
@@ -1222,3 +1531,4 @@ class FrameDecoder:
             raise DecodeError(f"stream out of sync: {self._failure}")
         if self.buffered:
             raise DecodeError(f"stream ended inside a frame ({self.buffered} bytes pending)")
+

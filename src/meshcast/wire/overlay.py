@@ -51,7 +51,7 @@ class Upper(IntEnum):
     RAW = 0  # no daemon layer above: the overlay's own tests and benchmarks
     GROUP = 1  # group communication (meshcast.group)
     PROBE = 2  # the daemon's latency probes
-    REPLICATION = 3  # bulk replication (reserved)
+    REPLICATION = 3  # bulk replication (meshcast.replicate)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,8 @@ The golden frames below are written out by hand from the layout in docs/client-p
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import struct
 
@@ -37,6 +39,8 @@ from meshcast.wire.client import (
     Multicast,
     Ping,
     Pong,
+    Replicate,
+    Replication,
     ServiceLevel,
     SlowReceiverPolicy,
     ViewId,
@@ -47,16 +51,23 @@ from meshcast.wire.client import (
 
 ALICE = "#alice#D1"
 BOB = "#bob#D2"
+# a final REPLICATION report: the daemon refused the request (no recipients planned)
+FAILED_REPORT = (
+    '{"rid":"00000000000000ab","name":"a.bin","size":0,"digest":"","state":"failed",'
+    '"elapsed":0.0,"detail":"no such file","recipients":[]}'
+)
 
 GOLDEN: list[tuple[Frame, str]] = [
-    # HELLO: length 17 | type 01 | magic "MCCP" | min 1 | max 4 | flags MEMBERSHIP | name "alice"
-    (Hello("alice"), "00000011 01 4d434350 0001 0004 0001 05 616c696365"),
+    # HELLO: length 17 | type 01 | magic "MCCP" | min 1 | max 5 | flags MEMBERSHIP | name "alice"
+    (Hello("alice"), "00000011 01 4d434350 0001 0005 0001 05 616c696365"),
+    # HELLO of a version-4 client: max 4
+    (Hello("alice", max_version=4), "00000011 01 4d434350 0001 0004 0001 05 616c696365"),
     # HELLO of a version-3 client: max 3
     (Hello("alice", max_version=3), "00000011 01 4d434350 0001 0003 0001 05 616c696365"),
     # HELLO (v3) with a token: flags MEMBERSHIP|TOKEN (0x0003) | name "bob" | token "s3cret"
     (
         Hello("bob", token="s3cret"),
-        "00000016 01 4d434350 0001 0004 0003 03 626f62 06 733363726574",
+        "00000016 01 4d434350 0001 0005 0003 03 626f62 06 733363726574",
     ),
     # HELLO from a version-1 client letting the daemon pick its name, no membership events
     (Hello(max_version=1, flags=HelloFlag(0)), "0000000c 01 4d434350 0001 0001 0000 00"),
@@ -109,6 +120,26 @@ GOLDEN: list[tuple[Frame, str]] = [
     (
         ErrorReport(ErrorCode.MESSAGE_TOO_LARGE, "too big", 9),
         "00000010 44 00cb 00000009 0007 746f6f20626967",
+    ),
+    # REPLICATE (v5): token 7 | path "/srv/a.bin" (str16) | targets "D2,D3" (str16) | dest ""
+    # | rate 1e7 bytes/s (f64) | strategy 0 fastreplica | variant 1 (k+1) | tree 0 chain
+    # | max_connections 9 | flags 0x01 capacity-aware
+    (
+        Replicate("/srv/a.bin", "D2,D3", 7, "", 1e7, 0, 1, 0, 9, capacity_aware=True),
+        "00000027 06 00000007 000a 2f7372762f612e62696e 0005 44322c4433 0000"
+        " 416312d000000000 00 01 00 09 01",
+    ),
+    # REPLICATE (v5): token 0xffffffff | "/f" | "group:g" | dest "/d" | no cap | alm_tree (2)
+    # | variant 2 (k+2) | tree 1 balanced | 255 connections | no flags
+    (
+        Replicate("/f", "group:g", 0xFFFFFFFF, "/d", 0.0, 2, 2, 1, 255),
+        "00000023 06 ffffffff 0002 2f66 0007 67726f75703a67 0002 2f64"
+        " 0000000000000000 02 02 01 ff 00",
+    ),
+    # REPLICATION (v5): token 7 | final 1 | the report's JSON text (the rest of the frame)
+    (
+        Replication(7, True, FAILED_REPORT),
+        f"{5 + 1 + len(FAILED_REPORT):08x} 47 00000007 01 {FAILED_REPORT.encode().hex()}",
     ),
     # PING / PONG: nonce u64
     (Ping(0x0102030405060708), "00000009 81 0102030405060708"),
@@ -216,11 +247,12 @@ def test_a_token_stays_out_of_repr() -> None:
 
 
 def test_version_choice() -> None:
-    assert client.choose_version(Hello()) == 4
+    assert client.choose_version(Hello()) == 5
     assert client.choose_version(Hello(max_version=1)) == 1  # a version-1 client
     assert client.choose_version(Hello(max_version=3)) == 3  # cannot be told BUSY
-    assert client.choose_version(Hello(min_version=1, max_version=7)) == 4
-    assert client.choose_version(Hello(min_version=5, max_version=6)) is None
+    assert client.choose_version(Hello(max_version=4)) == 4  # cannot REPLICATE
+    assert client.choose_version(Hello(min_version=1, max_version=7)) == 5
+    assert client.choose_version(Hello(min_version=6, max_version=7)) is None
     assert client.choose_version(Hello(min_version=2, max_version=9), lowest=1, highest=4) == 4
 
 
@@ -295,6 +327,33 @@ G = ("chat",)
         (ErrorReport(ErrorCode.BAD_FRAME, "x" * 1025), "is 1025 bytes, more than 1024"),
         (ErrorReport(ErrorCode.BAD_FRAME, "two\nlines"), "control character at index 3"),
         (ErrorReport(999, "x"), "unknown error code 999"),  # type: ignore[arg-type]
+        (Replicate("", "all"), "path is empty"),
+        (Replicate("relative/a", "all"), "path 'relative/a' is not absolute"),
+        (Replicate("/a\nb", "all"), "path '/a\\nb' has a control character at index 2"),
+        (Replicate("/" + "x" * 4096, "all"), "is 4097 bytes, more than 4096"),
+        (Replicate("/a", ""), "targets is empty"),
+        (Replicate("/a", "D2,,D3"), "daemon name in targets is empty"),
+        (Replicate("/a", "D2, D3"), "daemon name in targets ' D3' has whitespace"),
+        (Replicate("/a", "D2,D2"), "targets name daemon 'D2' twice"),
+        (Replicate("/a", "D#2"), "daemon name in targets 'D#2' contains '#'"),
+        (Replicate("/a", "group:"), "group name in targets is empty"),
+        (Replicate("/a", "group:#x"), "group name in targets '#x' starts with '#'"),
+        (Replicate("/a", "all", dest="/d\x00"), "dest '/d\\x00' has a control character"),
+        (Replicate("/a", "all", token=2**32), "token 4294967296 is outside 0..4294967295"),
+        (Replicate("/a", "all", rate=math.nan), "rate nan is not a finite number"),
+        (Replicate("/a", "all", rate=math.inf), "rate inf is not a finite number"),
+        (Replicate("/a", "all", rate=-1.0), "rate -1.0 is not a finite number of bytes/s >= 0"),
+        (Replicate("/a", "all", rate="1M"), "rate must be a number, not str"),  # type: ignore[arg-type]
+        (Replicate("/a", "all", strategy=3), "strategy 3 is outside 0..2"),
+        (Replicate("/a", "all", variant=3), "variant 3 is outside 0..2"),
+        (Replicate("/a", "all", tree=2), "tree 2 is outside 0..1"),
+        (Replicate("/a", "all", max_connections=0), "max_connections 0 is outside 1..255"),
+        (Replicate("/a", "all", max_connections=256), "max_connections 256 is outside 1..255"),
+        (Replicate("/a", "all", capacity_aware=1), "capacity_aware must be a bool, not 1"),  # type: ignore[arg-type]
+        (Replication(1, True, "[]"), "report is a JSON list, not an object"),
+        (Replication(1, 1, FAILED_REPORT), "final must be a bool, not int"),  # type: ignore[arg-type]
+        (Replication(1, True, FAILED_REPORT.replace("failed", "hashing")), "a final report in"),
+        (Replication(-1, True, FAILED_REPORT), "token -1 is outside"),
         (Ping(-1), "nonce -1 is outside"),
         (Pong(2**64), "nonce 18446744073709551616 is outside"),
     ],
@@ -404,10 +463,150 @@ def test_malformed_frames_name_the_fault(data: bytes, message: str) -> None:
         decode(data)
 
 
+REPLICATE_BODY = struct.pack("!I", 1) + b"\x00\x02/a" + b"\x00\x03all" + b"\x00\x00"
+
+
+def replicate_tail(
+    rate: float = 0.0,
+    strategy: int = 0,
+    variant: int = 1,
+    tree: int = 0,
+    k: int = 9,
+    flags: int = 0,
+) -> bytes:
+    return struct.pack("!dBBBBB", rate, strategy, variant, tree, k, flags)
+
+
+def replication_body(report: dict[str, object], final: int = 0) -> bytes:
+    return struct.pack("!IB", 3, final) + json.dumps(report).encode()
+
+
+RUNNING = {
+    "rid": "0123456789abcdef",
+    "name": "a.bin",
+    "size": 100,
+    "digest": "ab12",
+    "state": "running",
+    "elapsed": 1.5,
+    "detail": "",
+    "recipients": [
+        {
+            "daemon": "D2",
+            "state": "receiving",
+            "held_bytes": 50,
+            "bad_chunks": 0,
+            "rate": 10.0,
+            "eta": 5.0,
+            "detail": "",
+            "path": None,
+        }
+    ],
+}
+
+
+def running(**changes: object) -> dict[str, object]:
+    return {**RUNNING, **changes}
+
+
+def recipient(**changes: object) -> dict[str, object]:
+    entry = RUNNING["recipients"][0]  # type: ignore[index]
+    return running(recipients=[{**entry, **changes}])
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (frame_bytes(0x06, REPLICATE_BODY + replicate_tail()[:-1]), "truncated REPLICATE tail"),
+        (frame_bytes(0x06, REPLICATE_BODY[:8]), "truncated length of targets"),
+        (frame_bytes(0x06, REPLICATE_BODY + replicate_tail(flags=0x82)), "unknown flags 0x82"),
+        (frame_bytes(0x06, REPLICATE_BODY + replicate_tail(rate=math.nan)), "rate nan"),
+        (frame_bytes(0x06, REPLICATE_BODY + replicate_tail(rate=-2.0)), "rate -2.0"),
+        (frame_bytes(0x06, REPLICATE_BODY + replicate_tail(strategy=7)), "strategy 7 is outside"),
+        (frame_bytes(0x06, REPLICATE_BODY + replicate_tail(variant=3)), "variant 3 is outside"),
+        (frame_bytes(0x06, REPLICATE_BODY + replicate_tail(tree=9)), "tree 9 is outside"),
+        (frame_bytes(0x06, REPLICATE_BODY + replicate_tail(k=0)), "max_connections 0 is outside"),
+        (frame_bytes(0x06, REPLICATE_BODY + replicate_tail() + b"!"), "1 trailing bytes"),
+        (
+            frame_bytes(
+                0x06, struct.pack("!I", 1) + b"\x00\x02ab" + REPLICATE_BODY[8:] + replicate_tail()
+            ),
+            "REPLICATE frame: path 'ab' is not absolute",
+        ),
+        (frame_bytes(0x47, struct.pack("!IB", 3, 2) + b"{}"), "final is 2, not 0 or 1"),
+        (frame_bytes(0x47, struct.pack("!I", 3)), "truncated REPLICATION header"),
+        (
+            frame_bytes(0x47, replication_body(running(), final=1)),
+            "a final report in state 'running'",
+        ),
+        (frame_bytes(0x47, replication_body(running(rid="ABC"))), "'rid' must be 16 lowercase hex"),
+        (frame_bytes(0x47, replication_body(running(size=-1))), "'size' must be an integer >= 0"),
+        (frame_bytes(0x47, replication_body(running(size=True))), "'size' must be an integer"),
+        (
+            frame_bytes(0x47, replication_body(running(digest="xy"))),
+            "'digest' must be lowercase hex",
+        ),
+        (frame_bytes(0x47, replication_body(running(state="paused"))), "'state' must be one of"),
+        (
+            frame_bytes(0x47, replication_body(running(elapsed=-1))),
+            "'elapsed' must be a number >= 0",
+        ),
+        (
+            frame_bytes(0x47, replication_body(running(recipients={}))),
+            "'recipients' must be a list",
+        ),
+        (frame_bytes(0x47, replication_body(running(recipients=[1]))), "recipient 0 is a JSON int"),
+        (frame_bytes(0x47, replication_body(recipient(state="gone"))), "recipient 0: 'state'"),
+        (frame_bytes(0x47, replication_body(recipient(rate=None))), "recipient 0: 'rate' must be"),
+        (
+            frame_bytes(0x47, replication_body(recipient(eta="soon"))),
+            "'eta' must be a number >= 0 or null",
+        ),
+        (frame_bytes(0x47, replication_body(recipient(path=3))), "'path' must be a string or null"),
+        (
+            frame_bytes(0x47, replication_body({k: v for k, v in RUNNING.items() if k != "name"})),
+            "REPLICATION frame: report has no 'name'",
+        ),
+        (
+            frame_bytes(0x47, struct.pack("!IB", 3, 0) + b'{"a": "' + b"x" * (1 << 20) + b'"}'),
+            "report is 1048585 bytes, more than 1048576",
+        ),
+    ],
+    ids=lambda value: value[:40] if isinstance(value, str) else "",
+)
+def test_malformed_replication_frames_name_the_fault(data: bytes, message: str) -> None:
+    with pytest.raises(DecodeError, match=re.escape(message)):
+        decode(data)
+
+
 def test_a_cap_smaller_than_the_frame_is_enforced() -> None:
     data = encode(Multicast(G, bytes(100)))
     with pytest.raises(DecodeError, match=r"frame length 115 exceeds the limit of 64 bytes"):
         decode(data, max_frame_size=64)
+
+
+def test_replication_frames_keep_their_fields() -> None:
+    progress = decode(frame_bytes(0x47, replication_body(running(extra={"new": 1}))))
+    assert progress == Replication(3, False, json.dumps(running(extra={"new": 1})))
+    frame = Replicate("/f", "D2", 9, "out", 12.5, 1, 0, 1, 3, capacity_aware=False)
+    assert decode(encode(frame)) == frame  # a relative dest: under each daemon's data directory
+    assert client.parse_targets("all") == client.ReplicationTargets("all")
+    assert client.parse_targets("group:ops") == client.ReplicationTargets("group", group="ops")
+    names = client.parse_targets("D2,D3")
+    assert names == client.ReplicationTargets("daemons", daemons=("D2", "D3"))
+    assert [str(t) for t in (client.parse_targets(x) for x in ("all", "group:g", "a,b"))] == [
+        "all",
+        "group:g",
+        "a,b",
+    ]
+
+
+def test_replicate_names_index_the_engines_enumerations() -> None:
+    from meshcast.replicate.plan import Strategy, Tree, Variant
+
+    assert tuple(s.value for s in Strategy) == client.REPLICATE_STRATEGIES
+    assert [f"k+{v.value}" if v.value else "k" for v in Variant] == list(client.REPLICATE_VARIANTS)
+    assert [int(v) for v in Variant] == [0, 1, 2]
+    assert tuple(t.value for t in Tree) == client.REPLICATE_TREES
 
 
 def test_each_end_accepts_only_the_other_ends_frames() -> None:

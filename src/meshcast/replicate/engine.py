@@ -1,0 +1,1425 @@
+"""The sans-I/O replication engine of one daemon: `Replicator`.
+
+It plays every role a daemon can have in any number of replications at once: the origin
+(hashes are computed by its driver, then it offers subfiles to the first group), a
+recipient (verifies, stores and forwards each chunk the moment it holds it — fast-forward),
+and the sender of every feed the plan gives it. The same object runs in the simulator
+(`meshcast.sim.replication`) and in the daemon (`meshcast.daemon.node`), which carries out
+its effects on real secure streams and files.
+
+Inputs (each returns the effects it caused):
+
+* `request(request, now)` at the origin: asks the driver to hash the file (`HashFile`),
+  then `hashed(rid, manifest | error, now)` starts the transfer.
+* `stream_accepted(stream, peer, now)`, `stream_data(stream, data, now)`,
+  `stream_drained(stream, now)`, `stream_closed(stream, error, now)`: the driver's streams.
+  Streams this engine opens have ids below `INBOUND_STREAM_BASE`; the driver numbers the
+  ones it accepts from `INBOUND_STREAM_BASE` up.
+* `control_received(source, payload, now)`: PROGRESS reports (overlay DATA, REPLICATION).
+* `finalized(rid, path | None, error, now)`: the store renamed a complete copy into place.
+* `on_timer(now)` at `next_deadline()`: the upload shaper and the progress reports.
+
+Scheduling: a node serves its feeds in the plan's priority order (tree edges before
+collection, after-complete feeds last) and shares equally among feeds of one priority,
+weighted by their sizes (so subfiles sized to capacities finish together). With a rate cap
+its upload is a token bucket: the order of its writes is then the order on the wire.
+
+Theory of operation: docs/design/replicate.md.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from meshcast.errors import DecodeError, ReplicationError, UsageError
+from meshcast.ids import NodeId
+from meshcast.replicate.manifest import Manifest
+from meshcast.replicate.messages import (
+    MAX_RECIPIENTS,
+    MAX_STREAM_MESSAGE,
+    Chunk,
+    End,
+    Fetch,
+    Have,
+    Offer,
+    Progress,
+    ReceiverState,
+    decode_control,
+    decode_stream_message,
+    encode_chunk_head,
+    encode_control,
+    encode_stream_message,
+)
+from meshcast.replicate.plan import (
+    Feed,
+    FeedKind,
+    Plan,
+    PlanSpec,
+    Strategy,
+    Tree,
+    Variant,
+    make_plan,
+)
+from meshcast.replicate.store import ChunkStore
+
+__all__ = [
+    "INBOUND_STREAM_BASE",
+    "BeginCopy",
+    "CloseStream",
+    "Finalize",
+    "HashFile",
+    "OpenStream",
+    "RecipientReport",
+    "ReplicationEffect",
+    "ReplicationEvent",
+    "ReplicationReport",
+    "ReplicationRequest",
+    "ReplicationUpdate",
+    "Replicator",
+    "ReplicatorConfig",
+    "ReplicatorStats",
+    "SendControl",
+    "StreamSend",
+]
+
+INBOUND_STREAM_BASE = 1 << 32
+MAX_DEST = 4096  # bytes: a request's dest directory (a path; the OFFER carries it)
+# replications this node took part in and forgot, remembered so that a late OFFER of one
+# (a feeder that joined after this copy was done) is answered, not joined all over again
+MAX_FORGOTTEN = 4096
+
+# ---------------------------------------------------------------- configuration, requests
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicatorConfig:
+    """`rate`: bytes/s this node uploads for replication at most (None: no cap; a request's
+    rate caps it further). `window_chunks`: chunks handed to one stream's driver before it
+    says they left (bounds what waits in user space, and keeps the write order the wire
+    order). `give_up_after`: an origin ends a replication that made no progress that long.
+    """
+
+    rate: float | None = None
+    window_chunks: int = 2
+    progress_interval: float = 0.25
+    give_up_after: float = 120.0
+    max_transfers: int = 64
+    max_streams: int = 4096
+    burst_seconds: float = 0.005
+
+    def __post_init__(self) -> None:
+        if self.rate is not None and not self.rate > 0:
+            raise UsageError("replication rate must be positive")
+        if self.window_chunks < 1 or self.max_transfers < 1 or self.max_streams < 1:
+            raise UsageError("replication window and limits must be at least 1")
+        if not (self.progress_interval > 0 and self.give_up_after > 0):
+            raise UsageError("replication intervals must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationRequest:
+    """What a client asks the origin daemon: send the file at `path` to `recipients`."""
+
+    path: str
+    recipients: tuple[NodeId, ...]
+    strategy: Strategy = Strategy.FASTREPLICA
+    max_connections: int = 9
+    variant: Variant = Variant.K1
+    tree: Tree = Tree.CHAIN
+    capacity_aware: bool = False
+    rate: float | None = None  # bytes/s per sender; None: the daemons' own caps
+    dest: str = ""  # directory on each recipient; "": its default
+
+
+# ---------------------------------------------------------------- effects
+
+
+@dataclass(frozen=True, slots=True)
+class HashFile:
+    """Hash the origin's file (`meshcast.runtime.blob_store.hash_file`), then call
+    `hashed(rid, manifest or error)`."""
+
+    rid: int
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpenStream:
+    """Open secure stream `stream` to `peer`. Sends may follow at once: the driver keeps
+    them until the stream is up (or reports `stream_closed` with an error)."""
+
+    stream: int
+    peer: NodeId
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSend:
+    """Write `parts` to `stream`, in order (a chunk's header, then its data unchanged)."""
+
+    stream: int
+    parts: tuple[bytes | memoryview, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CloseStream:
+    """Close `stream` after what was sent on it (`abort`: at once, dropping the rest)."""
+
+    stream: int
+    abort: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SendControl:
+    dest: NodeId
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BeginCopy:
+    """Open (or resume) the copy of `manifest` in `dest` (`ChunkStore.begin`, in a worker
+    thread: resuming re-hashes what a partial file holds), then call `begun`."""
+
+    rid: int
+    manifest: Manifest
+    dest: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Finalize:
+    """Every chunk of `digest` is written: check the whole file, rename it into place (in
+    a worker thread: it reads the whole file), then call `finalized`."""
+
+    rid: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientReport:
+    node: NodeId
+    state: Literal["waiting", "receiving", "verifying", "complete", "failed"]
+    held_bytes: int
+    bad_chunks: int
+    rate: float  # bytes/s over the last reports
+    eta: float | None  # s, at that rate
+    detail: str
+    path: str  # where the complete copy is on that daemon ("" until then)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationReport:
+    rid: int
+    name: str
+    size: int
+    digest: str  # hex
+    state: Literal["hashing", "running", "complete", "failed"]
+    elapsed: float
+    recipients: tuple[RecipientReport, ...]
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationUpdate:
+    """Progress of a replication this node originated; `final` once it ended."""
+
+    rid: int
+    report: ReplicationReport
+    final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationEvent:
+    name: str
+    fields: Mapping[str, object] = field(default_factory=dict)
+    level: Literal["info", "warning", "error"] = "info"
+
+
+ReplicationEffect = (
+    HashFile
+    | BeginCopy
+    | OpenStream
+    | StreamSend
+    | CloseStream
+    | SendControl
+    | Finalize
+    | ReplicationUpdate
+    | ReplicationEvent
+)
+
+# ---------------------------------------------------------------- statistics
+
+
+@dataclass(slots=True)
+class _Counters:
+    """The cumulative counters of `ReplicatorStats`, bumped in place."""
+
+    replications_started: int = 0
+    replications_completed: int = 0
+    replications_failed: int = 0
+    copies_completed: int = 0
+    copies_failed: int = 0
+    chunks_received: int = 0
+    chunks_duplicate: int = 0
+    chunks_bad: int = 0
+    reports_stale: int = 0
+    repairs_sent: int = 0
+    chunks_sent: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    bytes_skipped: int = 0
+    streams_opened: int = 0
+    streams_accepted: int = 0
+    streams_failed: int = 0
+    streams_refused: int = 0
+    malformed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicatorStats:
+    replications_started: int
+    replications_completed: int
+    replications_failed: int
+    copies_completed: int
+    copies_failed: int
+    chunks_received: int
+    chunks_duplicate: int
+    chunks_bad: int
+    reports_stale: int
+    repairs_sent: int
+    chunks_sent: int
+    bytes_received: int
+    bytes_sent: int
+    bytes_skipped: int
+    streams_opened: int
+    streams_accepted: int
+    streams_failed: int
+    streams_refused: int
+    malformed: int
+    transfers: int
+    streams: int
+
+
+# ---------------------------------------------------------------- internal state
+
+RecipientState = Literal["waiting", "receiving", "verifying", "complete", "failed"]
+_STATE_NAME: dict[ReceiverState, RecipientState] = {
+    ReceiverState.RECEIVING: "receiving",
+    ReceiverState.VERIFYING: "verifying",
+    ReceiverState.COMPLETE: "complete",
+    ReceiverState.FAILED: "failed",
+}
+# how far a copy has come (a report of a lower rank than the last one is older)
+_STATE_RANK = {
+    ReceiverState.RECEIVING: 0,
+    ReceiverState.VERIFYING: 1,
+    ReceiverState.COMPLETE: 2,
+    ReceiverState.FAILED: 2,
+}
+
+
+class _Deframer:
+    """Cuts a byte stream into `length u32 | type u8 | body` messages, bounded in size."""
+
+    __slots__ = ("_need", "_parts", "_size")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._need = 0  # bytes of the message being collected (0: its header not read yet)
+
+    @property
+    def buffered(self) -> int:
+        return self._size
+
+    def feed(self, data: bytes) -> list[memoryview]:
+        """Messages completed by `data` (type + body, each a view of an immutable buffer).
+        Raises DecodeError for a message over MAX_STREAM_MESSAGE."""
+        self._parts.append(data)
+        self._size += len(data)
+        frames: list[memoryview] = []
+        while True:
+            if not self._need:
+                if self._size < 4:
+                    return frames
+                head = self._take_prefix(4)
+                length = int.from_bytes(head[:4], "big")
+                if not 1 <= length <= MAX_STREAM_MESSAGE:
+                    raise DecodeError(f"stream message of {length} bytes")
+                self._need = length
+            if self._size < self._need:
+                return frames
+            frames.append(self._take(self._need))
+            self._need = 0
+
+    def _take_prefix(self, n: int) -> bytes:
+        joined = b"".join(self._parts) if len(self._parts) > 1 else self._parts[0]
+        self._parts = [joined[n:]] if len(joined) > n else []
+        self._size -= n
+        return joined[:n]
+
+    def _take(self, n: int) -> memoryview:
+        first = self._parts[0]
+        if len(first) >= n:  # the common case: one read held the whole message
+            rest = first[n:]
+            self._parts[0:1] = [rest] if rest else []
+            self._size -= n
+            return memoryview(first)[:n]
+        joined = b"".join(self._parts)
+        self._parts = [joined[n:]] if len(joined) > n else []
+        self._size -= n
+        return memoryview(joined)[:n]
+
+
+def _merged(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Ranges in order with adjacent ones joined (a feed's consecutive subfiles)."""
+    out: list[tuple[int, int]] = []
+    for first, end in ranges:
+        if out and out[-1][1] == first:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((first, end))
+    return tuple(out)
+
+
+def _ranges_of(chunks: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for c in sorted(chunks):
+        if out and out[-1][1] == c:
+            out[-1] = (out[-1][0], c + 1)
+        else:
+            out.append((c, c + 1))
+    return tuple(out)
+
+
+class _Out:
+    """One feed this node sends: a stream to its receiver and a cursor over its chunks."""
+
+    __slots__ = (
+        "after_complete",
+        "cursor",
+        "ended",
+        "failed",
+        "feed",
+        "in_heap",
+        "outstanding",
+        "priority",
+        "range_index",
+        "ranges",
+        "remote",
+        "remote_known",
+        "sent_bytes",
+        "stream",
+        "transfer",
+        "weight",
+    )
+
+    def __init__(
+        self, transfer: _Transfer, feed: Feed, stream: int, ranges: tuple[tuple[int, int], ...]
+    ) -> None:
+        self.transfer = transfer
+        self.feed = feed
+        self.stream = stream
+        self.ranges = ranges
+        self.range_index = 0
+        self.cursor = ranges[0][0] if ranges else 0
+        self.priority = feed.priority
+        self.after_complete = feed.after_complete
+        manifest = transfer.manifest
+        self.weight = max(1, sum(manifest.range_bytes(a, b) for a, b in ranges))
+        self.sent_bytes = 0
+        self.outstanding = 0
+        self.remote: bytearray | None = None  # chunks the receiver holds (its HAVE)
+        self.remote_known = False
+        self.ended = False
+        self.failed = False
+        self.in_heap = False
+
+    def next_chunk(self) -> int | None:
+        """The next chunk to send (skipping what the receiver holds), None when done."""
+        while self.range_index < len(self.ranges):
+            end = self.ranges[self.range_index][1]
+            while self.cursor < end:
+                if self.remote is None or not self.remote[self.cursor]:
+                    return self.cursor
+                self.cursor += 1
+            self.range_index += 1
+            if self.range_index < len(self.ranges):
+                self.cursor = self.ranges[self.range_index][0]
+        return None
+
+    def chunks(self) -> Iterable[int]:
+        for first, end in self.ranges:
+            yield from range(first, end)
+
+
+@dataclass(slots=True)
+class _Recipient:
+    node: NodeId
+    state: Literal["waiting", "receiving", "verifying", "complete", "failed"] = "waiting"
+    held_bytes: int = 0
+    bad_chunks: int = 0
+    detail: str = ""
+    path: str = ""
+    rate: float = 0.0
+    last_at: float | None = None
+    rank: int = -1  # _STATE_RANK of the latest report taken
+
+
+class _Transfer:
+    """This node's part in one replication."""
+
+    def __init__(
+        self,
+        rid: int,
+        manifest: Manifest,
+        plan: Plan,
+        *,
+        rate: float,
+        dest: str,
+        origin: bool,
+        now: float,
+    ) -> None:
+        self.rid = rid
+        self.manifest = manifest
+        self.plan = plan
+        self.spec = plan.spec
+        self.rate = rate  # bytes/s cap of the request, 0 = none
+        self.dest = dest
+        self.is_origin = origin
+        self.held = bytearray(manifest.chunk_count)
+        self.held_count = 0
+        self.held_bytes = 0
+        self.bad_chunks = 0
+        self.state = ReceiverState.RECEIVING
+        self.detail = ""
+        self.outs: list[_Out] = []
+        self.ins: set[int] = set()
+        self.started = now
+        self.last_progress = now
+        self.report_due: float | None = None
+        self.reported: tuple[ReceiverState, int, int] | None = None  # state, held, bad
+        self.path: str | None = None
+        # the origin's view of every recipient
+        self.recipients: dict[NodeId, _Recipient] = {}
+        self.finished = False
+        self.opening = False  # waiting for `begun`: its streams get their HAVE then
+        self.waiting: list[tuple[int, Offer]] = []
+        self.bad_from: dict[NodeId, int] = {}  # daemons that sent damaged chunks, how many
+        self.fetching: set[int] = set()  # chunks asked for again
+        # some feed to this node starts only once its sender holds its subfiles
+        self.fed_late = False
+
+        self.digest = manifest.digest
+        self.store_open = False  # the store has the file open for this transfer
+
+    @property
+    def complete(self) -> bool:
+        return self.held_count == self.manifest.chunk_count
+
+    def holds_all(self, out: _Out) -> bool:
+        return all(self.held[c] for c in out.chunks())
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class Replicator:
+    """Bulk replication at one daemon (see the module docstring)."""
+
+    def __init__(
+        self,
+        local: NodeId,
+        store: ChunkStore,
+        config: ReplicatorConfig | None = None,
+        *,
+        rng: random.Random,
+        capacities: Mapping[NodeId, float] | None = None,
+    ) -> None:
+        """`capacities`: upload bits/s per daemon (the cluster file's `upload`), for
+        capacity-aware plans."""
+        self.local = local
+        self.config = config or ReplicatorConfig()
+        self._store = store
+        self._rng = rng
+        self._capacities = dict(capacities or {})
+        self._transfers: dict[int, _Transfer] = {}
+        self._pending: dict[int, tuple[ReplicationRequest, float]] = {}  # hashing
+        self._stream_ids = itertools.count(1)
+        self._outs: dict[int, _Out] = {}  # stream -> the feed it carries
+        self._ins: dict[int, _Transfer | None] = {}  # accepted stream -> its transfer
+        self._peers: dict[int, NodeId] = {}
+        self._deframers: dict[int, _Deframer] = {}
+        self._heap: list[tuple[int, float, int, _Out]] = []
+        self._heap_seq = itertools.count()
+        self._tokens = 0.0
+        self._tokens_at = 0.0
+        self._wake_at: float | None = None
+        self._fresh: dict[tuple[int, int], memoryview] = {}  # chunks received this input
+        self._now = 0.0
+        self._c = _Counters()
+        self._forgotten: OrderedDict[int, bool] = OrderedDict()  # rid -> copy complete
+
+    # ------------------------------------------------------------ queries
+
+    def next_deadline(self) -> float | None:
+        deadline = self._wake_at
+        for t in self._transfers.values():
+            if t.report_due is not None and (deadline is None or t.report_due < deadline):
+                deadline = t.report_due
+            stall = self._stall_deadline(t)
+            if stall is not None and (deadline is None or stall < deadline):
+                deadline = stall
+        return deadline
+
+    def _stall_deadline(self, t: _Transfer) -> float | None:
+        """When a copy that stopped receiving is given up here (None: not receiving, or
+        fed after its feeders complete: then a long wait is the plan, and the origin
+        decides when the replication has stalled)."""
+        if t.is_origin or t.state != ReceiverState.RECEIVING or t.opening or t.fed_late:
+            return None
+        return t.last_progress + self.config.give_up_after
+
+    def memory(self) -> int:
+        """Bytes held for others: partly received stream messages."""
+        return sum(d.buffered for d in self._deframers.values())
+
+    def statistics(self) -> ReplicatorStats:
+        c = self._c
+        return ReplicatorStats(
+            replications_started=c.replications_started,
+            replications_completed=c.replications_completed,
+            replications_failed=c.replications_failed,
+            copies_completed=c.copies_completed,
+            copies_failed=c.copies_failed,
+            chunks_received=c.chunks_received,
+            chunks_duplicate=c.chunks_duplicate,
+            chunks_bad=c.chunks_bad,
+            reports_stale=c.reports_stale,
+            repairs_sent=c.repairs_sent,
+            chunks_sent=c.chunks_sent,
+            bytes_received=c.bytes_received,
+            bytes_sent=c.bytes_sent,
+            bytes_skipped=c.bytes_skipped,
+            streams_opened=c.streams_opened,
+            streams_accepted=c.streams_accepted,
+            streams_failed=c.streams_failed,
+            streams_refused=c.streams_refused,
+            malformed=c.malformed,
+            transfers=len(self._transfers),
+            streams=len(self._outs) + len(self._ins),
+        )
+
+    def reports(self) -> list[ReplicationReport]:
+        """The replications this node originated and still runs."""
+        return [self._report(t) for t in self._transfers.values() if t.is_origin]
+
+    def transfers(self) -> list[dict[str, object]]:
+        """This node's part in each replication (for status)."""
+        return [
+            {
+                "rid": f"{t.rid:016x}",
+                "name": t.manifest.name,
+                "role": "origin" if t.is_origin else "recipient",
+                "state": t.state.name.lower(),
+                "held_bytes": t.held_bytes,
+                "size": t.manifest.size,
+                "feeds_out": len(t.outs),
+                "feeds_in": len(t.ins),
+                "detail": t.detail,
+            }
+            for t in self._transfers.values()
+        ]
+
+    # ------------------------------------------------------------ origin
+
+    def request(
+        self, request: ReplicationRequest, now: float
+    ) -> tuple[int, list[ReplicationEffect]]:
+        """Start replicating `request.path`; returns the replication id and the effects."""
+        self._now = now
+        if len(self._transfers) + len(self._pending) >= self.config.max_transfers:
+            raise UsageError(f"this daemon runs {self.config.max_transfers} replications already")
+        if not request.recipients:
+            raise UsageError("a replication needs at least one recipient")
+        if self.local in request.recipients:
+            raise UsageError("the origin cannot be one of its own recipients")
+        if request.rate is not None and not 0 < request.rate < math.inf:
+            raise UsageError("the rate must be positive and finite")
+        if len(request.recipients) > MAX_RECIPIENTS:
+            raise UsageError(f"more than {MAX_RECIPIENTS} recipients")
+        if not 1 <= request.max_connections <= 255:
+            raise UsageError("max_connections must be 1 to 255")
+        try:
+            dest_bytes = len(request.dest.encode())
+        except UnicodeEncodeError as exc:
+            raise UsageError("the dest directory is not valid text") from exc
+        if dest_bytes > MAX_DEST:
+            raise UsageError(f"the dest directory is longer than {MAX_DEST} bytes")
+        rid = self._rng.getrandbits(64) or 1
+        self._pending[rid] = (request, now)
+        return rid, [HashFile(rid, request.path)]
+
+    def hashed(
+        self, rid: int, manifest: Manifest | None, error: str | None, now: float
+    ) -> list[ReplicationEffect]:
+        self._now = now
+        pending = self._pending.pop(rid, None)
+        if pending is None:
+            return []
+        request, asked = pending
+        out: list[ReplicationEffect] = []
+        if manifest is None:
+            self._c.replications_failed += 1
+            report = ReplicationReport(
+                rid, request.path, 0, "", "failed", now - asked, (), error or ""
+            )
+            out.append(ReplicationUpdate(rid, report, final=True))
+            return out
+        caps = None
+        if request.capacity_aware:
+            caps = tuple(self._capacities.get(n, 0.0) for n in (self.local, *request.recipients))
+            if not all(c > 0 for c in caps):
+                caps = None
+        spec = PlanSpec(
+            origin=self.local,
+            recipients=request.recipients,
+            chunk_count=manifest.chunk_count,
+            strategy=request.strategy,
+            max_connections=request.max_connections,
+            variant=request.variant,
+            tree=request.tree,
+            capacities=caps,
+            capacity_aware=request.capacity_aware and caps is not None,
+        )
+        try:
+            plan = make_plan(spec)
+            self._store.open_source(manifest, request.path)
+        except (UsageError, ReplicationError) as exc:
+            self._c.replications_failed += 1
+            report = ReplicationReport(
+                rid,
+                manifest.name,
+                manifest.size,
+                manifest.digest.hex(),
+                "failed",
+                now - asked,
+                (),
+                str(exc),
+            )
+            out.append(ReplicationUpdate(rid, report, final=True))
+            return out
+        t = _Transfer(
+            rid, manifest, plan, rate=request.rate or 0.0, dest=request.dest, origin=True, now=asked
+        )
+        t.store_open = True
+        t.held = bytearray(b"\x01" * manifest.chunk_count)
+        t.held_count = manifest.chunk_count
+        t.held_bytes = manifest.size
+        t.state = ReceiverState.COMPLETE
+        t.recipients = {n: _Recipient(n) for n in request.recipients}
+        t.report_due = now
+        self._transfers[rid] = t
+        self._c.replications_started += 1
+        out.append(
+            ReplicationEvent(
+                "replication_started",
+                {
+                    "rid": f"{rid:016x}",
+                    "file": manifest.name,
+                    "bytes": manifest.size,
+                    "recipients": len(request.recipients),
+                    "k": plan.k,
+                    "strategy": str(spec.strategy),
+                },
+            )
+        )
+        self._open_feeds(t, out)
+        self._pump(out)
+        return out
+
+    # ------------------------------------------------------------ streams
+
+    def stream_accepted(self, stream: int, peer: NodeId, now: float) -> list[ReplicationEffect]:
+        self._now = now
+        if len(self._ins) + len(self._outs) >= self.config.max_streams:
+            self._c.streams_refused += 1
+            return [CloseStream(stream, abort=True)]
+        self._c.streams_accepted += 1
+        self._ins[stream] = None
+        self._peers[stream] = peer
+        self._deframers[stream] = _Deframer()
+        return []
+
+    def stream_data(self, stream: int, data: bytes, now: float) -> list[ReplicationEffect]:
+        self._now = now
+        deframer = self._deframers.get(stream)
+        if deframer is None:
+            return []
+        out: list[ReplicationEffect] = []
+        try:
+            for frame in deframer.feed(data):
+                if stream not in self._deframers:
+                    break  # dropped by the message before (refused): the rest is moot
+                message = decode_stream_message(frame)
+                if stream in self._outs:
+                    self._on_feedback(self._outs[stream], message, out)
+                else:
+                    self._on_incoming(stream, message, out)
+        except (DecodeError, _ProtocolViolation) as exc:
+            self._c.malformed += 1
+            self._drop_stream(stream, f"malformed: {exc}", out)
+            out.append(
+                ReplicationEvent(
+                    "replication_stream_dropped",
+                    {"peer": self._peers.get(stream, 0), "reason": str(exc)},
+                    "warning",
+                )
+            )
+        self._pump(out)
+        self._fresh.clear()
+        return out
+
+    def stream_drained(self, stream: int, now: float) -> list[ReplicationEffect]:
+        self._now = now
+        o = self._outs.get(stream)
+        if o is None:
+            return []
+        o.outstanding = 0
+        out: list[ReplicationEffect] = []
+        self._wake(o)
+        self._pump(out)
+        return out
+
+    def stream_closed(self, stream: int, error: str | None, now: float) -> list[ReplicationEffect]:
+        self._now = now
+        out: list[ReplicationEffect] = []
+        o = self._outs.pop(stream, None)
+        self._deframers.pop(stream, None)
+        peer = self._peers.pop(stream, None)
+        if o is not None:
+            if not o.ended:
+                o.failed = True
+                o.ended = True
+                self._c.streams_failed += 1
+                o.transfer.detail = f"feed to {peer} failed: {error or 'closed early'}"
+                out.append(
+                    ReplicationEvent(
+                        "replication_feed_failed",
+                        {
+                            "rid": f"{o.transfer.rid:016x}",
+                            "peer": peer,
+                            "reason": error or "closed",
+                        },
+                        "warning",
+                    )
+                )
+            self._maybe_forget(o.transfer)
+        elif stream in self._ins:
+            t = self._ins.pop(stream)
+            if t is not None:
+                t.ins.discard(stream)
+                if error is not None and not t.complete:
+                    self._c.streams_failed += 1
+                    t.detail = f"feed from {peer} failed: {error}"
+                self._maybe_forget(t)
+        self._pump(out)
+        return out
+
+    # ------------------------------------------------------------ control, files, timer
+
+    def control_received(
+        self, source: NodeId, payload: bytes, now: float
+    ) -> list[ReplicationEffect]:
+        self._now = now
+        try:
+            progress = decode_control(payload)
+        except DecodeError:
+            self._c.malformed += 1
+            return []
+        if isinstance(progress, Fetch):
+            return self._on_fetch(source, progress)
+        t = self._transfers.get(progress.rid)
+        if t is None or not t.is_origin or source not in t.recipients:
+            return []
+        r = t.recipients[source]
+        # Reports may overtake one another (the overlay forwards without blocking, so two
+        # messages of one source can arrive out of order): an older one is dropped.
+        rank = _STATE_RANK[progress.state]
+        if (
+            r.state in ("complete", "failed")
+            or rank < r.rank
+            or (rank == r.rank and progress.held_bytes < r.held_bytes)
+        ):
+            self._c.reports_stale += 1
+            return []
+        r.rank = rank
+        if r.last_at is not None and now > r.last_at:
+            sample = max(0.0, (progress.held_bytes - r.held_bytes) / (now - r.last_at))
+            r.rate = sample if r.rate == 0 else 0.5 * r.rate + 0.5 * sample
+        r.last_at = now
+        r.held_bytes = max(r.held_bytes, progress.held_bytes)
+        r.bad_chunks = max(r.bad_chunks, progress.bad_chunks)
+        r.detail = progress.detail
+        r.path = progress.path
+        r.state = _STATE_NAME[progress.state]
+        t.last_progress = now
+        out: list[ReplicationEffect] = []
+        if all(x.state in ("complete", "failed") for x in t.recipients.values()):
+            self._finish_origin(t, out)
+        return out
+
+    def finalized(
+        self, rid: int, path: str | None, error: str | None, now: float
+    ) -> list[ReplicationEffect]:
+        self._now = now
+        t = self._transfers.get(rid)
+        if t is None or t.state != ReceiverState.VERIFYING:
+            return []
+        out: list[ReplicationEffect] = []
+        if path is not None:
+            t.state = ReceiverState.COMPLETE
+            t.path = path
+            self._c.copies_completed += 1
+            out.append(
+                ReplicationEvent(
+                    "replica_complete",
+                    {"rid": f"{rid:016x}", "path": path, "digest": t.manifest.digest.hex()},
+                )
+            )
+        else:
+            self._fail_copy(t, error or "the copy did not verify", out)
+        self._report_progress(t, out)
+        self._maybe_forget(t)
+        return out
+
+    def on_timer(self, now: float) -> list[ReplicationEffect]:
+        self._now = now
+        out: list[ReplicationEffect] = []
+        for t in list(self._transfers.values()):
+            if t.report_due is not None and now >= t.report_due:
+                if t.is_origin:
+                    if now - t.last_progress > self.config.give_up_after:
+                        t.detail = f"no progress for {self.config.give_up_after:.0f} s"
+                        self._finish_origin(t, out)
+                        continue
+                    out.append(ReplicationUpdate(t.rid, self._report(t), final=False))
+                    t.report_due = now + self.config.progress_interval
+                else:
+                    self._report_progress(t, out)
+            stall = self._stall_deadline(t)
+            if stall is not None and now >= stall:
+                self._give_up_copy(t, out)
+        if self._wake_at is not None and now >= self._wake_at:
+            self._wake_at = None
+        self._pump(out)
+        return out
+
+    def _fail_copy(self, t: _Transfer, reason: str, out: list[ReplicationEffect]) -> None:
+        """This node's copy cannot complete: say why (the caller reports it)."""
+        t.state = ReceiverState.FAILED
+        t.detail = reason
+        self._c.copies_failed += 1
+        out.append(
+            ReplicationEvent("replica_failed", {"rid": f"{t.rid:016x}", "reason": reason}, "error")
+        )
+
+    def _give_up_copy(self, t: _Transfer, out: list[ReplicationEffect]) -> None:
+        """No chunk arrived for `give_up_after`: fail this copy (its partial file stays for
+        a later replication of the same file to resume from) and free what it held."""
+        feeders = sorted({int(self._peers[s]) for s in t.ins if s in self._peers})
+        t.state = ReceiverState.FAILED
+        stalled = (
+            f"no data for {self.config.give_up_after:.0f} s "
+            f"({t.manifest.chunk_count - t.held_count} chunks missing; feeders {feeders})"
+        )
+        self._fail_copy(t, f"{stalled}; {t.detail}" if t.detail else stalled, out)
+        self._report_progress(t, out)
+        detail = t.detail
+        for stream in list(t.ins):
+            self._drop_stream(stream, "given up", out)
+        for o in t.outs:
+            if not o.ended:
+                self._drop_stream(o.stream, "given up", out)
+        t.detail = detail
+        self._maybe_forget(t)
+
+    # ------------------------------------------------------------ receiving
+
+    def _on_fetch(self, source: NodeId, fetch: Fetch) -> list[ReplicationEffect]:
+        """`source` asks for chunks again: send those we hold on a new stream."""
+        t = self._transfers.get(fetch.rid)
+        if t is None or source == self.local:
+            return []
+        if len(self._ins) + len(self._outs) >= self.config.max_streams:
+            self._c.streams_refused += 1
+            return []
+        count = t.manifest.chunk_count
+        ranges = tuple(
+            (first, min(end, count))
+            for first, end in fetch.ranges
+            if first < count and all(t.held[first : min(end, count)])
+        )
+        if not ranges:
+            return []
+        self._c.repairs_sent += 1
+        out: list[ReplicationEffect] = []
+        feed = Feed(self.local, source, (), FeedKind.REPAIR)
+        self._open_feed(t, feed, ranges, out)
+        self._pump(out)
+        return out
+
+    def _on_incoming(self, stream: int, message: object, out: list[ReplicationEffect]) -> None:
+        t = self._ins.get(stream)
+        if isinstance(message, Offer):
+            if t is not None:
+                raise _ProtocolViolation("a second OFFER on one stream")
+            t = self._transfers.get(message.rid)
+            if t is not None and (
+                t.is_origin or t.manifest != message.manifest or t.spec != message.spec
+            ):
+                raise _ProtocolViolation("an OFFER that disagrees with its replication")
+            if t is None and message.rid in self._forgotten:
+                self._answer_forgotten(stream, message, out)
+                return
+            t = t or self._join(message, out)
+            if t is None:
+                self._drop_stream(stream, "refused", out)
+                return
+            self._ins[stream] = t
+            t.ins.add(stream)
+            if t.opening:
+                t.waiting.append((stream, message))
+            elif t.state == ReceiverState.FAILED:
+                self._drop_stream(stream, t.detail, out)
+            else:
+                out.extend(self._send_have(t, stream, message))
+            return
+        if t is None:
+            raise _ProtocolViolation("data before OFFER")
+        if isinstance(message, Chunk):
+            self._on_chunk(t, stream, message, out)
+        elif isinstance(message, End):
+            pass  # the feeder closes the stream after END
+        else:
+            raise _ProtocolViolation(f"unexpected {type(message).__name__} from a feeder")
+
+    def _answer_forgotten(self, stream: int, offer: Offer, out: list[ReplicationEffect]) -> None:
+        """An OFFER of a replication this node is done with. Joining it again would open the
+        copy and every feed of ours a second time (and those feeds' receivers, done too,
+        would join again...): a complete copy answers that it holds every chunk (the feeder
+        ends its feed as usual), a failed one refuses the stream."""
+        if not self._forgotten[offer.rid]:
+            self._drop_stream(stream, "refused: this copy failed", out)
+            return
+        count = offer.manifest.chunk_count
+        self._c.bytes_skipped += sum(
+            offer.manifest.range_bytes(first, min(end, count)) for first, end in offer.ranges
+        )
+        everything = ((0, count),)
+        out.append(StreamSend(stream, (encode_stream_message(Have(everything)),)))
+        out.append(CloseStream(stream))
+        self._ins.pop(stream, None)
+        self._deframers.pop(stream, None)
+        self._peers.pop(stream, None)
+
+    def _send_have(self, t: _Transfer, stream: int, offer: Offer) -> list[ReplicationEffect]:
+        held = [c for c in range(t.manifest.chunk_count) if t.held[c]]
+        if held:
+            self._c.bytes_skipped += sum(
+                t.manifest.chunk_length(c) for c in held if any(a <= c < b for a, b in offer.ranges)
+            )
+        return [StreamSend(stream, (encode_stream_message(Have(_ranges_of(held))),))]
+
+    def begun(
+        self, rid: int, held: set[int] | None, error: str | None, now: float
+    ) -> list[ReplicationEffect]:
+        """The store opened the copy of `BeginCopy(rid)`: `held` are the chunks it holds
+        already (a resumed or complete copy), or it could not (`error`)."""
+        self._now = now
+        t = self._transfers.get(rid)
+        if t is None or not t.opening:
+            return []
+        t.opening = False
+        out: list[ReplicationEffect] = []
+        waiting, t.waiting = t.waiting, []
+        if held is None:
+            self._fail_copy(t, error or "the copy could not be opened", out)
+            for stream, _ in waiting:
+                self._drop_stream(stream, t.detail, out)
+            self._report_progress(t, out)
+            self._maybe_forget(t)
+            return out
+        t.store_open = True
+        for c in held:
+            if 0 <= c < t.manifest.chunk_count and not t.held[c]:
+                t.held[c] = 1
+                t.held_count += 1
+                t.held_bytes += t.manifest.chunk_length(c)
+        out.append(
+            ReplicationEvent(
+                "replica_started",
+                {
+                    "rid": f"{rid:016x}",
+                    "file": t.manifest.name,
+                    "bytes": t.manifest.size,
+                    "held_bytes": t.held_bytes,
+                },
+            )
+        )
+        for stream, offer in waiting:
+            if stream in t.ins:
+                out.extend(self._send_have(t, stream, offer))
+        self._open_feeds(t, out)
+        self._report_progress(t, out)
+        self._check_complete(t, out)
+        self._pump(out)
+        return out
+
+    def _join(self, offer: Offer, out: list[ReplicationEffect]) -> _Transfer | None:
+        """A first OFFER of replication `offer.rid`: take our part in it."""
+        if offer.spec.origin == self.local or self.local not in offer.spec.recipients:
+            raise _ProtocolViolation("an OFFER for a plan without us as a recipient")
+        if len(self._transfers) >= self.config.max_transfers:
+            self._c.streams_refused += 1
+            return None
+        try:
+            plan = make_plan(offer.spec)
+        except UsageError as exc:
+            raise _ProtocolViolation(f"unplannable spec: {exc}") from exc
+        t = _Transfer(
+            offer.rid,
+            offer.manifest,
+            plan,
+            rate=offer.rate,
+            dest=offer.dest,
+            origin=False,
+            now=self._now,
+        )
+        self._transfers[offer.rid] = t
+        # the store serves one replication per file at a time (its contract)
+        other = next(
+            (x for x in self._transfers.values() if x is not t and x.digest == t.digest), None
+        )
+        if other is not None:
+            what = "sent" if other.is_origin else "received"
+            self._fail_copy(
+                t,
+                f"{offer.manifest.name} is being {what} here already (replication {other.rid:016x})",
+                out,
+            )
+            self._report_progress(t, out)
+            return t
+        t.fed_late = any(f.after_complete for f in plan.feeds_to(self.local))
+        t.opening = True
+        out.append(BeginCopy(offer.rid, offer.manifest, offer.dest or None))
+        return t
+
+    def _on_chunk(
+        self, t: _Transfer, stream: int, chunk: Chunk, out: list[ReplicationEffect]
+    ) -> None:
+        index = chunk.index
+        manifest = t.manifest
+        if not 0 <= index < manifest.chunk_count:
+            raise _ProtocolViolation(f"chunk {index} beyond the file")
+        self._c.chunks_received += 1
+        self._c.bytes_received += len(chunk.data)
+        if t.held[index] or t.state == ReceiverState.FAILED:
+            self._c.chunks_duplicate += 1
+            return
+        if not manifest.verifies(index, chunk.data):
+            sender = self._peers.get(stream, NodeId(0))
+            self._c.chunks_bad += 1
+            t.bad_chunks += 1
+            t.bad_from[sender] = t.bad_from.get(sender, 0) + 1
+            t.detail = f"bad chunk {index} from daemon {sender}: fetched again from the origin"
+            if t.report_due is None:  # the origin hears of it even if nothing else follows
+                t.report_due = self._now + self.config.progress_interval
+            out.append(
+                ReplicationEvent(
+                    "replication_bad_chunk",
+                    {"rid": f"{t.rid:016x}", "chunk": index, "peer": int(sender)},
+                    "warning",
+                )
+            )
+            # the origin holds every chunk: ask it for this one on a new stream
+            if index not in t.fetching and t.spec.origin != sender:
+                t.fetching.add(index)
+                fetch = Fetch(t.rid, ((index, index + 1),))
+                out.append(SendControl(t.spec.origin, encode_control(fetch)))
+            return
+        try:
+            self._store.write(manifest.digest, index, chunk.data)
+        except ReplicationError as exc:
+            self._fail_copy(t, str(exc), out)
+            self._report_progress(t, out)
+            return
+        t.held[index] = 1
+        t.held_count += 1
+        t.held_bytes += len(chunk.data)
+        t.last_progress = self._now
+        self._fresh[(t.rid, index)] = memoryview(chunk.data)
+        for o in t.outs:
+            self._wake(o)
+        if t.report_due is None:
+            t.report_due = self._now + self.config.progress_interval
+        self._check_complete(t, out)
+
+    def _check_complete(self, t: _Transfer, out: list[ReplicationEffect]) -> None:
+        if t.complete and t.state == ReceiverState.RECEIVING and not t.is_origin:
+            t.state = ReceiverState.VERIFYING
+            out.append(Finalize(t.rid, t.manifest.digest))
+            self._report_progress(t, out)
+            for o in t.outs:
+                self._wake(o)
+
+    def _report_progress(self, t: _Transfer, out: list[ReplicationEffect]) -> None:
+        """Tell the origin how far this copy is (now; then each progress interval while
+        it changes)."""
+        t.report_due = None
+        if t.is_origin:
+            return
+        reported = (t.state, t.held_count, t.bad_chunks)
+        if reported == t.reported:
+            return
+        t.reported = reported
+        progress = Progress(
+            t.rid,
+            t.state,
+            t.held_count,
+            t.held_bytes,
+            t.bad_chunks,
+            t.detail[:1000],
+            t.path or "",
+        )
+        out.append(SendControl(t.spec.origin, encode_control(progress)))
+        if t.state in (ReceiverState.RECEIVING, ReceiverState.VERIFYING):
+            t.report_due = self._now + self.config.progress_interval
+
+    # ------------------------------------------------------------ sending
+
+    def _open_feeds(self, t: _Transfer, out: list[ReplicationEffect]) -> None:
+        for feed in t.plan.feeds_from(self.local):
+            ranges = _merged(t.plan.subfiles[i] for i in feed.subfiles)
+            self._open_feed(t, feed, ranges, out)
+
+    def _open_feed(
+        self,
+        t: _Transfer,
+        feed: Feed,
+        ranges: tuple[tuple[int, int], ...],
+        out: list[ReplicationEffect],
+    ) -> None:
+        stream = next(self._stream_ids)
+        o = _Out(t, feed, stream, ranges)
+        t.outs.append(o)
+        self._outs[stream] = o
+        self._peers[stream] = feed.receiver
+        self._deframers[stream] = _Deframer()
+        self._c.streams_opened += 1
+        offer = Offer(t.rid, t.rate, t.dest, ranges, t.spec, t.manifest)
+        out.append(OpenStream(stream, feed.receiver))
+        out.append(StreamSend(stream, (encode_stream_message(offer),)))
+
+    def _on_feedback(self, o: _Out, message: object, out: list[ReplicationEffect]) -> None:
+        if not isinstance(message, Have) or o.remote_known:
+            raise _ProtocolViolation(f"unexpected {type(message).__name__} from a receiver")
+        remote = bytearray(o.transfer.manifest.chunk_count)
+        for first, end in message.ranges:
+            if end > len(remote):
+                raise _ProtocolViolation("HAVE beyond the file")
+            remote[first:end] = b"\x01" * (end - first)
+        o.remote = remote
+        o.remote_known = True
+        self._wake(o)
+
+    def _wake(self, o: _Out) -> None:
+        if not o.in_heap and not o.ended:
+            o.in_heap = True
+            vtime = o.sent_bytes / o.weight
+            heapq.heappush(self._heap, (o.priority, vtime, next(self._heap_seq), o))
+
+    def _rate(self) -> float:
+        rate = self.config.rate or 0.0
+        for t in self._transfers.values():
+            if t.rate and (not rate or t.rate < rate) and any(not o.ended for o in t.outs):
+                rate = t.rate
+        return rate
+
+    def _pump(self, out: list[ReplicationEffect]) -> None:
+        """Send what the feeds can send now, best first, within the rate cap."""
+        rate = self._rate()
+        if rate:
+            burst = max(rate * self.config.burst_seconds, 1.0)
+            self._tokens = min(burst, self._tokens + (self._now - self._tokens_at) * rate)
+            self._tokens_at = self._now
+        heap = self._heap
+        while heap:
+            o = heap[0][3]
+            if o.ended or o.failed:
+                heapq.heappop(heap)
+                o.in_heap = False
+                continue
+            chunk = self._sendable(o)
+            if chunk is None:
+                heapq.heappop(heap)
+                o.in_heap = False
+                if not o.ended and o.remote_known and o.next_chunk() is None:
+                    self._end(o, out)
+                continue
+            length = o.transfer.manifest.chunk_length(chunk)
+            if rate and self._tokens < 0:
+                wait = max(-self._tokens / rate, 1e-6)  # (float rounding: never zero)
+                if self._wake_at is None or self._now + wait < self._wake_at:
+                    self._wake_at = self._now + wait
+                return
+            heapq.heappop(heap)
+            o.in_heap = False
+            self._send_chunk(o, chunk, length, out)
+            if rate:
+                self._tokens -= length
+            self._wake(o)
+
+    def _sendable(self, o: _Out) -> int | None:
+        if not o.remote_known or o.outstanding >= self.config.window_chunks:
+            return None
+        chunk = o.next_chunk()
+        if chunk is None:
+            return None
+        t = o.transfer
+        if not t.held[chunk]:
+            return None
+        if o.after_complete and not t.holds_all(o):
+            return None
+        return chunk
+
+    def _send_chunk(self, o: _Out, chunk: int, length: int, out: list[ReplicationEffect]) -> None:
+        t = o.transfer
+        data = self._fresh.get((t.rid, chunk))
+        if data is None:
+            try:
+                data = memoryview(self._store.read(t.manifest.digest, chunk))
+            except ReplicationError as exc:
+                o.failed = True
+                t.detail = f"cannot read chunk {chunk}: {exc}"
+                out.append(CloseStream(o.stream, abort=True))
+                return
+        out.append(StreamSend(o.stream, (encode_chunk_head(chunk, length), data)))
+        o.cursor = chunk + 1
+        o.outstanding += 1
+        o.sent_bytes += length
+        self._c.chunks_sent += 1
+        self._c.bytes_sent += length
+        if o.next_chunk() is None:
+            self._end(o, out)
+
+    def _end(self, o: _Out, out: list[ReplicationEffect]) -> None:
+        o.ended = True
+        out.append(StreamSend(o.stream, (encode_stream_message(End()),)))
+        out.append(CloseStream(o.stream))
+        self._outs.pop(o.stream, None)
+        self._deframers.pop(o.stream, None)
+        self._peers.pop(o.stream, None)
+        self._maybe_forget(o.transfer)
+
+    def _drop_stream(self, stream: int, reason: str, out: list[ReplicationEffect]) -> None:
+        out.append(CloseStream(stream, abort=True))
+        o = self._outs.pop(stream, None)
+        t = self._ins.pop(stream, None)
+        self._deframers.pop(stream, None)
+        self._peers.pop(stream, None)
+        # (the driver's stream_closed finds the stream gone: forget the transfer here)
+        if o is not None:
+            o.failed = o.ended = True
+            o.transfer.detail = f"feed dropped: {reason}"
+            self._maybe_forget(o.transfer)
+        if t is not None:
+            t.ins.discard(stream)
+            self._maybe_forget(t)
+
+    # ------------------------------------------------------------ ends
+
+    def _finish_origin(self, t: _Transfer, out: list[ReplicationEffect]) -> None:
+        if t.finished:
+            return
+        t.finished = True
+        t.report_due = None
+        report = self._report(t)
+        if report.state == "complete":
+            self._c.replications_completed += 1
+        else:
+            self._c.replications_failed += 1
+        out.append(ReplicationUpdate(t.rid, report, final=True))
+        out.append(
+            ReplicationEvent(
+                "replication_finished",
+                {
+                    "rid": f"{t.rid:016x}",
+                    "state": report.state,
+                    "seconds": round(report.elapsed, 3),
+                    "failed": [r.node for r in report.recipients if r.state != "complete"],
+                },
+                "info" if report.state == "complete" else "warning",
+            )
+        )
+        for o in t.outs:
+            if not o.ended:
+                o.ended = True
+                out.append(CloseStream(o.stream, abort=True))
+                self._outs.pop(o.stream, None)
+                self._deframers.pop(o.stream, None)
+                self._peers.pop(o.stream, None)
+        self._maybe_forget(t)
+
+    def _maybe_forget(self, t: _Transfer) -> None:
+        """Drop a transfer once it has nothing left to do here."""
+        if any(not o.ended for o in t.outs) or t.ins:
+            return
+        if t.is_origin:
+            if not t.finished:
+                return
+        elif t.state not in (ReceiverState.COMPLETE, ReceiverState.FAILED):
+            return
+        if t.report_due is not None and not t.is_origin:
+            return
+        self._transfers.pop(t.rid, None)
+        if t.store_open:  # (a copy the store refused must not close another's file)
+            self._store.close(t.digest)
+        if not t.is_origin:
+            self._forgotten[t.rid] = t.state == ReceiverState.COMPLETE
+            while len(self._forgotten) > MAX_FORGOTTEN:
+                self._forgotten.popitem(last=False)
+
+    def _report(self, t: _Transfer) -> ReplicationReport:
+        recipients = []
+        for r in t.recipients.values():
+            left = t.manifest.size - r.held_bytes
+            eta = left / r.rate if r.rate > 0 and r.state == "receiving" else None
+            recipients.append(
+                RecipientReport(
+                    r.node, r.state, r.held_bytes, r.bad_chunks, r.rate, eta, r.detail, r.path
+                )
+            )
+        states = {r.state for r in recipients}
+        state: Literal["hashing", "running", "complete", "failed"] = "running"
+        if t.finished:
+            state = "complete" if states == {"complete"} else "failed"
+        return ReplicationReport(
+            t.rid,
+            t.manifest.name,
+            t.manifest.size,
+            t.manifest.digest.hex(),
+            state,
+            self._now - t.started,
+            tuple(recipients),
+            t.detail,
+        )
+
+
+class _ProtocolViolation(Exception):
+    """A peer broke the stream protocol: its stream is dropped and counted."""
