@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from meshcast.errors import DecodeError
 from meshcast.ids import NodeId
-from meshcast.replicate.engine import _Deframer
 from meshcast.replicate.manifest import MAX_CHUNK_SIZE, Manifest
 from meshcast.replicate.messages import (
     Chunk,
@@ -28,6 +27,7 @@ from meshcast.replicate.messages import (
     encode_stream_message,
 )
 from meshcast.replicate.plan import PlanSpec, Strategy, Tree, Variant
+from meshcast.replicate.transfer import Deframer
 
 SURROGATES: tuple[Literal["Cs"]] = ("Cs",)  # not encodable as UTF-8
 TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=SURROGATES), max_size=40)
@@ -195,7 +195,7 @@ def test_deframer_yields_the_same_messages_whatever_the_cuts(
 ) -> None:
     stream = b"".join(framed(m) for m in messages)
     points = [0, *data.draw(cuts(len(stream))), len(stream)]
-    deframer = _Deframer()
+    deframer = Deframer()
     decoded: list[object] = []
     for a, b in pairwise(points):
         decoded.extend(decode_stream_message(frame) for frame in deframer.feed(stream[a:b]))
@@ -206,7 +206,7 @@ def test_deframer_yields_the_same_messages_whatever_the_cuts(
 
 @given(st.binary(max_size=300), st.data())
 def test_deframer_raises_only_decode_error(garbage: bytes, data: st.DataObject) -> None:
-    deframer = _Deframer()
+    deframer = Deframer()
     points = [0, *data.draw(cuts(len(garbage))), len(garbage)]
     with contextlib.suppress(DecodeError):
         for a, b in pairwise(points):

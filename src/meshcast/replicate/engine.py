@@ -34,16 +34,32 @@ import itertools
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 from meshcast.errors import DecodeError, ReplicationError, UsageError
 from meshcast.ids import NodeId
+from meshcast.replicate.effects import (
+    BeginCopy,
+    CloseStream,
+    Finalize,
+    HashFile,
+    OpenStream,
+    RecipientReport,
+    ReplicationEffect,
+    ReplicationEvent,
+    ReplicationReport,
+    ReplicationRequest,
+    ReplicationUpdate,
+    ReplicatorConfig,
+    ReplicatorStats,
+    SendControl,
+    StreamSend,
+)
 from meshcast.replicate.manifest import Manifest
 from meshcast.replicate.messages import (
     MAX_RECIPIENTS,
-    MAX_STREAM_MESSAGE,
     Chunk,
     End,
     Fetch,
@@ -60,14 +76,20 @@ from meshcast.replicate.messages import (
 from meshcast.replicate.plan import (
     Feed,
     FeedKind,
-    Plan,
     PlanSpec,
-    Strategy,
-    Tree,
-    Variant,
     make_plan,
 )
 from meshcast.replicate.store import ChunkStore
+from meshcast.replicate.transfer import (
+    STATE_NAME,
+    STATE_RANK,
+    Deframer,
+    FeedOut,
+    Recipient,
+    Transfer,
+    merged_ranges,
+    ranges_of,
+)
 
 __all__ = [
     "INBOUND_STREAM_BASE",
@@ -95,162 +117,6 @@ MAX_DEST = 4096  # bytes: a request's dest directory (a path; the OFFER carries 
 # (a feeder that joined after this copy was done) is answered, not joined all over again
 MAX_FORGOTTEN = 4096
 
-# ---------------------------------------------------------------- configuration, requests
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicatorConfig:
-    """`rate`: bytes/s this node uploads for replication at most (None: no cap; a request's
-    rate caps it further). `window_chunks`: chunks handed to one stream's driver before it
-    says they left (bounds what waits in user space, and keeps the write order the wire
-    order). `give_up_after`: an origin ends a replication that made no progress that long.
-    """
-
-    rate: float | None = None
-    window_chunks: int = 2
-    progress_interval: float = 0.25
-    give_up_after: float = 120.0
-    max_transfers: int = 64
-    max_streams: int = 4096
-    burst_seconds: float = 0.005
-
-    def __post_init__(self) -> None:
-        if self.rate is not None and not self.rate > 0:
-            raise UsageError("replication rate must be positive")
-        if self.window_chunks < 1 or self.max_transfers < 1 or self.max_streams < 1:
-            raise UsageError("replication window and limits must be at least 1")
-        if not (self.progress_interval > 0 and self.give_up_after > 0):
-            raise UsageError("replication intervals must be positive")
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicationRequest:
-    """What a client asks the origin daemon: send the file at `path` to `recipients`."""
-
-    path: str
-    recipients: tuple[NodeId, ...]
-    strategy: Strategy = Strategy.FASTREPLICA
-    max_connections: int = 9
-    variant: Variant = Variant.K1
-    tree: Tree = Tree.CHAIN
-    capacity_aware: bool = False
-    rate: float | None = None  # bytes/s per sender; None: the daemons' own caps
-    dest: str = ""  # directory on each recipient; "": its default
-
-
-# ---------------------------------------------------------------- effects
-
-
-@dataclass(frozen=True, slots=True)
-class HashFile:
-    """Hash the origin's file (`meshcast.runtime.blob_store.hash_file`), then call
-    `hashed(rid, manifest or error)`."""
-
-    rid: int
-    path: str
-
-
-@dataclass(frozen=True, slots=True)
-class OpenStream:
-    """Open secure stream `stream` to `peer`. Sends may follow at once: the driver keeps
-    them until the stream is up (or reports `stream_closed` with an error)."""
-
-    stream: int
-    peer: NodeId
-
-
-@dataclass(frozen=True, slots=True)
-class StreamSend:
-    """Write `parts` to `stream`, in order (a chunk's header, then its data unchanged)."""
-
-    stream: int
-    parts: tuple[bytes | memoryview, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class CloseStream:
-    """Close `stream` after what was sent on it (`abort`: at once, dropping the rest)."""
-
-    stream: int
-    abort: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class SendControl:
-    dest: NodeId
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class BeginCopy:
-    """Open (or resume) the copy of `manifest` in `dest` (`ChunkStore.begin`, in a worker
-    thread: resuming re-hashes what a partial file holds), then call `begun`."""
-
-    rid: int
-    manifest: Manifest
-    dest: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Finalize:
-    """Every chunk of `digest` is written: check the whole file, rename it into place (in
-    a worker thread: it reads the whole file), then call `finalized`."""
-
-    rid: int
-    digest: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class RecipientReport:
-    node: NodeId
-    state: Literal["waiting", "receiving", "verifying", "complete", "failed"]
-    held_bytes: int
-    bad_chunks: int
-    rate: float  # bytes/s over the last reports
-    eta: float | None  # s, at that rate
-    detail: str
-    path: str  # where the complete copy is on that daemon ("" until then)
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicationReport:
-    rid: int
-    name: str
-    size: int
-    digest: str  # hex
-    state: Literal["hashing", "running", "complete", "failed"]
-    elapsed: float
-    recipients: tuple[RecipientReport, ...]
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicationUpdate:
-    """Progress of a replication this node originated; `final` once it ended."""
-
-    rid: int
-    report: ReplicationReport
-    final: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicationEvent:
-    name: str
-    fields: Mapping[str, object] = field(default_factory=dict)
-    level: Literal["info", "warning", "error"] = "info"
-
-
-ReplicationEffect = (
-    HashFile
-    | BeginCopy
-    | OpenStream
-    | StreamSend
-    | CloseStream
-    | SendControl
-    | Finalize
-    | ReplicationUpdate
-    | ReplicationEvent
-)
 
 # ---------------------------------------------------------------- statistics
 
@@ -280,252 +146,6 @@ class _Counters:
     malformed: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class ReplicatorStats:
-    replications_started: int
-    replications_completed: int
-    replications_failed: int
-    copies_completed: int
-    copies_failed: int
-    chunks_received: int
-    chunks_duplicate: int
-    chunks_bad: int
-    reports_stale: int
-    repairs_sent: int
-    chunks_sent: int
-    bytes_received: int
-    bytes_sent: int
-    bytes_skipped: int
-    streams_opened: int
-    streams_accepted: int
-    streams_failed: int
-    streams_refused: int
-    malformed: int
-    transfers: int
-    streams: int
-
-
-# ---------------------------------------------------------------- internal state
-
-RecipientState = Literal["waiting", "receiving", "verifying", "complete", "failed"]
-_STATE_NAME: dict[ReceiverState, RecipientState] = {
-    ReceiverState.RECEIVING: "receiving",
-    ReceiverState.VERIFYING: "verifying",
-    ReceiverState.COMPLETE: "complete",
-    ReceiverState.FAILED: "failed",
-}
-# how far a copy has come (a report of a lower rank than the last one is older)
-_STATE_RANK = {
-    ReceiverState.RECEIVING: 0,
-    ReceiverState.VERIFYING: 1,
-    ReceiverState.COMPLETE: 2,
-    ReceiverState.FAILED: 2,
-}
-
-
-class _Deframer:
-    """Cuts a byte stream into `length u32 | type u8 | body` messages, bounded in size."""
-
-    __slots__ = ("_need", "_parts", "_size")
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._need = 0  # bytes of the message being collected (0: its header not read yet)
-
-    @property
-    def buffered(self) -> int:
-        return self._size
-
-    def feed(self, data: bytes) -> list[memoryview]:
-        """Messages completed by `data` (type + body, each a view of an immutable buffer).
-        Raises DecodeError for a message over MAX_STREAM_MESSAGE."""
-        self._parts.append(data)
-        self._size += len(data)
-        frames: list[memoryview] = []
-        while True:
-            if not self._need:
-                if self._size < 4:
-                    return frames
-                head = self._take_prefix(4)
-                length = int.from_bytes(head[:4], "big")
-                if not 1 <= length <= MAX_STREAM_MESSAGE:
-                    raise DecodeError(f"stream message of {length} bytes")
-                self._need = length
-            if self._size < self._need:
-                return frames
-            frames.append(self._take(self._need))
-            self._need = 0
-
-    def _take_prefix(self, n: int) -> bytes:
-        joined = b"".join(self._parts) if len(self._parts) > 1 else self._parts[0]
-        self._parts = [joined[n:]] if len(joined) > n else []
-        self._size -= n
-        return joined[:n]
-
-    def _take(self, n: int) -> memoryview:
-        first = self._parts[0]
-        if len(first) >= n:  # the common case: one read held the whole message
-            rest = first[n:]
-            self._parts[0:1] = [rest] if rest else []
-            self._size -= n
-            return memoryview(first)[:n]
-        joined = b"".join(self._parts)
-        self._parts = [joined[n:]] if len(joined) > n else []
-        self._size -= n
-        return memoryview(joined)[:n]
-
-
-def _merged(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """Ranges in order with adjacent ones joined (a feed's consecutive subfiles)."""
-    out: list[tuple[int, int]] = []
-    for first, end in ranges:
-        if out and out[-1][1] == first:
-            out[-1] = (out[-1][0], end)
-        else:
-            out.append((first, end))
-    return tuple(out)
-
-
-def _ranges_of(chunks: Iterable[int]) -> tuple[tuple[int, int], ...]:
-    out: list[tuple[int, int]] = []
-    for c in sorted(chunks):
-        if out and out[-1][1] == c:
-            out[-1] = (out[-1][0], c + 1)
-        else:
-            out.append((c, c + 1))
-    return tuple(out)
-
-
-class _Out:
-    """One feed this node sends: a stream to its receiver and a cursor over its chunks."""
-
-    __slots__ = (
-        "after_complete",
-        "cursor",
-        "ended",
-        "failed",
-        "feed",
-        "in_heap",
-        "outstanding",
-        "priority",
-        "range_index",
-        "ranges",
-        "remote",
-        "remote_known",
-        "sent_bytes",
-        "stream",
-        "transfer",
-        "weight",
-    )
-
-    def __init__(
-        self, transfer: _Transfer, feed: Feed, stream: int, ranges: tuple[tuple[int, int], ...]
-    ) -> None:
-        self.transfer = transfer
-        self.feed = feed
-        self.stream = stream
-        self.ranges = ranges
-        self.range_index = 0
-        self.cursor = ranges[0][0] if ranges else 0
-        self.priority = feed.priority
-        self.after_complete = feed.after_complete
-        manifest = transfer.manifest
-        self.weight = max(1, sum(manifest.range_bytes(a, b) for a, b in ranges))
-        self.sent_bytes = 0
-        self.outstanding = 0
-        self.remote: bytearray | None = None  # chunks the receiver holds (its HAVE)
-        self.remote_known = False
-        self.ended = False
-        self.failed = False
-        self.in_heap = False
-
-    def next_chunk(self) -> int | None:
-        """The next chunk to send (skipping what the receiver holds), None when done."""
-        while self.range_index < len(self.ranges):
-            end = self.ranges[self.range_index][1]
-            while self.cursor < end:
-                if self.remote is None or not self.remote[self.cursor]:
-                    return self.cursor
-                self.cursor += 1
-            self.range_index += 1
-            if self.range_index < len(self.ranges):
-                self.cursor = self.ranges[self.range_index][0]
-        return None
-
-    def chunks(self) -> Iterable[int]:
-        for first, end in self.ranges:
-            yield from range(first, end)
-
-
-@dataclass(slots=True)
-class _Recipient:
-    node: NodeId
-    state: Literal["waiting", "receiving", "verifying", "complete", "failed"] = "waiting"
-    held_bytes: int = 0
-    bad_chunks: int = 0
-    detail: str = ""
-    path: str = ""
-    rate: float = 0.0
-    last_at: float | None = None
-    rank: int = -1  # _STATE_RANK of the latest report taken
-
-
-class _Transfer:
-    """This node's part in one replication."""
-
-    def __init__(
-        self,
-        rid: int,
-        manifest: Manifest,
-        plan: Plan,
-        *,
-        rate: float,
-        dest: str,
-        origin: bool,
-        now: float,
-    ) -> None:
-        self.rid = rid
-        self.manifest = manifest
-        self.plan = plan
-        self.spec = plan.spec
-        self.rate = rate  # bytes/s cap of the request, 0 = none
-        self.dest = dest
-        self.is_origin = origin
-        self.held = bytearray(manifest.chunk_count)
-        self.held_count = 0
-        self.held_bytes = 0
-        self.bad_chunks = 0
-        self.state = ReceiverState.RECEIVING
-        self.detail = ""
-        self.outs: list[_Out] = []
-        self.ins: set[int] = set()
-        self.started = now
-        self.last_progress = now
-        self.report_due: float | None = None
-        self.reported: tuple[ReceiverState, int, int] | None = None  # state, held, bad
-        self.path: str | None = None
-        # the origin's view of every recipient
-        self.recipients: dict[NodeId, _Recipient] = {}
-        self.finished = False
-        self.opening = False  # waiting for `begun`: its streams get their HAVE then
-        self.waiting: list[tuple[int, Offer]] = []
-        self.bad_from: dict[NodeId, int] = {}  # daemons that sent damaged chunks, how many
-        self.fetching: set[int] = set()  # chunks asked for again
-        # some feed to this node starts only once its sender holds its subfiles
-        self.fed_late = False
-
-        self.digest = manifest.digest
-        self.store_open = False  # the store has the file open for this transfer
-
-    @property
-    def complete(self) -> bool:
-        return self.held_count == self.manifest.chunk_count
-
-    def holds_all(self, out: _Out) -> bool:
-        return all(self.held[c] for c in out.chunks())
-
-
 # ---------------------------------------------------------------- the engine
 
 
@@ -548,14 +168,14 @@ class Replicator:
         self._store = store
         self._rng = rng
         self._capacities = dict(capacities or {})
-        self._transfers: dict[int, _Transfer] = {}
+        self._transfers: dict[int, Transfer] = {}
         self._pending: dict[int, tuple[ReplicationRequest, float]] = {}  # hashing
         self._stream_ids = itertools.count(1)
-        self._outs: dict[int, _Out] = {}  # stream -> the feed it carries
-        self._ins: dict[int, _Transfer | None] = {}  # accepted stream -> its transfer
+        self._outs: dict[int, FeedOut] = {}  # stream -> the feed it carries
+        self._ins: dict[int, Transfer | None] = {}  # accepted stream -> its transfer
         self._peers: dict[int, NodeId] = {}
-        self._deframers: dict[int, _Deframer] = {}
-        self._heap: list[tuple[int, float, int, _Out]] = []
+        self._deframers: dict[int, Deframer] = {}
+        self._heap: list[tuple[int, float, int, FeedOut]] = []
         self._heap_seq = itertools.count()
         self._tokens = 0.0
         self._tokens_at = 0.0
@@ -577,7 +197,7 @@ class Replicator:
                 deadline = stall
         return deadline
 
-    def _stall_deadline(self, t: _Transfer) -> float | None:
+    def _stall_deadline(self, t: Transfer) -> float | None:
         """When a copy that stopped receiving is given up here (None: not receiving, or
         fed after its feeders complete: then a long wait is the plan, and the origin
         decides when the replication has stalled)."""
@@ -714,7 +334,7 @@ class Replicator:
             )
             out.append(ReplicationUpdate(rid, report, final=True))
             return out
-        t = _Transfer(
+        t = Transfer(
             rid, manifest, plan, rate=request.rate or 0.0, dest=request.dest, origin=True, now=asked
         )
         t.store_open = True
@@ -722,7 +342,7 @@ class Replicator:
         t.held_count = manifest.chunk_count
         t.held_bytes = manifest.size
         t.state = ReceiverState.COMPLETE
-        t.recipients = {n: _Recipient(n) for n in request.recipients}
+        t.recipients = {n: Recipient(n) for n in request.recipients}
         t.report_due = now
         self._transfers[rid] = t
         self._c.replications_started += 1
@@ -753,7 +373,7 @@ class Replicator:
         self._c.streams_accepted += 1
         self._ins[stream] = None
         self._peers[stream] = peer
-        self._deframers[stream] = _Deframer()
+        self._deframers[stream] = Deframer()
         return []
 
     def stream_data(self, stream: int, data: bytes, now: float) -> list[ReplicationEffect]:
@@ -850,7 +470,7 @@ class Replicator:
         r = t.recipients[source]
         # Reports may overtake one another (the overlay forwards without blocking, so two
         # messages of one source can arrive out of order): an older one is dropped.
-        rank = _STATE_RANK[progress.state]
+        rank = STATE_RANK[progress.state]
         if (
             r.state in ("complete", "failed")
             or rank < r.rank
@@ -867,7 +487,7 @@ class Replicator:
         r.bad_chunks = max(r.bad_chunks, progress.bad_chunks)
         r.detail = progress.detail
         r.path = progress.path
-        r.state = _STATE_NAME[progress.state]
+        r.state = STATE_NAME[progress.state]
         t.last_progress = now
         out: list[ReplicationEffect] = []
         if all(x.state in ("complete", "failed") for x in t.recipients.values()):
@@ -920,7 +540,7 @@ class Replicator:
         self._pump(out)
         return out
 
-    def _fail_copy(self, t: _Transfer, reason: str, out: list[ReplicationEffect]) -> None:
+    def _fail_copy(self, t: Transfer, reason: str, out: list[ReplicationEffect]) -> None:
         """This node's copy cannot complete: say why (the caller reports it)."""
         t.state = ReceiverState.FAILED
         t.detail = reason
@@ -929,7 +549,7 @@ class Replicator:
             ReplicationEvent("replica_failed", {"rid": f"{t.rid:016x}", "reason": reason}, "error")
         )
 
-    def _give_up_copy(self, t: _Transfer, out: list[ReplicationEffect]) -> None:
+    def _give_up_copy(self, t: Transfer, out: list[ReplicationEffect]) -> None:
         """No chunk arrived for `give_up_after`: fail this copy (its partial file stays for
         a later replication of the same file to resume from) and free what it held."""
         feeders = sorted({int(self._peers[s]) for s in t.ins if s in self._peers})
@@ -1028,13 +648,13 @@ class Replicator:
         self._deframers.pop(stream, None)
         self._peers.pop(stream, None)
 
-    def _send_have(self, t: _Transfer, stream: int, offer: Offer) -> list[ReplicationEffect]:
+    def _send_have(self, t: Transfer, stream: int, offer: Offer) -> list[ReplicationEffect]:
         held = [c for c in range(t.manifest.chunk_count) if t.held[c]]
         if held:
             self._c.bytes_skipped += sum(
                 t.manifest.chunk_length(c) for c in held if any(a <= c < b for a, b in offer.ranges)
             )
-        return [StreamSend(stream, (encode_stream_message(Have(_ranges_of(held))),))]
+        return [StreamSend(stream, (encode_stream_message(Have(ranges_of(held))),))]
 
     def begun(
         self, rid: int, held: set[int] | None, error: str | None, now: float
@@ -1081,7 +701,7 @@ class Replicator:
         self._pump(out)
         return out
 
-    def _join(self, offer: Offer, out: list[ReplicationEffect]) -> _Transfer | None:
+    def _join(self, offer: Offer, out: list[ReplicationEffect]) -> Transfer | None:
         """A first OFFER of replication `offer.rid`: take our part in it."""
         if offer.spec.origin == self.local or self.local not in offer.spec.recipients:
             raise _ProtocolViolation("an OFFER for a plan without us as a recipient")
@@ -1092,7 +712,7 @@ class Replicator:
             plan = make_plan(offer.spec)
         except UsageError as exc:
             raise _ProtocolViolation(f"unplannable spec: {exc}") from exc
-        t = _Transfer(
+        t = Transfer(
             offer.rid,
             offer.manifest,
             plan,
@@ -1121,7 +741,7 @@ class Replicator:
         return t
 
     def _on_chunk(
-        self, t: _Transfer, stream: int, chunk: Chunk, out: list[ReplicationEffect]
+        self, t: Transfer, stream: int, chunk: Chunk, out: list[ReplicationEffect]
     ) -> None:
         index = chunk.index
         manifest = t.manifest
@@ -1170,7 +790,7 @@ class Replicator:
             t.report_due = self._now + self.config.progress_interval
         self._check_complete(t, out)
 
-    def _check_complete(self, t: _Transfer, out: list[ReplicationEffect]) -> None:
+    def _check_complete(self, t: Transfer, out: list[ReplicationEffect]) -> None:
         if t.complete and t.state == ReceiverState.RECEIVING and not t.is_origin:
             t.state = ReceiverState.VERIFYING
             out.append(Finalize(t.rid, t.manifest.digest))
@@ -1178,7 +798,7 @@ class Replicator:
             for o in t.outs:
                 self._wake(o)
 
-    def _report_progress(self, t: _Transfer, out: list[ReplicationEffect]) -> None:
+    def _report_progress(self, t: Transfer, out: list[ReplicationEffect]) -> None:
         """Tell the origin how far this copy is (now; then each progress interval while
         it changes)."""
         t.report_due = None
@@ -1203,30 +823,30 @@ class Replicator:
 
     # ------------------------------------------------------------ sending
 
-    def _open_feeds(self, t: _Transfer, out: list[ReplicationEffect]) -> None:
+    def _open_feeds(self, t: Transfer, out: list[ReplicationEffect]) -> None:
         for feed in t.plan.feeds_from(self.local):
-            ranges = _merged(t.plan.subfiles[i] for i in feed.subfiles)
+            ranges = merged_ranges(t.plan.subfiles[i] for i in feed.subfiles)
             self._open_feed(t, feed, ranges, out)
 
     def _open_feed(
         self,
-        t: _Transfer,
+        t: Transfer,
         feed: Feed,
         ranges: tuple[tuple[int, int], ...],
         out: list[ReplicationEffect],
     ) -> None:
         stream = next(self._stream_ids)
-        o = _Out(t, feed, stream, ranges)
+        o = FeedOut(t, feed, stream, ranges)
         t.outs.append(o)
         self._outs[stream] = o
         self._peers[stream] = feed.receiver
-        self._deframers[stream] = _Deframer()
+        self._deframers[stream] = Deframer()
         self._c.streams_opened += 1
         offer = Offer(t.rid, t.rate, t.dest, ranges, t.spec, t.manifest)
         out.append(OpenStream(stream, feed.receiver))
         out.append(StreamSend(stream, (encode_stream_message(offer),)))
 
-    def _on_feedback(self, o: _Out, message: object, out: list[ReplicationEffect]) -> None:
+    def _on_feedback(self, o: FeedOut, message: object, out: list[ReplicationEffect]) -> None:
         if not isinstance(message, Have) or o.remote_known:
             raise _ProtocolViolation(f"unexpected {type(message).__name__} from a receiver")
         remote = bytearray(o.transfer.manifest.chunk_count)
@@ -1238,7 +858,7 @@ class Replicator:
         o.remote_known = True
         self._wake(o)
 
-    def _wake(self, o: _Out) -> None:
+    def _wake(self, o: FeedOut) -> None:
         if not o.in_heap and not o.ended:
             o.in_heap = True
             vtime = o.sent_bytes / o.weight
@@ -1285,7 +905,7 @@ class Replicator:
                 self._tokens -= length
             self._wake(o)
 
-    def _sendable(self, o: _Out) -> int | None:
+    def _sendable(self, o: FeedOut) -> int | None:
         if not o.remote_known or o.outstanding >= self.config.window_chunks:
             return None
         chunk = o.next_chunk()
@@ -1298,7 +918,9 @@ class Replicator:
             return None
         return chunk
 
-    def _send_chunk(self, o: _Out, chunk: int, length: int, out: list[ReplicationEffect]) -> None:
+    def _send_chunk(
+        self, o: FeedOut, chunk: int, length: int, out: list[ReplicationEffect]
+    ) -> None:
         t = o.transfer
         data = self._fresh.get((t.rid, chunk))
         if data is None:
@@ -1318,7 +940,7 @@ class Replicator:
         if o.next_chunk() is None:
             self._end(o, out)
 
-    def _end(self, o: _Out, out: list[ReplicationEffect]) -> None:
+    def _end(self, o: FeedOut, out: list[ReplicationEffect]) -> None:
         o.ended = True
         out.append(StreamSend(o.stream, (encode_stream_message(End()),)))
         out.append(CloseStream(o.stream))
@@ -1344,7 +966,7 @@ class Replicator:
 
     # ------------------------------------------------------------ ends
 
-    def _finish_origin(self, t: _Transfer, out: list[ReplicationEffect]) -> None:
+    def _finish_origin(self, t: Transfer, out: list[ReplicationEffect]) -> None:
         if t.finished:
             return
         t.finished = True
@@ -1376,7 +998,7 @@ class Replicator:
                 self._peers.pop(o.stream, None)
         self._maybe_forget(t)
 
-    def _maybe_forget(self, t: _Transfer) -> None:
+    def _maybe_forget(self, t: Transfer) -> None:
         """Drop a transfer once it has nothing left to do here."""
         if any(not o.ended for o in t.outs) or t.ins:
             return
@@ -1395,7 +1017,7 @@ class Replicator:
             while len(self._forgotten) > MAX_FORGOTTEN:
                 self._forgotten.popitem(last=False)
 
-    def _report(self, t: _Transfer) -> ReplicationReport:
+    def _report(self, t: Transfer) -> ReplicationReport:
         recipients = []
         for r in t.recipients.values():
             left = t.manifest.size - r.held_bytes
