@@ -72,7 +72,7 @@ from meshcast.config import ClusterConfig, LimitsConfig, parse_config
 from meshcast.errors import MeshcastError
 from meshcast.link import LinkConfig
 from meshcast.runtime.json_child import JsonChild, emit
-from meshcast.runtime.local_cluster import LocalCluster
+from meshcast.runtime.local_cluster import LocalCluster, loopback_mesh_toml
 from meshcast.runtime.loop import run as run_loop
 
 log = logging.getLogger(__name__)
@@ -136,35 +136,8 @@ def bench_config(count: int, tag: str, tuning: Tuning = Tuning()) -> ClusterConf
     named after it, so clusters of concurrent runs never collide. Ports are placeholders;
     `LocalCluster` picks free ones.
     """
-    lines = [
-        "[cluster]",
-        'name = "bench-group"',
-        'routing = "shortest-path"',
-        "",
-        "[[sites]]",
-        'name = "lo"',
-    ]
-    for i in range(1, count + 1):
-        lines += [
-            "",
-            "[[daemons]]",
-            f'name = "{daemon_name(i, tag)}"',
-            f"id = {i}",
-            f'host = "127.0.0.{i}"',
-            f"port = {4900 + i}",
-            'site = "lo"',
-            f'upload = "{LINK_RATE}"',
-            f'download = "{LINK_RATE}"',
-        ]
-    lines += [
-        "",
-        "[links]",
-        'within_sites = "full"',
-        'between_sites = "none"',
-        "",
-        "[membership]",
-        'view_settle_interval = "50ms"',
-    ]
+    names = [daemon_name(i, tag) for i in range(1, count + 1)]
+    lines = loopback_mesh_toml("bench-group", names, port_base=4900, rate=LINK_RATE)
     if tuning.mtu is not None:
         lines += ["", "[link]", f"mtu = {tuning.mtu}"]
     if tuning.insecure:

@@ -120,7 +120,7 @@ def _consistent(a: Sequence[Line], b: Sequence[Line]) -> bool:
 
 
 @contextlib.contextmanager
-def _runtime_dir(path: str) -> Iterator[None]:
+def runtime_dir(path: str) -> Iterator[None]:
     """Daemons started inside put their client sockets in `path`/meshcast/<name>@<cluster>.sock.
 
     The daemon's default socket path is $XDG_RUNTIME_DIR/meshcast/<name>@<cluster>.sock; pointing
@@ -320,7 +320,7 @@ class _Demo:
             # Registered before starting, so that daemons started before a failure (or a
             # Ctrl-C) in the middle of the start are stopped too.
             stack.push_async_exit(cluster.__aexit__)
-            with _runtime_dir(self.socket_dir):
+            with runtime_dir(self.socket_dir):
                 await cluster.__aenter__()
             self.cluster = cluster
             try:

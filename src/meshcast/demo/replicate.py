@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -36,8 +36,9 @@ from meshcast.client.replicate_cli import (
 )
 from meshcast.client.replication import ReplicationReport
 from meshcast.config import ClusterConfig, parse_config
+from meshcast.demo.cluster import runtime_dir
 from meshcast.errors import MeshcastError, UsageError
-from meshcast.runtime.local_cluster import LocalCluster
+from meshcast.runtime.local_cluster import LocalCluster, loopback_mesh_toml
 
 START_TIMEOUT = 60.0  # s: the daemons started, agreed on one view, listening for clients
 CONNECT_TIMEOUT = 10.0  # s: connecting to daemon 1
@@ -53,28 +54,8 @@ class LocalRunError(MeshcastError):
 def local_config(count: int, cluster: str) -> ClusterConfig:
     """`count` daemons D1..Dcount on 127.0.0.1..count, one site, fully meshed (ports are
     placeholders: `LocalCluster` picks free ones)."""
-    lines = ["[cluster]", f'name = "{cluster}"', "", "[[sites]]", 'name = "lo"']
-    for i in range(1, count + 1):
-        lines += [
-            "",
-            "[[daemons]]",
-            f'name = "D{i}"',
-            f"id = {i}",
-            f'host = "127.0.0.{i}"',
-            f"port = {4800 + i}",
-            'site = "lo"',
-            f'upload = "{LOCAL_RATE}"',
-            f'download = "{LOCAL_RATE}"',
-        ]
-    lines += [
-        "",
-        "[links]",
-        'within_sites = "full"',
-        'between_sites = "none"',
-        "",
-        "[membership]",
-        'view_settle_interval = "50ms"',
-    ]
+    names = [f"D{i}" for i in range(1, count + 1)]
+    lines = loopback_mesh_toml(cluster, names, port_base=4800, rate=LOCAL_RATE)
     return parse_config("\n".join(lines) + "\n", source="<meshcast replicate --local>")
 
 
@@ -171,20 +152,6 @@ def print_digests(source: str, digest: str, copies: Sequence[Copy], out: TextIO)
     return same
 
 
-@contextlib.contextmanager
-def _runtime_dir(path: str) -> Iterator[None]:
-    """$XDG_RUNTIME_DIR is `path` inside (for the daemon processes started there)."""
-    old = os.environ.get("XDG_RUNTIME_DIR")
-    os.environ["XDG_RUNTIME_DIR"] = path
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("XDG_RUNTIME_DIR", None)
-        else:
-            os.environ["XDG_RUNTIME_DIR"] = old
-
-
 def _source(path: str) -> tuple[Path, int]:
     """The file to replicate, absolute, and its size; `UsageError` if it is not a file."""
     source = Path(path).absolute()
@@ -225,7 +192,7 @@ async def _run_cluster(
     cluster = LocalCluster(config)
     # the daemons' client sockets go to a private directory (their default socket path is
     # under $XDG_RUNTIME_DIR, read when they start), apart from any other daemon here
-    with _runtime_dir(sockets):
+    with runtime_dir(sockets):
         await cluster.__aenter__()
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_exit(cluster.__aexit__)  # stops every daemon on the way out

@@ -27,6 +27,31 @@ _STOP_TIMEOUT = 5.0  # s for a daemon to drain and exit after SIGTERM
 _LINE_LIMIT = 1 << 20  # bytes of one JSON log line
 
 
+def loopback_mesh_toml(
+    cluster: str, names: Sequence[str], *, port_base: int, rate: str
+) -> list[str]:
+    """Cluster-file lines for daemons `names` on 127.0.0.1.., one site, every pair linked,
+    `rate` up and down, views settling fast (ports are placeholders: `LocalCluster` picks
+    free ones). Callers append sections of their own."""
+    lines = ["[cluster]", f'name = "{cluster}"', 'routing = "shortest-path"']
+    lines += ["", "[[sites]]", 'name = "lo"']
+    for i, name in enumerate(names, start=1):
+        lines += [
+            "",
+            "[[daemons]]",
+            f'name = "{name}"',
+            f"id = {i}",
+            f'host = "127.0.0.{i}"',
+            f"port = {port_base + i}",
+            'site = "lo"',
+            f'upload = "{rate}"',
+            f'download = "{rate}"',
+        ]
+    lines += ["", "[links]", 'within_sites = "full"', 'between_sites = "none"']
+    lines += ["", "[membership]", 'view_settle_interval = "50ms"']
+    return lines
+
+
 def free_udp_ports(hosts: Sequence[str]) -> list[int]:
     """A port free for UDP on each host, all probed at once so no two collide."""
     sockets = []
