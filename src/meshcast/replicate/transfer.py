@@ -123,6 +123,7 @@ class FeedOut:
 
     __slots__ = (
         "after_complete",
+        "checked",
         "cursor",
         "ended",
         "failed",
@@ -160,6 +161,7 @@ class FeedOut:
         self.ended = False
         self.failed = False
         self.in_heap = False
+        self.checked = 0  # how many of the feed's chunks, in order, are known to be held
 
     def next_chunk(self) -> int | None:
         """The next chunk to send (skipping what the receiver holds), None when done."""
@@ -244,4 +246,18 @@ class Transfer:
         return self.held_count == self.manifest.chunk_count
 
     def holds_all(self, out: FeedOut) -> bool:
-        return all(self.held[c] for c in out.chunks())
+        """Does this node hold every chunk of `out` (an after-complete feed may start)?
+        Chunks held stay held, so the scan resumes where it stopped: linear in all."""
+        held = self.held
+        position = 0
+        for first, end in out.ranges:
+            size = end - first
+            if out.checked >= position + size:
+                position += size
+                continue
+            for c in range(first + max(0, out.checked - position), end):
+                if not held[c]:
+                    return False
+                out.checked += 1
+            position += size
+        return True
