@@ -184,6 +184,7 @@ class DaemonNode:
             self.names,
             send_control=self._send_control,
             write_report=self._write_report,
+            announce=self._announce,
             enabled=store is not None,
         )
         self.emulated = emulated  # links the driver impairs on purpose (for status)
@@ -467,6 +468,14 @@ class DaemonNode:
         out: list[DaemonEffect] = []
         effects = self.overlay.multicast([dest], payload, self._now, upper=Upper.REPLICATION)
         self._apply_overlay(effects, out)
+        return out
+
+    def _announce(self, group: str, body: bytes) -> list[DaemonEffect]:
+        """A BLOB_HELD event into `group`, sent by this daemon (BufferFull: not now)."""
+        if self.engine.view is None or not self.can_submit():
+            raise BufferFull("the group layer cannot take a message now")
+        out: list[DaemonEffect] = []
+        self._apply_sessions(self.sessions.announce(group, body, self._now), out)
         return out
 
     def _write_report(self, conn: int, token: int, final: bool, report: bytes) -> None:
