@@ -154,7 +154,7 @@ class DaemonReplication:
             return
         self._askers[rid] = (conn, ask.token)
         if ask.targets.startswith(GROUP_TARGET_PREFIX):
-            self._group_targets[rid] = (ask.targets[len(GROUP_TARGET_PREFIX) :], recipients)
+            self.watch_group(rid, ask.targets[len(GROUP_TARGET_PREFIX) :], recipients)
         self.apply(effects, out)
 
     def forget_client(self, conn: int) -> None:
@@ -242,6 +242,11 @@ class DaemonReplication:
         return bool(self._backlog) or (bool(self._announcements) and self._announce is not None)
 
     # ------------------------------------------------------------ agreed completion
+
+    def watch_group(self, rid: int, group: str, recipients: Iterable[NodeId]) -> None:
+        """Replication `rid` (to `recipients`, the daemons hosting `group`'s members) ends
+        with a BLOB_HELD event into `group` (made from its final report, in `apply`)."""
+        self._group_targets[rid] = (group, tuple(recipients))
 
     def blob_held(
         self, group: str, recipients: Iterable[NodeId], report: ReplicationReport
