@@ -739,6 +739,7 @@ class DaemonNode:
             view=() if view is None else view.members,
             group_hosts=lambda g: (daemon for _, daemon in table.get(g, ())),
             out=out,
+            send_denied=partial(self.sessions.send_denied, conn),
         )
 
     # ------------------------------------------------------------------ probes

@@ -127,14 +127,21 @@ class DaemonReplication:
         view: Iterable[NodeId],
         group_hosts: Callable[[str], Iterable[NodeId]],
         out: list[DaemonEffect],
+        send_denied: Callable[[str], str | None] = lambda group: None,
     ) -> None:
-        """A client asks to replicate `ask.path`: start it, or answer with a failed report."""
+        """A client asks to replicate `ask.path`: start it, or answer with a failed report.
+        `send_denied(G)` says why the client may not send to group G (None: it may): a
+        replication to G ends with a message into G, so it is refused then."""
         try:
             if not self.enabled:
                 raise UsageError(
                     "replication is not enabled on this daemon (it has no data directory, "
                     "or no cluster key for the streams)"
                 )
+            if ask.targets.startswith(GROUP_TARGET_PREFIX):
+                denied = send_denied(ask.targets[len(GROUP_TARGET_PREFIX) :])
+                if denied is not None:
+                    raise UsageError(f"{denied}: the end of a replication to it is sent there")
             recipients = self._targets(ask.targets, view, group_hosts)
             request = ReplicationRequest(
                 path=ask.path,

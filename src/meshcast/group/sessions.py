@@ -509,6 +509,20 @@ class SessionTable:
             out.append(self._error(s, ErrorCode.INTERNAL_ERROR, str(exc), _request_id(frame)))
         return out
 
+    def send_denied(self, conn: int, group: str) -> str | None:
+        """Why the access rules keep `conn`'s session from sending to `group` (None: they
+        do not). A replication to a group ends with a message into it, so asking for one
+        needs the right to send there."""
+        access = self.config.access
+        s = self._sessions.get(conn)
+        if not access.rules or s is None or s.principal is None:
+            return None
+        if Operation.SEND in access.allowed(s.principal, group):
+            return None
+        self._counters.access_denied += 1
+        token = f" (token {s.principal.token!r})" if s.principal.token is not None else ""
+        return f"{s.name}{token} may not send to group {group!r}"
+
     def announce(self, group: str, body: bytes, now: float) -> list[SessionEffect]:
         """The daemon itself tells every member of `group` that a replication to it ended:
         `body` (of a BLOB_HELD frame) goes out as a SAFE message in the group's total

@@ -57,11 +57,12 @@ class Harness:
         )
         self.full = False  # the group layer takes nothing now
         self.announced: list[tuple[str, bytes]] = []
+        self.reports: list[tuple[bool, bytes]] = []
         self.glue = DaemonReplication(
             self.replicator,
             NAMES,
             send_control=lambda dest, payload: [],
-            write_report=lambda conn, token, final, report: None,
+            write_report=lambda conn, token, final, report: self.reports.append((final, report)),
             announce=self._announce,
         )
 
@@ -71,7 +72,14 @@ class Harness:
         self.announced.append((group, body))
         return [DaemonEvent("announced", {"group": group})]
 
-    def start(self, targets: str, hosts: dict[str, list[NodeId]], *, hashed: bool = True) -> int:
+    def start(
+        self,
+        targets: str,
+        hosts: dict[str, list[NodeId]],
+        *,
+        hashed: bool = True,
+        denied: str | None = None,
+    ) -> int:
         out: list[DaemonEffect] = []
         ask = ReplicateAsk(
             token=7,
@@ -86,8 +94,16 @@ class Harness:
             capacity_aware=False,
         )
         self.glue.request(
-            3, ask, 0.0, view=(A, B, C, D), group_hosts=lambda g: hosts.get(g, []), out=out
+            3,
+            ask,
+            0.0,
+            view=(A, B, C, D),
+            group_hosts=lambda g: hosts.get(g, []),
+            out=out,
+            send_denied=lambda g: denied,
         )
+        if not out:
+            return 0
         (hashing,) = out
         assert isinstance(hashing, HashFile)
         if hashed:
@@ -204,3 +220,13 @@ def test_long_and_odd_reasons_are_clipped_to_the_format() -> None:
 def encode_body(event: BlobHeld) -> bytes:
     encode(event)  # valid, or ValueError
     return blob_held_body(event)
+
+
+def test_a_client_that_may_not_send_to_the_group_is_refused() -> None:
+    h = Harness()
+    assert h.start("group:g", {"g": [B]}, denied="#c#a may not send to group 'g'") == 0
+    ((final, report),) = h.reports
+    assert final
+    assert b"may not send to group 'g': the end of a replication to it is sent there" in report
+    assert h.replicator.statistics().transfers == 0
+    assert h.start("b", {}, denied="never asked: not a group") != 0  # other targets: no check
