@@ -344,9 +344,9 @@ def event_json(event: Event) -> dict[str, Any]:
 def event_line(event: Event) -> str:
     """One event as a line of text."""
     if isinstance(event, BlobHeld):
-        digest = event.digest[:16] or "none"
+        digest = f"digest {event.digest[:16]}…" if event.digest else "no digest"
         line = (
-            f"blob_held {event.group} {event.name!r} ({event.size} bytes, digest {digest}…, "
+            f"blob_held {event.group} {event.name!r} ({event.size} bytes, {digest}, "
             f"replication {event.rid} from {event.origin}): "
             f"{'complete' if event.complete else 'INCOMPLETE'}, "
             f"held by {' '.join(event.held_by) or 'nobody'}"

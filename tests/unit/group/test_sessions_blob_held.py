@@ -111,3 +111,16 @@ def test_asking_for_a_replication_to_a_group_needs_the_right_to_send_there() -> 
     assert "may not send to group 'builds'" in denied
     assert reader not in denied  # a token is never echoed
     assert table().send_denied(1, "builds") is None  # no rules: everyone may
+
+
+def test_meshcast_user_prints_the_event_as_a_line_and_as_json() -> None:
+    from meshcast.client.cli import event_json, event_line
+
+    line = event_line(EVENT)
+    assert line.startswith("blob_held g 'f.bin' (10 bytes, digest abababababababab…")
+    assert "INCOMPLETE, held by D1; missing: D2 holds 4 bytes: x" in line
+    complete = BlobHeld("g", "00000000000000ab", "f", 1, "", "D1", True, ("D1", "D2"))
+    assert event_line(complete).endswith(
+        "no digest, replication 00000000000000ab from D1): complete, held by D1 D2"
+    )
+    assert event_json(EVENT)["missing"] == [{"daemon": "D2", "held_bytes": 4, "reason": "x"}]
