@@ -55,6 +55,7 @@ from meshcast.wire.client import (
     U16_MAX,
     U32_MAX,
     VERSION,
+    BlobHeld,
     Cause,
     Confirmed,
     DaemonLimits,
@@ -88,7 +89,8 @@ from meshcast.wire.client import Replication as ReplicationFrame
 
 log = logging.getLogger(__name__)
 
-Event = Message | Membership  # what receive() and `async for` yield
+# what receive() and `async for` yield; BlobHeld (v6): a replication to a group ended
+Event = Message | Membership | BlobHeld
 
 DEFAULT_TIMEOUT = 5.0  # seconds: connecting, the handshake, each join/leave/ping, close
 DEFAULT_QUEUE_SIZE = 1024  # events received but not yet taken by receive()
@@ -266,6 +268,7 @@ class ClientStatistics:
     payload_bytes_sent: int  # bytes of their payloads
     messages_received: int  # MESSAGE frames received
     memberships_received: int  # MEMBERSHIP frames received
+    blob_events_received: int  # BLOB_HELD frames received
     requests_rejected: int  # ERROR 2xx received
     notices: int  # ERROR 3xx received (e.g. MESSAGES_DROPPED)
     events_discarded: int  # events still queued, or arriving, when close() began
@@ -281,6 +284,7 @@ class _Counters:
     payload_bytes_sent: int = 0
     messages_received: int = 0
     memberships_received: int = 0
+    blob_events_received: int = 0
     requests_rejected: int = 0
     notices: int = 0
     events_discarded: int = 0
@@ -297,7 +301,7 @@ class _Waiter:
 class Client:
     """A session with one daemon. Create it with `connect()`; see the module docstring.
 
-    Events (`Message`, `Membership`) are queued, at most `queue_size` of them. When the
+    Events (`Message`, `Membership`, `BlobHeld`) are queued, at most `queue_size` of them. When the
     queue is full the client stops reading its socket, so the daemon applies the
     slow-receiver policy of the groups (back-pressure by default). Not thread-safe: use
     it from the event loop it was created in (see `meshcast.client.blocking` for scripts).
@@ -395,6 +399,7 @@ class Client:
             payload_bytes_sent=c.payload_bytes_sent,
             messages_received=c.messages_received,
             memberships_received=c.memberships_received,
+            blob_events_received=c.blob_events_received,
             requests_rejected=c.requests_rejected,
             notices=c.notices,
             events_discarded=c.events_discarded,
@@ -886,6 +891,9 @@ class Client:
                 case Membership():
                     self._counters.memberships_received += 1
                     self._on_membership(frame)
+                    await self._enqueue(frame)
+                case BlobHeld():
+                    self._counters.blob_events_received += 1
                     await self._enqueue(frame)
                 case ErrorReport():
                     if not self._on_error(frame):

@@ -184,6 +184,7 @@ class DaemonNode:
             self.names,
             send_control=self._send_control,
             write_report=self._write_report,
+            announce=self._announce,
             enabled=store is not None,
         )
         self.emulated = emulated  # links the driver impairs on purpose (for status)
@@ -469,6 +470,14 @@ class DaemonNode:
         self._apply_overlay(effects, out)
         return out
 
+    def _announce(self, group: str, body: bytes) -> list[DaemonEffect]:
+        """A BLOB_HELD event into `group`, sent by this daemon (BufferFull: not now)."""
+        if self.engine.view is None or not self.can_submit():
+            raise BufferFull("the group layer cannot take a message now")
+        out: list[DaemonEffect] = []
+        self._apply_sessions(self.sessions.announce(group, body, self._now), out)
+        return out
+
     def _write_report(self, conn: int, token: int, final: bool, report: bytes) -> None:
         if conn not in self.clients:
             return
@@ -740,6 +749,7 @@ class DaemonNode:
             view=() if view is None else view.members,
             group_hosts=lambda g: (daemon for _, daemon in table.get(g, ())),
             out=out,
+            send_denied=partial(self.sessions.send_denied, conn),
         )
 
     # ------------------------------------------------------------------ probes

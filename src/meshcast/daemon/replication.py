@@ -7,6 +7,12 @@ group's members), keeps which client connection asked for which replication, tur
 engine's reports into REPLICATION frames, and holds control messages the overlay outbox
 cannot take yet (bounded; the engine's reports are periodic, so the newest matter).
 Stream and file effects pass through to the driver unchanged.
+
+A replication to a group ("group:G") ends with one agreed event for G's members: from
+its final report the origin builds a `BlobHeld` (who holds the blob, who misses what)
+and hands its encoded body to `announce`, which sends it into G as a SAFE message
+(docs/design/replicate.md, "Agreed completion"); events the group layer cannot take yet
+wait here (bounded) and go out with the next `flush`.
 """
 
 from __future__ import annotations
@@ -35,9 +41,21 @@ from meshcast.replicate.engine import (
     StreamSend,
 )
 from meshcast.replicate.plan import Strategy, Tree, Variant
+from meshcast.wire.client import (
+    GROUP_TARGET_PREFIX,
+    MAX_BLOB_REASON,
+    MAX_REPLICATE_PATH,
+    U64_MAX,
+    BlobHeld,
+    BlobMissing,
+    blob_held_body,
+    clip_text,
+    encode,
+)
 
 MAX_CONTROL_BACKLOG = 4096  # control messages waiting for the overlay outbox
 MAX_REPORT_BYTES = 1024 * 1024  # a REPLICATION frame's JSON report
+MAX_ANNOUNCEMENTS = 1024  # BLOB_HELD events waiting for the group layer
 _STRATEGIES = list(Strategy)
 _TREES = list(Tree)
 
@@ -61,6 +79,8 @@ class ReplicateAsk:
 # (conn, token, final, report JSON): what the node writes to a client
 ReportWriter = Callable[[int, int, bool, bytes], None]
 Multicast = Callable[[NodeId, bytes], list[DaemonEffect]]
+# (group, BLOB_HELD body): send it into the group; raises BufferFull while it cannot yet
+Announce = Callable[[str, bytes], list[DaemonEffect]]
 
 
 class DaemonReplication:
@@ -71,9 +91,11 @@ class DaemonReplication:
         *,
         send_control: Multicast,
         write_report: ReportWriter,
+        announce: Announce | None = None,
         enabled: bool = True,
     ) -> None:
-        """Without `enabled` (no store) every request is answered at once as failed."""
+        """Without `enabled` (no store) every request is answered at once as failed.
+        Without `announce`, replications to a group end without a BLOB_HELD event."""
         self.replicator = replicator
         self.enabled = enabled
         self._names = names
@@ -83,6 +105,12 @@ class DaemonReplication:
         self._askers: dict[int, tuple[int, int]] = {}  # rid -> (conn, token)
         self._backlog: deque[SendControl] = deque()
         self.controls_dropped = 0
+        self._announce = announce
+        # rid -> (group, recipients) of a replication to a group, until its final report
+        self._group_targets: dict[int, tuple[str, tuple[NodeId, ...]]] = {}
+        self._announcements: deque[tuple[str, bytes]] = deque()
+        self.announcements_sent = 0
+        self.announcements_dropped = 0
 
     @property
     def local(self) -> NodeId:
@@ -99,14 +127,21 @@ class DaemonReplication:
         view: Iterable[NodeId],
         group_hosts: Callable[[str], Iterable[NodeId]],
         out: list[DaemonEffect],
+        send_denied: Callable[[str], str | None] = lambda group: None,
     ) -> None:
-        """A client asks to replicate `ask.path`: start it, or answer with a failed report."""
+        """A client asks to replicate `ask.path`: start it, or answer with a failed report.
+        `send_denied(G)` says why the client may not send to group G (None: it may): a
+        replication to G ends with a message into G, so it is refused then."""
         try:
             if not self.enabled:
                 raise UsageError(
                     "replication is not enabled on this daemon (it has no data directory, "
                     "or no cluster key for the streams)"
                 )
+            if ask.targets.startswith(GROUP_TARGET_PREFIX):
+                denied = send_denied(ask.targets[len(GROUP_TARGET_PREFIX) :])
+                if denied is not None:
+                    raise UsageError(f"{denied}: the end of a replication to it is sent there")
             recipients = self._targets(ask.targets, view, group_hosts)
             request = ReplicationRequest(
                 path=ask.path,
@@ -125,6 +160,8 @@ class DaemonReplication:
             self._write_report(conn, ask.token, True, self._json(failed))
             return
         self._askers[rid] = (conn, ask.token)
+        if ask.targets.startswith(GROUP_TARGET_PREFIX):
+            self.watch_group(rid, ask.targets[len(GROUP_TARGET_PREFIX) :], recipients)
         self.apply(effects, out)
 
     def forget_client(self, conn: int) -> None:
@@ -171,6 +208,8 @@ class DaemonReplication:
                     self._backlog.popleft()
                     self.controls_dropped += 1
             elif isinstance(effect, ReplicationUpdate):
+                if effect.final and effect.rid in self._group_targets:
+                    self._queue_event(effect.rid, effect.report)
                 asker = self._askers.get(effect.rid)
                 if asker is not None:
                     self._write_report(asker[0], asker[1], effect.final, self._json(effect.report))
@@ -183,7 +222,19 @@ class DaemonReplication:
         self.flush(out)
 
     def flush(self, out: list[DaemonEffect]) -> None:
-        """Hand waiting control messages to the overlay while its outbox takes them."""
+        """Hand waiting control messages to the overlay while its outbox takes them, and
+        waiting BLOB_HELD events to the group layer while it takes them."""
+        while self._announcements and self._announce is not None:
+            group, body = self._announcements[0]
+            try:
+                out.extend(self._announce(group, body))
+            except BufferFull:
+                break
+            except UsageError:  # a bug: the event cannot be sent at all
+                self.announcements_dropped += 1
+            else:
+                self.announcements_sent += 1
+            self._announcements.popleft()
         while self._backlog:
             control = self._backlog[0]
             try:
@@ -195,7 +246,60 @@ class DaemonReplication:
             self._backlog.popleft()
 
     def has_backlog(self) -> bool:
-        return bool(self._backlog)
+        return bool(self._backlog) or (bool(self._announcements) and self._announce is not None)
+
+    # ------------------------------------------------------------ agreed completion
+
+    def watch_group(self, rid: int, group: str, recipients: Iterable[NodeId]) -> None:
+        """Replication `rid` (to `recipients`, the daemons hosting `group`'s members) ends
+        with a BLOB_HELD event into `group` (made from its final report, in `apply`)."""
+        self._group_targets[rid] = (group, tuple(recipients))
+
+    def blob_held(
+        self, group: str, recipients: Iterable[NodeId], report: ReplicationReport
+    ) -> BlobHeld:
+        """The event for `group` of a replication's final `report` to `recipients`."""
+        name = self._name
+        held = [name(self.local)] if report.digest else []  # the origin holds what it hashed
+        missing: list[BlobMissing] = []
+        reported = {r.node: r for r in report.recipients}
+        for node in dict.fromkeys([*recipients, *reported]):  # targets first, in order
+            r = reported.get(node)
+            if r is not None and r.state == "complete":
+                held.append(name(node))
+                continue
+            why = (r.detail or r.state) if r is not None else (report.detail or "never started")
+            held_bytes = min(r.held_bytes, U64_MAX) if r is not None else 0
+            missing.append(BlobMissing(name(node), held_bytes, clip_text(why, MAX_BLOB_REASON)))
+        return BlobHeld(
+            group=group,
+            rid=f"{report.rid:016x}",
+            name=clip_text(report.name, MAX_REPLICATE_PATH),
+            size=report.size,
+            digest=report.digest,
+            origin=name(self.local),
+            complete=report.state == "complete" and not missing,
+            held_by=tuple(held),
+            missing=tuple(missing),
+        )
+
+    def _queue_event(self, rid: int, report: ReplicationReport) -> None:
+        group, recipients = self._group_targets.pop(rid)
+        if self._announce is None:
+            return
+        event = self.blob_held(group, recipients, report)
+        try:
+            encode(event)  # checked once here, so that the body sent is valid
+        except ValueError:
+            self.announcements_dropped += 1
+            return
+        self._announcements.append((group, blob_held_body(event)))
+        if len(self._announcements) > MAX_ANNOUNCEMENTS:
+            self._announcements.popleft()
+            self.announcements_dropped += 1
+
+    def _name(self, node: NodeId) -> str:
+        return self._names.get(node, str(int(node)))
 
     # ------------------------------------------------------------ reports
 
@@ -255,5 +359,7 @@ class DaemonReplication:
                 "repairs_opened": s.repairs_opened,
                 "feeds_retried": s.feeds_retried,
                 "controls_dropped": self.controls_dropped,
+                "blob_events_sent": self.announcements_sent,
+                "blob_events_dropped": self.announcements_dropped,
             },
         }

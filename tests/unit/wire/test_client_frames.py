@@ -21,6 +21,8 @@ from meshcast.wire.client import (
     FROM_DAEMON,
     MAX_DEST_GROUPS,
     MAX_MEMBERS,
+    BlobHeld,
+    BlobMissing,
     Cause,
     Confirmed,
     DaemonLimits,
@@ -58,8 +60,8 @@ FAILED_REPORT = (
 )
 
 GOLDEN: list[tuple[Frame, str]] = [
-    # HELLO: length 17 | type 01 | magic "MCCP" | min 1 | max 5 | flags MEMBERSHIP | name "alice"
-    (Hello("alice"), "00000011 01 4d434350 0001 0005 0001 05 616c696365"),
+    # HELLO: length 17 | type 01 | magic "MCCP" | min 1 | max 6 | flags MEMBERSHIP | name "alice"
+    (Hello("alice"), "00000011 01 4d434350 0001 0006 0001 05 616c696365"),
     # HELLO of a version-4 client: max 4
     (Hello("alice", max_version=4), "00000011 01 4d434350 0001 0004 0001 05 616c696365"),
     # HELLO of a version-3 client: max 3
@@ -67,7 +69,7 @@ GOLDEN: list[tuple[Frame, str]] = [
     # HELLO (v3) with a token: flags MEMBERSHIP|TOKEN (0x0003) | name "bob" | token "s3cret"
     (
         Hello("bob", token="s3cret"),
-        "00000016 01 4d434350 0001 0005 0003 03 626f62 06 733363726574",
+        "00000016 01 4d434350 0001 0006 0003 03 626f62 06 733363726574",
     ),
     # HELLO from a version-1 client letting the daemon pick its name, no membership events
     (Hello(max_version=1, flags=HelloFlag(0)), "0000000c 01 4d434350 0001 0001 0000 00"),
@@ -140,6 +142,28 @@ GOLDEN: list[tuple[Frame, str]] = [
     (
         Replication(7, True, FAILED_REPORT),
         f"{5 + 1 + len(FAILED_REPORT):08x} 47 00000007 01 {FAILED_REPORT.encode().hex()}",
+    ),
+    # BLOB_HELD (v6): rid 0xab | flags 0 (incomplete) | size 3 | group "chat" | origin "D1"
+    # | name "a" (str16) | digest 2 bytes abcd | held_by D1 D2 | missing D3 (1 byte held, "x")
+    (
+        BlobHeld(
+            "chat",
+            "00000000000000ab",
+            "a",
+            3,
+            "abcd",
+            "D1",
+            False,
+            ("D1", "D2"),
+            (BlobMissing("D3", 1, "x"),),
+        ),
+        "00000037 48 00000000000000ab 00 0000000000000003 04 63686174 02 4431 0001 61"
+        " 02 abcd 0002 02 4431 02 4432 0001 02 4433 0000000000000001 01 78",
+    ),
+    # BLOB_HELD (v6): complete (flags 0x01) | empty name, no digest | held by the origin alone
+    (
+        BlobHeld("g", "ffffffffffffffff", "", 0, "", "D1", True, ("D1",)),
+        "00000021 48 ffffffffffffffff 01 0000000000000000 01 67 02 4431 0000 00 0001 02 4431 0000",
     ),
     # PING / PONG: nonce u64
     (Ping(0x0102030405060708), "00000009 81 0102030405060708"),
@@ -247,12 +271,13 @@ def test_a_token_stays_out_of_repr() -> None:
 
 
 def test_version_choice() -> None:
-    assert client.choose_version(Hello()) == 5
+    assert client.choose_version(Hello()) == 6
     assert client.choose_version(Hello(max_version=1)) == 1  # a version-1 client
     assert client.choose_version(Hello(max_version=3)) == 3  # cannot be told BUSY
     assert client.choose_version(Hello(max_version=4)) == 4  # cannot REPLICATE
-    assert client.choose_version(Hello(min_version=1, max_version=7)) == 5
-    assert client.choose_version(Hello(min_version=6, max_version=7)) is None
+    assert client.choose_version(Hello(max_version=5)) == 5  # is not sent BLOB_HELD
+    assert client.choose_version(Hello(min_version=1, max_version=7)) == 6
+    assert client.choose_version(Hello(min_version=7, max_version=8)) is None
     assert client.choose_version(Hello(min_version=2, max_version=9), lowest=1, highest=4) == 4
 
 
