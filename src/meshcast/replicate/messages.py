@@ -25,9 +25,11 @@ every hop): ``"MCRP" | type u8 | body``::
     PROGRESS 16  rid u64 | state u8 | held_chunks u32 | held_bytes u64 | bad_chunks u32 |
                  detail str16 | path str16                      recipient -> origin
     FETCH 17     rid u64 | n u16 | n x (first u32 | end u32)    recipient -> a holder
+    RATE 18      rid u64 | rate f64                             origin -> every participant
 
 FETCH asks a daemon that holds the chunks (the origin) to send them again on a new stream
-(a chunk that arrived damaged).
+(a chunk that arrived damaged). RATE is the replication's new upload cap per sender in
+bytes/s (0: none), which each participant applies to its feeds of it at once.
 
 `decode_*` raise only `DecodeError`; `encode_*` refuse (`ValueError`) what they would refuse.
 """
@@ -55,6 +57,7 @@ __all__ = [
     "Have",
     "Offer",
     "Progress",
+    "Rate",
     "ReceiverState",
     "StreamMessage",
     "StreamType",
@@ -94,6 +97,7 @@ class StreamType(IntEnum):
 class ControlType(IntEnum):
     PROGRESS = 16
     FETCH = 17
+    RATE = 18
 
 
 class ReceiverState(IntEnum):
@@ -152,7 +156,13 @@ class Fetch:
     ranges: Ranges
 
 
-Control = Progress | Fetch
+@dataclass(frozen=True, slots=True)
+class Rate:
+    rid: int
+    rate: float  # bytes/s each sender may upload for this replication; 0 = no cap
+
+
+Control = Progress | Fetch | Rate
 
 
 # ---------------------------------------------------------------- encoding
@@ -253,6 +263,15 @@ def encode_chunk_head(index: int, length: int) -> bytes:
 
 
 def encode_control(message: Control) -> bytes:
+    if isinstance(message, Rate):
+        if not (0.0 <= message.rate < float("inf")):
+            raise ValueError(f"bad rate {message.rate}")
+        return (
+            CONTROL_MAGIC
+            + _U8.pack(ControlType.RATE)
+            + _U64.pack(message.rid)
+            + _F64.pack(message.rate)
+        )
     if isinstance(message, Fetch):
         return (
             CONTROL_MAGIC
@@ -424,6 +443,12 @@ def decode_control(payload: bytes | memoryview) -> Control:
         fetch = Fetch(r.u64(), r.ranges(r.u16()))
         r.done()
         return fetch
+    if kind == ControlType.RATE:
+        message = Rate(r.u64(), r.f64())
+        r.done()
+        if not message.rate >= 0.0 or message.rate == float("inf"):
+            raise DecodeError(f"bad rate {message.rate}")
+        return message
     if kind != ControlType.PROGRESS:
         raise DecodeError(f"unknown control message type {kind}")
     rid, state, held_chunks, held_bytes, bad = r.unpack(_PROGRESS)

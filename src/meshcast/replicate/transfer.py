@@ -131,6 +131,7 @@ class FeedOut:
         "in_heap",
         "outstanding",
         "priority",
+        "progress_at",
         "range_index",
         "ranges",
         "remote",
@@ -162,6 +163,7 @@ class FeedOut:
         self.failed = False
         self.in_heap = False
         self.checked = 0  # how many of the feed's chunks, in order, are known to be held
+        self.progress_at = 0.0  # when its receiver last took something (HAVE, a drain)
 
     def next_chunk(self) -> int | None:
         """The next chunk to send (skipping what the receiver holds), None when done."""
@@ -237,6 +239,7 @@ class Transfer:
         self.fetching: set[int] = set()  # chunks asked for again
         # some feed to this node starts only once its sender holds its subfiles
         self.fed_late = False
+        self.fed_at: dict[NodeId, float] = {}  # feeder -> when its stream last brought data
 
         self.digest = manifest.digest
         self.store_open = False  # the store has the file open for this transfer
