@@ -284,10 +284,11 @@ class DaemonReplication:
             ],
         }
 
-    def transfers(self) -> list[dict[str, object]]:
-        """The engine's transfers, each stalled one's peers also by daemon name."""
+    def transfers(self, now: float | None = None) -> list[dict[str, object]]:
+        """The engine's transfers (stalled as of `now`), each stalled one's peers also by
+        daemon name."""
         out = []
-        for entry in self.replicator.transfers()[:64]:
+        for entry in self.replicator.transfers(now)[:64]:
             stalled = entry.get("stalled")
             if isinstance(stalled, dict):
                 waiting = stalled.get("waiting_on")
@@ -306,11 +307,11 @@ class DaemonReplication:
             data = json.dumps(slim, separators=(",", ":")).encode()
         return data
 
-    def status(self) -> dict[str, object]:
+    def status(self, now: float | None = None) -> dict[str, object]:
         s = self.replicator.statistics()
         return {
             "replications": [self.report_dict(r) for r in self.replicator.reports()][:32],
-            "transfers": self.transfers(),
+            "transfers": self.transfers(now),
             "counters": {
                 "started": s.replications_started,
                 "completed": s.replications_completed,
