@@ -16,14 +16,13 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import meshcast
 from meshcast.client.connection import RequestRejected
 from meshcast.client.replication import Replication
 from meshcast.wire.client import ErrorCode
@@ -37,7 +36,7 @@ from .daemon_helpers import (
     write_key,
 )
 from .test_replicate_local import processes_mentioning
-from .test_replication_real import WAIT, Cluster, contents, payload
+from .test_replication_real import WAIT, Cluster, contents, payload, report_where
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -89,9 +88,7 @@ async def test_the_rate_of_a_running_replication_changes_by_api_and_cli(tmp_path
     async with cluster_of(tmp_path, 3, "") as cluster:
         async with cluster.client() as c:
             handle = await c.replicate(source, "all", rate=1 * MB)  # bytes/s per sender
-            async with asyncio.timeout(WAIT):
-                while handle.latest is None or handle.latest.held_bytes < MB:
-                    await asyncio.sleep(0.05)
+            await report_where(handle, lambda r: r.held_bytes >= MB)
             assert handle.rid is not None
             slow = await progress_rate(handle, 2.0)
             await handle.set_rate(4 * MB)
@@ -143,6 +140,18 @@ def stalled_on(status: dict[str, Any], daemon: str) -> list[dict[str, Any]]:
     ]
 
 
+async def until_stalled_on(
+    status: Callable[[], Awaitable[dict[str, Any]]], daemon: str
+) -> list[dict[str, Any]]:
+    """The transfers `status()` says are stalled waiting on `daemon`, once there are."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            found = stalled_on(await status(), daemon)
+            if found:
+                return found
+            await asyncio.sleep(0.5)
+
+
 @pytest.mark.asyncio
 async def test_a_stopped_recipient_shows_as_the_peer_stalled_transfers_wait_on(
     tmp_path: Path,
@@ -153,15 +162,11 @@ async def test_a_stopped_recipient_shows_as_the_peer_stalled_transfers_wait_on(
         d3 = cluster.daemons["d3"]
         async with cluster.client() as c:
             handle = await c.replicate(source, "all", rate=2 * MB)
-            async with asyncio.timeout(WAIT):
-                while handle.latest is None or handle.latest.held_bytes < 2 * MB:
-                    await asyncio.sleep(0.05)
+            await report_where(handle, lambda r: r.held_bytes >= 2 * MB)
             d3.send_signal(signal.SIGSTOP)
             try:
                 # d2 needs d3's share: once it holds the rest, it waits on d3 alone
-                async with asyncio.timeout(WAIT):
-                    while not stalled_on(await cluster.status("d2"), "d3"):
-                        await asyncio.sleep(0.5)
+                await until_stalled_on(lambda: cluster.status("d2"), "d3")
                 code, out, err = await meshcast_cli(
                     "status", "--json", "--socket", cluster.address("d2")
                 )
@@ -176,9 +181,7 @@ async def test_a_stopped_recipient_shows_as_the_peer_stalled_transfers_wait_on(
                 assert "waiting on d3 (" in text
                 # the origin names d3 too (its feed to d3, or d3's silence), and its
                 # reports say d3 stalled
-                async with asyncio.timeout(WAIT):
-                    while not stalled_on(await c.status(), "d3"):
-                        await asyncio.sleep(0.5)
+                await until_stalled_on(c.status, "d3")
                 report = handle.latest
                 assert report is not None
                 (three,) = [r for r in report.recipients if r.daemon == "d3"]

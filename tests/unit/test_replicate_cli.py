@@ -272,5 +272,7 @@ def test_replicate_id_needs_a_rate_and_no_file(
 def test_rate_none_is_no_cap() -> None:
     from meshcast.client.replicate_cli import bit_rate_or_none
 
-    assert bit_rate_or_none("none") == bit_rate_or_none("0") == 0.0
+    assert bit_rate_or_none("none") == bit_rate_or_none(" None ") == 0.0
     assert bit_rate_or_none("8M") == 8e6
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a positive rate"):
+        bit_rate_or_none("0")

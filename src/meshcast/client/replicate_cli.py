@@ -72,8 +72,8 @@ def human_eta(eta: float | None) -> str:
 
 
 def bit_rate_or_none(text: str) -> float:
-    """--rate: bits/s as `bit_rate` reads them, or ``none`` / ``0`` for no cap (0.0)."""
-    if text.strip().lower() in ("none", "0"):
+    """--rate: bits/s as `bit_rate` reads them, or ``none`` for no cap (0.0)."""
+    if text.strip().lower() == "none":
         return 0.0
     return bit_rate(text)
 
