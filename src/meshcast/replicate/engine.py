@@ -296,16 +296,14 @@ class Replicator:
         idle = 0.0
         if not t.is_origin and t.state == ReceiverState.RECEIVING and not t.opening:
             quiet = now - t.last_progress
-            if quiet >= after:
+            silent, missing = self._silent_feeders(t, now) if quiet >= after else ([], [])
+            if silent or missing:  # (else it only waits for after-complete feeds: the plan)
                 idle = quiet
-                silent, missing = self._silent_feeders(t, now)
                 waiting.update(dict.fromkeys(silent + missing))
                 if silent:
                     whys.append(f"no data from {len(silent)} feeders for {after:g} s")
                 if missing:
                     whys.append(f"{len(missing)} feeders have opened no stream")
-                if not silent and not missing:
-                    whys.append("no chunk arrived (no feeder owes any)")
         blocked = [
             o
             for o in t.outs
@@ -338,12 +336,18 @@ class Replicator:
 
     def _silent_feeders(self, t: Transfer, now: float) -> tuple[list[NodeId], list[NodeId]]:
         """The feeders of copy `t` whose open stream brought nothing for `stall_after`, and
-        the planned feeders that owe chunks and have no stream open."""
+        the planned feeders that owe chunks and have no stream open. A feeder whose feeds
+        to us all start once it holds them (after-complete) is silent by plan: its own
+        copy's stall, if any, is diagnosed where it is."""
         after = self.config.stall_after
+        feeds = t.plan.feeds_to(self.local)
+        late = {f.sender for f in feeds} - {f.sender for f in feeds if not f.after_complete}
         open_from = {self._peers[s] for s in t.ins if s in self._peers}
-        silent = sorted(peer for peer in open_from if now - t.fed_at.get(peer, t.started) >= after)
+        silent = sorted(
+            peer for peer in open_from - late if now - t.fed_at.get(peer, t.started) >= after
+        )
         missing: list[NodeId] = []
-        for feed in t.plan.feeds_to(self.local):
+        for feed in feeds:
             if feed.sender in open_from or feed.sender in missing:
                 continue
             chunks = merged_ranges(t.plan.subfiles[i] for i in feed.subfiles)

@@ -20,7 +20,7 @@ from meshcast.replicate.engine import (
     StreamSend,
 )
 from meshcast.replicate.messages import Rate, decode_control, encode_control
-from meshcast.replicate.plan import Strategy
+from meshcast.replicate.plan import Strategy, Variant
 from meshcast.sim.replication import SyntheticFile, SyntheticStore
 
 from .net import Net, chunk_index
@@ -212,3 +212,18 @@ def test_a_feeder_that_never_opens_its_stream_is_named() -> None:
     assert isinstance(stalled, dict)
     assert stalled["waiting_on"] == [int(net.ids[2])]
     assert "have opened no stream" in str(stalled["why"]) or "no data" in str(stalled["why"])
+
+
+def test_a_copy_fed_only_after_its_feeders_complete_is_not_stalled_while_they_work() -> None:
+    """k = 3, variant k: node 4 (the fourth recipient) gets every subfile only once its
+    feeders hold theirs (after-complete feeds): its wait is the plan, not a stall."""
+    net = Net(5, ReplicatorConfig(stall_after=1.0))
+    net.add_file("f", 120 * CHUNK, CHUNK)
+    rid = net.replicate(
+        request_to(net.ids[1:], "f", variant=Variant.K, max_connections=3, rate=20 * CHUNK)
+    )
+    net.run(until=3.0)
+    waiting = net.engines[4].transfers(net.now)
+    assert [t["held_bytes"] for t in waiting] == [0]  # nothing yet, after 3 s ...
+    assert [t["stalled"] for t in waiting] == [None]  # ... as planned
+    assert net.run_until_final(rid).state == "complete"
