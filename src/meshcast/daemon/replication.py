@@ -27,6 +27,7 @@ from meshcast.replicate.engine import (
     Finalize,
     HashFile,
     OpenStream,
+    RecipientReport,
     ReplicationEffect,
     ReplicationEvent,
     ReplicationReport,
@@ -143,7 +144,8 @@ class DaemonReplication:
         # at once: the client learns the replication's id (e.g. to change its rate)
         # while the daemon hashes the file
         name = ask.path.rsplit("/", 1)[-1]
-        hashing = ReplicationReport(rid, name, 0, "", "hashing", 0.0, ())
+        waiting = tuple(RecipientReport(n, "waiting", 0, 0, 0.0, None, "", "") for n in recipients)
+        hashing = ReplicationReport(rid, name, 0, "", "hashing", 0.0, waiting)
         self._write_report(conn, ask.token, False, self._json(hashing))
         self.apply(effects, out)
 

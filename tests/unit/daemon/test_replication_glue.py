@@ -235,6 +235,7 @@ def test_a_client_that_left_gets_no_reports() -> None:
     (first,) = h.reports
     assert first[:3] == (3, 7, False)
     assert (first[3]["rid"], first[3]["state"], first[3]["name"]) == (f"{rid:016x}", "hashing", "f")
+    assert [(r["daemon"], r["state"]) for r in first[3]["recipients"]] == [("b", "waiting")]  # type: ignore[attr-defined]
     h.glue.forget_client(3)
     out: list[DaemonEffect] = []
     h.glue.apply(h.replicator.on_timer(0.5), out)
