@@ -323,10 +323,10 @@ def test_set_rate_is_answered_with_a_typed_error_or_ends_an_old_session() -> Non
         (2, SetRate(0xAB, 1e6, 1), "SET_RATE needs protocol version 6, the session has 5"),
         (3, Replicate("/f", "all", buddy="d2"), "REPLICATE with a buddy needs protocol version 6"),
     )
-    for conn, frame, text in old:
+    for conn, request, text in old:
         node.client_connected(conn, now)
         node.client_data(conn, encode(Hello(f"old{conn}", max_version=5)), now)
-        effects = node.client_data(conn, encode(frame), now)
+        effects = node.client_data(conn, encode(request), now)
         (error,) = [f for f in frames_to(conn, effects) if isinstance(f, ErrorReport)]
         assert error.code == ErrorCode.UNEXPECTED_FRAME
         assert text in error.text
