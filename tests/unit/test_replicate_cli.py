@@ -250,6 +250,9 @@ def test_stalled_transfers_and_recipients_are_named() -> None:
     report = parse_report(json.dumps(entry), False)
     assert [r.stalled for r in report.recipients] == [None, 12.5]
     assert summary_line(report).endswith("; stalled: D3 (12 s)")
+    console = Console(record=True, width=110, file=io.StringIO())
+    console.print(render_report(report))
+    assert "receiving (stalled 12 s)" in console.export_text()
 
 
 @pytest.mark.parametrize(

@@ -204,9 +204,12 @@ def render_report(report: ReplicationReport) -> Any:
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     colours = {"complete": "green", "failed": "red", "receiving": "cyan"}
     for r in report.recipients:
+        state = Text(r.state, style=colours.get(r.state, ""))
+        if r.stalled is not None:  # the origin has heard nothing from it for stall_after
+            state.append(f" (stalled {r.stalled:.0f} s)", style="yellow")
         table.add_row(
             r.daemon,
-            Text(r.state, style=colours.get(r.state, "")),
+            state,
             f"{human_bytes(r.held_bytes)} / {human_bytes(report.size)}",
             human_rate(r.rate),
             human_eta(None if r.complete else r.eta),
