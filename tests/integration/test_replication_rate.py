@@ -99,6 +99,7 @@ async def test_the_rate_of_a_running_replication_changes_by_api_and_cli(tmp_path
             )
             assert code == 0, err
             assert out.strip() == f"replication {handle.rid}: rate set to 4.0 Mbit/s"
+            await asyncio.sleep(1.0)  # what the faster cap put in flight lands first
             slower = await progress_rate(handle, 2.0)
             status = await c.status()
             (transfer,) = status["replication"]["transfers"]
@@ -121,9 +122,11 @@ async def test_the_rate_of_a_running_replication_changes_by_api_and_cli(tmp_path
             assert "UNKNOWN_REPLICATION" in err
             await handle.set_rate(None)  # no cap: the rest goes at once
             final = await asyncio.wait_for(handle.wait(), WAIT)
-        # generous bounds: the cap rose 4x, then fell 8x
+        # generous bounds: the cap rose 4x, then fell 8x (measured once: 2.1, 7.3 and
+        # 1.05 MB/s, the recipients together)
         assert fast > 1.5 * slow, (slow, fast, slower)
         assert slower < 0.6 * fast, (slow, fast, slower)
+        assert slower < 0.8 * slow, (slow, fast, slower)
         assert final.ok, final
         for r in final.recipients:
             assert contents(r.path) == data
