@@ -76,9 +76,7 @@ class ReplicationRequest:
     capacity_aware: bool = False
     rate: float | None = None  # bytes/s per sender; None: the daemons' own caps
     dest: str = ""  # directory on each recipient; "": its default
-    buddy: NodeId | None = (
-        None  # a daemon holding the same file that repairs failures in the origin's place
-    )
+    buddy: NodeId | None = None  # a daemon holding the same file that repairs failures in the origin's place
 
 
 # ---------------------------------------------------------------- effects
