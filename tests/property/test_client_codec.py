@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import struct
@@ -226,7 +227,10 @@ FRAMES: dict[FrameType, st.SearchStrategy[Frame]] = {
         st.integers(0, 1),
         st.integers(1, 255),
         st.booleans(),
+        st.none() | st.just("") | daemon_names,  # v5 layout (None) or v6 with a buddy
     ),
+    # any f64 but NaN (which equals nothing) travels: the daemon judges the rate
+    FrameType.SET_RATE: st.builds(client.SetRate, u64, st.floats(allow_nan=False), u32),
     FrameType.REPLICATION: replication_replies(),
     FrameType.BLOB_HELD: blob_events(),
     FrameType.PING: st.builds(Ping, u64),
@@ -469,7 +473,9 @@ def test_a_replication_report_keeps_its_text(data: st.DataObject) -> None:
 def test_mutated_replication_bodies_raise_only_decode_error(
     data: st.DataObject, junk: bytes
 ) -> None:
-    frame = data.draw(st.sampled_from([FrameType.REPLICATE, FrameType.REPLICATION]))
+    frame = data.draw(
+        st.sampled_from([FrameType.REPLICATE, FrameType.SET_RATE, FrameType.REPLICATION])
+    )
     encoded = bytearray(encode(data.draw(FRAMES[frame])))
     for _ in range(data.draw(st.integers(1, 3))):
         position = data.draw(st.integers(5, len(encoded) - 1))
@@ -590,3 +596,17 @@ def test_blob_held_worst_case_fits_its_frame_bound() -> None:
     assert len(data) - client.LENGTH_SIZE == client.MAX_BLOB_HELD_FRAME
     assert client.frame_size_limit(1) >= client.MAX_BLOB_HELD_FRAME
     assert decode(data, max_frame_size=client.MAX_BLOB_HELD_FRAME) == frame
+
+
+@given(frame=FRAMES[FrameType.REPLICATE], buddy=st.just("") | daemon_names)
+def test_a_v6_replicate_is_the_v5_layout_and_a_trailing_buddy(frame: Replicate, buddy: str) -> None:
+    """A version-5 REPLICATE (no buddy field) encodes as it always did; version 6 appends
+    the buddy's name as one str16, and each decodes to what was encoded."""
+    v5 = dataclasses.replace(frame, buddy=None)
+    v6 = dataclasses.replace(frame, buddy=buddy)
+    old, new = encode(v5), encode(v6)
+    tail = struct.pack("!H", len(buddy.encode())) + buddy.encode()
+    assert new[4:] == old[4:] + tail
+    assert struct.unpack_from("!I", new)[0] == struct.unpack_from("!I", old)[0] + len(tail)
+    assert decode(old) == v5
+    assert decode(new) == v6

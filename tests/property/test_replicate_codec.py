@@ -4,6 +4,7 @@ engine's stream deframer on arbitrary cuts of a valid stream."""
 from __future__ import annotations
 
 import contextlib
+import struct
 from itertools import pairwise
 from typing import Literal
 
@@ -19,6 +20,7 @@ from meshcast.replicate.messages import (
     Have,
     Offer,
     Progress,
+    Rate,
     ReceiverState,
     decode_control,
     decode_stream_message,
@@ -140,6 +142,36 @@ def test_progress_round_trip(progress: Progress) -> None:
     assert decode_control(encode_control(progress)) == progress
 
 
+@given(
+    st.builds(
+        Rate,
+        st.integers(0, 2**64 - 1),
+        st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),
+    )
+)
+def test_rate_round_trip(rate: Rate) -> None:
+    encoded = encode_control(rate)
+    assert encoded[:5] == b"MCRP\x12"
+    assert decode_control(encoded) == rate
+
+
+@given(st.floats(max_value=-1e-300) | st.just(float("inf")) | st.just(float("nan")))
+def test_a_rate_that_is_no_cap_is_refused_both_ways(value: float) -> None:
+    try:
+        encode_control(Rate(1, value))
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("encoded a bad rate")
+    raw = b"MCRP\x12" + (1).to_bytes(8, "big") + struct.pack("!d", value)
+    try:
+        decode_control(raw)
+    except DecodeError:
+        pass
+    else:
+        raise AssertionError("decoded a bad rate")
+
+
 # ---------------------------------------------------------------- decode contract
 
 
@@ -155,6 +187,8 @@ def test_decode_control_raises_only_decode_error(data: bytes) -> None:
         decode_control(data)
     with contextlib.suppress(DecodeError):
         decode_control(b"MCRP\x10" + data)
+    with contextlib.suppress(DecodeError):
+        decode_control(b"MCRP\x12" + data)
 
 
 @given(offers(), st.data())

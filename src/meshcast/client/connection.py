@@ -43,7 +43,9 @@ from meshcast.client.replication import (
     Replication,
     absolute_path,
     parse_report,
+    rate_value,
     replicate_options,
+    rid_value,
 )
 from meshcast.errors import ClientError, DecodeError, MessageTooLarge, UsageError
 from meshcast.wire.client import (
@@ -52,6 +54,7 @@ from meshcast.wire.client import (
     MAX_UNCONFIRMED,
     MIN_VERSION,
     REPLICATE_VERSION,
+    SET_RATE_VERSION,
     U16_MAX,
     U32_MAX,
     VERSION,
@@ -75,6 +78,7 @@ from meshcast.wire.client import (
     Pong,
     Replicate,
     ServiceLevel,
+    SetRate,
     SlowReceiverPolicy,
     StatusReply,
     StatusRequest,
@@ -543,6 +547,7 @@ class Client:
         tree: str = "chain",
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         capacity_aware: bool = False,
+        buddy: str | None = None,
     ) -> Replication:
         """Replicate the file at `path` on the daemon's host to other daemons (protocol
         version 5); return its `Replication` handle once the request is sent.
@@ -555,7 +560,10 @@ class Client:
         its data directory). `strategy`: ``fastreplica``, ``fanout`` or ``alm_tree``;
         `variant`: ``k``, ``k+1`` or ``k+2``; `tree`: ``chain`` or ``balanced``;
         `max_connections`: the concurrency k is planned from (1..255); `capacity_aware`:
-        size subfiles to the senders' upload capacities.
+        size subfiles to the senders' upload capacities. `buddy` (protocol version 6): the
+        name of a daemon of the view holding the same file, which repairs failures in the
+        origin's place; it is left out of ``"all"`` and ``"group:G"``, and may not be named
+        among the recipients. `handle.set_rate(r)` changes `rate` while it runs.
 
         Raises `UsageError` for bad arguments or a daemon older than version 5, and
         `ClientError` if the session is over. Any number may run at once on one client;
@@ -578,7 +586,13 @@ class Client:
             tree=tree,
             max_connections=max_connections,
             capacity_aware=capacity_aware,
+            buddy=buddy,
         )
+        if buddy is not None and self.version < SET_RATE_VERSION:
+            raise UsageError(
+                f"a buddy needs protocol version {SET_RATE_VERSION}; the daemon at "
+                f"{self._address} speaks version {self.version}"
+            )
         token = self._next_request_id()
         while token in self._replications:  # after a wrap-around: skip the live ones
             token = self._next_request_id()
@@ -593,8 +607,9 @@ class Client:
             options.tree,
             options.max_connections,
             options.capacity_aware,
+            options.buddy if self.version >= SET_RATE_VERSION else None,
         )
-        handle = Replication(token, absolute, options.targets)
+        handle = Replication(token, absolute, options.targets, self.set_rate, self._timeout)
         self._replications[token] = handle
         try:
             await self._write(frame)
@@ -602,6 +617,39 @@ class Client:
             self._replications.pop(token, None)
             raise
         return handle
+
+    async def set_rate(self, rid: str | int, rate: float | None) -> None:
+        """Change the upload cap of replication `rid` (16 hex digits, as reports and
+        `meshcast status` give it), which this client's daemon originates — any client
+        of it may — to `rate` bytes/s per sender (None: no cap beyond the daemons' own).
+        SET_RATE, protocol version 6; returns once the daemon applied it and sent it to
+        every recipient. Raises `UsageError` (bad arguments, an older daemon),
+        `RequestRejected` with `.code` UNKNOWN_REPLICATION (none runs here: over, or
+        never), NOT_THE_ORIGIN (this daemon only receives it) or BAD_RATE, and
+        `ClientError` (no answer within the timeout, session over)."""
+        self._check_usable()
+        number = rid_value(rid)
+        value = rate_value(rate)
+        if self.version < SET_RATE_VERSION:
+            raise UsageError(
+                f"set_rate needs protocol version {SET_RATE_VERSION}; the daemon at "
+                f"{self._address} speaks version {self.version}"
+            )
+        request_id = self._next_request_id()
+        self._described[request_id] = f"SET_RATE of replication {number:016x}"
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._confirms[request_id] = answered
+        try:
+            await self._write(SetRate(number, value, request_id))
+            async with asyncio.timeout(self._timeout):
+                await answered
+        except TimeoutError:
+            raise ClientError(
+                f"no answer from daemon at {self._address} to SET_RATE within {self._timeout} s"
+            ) from None
+        finally:
+            self._confirms.pop(request_id, None)
+            self._described.pop(request_id, None)
 
     @property
     def replications(self) -> tuple[Replication, ...]:

@@ -3,10 +3,12 @@ out, the engine's control messages over the overlay (DATA for `Upper.REPLICATION
 
 `DaemonReplication` wraps the sans-I/O `Replicator` for `DaemonNode`: it resolves a
 request's targets (daemon names, "all" daemons of the view, or the daemons hosting a
-group's members), keeps which client connection asked for which replication, turns the
-engine's reports into REPLICATION frames, and holds control messages the overlay outbox
-cannot take yet (bounded; the engine's reports are periodic, so the newest matter).
-Stream and file effects pass through to the driver unchanged.
+group's members) and its buddy, keeps which client connection asked for which
+replication, turns the engine's reports into REPLICATION frames, answers SET_RATE (a live
+rate change, from any client of the origin), names the daemons stalled transfers wait on,
+and holds control messages the overlay outbox cannot take yet (bounded; the engine's
+reports are periodic, so the newest matter). Stream and file effects pass through to the
+driver unchanged.
 
 A replication to a group ("group:G") ends with one agreed event for G's members: from
 its final report the origin builds a `BlobHeld` (who holds the blob, who misses what)
@@ -31,6 +33,7 @@ from meshcast.replicate.engine import (
     Finalize,
     HashFile,
     OpenStream,
+    RecipientReport,
     ReplicationEffect,
     ReplicationEvent,
     ReplicationReport,
@@ -48,6 +51,7 @@ from meshcast.wire.client import (
     U64_MAX,
     BlobHeld,
     BlobMissing,
+    ErrorCode,
     blob_held_body,
     clip_text,
     encode,
@@ -74,6 +78,15 @@ class ReplicateAsk:
     tree: int
     max_connections: int
     capacity_aware: bool
+    buddy: str = ""  # (v6) the daemon name of the origin's buddy; "": none
+
+
+@dataclass(frozen=True, slots=True)
+class RateRefused(Exception):
+    """A SET_RATE the daemon refuses: `code` and `text` go back in an ERROR."""
+
+    code: ErrorCode
+    text: str
 
 
 # (conn, token, final, report JSON): what the node writes to a client
@@ -142,7 +155,9 @@ class DaemonReplication:
                 denied = send_denied(ask.targets[len(GROUP_TARGET_PREFIX) :])
                 if denied is not None:
                     raise UsageError(f"{denied}: the end of a replication to it is sent there")
-            recipients = self._targets(ask.targets, view, group_hosts)
+            members = tuple(view)
+            buddy = self._buddy(ask.buddy, members)
+            recipients = self._targets(ask.targets, members, group_hosts, buddy)
             request = ReplicationRequest(
                 path=ask.path,
                 recipients=recipients,
@@ -153,6 +168,7 @@ class DaemonReplication:
                 capacity_aware=ask.capacity_aware,
                 rate=ask.rate or None,
                 dest=ask.dest,
+                buddy=buddy,
             )
             rid, effects = self.replicator.request(request, now)
         except (UsageError, ValueError, IndexError) as exc:
@@ -162,7 +178,45 @@ class DaemonReplication:
         self._askers[rid] = (conn, ask.token)
         if ask.targets.startswith(GROUP_TARGET_PREFIX):
             self.watch_group(rid, ask.targets[len(GROUP_TARGET_PREFIX) :], recipients)
+        # at once: the client learns the replication's id (e.g. to change its rate)
+        # while the daemon hashes the file
+        name = ask.path.rsplit("/", 1)[-1]
+        waiting = tuple(RecipientReport(n, "waiting", 0, 0, 0.0, None, "", "") for n in recipients)
+        hashing = ReplicationReport(rid, name, 0, "", "hashing", 0.0, waiting)
+        self._write_report(conn, ask.token, False, self._json(hashing))
         self.apply(effects, out)
+
+    def set_rate(self, rid: int, rate: float, now: float, out: list[DaemonEffect]) -> None:
+        """A client's SET_RATE: replication `rid`, which this daemon originates, may upload
+        `rate` bytes/s per sender (0: no cap). `RateRefused` says why not."""
+        role = self.replicator.runs(rid)
+        if role is None:
+            raise RateRefused(
+                ErrorCode.UNKNOWN_REPLICATION, f"no replication {rid:016x} runs on this daemon"
+            )
+        if role != "origin":
+            raise RateRefused(
+                ErrorCode.NOT_THE_ORIGIN,
+                f"this daemon receives replication {rid:016x}: ask its origin",
+            )
+        try:
+            effects = self.replicator.set_rate(rid, rate or None, now)
+        except UsageError as exc:
+            raise RateRefused(ErrorCode.BAD_RATE, str(exc)) from None
+        self.apply(effects, out)
+
+    def _buddy(self, name: str, view: tuple[NodeId, ...]) -> NodeId | None:
+        """The buddy's node id: a daemon of the view other than the origin."""
+        if not name:
+            return None
+        node = self._ids.get(name)
+        if node is None:
+            raise UsageError(f"unknown daemon {name!r} as the buddy")
+        if node == self.local:
+            raise UsageError(f"the buddy {name} is the origin itself")
+        if node not in view:
+            raise UsageError(f"the buddy {name} is not in this daemon's view")
+        return node
 
     def forget_client(self, conn: int) -> None:
         """The client is gone: its replications go on, unreported."""
@@ -171,13 +225,19 @@ class DaemonReplication:
                 del self._askers[rid]
 
     def _targets(
-        self, targets: str, view: Iterable[NodeId], group_hosts: Callable[[str], Iterable[NodeId]]
+        self,
+        targets: str,
+        view: Iterable[NodeId],
+        group_hosts: Callable[[str], Iterable[NodeId]],
+        buddy: NodeId | None = None,
     ) -> tuple[NodeId, ...]:
+        """The recipients: "all" and "group:G" leave out the buddy (it holds the file);
+        naming it as a recipient is an error."""
         if targets == "all":
-            found = [n for n in view if n != self.local]
+            found = [n for n in view if n not in (self.local, buddy)]
         elif targets.startswith("group:"):
             group = targets[len("group:") :]
-            found = sorted({n for n in group_hosts(group) if n != self.local})
+            found = sorted({n for n in group_hosts(group) if n not in (self.local, buddy)})
             if not found:
                 raise UsageError(f"no other daemon hosts a member of group {group!r}")
         else:
@@ -188,6 +248,8 @@ class DaemonReplication:
                 node = self._ids[name]
                 if node == self.local:
                     raise UsageError(f"{name} is the origin itself")
+                if node == buddy:
+                    raise UsageError(f"{name} is the buddy: it cannot be a recipient too")
                 if node not in found:
                     found.append(node)
         if not found:
@@ -322,10 +384,25 @@ class DaemonReplication:
                     "eta": None if r.eta is None else round(max(0.0, r.eta), 3),
                     "detail": r.detail,
                     "path": r.path or None,
+                    "stalled": None if r.stalled is None else round(r.stalled, 3),
                 }
                 for r in report.recipients
             ],
         }
+
+    def transfers(self, now: float | None = None) -> list[dict[str, object]]:
+        """The engine's transfers (stalled as of `now`), each stalled one's peers also by
+        daemon name."""
+        out = []
+        for entry in self.replicator.transfers(now)[:64]:
+            stalled = entry.get("stalled")
+            if isinstance(stalled, dict):
+                waiting = stalled.get("waiting_on")
+                ids = waiting if isinstance(waiting, list) else []
+                names = [self._names.get(NodeId(n), str(n)) for n in ids]
+                entry = {**entry, "stalled": {**stalled, "waiting_on_daemons": names}}
+            out.append(entry)
+        return out
 
     def _json(self, report: ReplicationReport) -> bytes:
         data = json.dumps(self.report_dict(report), separators=(",", ":")).encode()
@@ -336,11 +413,11 @@ class DaemonReplication:
             data = json.dumps(slim, separators=(",", ":")).encode()
         return data
 
-    def status(self) -> dict[str, object]:
+    def status(self, now: float | None = None) -> dict[str, object]:
         s = self.replicator.statistics()
         return {
             "replications": [self.report_dict(r) for r in self.replicator.reports()][:32],
-            "transfers": self.replicator.transfers()[:64],
+            "transfers": self.transfers(now),
             "counters": {
                 "started": s.replications_started,
                 "completed": s.replications_completed,

@@ -63,6 +63,7 @@ from meshcast.wire.client import (
     MAX_UNCONFIRMED,
     MIN_VERSION,
     REPLICATE_VERSION,
+    SET_RATE_VERSION,
     TOKEN_VERSION,
     VERSION,
     Cause,
@@ -84,6 +85,7 @@ from meshcast.wire.client import (
     Pong,
     Replicate,
     ServiceLevel,
+    SetRate,
     SlowReceiverPolicy,
     StatusReply,
     StatusRequest,
@@ -764,12 +766,24 @@ class SessionTable:
                 out += self._drop(s, "goodbye", now, close=True, last=encode(Goodbye()))
             case Hello():
                 out += self._end(s, ErrorCode.UNEXPECTED_FRAME, "a second HELLO", "bad frame", now)
-            case Replicate():  # the daemon takes it from a session of version 5 or later
+            # the daemon takes these from sessions of their version or later
+            case Replicate() | SetRate():
+                needs = (
+                    REPLICATE_VERSION
+                    if isinstance(frame, Replicate) and frame.buddy is None
+                    else SET_RATE_VERSION
+                )
+                what = (
+                    "SET_RATE"
+                    if isinstance(frame, SetRate)
+                    else "REPLICATE"
+                    if frame.buddy is None
+                    else "REPLICATE with a buddy"
+                )
                 out += self._end(
                     s,
                     ErrorCode.UNEXPECTED_FRAME,
-                    f"REPLICATE needs protocol version {REPLICATE_VERSION}, the session has "
-                    f"{s.version}",
+                    f"{what} needs protocol version {needs}, the session has {s.version}",
                     "bad frame",
                     now,
                 )

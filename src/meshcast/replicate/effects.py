@@ -41,6 +41,8 @@ class ReplicatorConfig:
     rate caps it further). `window_chunks`: chunks handed to one stream's driver before it
     says they left (bounds what waits in user space, and keeps the write order the wire
     order). `give_up_after`: an origin ends a replication that made no progress that long.
+    `stall_after`: s without progress after which `Replicator.transfers()` calls a transfer
+    stalled, naming the peers it waits on.
     """
 
     rate: float | None = None
@@ -50,13 +52,14 @@ class ReplicatorConfig:
     max_transfers: int = 64
     max_streams: int = 4096
     burst_seconds: float = 0.005
+    stall_after: float = 10.0
 
     def __post_init__(self) -> None:
         if self.rate is not None and not self.rate > 0:
             raise UsageError("replication rate must be positive")
         if self.window_chunks < 1 or self.max_transfers < 1 or self.max_streams < 1:
             raise UsageError("replication window and limits must be at least 1")
-        if not (self.progress_interval > 0 and self.give_up_after > 0):
+        if not (self.progress_interval > 0 and self.give_up_after > 0 and self.stall_after > 0):
             raise UsageError("replication intervals must be positive")
 
 
@@ -150,6 +153,7 @@ class RecipientReport:
     eta: float | None  # s, at that rate
     detail: str
     path: str  # where the complete copy is on that daemon ("" until then)
+    stalled: float | None = None  # s since its last progress report, once stall_after
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,10 @@ Inputs (each returns the effects it caused):
   `stream_drained(stream, now)`, `stream_closed(stream, error, now)`: the driver's streams.
   Streams this engine opens have ids below `INBOUND_STREAM_BASE`; the driver numbers the
   ones it accepts from `INBOUND_STREAM_BASE` up.
-* `control_received(source, payload, now)`: PROGRESS reports (overlay DATA, REPLICATION).
+* `control_received(source, payload, now)`: PROGRESS reports, FETCH and RATE (overlay
+  DATA, REPLICATION).
+* `set_rate(rid, rate | None, now)` at the origin: a new upload cap for one replication,
+  applied here and sent (RATE) to every participant, which applies it to its feeds at once.
 * `finalized(rid, path | None, error, now)`: the store renamed a complete copy into place.
 * `on_timer(now)` at `next_deadline()`: the upload shaper and the progress reports.
 * `view_changed(members, now)`: the daemons alive (the overlay's agreed view): a
@@ -30,8 +33,15 @@ opened again (with back-off: a restarted daemon resumes from its verified chunks
 
 Scheduling: a node serves its feeds in the plan's priority order (tree edges before
 collection, after-complete feeds last) and shares equally among feeds of one priority,
-weighted by their sizes (so subfiles sized to capacities finish together). With a rate cap
-its upload is a token bucket: the order of its writes is then the order on the wire.
+weighted by their sizes (so subfiles sized to capacities finish together). Its upload is
+shaped by token buckets (`meshcast.replicate.shaper`): one for the whole daemon (its
+configured rate) and one for each replication with a cap of its own; a chunk goes out when
+both allow it, and a feed whose replication must wait steps aside for the others. With a
+cap the order of its writes is the order on the wire.
+
+Stall diagnosis: `transfers()` calls a transfer stalled once it made no progress for
+`stall_after` and names the peers it waits on (silent or missing feeders, receivers that
+take nothing, recipients that stopped reporting).
 
 Theory of operation: docs/design/replicate.md.
 """
@@ -76,6 +86,7 @@ from meshcast.replicate.messages import (
     Have,
     Offer,
     Progress,
+    Rate,
     ReceiverState,
     RepairAround,
     Suspect,
@@ -92,6 +103,7 @@ from meshcast.replicate.plan import (
     make_plan,
     repair,
 )
+from meshcast.replicate.shaper import TokenBucket
 from meshcast.replicate.store import ChunkStore
 from meshcast.replicate.transfer import (
     STATE_NAME,
@@ -134,6 +146,9 @@ MAX_FORGOTTEN = 4096
 FEED_RETRY_FIRST = 0.5
 FEED_RETRY_MAX = 8.0
 MAX_FEED_RETRIES = 8
+# RATEs of replications not joined yet (the RATE overtook their first OFFER), kept for
+# their join: (origin, rate) by rid
+MAX_EARLY_RATES = 64
 
 
 # ---------------------------------------------------------------- statistics
@@ -198,8 +213,10 @@ class Replicator:
         self._deframers: dict[int, Deframer] = {}
         self._heap: list[tuple[int, float, int, FeedOut]] = []
         self._heap_seq = itertools.count()
-        self._tokens = 0.0
-        self._tokens_at = 0.0
+        # the daemon's whole upload, and each capped replication's (by rid)
+        self._bucket = TokenBucket(self.config.rate or 0.0, 0.0, self.config.burst_seconds)
+        self._buckets: dict[int, TokenBucket] = {}
+        self._early_rates: OrderedDict[int, tuple[NodeId, float]] = OrderedDict()
         self._wake_at: float | None = None
         self._fresh: dict[tuple[int, int], memoryview] = {}  # chunks received this input
         self._now = 0.0
@@ -278,8 +295,11 @@ class Replicator:
         """The replications this node originated and still runs."""
         return [self._report(t) for t in self._transfers.values() if t.is_origin]
 
-    def transfers(self) -> list[dict[str, object]]:
-        """This node's part in each replication (for status)."""
+    def transfers(self, now: float | None = None) -> list[dict[str, object]]:
+        """This node's part in each replication (for status). `stalled` is None, or
+        ``{"for": s, "waiting_on": [node ids], "why": text}`` once it made no progress for
+        `stall_after` (at `now`, default the time of the latest input)."""
+        at = self._now if now is None else max(now, self._now)
         return [
             {
                 "rid": f"{t.rid:016x}",
@@ -291,10 +311,153 @@ class Replicator:
                 "feeds_out": len(t.outs),
                 "feeds_in": len(t.ins),
                 "repairing_around": sorted(int(n) for n in t.failed),
+                "rate": t.rate,
                 "detail": t.detail,
+                "stalled": self._stalled(t, at),
             }
             for t in self._transfers.values()
         ]
+
+    def runs(self, rid: int) -> Literal["origin", "recipient"] | None:
+        """This node's role in replication `rid` (None: it takes no part in it now)."""
+        if rid in self._pending:
+            return "origin"
+        t = self._transfers.get(rid)
+        if t is None:
+            return None
+        return "origin" if t.is_origin else "recipient"
+
+    def _stalled(self, t: Transfer, now: float) -> dict[str, object] | None:
+        """Why `t` made no progress for `stall_after`, and on whom it waits (None: it
+        did progress). Computed when asked: no timer runs for it."""
+        after = self.config.stall_after
+        waiting: dict[NodeId, None] = {}  # (ordered, without repeats)
+        whys: list[str] = []
+        idle = 0.0
+        if not t.is_origin and t.state == ReceiverState.RECEIVING and not t.opening:
+            quiet = now - t.last_progress
+            silent, missing = self._silent_feeders(t, now) if quiet >= after else ([], [])
+            if silent or missing:  # (else it only waits for after-complete feeds: the plan)
+                idle = quiet
+                waiting.update(dict.fromkeys(silent + missing))
+                if silent:
+                    whys.append(f"no data from {len(silent)} feeders for {after:g} s")
+                if missing:
+                    whys.append(f"{len(missing)} feeders have opened no stream")
+        blocked = [
+            o
+            for o in t.outs
+            if not o.ended
+            and not o.failed
+            and (not o.remote_known or o.outstanding)
+            and now - o.progress_at >= after
+        ]
+        if blocked:
+            idle = max(idle, max(now - o.progress_at for o in blocked))
+            waiting.update(dict.fromkeys(o.feed.receiver for o in blocked))
+            whys.append(f"{len(blocked)} receivers take no data")
+        if t.is_origin and not t.finished and now - t.last_progress >= after and not blocked:
+            idle = max(idle, now - t.last_progress)
+            quiet_ones = [
+                r.node
+                for r in t.recipients.values()
+                if r.state not in ("complete", "failed")
+                and now - (t.started if r.last_at is None else r.last_at) >= after
+            ]
+            waiting.update(dict.fromkeys(quiet_ones))
+            whys.append(f"no progress report from {len(quiet_ones)} recipients")
+        if not whys:
+            return None
+        return {
+            "for": round(idle, 3),
+            "waiting_on": [int(n) for n in waiting],
+            "why": "; ".join(whys),
+        }
+
+    def _silent_feeders(self, t: Transfer, now: float) -> tuple[list[NodeId], list[NodeId]]:
+        """The feeders of copy `t` whose open stream brought nothing for `stall_after`, and
+        the planned feeders that owe chunks and have no stream open. A feeder whose feeds
+        to us all start once it holds them (after-complete) is silent by plan: its own
+        copy's stall, if any, is diagnosed where it is."""
+        after = self.config.stall_after
+        feeds = t.plan.feeds_to(self.local)
+        late = {f.sender for f in feeds} - {f.sender for f in feeds if not f.after_complete}
+        open_from = {self._peers[s] for s in t.ins if s in self._peers}
+        silent = sorted(
+            peer for peer in open_from - late if now - t.fed_at.get(peer, t.started) >= after
+        )
+        missing: list[NodeId] = []
+        for feed in feeds:
+            if feed.sender in open_from or feed.sender in missing:
+                continue
+            chunks = merged_ranges(t.plan.subfiles[i] for i in feed.subfiles)
+            if not all(all(t.held[first:end]) for first, end in chunks):
+                missing.append(feed.sender)
+        return silent, missing
+
+    def set_rate(self, rid: int, rate: float | None, now: float) -> list[ReplicationEffect]:
+        """At the origin: replication `rid` may upload `rate` bytes/s per sender from now
+        on (None: no cap beyond each daemon's own). Applied here at once and sent (RATE)
+        to every recipient, which applies it to its own feeds of the replication.
+        UsageError: not a replication this node originates and runs, or a bad rate (not
+        positive and finite, or so low that one chunk takes half of `give_up_after`)."""
+        self._now = now
+        if rate is not None and not 0 < rate < math.inf:
+            raise UsageError(f"the rate must be positive and finite (or none), not {rate!r}")
+        pending = self._pending.get(rid)
+        if pending is not None:  # still hashing: the plan will carry it
+            self._pending[rid] = (replace(pending[0], rate=rate), pending[1])
+            return []
+        t = self._transfers.get(rid)
+        if t is None or t.finished:
+            raise UsageError(f"no replication {rid:016x} runs here")
+        if not t.is_origin:
+            raise UsageError(f"this daemon is not the origin of replication {rid:016x}")
+        chunk = t.manifest.chunk_size
+        if rate is not None and rate * self.config.give_up_after < 2 * chunk:
+            raise UsageError(
+                f"a rate of {rate:g} bytes/s is too low: one chunk of {chunk} bytes would "
+                f"take more than half of give_up_after ({self.config.give_up_after:g} s)"
+            )
+        out: list[ReplicationEffect] = []
+        self._apply_rate(t, rate or 0.0)
+        payload = encode_control(Rate(rid, t.rate))
+        out.extend(SendControl(node, payload) for node in sorted(t.participants - {self.local}))
+        out.append(
+            ReplicationEvent("replication_rate_changed", {"rid": f"{rid:016x}", "rate": t.rate})
+        )
+        self._pump(out)
+        return out
+
+    def _apply_rate(self, t: Transfer, rate: float) -> None:
+        t.rate = rate
+        bucket = self._buckets.get(t.rid)
+        if bucket is not None:
+            bucket.set_rate(rate, self._now)
+        for o in t.outs:
+            self._wake(o)
+
+    def _on_rate(self, source: NodeId, message: Rate) -> list[ReplicationEffect]:
+        """The origin changed a replication's cap: apply it to our feeds of it."""
+        t = self._transfers.get(message.rid)
+        if t is None:
+            if message.rid not in self._forgotten:  # its OFFER has not come yet
+                self._early_rates[message.rid] = (source, message.rate)
+                while len(self._early_rates) > MAX_EARLY_RATES:
+                    self._early_rates.popitem(last=False)
+            return []
+        if t.is_origin or source != t.spec.origin:
+            self._c.malformed += 1  # only the origin sets a replication's rate
+            return []
+        out: list[ReplicationEffect] = []
+        self._apply_rate(t, message.rate)
+        self._pump(out)
+        return out
+
+    def _take_early_rate(self, t: Transfer) -> None:
+        early = self._early_rates.pop(t.rid, None)
+        if early is not None and early[0] == t.spec.origin:
+            t.rate = early[1]
 
     # ------------------------------------------------------------ origin
 
@@ -580,6 +743,9 @@ class Replicator:
                     self._on_feedback(self._outs[stream], message, out)
                 else:
                     self._on_incoming(stream, message, out)
+            fed, feeder = self._ins.get(stream), self._peers.get(stream)
+            if fed is not None and feeder is not None:
+                fed.fed_at[feeder] = now
         except (DecodeError, _ProtocolViolation) as exc:
             self._c.malformed += 1
             self._drop_stream(stream, f"malformed: {exc}", out)
@@ -600,6 +766,7 @@ class Replicator:
         if o is None:
             return []
         o.outstanding = 0
+        o.progress_at = now
         out: list[ReplicationEffect] = []
         self._wake(o)
         self._pump(out)
@@ -687,6 +854,8 @@ class Replicator:
             return self._on_fetch(source, progress)
         if isinstance(progress, Suspect | RepairAround | Done):
             return self._on_failure_control(source, progress)
+        if isinstance(progress, Rate):
+            return self._on_rate(source, progress)
         t = self._transfers.get(progress.rid)
         if t is None or not t.is_origin or source not in t.recipients:
             return []
@@ -985,6 +1154,7 @@ class Replicator:
             now=self._now,
             buddy=buddy,
         )
+        self._take_early_rate(t)
         self._transfers[offer.rid] = t
         # the store serves one replication per file at a time (its contract)
         other = next(
@@ -1108,6 +1278,7 @@ class Replicator:
     ) -> FeedOut:
         stream = next(self._stream_ids)
         o = FeedOut(t, feed, stream, ranges)
+        o.progress_at = self._now
         t.outs.append(o)
         self._outs[stream] = o
         self._peers[stream] = feed.receiver
@@ -1128,6 +1299,7 @@ class Replicator:
             remote[first:end] = b"\x01" * (end - first)
         o.remote = remote
         o.remote_known = True
+        o.progress_at = self._now
         self._wake(o)
 
     def _wake(self, o: FeedOut) -> None:
@@ -1136,20 +1308,25 @@ class Replicator:
             vtime = o.sent_bytes / o.weight
             heapq.heappush(self._heap, (o.priority, vtime, next(self._heap_seq), o))
 
-    def _rate(self) -> float:
-        rate = self.config.rate or 0.0
-        for t in self._transfers.values():
-            if t.rate and (not rate or t.rate < rate) and any(not o.ended for o in t.outs):
-                rate = t.rate
-        return rate
+    def _bucket_of(self, t: Transfer) -> TokenBucket | None:
+        """The token bucket of replication `t` (None: it has no cap and never had)."""
+        bucket = self._buckets.get(t.rid)
+        if bucket is None and t.rate:
+            bucket = TokenBucket(t.rate, self._now, self.config.burst_seconds)
+            self._buckets[t.rid] = bucket
+        return bucket
+
+    def _wake_by(self, at: float) -> None:
+        if self._wake_at is None or at < self._wake_at:
+            self._wake_at = at
 
     def _pump(self, out: list[ReplicationEffect]) -> None:
-        """Send what the feeds can send now, best first, within the rate cap."""
-        rate = self._rate()
-        if rate:
-            burst = max(rate * self.config.burst_seconds, 1.0)
-            self._tokens = min(burst, self._tokens + (self._now - self._tokens_at) * rate)
-            self._tokens_at = self._now
+        """Send what the feeds can send now, best first, within the rate caps: the
+        daemon's (every feed waits) and each replication's (its feeds step aside)."""
+        now = self._now
+        shared = self._bucket
+        shared.refill(now)
+        stepped_aside: list[FeedOut] = []
         heap = self._heap
         while heap:
             o = heap[0][3]
@@ -1164,17 +1341,27 @@ class Replicator:
                 if not o.ended and o.remote_known and o.next_chunk() is None:
                     self._end(o, out)
                 continue
-            length = o.transfer.manifest.chunk_length(chunk)
-            if rate and self._tokens < 0:
-                wait = max(-self._tokens / rate, 1e-6)  # (float rounding: never zero)
-                if self._wake_at is None or self._now + wait < self._wake_at:
-                    self._wake_at = self._now + wait
-                return
+            ready = shared.ready_at(now)
+            if ready is not None:
+                self._wake_by(ready)
+                break
             heapq.heappop(heap)
             o.in_heap = False
+            bucket = self._bucket_of(o.transfer)
+            if bucket is not None:
+                bucket.refill(now)
+                ready = bucket.ready_at(now)
+                if ready is not None:
+                    self._wake_by(ready)
+                    stepped_aside.append(o)
+                    continue
+            length = o.transfer.manifest.chunk_length(chunk)
             self._send_chunk(o, chunk, length, out)
-            if rate:
-                self._tokens -= length
+            shared.take(length)
+            if bucket is not None:
+                bucket.take(length)
+            self._wake(o)
+        for o in stepped_aside:
             self._wake(o)
 
     def _sendable(self, o: FeedOut) -> int | None:
@@ -1205,6 +1392,8 @@ class Replicator:
                 return
         out.append(StreamSend(o.stream, (encode_chunk_head(chunk, length), data)))
         o.cursor = chunk + 1
+        if not o.outstanding:  # (its receiver's silence counts from here)
+            o.progress_at = self._now
         o.outstanding += 1
         o.sent_bytes += length
         self._c.chunks_sent += 1
@@ -1289,6 +1478,7 @@ class Replicator:
             return
         self._transfers.pop(t.rid, None)
         self._mirrors.pop(t.rid, None)
+        self._buckets.pop(t.rid, None)
         if t.store_open:  # (a copy the store refused must not close another's file)
             self._store.close(t.digest)
         if not t.is_origin:
@@ -1301,9 +1491,23 @@ class Replicator:
         for r in t.recipients.values():
             left = t.manifest.size - r.held_bytes
             eta = left / r.rate if r.rate > 0 and r.state == "receiving" else None
+            quiet = self._now - (t.started if r.last_at is None else r.last_at)
+            stalled = (
+                quiet
+                if quiet >= self.config.stall_after and r.state not in ("complete", "failed")
+                else None
+            )
             recipients.append(
                 RecipientReport(
-                    r.node, r.state, r.held_bytes, r.bad_chunks, r.rate, eta, r.detail, r.path
+                    r.node,
+                    r.state,
+                    r.held_bytes,
+                    r.bad_chunks,
+                    r.rate,
+                    eta,
+                    r.detail,
+                    r.path,
+                    stalled,
                 )
             )
         states = {r.state for r in recipients}

@@ -30,12 +30,14 @@ every hop): ``"MCRP" | type u8 | body``::
     SUSPECT 18   rid u64 | node u32                             any -> origin (or buddy)
     REPAIR 19    rid u64 | n u16 | n x node u32                 origin (or buddy) -> all
     DONE 20      rid u64                                        origin -> all
+    RATE 21      rid u64 | rate f64                             origin -> every participant
 
 FETCH asks a daemon that holds the chunks (the origin) to send them again on a new stream
 (a chunk that arrived damaged). SUSPECT tells the origin that a stream with `node` broke
 before its end (it may have failed); the origin (the buddy, when the suspect is the origin)
 answers every participant with REPAIR: the nodes to repair around. DONE: the replication
-is over, its participants may forget it.
+is over, its participants may forget it. RATE is the replication's new upload cap per
+sender in bytes/s (0: none), which each participant applies to its feeds of it at once.
 
 `decode_*` raise only `DecodeError`; `encode_*` refuse (`ValueError`) what they would refuse.
 """
@@ -64,6 +66,7 @@ __all__ = [
     "Have",
     "Offer",
     "Progress",
+    "Rate",
     "ReceiverState",
     "RepairAround",
     "StreamMessage",
@@ -108,6 +111,7 @@ class ControlType(IntEnum):
     SUSPECT = 18
     REPAIR = 19
     DONE = 20
+    RATE = 21
 
 
 class ReceiverState(IntEnum):
@@ -184,7 +188,13 @@ class Done:
     rid: int
 
 
-Control = Progress | Fetch | Suspect | RepairAround | Done
+@dataclass(frozen=True, slots=True)
+class Rate:
+    rid: int
+    rate: float  # bytes/s each sender may upload for this replication; 0 = no cap
+
+
+Control = Progress | Fetch | Suspect | RepairAround | Done | Rate
 
 
 # ---------------------------------------------------------------- encoding
@@ -304,6 +314,15 @@ def encode_control(message: Control) -> bytes:
             )
         case Done(rid):
             return CONTROL_MAGIC + _U8.pack(ControlType.DONE) + _U64.pack(rid)
+    if isinstance(message, Rate):
+        if not (0.0 <= message.rate < float("inf")):
+            raise ValueError(f"bad rate {message.rate}")
+        return (
+            CONTROL_MAGIC
+            + _U8.pack(ControlType.RATE)
+            + _U64.pack(message.rid)
+            + _F64.pack(message.rate)
+        )
     if isinstance(message, Fetch):
         return (
             CONTROL_MAGIC
@@ -492,6 +511,12 @@ def decode_control(payload: bytes | memoryview) -> Control:
         done = Done(r.u64())
         r.done()
         return done
+    if kind == ControlType.RATE:
+        message = Rate(r.u64(), r.f64())
+        r.done()
+        if not message.rate >= 0.0 or message.rate == float("inf"):
+            raise DecodeError(f"bad rate {message.rate}")
+        return message
     if kind != ControlType.PROGRESS:
         raise DecodeError(f"unknown control message type {kind}")
     rid, state, held_chunks, held_bytes, bad = r.unpack(_PROGRESS)

@@ -132,6 +132,7 @@ class FeedOut:
         "in_heap",
         "outstanding",
         "priority",
+        "progress_at",
         "range_index",
         "ranges",
         "remote",
@@ -166,6 +167,7 @@ class FeedOut:
         self.checked = 0  # how many of the feed's chunks, in order, are known to be held
         self.attempts = 0  # times this feed was opened again after its stream broke
         self.retry_at: float | None = None  # when to open it again (its stream broke)
+        self.progress_at = 0.0  # when its receiver last took something (HAVE, a drain)
 
     def next_chunk(self) -> int | None:
         """The next chunk to send (skipping what the receiver holds), None when done."""
@@ -252,6 +254,7 @@ class Transfer:
         self.retries: list[FeedOut] = []  # broken feeds to open again
         self.done = False  # the origin said the replication is over
         self.last_activity = now
+        self.fed_at: dict[NodeId, float] = {}  # feeder -> when its stream last brought data
 
         self.digest = manifest.digest
         self.store_open = False  # the store has the file open for this transfer

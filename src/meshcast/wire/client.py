@@ -18,7 +18,8 @@ All integers are big-endian. Strings are UTF-8 with a length prefix: ``str8`` is
     0x05 STATUS      [c→d] request_id u32
     0x06 REPLICATE   [c→d] token u32 | path str16 | targets str16 | dest str16 | rate f64 |
                            strategy u8 | variant u8 | tree u8 | max_connections u8 | flags u8
-                           (v5; flags bit 0x01 = capacity-aware)
+                           (v5; flags bit 0x01 = capacity-aware) [| buddy str16 (v6)]
+    0x07 SET_RATE    [c→d] token u32 | rid u64 | rate f64    (v6: a running replication's cap)
     0x41 WELCOME     [d→c] magic "MCCP" | version u16 | private_name str8 |
                            max_message_size u32 | max_group_name u8 | max_groups_per_client u32
     0x42 MESSAGE     [d→c] service u8 | msg_type u16 | sender str8 | n u16 | n x group str8 |
@@ -63,7 +64,8 @@ from meshcast.errors import DecodeError
 
 MAGIC = b"MCCP"  # first bytes of HELLO and WELCOME bodies: "meshcast client protocol"
 # the newest version this module speaks (2: CONFIRM, CONFIRMED, TRANSITIONAL; 3: HELLO's
-# token, UNAUTHENTICATED, ACCESS_DENIED; 4: BUSY; 5: REPLICATE, REPLICATION; 6: BLOB_HELD)
+# token, UNAUTHENTICATED, ACCESS_DENIED; 4: BUSY; 5: REPLICATE, REPLICATION; 6: BLOB_HELD,
+# SET_RATE, REPLICATE's buddy)
 VERSION = 6
 MIN_VERSION = 1  # the oldest version this module speaks
 
@@ -82,6 +84,7 @@ TOKEN_VERSION = 3  # the first version whose HELLO may carry a token
 BUSY_VERSION = 4  # the first version that can be told BUSY (older sessions get INTERNAL_ERROR)
 REPLICATE_VERSION = 5  # the first version with REPLICATE and REPLICATION
 BLOB_HELD_VERSION = 6  # the first version sent BLOB_HELD (older sessions are not)
+SET_RATE_VERSION = 6  # the first version with SET_RATE and REPLICATE's buddy
 MAX_DAEMON_NAME = 64  # bytes of the daemon part of a private name (config names: 64 chars)
 MAX_PRIVATE_NAME = 2 + MAX_CLIENT_NAME + MAX_DAEMON_NAME  # "#client#daemon": 98 bytes
 MAX_GROUP_NAME = 255  # bytes of a group name (a str8)
@@ -119,6 +122,7 @@ REPLICATE_TAIL = struct.Struct("!dBBBBB")  # rate, strategy, variant, tree, max_
 REPLICATION_HEAD = struct.Struct("!IB")  # token, final; then the report
 BLOB_HELD_HEAD = struct.Struct("!QBQ")  # rid, flags, size; then group, origin, name, digest
 BLOB_MISSING_HELD = struct.Struct("!Q")  # a missing daemon's held bytes (between its strings)
+SET_RATE_BODY = struct.Struct("!IQd")  # token, rid, rate
 NONCE = struct.Struct("!Q")
 U8 = struct.Struct("!B")
 U16 = struct.Struct("!H")
@@ -183,6 +187,7 @@ class FrameType(IntEnum):
     MULTICAST = 0x04
     STATUS = 0x05
     REPLICATE = 0x06
+    SET_RATE = 0x07
     WELCOME = 0x41
     MESSAGE = 0x42
     MEMBERSHIP = 0x43
@@ -206,6 +211,7 @@ FROM_CLIENT = frozenset(
         FrameType.MULTICAST,
         FrameType.STATUS,
         FrameType.REPLICATE,
+        FrameType.SET_RATE,
         FrameType.PING,
         FrameType.PONG,
         FrameType.GOODBYE,
@@ -316,6 +322,9 @@ class ErrorCode(IntEnum):
     TOO_MANY_UNCONFIRMED = 208  # a CONFIRM MULTICAST beyond MAX_UNCONFIRMED outstanding
     ACCESS_DENIED = 209  # (v3) the daemon's access rules forbid this JOIN or MULTICAST
     BUSY = 210  # (v4) the daemon cannot take this request now (full buffers): retry later
+    UNKNOWN_REPLICATION = 211  # (v6) SET_RATE of a replication this daemon does not run
+    NOT_THE_ORIGIN = 212  # (v6) SET_RATE of a replication this daemon only receives
+    BAD_RATE = 213  # (v6) SET_RATE's rate is not a cap the replication can run at
     MESSAGES_DROPPED = 301  # the `drop-unreliable` policy dropped messages for this client
 
     @property
@@ -499,6 +508,20 @@ class Replicate:
     tree: int = 0  # index into REPLICATE_TREES
     max_connections: int = 9  # the concurrency k is planned from: 1..255
     capacity_aware: bool = False  # flags bit 0x01
+    # (v6) the daemon name of the origin's buddy, "" for none; None: the frame has no
+    # such field (the version-5 layout, which a v6 daemon takes as "")
+    buddy: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetRate:
+    """Client → daemon (SET_RATE, v6): replication `rid`, which this daemon originates, may
+    upload `rate` bytes/s per sender from now on (0: no cap beyond the daemons' own).
+    Answered by CONFIRMED(token) once applied, or by an ERROR naming `token`."""
+
+    rid: int  # u64, as reports and `meshcast status` give it (16 hex digits)
+    rate: float  # bytes/s; 0: no cap. Any f64 travels: the daemon judges it (BAD_RATE)
+    token: int = 0  # u32 request id, echoed by the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -578,7 +601,9 @@ class Goodbye:
     """Closing: the client's last frame; the daemon answers with its own last frame."""
 
 
-ClientFrame = Hello | Join | Leave | Multicast | StatusRequest | Replicate | Ping | Pong | Goodbye
+ClientFrame = (
+    Hello | Join | Leave | Multicast | StatusRequest | Replicate | SetRate | Ping | Pong | Goodbye
+)
 DaemonFrame = (
     Welcome
     | Message
@@ -599,6 +624,7 @@ Frame = (
     | Multicast
     | StatusRequest
     | Replicate
+    | SetRate
     | Welcome
     | Message
     | Membership
@@ -619,6 +645,7 @@ FRAME_TYPE_OF: dict[type[Frame], FrameType] = {
     Multicast: FrameType.MULTICAST,
     StatusRequest: FrameType.STATUS,
     Replicate: FrameType.REPLICATE,
+    SetRate: FrameType.SET_RATE,
     Welcome: FrameType.WELCOME,
     Message: FrameType.MESSAGE,
     Membership: FrameType.MEMBERSHIP,
@@ -820,6 +847,10 @@ def _check(frame: object) -> None:
             fault = _range_fault(request_id, "request_id", 0, U32_MAX) or _report_fault(report)
         case Replicate():
             fault = _replicate_fault(frame)
+        case SetRate(rid, rate, token):
+            fault = _range_fault(token, "token", 0, U32_MAX) or _range_fault(rid, "rid", 0, U64_MAX)
+            if fault is None and (isinstance(rate, bool) or not isinstance(rate, float)):
+                fault = f"rate must be a float, not {type(rate).__name__}"
         case Replication(token, final, report):
             fault = _range_fault(token, "token", 0, U32_MAX) or (
                 _replication_fault(report, final)
@@ -916,7 +947,11 @@ def _replicate_fault(frame: Replicate) -> str | None:
     if not math.isfinite(rate) or rate < 0:
         return f"rate {rate!r} is not a finite number of bytes/s >= 0 (0: no cap)"
     aware: object = frame.capacity_aware
-    return None if isinstance(aware, bool) else f"capacity_aware must be a bool, not {aware!r}"
+    if not isinstance(aware, bool):
+        return f"capacity_aware must be a bool, not {aware!r}"
+    if frame.buddy is None or frame.buddy == "":
+        return None
+    return _word_fault(frame.buddy, "buddy", MAX_DAEMON_NAME)
 
 
 def _targets_fault(text: object) -> str | None:
@@ -1303,10 +1338,13 @@ def _encode_body(frame: Frame) -> list[bytes]:
             return [STATUS_HEAD.pack(request_id)]
         case StatusReply(report, request_id):
             return [STATUS_HEAD.pack(request_id), report.encode("utf-8")]
-        case Replicate(path, targets, tag, dest, rate, strategy, variant, tree, k, aware):
+        case Replicate(path, targets, tag, dest, rate, strategy, variant, tree, k, aware, buddy):
             bits = CAPACITY_AWARE_FLAG if aware else 0
             tail = REPLICATE_TAIL.pack(rate, strategy, variant, tree, k, bits)
-            return [REPLICATE_HEAD.pack(tag), _str16(path), _str16(targets), _str16(dest), tail]
+            body = [REPLICATE_HEAD.pack(tag), _str16(path), _str16(targets), _str16(dest), tail]
+            return body if buddy is None else [*body, _str16(buddy)]
+        case SetRate(rid, rate, tag):
+            return [SET_RATE_BODY.pack(tag, rid, rate)]
         case Replication(tag, final, report):
             return [REPLICATION_HEAD.pack(tag, int(final)), report.encode("utf-8")]
         case BlobHeld():
@@ -1504,7 +1542,17 @@ def _parse(ftype: FrameType, r: _Reader) -> Frame:
             if bits & ~KNOWN_REPLICATE_FLAGS:
                 raise _Fault(f"unknown flags 0x{bits & ~KNOWN_REPLICATE_FLAGS:02x}")
             aware = bool(bits & CAPACITY_AWARE_FLAG)
-            return Replicate(path, targets, tag, dest, rate, strategy, variant, tree, k, aware)
+            # (v6) the buddy's name: present or not, as the session's version has it
+            buddy = r.text("buddy", prefix=U16) if r.pos < r.end else None
+            return Replicate(
+                path, targets, tag, dest, rate, strategy, variant, tree, k, aware, buddy
+            )
+        case FrameType.SET_RATE:
+            if r.end - r.pos < SET_RATE_BODY.size:
+                raise _Fault(f"truncated SET_RATE: {r.end - r.pos} of {SET_RATE_BODY.size} bytes")
+            tag, rid, rate = SET_RATE_BODY.unpack_from(r.data, r.pos)
+            r.pos += SET_RATE_BODY.size
+            return SetRate(rid, rate, tag)
         case FrameType.REPLICATION:
             tag, final = r.ints(REPLICATION_HEAD, "REPLICATION header")
             if final > 1:
