@@ -151,7 +151,7 @@ def test_progress_round_trip(progress: Progress) -> None:
 )
 def test_rate_round_trip(rate: Rate) -> None:
     encoded = encode_control(rate)
-    assert encoded[:5] == b"MCRP\x12"
+    assert encoded[:5] == b"MCRP\x15"  # RATE 21
     assert decode_control(encoded) == rate
 
 
