@@ -16,12 +16,15 @@ from meshcast.ids import NodeId
 from meshcast.replicate.manifest import MAX_CHUNK_SIZE, Manifest
 from meshcast.replicate.messages import (
     Chunk,
+    Done,
     End,
     Have,
     Offer,
     Progress,
     Rate,
     ReceiverState,
+    RepairAround,
+    Suspect,
     decode_control,
     decode_stream_message,
     encode_chunk_head,
@@ -249,3 +252,30 @@ def test_deframer_raises_only_decode_error(garbage: bytes, data: st.DataObject) 
                 with contextlib.suppress(DecodeError):
                     decode_stream_message(frame)
         assert deframer.buffered <= len(garbage)
+
+
+# ---------------------------------------------------------------- failure controls
+
+node_ids = st.integers(1, 2**32 - 1).map(NodeId)
+rids = st.integers(0, 2**64 - 1)
+
+
+@given(
+    st.one_of(
+        st.builds(Suspect, rids, node_ids),
+        st.builds(RepairAround, rids, st.lists(node_ids, max_size=50).map(tuple)),
+        st.builds(Done, rids),
+    )
+)
+def test_failure_controls_round_trip(message: Suspect | RepairAround | Done) -> None:
+    """SUSPECT (18), REPAIR (19) and DONE (20) decode to what was encoded, and any cut or
+    extended copy is refused with DecodeError only."""
+    encoded = encode_control(message)
+    kind = {Suspect: 18, RepairAround: 19, Done: 20}[type(message)]
+    assert encoded[:5] == b"MCRP" + bytes([kind])
+    assert decode_control(encoded) == message
+    for broken in (encoded[:-1], encoded + b"\0"):
+        with contextlib.suppress(DecodeError):
+            decoded = decode_control(broken)
+            assert isinstance(decoded, Suspect | RepairAround | Done)
+            raise AssertionError(f"{broken!r} decoded to {decoded!r}")
