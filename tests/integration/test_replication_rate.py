@@ -28,6 +28,7 @@ from meshcast.client.replication import Replication
 from meshcast.wire.client import ErrorCode
 
 from .daemon_helpers import (
+    FAILURE_TIMEOUT,
     cluster_toml,
     host_of,
     run_command,
@@ -47,15 +48,23 @@ STALL_AFTER = 2.0  # s: [replicate] stall_after
 
 
 @asynccontextmanager
-async def cluster_of(workdir: Path, count: int, replicate: str) -> AsyncIterator[Cluster]:
-    """`count` fully meshed daemons with `replicate` as their [replicate] section."""
+async def cluster_of(
+    workdir: Path, count: int, replicate: str, failure_timeout: float | None = None
+) -> AsyncIterator[Cluster]:
+    """`count` fully meshed daemons with `replicate` as their [replicate] section (and,
+    given, `failure_timeout` as their membership's)."""
     from meshcast.runtime.local_cluster import free_udp_ports
 
     edges = [(a, b) for a in range(1, count + 1) for b in range(a + 1, count + 1)]
     ports = free_udp_ports([host_of(i) for i in range(1, count + 1)])
     write_key(workdir)
     config = workdir / "cluster.toml"
-    config.write_text(cluster_toml(count, edges, ports) + f"\n[replicate]\n{replicate}\n")
+    text = cluster_toml(count, edges, ports)
+    if failure_timeout is not None:
+        text = text.replace(
+            f"failure_timeout = {FAILURE_TIMEOUT}", f"failure_timeout = {failure_timeout}"
+        )
+    config.write_text(text + f"\n[replicate]\n{replicate}\n")
     with tempfile.TemporaryDirectory(prefix="mcrt-") as sockets:
         async with running_daemons(config, []) as daemons:
             cluster = Cluster(config, workdir, Path(sockets), daemons)
@@ -161,7 +170,8 @@ async def test_a_stopped_recipient_shows_as_the_peer_stalled_transfers_wait_on(
 ) -> None:
     source, data = payload(tmp_path, 24 * 1024 * 1024)
     replicate = f"stall_after = {STALL_AFTER}\ngive_up_after = 600"
-    async with cluster_of(tmp_path, 3, replicate) as cluster:
+    # a stopped daemon that stays in the view: slow, not failed (else it is repaired around)
+    async with cluster_of(tmp_path, 3, replicate, failure_timeout=600) as cluster:
         d3 = cluster.daemons["d3"]
         async with cluster.client() as c:
             handle = await c.replicate(source, "all", rate=2 * MB)

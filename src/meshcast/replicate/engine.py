@@ -627,10 +627,15 @@ class Replicator:
 
     def _departed(self, t: Transfer, nodes: set[NodeId], out: list[ReplicationEffect]) -> None:
         for stream, peer in list(self._peers.items()):
-            if peer in nodes and (
-                (stream in self._outs and self._outs[stream].transfer is t)
-                or self._ins.get(stream) is t
-            ):
+            if peer not in nodes:
+                continue
+            o = self._outs.get(stream)
+            if o is not None and o.transfer is t:
+                self._drop_stream(stream, f"daemon {peer} left the view", out)
+                if o.attempts < MAX_FEED_RETRIES:  # opened again if it comes back
+                    o.retry_at = None
+                    t.retries.append(o)
+            elif self._ins.get(stream) is t:
                 self._drop_stream(stream, f"daemon {peer} left the view", out)
         if t.is_origin:
             for node in nodes:
