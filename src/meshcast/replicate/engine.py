@@ -403,10 +403,12 @@ class Replicator:
                 },
             )
         )
-        self._open_feeds(t, out)
-        if spec.buddy is not None:  # the buddy mirrors the file at the same path
+        # the buddy (mirroring the file at the same path) hears of it first: if this node
+        # dies early, it is the only one left that can send the whole file
+        if spec.buddy is not None:
             feed = Feed(self.local, spec.buddy, (), FeedKind.MIRROR)
             self._open_feed(t, feed, (), out, source=request.path)
+        self._open_feeds(t, out)
         self._pump(out)
         return out
 
