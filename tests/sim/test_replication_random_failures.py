@@ -107,8 +107,10 @@ def test_every_survivor_holds_the_file(seed: int) -> None:
     if 0 in dead and not any(e.name == "replication_buddy_ready" for e in sim.log):
         # the origin died before its buddy had heard of the replication (within the first
         # round trip): nobody alive has the whole file; each copy ends complete or failed
+        # (or never began: the origin died before its first chunk arrived)
         for i in missing:
-            assert sim.engines[i].statistics().copies_failed == 1, (case, i)
+            stats = sim.engines[i].statistics()
+            assert stats.copies_failed == 1 or stats.chunks_received == 0, (case, i, stats)
     else:
         assert missing == [], (case, missing)
     if 0 not in dead:

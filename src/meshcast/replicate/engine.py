@@ -26,7 +26,9 @@ suspect; the origin (its buddy, if the suspect is the origin) tells every partic
 repair around it (REPAIR), and a view without the node does the same at every node. The
 repair itself is `plan.repair`, the same pure function at every node; a node opens the
 replacement feeds it is the sender of, and a broken feed to a node still in the view is
-opened again (with back-off: a restarted daemon resumes from its verified chunks).
+opened again (with back-off: a restarted daemon resumes from its verified chunks), and a
+node back in the view is fed again by its senders, even by feeds that had ended (their tail
+may have been lost in flight when it died).
 
 Scheduling: a node serves its feeds in the plan's priority order (tree edges before
 collection, after-complete feeds last) and shares equally among feeds of one priority,
