@@ -498,6 +498,9 @@ class Replicator:
             if o.feed.receiver == node:
                 o.attempts = 0
                 o.retry_at = self._now
+        # no longer repaired around: a later repair must feed it too (and if it fails
+        # again, it is repaired around again)
+        t.failed.discard(node)
         self._feed_again(t, node, out)
 
     def _feed_again(self, t: Transfer, node: NodeId, out: list[ReplicationEffect]) -> None:
@@ -507,9 +510,8 @@ class Replicator:
         tells what it holds (HAVE), so only what it lacks is sent."""
         if t.finished or t.done or t.state == ReceiverState.FAILED:
             return
-        others = t.failed - {node}
-        wanted = [f for f in t.plan.feeds_to(node) if f.sender not in others]
-        wanted += [f for f in repair(t.plan, others).feeds if f.receiver == node]
+        wanted = [f for f in t.plan.feeds_to(node) if f.sender not in t.failed]
+        wanted += [f for f in repair(t.plan, t.failed).feeds if f.receiver == node]
         covered = {
             s
             for o in [*t.retries, *(o for o in t.outs if not o.ended)]
