@@ -120,3 +120,45 @@ def test_every_survivor_holds_the_file(seed: int) -> None:
         assert not_complete == {i for i in dead & set(recipients) if not sim.holds_copy(i, digest)}
     left = {i: e.statistics().transfers for i, e in enumerate(sim.engines) if sim.alive[i]}
     assert not any(left.values()), (case, left)
+
+
+RESTART_RUNS = 60
+
+
+@pytest.mark.parametrize("seed", range(RESTART_RUNS))
+def test_restarted_recipients_resume_while_the_replication_runs(seed: int) -> None:
+    """The same random runs, each crashed node (origin excepted) restarting half the time
+    a little later with what its store verified. Every recipient that never crashed holds
+    the file; a restarted recipient holds it too unless it was back in the view only after
+    every other copy had completed (then the origin's report names it as not complete,
+    and its partial copy waits for the next replication)."""
+    case = _case(RUNS + seed)
+    rng = random.Random(seed)
+    base, _ = _sim(case, seed)
+    took = base.run_replication(_request(base, case), until=1000.0).last
+    sim, digest = _sim(case, seed, detect=case.detect * took)
+    back: dict[int, float] = {}  # restarted node -> when the view has it again
+    for node, moment in case.crashes:
+        if node == 0:
+            continue
+        sim.crash(node, moment * took)
+        if rng.random() < 0.5:
+            restart = (moment + rng.uniform(0.02, 0.5)) * took
+            sim.restart(node, restart)
+            back[node] = restart + case.detect * took
+    outcome = sim.run_replication(_request(sim, case), until=1000.0)
+    sim.run(until=sim.now + 2 * GIVE_UP + 1.0)
+
+    crashed = {node for node, _ in case.crashes if node != 0}
+    recipients = range(1, case.n + 1)
+    missing = [i for i in recipients if i not in crashed and not sim.holds_copy(i, digest)]
+    assert missing == [], (case, missing)
+    assert outcome.report is not None
+    not_complete = {int(r.node) - 1 for r in outcome.report.recipients if r.state != "complete"}
+    assert not_complete == {i for i in crashed & set(recipients) if not sim.holds_copy(i, digest)}
+    others_done = max(t for node, t in sim.completed.items() if int(node) - 1 not in crashed)
+    for node, at in back.items():
+        if 1 <= node <= case.n and not sim.holds_copy(node, digest):
+            assert at >= others_done, (case, node, at, others_done)
+    left = {i: e.statistics().transfers for i, e in enumerate(sim.engines) if sim.alive[i]}
+    assert not any(left.values()), (case, left)
