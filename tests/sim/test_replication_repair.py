@@ -21,7 +21,7 @@ import functools
 import pytest
 
 from meshcast.replicate.engine import ReplicationRequest, ReplicatorConfig
-from meshcast.replicate.plan import Tree, Variant
+from meshcast.replicate.plan import Plan, PlanSpec, Tree, Variant, make_plan
 from meshcast.sim.replication import ReplicationSim, SimOutcome, SyntheticFile
 
 pytestmark = pytest.mark.timeout(300)
@@ -343,3 +343,67 @@ def test_recipient_back_after_the_end_completes_in_a_new_replication() -> None:
     assert sim.holds_copy(7, f.manifest.digest)
     stats = sim.engines[7].statistics()
     assert stats.chunks_received - stats.chunks_duplicate <= f.manifest.chunk_count - held
+
+
+# ---------------------------------------------------------------- exact moments
+
+
+def _plan(sim: ReplicationSim, f: SyntheticFile, *, buddy: bool) -> Plan:
+    """The plan every node computes for `_request(sim, buddy=buddy)`."""
+    return make_plan(
+        PlanSpec(
+            sim.ids[0],
+            tuple(sim.ids[1 : N + 1]),
+            f.manifest.chunk_count,
+            max_connections=5,
+            buddy=sim.ids[BUDDY] if buddy else None,
+        )
+    )
+
+
+def _held_whole_subfile_at(node: int) -> float:
+    """When `node` first held every chunk of the subfile it holds in its group (a run
+    without failure)."""
+    sim, f = _sim()
+    plan = _plan(sim, f, buddy=True)
+    first, end = plan.subfiles[plan.held(sim.ids[node])[0]]
+    store = sim.stores[node]
+    write = store.write
+    when: list[float] = []
+
+    def watched(digest: bytes, index: int, data: bytes | memoryview) -> None:
+        write(digest, index, data)
+        held = store.begin(f.manifest, None)
+        if not when and all(c in held for c in range(first, end)):
+            when.append(sim.now)
+
+    store.write = watched  # type: ignore[method-assign]
+    sim.run_replication(_request(sim, buddy=True), until=100.0)
+    return when[0]
+
+
+@pytest.mark.parametrize("buddy", [True, False], ids=["buddy", "no-buddy"])
+@pytest.mark.parametrize("node", [3, 7])
+def test_node_fails_right_after_receiving_its_subfile(node: int, buddy: bool) -> None:
+    """FIGURE 10A (node 3, initial) and 11A (node 7, subsequent): the node dies just after
+    it received its whole subfile, before it passed all of it on (its sender's feed ended
+    cleanly, so only its group and child see it fail); the rest of its group and its
+    child still get that subfile."""
+    at = _held_whole_subfile_at(node) + 1e-6
+    took = _duration(5, Variant.K1, Tree.CHAIN)
+    sim, f = _sim(detect=0.25 * took)
+    sim.crash(node, at)
+    rid = sim.replicate(_request(sim, buddy=buddy))
+    sim.run(until=at)
+    plan = _plan(sim, f, buddy=buddy)
+    first, end = plan.subfiles[plan.held(sim.ids[node])[0]]
+    # it held its subfile; some of those it feeds did not yet
+    assert set(range(first, end)) <= sim.stores[node].begin(f.manifest, None)
+    fed = {int(feed.receiver) - 1 for feed in plan.feeds_from(sim.ids[node])}
+    short = [i for i in fed if not set(range(first, end)) <= sim.stores[i].begin(f.manifest, None)]
+    assert short
+    sim.run(until=200.0)
+    assert rid in sim.finished
+    outcome = SimOutcome(sim.reports.get(rid), dict(sim.completed), 0.0, {}, sim.events)
+    sim.run(until=sim.now + 2 * GIVE_UP + 1.0)
+    _assert_survivors_hold_it(sim, f, outcome, {node})
