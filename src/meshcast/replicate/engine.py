@@ -29,7 +29,9 @@ suspect; the origin (its buddy, if the suspect is the origin) tells every partic
 repair around it (REPAIR), and a view without the node does the same at every node. The
 repair itself is `plan.repair`, the same pure function at every node; a node opens the
 replacement feeds it is the sender of, and a broken feed to a node still in the view is
-opened again (with back-off: a restarted daemon resumes from its verified chunks).
+opened again (with back-off: a restarted daemon resumes from its verified chunks), and a
+node back in the view is fed again by its senders, even by feeds that had ended (their tail
+may have been lost in flight when it died).
 
 Scheduling: a node serves its feeds in the plan's priority order (tree edges before
 collection, after-complete feeds last) and shares equally among feeds of one priority,
@@ -566,10 +568,12 @@ class Replicator:
                 },
             )
         )
-        self._open_feeds(t, out)
-        if spec.buddy is not None:  # the buddy mirrors the file at the same path
+        # the buddy (mirroring the file at the same path) hears of it first: if this node
+        # dies early, it is the only one left that can send the whole file
+        if spec.buddy is not None:
             feed = Feed(self.local, spec.buddy, (), FeedKind.MIRROR)
             self._open_feed(t, feed, (), out, source=request.path)
+        self._open_feeds(t, out)
         self._pump(out)
         return out
 
@@ -662,6 +666,36 @@ class Replicator:
             if o.feed.receiver == node:
                 o.attempts = 0
                 o.retry_at = self._now
+        # no longer repaired around: a later repair must feed it too (and if it fails
+        # again, it is repaired around again)
+        t.failed.discard(node)
+        self._feed_again(t, node, out)
+
+    def _feed_again(self, t: Transfer, node: NodeId, out: list[ReplicationEffect]) -> None:
+        """Open again the feeds this node sends to `node` (planned, or in place of failed
+        senders) that are neither open nor waiting to be retried: a feed that had ended
+        here may have lost its tail in flight when `node` died, and the restarted daemon
+        tells what it holds (HAVE), so only what it lacks is sent."""
+        if t.finished or t.done or t.state == ReceiverState.FAILED:
+            return
+        wanted = [f for f in t.plan.feeds_to(node) if f.sender not in t.failed]
+        wanted += [f for f in repair(t.plan, t.failed).feeds if f.receiver == node]
+        covered = {
+            s
+            for o in [*t.retries, *(o for o in t.outs if not o.ended)]
+            if o.feed.receiver == node
+            for s in o.feed.subfiles
+        }
+        for feed in wanted:
+            if feed.sender != self.local:
+                continue
+            subfiles = tuple(s for s in feed.subfiles if s not in covered)
+            if not subfiles:
+                continue
+            covered.update(subfiles)
+            self._c.feeds_retried += 1
+            ranges = merged_ranges(t.plan.subfiles[s] for s in subfiles)
+            self._open_feed(t, replace(feed, subfiles=subfiles), ranges, out)
 
     def _suspect(self, t: Transfer, node: NodeId, out: list[ReplicationEffect]) -> None:
         """A stream with `node` broke before its end: have the replication repaired
