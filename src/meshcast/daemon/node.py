@@ -537,6 +537,16 @@ class DaemonNode:
                         ),
                         out,
                     )
+                    # a daemon that left is repaired around in every replication
+                    self._replicate_input(
+                        "replication view_changed",
+                        partial(
+                            self.replication.replicator.view_changed,
+                            frozenset(view.members),
+                            self._now,
+                        ),
+                        out,
+                    )
                 case ViewAgreed(view):
                     self._agreed_digest = view.digest
                     out.append(DaemonEvent("view_agreed", describe_view(view, self.names)))

@@ -251,6 +251,9 @@ class DaemonReplication:
                 "streams_failed": s.streams_failed,
                 "streams_refused": s.streams_refused,
                 "malformed": s.malformed,
+                "suspects": s.suspects,
+                "repairs_opened": s.repairs_opened,
+                "feeds_retried": s.feeds_retried,
                 "controls_dropped": self.controls_dropped,
             },
         }

@@ -73,6 +73,9 @@ class ReplicationRequest:
     capacity_aware: bool = False
     rate: float | None = None  # bytes/s per sender; None: the daemons' own caps
     dest: str = ""  # directory on each recipient; "": its default
+    buddy: NodeId | None = (
+        None  # a daemon holding the same file that repairs failures in the origin's place
+    )
 
 
 # ---------------------------------------------------------------- effects
@@ -211,5 +214,8 @@ class ReplicatorStats:
     streams_failed: int
     streams_refused: int
     malformed: int
+    suspects: int  # streams that broke before their end (their peer may have failed)
+    repairs_opened: int  # feeds sent in place of a failed node's
+    feeds_retried: int  # broken feeds opened again
     transfers: int
     streams: int

@@ -18,6 +18,15 @@ Inputs (each returns the effects it caused):
 * `control_received(source, payload, now)`: PROGRESS reports (overlay DATA, REPLICATION).
 * `finalized(rid, path | None, error, now)`: the store renamed a complete copy into place.
 * `on_timer(now)` at `next_deadline()`: the upload shaper and the progress reports.
+* `view_changed(members, now)`: the daemons alive (the overlay's agreed view): a
+  participant that left is repaired around; one that came back is fed again.
+
+Failures (seed 002 [0071]-[0098]): a stream that breaks before its END makes its node a
+suspect; the origin (its buddy, if the suspect is the origin) tells every participant to
+repair around it (REPAIR), and a view without the node does the same at every node. The
+repair itself is `plan.repair`, the same pure function at every node; a node opens the
+replacement feeds it is the sender of, and a broken feed to a node still in the view is
+opened again (with back-off: a restarted daemon resumes from its verified chunks).
 
 Scheduling: a node serves its feeds in the plan's priority order (tree edges before
 collection, after-complete feeds last) and shares equally among feeds of one priority,
@@ -35,7 +44,7 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from meshcast.errors import DecodeError, ReplicationError, UsageError
@@ -61,12 +70,15 @@ from meshcast.replicate.manifest import Manifest
 from meshcast.replicate.messages import (
     MAX_RECIPIENTS,
     Chunk,
+    Done,
     End,
     Fetch,
     Have,
     Offer,
     Progress,
     ReceiverState,
+    RepairAround,
+    Suspect,
     decode_control,
     decode_stream_message,
     encode_chunk_head,
@@ -78,6 +90,7 @@ from meshcast.replicate.plan import (
     FeedKind,
     PlanSpec,
     make_plan,
+    repair,
 )
 from meshcast.replicate.store import ChunkStore
 from meshcast.replicate.transfer import (
@@ -116,6 +129,11 @@ MAX_DEST = 4096  # bytes: a request's dest directory (a path; the OFFER carries 
 # replications this node took part in and forgot, remembered so that a late OFFER of one
 # (a feeder that joined after this copy was done) is answered, not joined all over again
 MAX_FORGOTTEN = 4096
+# a feed whose stream broke is opened again after FEED_RETRY_FIRST s, doubling up to
+# FEED_RETRY_MAX s, at most MAX_FEED_RETRIES times (a view change back resets the count)
+FEED_RETRY_FIRST = 0.5
+FEED_RETRY_MAX = 8.0
+MAX_FEED_RETRIES = 8
 
 
 # ---------------------------------------------------------------- statistics
@@ -144,6 +162,9 @@ class _Counters:
     streams_failed: int = 0
     streams_refused: int = 0
     malformed: int = 0
+    suspects: int = 0
+    repairs_opened: int = 0
+    feeds_retried: int = 0
 
 
 # ---------------------------------------------------------------- the engine
@@ -184,6 +205,9 @@ class Replicator:
         self._now = 0.0
         self._c = _Counters()
         self._forgotten: OrderedDict[int, bool] = OrderedDict()  # rid -> copy complete
+        self._members: frozenset[NodeId] | None = None  # the view (None: not known yet)
+        self._ended_ins: set[int] = set()  # accepted streams whose END arrived
+        self._mirrors: dict[int, Transfer] = {}  # the buddy's transfers being hashed
 
     # ------------------------------------------------------------ queries
 
@@ -192,16 +216,28 @@ class Replicator:
         for t in self._transfers.values():
             if t.report_due is not None and (deadline is None or t.report_due < deadline):
                 deadline = t.report_due
-            stall = self._stall_deadline(t)
-            if stall is not None and (deadline is None or stall < deadline):
-                deadline = stall
+            for when in (self._stall_deadline(t), self._linger_deadline(t)):
+                if when is not None and (deadline is None or when < deadline):
+                    deadline = when
+            for o in t.retries:
+                if o.retry_at is not None and (deadline is None or o.retry_at < deadline):
+                    deadline = o.retry_at
         return deadline
+
+    def _linger_deadline(self, t: Transfer) -> float | None:
+        """When a finished copy (or the buddy) that was never told DONE forgets the
+        replication (it stays to serve repairs until then)."""
+        if t.is_origin or t.done or t.state == ReceiverState.RECEIVING or t.opening:
+            return None
+        return t.last_activity + self.config.give_up_after
 
     def _stall_deadline(self, t: Transfer) -> float | None:
         """When a copy that stopped receiving is given up here (None: not receiving, or
         fed after its feeders complete: then a long wait is the plan, and the origin
         decides when the replication has stalled)."""
-        if t.is_origin or t.state != ReceiverState.RECEIVING or t.opening or t.fed_late:
+        if t.is_origin or t.is_buddy or t.state != ReceiverState.RECEIVING or t.opening:
+            return None
+        if t.fed_late and t.spec.origin not in t.departed:
             return None
         return t.last_progress + self.config.give_up_after
 
@@ -231,6 +267,9 @@ class Replicator:
             streams_failed=c.streams_failed,
             streams_refused=c.streams_refused,
             malformed=c.malformed,
+            suspects=c.suspects,
+            repairs_opened=c.repairs_opened,
+            feeds_retried=c.feeds_retried,
             transfers=len(self._transfers),
             streams=len(self._outs) + len(self._ins),
         )
@@ -245,12 +284,13 @@ class Replicator:
             {
                 "rid": f"{t.rid:016x}",
                 "name": t.manifest.name,
-                "role": "origin" if t.is_origin else "recipient",
+                "role": "origin" if t.is_origin else "buddy" if t.is_buddy else "recipient",
                 "state": t.state.name.lower(),
                 "held_bytes": t.held_bytes,
                 "size": t.manifest.size,
                 "feeds_out": len(t.outs),
                 "feeds_in": len(t.ins),
+                "repairing_around": sorted(int(n) for n in t.failed),
                 "detail": t.detail,
             }
             for t in self._transfers.values()
@@ -289,6 +329,8 @@ class Replicator:
         self, rid: int, manifest: Manifest | None, error: str | None, now: float
     ) -> list[ReplicationEffect]:
         self._now = now
+        if rid in self._mirrors:
+            return self._mirror_hashed(self._mirrors.pop(rid), manifest, error)
         pending = self._pending.pop(rid, None)
         if pending is None:
             return []
@@ -316,6 +358,7 @@ class Replicator:
             tree=request.tree,
             capacities=caps,
             capacity_aware=request.capacity_aware and caps is not None,
+            buddy=request.buddy,
         )
         try:
             plan = make_plan(spec)
@@ -338,6 +381,7 @@ class Replicator:
             rid, manifest, plan, rate=request.rate or 0.0, dest=request.dest, origin=True, now=asked
         )
         t.store_open = True
+        t.source = request.path
         t.held = bytearray(b"\x01" * manifest.chunk_count)
         t.held_count = manifest.chunk_count
         t.held_bytes = manifest.size
@@ -360,10 +404,155 @@ class Replicator:
             )
         )
         self._open_feeds(t, out)
+        if spec.buddy is not None:  # the buddy mirrors the file at the same path
+            feed = Feed(self.local, spec.buddy, (), FeedKind.MIRROR)
+            self._open_feed(t, feed, (), out, source=request.path)
         self._pump(out)
         return out
 
-    # ------------------------------------------------------------ streams
+    def _mirror_hashed(
+        self, t: Transfer, manifest: Manifest | None, error: str | None
+    ) -> list[ReplicationEffect]:
+        """The buddy hashed its mirror of the file: it can repair if the digest matches,
+        else it tells the origin to repair around it."""
+        out: list[ReplicationEffect] = []
+        if self._transfers.get(t.rid) is not t:
+            return out
+        if manifest is not None and manifest.digest != t.digest:
+            error = "its copy differs from the origin's"
+        if manifest is not None and error is None:
+            try:
+                self._store.open_source(t.manifest, t.source)
+            except ReplicationError as exc:
+                error = str(exc)
+        if error is not None:
+            self._fail_copy(t, f"cannot mirror {t.source}: {error}", out)
+            out.append(SendControl(t.spec.origin, encode_control(Suspect(t.rid, self.local))))
+            self._maybe_forget(t)
+            return out
+        t.store_open = True
+        t.held = bytearray(b"\x01" * t.manifest.chunk_count)
+        t.held_count = t.manifest.chunk_count
+        t.held_bytes = t.manifest.size
+        t.state = ReceiverState.COMPLETE
+        out.append(
+            ReplicationEvent("replication_buddy_ready", {"rid": f"{t.rid:016x}", "path": t.source})
+        )
+        for o in t.outs:
+            self._wake(o)
+        self._pump(out)
+        return out
+
+    # ------------------------------------------------------------ failures
+
+    def view_changed(self, members: frozenset[NodeId], now: float) -> list[ReplicationEffect]:
+        """The daemons alive now (the overlay's agreed view)."""
+        self._now = now
+        self._members = members
+        out: list[ReplicationEffect] = []
+        for t in list(self._transfers.values()):
+            gone = t.participants - members
+            back = t.departed - gone
+            new = gone - t.departed
+            t.departed = gone
+            for node in back:
+                self._rejoined(t, node, out)
+            if new:
+                self._departed(t, new, out)
+        self._pump(out)
+        return out
+
+    def _departed(self, t: Transfer, nodes: set[NodeId], out: list[ReplicationEffect]) -> None:
+        for stream, peer in list(self._peers.items()):
+            if peer in nodes and (
+                (stream in self._outs and self._outs[stream].transfer is t)
+                or self._ins.get(stream) is t
+            ):
+                self._drop_stream(stream, f"daemon {peer} left the view", out)
+        if t.is_origin:
+            for node in nodes:
+                r = t.recipients.get(node)
+                if r is not None and r.state not in ("complete", "failed"):
+                    r.state, r.departed = "failed", True
+                    r.detail = f"daemon {node} left the view during the transfer"
+        self._repair_around(t, nodes, out)
+        if (
+            t.is_origin
+            and t.recipients
+            and all(x.state in ("complete", "failed") for x in t.recipients.values())
+        ):
+            self._finish_origin(t, out)
+
+    def _rejoined(self, t: Transfer, node: NodeId, out: list[ReplicationEffect]) -> None:
+        """`node` is back in the view: feed it again (a restarted daemon resumes)."""
+        if t.is_origin:
+            r = t.recipients.get(node)
+            if r is not None and r.departed:
+                r.state, r.departed, r.rank = "waiting", False, -1
+                r.detail = f"daemon {node} is back"
+        for o in t.retries:
+            if o.feed.receiver == node:
+                o.attempts = 0
+                o.retry_at = self._now
+
+    def _suspect(self, t: Transfer, node: NodeId, out: list[ReplicationEffect]) -> None:
+        """A stream with `node` broke before its end: have the replication repaired
+        around it (the origin decides; the buddy when the suspect is the origin)."""
+        if node in t.failed or t.finished or t.done:
+            return
+        self._c.suspects += 1
+        decider = t.spec.origin
+        if node == decider and t.spec.buddy is not None:
+            decider = t.spec.buddy
+        if decider != self.local:
+            if decider != node:
+                out.append(SendControl(decider, encode_control(Suspect(t.rid, node))))
+            return
+        self._repair_around(t, {node}, out)
+        announce = encode_control(RepairAround(t.rid, tuple(sorted(t.failed))))
+        peers = sorted(t.participants - t.failed - t.departed - {self.local})
+        out.extend(SendControl(peer, announce) for peer in peers)
+
+    def _repair_around(self, t: Transfer, nodes: set[NodeId], out: list[ReplicationEffect]) -> None:
+        """Open the feeds this node sends in place of the failed ones (`plan.repair`)."""
+        fresh = nodes - t.failed
+        if not fresh:
+            return
+        t.failed |= fresh
+        t.last_activity = self._now
+        out.append(
+            ReplicationEvent(
+                "replication_repair",
+                {"rid": f"{t.rid:016x}", "failed": sorted(int(n) for n in t.failed)},
+                "warning",
+            )
+        )
+        fix = repair(t.plan, t.failed)
+        for feed in fix.feeds:
+            if feed.sender != self.local:
+                continue
+            subfiles = tuple(s for s in feed.subfiles if (feed.receiver, s) not in t.substituted)
+            if not subfiles:
+                continue
+            t.substituted.update((feed.receiver, s) for s in subfiles)
+            self._c.repairs_opened += 1
+            ranges = merged_ranges(t.plan.subfiles[s] for s in subfiles)
+            self._open_feed(t, replace(feed, subfiles=subfiles), ranges, out)
+        if t.is_origin or t.state != ReceiverState.RECEIVING or t.opening:
+            return
+        lost = [
+            s
+            for node, s in fix.lost
+            if node == self.local and not all(t.held[slice(*t.plan.subfiles[s])])
+        ]
+        if (
+            lost
+            and t.spec.origin in t.departed
+            and (t.spec.buddy is None or t.spec.buddy in t.departed)
+        ):
+            self._give_up_copy(
+                t, out, f"subfiles {lost[:8]} are lost: the origin failed and no buddy has the file"
+            )
 
     def stream_accepted(self, stream: int, peer: NodeId, now: float) -> list[ReplicationEffect]:
         self._now = now
@@ -422,6 +611,8 @@ class Replicator:
         o = self._outs.pop(stream, None)
         self._deframers.pop(stream, None)
         peer = self._peers.pop(stream, None)
+        ended = stream in self._ended_ins
+        self._ended_ins.discard(stream)
         if o is not None:
             if not o.ended:
                 o.failed = True
@@ -439,17 +630,47 @@ class Replicator:
                         "warning",
                     )
                 )
+                self._feed_broken(o, out)
             self._maybe_forget(o.transfer)
         elif stream in self._ins:
             t = self._ins.pop(stream)
             if t is not None:
                 t.ins.discard(stream)
-                if error is not None and not t.complete:
+                if not ended and not t.complete and peer is not None:
                     self._c.streams_failed += 1
-                    t.detail = f"feed from {peer} failed: {error}"
+                    t.detail = f"feed from {peer} failed: {error or 'closed before its end'}"
+                    self._suspect(t, peer, out)
                 self._maybe_forget(t)
         self._pump(out)
         return out
+
+    def _feed_broken(self, o: FeedOut, out: list[ReplicationEffect]) -> None:
+        """A feed's stream broke before its end: suspect its receiver, and open the feed
+        again later while the receiver is in the view (a restarted daemon resumes)."""
+        t = o.transfer
+        receiver = o.feed.receiver
+        if t.finished or t.done or self._transfers.get(t.rid) is not t:
+            return
+        if o.feed.kind != FeedKind.MIRROR:
+            self._suspect(t, receiver, out)
+        if o.attempts < MAX_FEED_RETRIES:
+            o.retry_at = self._now + min(FEED_RETRY_FIRST * 2**o.attempts, FEED_RETRY_MAX)
+            t.retries.append(o)
+
+    def _retry_feeds(self, t: Transfer, out: list[ReplicationEffect]) -> None:
+        due = [o for o in t.retries if o.retry_at is not None and o.retry_at <= self._now]
+        for o in due:
+            t.retries.remove(o)
+            if o.feed.receiver in t.departed:  # opened again when it comes back
+                o.retry_at = None
+                t.retries.append(o)
+                continue
+            if o in t.outs:
+                t.outs.remove(o)
+            self._c.feeds_retried += 1
+            source = t.source if o.feed.kind == FeedKind.MIRROR else ""
+            again = self._open_feed(t, o.feed, o.ranges, out, source=source)
+            again.attempts = o.attempts + 1
 
     # ------------------------------------------------------------ control, files, timer
 
@@ -464,6 +685,8 @@ class Replicator:
             return []
         if isinstance(progress, Fetch):
             return self._on_fetch(source, progress)
+        if isinstance(progress, Suspect | RepairAround | Done):
+            return self._on_failure_control(source, progress)
         t = self._transfers.get(progress.rid)
         if t is None or not t.is_origin or source not in t.recipients:
             return []
@@ -492,6 +715,30 @@ class Replicator:
         out: list[ReplicationEffect] = []
         if all(x.state in ("complete", "failed") for x in t.recipients.values()):
             self._finish_origin(t, out)
+        return out
+
+    def _on_failure_control(
+        self, source: NodeId, message: Suspect | RepairAround | Done
+    ) -> list[ReplicationEffect]:
+        t = self._transfers.get(message.rid)
+        out: list[ReplicationEffect] = []
+        if t is None or source not in t.participants:
+            return out
+        t.last_activity = self._now
+        match message:
+            case Suspect(_, node):
+                if node in t.participants:
+                    self._suspect(t, node, out)
+            case RepairAround(_, failed):
+                self._repair_around(t, set(failed) & t.participants - {self.local}, out)
+            case Done():
+                if source == t.spec.origin and not t.is_origin:
+                    t.done = True
+                    for o in t.retries:
+                        o.retry_at = None
+                    t.retries.clear()
+                    self._maybe_forget(t)
+        self._pump(out)
         return out
 
     def finalized(
@@ -535,6 +782,16 @@ class Replicator:
             stall = self._stall_deadline(t)
             if stall is not None and now >= stall:
                 self._give_up_copy(t, out)
+            if t.retries:
+                self._retry_feeds(t, out)
+            linger = self._linger_deadline(t)
+            if linger is not None and now >= linger:
+                t.done = True  # nobody said DONE (the origin failed?): stop serving repairs
+                t.retries.clear()
+                for o in t.outs:
+                    if not o.ended:
+                        self._drop_stream(o.stream, "the replication is over", out)
+                self._maybe_forget(t)
         if self._wake_at is not None and now >= self._wake_at:
             self._wake_at = None
         self._pump(out)
@@ -549,12 +806,15 @@ class Replicator:
             ReplicationEvent("replica_failed", {"rid": f"{t.rid:016x}", "reason": reason}, "error")
         )
 
-    def _give_up_copy(self, t: Transfer, out: list[ReplicationEffect]) -> None:
-        """No chunk arrived for `give_up_after`: fail this copy (its partial file stays for
-        a later replication of the same file to resume from) and free what it held."""
+    def _give_up_copy(
+        self, t: Transfer, out: list[ReplicationEffect], why: str | None = None
+    ) -> None:
+        """No chunk arrived for `give_up_after` (or, `why`, none can arrive): fail this
+        copy (its partial file stays for a later replication of the same file to resume
+        from) and free what it held."""
         feeders = sorted({int(self._peers[s]) for s in t.ins if s in self._peers})
         t.state = ReceiverState.FAILED
-        stalled = (
+        stalled = why or (
             f"no data for {self.config.give_up_after:.0f} s "
             f"({t.manifest.chunk_count - t.held_count} chunks missing; feeders {feeders})"
         )
@@ -625,7 +885,7 @@ class Replicator:
         if isinstance(message, Chunk):
             self._on_chunk(t, stream, message, out)
         elif isinstance(message, End):
-            pass  # the feeder closes the stream after END
+            self._ended_ins.add(stream)  # the feeder closes the stream after END
         else:
             raise _ProtocolViolation(f"unexpected {type(message).__name__} from a feeder")
 
@@ -703,8 +963,11 @@ class Replicator:
 
     def _join(self, offer: Offer, out: list[ReplicationEffect]) -> Transfer | None:
         """A first OFFER of replication `offer.rid`: take our part in it."""
-        if offer.spec.origin == self.local or self.local not in offer.spec.recipients:
+        buddy = offer.spec.buddy == self.local
+        if offer.spec.origin == self.local or not (buddy or self.local in offer.spec.recipients):
             raise _ProtocolViolation("an OFFER for a plan without us as a recipient")
+        if buddy and (offer.ranges or not offer.source):
+            raise _ProtocolViolation("an OFFER to the buddy must name the file, not send it")
         if len(self._transfers) >= self.config.max_transfers:
             self._c.streams_refused += 1
             return None
@@ -720,6 +983,7 @@ class Replicator:
             dest=offer.dest,
             origin=False,
             now=self._now,
+            buddy=buddy,
         )
         self._transfers[offer.rid] = t
         # the store serves one replication per file at a time (its contract)
@@ -734,6 +998,11 @@ class Replicator:
                 out,
             )
             self._report_progress(t, out)
+            return t
+        if buddy:  # it hashes its mirror; the origin's stream carries nothing
+            t.source = offer.source
+            self._mirrors[offer.rid] = t
+            out.append(HashFile(offer.rid, offer.source))
             return t
         t.fed_late = any(f.after_complete for f in plan.feeds_to(self.local))
         t.opening = True
@@ -802,7 +1071,7 @@ class Replicator:
         """Tell the origin how far this copy is (now; then each progress interval while
         it changes)."""
         t.report_due = None
-        if t.is_origin:
+        if t.is_origin or t.is_buddy:
             return
         reported = (t.state, t.held_count, t.bad_chunks)
         if reported == t.reported:
@@ -834,7 +1103,9 @@ class Replicator:
         feed: Feed,
         ranges: tuple[tuple[int, int], ...],
         out: list[ReplicationEffect],
-    ) -> None:
+        *,
+        source: str = "",
+    ) -> FeedOut:
         stream = next(self._stream_ids)
         o = FeedOut(t, feed, stream, ranges)
         t.outs.append(o)
@@ -842,9 +1113,10 @@ class Replicator:
         self._peers[stream] = feed.receiver
         self._deframers[stream] = Deframer()
         self._c.streams_opened += 1
-        offer = Offer(t.rid, t.rate, t.dest, ranges, t.spec, t.manifest)
+        offer = Offer(t.rid, t.rate, t.dest, ranges, t.spec, t.manifest, source)
         out.append(OpenStream(stream, feed.receiver))
         out.append(StreamSend(stream, (encode_stream_message(offer),)))
+        return o
 
     def _on_feedback(self, o: FeedOut, message: object, out: list[ReplicationEffect]) -> None:
         if not isinstance(message, Have) or o.remote_known:
@@ -996,20 +1268,27 @@ class Replicator:
                 self._outs.pop(o.stream, None)
                 self._deframers.pop(o.stream, None)
                 self._peers.pop(o.stream, None)
+        t.retries.clear()
+        done = encode_control(Done(t.rid))
+        peers = sorted(t.participants - t.departed - {self.local})
+        out.extend(SendControl(peer, done) for peer in peers)
         self._maybe_forget(t)
 
     def _maybe_forget(self, t: Transfer) -> None:
         """Drop a transfer once it has nothing left to do here."""
-        if any(not o.ended for o in t.outs) or t.ins:
+        if any(not o.ended for o in t.outs) or t.ins or t.retries:
             return
         if t.is_origin:
             if not t.finished:
                 return
         elif t.state not in (ReceiverState.COMPLETE, ReceiverState.FAILED):
             return
+        elif t.state == ReceiverState.COMPLETE and not t.done:
+            return  # it serves repairs until the origin says DONE (or lingers out)
         if t.report_due is not None and not t.is_origin:
             return
         self._transfers.pop(t.rid, None)
+        self._mirrors.pop(t.rid, None)
         if t.store_open:  # (a copy the store refused must not close another's file)
             self._store.close(t.digest)
         if not t.is_origin:

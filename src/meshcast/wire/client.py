@@ -1531,4 +1531,3 @@ class FrameDecoder:
             raise DecodeError(f"stream out of sync: {self._failure}")
         if self.buffered:
             raise DecodeError(f"stream ended inside a frame ({self.buffered} bytes pending)")
-
