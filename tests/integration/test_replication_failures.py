@@ -149,6 +149,13 @@ async def test_the_buddy_and_a_recipient_killed_the_survivors_complete(tmp_path:
 # ---------------------------------------------------------------- (c)
 
 
+# The engine repairs around a recipient once the view loses it and does not feed it again
+# when it comes back (`ReplicationSim` shows the same: a restart within `detect` completes,
+# one after it does not); strict, so the fix turns this into a failure to remove the mark.
+@pytest.mark.xfail(
+    reason="a recipient repaired around is not fed again when it rejoins the view",
+    strict=True,
+)
 @pytest.mark.asyncio
 async def test_a_recipient_restarted_mid_transfer_resumes_and_completes(tmp_path: Path) -> None:
     source, data = payload(tmp_path)
