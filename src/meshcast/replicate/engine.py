@@ -494,6 +494,34 @@ class Replicator:
             if o.feed.receiver == node:
                 o.attempts = 0
                 o.retry_at = self._now
+        self._feed_again(t, node, out)
+
+    def _feed_again(self, t: Transfer, node: NodeId, out: list[ReplicationEffect]) -> None:
+        """Open again the feeds this node sends to `node` (planned, or in place of failed
+        senders) that are neither open nor waiting to be retried: a feed that had ended
+        here may have lost its tail in flight when `node` died, and the restarted daemon
+        tells what it holds (HAVE), so only what it lacks is sent."""
+        if t.finished or t.done or t.state == ReceiverState.FAILED:
+            return
+        others = t.failed - {node}
+        wanted = [f for f in t.plan.feeds_to(node) if f.sender not in others]
+        wanted += [f for f in repair(t.plan, others).feeds if f.receiver == node]
+        covered = {
+            s
+            for o in [*t.retries, *(o for o in t.outs if not o.ended)]
+            if o.feed.receiver == node
+            for s in o.feed.subfiles
+        }
+        for feed in wanted:
+            if feed.sender != self.local:
+                continue
+            subfiles = tuple(s for s in feed.subfiles if s not in covered)
+            if not subfiles:
+                continue
+            covered.update(subfiles)
+            self._c.feeds_retried += 1
+            ranges = merged_ranges(t.plan.subfiles[s] for s in subfiles)
+            self._open_feed(t, replace(feed, subfiles=subfiles), ranges, out)
 
     def _suspect(self, t: Transfer, node: NodeId, out: list[ReplicationEffect]) -> None:
         """A stream with `node` broke before its end: have the replication repaired

@@ -252,7 +252,9 @@ class ReplicationSim:
             self._streams.pop(key, None)
             self._streams.pop((j, other), None)
             self._at(self.now + self.latency, partial(self._reset, j, other, self._epoch[j]))
-        self._at(self.now + self.detect, self._view)
+        # the detector saw this crash: its view leaves the node out even if it restarted
+        # in between (the restart's own view, later, brings it back)
+        self._at(self.now + self.detect, partial(self._view, self._members()))
 
     def _reset(self, j: int, stream: int, epoch: int) -> None:
         self._input(j, lambda e: e.stream_closed(stream, "reset", self.now), epoch)
@@ -263,10 +265,12 @@ class ReplicationSim:
         self.alive[i] = True
         self._epoch[i] += 1
         self.engines[i] = self._engine(i)
-        self._at(self.now + self.detect, self._view)
+        self._at(self.now + self.detect, partial(self._view, self._members()))
 
-    def _view(self) -> None:
-        members = frozenset(node for node, up in zip(self.ids, self.alive, strict=True) if up)
+    def _members(self) -> frozenset[NodeId]:
+        return frozenset(node for node, up in zip(self.ids, self.alive, strict=True) if up)
+
+    def _view(self, members: frozenset[NodeId]) -> None:
         for i in range(self.n):
             self._input(i, lambda e: e.view_changed(members, self.now))
 
