@@ -151,12 +151,13 @@ async def test_the_buddy_and_a_recipient_killed_the_survivors_complete(tmp_path:
 # ---------------------------------------------------------------- (c)
 
 
-# The engine repairs around a recipient once the view loses it and does not feed it again
-# when it comes back (`ReplicationSim` shows the same: a restart within `detect` completes,
-# one after it does not); strict, so the fix turns this into a failure to remove the mark.
+# Fails in about 2 runs of 5: a sender's feed to the restarted daemon is sometimes refused
+# or ended early, and it stays a chunk or more short. `ReplicationSim` shows the same (4
+# nodes at 12.8 Mbit/s, this file, node 2 crashed at 3.0 s and restarted at 4.5 s, seed 1:
+# "feed to 3 failed: refused"). Not strict while it is intermittent; remove once fixed.
 @pytest.mark.xfail(
-    reason="a recipient repaired around is not fed again when it rejoins the view",
-    strict=True,
+    reason="intermittent: a restarted recipient's feeds are sometimes refused or cut short",
+    strict=False,
 )
 @pytest.mark.asyncio
 async def test_a_recipient_restarted_mid_transfer_resumes_and_completes(tmp_path: Path) -> None:
