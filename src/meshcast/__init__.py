@@ -7,7 +7,7 @@ stays fast::
     async with await meshcast.connect("unix:/tmp/meshcast-D1.sock", name="alice") as c:
         await c.join("chat")
         await c.multicast("chat", b"hello", service=meshcast.AGREED, msg_type=7)
-        async for event in c:  # meshcast.Message | meshcast.Membership
+        async for event in c:  # meshcast.Message | meshcast.Membership | meshcast.BlobHeld
             ...
 """
 
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
         ReplicationReport,
     )
     from meshcast.wire.client import (
+        BlobHeld,
+        BlobMissing,
         Cause,
         ErrorCode,
         Membership,
@@ -73,6 +75,8 @@ _LAZY = {
     "ReplicationFailed": "meshcast.client.replication",
     "ReplicationReport": "meshcast.client.replication",
     "RecipientProgress": "meshcast.client.replication",
+    "BlobHeld": "meshcast.wire.client",
+    "BlobMissing": "meshcast.wire.client",
     "Cause": "meshcast.wire.client",
     "ErrorCode": "meshcast.wire.client",
     "Membership": "meshcast.wire.client",
@@ -108,6 +112,8 @@ __all__ = [
     "SAFE",
     "UNRELIABLE",
     "AccessDenied",
+    "BlobHeld",
+    "BlobMissing",
     "BufferFull",
     "Busy",
     "Cause",

@@ -691,11 +691,14 @@ class ReplicateConfig:
     rate_bps: float = 0.0
     progress_interval: float = 0.25  # s between a recipient's progress reports
     give_up_after: float = 120.0  # s without progress from any recipient: the origin stops
+    # s without progress after which `meshcast status` calls a transfer stalled and names
+    # the peers it waits on
+    stall_after: float = 10.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.rate_bps) and self.rate_bps >= 0):
             raise ConfigError(f"must be 0 or a positive rate, got {self.rate_bps!r}", key="rate")
-        for key in ("progress_interval", "give_up_after"):
+        for key in ("progress_interval", "give_up_after", "stall_after"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"must be a positive number of seconds, got {value!r}", key=key)

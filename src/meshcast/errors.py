@@ -124,4 +124,3 @@ class ClientError(MeshcastError):
     def __init__(self, message: str, code: int = 0) -> None:
         super().__init__(message)
         self.code = code
-

@@ -1,6 +1,7 @@
 """`meshcast bench replicate` end to end through the real command (behaviour only, never
 speed): a `--quick` run prints one JSON object of the documented shape, every ratio a
-finite number no plan can beat (>= 1, up to float rounding), and `--plot` writes its PNGs.
+finite number no plan can beat (>= 1, up to float rounding), the failure parts end with
+every survivor's copy identical to the source, and `--plot` writes its PNGs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.timeout(480)
 
 COMMAND = (sys.executable, "-m", "meshcast", "bench", "replicate", "--quick", "--json")
-RUN_TIMEOUT = 400.0  # s: ~20 s of CPU simulating, plus small real and memory runs
+RUN_TIMEOUT = 400.0  # s: ~20 s of CPU simulating, plus small real, memory and failure runs
 NS = {"8", "64", "512"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIN_RATIO = 0.99  # below: the bound or the simulator is wrong
@@ -47,7 +48,7 @@ def test_quick_run_has_every_key_with_ratios_at_or_above_the_bound(
     quick_run: tuple[dict[str, Any], Path],
 ) -> None:
     result, _ = quick_run
-    assert set(result) == {"sim", "real", "memory"}
+    assert set(result) == {"sim", "real", "memory", "failure", "failure_sim"}
     sim = result["sim"]
     assert {"fastreplica", "fanout", "alm_tree", "heterogeneous", "variants", "params"} <= set(sim)
     for strategy in ("fastreplica", "fanout", "alm_tree"):
@@ -87,6 +88,43 @@ def test_quick_run_has_every_key_with_ratios_at_or_above_the_bound(
     assert memory["digests_equal"] is True
     assert set(memory["rss_mib"]) == {"H0", "H1", "H2"}
     assert all(m["peak"] >= m["before"] > 0 for m in memory["rss_mib"].values())
+
+
+def test_quick_failure_runs_keep_every_survivor_identical(
+    quick_run: tuple[dict[str, Any], Path],
+) -> None:
+    result, _ = quick_run
+    failure = result["failure"]
+    assert {"slowdown", "digests_equal", "runs", "mode", "params", "details", "targets"} <= set(
+        failure
+    )
+    assert failure["digests_equal"] is True  # every survivor's copy is the source
+    assert failure["runs"] == len(failure["details"]) >= 2
+    killed = [run for run in failure["details"] if run["victim"] is not None]
+    assert killed, failure["details"]
+    for run in failure["details"]:
+        assert run["digests_equal"] is True
+        assert run["survivors_s"] is not None
+        assert run["survivors_s"] > 0
+        if run["victim"] is None:
+            assert run["state"] == "complete"
+            assert run["missing"] == []
+        else:
+            assert run["missing"] == [run["victim"]]  # the final report names it
+            assert 0 < run["killed_at_fraction"] < 1
+    assert isinstance(failure["slowdown"], float)
+    assert math.isfinite(failure["slowdown"])
+    assert failure["params"]["strategy"] == "fastreplica"
+    assert failure["params"]["buddy"] == f"H{failure['params']['recipients'] + 1}"
+    sim = result["failure_sim"]
+    assert {"runs", "all_survivors_identical", "mean_slowdown", "params"} <= set(sim)
+    assert sim["all_survivors_identical"] is True
+    assert sim["runs"] == sim["runs_identical"] == sim["runs_completed"] > 0
+    assert sim["runs_buddy_failed"] > 0  # the buddy was among the crashed nodes
+    assert sum(sim["failures_per_run"].values()) == sim["runs"]
+    # a crash may also lighten the survivors' load: any finite positive figure
+    assert isinstance(sim["mean_slowdown"], float)
+    assert 0 < sim["mean_slowdown"] < math.inf
 
 
 def test_plot_writes_the_figures(quick_run: tuple[dict[str, Any], Path]) -> None:

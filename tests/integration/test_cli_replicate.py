@@ -90,6 +90,8 @@ async def test_a_replication_to_named_daemons(sock_dir: str) -> None:
             "--capacity-aware",
             "--dest",
             "/srv/in",
+            "--buddy",
+            "D4",
         )
     assert code == 0, err
     assert out.splitlines() == [
@@ -114,6 +116,7 @@ async def test_a_replication_to_named_daemons(sock_dir: str) -> None:
             tree=1,
             max_connections=5,
             capacity_aware=True,
+            buddy="D4",
         )
     ]
 

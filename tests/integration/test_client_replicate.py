@@ -89,6 +89,7 @@ async def test_progress_then_the_final_report(sock_dir: str) -> None:
             tree=1,
             max_connections=4,
             capacity_aware=True,
+            buddy="",  # (a version-6 session: the field is there, empty)
         )
     ]
 
@@ -231,13 +232,43 @@ async def test_arguments_and_old_daemons_are_usage_errors(sock_dir: str) -> None
             ({"max_connections": 0}, "max_connections must be"),
             ({"capacity_aware": 1}, "capacity_aware must be"),
             ({"path": ""}, "path must be a non-empty str"),
+            ({"buddy": ""}, "buddy must be a daemon name"),
+            ({"buddy": "D2,D3"}, "buddy must be one daemon's name"),
+            ({"buddy": "group:g"}, "buddy must be one daemon's name"),
         ]
         for kwargs, message in bad:
             path = kwargs.pop("path", "/f")
             with pytest.raises(meshcast.UsageError, match=message):
                 await c.replicate(path, **kwargs)  # type: ignore[arg-type]
+        for rid, rate, message in [
+            ("xyz", 1e6, "a replication id is 16 hex digits"),
+            ("00000000000000ff", 0, "rate must be a positive number"),
+            ("00000000000000ff", float("inf"), "rate must be a positive number"),
+        ]:
+            with pytest.raises(meshcast.UsageError, match=message):
+                await c.set_rate(rid, rate)
         await c.ping()
         assert fake.replicates == []  # refused before anything was sent
+
+
+@pytest.mark.asyncio
+async def test_a_version_5_daemon_gets_the_version_5_replicate(sock_dir: str) -> None:
+    fake = FakeDaemon(versions=(1, 5), replicate=progress_then_complete)
+    async with (
+        fake.serve_unix(os.path.join(sock_dir, "d.sock")),
+        await meshcast.connect(fake.address) as c,
+    ):
+        assert c.version == 5
+        with pytest.raises(meshcast.UsageError, match="a buddy needs protocol version 6"):
+            await c.replicate("/f", "D2", buddy="D3")
+        with pytest.raises(meshcast.UsageError, match="set_rate needs protocol version 6"):
+            await c.set_rate("00000000000000ff", 1e6)
+        handle = await c.replicate("/f", "D2")
+        async with asyncio.timeout(10):
+            await handle.wait()
+        with pytest.raises(meshcast.UsageError, match="is over"):
+            await handle.set_rate(1e6)
+    assert [frame.buddy for frame in fake.replicates] == [None]  # no buddy field at all
 
 
 def test_the_blocking_client_replicates(sock_dir: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import struct
@@ -14,6 +15,8 @@ from hypothesis import strategies as st
 from meshcast.errors import DecodeError
 from meshcast.wire import client
 from meshcast.wire.client import (
+    BlobHeld,
+    BlobMissing,
     Cause,
     Confirmed,
     DaemonLimits,
@@ -153,6 +156,29 @@ def replication_replies(draw: st.DrawFn) -> Replication:
     return Replication(draw(u32), final, draw(replication_reports(final)))
 
 
+@st.composite
+def blob_events(draw: st.DrawFn) -> BlobHeld:
+    """BLOB_HELD (v6): distinct daemons split between held_by and missing."""
+    daemons = draw(st.lists(daemon_names, max_size=8, unique=True))
+    complete = draw(st.booleans())
+    cut = len(daemons) if complete else draw(st.integers(0, len(daemons)))
+    missing = tuple(
+        BlobMissing(d, draw(u64), draw(texts.filter(lambda t: len(t.encode()) <= 255)))
+        for d in daemons[cut:]
+    )
+    return BlobHeld(
+        draw(group_names),
+        draw(st.from_regex(r"[0-9a-f]{16}", fullmatch=True)),
+        draw(texts),
+        draw(u64),
+        draw(st.binary(max_size=client.MAX_BLOB_DIGEST)).hex(),
+        draw(daemon_names),
+        complete,
+        tuple(daemons[:cut]),
+        missing,
+    )
+
+
 FRAMES: dict[FrameType, st.SearchStrategy[Frame]] = {
     FrameType.HELLO: st.builds(
         Hello,
@@ -201,8 +227,12 @@ FRAMES: dict[FrameType, st.SearchStrategy[Frame]] = {
         st.integers(0, 1),
         st.integers(1, 255),
         st.booleans(),
+        st.none() | st.just("") | daemon_names,  # v5 layout (None) or v6 with a buddy
     ),
+    # any f64 but NaN (which equals nothing) travels: the daemon judges the rate
+    FrameType.SET_RATE: st.builds(client.SetRate, u64, st.floats(allow_nan=False), u32),
     FrameType.REPLICATION: replication_replies(),
+    FrameType.BLOB_HELD: blob_events(),
     FrameType.PING: st.builds(Ping, u64),
     FrameType.PONG: st.builds(Pong, u64),
     FrameType.GOODBYE: st.just(Goodbye()),
@@ -443,7 +473,9 @@ def test_a_replication_report_keeps_its_text(data: st.DataObject) -> None:
 def test_mutated_replication_bodies_raise_only_decode_error(
     data: st.DataObject, junk: bytes
 ) -> None:
-    frame = data.draw(st.sampled_from([FrameType.REPLICATE, FrameType.REPLICATION]))
+    frame = data.draw(
+        st.sampled_from([FrameType.REPLICATE, FrameType.SET_RATE, FrameType.REPLICATION])
+    )
     encoded = bytearray(encode(data.draw(FRAMES[frame])))
     for _ in range(data.draw(st.integers(1, 3))):
         position = data.draw(st.integers(5, len(encoded) - 1))
@@ -455,3 +487,126 @@ def test_mutated_replication_bodies_raise_only_decode_error(
     except DecodeError:
         return
     assert decode(encode(decoded)) == decoded
+
+
+# ---------------------------------------------------------------- BLOB_HELD (v6)
+
+
+def _blob(**changes: object) -> BlobHeld:
+    fields: dict[str, object] = {
+        "group": "chat",
+        "rid": "00000000000000ab",
+        "name": "a.bin",
+        "size": 10,
+        "digest": "ab" * 32,
+        "origin": "D1",
+        "complete": False,
+        "held_by": ("D1",),
+        "missing": (BlobMissing("D2", 4, "disk full"),),
+    }
+    fields.update(changes)
+    return BlobHeld(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "fault"),
+    [
+        ({"complete": True}, "complete BLOB_HELD names daemons missing"),
+        ({"held_by": ("D1", "D2")}, "named twice"),
+        ({"held_by": ("D#1",)}, "contains '#'"),
+        ({"digest": "abc"}, "digest must be lowercase hex"),
+        ({"digest": "AB"}, "digest must be lowercase hex"),
+        ({"digest": "ab" * 65}, "digest must be lowercase hex"),
+        ({"rid": "ab"}, "rid must be 16 lowercase hex digits"),
+        ({"group": "#membership"}, "starts with '#'"),
+        ({"size": -1}, "size -1 is outside"),
+        ({"missing": (BlobMissing("D2", 0, "x" * 256),)}, "reason"),
+        ({"missing": (BlobMissing("D2", 0, "line\nbreak"),)}, "control character"),
+        ({"missing": (BlobMissing("D2", 2**64, ""),)}, "held_bytes"),
+        ({"missing": (("D2", 0, ""),)}, "not a BlobMissing"),
+        ({"origin": "has space"}, "whitespace"),
+        (
+            {"held_by": tuple(f"d{i}" for i in range(client.MAX_BLOB_DAEMONS)), "missing": ()},
+            None,
+        ),
+        (
+            {"held_by": tuple(f"d{i}" for i in range(client.MAX_BLOB_DAEMONS + 1)), "missing": ()},
+            "more than 4096",
+        ),
+    ],
+)
+def test_blob_held_checks(changes: dict[str, object], fault: str | None) -> None:
+    frame = _blob(**changes)
+    if fault is None:
+        assert decode(encode(frame)) == frame
+        return
+    with pytest.raises(ValueError, match=fault):
+        encode(frame)
+
+
+def _blob_bytes(body: bytes) -> bytes:
+    return struct.pack("!IB", 1 + len(body), FrameType.BLOB_HELD) + body
+
+
+def test_blob_held_decode_refuses_what_encode_would() -> None:
+    """Bodies built by hand, each wrong in one way: DecodeError naming the fault."""
+    good = client.blob_held_body(_blob())
+    assert decode(_blob_bytes(good)) == _blob()
+    # unknown flags
+    with pytest.raises(DecodeError, match="unknown flags 0x02"):
+        decode(_blob_bytes(good[:8] + b"\x02" + good[9:]))
+    # complete flag with a missing daemon
+    with pytest.raises(DecodeError, match="complete BLOB_HELD"):
+        decode(_blob_bytes(good[:8] + b"\x01" + good[9:]))
+    # a count of missing entries far beyond the bytes left: refused before any loop
+    head = client.blob_held_body(_blob(missing=()))
+    with pytest.raises(DecodeError, match="more than the 0 bytes left"):
+        decode(_blob_bytes(head[:-2] + struct.pack("!H", 4000)))
+    with pytest.raises(DecodeError, match="more than 4096"):
+        decode(_blob_bytes(head[:-2] + struct.pack("!H", 4096)))
+    # a digest longer than 64 bytes
+    body = client.blob_held_body(_blob(digest="", missing=(), held_by=()))
+    at = body.index(b"\x00\x00\x00\x00", client.BLOB_HELD_HEAD.size)  # digest len, counts
+    long_digest = body[:at] + bytes((65,)) + bytes(65) + body[at + 1 :]
+    with pytest.raises(DecodeError, match="digest of 65 bytes"):
+        decode(_blob_bytes(long_digest))
+    # trailing bytes
+    with pytest.raises(DecodeError, match="trailing bytes"):
+        decode(_blob_bytes(good + b"\x00"))
+
+
+def test_blob_held_worst_case_fits_its_frame_bound() -> None:
+    """The largest valid BLOB_HELD is within MAX_BLOB_HELD_FRAME, which every session's
+    frame cap admits, whatever the daemon's max_message_size."""
+    daemons = [
+        f"{i:04d}" + "d" * (client.MAX_DAEMON_NAME - 4) for i in range(client.MAX_BLOB_DAEMONS)
+    ]
+    frame = BlobHeld(
+        "g" * client.MAX_GROUP_NAME,
+        "f" * 16,
+        "n" * client.MAX_REPLICATE_PATH,
+        client.U64_MAX,
+        "ab" * client.MAX_BLOB_DIGEST,
+        "o" * client.MAX_DAEMON_NAME,
+        False,
+        (),
+        tuple(BlobMissing(d, client.U64_MAX, "r" * client.MAX_BLOB_REASON) for d in daemons),
+    )
+    data = encode(frame)
+    assert len(data) - client.LENGTH_SIZE == client.MAX_BLOB_HELD_FRAME
+    assert client.frame_size_limit(1) >= client.MAX_BLOB_HELD_FRAME
+    assert decode(data, max_frame_size=client.MAX_BLOB_HELD_FRAME) == frame
+
+
+@given(frame=FRAMES[FrameType.REPLICATE], buddy=st.just("") | daemon_names)
+def test_a_v6_replicate_is_the_v5_layout_and_a_trailing_buddy(frame: Replicate, buddy: str) -> None:
+    """A version-5 REPLICATE (no buddy field) encodes as it always did; version 6 appends
+    the buddy's name as one str16, and each decodes to what was encoded."""
+    v5 = dataclasses.replace(frame, buddy=None)
+    v6 = dataclasses.replace(frame, buddy=buddy)
+    old, new = encode(v5), encode(v6)
+    tail = struct.pack("!H", len(buddy.encode())) + buddy.encode()
+    assert new[4:] == old[4:] + tail
+    assert struct.unpack_from("!I", new)[0] == struct.unpack_from("!I", old)[0] + len(tail)
+    assert decode(old) == v5
+    assert decode(new) == v6

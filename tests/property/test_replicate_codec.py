@@ -4,6 +4,7 @@ engine's stream deframer on arbitrary cuts of a valid stream."""
 from __future__ import annotations
 
 import contextlib
+import struct
 from itertools import pairwise
 from typing import Literal
 
@@ -15,11 +16,15 @@ from meshcast.ids import NodeId
 from meshcast.replicate.manifest import MAX_CHUNK_SIZE, Manifest
 from meshcast.replicate.messages import (
     Chunk,
+    Done,
     End,
     Have,
     Offer,
     Progress,
+    Rate,
     ReceiverState,
+    RepairAround,
+    Suspect,
     decode_control,
     decode_stream_message,
     encode_chunk_head,
@@ -140,6 +145,36 @@ def test_progress_round_trip(progress: Progress) -> None:
     assert decode_control(encode_control(progress)) == progress
 
 
+@given(
+    st.builds(
+        Rate,
+        st.integers(0, 2**64 - 1),
+        st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),
+    )
+)
+def test_rate_round_trip(rate: Rate) -> None:
+    encoded = encode_control(rate)
+    assert encoded[:5] == b"MCRP\x15"  # RATE 21
+    assert decode_control(encoded) == rate
+
+
+@given(st.floats(max_value=-1e-300) | st.just(float("inf")) | st.just(float("nan")))
+def test_a_rate_that_is_no_cap_is_refused_both_ways(value: float) -> None:
+    try:
+        encode_control(Rate(1, value))
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("encoded a bad rate")
+    raw = b"MCRP\x12" + (1).to_bytes(8, "big") + struct.pack("!d", value)
+    try:
+        decode_control(raw)
+    except DecodeError:
+        pass
+    else:
+        raise AssertionError("decoded a bad rate")
+
+
 # ---------------------------------------------------------------- decode contract
 
 
@@ -155,6 +190,8 @@ def test_decode_control_raises_only_decode_error(data: bytes) -> None:
         decode_control(data)
     with contextlib.suppress(DecodeError):
         decode_control(b"MCRP\x10" + data)
+    with contextlib.suppress(DecodeError):
+        decode_control(b"MCRP\x12" + data)
 
 
 @given(offers(), st.data())
@@ -215,3 +252,30 @@ def test_deframer_raises_only_decode_error(garbage: bytes, data: st.DataObject) 
                 with contextlib.suppress(DecodeError):
                     decode_stream_message(frame)
         assert deframer.buffered <= len(garbage)
+
+
+# ---------------------------------------------------------------- failure controls
+
+node_ids = st.integers(1, 2**32 - 1).map(NodeId)
+rids = st.integers(0, 2**64 - 1)
+
+
+@given(
+    st.one_of(
+        st.builds(Suspect, rids, node_ids),
+        st.builds(RepairAround, rids, st.lists(node_ids, max_size=50).map(tuple)),
+        st.builds(Done, rids),
+    )
+)
+def test_failure_controls_round_trip(message: Suspect | RepairAround | Done) -> None:
+    """SUSPECT (18), REPAIR (19) and DONE (20) decode to what was encoded, and any cut or
+    extended copy is refused with DecodeError only."""
+    encoded = encode_control(message)
+    kind = {Suspect: 18, RepairAround: 19, Done: 20}[type(message)]
+    assert encoded[:5] == b"MCRP" + bytes([kind])
+    assert decode_control(encoded) == message
+    for broken in (encoded[:-1], encoded + b"\0"):
+        with contextlib.suppress(DecodeError):
+            decoded = decode_control(broken)
+            assert isinstance(decoded, Suspect | RepairAround | Done)
+            raise AssertionError(f"{broken!r} decoded to {decoded!r}")

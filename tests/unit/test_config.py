@@ -1305,3 +1305,13 @@ def test_dataclasses_report_every_bad_field() -> None:
     with pytest.raises(ConfigError) as info:
         DaemonSpec("D1", 0, "nowhere", 0, "east", -1.0, 1.0)
     assert [p.key for p in info.value.problems] == ["id", "host", "port", "upload"]
+
+
+def test_replicate_stall_after_is_a_positive_duration() -> None:
+    assert parse(render()).replicate.stall_after == 10.0
+    config = parse(render(tail='[replicate]\nstall_after = "2.5s"\n'))
+    assert config.replicate.stall_after == 2.5
+    assert parse(dump_config(config)).replicate.stall_after == 2.5
+    for bad in ("0", "-1", '"nan"'):
+        error = error_of(render(tail=f"[replicate]\nstall_after = {bad}\n"))
+        assert "stall_after" in str(error)

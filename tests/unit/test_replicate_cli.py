@@ -220,3 +220,62 @@ def test_local_pieces_hash_streamed_and_compare(tmp_path: Path) -> None:
         ("D2", "127.0.0.2", 2),
         ("D3", "127.0.0.3", 3),
     ]
+
+
+def test_stalled_transfers_and_recipients_are_named() -> None:
+    from meshcast.client.status import format_status
+
+    running = make("running", {"D2": ("receiving", 1 << 20), "D3": ("receiving", 0)})
+    entry = running.to_json()
+    entry["recipients"][1]["stalled"] = 12.5  # type: ignore[index]
+    transfer = {
+        "rid": "00000000000000ff",
+        "name": "big.iso",
+        "role": "origin",
+        "stalled": {
+            "for": 12.5,
+            "waiting_on": [3],
+            "why": "1 receivers take no data",
+            "waiting_on_daemons": ["D3"],
+        },
+    }
+    quiet = {**transfer, "rid": "00000000000000fe", "stalled": None}
+    text = format_status({"replication": {"replications": [entry], "transfers": [transfer, quiet]}})
+    assert (
+        "STALLED: replication 00000000000000ff of big.iso (origin): no progress for 12.5 s, "
+        "waiting on D3 (1 receivers take no data)"
+    ) in text
+    assert "00000000000000fe" not in text
+    assert "    D3  receiving  0 bytes  (stalled: no report for 12.5 s)" in text
+    report = parse_report(json.dumps(entry), False)
+    assert [r.stalled for r in report.recipients] == [None, 12.5]
+    assert summary_line(report).endswith("; stalled: D3 (12 s)")
+    console = Console(record=True, width=110, file=io.StringIO())
+    console.print(render_report(report))
+    assert "receiving (stalled 12 s)" in console.export_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["replicate", "--id", "00000000000000ff"], "give --rate R"),
+        (["replicate", "f", "--id", "00000000000000ff", "--rate", "8M"], "no FILE"),
+        (["replicate"], "give the FILE to replicate"),
+    ],
+)
+def test_replicate_id_needs_a_rate_and_no_file(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from meshcast.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_rate_none_is_no_cap() -> None:
+    from meshcast.client.replicate_cli import bit_rate_or_none
+
+    assert bit_rate_or_none("none") == bit_rate_or_none(" None ") == 0.0
+    assert bit_rate_or_none("8M") == 8e6
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a positive rate"):
+        bit_rate_or_none("0")

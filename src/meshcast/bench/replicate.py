@@ -26,8 +26,17 @@ the same file and capacities. 1.0 is the best any plan can do.
   daemon's upload shaped by meshcast's own rate cap (`mode` says which).
 * `memory`: one 4 GiB file replicated over loopback to 2 daemons; every daemon's RSS
   before, at its peak during, and after the run.
+* `failure`: on the testbed of `real` (loopback fallback likewise), FastReplica from H0 to
+  8 recipients at 100 Mbit/s with a buddy daemon (H9, holding the same file: the same
+  source path on the shared filesystem); pairs of runs, one without failure then one with
+  a recipient SIGKILLed at 30 % of the bytes; `slowdown` is the median time until every
+  survivor's copy is complete with the failure over the median without, `digests_equal`
+  that every survivor's copy is the source (`meshcast.bench.replicate_real.run_failure`).
+* `failure_sim`: ≥ 1,000 seeded simulator runs of random size (8-64 recipients, small
+  files), each with 1-3 nodes crashed at random moments (the origin's buddy among the
+  candidates), against the same seed without failures (`meshcast.bench.replicate_failure`).
 
-`--suite sim|real|memory|all` picks the parts (default: all).
+`--suite sim|real|memory|failure|failure_sim|all` picks the parts (default: all).
 """
 
 from __future__ import annotations
@@ -77,6 +86,11 @@ TARGET_REAL = {"100mbit": 1.15, "400mbit": 1.30}
 REAL_RATES = {"100mbit": 100e6, "400mbit": 400e6}
 REAL_MIB, REAL_QUICK_MIB = 128, 8
 MEMORY_GIB = 4
+FAILURE_MIB, FAILURE_QUICK_MIB = 128, 24
+FAILURE_PAIRS, FAILURE_QUICK_PAIRS = 5, 1  # (no failure, failure) pairs of runs
+FAILURE_RECIPIENTS, FAILURE_QUICK_RECIPIENTS = 8, 3
+FAILURE_KILL_AT = 0.3  # of all the recipients' bytes
+TARGET_FAILURE_SLOWDOWN = 1.3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed of the simulator's engines")
     parser.add_argument(
         "--suite",
-        choices=("sim", "real", "memory", "all"),
+        choices=("sim", "real", "memory", "failure", "failure_sim", "all"),
         default="all",
         help="which parts to run (default: all; real and memory start daemon processes)",
     )
@@ -331,6 +345,48 @@ def measure_memory(quick: bool) -> dict[str, Any]:
     }
 
 
+def measure_failure(quick: bool) -> dict[str, Any]:
+    """One recipient SIGKILLed at 30 % of the bytes against the same run without."""
+    from meshcast.bench import netns
+    from meshcast.bench.replicate_real import buddy_option, failure_summary, run_failure
+
+    usable, reason = netns.available()
+    recipients = FAILURE_QUICK_RECIPIENTS if quick else FAILURE_RECIPIENTS
+    size = (FAILURE_QUICK_MIB if quick else FAILURE_MIB) * MIB
+    runs = run_failure(
+        UPLOAD,
+        recipients=recipients,
+        size=size,
+        pairs=FAILURE_QUICK_PAIRS if quick else FAILURE_PAIRS,
+        kill_at=FAILURE_KILL_AT,
+        shaped=not usable,
+    )
+    result = failure_summary(runs)
+    buddy = f"H{recipients + 1}"
+    result["mode"] = "netns" if usable else f"loopback, shaped by meshcast ({reason})"
+    result["params"] = {
+        "strategy": "fastreplica",
+        "recipients": recipients,
+        "file_mib": size // MIB,
+        "upload_mbit": UPLOAD / 1e6,
+        "kill_at_fraction": FAILURE_KILL_AT,
+        "victims": "H1, H2, ... in turn, one per pair; restarted empty after its run",
+        "buddy": buddy,
+        "buddy_holds": "the same source path (one filesystem for every host)",
+        "buddy_in_request": bool(buddy_option(buddy)),
+        "slowdown": "median survivors' completion with the failure / median without "
+        "(runs interleaved: no failure, failure, ...)",
+        "quick": quick,
+    }
+    slowdown = result["slowdown"]
+    result["targets"] = {
+        f"slowdown_le_{TARGET_FAILURE_SLOWDOWN}": slowdown is not None
+        and slowdown <= TARGET_FAILURE_SLOWDOWN,
+        "digests_equal": result["digests_equal"],
+    }
+    return result
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {}
     suite = getattr(args, "suite", "all")
@@ -344,6 +400,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         out["real"] = measure_real(args.quick)
     if suite in ("memory", "all"):
         out["memory"] = measure_memory(args.quick)
+    if suite in ("failure", "all"):
+        out["failure"] = measure_failure(args.quick)
+    if suite in ("failure_sim", "all"):
+        from meshcast.bench.replicate_failure import measure_failure_sim
+
+        out["failure_sim"] = measure_failure_sim(args.quick, args.seed)
     return out
 
 
@@ -429,4 +491,12 @@ def _save(plt: Any, figure: Any, directory: Path, name: str) -> None:
     log.info("plot saved: %s", directory / name)
 
 
-__all__ = ["add_arguments", "hetero_uploads", "measure_real", "measure_sim", "run", "simulate"]
+__all__ = [
+    "add_arguments",
+    "hetero_uploads",
+    "measure_failure",
+    "measure_real",
+    "measure_sim",
+    "run",
+    "simulate",
+]

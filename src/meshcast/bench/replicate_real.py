@@ -19,9 +19,13 @@ loopback with every daemon's upload shaped by meshcast's own rate cap instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import os
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,11 +33,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import blake3
 
 from meshcast.bench import netns
-from meshcast.client.connection import connect
+from meshcast.client.connection import Client, connect
 from meshcast.errors import MeshcastError
 from meshcast.replicate.bound import lower_bound
 
@@ -45,6 +50,7 @@ PORT = 4801  # every daemon on its own host: one port number for all
 # kept short drops no connection's first packet (a dropped SYN waits 1 s to be sent again).
 RATE_FRACTION = 0.95
 READY_TIMEOUT = 60.0  # s: the daemons agree on a view of all of them
+GIVE_UP_AFTER = 20.0  # s: [replicate] give_up_after of the failure runs
 RUN_TIMEOUT = 900.0  # s: one replication (fanout at 100 Mbit/s of 8 x 128 MiB is ~90 s)
 
 
@@ -60,7 +66,9 @@ class RealRun:
     state: str
 
 
-def _cluster_toml(addresses: Sequence[str], uploads: Sequence[float], rate: float) -> str:
+def _cluster_toml(
+    addresses: Sequence[str], uploads: Sequence[float], rate: float, give_up_after: float
+) -> str:
     lines = [
         "[cluster]",
         'name = "bench"',
@@ -81,6 +89,7 @@ def _cluster_toml(addresses: Sequence[str], uploads: Sequence[float], rate: floa
             f"download = {max(uploads) * 10:.0f}",
         ]
     lines += ["", "[links]", 'within_sites = "full"', "", "[replicate]", f"rate = {rate:.0f}"]
+    lines.append(f"give_up_after = {give_up_after}")
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +123,13 @@ class _Cluster:
     """The daemons of one testbed (or of loopback), started as processes."""
 
     def __init__(
-        self, workdir: Path, hosts: int, upload_bps: float, shaped: bool, rate: float
+        self,
+        workdir: Path,
+        hosts: int,
+        upload_bps: float,
+        shaped: bool,
+        rate: float,
+        give_up_after: float = 120.0,
     ) -> None:
         self.workdir = workdir
         self.hosts = hosts
@@ -123,6 +138,8 @@ class _Cluster:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.shaped = shaped
         self.rate = rate  # [replicate] rate, bits/s (0: none)
+        self.give_up_after = give_up_after  # s: [replicate] give_up_after
+        self._argv: list[list[str]] = []
 
     def start(self) -> None:
         from meshcast.runtime.keyfile import new_key, write_key_file
@@ -136,7 +153,7 @@ class _Cluster:
         rate = self.rate
         key = self.workdir / "cluster.key"
         write_key_file(key, new_key())
-        toml = _cluster_toml(addresses, [self.upload_bps] * self.hosts, rate)
+        toml = _cluster_toml(addresses, [self.upload_bps] * self.hosts, rate, self.give_up_after)
         toml += f'\n[security]\nkey_file = "{key}"\n'
         config = self.workdir / "cluster.toml"
         config.write_text(toml)
@@ -156,14 +173,27 @@ class _Cluster:
                 "--client-socket",
                 str(self.socket(i)),
             ]
-            log = (self.workdir / f"H{i}.log").open("wb")
+            self._argv.append(argv)
+            self.procs.append(self._spawn(i))
+
+    def _spawn(self, i: int) -> subprocess.Popen[bytes]:
+        with (self.workdir / f"H{i}.log").open("ab") as log:
             if self.testbed is not None:
-                proc = self.testbed.run(i, argv, stdout=subprocess.DEVNULL, stderr=log)
-            else:
-                proc = subprocess.Popen(
-                    argv, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
-                )
-            self.procs.append(proc)
+                return self.testbed.run(i, self._argv[i], stdout=subprocess.DEVNULL, stderr=log)
+            return subprocess.Popen(
+                self._argv[i], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+            )
+
+    def kill(self, i: int) -> None:
+        """SIGKILL daemon `i` (its process group: it runs in a session of its own)."""
+        proc = self.procs[i]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def restart(self, i: int) -> None:
+        """Start daemon `i` again (after `kill`): same config, data directory and socket."""
+        self.procs[i] = self._spawn(i)
 
     def socket(self, i: int) -> Path:
         return self.workdir / f"H{i}.sock"
@@ -183,21 +213,43 @@ class _Cluster:
             self.testbed.close()
 
 
-async def _wait_ready(cluster: _Cluster) -> None:
+async def _view_members(cluster: _Cluster, host: int) -> set[str] | None:
+    """The names in daemon `host`'s agreed view; None while it has none (or no socket)."""
+    if not cluster.socket(host).exists():
+        return None
+    try:
+        async with await connect(f"unix:{cluster.socket(host)}", name="bench") as c:
+            status = await c.status()
+    except (OSError, MeshcastError):
+        return None
+    view = status.get("view") or {}
+    if not view.get("agreed"):
+        return None
+    return {str(m.get("name")) for m in view.get("members", [])}
+
+
+async def _wait_ready(cluster: _Cluster, hosts: Sequence[int] = (0,)) -> None:
+    """Until each daemon of `hosts` has an agreed view of every daemon."""
+    everyone = {f"H{i}" for i in range(cluster.hosts)}
     deadline = time.monotonic() + READY_TIMEOUT
+    pending = list(hosts)
     while time.monotonic() < deadline:
         await asyncio.sleep(0.5)
-        if not cluster.socket(0).exists():
-            continue
-        try:
-            async with await connect(f"unix:{cluster.socket(0)}", name="bench") as c:
-                status = await c.status()
-        except (OSError, MeshcastError):
-            continue
-        view = status.get("view") or {}
-        if view.get("agreed") and len(view.get("members", [])) == cluster.hosts:
+        pending = [h for h in pending if await _view_members(cluster, h) != everyone]
+        if not pending:
             return
     raise TimeoutError("the daemons did not agree on a view of all of them")
+
+
+async def _wait_gone(cluster: _Cluster, host: int, gone: str) -> None:
+    """Until daemon `host`'s agreed view no longer lists `gone` (bounded)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        members = await _view_members(cluster, host)
+        if members is not None and gone not in members:
+            return
+        await asyncio.sleep(0.25)
+    raise TimeoutError(f"H{host} still lists {gone} in its view")
 
 
 async def _replicate(cluster: _Cluster, source: Path, strategy: str) -> tuple[float, object]:
@@ -328,3 +380,185 @@ def run_memory(size: int = 4 << 30, recipients: int = 2) -> MemoryRun:
     finally:
         cluster.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- failures
+
+
+@dataclass(frozen=True, slots=True)
+class FailureRun:
+    """One replication of the `failure` part, with or without a recipient SIGKILLed."""
+
+    victim: str | None  # the recipient killed in this run (None: the run without failure)
+    survivors: tuple[str, ...]  # the recipients measured (the same in both runs of a pair)
+    survivors_seconds: float  # request -> the first report with every survivor complete
+    final_seconds: float  # request -> the final report
+    killed_at: float | None  # fraction of all recipients' bytes held when the kill was sent
+    digests_equal: bool  # every survivor's copy has the source's BLAKE3 digest
+    state: str  # the final report's state
+    missing: tuple[str, ...]  # the final report's recipients without a complete copy
+
+
+def buddy_option(name: str | None) -> dict[str, Any]:
+    """`{"buddy": name}` for `Client.replicate` where the client library has the option.
+
+    TODO(r13-buddy-keyword): the client's `buddy` option is added on another branch; at
+    merge, pass ``buddy=name`` to `replicate` directly and remove this helper.
+    """
+    if name is None or "buddy" not in inspect.signature(Client.replicate).parameters:
+        return {}
+    return {"buddy": name}
+
+
+async def _failure_run(
+    cluster: _Cluster,
+    source: Path,
+    recipients: Sequence[str],
+    victim: int | None,
+    survivors: Sequence[str],
+    size: int,
+    kill_at: float,
+    buddy: str | None,
+) -> tuple[float, float, float | None, object]:
+    """One FastReplica run to `recipients`; SIGKILL daemon `victim` (a host index) at the
+    first report with `kill_at` of all the recipients' bytes held."""
+    total = size * len(recipients)
+    want = set(survivors)
+    async with await connect(f"unix:{cluster.socket(0)}", name="bench") as client:
+        started = time.perf_counter()
+        handle = await client.replicate(
+            str(source), to=list(recipients), strategy="fastreplica", **buddy_option(buddy)
+        )
+        survivors_at = float("inf")
+        killed_at: float | None = None
+        final: object = None
+        async with asyncio.timeout(RUN_TIMEOUT):
+            async for report in handle:
+                if (
+                    victim is not None
+                    and killed_at is None
+                    and report.held_bytes >= kill_at * total
+                ):
+                    cluster.kill(victim)
+                    killed_at = report.held_bytes / total
+                    _log.info(
+                        "failure: H%d killed at %.1f %% of the bytes", victim, killed_at * 100
+                    )
+                done = {r.daemon for r in report.recipients if r.complete}
+                if survivors_at == float("inf") and want <= done:
+                    survivors_at = time.perf_counter() - started
+                final = report
+        return survivors_at, time.perf_counter() - started, killed_at, final
+
+
+def run_failure(
+    upload_bps: float,
+    *,
+    recipients: int = 8,
+    size: int = 128 << 20,
+    pairs: int = 5,
+    kill_at: float = 0.3,
+    buddy: bool = True,
+    shaped: bool = False,
+    rate_fraction: float = RATE_FRACTION,
+) -> list[FailureRun]:
+    """`pairs` pairs of FastReplica runs of a `size`-byte file from H0 to H1..H<recipients>,
+    interleaved: one without failure, then one with a recipient SIGKILLed at `kill_at` of
+    the bytes (H1, H2, ... in turn; restarted with an empty copy after its run). With
+    `buddy`, one more daemon (the last) is the origin's buddy: it holds the same file, at
+    the same path (one filesystem for every host)."""
+    workdir = Path(tempfile.mkdtemp(prefix="meshcast-bench-failure-"))
+    workdir.chmod(0o755)
+    hosts = recipients + 1 + (1 if buddy else 0)
+    # a run that cannot complete (a survivor stalled) ends in seconds, not minutes
+    cluster = _Cluster(
+        workdir, hosts, upload_bps, shaped, upload_bps * rate_fraction, GIVE_UP_AFTER
+    )
+    buddy_name = f"H{hosts - 1}" if buddy else None
+    names = [f"H{i}" for i in range(1, recipients + 1)]
+    runs: list[FailureRun] = []
+    try:
+        source = workdir / "payload.bin"
+        with source.open("wb") as f:
+            for _ in range(size // (4 << 20)):
+                f.write(os.urandom(4 << 20))
+            f.write(os.urandom(size % (4 << 20)))
+        want = _digest(source)
+        cluster.start()
+        asyncio.run(_wait_ready(cluster))
+        for pair in range(pairs):
+            victim = 1 + pair % recipients
+            survivors = [n for n in names if n != f"H{victim}"]
+            for killed in (None, victim):
+                for i in range(1, recipients + 1):  # every run starts from empty recipients
+                    shutil.rmtree(workdir / f"H{i}" / "replicas", ignore_errors=True)
+                survivors_s, final_s, killed_at, report = asyncio.run(
+                    _failure_run(
+                        cluster, source, names, killed, survivors, size, kill_at, buddy_name
+                    )
+                )
+                copies = [workdir / n / "replicas" / source.name for n in survivors]
+                equal = all(p.exists() and _digest(p) == want for p in copies)
+                missing = tuple(r.daemon for r in getattr(report, "missing", ()))
+                runs.append(
+                    FailureRun(
+                        None if killed is None else f"H{killed}",
+                        tuple(survivors),
+                        survivors_s,
+                        final_s,
+                        killed_at,
+                        equal,
+                        str(getattr(report, "state", "?")),
+                        missing,
+                    )
+                )
+                _log.info(
+                    "failure pair %d, %s: survivors in %.2f s (final report %.2f s)",
+                    pair,
+                    "no failure" if killed is None else f"H{killed} killed",
+                    survivors_s,
+                    final_s,
+                )
+                if killed is not None:
+                    if cluster.procs[killed].poll() is None:  # the run ended before 30 %
+                        cluster.kill(killed)
+                    asyncio.run(_wait_gone(cluster, 0, f"H{killed}"))
+                    shutil.rmtree(workdir / f"H{killed}" / "replicas", ignore_errors=True)
+                    cluster.restart(killed)
+                    asyncio.run(_wait_ready(cluster, (0, killed)))
+    finally:
+        cluster.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return runs
+
+
+def failure_summary(runs: Sequence[FailureRun]) -> dict[str, Any]:
+    """The `failure` figures: the median survivors' time with a failure over the median
+    without (the same survivor sets, pair by pair), and every run's details."""
+    plain = [r.survivors_seconds for r in runs if r.victim is None]
+    failed = [r.survivors_seconds for r in runs if r.victim is not None]
+    slowdown = statistics.median(failed) / statistics.median(plain)
+    pairs = [
+        b.survivors_seconds / a.survivors_seconds
+        for a, b in zip(runs[::2], runs[1::2], strict=True)
+    ]
+    return {
+        "slowdown": round(slowdown, 4) if slowdown != float("inf") else None,
+        "digests_equal": all(r.digests_equal for r in runs),
+        "runs": len(runs),
+        "pair_slowdowns": [round(p, 4) if p != float("inf") else None for p in pairs],
+        "details": [
+            {
+                "victim": r.victim,
+                "survivors_s": None
+                if r.survivors_seconds == float("inf")
+                else round(r.survivors_seconds, 3),
+                "final_s": round(r.final_seconds, 3),
+                "killed_at_fraction": None if r.killed_at is None else round(r.killed_at, 3),
+                "digests_equal": r.digests_equal,
+                "state": r.state,
+                "missing": list(r.missing),
+            }
+            for r in runs
+        ],
+    }

@@ -27,6 +27,8 @@ from meshcast.client.replication import (
 )
 from meshcast.errors import ClientError, MessageTooLarge, UsageError
 from meshcast.wire.client import (
+    BlobHeld,
+    BlobMissing,
     Cause,
     DaemonLimits,
     ErrorCode,
@@ -42,6 +44,8 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "AccessDenied",
     "Address",
+    "BlobHeld",
+    "BlobMissing",
     "Busy",
     "Cause",
     "Client",

@@ -167,6 +167,7 @@ class BlockingClient:
         tree: str = "chain",
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         capacity_aware: bool = False,
+        buddy: str | None = None,
     ) -> BlockingReplication:
         """See `Client.replicate`; the handle's `wait` and iteration block."""
         handle = self._runner.call(
@@ -180,9 +181,14 @@ class BlockingClient:
                 tree=tree,
                 max_connections=max_connections,
                 capacity_aware=capacity_aware,
+                buddy=buddy,
             )
         )
         return BlockingReplication(self._runner, handle)
+
+    def set_rate(self, rid: str | int, rate: float | None) -> None:
+        """See `Client.set_rate`."""
+        self._runner.call(lambda: self._client.set_rate(rid, rate))
 
     def status(self) -> dict[str, Any]:
         """The daemon's status report (see `Client.status`)."""
@@ -255,6 +261,14 @@ class BlockingReplication:
     @property
     def done(self) -> bool:
         return self._handle.done
+
+    @property
+    def rid(self) -> str | None:
+        return self._handle.rid
+
+    def set_rate(self, rate: float | None) -> None:
+        """See `Replication.set_rate`: bytes/s per sender, None for no cap."""
+        self._runner.call(lambda: self._handle.set_rate(rate))
 
     def wait(self, timeout: float | None = None) -> ReplicationReport:
         """The final report (see `Replication.wait`); `TimeoutError` after `timeout` s."""

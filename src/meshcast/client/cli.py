@@ -39,7 +39,7 @@ from meshcast.client.connection import (
 from meshcast.client.status import format_status
 from meshcast.config import private_file_fault
 from meshcast.errors import ClientError, ConfigError, MeshcastError, UsageError
-from meshcast.wire.client import Membership, Message, ServiceLevel
+from meshcast.wire.client import BlobHeld, Membership, Message, ServiceLevel
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -270,7 +270,7 @@ def add_user_command(sub: SubParsers) -> None:
         metavar="N",
         type=integer(0),
         default=0,
-        help="wait for N messages, printing events",
+        help="wait for N messages (a blob_held event counts as one), printing events",
     )
     parser.add_argument(
         "--timeout",
@@ -304,7 +304,23 @@ def _payload_json(payload: bytes) -> dict[str, Any]:
 
 
 def event_json(event: Event) -> dict[str, Any]:
-    """One event as a JSON-ready dict (``"event": "message" | "membership"``)."""
+    """One event as a JSON-ready dict (``"event": "message" | "membership" | "blob_held"``)."""
+    if isinstance(event, BlobHeld):
+        return {
+            "event": "blob_held",
+            "group": event.group,
+            "rid": event.rid,
+            "name": event.name,
+            "size": event.size,
+            "digest": event.digest,
+            "origin": event.origin,
+            "complete": event.complete,
+            "held_by": list(event.held_by),
+            "missing": [
+                {"daemon": m.daemon, "held_bytes": m.held_bytes, "reason": m.reason}
+                for m in event.missing
+            ],
+        }
     if isinstance(event, Message):
         return {
             "event": "message",
@@ -327,6 +343,18 @@ def event_json(event: Event) -> dict[str, Any]:
 
 def event_line(event: Event) -> str:
     """One event as a line of text."""
+    if isinstance(event, BlobHeld):
+        digest = f"digest {event.digest[:16]}…" if event.digest else "no digest"
+        line = (
+            f"blob_held {event.group} {event.name!r} ({event.size} bytes, {digest}, "
+            f"replication {event.rid} from {event.origin}): "
+            f"{'complete' if event.complete else 'INCOMPLETE'}, "
+            f"held by {' '.join(event.held_by) or 'nobody'}"
+        )
+        missing = "; ".join(
+            f"{m.daemon} holds {m.held_bytes} bytes: {m.reason}" for m in event.missing
+        )
+        return f"{line}; missing: {missing}" if missing else line
     if isinstance(event, Message):
         text = event.payload.decode("utf-8", "backslashreplace")
         return (
@@ -357,7 +385,7 @@ async def _receive_messages(client: Client, count: int, show: Callable[[Event], 
     while got < count:
         event = await client.receive()
         show(event)
-        got += isinstance(event, Message)
+        got += isinstance(event, Message | BlobHeld)
 
 
 async def _user(args: argparse.Namespace, interactive: bool) -> int:

@@ -43,7 +43,9 @@ from meshcast.client.replication import (
     Replication,
     absolute_path,
     parse_report,
+    rate_value,
     replicate_options,
+    rid_value,
 )
 from meshcast.errors import ClientError, DecodeError, MessageTooLarge, UsageError
 from meshcast.wire.client import (
@@ -52,9 +54,11 @@ from meshcast.wire.client import (
     MAX_UNCONFIRMED,
     MIN_VERSION,
     REPLICATE_VERSION,
+    SET_RATE_VERSION,
     U16_MAX,
     U32_MAX,
     VERSION,
+    BlobHeld,
     Cause,
     Confirmed,
     DaemonLimits,
@@ -74,6 +78,7 @@ from meshcast.wire.client import (
     Pong,
     Replicate,
     ServiceLevel,
+    SetRate,
     SlowReceiverPolicy,
     StatusReply,
     StatusRequest,
@@ -88,7 +93,8 @@ from meshcast.wire.client import Replication as ReplicationFrame
 
 log = logging.getLogger(__name__)
 
-Event = Message | Membership  # what receive() and `async for` yield
+# what receive() and `async for` yield; BlobHeld (v6): a replication to a group ended
+Event = Message | Membership | BlobHeld
 
 DEFAULT_TIMEOUT = 5.0  # seconds: connecting, the handshake, each join/leave/ping, close
 DEFAULT_QUEUE_SIZE = 1024  # events received but not yet taken by receive()
@@ -266,6 +272,7 @@ class ClientStatistics:
     payload_bytes_sent: int  # bytes of their payloads
     messages_received: int  # MESSAGE frames received
     memberships_received: int  # MEMBERSHIP frames received
+    blob_events_received: int  # BLOB_HELD frames received
     requests_rejected: int  # ERROR 2xx received
     notices: int  # ERROR 3xx received (e.g. MESSAGES_DROPPED)
     events_discarded: int  # events still queued, or arriving, when close() began
@@ -281,6 +288,7 @@ class _Counters:
     payload_bytes_sent: int = 0
     messages_received: int = 0
     memberships_received: int = 0
+    blob_events_received: int = 0
     requests_rejected: int = 0
     notices: int = 0
     events_discarded: int = 0
@@ -297,7 +305,7 @@ class _Waiter:
 class Client:
     """A session with one daemon. Create it with `connect()`; see the module docstring.
 
-    Events (`Message`, `Membership`) are queued, at most `queue_size` of them. When the
+    Events (`Message`, `Membership`, `BlobHeld`) are queued, at most `queue_size` of them. When the
     queue is full the client stops reading its socket, so the daemon applies the
     slow-receiver policy of the groups (back-pressure by default). Not thread-safe: use
     it from the event loop it was created in (see `meshcast.client.blocking` for scripts).
@@ -395,6 +403,7 @@ class Client:
             payload_bytes_sent=c.payload_bytes_sent,
             messages_received=c.messages_received,
             memberships_received=c.memberships_received,
+            blob_events_received=c.blob_events_received,
             requests_rejected=c.requests_rejected,
             notices=c.notices,
             events_discarded=c.events_discarded,
@@ -538,6 +547,7 @@ class Client:
         tree: str = "chain",
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         capacity_aware: bool = False,
+        buddy: str | None = None,
     ) -> Replication:
         """Replicate the file at `path` on the daemon's host to other daemons (protocol
         version 5); return its `Replication` handle once the request is sent.
@@ -550,7 +560,10 @@ class Client:
         its data directory). `strategy`: ``fastreplica``, ``fanout`` or ``alm_tree``;
         `variant`: ``k``, ``k+1`` or ``k+2``; `tree`: ``chain`` or ``balanced``;
         `max_connections`: the concurrency k is planned from (1..255); `capacity_aware`:
-        size subfiles to the senders' upload capacities.
+        size subfiles to the senders' upload capacities. `buddy` (protocol version 6): the
+        name of a daemon of the view holding the same file, which repairs failures in the
+        origin's place; it is left out of ``"all"`` and ``"group:G"``, and may not be named
+        among the recipients. `handle.set_rate(r)` changes `rate` while it runs.
 
         Raises `UsageError` for bad arguments or a daemon older than version 5, and
         `ClientError` if the session is over. Any number may run at once on one client;
@@ -573,7 +586,13 @@ class Client:
             tree=tree,
             max_connections=max_connections,
             capacity_aware=capacity_aware,
+            buddy=buddy,
         )
+        if buddy is not None and self.version < SET_RATE_VERSION:
+            raise UsageError(
+                f"a buddy needs protocol version {SET_RATE_VERSION}; the daemon at "
+                f"{self._address} speaks version {self.version}"
+            )
         token = self._next_request_id()
         while token in self._replications:  # after a wrap-around: skip the live ones
             token = self._next_request_id()
@@ -588,8 +607,9 @@ class Client:
             options.tree,
             options.max_connections,
             options.capacity_aware,
+            options.buddy if self.version >= SET_RATE_VERSION else None,
         )
-        handle = Replication(token, absolute, options.targets)
+        handle = Replication(token, absolute, options.targets, self.set_rate, self._timeout)
         self._replications[token] = handle
         try:
             await self._write(frame)
@@ -597,6 +617,39 @@ class Client:
             self._replications.pop(token, None)
             raise
         return handle
+
+    async def set_rate(self, rid: str | int, rate: float | None) -> None:
+        """Change the upload cap of replication `rid` (16 hex digits, as reports and
+        `meshcast status` give it), which this client's daemon originates — any client
+        of it may — to `rate` bytes/s per sender (None: no cap beyond the daemons' own).
+        SET_RATE, protocol version 6; returns once the daemon applied it and sent it to
+        every recipient. Raises `UsageError` (bad arguments, an older daemon),
+        `RequestRejected` with `.code` UNKNOWN_REPLICATION (none runs here: over, or
+        never), NOT_THE_ORIGIN (this daemon only receives it) or BAD_RATE, and
+        `ClientError` (no answer within the timeout, session over)."""
+        self._check_usable()
+        number = rid_value(rid)
+        value = rate_value(rate)
+        if self.version < SET_RATE_VERSION:
+            raise UsageError(
+                f"set_rate needs protocol version {SET_RATE_VERSION}; the daemon at "
+                f"{self._address} speaks version {self.version}"
+            )
+        request_id = self._next_request_id()
+        self._described[request_id] = f"SET_RATE of replication {number:016x}"
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._confirms[request_id] = answered
+        try:
+            await self._write(SetRate(number, value, request_id))
+            async with asyncio.timeout(self._timeout):
+                await answered
+        except TimeoutError:
+            raise ClientError(
+                f"no answer from daemon at {self._address} to SET_RATE within {self._timeout} s"
+            ) from None
+        finally:
+            self._confirms.pop(request_id, None)
+            self._described.pop(request_id, None)
 
     @property
     def replications(self) -> tuple[Replication, ...]:
@@ -886,6 +939,9 @@ class Client:
                 case Membership():
                     self._counters.memberships_received += 1
                     self._on_membership(frame)
+                    await self._enqueue(frame)
+                case BlobHeld():
+                    self._counters.blob_events_received += 1
                     await self._enqueue(frame)
                 case ErrorReport():
                     if not self._on_error(frame):

@@ -6,7 +6,8 @@ starts daemons, so it lives above the client package: `meshcast.demo.replicate`)
 on a terminal, else one summary line per second at most. Progress goes to stderr; the
 result (a line per recipient, or one JSON object with --json) to stdout. Exit status: 0
 when every recipient holds a verified copy, 1 otherwise (the missing ones are named), 2
-usage error.
+usage error. ``meshcast replicate --id RID --rate R`` changes the rate cap of a running
+replication instead (at its origin daemon): exit 0 once applied, 1 if the daemon refuses.
 """
 
 from __future__ import annotations
@@ -70,8 +71,16 @@ def human_eta(eta: float | None) -> str:
     return f"{eta // 3600:.0f} h {eta % 3600 // 60:02.0f} min"
 
 
+def bit_rate_or_none(text: str) -> float:
+    """--rate: bits/s as `bit_rate` reads them, or ``none`` for no cap (0.0)."""
+    if text.strip().lower() == "none":
+        return 0.0
+    return bit_rate(text)
+
+
 def summary_line(report: ReplicationReport) -> str:
-    """One line of progress: bytes held by all recipients, states, total rate, worst ETA."""
+    """One line of progress: bytes held by all recipients, states, total rate, worst ETA,
+    and the stalled recipients."""
     total = report.size * len(report.recipients)
     share = f" ({100 * report.held_bytes / total:.0f}%)" if total else ""
     states: dict[str, int] = {}
@@ -80,10 +89,14 @@ def summary_line(report: ReplicationReport) -> str:
     counts = ", ".join(f"{n} {state}" for state, n in states.items()) or "no recipients yet"
     etas = [r.eta for r in report.recipients if r.eta is not None and not r.complete]
     rate = sum(r.rate for r in report.recipients)
+    stalled = ", ".join(
+        f"{r.daemon} ({r.stalled:.0f} s)" for r in report.recipients if r.stalled is not None
+    )
     return (
         f"{report.name}: {report.state}, {human_bytes(report.held_bytes)} of "
         f"{human_bytes(total)}{share} held by {len(report.recipients)} daemons ({counts}); "
         f"{human_rate(rate)}; ETA {human_eta(max(etas) if etas else None)}"
+        + (f"; stalled: {stalled}" if stalled else "")
     )
 
 
@@ -191,9 +204,12 @@ def render_report(report: ReplicationReport) -> Any:
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     colours = {"complete": "green", "failed": "red", "receiving": "cyan"}
     for r in report.recipients:
+        state = Text(r.state, style=colours.get(r.state, ""))
+        if r.stalled is not None:  # the origin has heard nothing from it for stall_after
+            state.append(f" (stalled {r.stalled:.0f} s)", style="yellow")
         table.add_row(
             r.daemon,
-            Text(r.state, style=colours.get(r.state, "")),
+            state,
             f"{human_bytes(r.held_bytes)} / {human_bytes(report.size)}",
             human_rate(r.rate),
             human_eta(None if r.complete else r.eta),
@@ -250,10 +266,25 @@ def add_replicate_command(sub: SubParsers, local: LocalRunner | None = None) -> 
             "The daemon is --socket ADDR, or --daemon NAME at its default socket, or the "
             "one daemon listening at the default socket directory. With --local N: start N "
             "daemons on loopback, replicate from the first to the others, print every "
-            "copy's BLAKE3 digest, stop them all."
+            "copy's BLAKE3 digest, stop them all. With --id RID --rate R (no FILE): change "
+            "the rate cap of replication RID (as `meshcast status` prints it), running "
+            "with this daemon as its origin, at once on every sender."
         ),
     )
-    parser.add_argument("path", metavar="FILE", help="the file (on this machine) to replicate")
+    parser.add_argument(
+        "path",
+        metavar="FILE",
+        nargs="?",
+        default=None,
+        help="the file (on this machine) to replicate",
+    )
+    parser.add_argument(
+        "--id",
+        metavar="RID",
+        default=None,
+        help="a running replication (16 hex digits, from meshcast status or a report): "
+        "change its --rate instead of starting one",
+    )
     parser.add_argument(
         "--to",
         default=None,
@@ -291,10 +322,17 @@ def add_replicate_command(sub: SubParsers, local: LocalRunner | None = None) -> 
     plan.add_argument(
         "--rate",
         metavar="RATE",
-        type=bit_rate,
+        type=bit_rate_or_none,
         default=None,
-        help="upload cap of each sender in bits/s: 80M, 1.5G, 500k, 100Mbit (default: the "
-        "daemons' own caps)",
+        help="upload cap of each sender in bits/s: 80M, 1.5G, 500k, 100Mbit, or none (default: "
+        "the daemons' own caps); with --id, the running replication's new cap",
+    )
+    plan.add_argument(
+        "--buddy",
+        metavar="NAME",
+        default=None,
+        help="a daemon holding the same file that repairs failures in the origin's place "
+        "(left out of 'all' and group targets)",
     )
     plan.add_argument(
         "--dest",
@@ -341,6 +379,18 @@ def add_replicate_command(sub: SubParsers, local: LocalRunner | None = None) -> 
 
 def replicate_command(args: argparse.Namespace) -> int:
     """Handler of ``meshcast replicate``: returns the exit status."""
+    if args.id is not None:
+        if args.path is not None or args.local is not None or args.rate is None:
+            print(
+                "meshcast replicate: error: --id RID changes a running replication's rate: "
+                "give --rate R (bits/s, or none) and no FILE or --local",
+                file=sys.stderr,
+            )
+            return 2
+        return _run(_set_rate(args), "replicate")
+    if args.path is None:
+        print("meshcast replicate: error: give the FILE to replicate", file=sys.stderr)
+        return 2
     if args.local is not None:
         if args.socket or args.name or args.config:
             print(
@@ -385,7 +435,8 @@ def origin_address(address: str | None, name: str | None, config: str | None) ->
 def request_options(args: argparse.Namespace) -> dict[str, Any]:
     """`Client.replicate`'s keyword arguments from the command line (rate: bits to bytes)."""
     return {
-        "rate": None if args.rate is None else args.rate / 8,
+        "rate": args.rate / 8 if args.rate else None,
+        "buddy": args.buddy,
         "dest": args.dest,
         "strategy": args.strategy,
         "variant": args.variant,
@@ -405,9 +456,21 @@ async def _replicate(args: argparse.Namespace) -> int:
     return finish(final, args.json, sys.stdout, sys.stderr)
 
 
+async def _set_rate(args: argparse.Namespace) -> int:
+    address = origin_address(args.socket, args.name, args.config)
+    token = client_token(args.token_file)
+    client = await connect(address, timeout=args.timeout, membership=False, token=token)
+    async with client:
+        await client.set_rate(args.id, args.rate / 8 if args.rate else None)
+    what = human_rate(args.rate / 8) if args.rate else "no cap"
+    print(f"replication {args.id.strip().lower()}: rate set to {what}")
+    return 0
+
+
 __all__ = [
     "ReplicationFailed",
     "add_replicate_command",
+    "bit_rate_or_none",
     "finish",
     "follow",
     "human_bytes",

@@ -4,7 +4,8 @@
 `Replication`: the daemon answers its token with REPLICATION frames, progress reports and
 then exactly one final report. The handle queues them (bounded: a consumer that never
 reads loses old progress reports, never the final one) and hands them out with
-``async for report in handle`` and ``await handle.wait()``. Reference: docs/client-api.md.
+``async for report in handle`` and ``await handle.wait()``; ``await handle.set_rate(r)``
+changes its upload cap while it runs (version 6). Reference: docs/client-api.md.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import math
 import os
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Self
 
@@ -48,6 +49,9 @@ class RecipientProgress:
     eta: float | None  # seconds to completion at that rate; None: unknown
     detail: str  # why it failed, or what it waits for; "" otherwise
     path: str | None  # where its copy lands (known once placed); None: not yet
+    # seconds since its last progress report, once that is [replicate] stall_after or
+    # more (its origin waits on it); None: it is progressing (or done)
+    stalled: float | None = None
 
     @property
     def complete(self) -> bool:
@@ -103,6 +107,7 @@ class ReplicationReport:
                     "eta": r.eta,
                     "detail": r.detail,
                     "path": r.path,
+                    "stalled": r.stalled,
                 }
                 for r in self.recipients
             ],
@@ -135,6 +140,9 @@ def _recipient(entry: Mapping[str, object]) -> RecipientProgress:
     path = entry["path"]
     rate = entry["rate"]
     assert isinstance(rate, int | float)
+    stalled = entry.get("stalled")  # (a key of version 6 daemons)
+    if isinstance(stalled, bool) or not isinstance(stalled, int | float):
+        stalled = None
     return RecipientProgress(
         daemon=str(entry["daemon"]),
         state=entry["state"],  # type: ignore[arg-type]  # checked: one of RecipientState
@@ -144,6 +152,7 @@ def _recipient(entry: Mapping[str, object]) -> RecipientProgress:
         eta=None if eta is None else float(eta),  # type: ignore[arg-type]
         detail=str(entry["detail"]),
         path=None if path is None else str(path),
+        stalled=None if stalled is None else float(stalled),
     )
 
 
@@ -176,6 +185,7 @@ class ReplicateOptions:
     tree: int
     max_connections: int
     capacity_aware: bool
+    buddy: str  # the buddy daemon's name; "": none
 
 
 def _index(value: object, names: Sequence[str], what: str) -> int:
@@ -216,6 +226,32 @@ def targets_text(to: str | Sequence[str]) -> str:
     return text
 
 
+def rate_value(rate: object) -> float:
+    """A rate argument as the wire carries it: bytes/s, 0.0 for None (no cap).
+    `UsageError` unless None or a positive finite number."""
+    if rate is None:
+        return 0.0
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, int | float)
+        or not (math.isfinite(rate) and rate > 0)
+    ):
+        raise UsageError(f"rate must be a positive number of bytes/s (or None), got {rate!r}")
+    return float(rate)
+
+
+def rid_value(rid: object) -> int:
+    """A replication id: 16 hex digits (as reports and `meshcast status` give it) or an int
+    within u64. `UsageError` otherwise."""
+    if isinstance(rid, str):
+        text = rid.strip().lower()
+        if len(text) == 16 and all(c in "0123456789abcdef" for c in text):
+            return int(text, 16)
+    elif isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 1 << 64:
+        return rid
+    raise UsageError(f"a replication id is 16 hex digits (see meshcast status), not {rid!r}")
+
+
 def replicate_options(
     to: str | Sequence[str],
     *,
@@ -226,19 +262,20 @@ def replicate_options(
     tree: str,
     max_connections: int,
     capacity_aware: bool,
+    buddy: str | None = None,
 ) -> ReplicateOptions:
     """Check `Client.replicate`'s arguments (`UsageError`) and map the names to the
     indexes REPLICATE carries."""
-    if rate is None:
-        bytes_per_second = 0.0
-    elif (
-        isinstance(rate, bool)
-        or not isinstance(rate, int | float)
-        or not (math.isfinite(rate) and rate > 0)
-    ):
-        raise UsageError(f"rate must be a positive number of bytes/s (or None), got {rate!r}")
-    else:
-        bytes_per_second = float(rate)
+    bytes_per_second = rate_value(rate)
+    if buddy is not None and (not isinstance(buddy, str) or not buddy):
+        raise UsageError(f"buddy must be a daemon name (or None), got {buddy!r}")
+    if buddy is not None:
+        try:
+            parse_targets(buddy)
+        except ValueError as exc:
+            raise UsageError(f"bad buddy name: {exc}") from None
+        if "," in buddy or buddy == ALL_TARGETS or buddy.startswith(GROUP_TARGET_PREFIX):
+            raise UsageError(f"buddy must be one daemon's name, got {buddy!r}")
     if dest is not None and not isinstance(dest, str):
         raise UsageError(f"dest must be a str (a directory on each recipient), got {dest!r}")
     if (
@@ -258,10 +295,13 @@ def replicate_options(
         tree=_index(tree, REPLICATE_TREES, "tree"),
         max_connections=max_connections,
         capacity_aware=capacity_aware,
+        buddy=buddy or "",
     )
 
 
 # ---------------------------------------------------------------- the handle
+
+RateSetter = Callable[[int, "float | None"], Awaitable[None]]
 
 
 class Replication:
@@ -274,8 +314,17 @@ class Replication:
     still be replicating, but this client will hear no more of it.
     """
 
-    def __init__(self, token: int, path: str, targets: str) -> None:
-        """Internal: `Client.replicate` makes it."""
+    def __init__(
+        self,
+        token: int,
+        path: str,
+        targets: str,
+        set_rate: RateSetter | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        """Internal: `Client.replicate` makes it (`set_rate`: its client's SET_RATE)."""
+        self._set_rate = set_rate
+        self._timeout = timeout
         self.token = token  # the REPLICATE's token (u32), unique among this client's
         self.path = path  # the file, on the daemon's host
         self.targets = targets  # as sent: "all", "group:G" or "name1,name2,..."
@@ -333,6 +382,36 @@ class Replication:
             self._changed.clear()
             await self._changed.wait()
 
+    @property
+    def rid(self) -> str | None:
+        """The replication's id (16 hex digits) once the daemon's first report came."""
+        return None if self.latest is None else self.latest.rid
+
+    async def set_rate(self, rate: float | None) -> None:
+        """Change the replication's upload cap while it runs: `rate` bytes/s per sender
+        (None: no cap beyond the daemons' own), applied at the origin and sent to every
+        recipient at once (protocol version 6). Returns once the origin daemon applied it.
+        Raises `UsageError` (bad rate, version-5 daemon, replication over),
+        `RequestRejected` (the daemon refused: e.g. BAD_RATE, UNKNOWN_REPLICATION once it
+        ended) or `ClientError` (no answer within the client's timeout, session over)."""
+        value = rate_value(rate)
+        if self._set_rate is None:
+            raise UsageError("this replication handle cannot change its rate")
+        if self.done:
+            raise UsageError(f"the replication of {self.path!r} is over")
+        try:
+            async with asyncio.timeout(self._timeout):
+                while self.latest is None:  # its first report names it (at once)
+                    if self._failure is not None:
+                        raise ClientError(str(self._failure), self._failure.code)
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise ClientError(
+                f"no report of the replication of {self.path!r} within {self._timeout} s"
+            ) from None
+        await self._set_rate(rid_value(self.latest.rid), value or None)
+
     def __aiter__(self) -> Self:
         return self
 
@@ -365,6 +444,8 @@ __all__ = [
     "ReplicationFailed",
     "ReplicationReport",
     "parse_report",
+    "rate_value",
     "replicate_options",
+    "rid_value",
     "targets_text",
 ]

@@ -236,9 +236,33 @@ def _replication_lines(report: Mapping[str, Any]) -> list[str]:
         lines += [
             f"    {_text(r.get('daemon'))}  {_text(r.get('state'))}  "
             f"{_count(r.get('held_bytes'))} bytes  {_text(r.get('detail'))}".rstrip()
+            + (
+                f"  (stalled: no report for {_text(r.get('stalled'))} s)"
+                if isinstance(r.get("stalled"), int | float)
+                else ""
+            )
             for r in recipients
             if r.get("state") != "complete"
         ]
+    return lines
+
+
+def _stall_lines(report: Mapping[str, Any]) -> list[str]:
+    """Every stalled transfer of this daemon, with the daemons it waits on by name."""
+    lines = []
+    for entry in _maps(_map(report.get("replication")).get("transfers")):
+        stalled = entry.get("stalled")
+        if not isinstance(stalled, Mapping):
+            continue
+        names = stalled.get("waiting_on_daemons")
+        if not isinstance(names, list):
+            names = stalled.get("waiting_on")
+        waiting = ", ".join(_text(n) for n in names) if isinstance(names, list) else ""
+        lines.append(
+            f"STALLED: replication {_text(entry.get('rid'))} of {_text(entry.get('name'))} "
+            f"({_text(entry.get('role'))}): no progress for {_text(stalled.get('for'))} s, "
+            f"waiting on {waiting or '-'} ({_text(stalled.get('why'))})"
+        )
     return lines
 
 
@@ -266,6 +290,7 @@ def format_status(report: Mapping[str, Any]) -> str:
     lines += _link_lines(_maps(report.get("links")))
     lines += _group_lines(report)
     lines += _replication_lines(report)
+    lines += _stall_lines(report)
     if report.get("truncated"):
         lines.append("(the daemon cut this report short: some groups or members are left out)")
     if "error" in report:

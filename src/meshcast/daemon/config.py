@@ -125,6 +125,7 @@ def replicator_config(config: ClusterConfig) -> ReplicatorConfig:
         rate=section.rate_bps / 8 if section.rate_bps else None,
         progress_interval=section.progress_interval,
         give_up_after=section.give_up_after,
+        stall_after=section.stall_after,
     )
 
 

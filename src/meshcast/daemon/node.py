@@ -31,7 +31,7 @@ from typing import TypeVar
 from meshcast.daemon.clients import ClientStreams
 from meshcast.daemon.effects import ClientClose, DaemonEffect, DaemonEvent
 from meshcast.daemon.probes import Probe, decode_probe, encode_probe
-from meshcast.daemon.replication import DaemonReplication, ReplicateAsk
+from meshcast.daemon.replication import DaemonReplication, RateRefused, ReplicateAsk
 from meshcast.daemon.status import (
     describe_tree,
     describe_view,
@@ -74,9 +74,15 @@ from meshcast.replicate.manifest import Manifest
 from meshcast.replicate.store import ChunkStore, NoStore
 from meshcast.wire.client import (
     REPLICATE_VERSION,
+    SET_RATE_VERSION,
+    Confirmed,
+    ErrorCode,
+    ErrorReport,
     Multicast,
     Replicate,
     Replication,
+    SetRate,
+    clip_text,
     encode,
 )
 from meshcast.wire.keys import KeyRing
@@ -184,6 +190,7 @@ class DaemonNode:
             self.names,
             send_control=self._send_control,
             write_report=self._write_report,
+            announce=self._announce,
             enabled=store is not None,
         )
         self.emulated = emulated  # links the driver impairs on purpose (for status)
@@ -469,6 +476,14 @@ class DaemonNode:
         self._apply_overlay(effects, out)
         return out
 
+    def _announce(self, group: str, body: bytes) -> list[DaemonEffect]:
+        """A BLOB_HELD event into `group`, sent by this daemon (BufferFull: not now)."""
+        if self.engine.view is None or not self.can_submit():
+            raise BufferFull("the group layer cannot take a message now")
+        out: list[DaemonEffect] = []
+        self._apply_sessions(self.sessions.announce(group, body, self._now), out)
+        return out
+
     def _write_report(self, conn: int, token: int, final: bool, report: bytes) -> None:
         if conn not in self.clients:
             return
@@ -534,6 +549,16 @@ class DaemonNode:
                         "view_installed",
                         lambda: self.sessions.view_installed(
                             view.members, self._now, view.incarnations
+                        ),
+                        out,
+                    )
+                    # a daemon that left is repaired around in every replication
+                    self._replicate_input(
+                        "replication view_changed",
+                        partial(
+                            self.replication.replicator.view_changed,
+                            frozenset(view.members),
+                            self._now,
                         ),
                         out,
                     )
@@ -693,11 +718,16 @@ class DaemonNode:
                 return  # a slow `block` member is in one of its groups
             streams.pop_head(conn)
             self._client_frames += 1
+            version = self.sessions.session_version(conn)
             if (
                 isinstance(frame, Replicate)
-                and self.sessions.session_version(conn) >= REPLICATE_VERSION
+                and version >= REPLICATE_VERSION
+                and (frame.buddy is None or version >= SET_RATE_VERSION)
             ):
                 self._guard("replicate", partial(self._replicate, conn, frame, now, out), out)
+                continue
+            if isinstance(frame, SetRate) and version >= SET_RATE_VERSION:
+                self._guard("set_rate", partial(self._set_rate, conn, frame, now, out), out)
                 continue
             self._session_input(
                 "frame_received", partial(self.sessions.frame_received, conn, frame, now), out
@@ -720,6 +750,7 @@ class DaemonNode:
             tree=frame.tree,
             max_connections=frame.max_connections,
             capacity_aware=frame.capacity_aware,
+            buddy=frame.buddy or "",
         )
         view = self.overlay.view
         table = self.sessions.membership.table()
@@ -730,7 +761,24 @@ class DaemonNode:
             view=() if view is None else view.members,
             group_hosts=lambda g: (daemon for _, daemon in table.get(g, ())),
             out=out,
+            send_denied=partial(self.sessions.send_denied, conn),
         )
+
+    def _set_rate(self, conn: int, frame: SetRate, now: float, out: list[DaemonEffect]) -> None:
+        """A client's SET_RATE: CONFIRMED once applied, else an ERROR saying why not."""
+        try:
+            if not (math.isfinite(frame.rate) and frame.rate >= 0):
+                raise RateRefused(
+                    ErrorCode.BAD_RATE,
+                    f"rate {frame.rate!r} is not a finite number of bytes/s >= 0 (0: no cap)",
+                )
+            self.replication.set_rate(frame.rid, frame.rate, now, out)
+        except RateRefused as refused:
+            answer = encode(ErrorReport(refused.code, clip_text(refused.text), frame.token))
+        else:
+            answer = encode(Confirmed(frame.token))
+        if conn in self.clients:
+            self.clients.write(conn, answer)
 
     # ------------------------------------------------------------------ probes
 

@@ -78,7 +78,7 @@ def status_sections(daemon: DaemonNode, now: float) -> dict[str, object]:
         },
         "links": links,
         "tree": None if view is None else describe_tree(node.routing.tree(daemon.local)),
-        "replication": daemon.replication.status(),
+        "replication": daemon.replication.status(now),
         "counters": {
             "links": {**asdict(dropped), "total": dropped.total},  # drops of every link
             "overlay": asdict(node.statistics()),

@@ -200,7 +200,7 @@ class Chat:
                 user.received.append(
                     (_label(event.sender), event.payload.decode("utf-8", "replace"))
                 )
-            else:
+            elif isinstance(event, Membership):
                 user.views.append(event)
             self._activity.set()
 

@@ -48,18 +48,22 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from meshcast.errors import BufferFull, ConfigError, UsageError
+from meshcast.errors import BufferFull, ConfigError, DecodeError, UsageError
 from meshcast.group.access import AccessPolicy, Operation, Principal
 from meshcast.group.events import Deliver, SubmitConfirmed, SubmitLost
 from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipEffect
 from meshcast.ids import NodeId
 from meshcast.wire.client import (
+    BLOB_HELD_VERSION,
     BUSY_VERSION,
     HELLO_FRAME_LIMIT,
+    LENGTH,
+    MAX_BLOB_HELD_FRAME,
     MAX_STATUS_SIZE,
     MAX_UNCONFIRMED,
     MIN_VERSION,
     REPLICATE_VERSION,
+    SET_RATE_VERSION,
     TOKEN_VERSION,
     VERSION,
     Cause,
@@ -68,6 +72,7 @@ from meshcast.wire.client import (
     ErrorCode,
     ErrorReport,
     Frame,
+    FrameType,
     Goodbye,
     Hello,
     HelloFlag,
@@ -80,12 +85,14 @@ from meshcast.wire.client import (
     Pong,
     Replicate,
     ServiceLevel,
+    SetRate,
     SlowReceiverPolicy,
     StatusReply,
     StatusRequest,
     Welcome,
     choose_version,
     clip_text,
+    decode,
     encode,
     json_ready,
     private_name,
@@ -93,6 +100,12 @@ from meshcast.wire.client import (
 )
 
 log = logging.getLogger(__name__)
+
+# A message a daemon itself sends into a group (`SessionTable.announce`) has the empty
+# sender: no client has that name (a client's is "#client#daemon"), so no client can
+# forge one. Its msg_type says what it is; the only kind so far:
+BLOB_HELD_MSG_TYPE = 0xFFFE  # payload: the body of a BLOB_HELD frame, delivered as one
+DAEMON_SENDER = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +207,8 @@ class _Counters:
     unauthenticated: int = 0
     access_denied: int = 0
     busy: int = 0
+    daemon_events_delivered: int = 0
+    daemon_events_dropped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +232,8 @@ class SessionStats:
     unauthenticated: int = 0  # handshakes refused: no token where one is needed, or unknown
     access_denied: int = 0  # JOINs and MULTICASTs the access rules refused (in requests_refused)
     busy: int = 0  # requests refused with BUSY: a bounded buffer was full (in requests_refused)
+    daemon_events_delivered: int = 0  # BLOB_HELD frames queued for clients
+    daemon_events_dropped: int = 0  # daemon messages of an unknown kind, or that do not decode
 
 
 # What the daemon adds to a STATUS report, given `now`: JSON-ready sections (see `status`).
@@ -350,6 +367,8 @@ class SessionTable:
             unauthenticated=c.unauthenticated,
             access_denied=c.access_denied,
             busy=c.busy,
+            daemon_events_delivered=c.daemon_events_delivered,
+            daemon_events_dropped=c.daemon_events_dropped,
         )
 
     def next_deadline(self) -> float | None:
@@ -491,6 +510,31 @@ class SessionTable:
             log.warning("daemon %s: request of %s failed: %s", self.local, s.name, exc)
             out.append(self._error(s, ErrorCode.INTERNAL_ERROR, str(exc), _request_id(frame)))
         return out
+
+    def send_denied(self, conn: int, group: str) -> str | None:
+        """Why the access rules keep `conn`'s session from sending to `group` (None: they
+        do not). A replication to a group ends with a message into it, so asking for one
+        needs the right to send there."""
+        access = self.config.access
+        s = self._sessions.get(conn)
+        if not access.rules or s is None or s.principal is None:
+            return None
+        if Operation.SEND in access.allowed(s.principal, group):
+            return None
+        self._counters.access_denied += 1
+        token = f" (token {s.principal.token!r})" if s.principal.token is not None else ""
+        return f"{s.name}{token} may not send to group {group!r}"
+
+    def announce(self, group: str, body: bytes, now: float) -> list[SessionEffect]:
+        """The daemon itself tells every member of `group` that a replication to it ended:
+        `body` (of a BLOB_HELD frame) goes out as a SAFE message in the group's total
+        order (docs/design/replicate.md, "Agreed completion"). Raises what
+        `GroupEngine.submit` raises (BufferFull: retry later; UsageError: no view)."""
+        self._now = max(self._now, now)
+        effects = self.membership.submit(
+            (group,), body, ServiceLevel.SAFE, DAEMON_SENDER, now, BLOB_HELD_MSG_TYPE
+        )
+        return self._route(effects)
 
     def decode_failed(self, conn: int, reason: str, now: float) -> list[SessionEffect]:
         """The connection's bytes did not decode: ERROR BAD_FRAME, then close."""
@@ -722,12 +766,24 @@ class SessionTable:
                 out += self._drop(s, "goodbye", now, close=True, last=encode(Goodbye()))
             case Hello():
                 out += self._end(s, ErrorCode.UNEXPECTED_FRAME, "a second HELLO", "bad frame", now)
-            case Replicate():  # the daemon takes it from a session of version 5 or later
+            # the daemon takes these from sessions of their version or later
+            case Replicate() | SetRate():
+                needs = (
+                    REPLICATE_VERSION
+                    if isinstance(frame, Replicate) and frame.buddy is None
+                    else SET_RATE_VERSION
+                )
+                what = (
+                    "SET_RATE"
+                    if isinstance(frame, SetRate)
+                    else "REPLICATE"
+                    if frame.buddy is None
+                    else "REPLICATE with a buddy"
+                )
                 out += self._end(
                     s,
                     ErrorCode.UNEXPECTED_FRAME,
-                    f"REPLICATE needs protocol version {REPLICATE_VERSION}, the session has "
-                    f"{s.version}",
+                    f"{what} needs protocol version {needs}, the session has {s.version}",
                     "bad frame",
                     now,
                 )
@@ -850,6 +906,8 @@ class SessionTable:
         return out
 
     def _deliver(self, d: Deliver) -> list[SessionEffect]:
+        if d.sender == DAEMON_SENDER:
+            return self._daemon_event(d)
         targets: dict[str, list[str]] = {}
         for g in d.groups:
             for name in self._local_members.get(g, ()):
@@ -862,6 +920,35 @@ class SessionTable:
             s = self._by_name.get(name)
             if s is not None and s.state is _State.OPEN:
                 out += self._send(s, data, tuple(targets[name]), d.service, message=True)
+        return out
+
+    def _daemon_event(self, d: Deliver) -> list[SessionEffect]:
+        """A daemon's message (`announce`): one BLOB_HELD frame, built and checked once,
+        to each local member of its group whose session speaks BLOB_HELD_VERSION."""
+        if d.msg_type != BLOB_HELD_MSG_TYPE or len(d.groups) != 1:
+            self._counters.daemon_events_dropped += 1
+            return []
+        (group,) = d.groups
+        sessions = [
+            s
+            for name in self._local_members.get(group, ())
+            if (s := self._by_name.get(name)) is not None
+            and s.state is _State.OPEN
+            and s.version >= BLOB_HELD_VERSION
+        ]
+        if not sessions:
+            return []
+        data = LENGTH.pack(1 + len(d.payload)) + bytes((FrameType.BLOB_HELD,)) + d.payload
+        try:  # another daemon's bytes: checked before any client sees them
+            decode(data, max_frame_size=MAX_BLOB_HELD_FRAME, accept=_BLOB_HELD_ONLY)
+        except DecodeError as exc:
+            self._counters.daemon_events_dropped += 1
+            log.warning("daemon %s: BLOB_HELD from %s dropped: %s", self.local, d.source, exc)
+            return []
+        out: list[SessionEffect] = []
+        for s in sessions:
+            self._counters.daemon_events_delivered += 1
+            out += self._send(s, data, (group,), ServiceLevel.SAFE)
         return out
 
     def _send(
@@ -973,6 +1060,9 @@ class SessionTable:
             self._counters.internal_errors += 1
             log.error("daemon %s: disconnect of %s not announced: %s", self.local, s.name, exc)
         return out
+
+
+_BLOB_HELD_ONLY = frozenset({FrameType.BLOB_HELD})
 
 
 def _section(value: object) -> dict[str, object]:

@@ -41,6 +41,8 @@ class ReplicatorConfig:
     rate caps it further). `window_chunks`: chunks handed to one stream's driver before it
     says they left (bounds what waits in user space, and keeps the write order the wire
     order). `give_up_after`: an origin ends a replication that made no progress that long.
+    `stall_after`: s without progress after which `Replicator.transfers()` calls a transfer
+    stalled, naming the peers it waits on.
     """
 
     rate: float | None = None
@@ -50,13 +52,14 @@ class ReplicatorConfig:
     max_transfers: int = 64
     max_streams: int = 4096
     burst_seconds: float = 0.005
+    stall_after: float = 10.0
 
     def __post_init__(self) -> None:
         if self.rate is not None and not self.rate > 0:
             raise UsageError("replication rate must be positive")
         if self.window_chunks < 1 or self.max_transfers < 1 or self.max_streams < 1:
             raise UsageError("replication window and limits must be at least 1")
-        if not (self.progress_interval > 0 and self.give_up_after > 0):
+        if not (self.progress_interval > 0 and self.give_up_after > 0 and self.stall_after > 0):
             raise UsageError("replication intervals must be positive")
 
 
@@ -73,6 +76,9 @@ class ReplicationRequest:
     capacity_aware: bool = False
     rate: float | None = None  # bytes/s per sender; None: the daemons' own caps
     dest: str = ""  # directory on each recipient; "": its default
+    buddy: NodeId | None = (
+        None  # a daemon holding the same file that repairs failures in the origin's place
+    )
 
 
 # ---------------------------------------------------------------- effects
@@ -147,6 +153,7 @@ class RecipientReport:
     eta: float | None  # s, at that rate
     detail: str
     path: str  # where the complete copy is on that daemon ("" until then)
+    stalled: float | None = None  # s since its last progress report, once stall_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,5 +218,8 @@ class ReplicatorStats:
     streams_failed: int
     streams_refused: int
     malformed: int
+    suspects: int  # streams that broke before their end (their peer may have failed)
+    repairs_opened: int  # feeds sent in place of a failed node's
+    feeds_retried: int  # broken feeds opened again
     transfers: int
     streams: int

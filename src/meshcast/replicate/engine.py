@@ -15,14 +15,35 @@ Inputs (each returns the effects it caused):
   `stream_drained(stream, now)`, `stream_closed(stream, error, now)`: the driver's streams.
   Streams this engine opens have ids below `INBOUND_STREAM_BASE`; the driver numbers the
   ones it accepts from `INBOUND_STREAM_BASE` up.
-* `control_received(source, payload, now)`: PROGRESS reports (overlay DATA, REPLICATION).
+* `control_received(source, payload, now)`: PROGRESS reports, FETCH and RATE (overlay
+  DATA, REPLICATION).
+* `set_rate(rid, rate | None, now)` at the origin: a new upload cap for one replication,
+  applied here and sent (RATE) to every participant, which applies it to its feeds at once.
 * `finalized(rid, path | None, error, now)`: the store renamed a complete copy into place.
 * `on_timer(now)` at `next_deadline()`: the upload shaper and the progress reports.
+* `view_changed(members, now)`: the daemons alive (the overlay's agreed view): a
+  participant that left is repaired around; one that came back is fed again.
+
+Failures (seed 002 [0071]-[0098]): a stream that breaks before its END makes its node a
+suspect; the origin (its buddy, if the suspect is the origin) tells every participant to
+repair around it (REPAIR), and a view without the node does the same at every node. The
+repair itself is `plan.repair`, the same pure function at every node; a node opens the
+replacement feeds it is the sender of, and a broken feed to a node still in the view is
+opened again (with back-off: a restarted daemon resumes from its verified chunks), and a
+node back in the view is fed again by its senders, even by feeds that had ended (their tail
+may have been lost in flight when it died).
 
 Scheduling: a node serves its feeds in the plan's priority order (tree edges before
 collection, after-complete feeds last) and shares equally among feeds of one priority,
-weighted by their sizes (so subfiles sized to capacities finish together). With a rate cap
-its upload is a token bucket: the order of its writes is then the order on the wire.
+weighted by their sizes (so subfiles sized to capacities finish together). Its upload is
+shaped by token buckets (`meshcast.replicate.shaper`): one for the whole daemon (its
+configured rate) and one for each replication with a cap of its own; a chunk goes out when
+both allow it, and a feed whose replication must wait steps aside for the others. With a
+cap the order of its writes is the order on the wire.
+
+Stall diagnosis: `transfers()` calls a transfer stalled once it made no progress for
+`stall_after` and names the peers it waits on (silent or missing feeders, receivers that
+take nothing, recipients that stopped reporting).
 
 Theory of operation: docs/design/replicate.md.
 """
@@ -35,7 +56,7 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from meshcast.errors import DecodeError, ReplicationError, UsageError
@@ -61,12 +82,16 @@ from meshcast.replicate.manifest import Manifest
 from meshcast.replicate.messages import (
     MAX_RECIPIENTS,
     Chunk,
+    Done,
     End,
     Fetch,
     Have,
     Offer,
     Progress,
+    Rate,
     ReceiverState,
+    RepairAround,
+    Suspect,
     decode_control,
     decode_stream_message,
     encode_chunk_head,
@@ -78,7 +103,9 @@ from meshcast.replicate.plan import (
     FeedKind,
     PlanSpec,
     make_plan,
+    repair,
 )
+from meshcast.replicate.shaper import TokenBucket
 from meshcast.replicate.store import ChunkStore
 from meshcast.replicate.transfer import (
     STATE_NAME,
@@ -116,6 +143,14 @@ MAX_DEST = 4096  # bytes: a request's dest directory (a path; the OFFER carries 
 # replications this node took part in and forgot, remembered so that a late OFFER of one
 # (a feeder that joined after this copy was done) is answered, not joined all over again
 MAX_FORGOTTEN = 4096
+# a feed whose stream broke is opened again after FEED_RETRY_FIRST s, doubling up to
+# FEED_RETRY_MAX s, at most MAX_FEED_RETRIES times (a view change back resets the count)
+FEED_RETRY_FIRST = 0.5
+FEED_RETRY_MAX = 8.0
+MAX_FEED_RETRIES = 8
+# RATEs of replications not joined yet (the RATE overtook their first OFFER), kept for
+# their join: (origin, rate) by rid
+MAX_EARLY_RATES = 64
 
 
 # ---------------------------------------------------------------- statistics
@@ -144,6 +179,9 @@ class _Counters:
     streams_failed: int = 0
     streams_refused: int = 0
     malformed: int = 0
+    suspects: int = 0
+    repairs_opened: int = 0
+    feeds_retried: int = 0
 
 
 # ---------------------------------------------------------------- the engine
@@ -177,13 +215,18 @@ class Replicator:
         self._deframers: dict[int, Deframer] = {}
         self._heap: list[tuple[int, float, int, FeedOut]] = []
         self._heap_seq = itertools.count()
-        self._tokens = 0.0
-        self._tokens_at = 0.0
+        # the daemon's whole upload, and each capped replication's (by rid)
+        self._bucket = TokenBucket(self.config.rate or 0.0, 0.0, self.config.burst_seconds)
+        self._buckets: dict[int, TokenBucket] = {}
+        self._early_rates: OrderedDict[int, tuple[NodeId, float]] = OrderedDict()
         self._wake_at: float | None = None
         self._fresh: dict[tuple[int, int], memoryview] = {}  # chunks received this input
         self._now = 0.0
         self._c = _Counters()
         self._forgotten: OrderedDict[int, bool] = OrderedDict()  # rid -> copy complete
+        self._members: frozenset[NodeId] | None = None  # the view (None: not known yet)
+        self._ended_ins: set[int] = set()  # accepted streams whose END arrived
+        self._mirrors: dict[int, Transfer] = {}  # the buddy's transfers being hashed
 
     # ------------------------------------------------------------ queries
 
@@ -192,16 +235,28 @@ class Replicator:
         for t in self._transfers.values():
             if t.report_due is not None and (deadline is None or t.report_due < deadline):
                 deadline = t.report_due
-            stall = self._stall_deadline(t)
-            if stall is not None and (deadline is None or stall < deadline):
-                deadline = stall
+            for when in (self._stall_deadline(t), self._linger_deadline(t)):
+                if when is not None and (deadline is None or when < deadline):
+                    deadline = when
+            for o in t.retries:
+                if o.retry_at is not None and (deadline is None or o.retry_at < deadline):
+                    deadline = o.retry_at
         return deadline
+
+    def _linger_deadline(self, t: Transfer) -> float | None:
+        """When a finished copy (or the buddy) that was never told DONE forgets the
+        replication (it stays to serve repairs until then)."""
+        if t.is_origin or t.done or t.state == ReceiverState.RECEIVING or t.opening:
+            return None
+        return t.last_activity + self.config.give_up_after
 
     def _stall_deadline(self, t: Transfer) -> float | None:
         """When a copy that stopped receiving is given up here (None: not receiving, or
         fed after its feeders complete: then a long wait is the plan, and the origin
         decides when the replication has stalled)."""
-        if t.is_origin or t.state != ReceiverState.RECEIVING or t.opening or t.fed_late:
+        if t.is_origin or t.is_buddy or t.state != ReceiverState.RECEIVING or t.opening:
+            return None
+        if t.fed_late and t.spec.origin not in t.departed:
             return None
         return t.last_progress + self.config.give_up_after
 
@@ -231,6 +286,9 @@ class Replicator:
             streams_failed=c.streams_failed,
             streams_refused=c.streams_refused,
             malformed=c.malformed,
+            suspects=c.suspects,
+            repairs_opened=c.repairs_opened,
+            feeds_retried=c.feeds_retried,
             transfers=len(self._transfers),
             streams=len(self._outs) + len(self._ins),
         )
@@ -239,22 +297,169 @@ class Replicator:
         """The replications this node originated and still runs."""
         return [self._report(t) for t in self._transfers.values() if t.is_origin]
 
-    def transfers(self) -> list[dict[str, object]]:
-        """This node's part in each replication (for status)."""
+    def transfers(self, now: float | None = None) -> list[dict[str, object]]:
+        """This node's part in each replication (for status). `stalled` is None, or
+        ``{"for": s, "waiting_on": [node ids], "why": text}`` once it made no progress for
+        `stall_after` (at `now`, default the time of the latest input)."""
+        at = self._now if now is None else max(now, self._now)
         return [
             {
                 "rid": f"{t.rid:016x}",
                 "name": t.manifest.name,
-                "role": "origin" if t.is_origin else "recipient",
+                "role": "origin" if t.is_origin else "buddy" if t.is_buddy else "recipient",
                 "state": t.state.name.lower(),
                 "held_bytes": t.held_bytes,
                 "size": t.manifest.size,
                 "feeds_out": len(t.outs),
                 "feeds_in": len(t.ins),
+                "repairing_around": sorted(int(n) for n in t.failed),
+                "rate": t.rate,
                 "detail": t.detail,
+                "stalled": self._stalled(t, at),
             }
             for t in self._transfers.values()
         ]
+
+    def runs(self, rid: int) -> Literal["origin", "recipient"] | None:
+        """This node's role in replication `rid` (None: it takes no part in it now)."""
+        if rid in self._pending:
+            return "origin"
+        t = self._transfers.get(rid)
+        if t is None:
+            return None
+        return "origin" if t.is_origin else "recipient"
+
+    def _stalled(self, t: Transfer, now: float) -> dict[str, object] | None:
+        """Why `t` made no progress for `stall_after`, and on whom it waits (None: it
+        did progress). Computed when asked: no timer runs for it."""
+        after = self.config.stall_after
+        waiting: dict[NodeId, None] = {}  # (ordered, without repeats)
+        whys: list[str] = []
+        idle = 0.0
+        if not t.is_origin and t.state == ReceiverState.RECEIVING and not t.opening:
+            quiet = now - t.last_progress
+            silent, missing = self._silent_feeders(t, now) if quiet >= after else ([], [])
+            if silent or missing:  # (else it only waits for after-complete feeds: the plan)
+                idle = quiet
+                waiting.update(dict.fromkeys(silent + missing))
+                if silent:
+                    whys.append(f"no data from {len(silent)} feeders for {after:g} s")
+                if missing:
+                    whys.append(f"{len(missing)} feeders have opened no stream")
+        blocked = [
+            o
+            for o in t.outs
+            if not o.ended
+            and not o.failed
+            and (not o.remote_known or o.outstanding)
+            and now - o.progress_at >= after
+        ]
+        if blocked:
+            idle = max(idle, max(now - o.progress_at for o in blocked))
+            waiting.update(dict.fromkeys(o.feed.receiver for o in blocked))
+            whys.append(f"{len(blocked)} receivers take no data")
+        if t.is_origin and not t.finished and now - t.last_progress >= after and not blocked:
+            idle = max(idle, now - t.last_progress)
+            quiet_ones = [
+                r.node
+                for r in t.recipients.values()
+                if r.state not in ("complete", "failed")
+                and now - (t.started if r.last_at is None else r.last_at) >= after
+            ]
+            waiting.update(dict.fromkeys(quiet_ones))
+            whys.append(f"no progress report from {len(quiet_ones)} recipients")
+        if not whys:
+            return None
+        return {
+            "for": round(idle, 3),
+            "waiting_on": [int(n) for n in waiting],
+            "why": "; ".join(whys),
+        }
+
+    def _silent_feeders(self, t: Transfer, now: float) -> tuple[list[NodeId], list[NodeId]]:
+        """The feeders of copy `t` whose open stream brought nothing for `stall_after`, and
+        the planned feeders that owe chunks and have no stream open. A feeder whose feeds
+        to us all start once it holds them (after-complete) is silent by plan: its own
+        copy's stall, if any, is diagnosed where it is."""
+        after = self.config.stall_after
+        feeds = t.plan.feeds_to(self.local)
+        late = {f.sender for f in feeds} - {f.sender for f in feeds if not f.after_complete}
+        open_from = {self._peers[s] for s in t.ins if s in self._peers}
+        silent = sorted(
+            peer for peer in open_from - late if now - t.fed_at.get(peer, t.started) >= after
+        )
+        missing: list[NodeId] = []
+        for feed in feeds:
+            if feed.sender in open_from or feed.sender in missing:
+                continue
+            chunks = merged_ranges(t.plan.subfiles[i] for i in feed.subfiles)
+            if not all(all(t.held[first:end]) for first, end in chunks):
+                missing.append(feed.sender)
+        return silent, missing
+
+    def set_rate(self, rid: int, rate: float | None, now: float) -> list[ReplicationEffect]:
+        """At the origin: replication `rid` may upload `rate` bytes/s per sender from now
+        on (None: no cap beyond each daemon's own). Applied here at once and sent (RATE)
+        to every recipient, which applies it to its own feeds of the replication.
+        UsageError: not a replication this node originates and runs, or a bad rate (not
+        positive and finite, or so low that one chunk takes half of `give_up_after`)."""
+        self._now = now
+        if rate is not None and not 0 < rate < math.inf:
+            raise UsageError(f"the rate must be positive and finite (or none), not {rate!r}")
+        pending = self._pending.get(rid)
+        if pending is not None:  # still hashing: the plan will carry it
+            self._pending[rid] = (replace(pending[0], rate=rate), pending[1])
+            return []
+        t = self._transfers.get(rid)
+        if t is None or t.finished:
+            raise UsageError(f"no replication {rid:016x} runs here")
+        if not t.is_origin:
+            raise UsageError(f"this daemon is not the origin of replication {rid:016x}")
+        chunk = t.manifest.chunk_size
+        if rate is not None and rate * self.config.give_up_after < 2 * chunk:
+            raise UsageError(
+                f"a rate of {rate:g} bytes/s is too low: one chunk of {chunk} bytes would "
+                f"take more than half of give_up_after ({self.config.give_up_after:g} s)"
+            )
+        out: list[ReplicationEffect] = []
+        self._apply_rate(t, rate or 0.0)
+        payload = encode_control(Rate(rid, t.rate))
+        out.extend(SendControl(node, payload) for node in sorted(t.participants - {self.local}))
+        out.append(
+            ReplicationEvent("replication_rate_changed", {"rid": f"{rid:016x}", "rate": t.rate})
+        )
+        self._pump(out)
+        return out
+
+    def _apply_rate(self, t: Transfer, rate: float) -> None:
+        t.rate = rate
+        bucket = self._buckets.get(t.rid)
+        if bucket is not None:
+            bucket.set_rate(rate, self._now)
+        for o in t.outs:
+            self._wake(o)
+
+    def _on_rate(self, source: NodeId, message: Rate) -> list[ReplicationEffect]:
+        """The origin changed a replication's cap: apply it to our feeds of it."""
+        t = self._transfers.get(message.rid)
+        if t is None:
+            if message.rid not in self._forgotten:  # its OFFER has not come yet
+                self._early_rates[message.rid] = (source, message.rate)
+                while len(self._early_rates) > MAX_EARLY_RATES:
+                    self._early_rates.popitem(last=False)
+            return []
+        if t.is_origin or source != t.spec.origin:
+            self._c.malformed += 1  # only the origin sets a replication's rate
+            return []
+        out: list[ReplicationEffect] = []
+        self._apply_rate(t, message.rate)
+        self._pump(out)
+        return out
+
+    def _take_early_rate(self, t: Transfer) -> None:
+        early = self._early_rates.pop(t.rid, None)
+        if early is not None and early[0] == t.spec.origin:
+            t.rate = early[1]
 
     # ------------------------------------------------------------ origin
 
@@ -289,6 +494,8 @@ class Replicator:
         self, rid: int, manifest: Manifest | None, error: str | None, now: float
     ) -> list[ReplicationEffect]:
         self._now = now
+        if rid in self._mirrors:
+            return self._mirror_hashed(self._mirrors.pop(rid), manifest, error)
         pending = self._pending.pop(rid, None)
         if pending is None:
             return []
@@ -316,6 +523,7 @@ class Replicator:
             tree=request.tree,
             capacities=caps,
             capacity_aware=request.capacity_aware and caps is not None,
+            buddy=request.buddy,
         )
         try:
             plan = make_plan(spec)
@@ -338,6 +546,7 @@ class Replicator:
             rid, manifest, plan, rate=request.rate or 0.0, dest=request.dest, origin=True, now=asked
         )
         t.store_open = True
+        t.source = request.path
         t.held = bytearray(b"\x01" * manifest.chunk_count)
         t.held_count = manifest.chunk_count
         t.held_bytes = manifest.size
@@ -359,11 +568,193 @@ class Replicator:
                 },
             )
         )
+        # the buddy (mirroring the file at the same path) hears of it first: if this node
+        # dies early, it is the only one left that can send the whole file
+        if spec.buddy is not None:
+            feed = Feed(self.local, spec.buddy, (), FeedKind.MIRROR)
+            self._open_feed(t, feed, (), out, source=request.path)
         self._open_feeds(t, out)
         self._pump(out)
         return out
 
-    # ------------------------------------------------------------ streams
+    def _mirror_hashed(
+        self, t: Transfer, manifest: Manifest | None, error: str | None
+    ) -> list[ReplicationEffect]:
+        """The buddy hashed its mirror of the file: it can repair if the digest matches,
+        else it tells the origin to repair around it."""
+        out: list[ReplicationEffect] = []
+        if self._transfers.get(t.rid) is not t:
+            return out
+        if manifest is not None and manifest.digest != t.digest:
+            error = "its copy differs from the origin's"
+        if manifest is not None and error is None:
+            try:
+                self._store.open_source(t.manifest, t.source)
+            except ReplicationError as exc:
+                error = str(exc)
+        if error is not None:
+            self._fail_copy(t, f"cannot mirror {t.source}: {error}", out)
+            out.append(SendControl(t.spec.origin, encode_control(Suspect(t.rid, self.local))))
+            self._maybe_forget(t)
+            return out
+        t.store_open = True
+        t.held = bytearray(b"\x01" * t.manifest.chunk_count)
+        t.held_count = t.manifest.chunk_count
+        t.held_bytes = t.manifest.size
+        t.state = ReceiverState.COMPLETE
+        out.append(
+            ReplicationEvent("replication_buddy_ready", {"rid": f"{t.rid:016x}", "path": t.source})
+        )
+        for o in t.outs:
+            self._wake(o)
+        self._pump(out)
+        return out
+
+    # ------------------------------------------------------------ failures
+
+    def view_changed(self, members: frozenset[NodeId], now: float) -> list[ReplicationEffect]:
+        """The daemons alive now (the overlay's agreed view)."""
+        self._now = now
+        self._members = members
+        out: list[ReplicationEffect] = []
+        for t in list(self._transfers.values()):
+            gone = t.participants - members
+            back = t.departed - gone
+            new = gone - t.departed
+            t.departed = gone
+            for node in back:
+                self._rejoined(t, node, out)
+            if new:
+                self._departed(t, new, out)
+        self._pump(out)
+        return out
+
+    def _departed(self, t: Transfer, nodes: set[NodeId], out: list[ReplicationEffect]) -> None:
+        for stream, peer in list(self._peers.items()):
+            if peer not in nodes:
+                continue
+            o = self._outs.get(stream)
+            if o is not None and o.transfer is t:
+                self._drop_stream(stream, f"daemon {peer} left the view", out)
+                if o.attempts < MAX_FEED_RETRIES:  # opened again if it comes back
+                    o.retry_at = None
+                    t.retries.append(o)
+            elif self._ins.get(stream) is t:
+                self._drop_stream(stream, f"daemon {peer} left the view", out)
+        if t.is_origin:
+            for node in nodes:
+                r = t.recipients.get(node)
+                if r is not None and r.state not in ("complete", "failed"):
+                    r.state, r.departed = "failed", True
+                    r.detail = f"daemon {node} left the view during the transfer"
+        self._repair_around(t, nodes, out)
+        if (
+            t.is_origin
+            and t.recipients
+            and all(x.state in ("complete", "failed") for x in t.recipients.values())
+        ):
+            self._finish_origin(t, out)
+
+    def _rejoined(self, t: Transfer, node: NodeId, out: list[ReplicationEffect]) -> None:
+        """`node` is back in the view: feed it again (a restarted daemon resumes)."""
+        if t.is_origin:
+            r = t.recipients.get(node)
+            if r is not None and r.departed:
+                r.state, r.departed, r.rank = "waiting", False, -1
+                r.detail = f"daemon {node} is back"
+        for o in t.retries:
+            if o.feed.receiver == node:
+                o.attempts = 0
+                o.retry_at = self._now
+        # no longer repaired around: a later repair must feed it too (and if it fails
+        # again, it is repaired around again)
+        t.failed.discard(node)
+        self._feed_again(t, node, out)
+
+    def _feed_again(self, t: Transfer, node: NodeId, out: list[ReplicationEffect]) -> None:
+        """Open again the feeds this node sends to `node` (planned, or in place of failed
+        senders) that are neither open nor waiting to be retried: a feed that had ended
+        here may have lost its tail in flight when `node` died, and the restarted daemon
+        tells what it holds (HAVE), so only what it lacks is sent."""
+        if t.finished or t.done or t.state == ReceiverState.FAILED:
+            return
+        wanted = [f for f in t.plan.feeds_to(node) if f.sender not in t.failed]
+        wanted += [f for f in repair(t.plan, t.failed).feeds if f.receiver == node]
+        covered = {
+            s
+            for o in [*t.retries, *(o for o in t.outs if not o.ended)]
+            if o.feed.receiver == node
+            for s in o.feed.subfiles
+        }
+        for feed in wanted:
+            if feed.sender != self.local:
+                continue
+            subfiles = tuple(s for s in feed.subfiles if s not in covered)
+            if not subfiles:
+                continue
+            covered.update(subfiles)
+            self._c.feeds_retried += 1
+            ranges = merged_ranges(t.plan.subfiles[s] for s in subfiles)
+            self._open_feed(t, replace(feed, subfiles=subfiles), ranges, out)
+
+    def _suspect(self, t: Transfer, node: NodeId, out: list[ReplicationEffect]) -> None:
+        """A stream with `node` broke before its end: have the replication repaired
+        around it (the origin decides; the buddy when the suspect is the origin)."""
+        if node in t.failed or t.finished or t.done:
+            return
+        self._c.suspects += 1
+        decider = t.spec.origin
+        if node == decider and t.spec.buddy is not None:
+            decider = t.spec.buddy
+        if decider != self.local:
+            if decider != node:
+                out.append(SendControl(decider, encode_control(Suspect(t.rid, node))))
+            return
+        self._repair_around(t, {node}, out)
+        announce = encode_control(RepairAround(t.rid, tuple(sorted(t.failed))))
+        peers = sorted(t.participants - t.failed - t.departed - {self.local})
+        out.extend(SendControl(peer, announce) for peer in peers)
+
+    def _repair_around(self, t: Transfer, nodes: set[NodeId], out: list[ReplicationEffect]) -> None:
+        """Open the feeds this node sends in place of the failed ones (`plan.repair`)."""
+        fresh = nodes - t.failed
+        if not fresh:
+            return
+        t.failed |= fresh
+        t.last_activity = self._now
+        out.append(
+            ReplicationEvent(
+                "replication_repair",
+                {"rid": f"{t.rid:016x}", "failed": sorted(int(n) for n in t.failed)},
+                "warning",
+            )
+        )
+        fix = repair(t.plan, t.failed)
+        for feed in fix.feeds:
+            if feed.sender != self.local:
+                continue
+            subfiles = tuple(s for s in feed.subfiles if (feed.receiver, s) not in t.substituted)
+            if not subfiles:
+                continue
+            t.substituted.update((feed.receiver, s) for s in subfiles)
+            self._c.repairs_opened += 1
+            ranges = merged_ranges(t.plan.subfiles[s] for s in subfiles)
+            self._open_feed(t, replace(feed, subfiles=subfiles), ranges, out)
+        if t.is_origin or t.state != ReceiverState.RECEIVING or t.opening:
+            return
+        lost = [
+            s
+            for node, s in fix.lost
+            if node == self.local and not all(t.held[slice(*t.plan.subfiles[s])])
+        ]
+        if (
+            lost
+            and t.spec.origin in t.departed
+            and (t.spec.buddy is None or t.spec.buddy in t.departed)
+        ):
+            self._give_up_copy(
+                t, out, f"subfiles {lost[:8]} are lost: the origin failed and no buddy has the file"
+            )
 
     def stream_accepted(self, stream: int, peer: NodeId, now: float) -> list[ReplicationEffect]:
         self._now = now
@@ -391,6 +782,9 @@ class Replicator:
                     self._on_feedback(self._outs[stream], message, out)
                 else:
                     self._on_incoming(stream, message, out)
+            fed, feeder = self._ins.get(stream), self._peers.get(stream)
+            if fed is not None and feeder is not None:
+                fed.fed_at[feeder] = now
         except (DecodeError, _ProtocolViolation) as exc:
             self._c.malformed += 1
             self._drop_stream(stream, f"malformed: {exc}", out)
@@ -411,6 +805,7 @@ class Replicator:
         if o is None:
             return []
         o.outstanding = 0
+        o.progress_at = now
         out: list[ReplicationEffect] = []
         self._wake(o)
         self._pump(out)
@@ -422,6 +817,8 @@ class Replicator:
         o = self._outs.pop(stream, None)
         self._deframers.pop(stream, None)
         peer = self._peers.pop(stream, None)
+        ended = stream in self._ended_ins
+        self._ended_ins.discard(stream)
         if o is not None:
             if not o.ended:
                 o.failed = True
@@ -439,17 +836,47 @@ class Replicator:
                         "warning",
                     )
                 )
+                self._feed_broken(o, out)
             self._maybe_forget(o.transfer)
         elif stream in self._ins:
             t = self._ins.pop(stream)
             if t is not None:
                 t.ins.discard(stream)
-                if error is not None and not t.complete:
+                if not ended and not t.complete and peer is not None:
                     self._c.streams_failed += 1
-                    t.detail = f"feed from {peer} failed: {error}"
+                    t.detail = f"feed from {peer} failed: {error or 'closed before its end'}"
+                    self._suspect(t, peer, out)
                 self._maybe_forget(t)
         self._pump(out)
         return out
+
+    def _feed_broken(self, o: FeedOut, out: list[ReplicationEffect]) -> None:
+        """A feed's stream broke before its end: suspect its receiver, and open the feed
+        again later while the receiver is in the view (a restarted daemon resumes)."""
+        t = o.transfer
+        receiver = o.feed.receiver
+        if t.finished or t.done or self._transfers.get(t.rid) is not t:
+            return
+        if o.feed.kind != FeedKind.MIRROR:
+            self._suspect(t, receiver, out)
+        if o.attempts < MAX_FEED_RETRIES:
+            o.retry_at = self._now + min(FEED_RETRY_FIRST * 2**o.attempts, FEED_RETRY_MAX)
+            t.retries.append(o)
+
+    def _retry_feeds(self, t: Transfer, out: list[ReplicationEffect]) -> None:
+        due = [o for o in t.retries if o.retry_at is not None and o.retry_at <= self._now]
+        for o in due:
+            t.retries.remove(o)
+            if o.feed.receiver in t.departed:  # opened again when it comes back
+                o.retry_at = None
+                t.retries.append(o)
+                continue
+            if o in t.outs:
+                t.outs.remove(o)
+            self._c.feeds_retried += 1
+            source = t.source if o.feed.kind == FeedKind.MIRROR else ""
+            again = self._open_feed(t, o.feed, o.ranges, out, source=source)
+            again.attempts = o.attempts + 1
 
     # ------------------------------------------------------------ control, files, timer
 
@@ -464,6 +891,10 @@ class Replicator:
             return []
         if isinstance(progress, Fetch):
             return self._on_fetch(source, progress)
+        if isinstance(progress, Suspect | RepairAround | Done):
+            return self._on_failure_control(source, progress)
+        if isinstance(progress, Rate):
+            return self._on_rate(source, progress)
         t = self._transfers.get(progress.rid)
         if t is None or not t.is_origin or source not in t.recipients:
             return []
@@ -492,6 +923,30 @@ class Replicator:
         out: list[ReplicationEffect] = []
         if all(x.state in ("complete", "failed") for x in t.recipients.values()):
             self._finish_origin(t, out)
+        return out
+
+    def _on_failure_control(
+        self, source: NodeId, message: Suspect | RepairAround | Done
+    ) -> list[ReplicationEffect]:
+        t = self._transfers.get(message.rid)
+        out: list[ReplicationEffect] = []
+        if t is None or source not in t.participants:
+            return out
+        t.last_activity = self._now
+        match message:
+            case Suspect(_, node):
+                if node in t.participants:
+                    self._suspect(t, node, out)
+            case RepairAround(_, failed):
+                self._repair_around(t, set(failed) & t.participants - {self.local}, out)
+            case Done():
+                if source == t.spec.origin and not t.is_origin:
+                    t.done = True
+                    for o in t.retries:
+                        o.retry_at = None
+                    t.retries.clear()
+                    self._maybe_forget(t)
+        self._pump(out)
         return out
 
     def finalized(
@@ -535,6 +990,16 @@ class Replicator:
             stall = self._stall_deadline(t)
             if stall is not None and now >= stall:
                 self._give_up_copy(t, out)
+            if t.retries:
+                self._retry_feeds(t, out)
+            linger = self._linger_deadline(t)
+            if linger is not None and now >= linger:
+                t.done = True  # nobody said DONE (the origin failed?): stop serving repairs
+                t.retries.clear()
+                for o in t.outs:
+                    if not o.ended:
+                        self._drop_stream(o.stream, "the replication is over", out)
+                self._maybe_forget(t)
         if self._wake_at is not None and now >= self._wake_at:
             self._wake_at = None
         self._pump(out)
@@ -549,12 +1014,15 @@ class Replicator:
             ReplicationEvent("replica_failed", {"rid": f"{t.rid:016x}", "reason": reason}, "error")
         )
 
-    def _give_up_copy(self, t: Transfer, out: list[ReplicationEffect]) -> None:
-        """No chunk arrived for `give_up_after`: fail this copy (its partial file stays for
-        a later replication of the same file to resume from) and free what it held."""
+    def _give_up_copy(
+        self, t: Transfer, out: list[ReplicationEffect], why: str | None = None
+    ) -> None:
+        """No chunk arrived for `give_up_after` (or, `why`, none can arrive): fail this
+        copy (its partial file stays for a later replication of the same file to resume
+        from) and free what it held."""
         feeders = sorted({int(self._peers[s]) for s in t.ins if s in self._peers})
         t.state = ReceiverState.FAILED
-        stalled = (
+        stalled = why or (
             f"no data for {self.config.give_up_after:.0f} s "
             f"({t.manifest.chunk_count - t.held_count} chunks missing; feeders {feeders})"
         )
@@ -625,7 +1093,7 @@ class Replicator:
         if isinstance(message, Chunk):
             self._on_chunk(t, stream, message, out)
         elif isinstance(message, End):
-            pass  # the feeder closes the stream after END
+            self._ended_ins.add(stream)  # the feeder closes the stream after END
         else:
             raise _ProtocolViolation(f"unexpected {type(message).__name__} from a feeder")
 
@@ -703,8 +1171,11 @@ class Replicator:
 
     def _join(self, offer: Offer, out: list[ReplicationEffect]) -> Transfer | None:
         """A first OFFER of replication `offer.rid`: take our part in it."""
-        if offer.spec.origin == self.local or self.local not in offer.spec.recipients:
+        buddy = offer.spec.buddy == self.local
+        if offer.spec.origin == self.local or not (buddy or self.local in offer.spec.recipients):
             raise _ProtocolViolation("an OFFER for a plan without us as a recipient")
+        if buddy and (offer.ranges or not offer.source):
+            raise _ProtocolViolation("an OFFER to the buddy must name the file, not send it")
         if len(self._transfers) >= self.config.max_transfers:
             self._c.streams_refused += 1
             return None
@@ -720,7 +1191,9 @@ class Replicator:
             dest=offer.dest,
             origin=False,
             now=self._now,
+            buddy=buddy,
         )
+        self._take_early_rate(t)
         self._transfers[offer.rid] = t
         # the store serves one replication per file at a time (its contract)
         other = next(
@@ -734,6 +1207,11 @@ class Replicator:
                 out,
             )
             self._report_progress(t, out)
+            return t
+        if buddy:  # it hashes its mirror; the origin's stream carries nothing
+            t.source = offer.source
+            self._mirrors[offer.rid] = t
+            out.append(HashFile(offer.rid, offer.source))
             return t
         t.fed_late = any(f.after_complete for f in plan.feeds_to(self.local))
         t.opening = True
@@ -802,7 +1280,7 @@ class Replicator:
         """Tell the origin how far this copy is (now; then each progress interval while
         it changes)."""
         t.report_due = None
-        if t.is_origin:
+        if t.is_origin or t.is_buddy:
             return
         reported = (t.state, t.held_count, t.bad_chunks)
         if reported == t.reported:
@@ -834,17 +1312,21 @@ class Replicator:
         feed: Feed,
         ranges: tuple[tuple[int, int], ...],
         out: list[ReplicationEffect],
-    ) -> None:
+        *,
+        source: str = "",
+    ) -> FeedOut:
         stream = next(self._stream_ids)
         o = FeedOut(t, feed, stream, ranges)
+        o.progress_at = self._now
         t.outs.append(o)
         self._outs[stream] = o
         self._peers[stream] = feed.receiver
         self._deframers[stream] = Deframer()
         self._c.streams_opened += 1
-        offer = Offer(t.rid, t.rate, t.dest, ranges, t.spec, t.manifest)
+        offer = Offer(t.rid, t.rate, t.dest, ranges, t.spec, t.manifest, source)
         out.append(OpenStream(stream, feed.receiver))
         out.append(StreamSend(stream, (encode_stream_message(offer),)))
+        return o
 
     def _on_feedback(self, o: FeedOut, message: object, out: list[ReplicationEffect]) -> None:
         if not isinstance(message, Have) or o.remote_known:
@@ -856,6 +1338,7 @@ class Replicator:
             remote[first:end] = b"\x01" * (end - first)
         o.remote = remote
         o.remote_known = True
+        o.progress_at = self._now
         self._wake(o)
 
     def _wake(self, o: FeedOut) -> None:
@@ -864,20 +1347,25 @@ class Replicator:
             vtime = o.sent_bytes / o.weight
             heapq.heappush(self._heap, (o.priority, vtime, next(self._heap_seq), o))
 
-    def _rate(self) -> float:
-        rate = self.config.rate or 0.0
-        for t in self._transfers.values():
-            if t.rate and (not rate or t.rate < rate) and any(not o.ended for o in t.outs):
-                rate = t.rate
-        return rate
+    def _bucket_of(self, t: Transfer) -> TokenBucket | None:
+        """The token bucket of replication `t` (None: it has no cap and never had)."""
+        bucket = self._buckets.get(t.rid)
+        if bucket is None and t.rate:
+            bucket = TokenBucket(t.rate, self._now, self.config.burst_seconds)
+            self._buckets[t.rid] = bucket
+        return bucket
+
+    def _wake_by(self, at: float) -> None:
+        if self._wake_at is None or at < self._wake_at:
+            self._wake_at = at
 
     def _pump(self, out: list[ReplicationEffect]) -> None:
-        """Send what the feeds can send now, best first, within the rate cap."""
-        rate = self._rate()
-        if rate:
-            burst = max(rate * self.config.burst_seconds, 1.0)
-            self._tokens = min(burst, self._tokens + (self._now - self._tokens_at) * rate)
-            self._tokens_at = self._now
+        """Send what the feeds can send now, best first, within the rate caps: the
+        daemon's (every feed waits) and each replication's (its feeds step aside)."""
+        now = self._now
+        shared = self._bucket
+        shared.refill(now)
+        stepped_aside: list[FeedOut] = []
         heap = self._heap
         while heap:
             o = heap[0][3]
@@ -892,17 +1380,27 @@ class Replicator:
                 if not o.ended and o.remote_known and o.next_chunk() is None:
                     self._end(o, out)
                 continue
-            length = o.transfer.manifest.chunk_length(chunk)
-            if rate and self._tokens < 0:
-                wait = max(-self._tokens / rate, 1e-6)  # (float rounding: never zero)
-                if self._wake_at is None or self._now + wait < self._wake_at:
-                    self._wake_at = self._now + wait
-                return
+            ready = shared.ready_at(now)
+            if ready is not None:
+                self._wake_by(ready)
+                break
             heapq.heappop(heap)
             o.in_heap = False
+            bucket = self._bucket_of(o.transfer)
+            if bucket is not None:
+                bucket.refill(now)
+                ready = bucket.ready_at(now)
+                if ready is not None:
+                    self._wake_by(ready)
+                    stepped_aside.append(o)
+                    continue
+            length = o.transfer.manifest.chunk_length(chunk)
             self._send_chunk(o, chunk, length, out)
-            if rate:
-                self._tokens -= length
+            shared.take(length)
+            if bucket is not None:
+                bucket.take(length)
+            self._wake(o)
+        for o in stepped_aside:
             self._wake(o)
 
     def _sendable(self, o: FeedOut) -> int | None:
@@ -933,6 +1431,8 @@ class Replicator:
                 return
         out.append(StreamSend(o.stream, (encode_chunk_head(chunk, length), data)))
         o.cursor = chunk + 1
+        if not o.outstanding:  # (its receiver's silence counts from here)
+            o.progress_at = self._now
         o.outstanding += 1
         o.sent_bytes += length
         self._c.chunks_sent += 1
@@ -996,20 +1496,28 @@ class Replicator:
                 self._outs.pop(o.stream, None)
                 self._deframers.pop(o.stream, None)
                 self._peers.pop(o.stream, None)
+        t.retries.clear()
+        done = encode_control(Done(t.rid))
+        peers = sorted(t.participants - t.departed - {self.local})
+        out.extend(SendControl(peer, done) for peer in peers)
         self._maybe_forget(t)
 
     def _maybe_forget(self, t: Transfer) -> None:
         """Drop a transfer once it has nothing left to do here."""
-        if any(not o.ended for o in t.outs) or t.ins:
+        if any(not o.ended for o in t.outs) or t.ins or t.retries:
             return
         if t.is_origin:
             if not t.finished:
                 return
         elif t.state not in (ReceiverState.COMPLETE, ReceiverState.FAILED):
             return
+        elif t.state == ReceiverState.COMPLETE and not t.done:
+            return  # it serves repairs until the origin says DONE (or lingers out)
         if t.report_due is not None and not t.is_origin:
             return
         self._transfers.pop(t.rid, None)
+        self._mirrors.pop(t.rid, None)
+        self._buckets.pop(t.rid, None)
         if t.store_open:  # (a copy the store refused must not close another's file)
             self._store.close(t.digest)
         if not t.is_origin:
@@ -1022,9 +1530,23 @@ class Replicator:
         for r in t.recipients.values():
             left = t.manifest.size - r.held_bytes
             eta = left / r.rate if r.rate > 0 and r.state == "receiving" else None
+            quiet = self._now - (t.started if r.last_at is None else r.last_at)
+            stalled = (
+                quiet
+                if quiet >= self.config.stall_after and r.state not in ("complete", "failed")
+                else None
+            )
             recipients.append(
                 RecipientReport(
-                    r.node, r.state, r.held_bytes, r.bad_chunks, r.rate, eta, r.detail, r.path
+                    r.node,
+                    r.state,
+                    r.held_bytes,
+                    r.bad_chunks,
+                    r.rate,
+                    eta,
+                    r.detail,
+                    r.path,
+                    stalled,
                 )
             )
         states = {r.state for r in recipients}

@@ -4,20 +4,22 @@
 receiver, one stream per (replication, feeder, receiver). Each is framed as
 ``length u32 | type u8 | body`` (length counts type and body)::
 
-    OFFER 1   rid u64 | rate f64 | dest str16 | n u16 | n x (first u32 | end u32) |
-              spec | manifest                                   feeder -> receiver, first
+    OFFER 1   rid u64 | rate f64 | dest str16 | source str16 |
+              n u16 | n x (first u32 | end u32) | spec | manifest    feeder -> receiver, first
     HAVE 2    n u32 | n x (first u32 | end u32)                 receiver -> feeder, once
     CHUNK 3   index u32 | data                                  feeder -> receiver
     END 4     (empty)                                           feeder -> receiver, last
 
     spec      origin u32 | n u32 | n x recipient u32 | chunk_count u32 | strategy u8 |
               max_connections u8 | variant u8 | tree u8 | capacity_aware u8 |
-              c u32 | c x capacity f64          (c = 0: no capacities, else n + 1)
+              c u32 | c x capacity f64 | buddy u32   (c = 0: no capacities, else n + 1;
+                                                     buddy 0: none)
     manifest  name str16 | size u64 | chunk_size u32 | digest 32 bytes |
               m u32 | m x chunk hash 32 bytes
 
 The OFFER names the chunk ranges this stream will carry; the receiver answers with the
-ranges it already holds (a resumed or complete copy), which the feeder skips.
+ranges it already holds (a resumed or complete copy), which the feeder skips. `source` is
+empty except in the origin's OFFER to its buddy (no ranges): the path of the file there.
 
 **Control messages** travel as overlay DATA with ``upper = REPLICATION`` (reliable on
 every hop): ``"MCRP" | type u8 | body``::
@@ -25,9 +27,17 @@ every hop): ``"MCRP" | type u8 | body``::
     PROGRESS 16  rid u64 | state u8 | held_chunks u32 | held_bytes u64 | bad_chunks u32 |
                  detail str16 | path str16                      recipient -> origin
     FETCH 17     rid u64 | n u16 | n x (first u32 | end u32)    recipient -> a holder
+    SUSPECT 18   rid u64 | node u32                             any -> origin (or buddy)
+    REPAIR 19    rid u64 | n u16 | n x node u32                 origin (or buddy) -> all
+    DONE 20      rid u64                                        origin -> all
+    RATE 21      rid u64 | rate f64                             origin -> every participant
 
 FETCH asks a daemon that holds the chunks (the origin) to send them again on a new stream
-(a chunk that arrived damaged).
+(a chunk that arrived damaged). SUSPECT tells the origin that a stream with `node` broke
+before its end (it may have failed); the origin (the buddy, when the suspect is the origin)
+answers every participant with REPAIR: the nodes to repair around. DONE: the replication
+is over, its participants may forget it. RATE is the replication's new upload cap per
+sender in bytes/s (0: none), which each participant applies to its feeds of it at once.
 
 `decode_*` raise only `DecodeError`; `encode_*` refuse (`ValueError`) what they would refuse.
 """
@@ -50,14 +60,18 @@ __all__ = [
     "MAX_STREAM_MESSAGE",
     "Chunk",
     "ControlType",
+    "Done",
     "End",
     "Fetch",
     "Have",
     "Offer",
     "Progress",
+    "Rate",
     "ReceiverState",
+    "RepairAround",
     "StreamMessage",
     "StreamType",
+    "Suspect",
     "decode_control",
     "decode_stream_message",
     "encode_chunk_head",
@@ -94,6 +108,10 @@ class StreamType(IntEnum):
 class ControlType(IntEnum):
     PROGRESS = 16
     FETCH = 17
+    SUSPECT = 18
+    REPAIR = 19
+    DONE = 20
+    RATE = 21
 
 
 class ReceiverState(IntEnum):
@@ -114,6 +132,7 @@ class Offer:
     ranges: Ranges  # the chunks this stream carries
     spec: PlanSpec
     manifest: Manifest
+    source: str = ""  # to the buddy only: the file's path (it holds a mirror there)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +171,30 @@ class Fetch:
     ranges: Ranges
 
 
-Control = Progress | Fetch
+@dataclass(frozen=True, slots=True)
+class Suspect:
+    rid: int
+    node: NodeId  # a stream with it broke before its end
+
+
+@dataclass(frozen=True, slots=True)
+class RepairAround:
+    rid: int
+    failed: tuple[NodeId, ...]  # every node the replication now repairs around
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    rid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    rid: int
+    rate: float  # bytes/s each sender may upload for this replication; 0 = no cap
+
+
+Control = Progress | Fetch | Suspect | RepairAround | Done | Rate
 
 
 # ---------------------------------------------------------------- encoding
@@ -199,6 +241,7 @@ def _spec(spec: PlanSpec) -> bytes:
             ),
             _U32.pack(len(caps)),
             b"".join(_F64.pack(c) for c in caps),
+            _U32.pack(spec.buddy or 0),
         ]
     )
 
@@ -229,6 +272,7 @@ def encode_stream_message(message: Offer | Have | End) -> bytes:
                     _U64.pack(message.rid),
                     _F64.pack(message.rate),
                     _str16(message.dest),
+                    _str16(message.source),
                     _ranges32(message.ranges, _U16),
                     _spec(message.spec),
                     _manifest(message.manifest),
@@ -253,6 +297,32 @@ def encode_chunk_head(index: int, length: int) -> bytes:
 
 
 def encode_control(message: Control) -> bytes:
+    match message:
+        case Suspect(rid, node):
+            return CONTROL_MAGIC + _U8.pack(ControlType.SUSPECT) + _U64.pack(rid) + _U32.pack(node)
+        case RepairAround(rid, failed):
+            if len(failed) > MAX_RECIPIENTS:
+                raise ValueError("too many failed nodes")
+            return b"".join(
+                [
+                    CONTROL_MAGIC,
+                    _U8.pack(ControlType.REPAIR),
+                    _U64.pack(rid),
+                    _U16.pack(len(failed)),
+                    *(_U32.pack(node) for node in failed),
+                ]
+            )
+        case Done(rid):
+            return CONTROL_MAGIC + _U8.pack(ControlType.DONE) + _U64.pack(rid)
+    if isinstance(message, Rate):
+        if not (0.0 <= message.rate < float("inf")):
+            raise ValueError(f"bad rate {message.rate}")
+        return (
+            CONTROL_MAGIC
+            + _U8.pack(ControlType.RATE)
+            + _U64.pack(message.rid)
+            + _F64.pack(message.rate)
+        )
     if isinstance(message, Fetch):
         return (
             CONTROL_MAGIC
@@ -347,6 +417,7 @@ def _decode_spec(r: _Reader) -> PlanSpec:
     chunk_count = r.u32()
     strategy, max_connections, variant, tree, aware = (r.u8() for _ in range(5))
     caps = tuple(r.f64() for _ in range(r.count(r.u32(), 8)))
+    buddy = r.u32()
     try:
         return PlanSpec(
             origin=NodeId(origin),
@@ -358,6 +429,7 @@ def _decode_spec(r: _Reader) -> PlanSpec:
             tree=list(Tree)[tree],
             capacities=caps or None,
             capacity_aware=bool(aware),
+            buddy=NodeId(buddy) if buddy else None,
         )
     except (IndexError, ValueError) as exc:
         raise DecodeError(f"bad plan spec: {exc}") from exc
@@ -403,8 +475,9 @@ def decode_stream_message(frame: memoryview) -> StreamMessage:
         if not rate >= 0.0 or rate == float("inf"):
             raise DecodeError(f"bad rate {rate}")
         dest = r.str16()
+        source = r.str16()
         ranges = r.ranges(r.u16())
-        offer = Offer(rid, rate, dest, ranges, _decode_spec(r), _decode_manifest(r))
+        offer = Offer(rid, rate, dest, ranges, _decode_spec(r), _decode_manifest(r), source)
         r.done()
         if offer.spec.chunk_count != offer.manifest.chunk_count:
             raise DecodeError("plan and manifest disagree on the chunk count")
@@ -424,6 +497,26 @@ def decode_control(payload: bytes | memoryview) -> Control:
         fetch = Fetch(r.u64(), r.ranges(r.u16()))
         r.done()
         return fetch
+    if kind == ControlType.SUSPECT:
+        suspect = Suspect(r.u64(), NodeId(r.u32()))
+        r.done()
+        return suspect
+    if kind == ControlType.REPAIR:
+        repaired = r.u64()
+        failed = tuple(NodeId(r.u32()) for _ in range(r.count(r.u16(), 4)))
+        repair = RepairAround(repaired, failed)
+        r.done()
+        return repair
+    if kind == ControlType.DONE:
+        done = Done(r.u64())
+        r.done()
+        return done
+    if kind == ControlType.RATE:
+        message = Rate(r.u64(), r.f64())
+        r.done()
+        if not message.rate >= 0.0 or message.rate == float("inf"):
+            raise DecodeError(f"bad rate {message.rate}")
+        return message
     if kind != ControlType.PROGRESS:
         raise DecodeError(f"unknown control message type {kind}")
     rid, state, held_chunks, held_bytes, bad = r.unpack(_PROGRESS)

@@ -32,6 +32,7 @@ import heapq
 import math
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
@@ -43,10 +44,12 @@ __all__ = [
     "FeedKind",
     "Plan",
     "PlanSpec",
+    "Repair",
     "Strategy",
     "Tree",
     "Variant",
     "make_plan",
+    "repair",
 ]
 
 # A sender serves lower priorities first: the data every later group waits for (distribution,
@@ -89,7 +92,8 @@ class FeedKind(StrEnum):
     PRIMARY = "primary"  # node i -> node i of a child group, fast-forward
     SECONDARY = "secondary"  # node i -> node i of a child group, once it holds its subfile
     WHOLE = "whole"  # baselines: the whole file, sender to receiver
-    REPAIR = "repair"  # not planned: chunks a receiver asked for again (FETCH)
+    REPAIR = "repair"  # not planned: around a failed node, or chunks asked for again (FETCH)
+    MIRROR = "mirror"  # not planned: the origin tells its buddy of the replication (no data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +126,9 @@ class PlanSpec:
     tree: Tree = Tree.CHAIN
     capacities: tuple[float, ...] | None = None
     capacity_aware: bool = False
+    # a daemon holding the same file that repairs failures in the origin's place (patent
+    # [0081]: the origin's "buddy"); None: the origin repairs them itself
+    buddy: NodeId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +212,87 @@ def make_plan(spec: PlanSpec) -> Plan:
     return _fastreplica(spec, recipients, capacity)
 
 
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """How a plan goes on around failed nodes: `feeds` carry every subfile a surviving
+    recipient was to receive from a failed node (all of them `FeedKind.REPAIR`); `lost`
+    lists the (recipient, subfile) pairs nobody alive can send (the origin failed, and its
+    buddy too or there is none)."""
+
+    feeds: tuple[Feed, ...]
+    lost: frozenset[tuple[NodeId, int]]
+
+
+def repair(plan: Plan, failed: AbstractSet[NodeId]) -> Repair:
+    """The patent's repair procedures ([0079]-[0098], FIGURES 9-12), for any set of failed
+    nodes, as a pure function: every survivor computes the same repair from the same set.
+
+    The sender of subfile s to recipient r is replaced, when it has failed, by:
+    - for the origin: its buddy ([0081]);
+    - for an initial node (first group): the buddy, or the origin without one (FIGURES 9,
+      10C; blocks 1205-1208), towards its group and its child groups alike;
+    - for a subsequent node of group g, towards the rest of g: the node of g's parent group
+      at r's position, so the parent group shares the load (FIGURE 11B, [0091]); towards its
+      child groups, and wherever that node failed too: the failed node's own sender of s,
+      replaced in turn if it failed ([0091], [0093]).
+    A replacement keeps the priority and the after-complete rule of the feed it replaces.
+    Feeds to failed recipients are dropped, not replaced."""
+    if not failed:
+        return Repair((), frozenset())
+    spec = plan.spec
+    root = spec.buddy if spec.buddy is not None and spec.buddy not in failed else None
+    if root is None and spec.origin not in failed:
+        root = spec.origin
+    planned: dict[tuple[int, NodeId], Feed] = {}  # (subfile, receiver) -> its feed
+
+    def sender_of(subfile: int, receiver: NodeId) -> Feed:
+        key = (subfile, receiver)
+        if key not in planned:
+            planned.update(
+                ((s, feed.receiver), feed)
+                for feed in plan.feeds_to(receiver)
+                for s in feed.subfiles
+            )
+        return planned[key]
+
+    def source(subfile: int, receiver: NodeId) -> NodeId | None:
+        node = sender_of(subfile, receiver).sender
+        while node in failed:
+            if node == spec.origin:
+                return root if root != spec.origin else None
+            group = plan.group_of(node)
+            parent = plan.parents[group]
+            if parent < 0:
+                return root
+            members = plan.groups[group]
+            if receiver in members:
+                above = plan.groups[parent]
+                sharer = above[members.index(receiver) % len(above)]
+                if sharer not in failed:
+                    return sharer
+            receiver, node = node, sender_of(subfile, node).sender
+        return node
+
+    pairs: dict[tuple[NodeId, NodeId, bool, int], set[int]] = {}
+    lost: set[tuple[NodeId, int]] = set()
+    for node in sorted(failed):
+        for feed in plan.feeds_from(node):
+            if feed.receiver in failed:
+                continue
+            for subfile in feed.subfiles:
+                sender = source(subfile, feed.receiver)
+                if sender is None:
+                    lost.add((feed.receiver, subfile))
+                    continue
+                key = (sender, feed.receiver, feed.after_complete, feed.priority)
+                pairs.setdefault(key, set()).add(subfile)
+    feeds = tuple(
+        Feed(sender, receiver, tuple(sorted(subfiles)), FeedKind.REPAIR, after, priority)
+        for (sender, receiver, after, priority), subfiles in sorted(pairs.items())
+    )
+    return Repair(feeds, frozenset(lost))
+
+
 def _checked_order(spec: PlanSpec) -> tuple[tuple[NodeId, ...], dict[NodeId, float] | None]:
     """The recipients in the given order and, if the plan is capacity-aware, their upload
     capacities (None when they are all equal: then there is nothing to balance and the
@@ -220,6 +308,8 @@ def _checked_order(spec: PlanSpec) -> tuple[tuple[NodeId, ...], dict[NodeId, flo
         raise UsageError(f"the origin {spec.origin} is among the recipients")
     if len(set(spec.recipients)) != len(spec.recipients):
         raise UsageError("a recipient is listed twice")
+    if spec.buddy is not None and (spec.buddy == spec.origin or spec.buddy in spec.recipients):
+        raise UsageError(f"the buddy {spec.buddy} must be neither the origin nor a recipient")
     if spec.chunk_count < 1:
         raise UsageError(f"chunk_count {spec.chunk_count} < 1")
     capacities = spec.capacities

@@ -123,6 +123,7 @@ class FeedOut:
 
     __slots__ = (
         "after_complete",
+        "attempts",
         "checked",
         "cursor",
         "ended",
@@ -131,10 +132,12 @@ class FeedOut:
         "in_heap",
         "outstanding",
         "priority",
+        "progress_at",
         "range_index",
         "ranges",
         "remote",
         "remote_known",
+        "retry_at",
         "sent_bytes",
         "stream",
         "transfer",
@@ -162,6 +165,9 @@ class FeedOut:
         self.failed = False
         self.in_heap = False
         self.checked = 0  # how many of the feed's chunks, in order, are known to be held
+        self.attempts = 0  # times this feed was opened again after its stream broke
+        self.retry_at: float | None = None  # when to open it again (its stream broke)
+        self.progress_at = 0.0  # when its receiver last took something (HAVE, a drain)
 
     def next_chunk(self) -> int | None:
         """The next chunk to send (skipping what the receiver holds), None when done."""
@@ -192,6 +198,7 @@ class Recipient:
     rate: float = 0.0
     last_at: float | None = None
     rank: int = -1  # STATE_RANK of the latest report taken
+    departed: bool = False  # left the view before its copy was complete
 
 
 class Transfer:
@@ -207,6 +214,7 @@ class Transfer:
         dest: str,
         origin: bool,
         now: float,
+        buddy: bool = False,
     ) -> None:
         self.rid = rid
         self.manifest = manifest
@@ -215,6 +223,8 @@ class Transfer:
         self.rate = rate  # bytes/s cap of the request, 0 = none
         self.dest = dest
         self.is_origin = origin
+        self.is_buddy = buddy  # a mirror of the origin's file, for repairs
+        self.source = ""  # the buddy's mirror: the path of the file on its host
         self.held = bytearray(manifest.chunk_count)
         self.held_count = 0
         self.held_bytes = 0
@@ -237,9 +247,25 @@ class Transfer:
         self.fetching: set[int] = set()  # chunks asked for again
         # some feed to this node starts only once its sender holds its subfiles
         self.fed_late = False
+        # failures (docs/design/replicate.md, "Failures and repair")
+        self.failed: set[NodeId] = set()  # nodes repaired around (suspected or departed)
+        self.departed: set[NodeId] = set()  # participants not in the current view
+        self.substituted: set[tuple[NodeId, int]] = set()  # (receiver, subfile) fed in repair
+        self.retries: list[FeedOut] = []  # broken feeds to open again
+        self.done = False  # the origin said the replication is over
+        self.last_activity = now
+        self.fed_at: dict[NodeId, float] = {}  # feeder -> when its stream last brought data
 
         self.digest = manifest.digest
         self.store_open = False  # the store has the file open for this transfer
+
+    @property
+    def participants(self) -> set[NodeId]:
+        """The origin, its buddy and every recipient."""
+        nodes = {self.spec.origin, *self.spec.recipients}
+        if self.spec.buddy is not None:
+            nodes.add(self.spec.buddy)
+        return nodes
 
     @property
     def complete(self) -> bool:

@@ -38,6 +38,7 @@ from meshcast.sim.network import LinkModel
 from meshcast.sim.overlay import cluster_security, overlay_configs
 from meshcast.sim.simulator import Simulator
 from meshcast.wire.client import (
+    VERSION,
     ClientFrame,
     ErrorReport,
     Frame,
@@ -211,13 +212,16 @@ class DaemonSim:
     def clients(self, node_id: NodeId | None = None) -> list[SimClient]:
         return [c for c in self._clients.values() if node_id is None or c.node == node_id]
 
-    def connect(self, node_id: NodeId, name: str, *, reading: bool = True) -> SimClient:
-        """A new client of daemon `node_id`: it connects and sends its HELLO."""
+    def connect(
+        self, node_id: NodeId, name: str, *, reading: bool = True, max_version: int = VERSION
+    ) -> SimClient:
+        """A new client of daemon `node_id`: it connects and sends its HELLO (speaking
+        protocol versions up to `max_version`: an older client)."""
         conn = next(self._conn_ids)
         client = SimClient(self, node_id, conn, self.sim.incarnation(node_id), name, reading)
         self._clients[(node_id, conn)] = client
         self.sim.act(node_id, lambda d, now: d.client_connected(conn, now))
-        client.send(Hello(name))
+        client.send(Hello(name, max_version=max_version))
         return client
 
     def resume_writing(self, client: SimClient) -> None:

@@ -8,6 +8,12 @@ when its bytes have left the sender's egress. Control messages arrive after the 
 Each node's engine shapes its upload to the node's capacity, as a daemon configured with
 its uplink rate does, so its write order is the order on the wire.
 
+Failures: `crash(i, at)` stops node i as SIGKILL would (its streams break at once at their
+other ends; what it had in flight is lost) and, `detect` seconds later, every live node
+gets a view without it (the overlay's failure detector); `restart(i, at)` starts a fresh
+engine on the same store (the chunks it had written and verified) and puts it back in the
+view.
+
 The files are synthetic (`SyntheticFile`): chunk i's bytes are a function of (seed, i),
 hashed for real, so every chunk is verified as over real sockets while no node stores a
 copy. One seed gives one run.
@@ -128,6 +134,7 @@ class _Stream:
     b_id: int  # the id at the receiver
     queued: dict[int, int] = field(default_factory=dict)  # node -> sends in its egress
     closed: bool = False
+    dead: bool = False  # broken by a crash: what was in flight is lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +166,7 @@ class ReplicationSim:
         config: ReplicatorConfig | None = None,
         shape: bool = True,
         record_progress: bool = False,
+        detect: float = 1.0,
     ) -> None:
         self.n = len(uploads)
         self.ids = [NodeId(i + 1) for i in range(self.n)]
@@ -174,9 +182,8 @@ class ReplicationSim:
                 store.clock = self._clock
         base = config or ReplicatorConfig()
         capacities = {node: uploads[i] for i, node in enumerate(self.ids)}
-        self.engines = []
-        rng = random.Random(seed)
-        for i, node in enumerate(self.ids):
+        self._configs = []
+        for i in range(self.n):
             cfg = base
             if shape:
                 cfg = ReplicatorConfig(
@@ -188,15 +195,13 @@ class ReplicationSim:
                     max_streams=base.max_streams,
                     burst_seconds=base.burst_seconds,
                 )
-            self.engines.append(
-                Replicator(
-                    node,
-                    self.stores[i],
-                    cfg,
-                    rng=random.Random(rng.getrandbits(64)),
-                    capacities=capacities,
-                )
-            )
+            self._configs.append(cfg)
+        self._capacities = capacities
+        self._rng = random.Random(seed)
+        self.engines = [self._engine(i) for i in range(self.n)]
+        self.detect = detect
+        self.alive = [True] * self.n
+        self._epoch = [0] * self.n  # bumped by a crash: events of an earlier life are void
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._egress_free = [0.0] * self.n
@@ -213,6 +218,66 @@ class ReplicationSim:
 
     def _clock(self) -> float:
         return self.now
+
+    def _engine(self, i: int) -> Replicator:
+        return Replicator(
+            self.ids[i],
+            self.stores[i],
+            self._configs[i],
+            rng=random.Random(self._rng.getrandbits(64)),
+            capacities=self._capacities,
+        )
+
+    # ------------------------------------------------------------ failures
+
+    def crash(self, i: int, at: float) -> None:
+        """Node i dies at `at` (as by SIGKILL); the others' view loses it `detect` later."""
+        self._at(at, partial(self._crash, i))
+
+    def restart(self, i: int, at: float) -> None:
+        """Node i starts again at `at` with a fresh engine on its store (what it wrote)."""
+        self._at(at, partial(self._restart, i))
+
+    def _crash(self, i: int) -> None:
+        if not self.alive[i]:
+            return
+        self.alive[i] = False
+        self._epoch[i] += 1
+        self._timers[i] = None
+        for key, s in list(self._streams.items()):
+            if key[0] != i:
+                continue
+            s.dead = s.closed = True
+            j, other = (s.b, s.b_id) if s.a == i else (s.a, s.a_id)
+            self._streams.pop(key, None)
+            self._streams.pop((j, other), None)
+            self._at(self.now + self.latency, partial(self._reset, j, other, self._epoch[j]))
+        # the detector saw this crash: its view leaves the node out even if it restarted
+        # in between (the restart's own view, later, brings it back)
+        self._at(self.now + self.detect, partial(self._view, self._members()))
+
+    def _reset(self, j: int, stream: int, epoch: int) -> None:
+        self._input(j, lambda e: e.stream_closed(stream, "reset", self.now), epoch)
+
+    def _restart(self, i: int) -> None:
+        if self.alive[i]:
+            return
+        self.alive[i] = True
+        self._epoch[i] += 1
+        self.engines[i] = self._engine(i)
+        self._at(self.now + self.detect, partial(self._view, self._members()))
+
+    def _members(self) -> frozenset[NodeId]:
+        return frozenset(node for node, up in zip(self.ids, self.alive, strict=True) if up)
+
+    def _view(self, members: frozenset[NodeId]) -> None:
+        for i in range(self.n):
+            self._input(i, lambda e: e.view_changed(members, self.now))
+
+    def holds_copy(self, i: int, digest: bytes) -> bool:
+        """Did node i finalize a copy of `digest` (every chunk verified, the whole file
+        checked)?"""
+        return digest in self.stores[i].finalized
 
     # ------------------------------------------------------------ set-up
 
@@ -233,6 +298,7 @@ class ReplicationSim:
         while self._heap and self.events < max_events:
             at, _, action = self._heap[0]
             if at > until:
+                self.now = max(self.now, until)  # nothing due before: time passes
                 break
             heapq.heappop(self._heap)
             self.now = max(self.now, at)
@@ -257,11 +323,19 @@ class ReplicationSim:
     def _at(self, when: float, action: Callable[[], None]) -> None:
         heapq.heappush(self._heap, (when, next(self._seq), action))
 
-    def _input(self, i: int, feed: Callable[[Replicator], list[ReplicationEffect]]) -> None:
-        self._apply(i, feed(self.engines[i]))
+    def _input(
+        self,
+        i: int,
+        feed: Callable[[Replicator], list[ReplicationEffect]],
+        epoch: int | None = None,
+    ) -> None:
+        """Feed node i (dropped while it is down, or if `epoch` is of an earlier life)."""
+        if self.alive[i] and (epoch is None or epoch == self._epoch[i]):
+            self._apply(i, feed(self.engines[i]))
 
     def _apply(self, i: int, effects: list[ReplicationEffect]) -> None:
         engine = self.engines[i]
+        epoch = self._epoch[i]
         for effect in effects:
             match effect:
                 case StreamSend(stream, parts):
@@ -271,13 +345,18 @@ class ReplicationSim:
                 case CloseStream(stream, abort):
                     self._close(i, stream, abort)
                 case SendControl(dest, payload):
+                    j = self._index[dest]
                     self._at(
                         self.now + self.latency,
-                        partial(self._control, self._index[dest], self.ids[i], payload),
+                        partial(self._control, j, self.ids[i], payload, self._epoch[j]),
                     )
                 case Finalize(rid, digest):
 
-                    def finish(i: int = i, rid: int = rid, digest: bytes = digest) -> None:
+                    def finish(
+                        i: int = i, rid: int = rid, digest: bytes = digest, life: int = epoch
+                    ) -> None:
+                        if not self.alive[i] or life != self._epoch[i]:
+                            return  # it died verifying: the copy stays partial
                         try:
                             path: str | None = self.stores[i].finalize(digest)
                             error = None
@@ -289,9 +368,9 @@ class ReplicationSim:
 
                     self._at(self.now, finish)
                 case BeginCopy(rid, manifest, dest):
-                    self._at(self.now, partial(self._begin, i, rid, manifest, dest))
+                    self._at(self.now, partial(self._begin, i, rid, manifest, dest, epoch))
                 case HashFile(rid, path):
-                    self._at(self.now, partial(self._hashed, i, rid, path))
+                    self._at(self.now, partial(self._hashed, i, rid, path, epoch))
                 case ReplicationUpdate(rid, report, final):
                     self.reports[rid] = report
                     if final:
@@ -305,10 +384,12 @@ class ReplicationSim:
             self._timers[i] = deadline
             self._at(max(deadline, self.now), partial(self._timer, i, deadline))
 
-    def _control(self, j: int, source: NodeId, payload: bytes) -> None:
-        self._input(j, lambda e: e.control_received(source, payload, self.now))
+    def _control(self, j: int, source: NodeId, payload: bytes, epoch: int) -> None:
+        self._input(j, lambda e: e.control_received(source, payload, self.now), epoch)
 
-    def _begin(self, i: int, rid: int, manifest: Manifest, dest: str | None) -> None:
+    def _begin(self, i: int, rid: int, manifest: Manifest, dest: str | None, epoch: int) -> None:
+        if not self.alive[i] or epoch != self._epoch[i]:
+            return
         try:
             held: set[int] | None = self.stores[i].begin(manifest, dest)
             error = None
@@ -316,11 +397,11 @@ class ReplicationSim:
             held, error = None, str(exc)
         self._input(i, lambda e: e.begun(rid, held, error, self.now))
 
-    def _hashed(self, i: int, rid: int, path: str) -> None:
+    def _hashed(self, i: int, rid: int, path: str, epoch: int) -> None:
         f = self._paths.get(path)
         manifest = f.manifest if f else None
         error = None if f else f"{path}: no such file"
-        self._input(i, lambda e: e.hashed(rid, manifest, error, self.now))
+        self._input(i, lambda e: e.hashed(rid, manifest, error, self.now), epoch)
 
     def _timer(self, i: int, deadline: float) -> None:
         if self._timers[i] != deadline:
@@ -331,14 +412,25 @@ class ReplicationSim:
     # ------------------------------------------------------------ streams
 
     def _open(self, i: int, stream: int, j: int) -> None:
+        if not self.alive[j]:  # connection refused
+            refused = partial(
+                self._input, i, lambda e: e.stream_closed(stream, "refused", self.now)
+            )
+            self._at(self.now + 2 * self.latency, partial(refused, self._epoch[i]))
+            return
         b_id = next(self._inbound_ids[j])
         s = _Stream(i, j, stream, b_id)
         self._streams[(i, stream)] = s
         self._streams[(j, b_id)] = s
         peer = self.ids[i]
+        life = self._epoch[j]
         self._at(
             self.now + self.latency,
-            lambda: self._input(j, lambda e: e.stream_accepted(b_id, peer, self.now)),
+            lambda: (
+                self._input(j, lambda e: e.stream_accepted(b_id, peer, self.now), life)
+                if not s.dead
+                else None
+            ),
         )
 
     def _ends(self, i: int, stream: int) -> tuple[_Stream, int, int, int] | None:
@@ -361,7 +453,7 @@ class ReplicationSim:
 
         def left() -> None:
             s.queued[i] -= 1
-            if not s.queued[i] and (i, own_id) in self._streams:
+            if not s.dead and not s.queued[i] and (i, own_id) in self._streams:
                 self._input(i, lambda e: e.stream_drained(own_id, self.now))
 
         self._at(done, left)
@@ -370,7 +462,12 @@ class ReplicationSim:
         if down is not None:
             arrive = max(arrive, self._ingress_free[j]) + len(data) / down
             self._ingress_free[j] = arrive
-        self._at(arrive, lambda: self._input(j, lambda e: e.stream_data(peer_id, data, self.now)))
+        self._at(
+            arrive,
+            lambda: (
+                None if s.dead else self._input(j, lambda e: e.stream_data(peer_id, data, self.now))
+            ),
+        )
 
     def _close(self, i: int, stream: int, abort: bool) -> None:
         ends = self._ends(i, stream)
@@ -386,6 +483,8 @@ class ReplicationSim:
             when = max(when, self._ingress_free[j])
 
         def closed() -> None:
+            if s.dead:
+                return
             self._streams.pop((i, own_id), None)
             self._streams.pop((j, peer_id), None)
             self._input(

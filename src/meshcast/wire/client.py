@@ -18,7 +18,8 @@ All integers are big-endian. Strings are UTF-8 with a length prefix: ``str8`` is
     0x05 STATUS      [c→d] request_id u32
     0x06 REPLICATE   [c→d] token u32 | path str16 | targets str16 | dest str16 | rate f64 |
                            strategy u8 | variant u8 | tree u8 | max_connections u8 | flags u8
-                           (v5; flags bit 0x01 = capacity-aware)
+                           (v5; flags bit 0x01 = capacity-aware) [| buddy str16 (v6)]
+    0x07 SET_RATE    [c→d] token u32 | rid u64 | rate f64    (v6: a running replication's cap)
     0x41 WELCOME     [d→c] magic "MCCP" | version u16 | private_name str8 |
                            max_message_size u32 | max_group_name u8 | max_groups_per_client u32
     0x42 MESSAGE     [d→c] service u8 | msg_type u16 | sender str8 | n u16 | n x group str8 |
@@ -31,6 +32,10 @@ All integers are big-endian. Strings are UTF-8 with a length prefix: ``str8`` is
     0x46 CONFIRMED   [d→c] request_id u32                  (v2: a CONFIRM MULTICAST is delivered)
     0x47 REPLICATION [d→c] token u32 | final u8 | report (the rest: UTF-8 JSON of one object)
                            (v5: progress, then one final report, of a REPLICATE)
+    0x48 BLOB_HELD   [d→c] rid u64 | flags u8 | size u64 | group str8 | origin str8 | name str16 |
+                           digest_len u8 | digest bytes | h u16 | h x daemon str8 |
+                           m u16 | m x (daemon str8 | held_bytes u64 | reason str8)
+                           (v6: a replication to a group ended; flags bit 0x01 = complete)
     0x81 PING        [both] nonce u64
     0x82 PONG        [both] nonce u64 (echoes the PING)
     0x83 GOODBYE     [both] (empty)
@@ -59,8 +64,9 @@ from meshcast.errors import DecodeError
 
 MAGIC = b"MCCP"  # first bytes of HELLO and WELCOME bodies: "meshcast client protocol"
 # the newest version this module speaks (2: CONFIRM, CONFIRMED, TRANSITIONAL; 3: HELLO's
-# token, UNAUTHENTICATED, ACCESS_DENIED; 4: BUSY; 5: REPLICATE, REPLICATION)
-VERSION = 5
+# token, UNAUTHENTICATED, ACCESS_DENIED; 4: BUSY; 5: REPLICATE, REPLICATION; 6: BLOB_HELD,
+# SET_RATE, REPLICATE's buddy)
+VERSION = 6
 MIN_VERSION = 1  # the oldest version this module speaks
 
 LENGTH = struct.Struct("!I")
@@ -77,6 +83,8 @@ MAX_TOKEN = 128  # bytes of the access token a HELLO may carry (v3): printable A
 TOKEN_VERSION = 3  # the first version whose HELLO may carry a token
 BUSY_VERSION = 4  # the first version that can be told BUSY (older sessions get INTERNAL_ERROR)
 REPLICATE_VERSION = 5  # the first version with REPLICATE and REPLICATION
+BLOB_HELD_VERSION = 6  # the first version sent BLOB_HELD (older sessions are not)
+SET_RATE_VERSION = 6  # the first version with SET_RATE and REPLICATE's buddy
 MAX_DAEMON_NAME = 64  # bytes of the daemon part of a private name (config names: 64 chars)
 MAX_PRIVATE_NAME = 2 + MAX_CLIENT_NAME + MAX_DAEMON_NAME  # "#client#daemon": 98 bytes
 MAX_GROUP_NAME = 255  # bytes of a group name (a str8)
@@ -88,6 +96,10 @@ MAX_STATUS_SIZE = 1 << 20  # bytes (UTF-8) of the JSON report of a STATUS_REPLY
 MAX_REPLICATE_PATH = 4096  # bytes (UTF-8) of REPLICATE's path and dest (Linux PATH_MAX)
 MAX_REPLICATE_TARGETS = U16_MAX  # bytes of REPLICATE's targets (a str16)
 MAX_REPLICATION_REPORT = 1 << 20  # bytes (UTF-8) of the JSON report of a REPLICATION
+MAX_BLOB_DAEMONS = 4096  # daemons one BLOB_HELD names (held_by and missing): a view's limit
+MAX_BLOB_REASON = 255  # bytes (UTF-8) of the reason a daemon misses a blob (a str8)
+MAX_BLOB_DIGEST = 64  # bytes of a blob's digest (128 hex digits)
+BLOB_COMPLETE_FLAG = 0x01  # BLOB_HELD flags: every target holds the blob
 MAX_UNCONFIRMED = 1024  # CONFIRM MULTICASTs of one session not yet CONFIRMED (v2)
 CONFIRM_FLAG = 0x80  # in MULTICAST's service byte (v2): answer with CONFIRMED once delivered
 
@@ -108,9 +120,27 @@ STATUS_HEAD = struct.Struct("!I")  # request_id (STATUS; STATUS_REPLY: then the 
 REPLICATE_HEAD = struct.Struct("!I")  # token; then path, targets, dest (str16 each)
 REPLICATE_TAIL = struct.Struct("!dBBBBB")  # rate, strategy, variant, tree, max_connections, flags
 REPLICATION_HEAD = struct.Struct("!IB")  # token, final; then the report
+BLOB_HELD_HEAD = struct.Struct("!QBQ")  # rid, flags, size; then group, origin, name, digest
+BLOB_MISSING_HELD = struct.Struct("!Q")  # a missing daemon's held bytes (between its strings)
+SET_RATE_BODY = struct.Struct("!IQd")  # token, rid, rate
 NONCE = struct.Struct("!Q")
+U8 = struct.Struct("!B")
 U16 = struct.Struct("!H")
 U32 = struct.Struct("!I")
+
+
+# The largest BLOB_HELD (its length field): 1.36 MB, whatever the daemon's max_message_size
+# (the daemon, not a client, sends it; it travels in the group as a message of that size).
+MAX_BLOB_HELD_FRAME = (
+    1
+    + BLOB_HELD_HEAD.size
+    + (1 + MAX_GROUP_NAME)
+    + (1 + MAX_DAEMON_NAME)
+    + (2 + MAX_REPLICATE_PATH)
+    + (1 + MAX_BLOB_DIGEST)
+    + 2 * U16.size
+    + MAX_BLOB_DAEMONS * (1 + MAX_DAEMON_NAME + BLOB_MISSING_HELD.size + 1 + MAX_BLOB_REASON)
+)
 
 
 def frame_size_limit(max_message_size: int) -> int:
@@ -131,7 +161,13 @@ def frame_size_limit(max_message_size: int) -> int:
     )
     status = 1 + STATUS_HEAD.size + MAX_STATUS_SIZE
     replication = 1 + REPLICATION_HEAD.size + MAX_REPLICATION_REPORT
-    return max(max(multicast, message) + max_message_size, membership, status, replication)
+    return max(
+        max(multicast, message) + max_message_size,
+        membership,
+        status,
+        replication,
+        MAX_BLOB_HELD_FRAME,
+    )
 
 
 DEFAULT_MAX_FRAME_SIZE = frame_size_limit(DEFAULT_MAX_MESSAGE_SIZE)
@@ -151,6 +187,7 @@ class FrameType(IntEnum):
     MULTICAST = 0x04
     STATUS = 0x05
     REPLICATE = 0x06
+    SET_RATE = 0x07
     WELCOME = 0x41
     MESSAGE = 0x42
     MEMBERSHIP = 0x43
@@ -158,6 +195,7 @@ class FrameType(IntEnum):
     STATUS_REPLY = 0x45
     CONFIRMED = 0x46
     REPLICATION = 0x47
+    BLOB_HELD = 0x48
     PING = 0x81
     PONG = 0x82
     GOODBYE = 0x83
@@ -173,6 +211,7 @@ FROM_CLIENT = frozenset(
         FrameType.MULTICAST,
         FrameType.STATUS,
         FrameType.REPLICATE,
+        FrameType.SET_RATE,
         FrameType.PING,
         FrameType.PONG,
         FrameType.GOODBYE,
@@ -187,6 +226,7 @@ FROM_DAEMON = frozenset(
         FrameType.STATUS_REPLY,
         FrameType.CONFIRMED,
         FrameType.REPLICATION,
+        FrameType.BLOB_HELD,
         FrameType.PING,
         FrameType.PONG,
         FrameType.GOODBYE,
@@ -282,6 +322,9 @@ class ErrorCode(IntEnum):
     TOO_MANY_UNCONFIRMED = 208  # a CONFIRM MULTICAST beyond MAX_UNCONFIRMED outstanding
     ACCESS_DENIED = 209  # (v3) the daemon's access rules forbid this JOIN or MULTICAST
     BUSY = 210  # (v4) the daemon cannot take this request now (full buffers): retry later
+    UNKNOWN_REPLICATION = 211  # (v6) SET_RATE of a replication this daemon does not run
+    NOT_THE_ORIGIN = 212  # (v6) SET_RATE of a replication this daemon only receives
+    BAD_RATE = 213  # (v6) SET_RATE's rate is not a cap the replication can run at
     MESSAGES_DROPPED = 301  # the `drop-unreliable` policy dropped messages for this client
 
     @property
@@ -465,6 +508,20 @@ class Replicate:
     tree: int = 0  # index into REPLICATE_TREES
     max_connections: int = 9  # the concurrency k is planned from: 1..255
     capacity_aware: bool = False  # flags bit 0x01
+    # (v6) the daemon name of the origin's buddy, "" for none; None: the frame has no
+    # such field (the version-5 layout, which a v6 daemon takes as "")
+    buddy: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetRate:
+    """Client → daemon (SET_RATE, v6): replication `rid`, which this daemon originates, may
+    upload `rate` bytes/s per sender from now on (0: no cap beyond the daemons' own).
+    Answered by CONFIRMED(token) once applied, or by an ERROR naming `token`."""
+
+    rid: int  # u64, as reports and `meshcast status` give it (16 hex digits)
+    rate: float  # bytes/s; 0: no cap. Any f64 travels: the daemon judges it (BAD_RATE)
+    token: int = 0  # u32 request id, echoed by the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,6 +534,40 @@ class Replication:
     token: int  # the REPLICATE's token
     final: bool  # the last frame of this token: the report's state is complete or failed
     report: str  # JSON text of one object, <= MAX_REPLICATION_REPORT bytes of UTF-8
+
+
+@dataclass(frozen=True, slots=True)
+class BlobMissing:
+    """A target daemon that does not hold the blob of a `BlobHeld`, and why."""
+
+    daemon: str  # the daemon's name
+    held_bytes: int  # verified bytes it holds (u64; resumable by a new replication)
+    reason: str  # at most MAX_BLOB_REASON bytes, no control characters
+
+
+@dataclass(frozen=True, slots=True)
+class BlobHeld:
+    """Daemon → client (BLOB_HELD, v6): a replication to group `group` ended.
+
+    Delivered to every member of `group` as a SAFE message in the group's total order:
+    every member sees it once, at the same place among the group's other messages
+    (docs/design/replicate.md, "Agreed completion").
+    """
+
+    group: str  # the group the replication targeted (`--to group:G`)
+    rid: str  # the replication's id: 16 hex digits, as in its REPLICATION reports
+    name: str  # the file's name (0..MAX_REPLICATE_PATH bytes)
+    size: int  # bytes
+    digest: str  # lowercase hex of the file's digest ("" if it was never hashed)
+    origin: str  # the daemon the replication started from
+    complete: bool  # every target holds the verified blob (then `missing` is empty)
+    held_by: tuple[str, ...]  # daemons holding the verified blob, the origin first
+    missing: tuple[BlobMissing, ...] = ()  # targets that do not, with what they hold and why
+
+    @property
+    def daemons(self) -> tuple[str, ...]:
+        """Every daemon named: those holding the blob, then those missing it."""
+        return self.held_by + tuple(m.daemon for m in self.missing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,7 +601,9 @@ class Goodbye:
     """Closing: the client's last frame; the daemon answers with its own last frame."""
 
 
-ClientFrame = Hello | Join | Leave | Multicast | StatusRequest | Replicate | Ping | Pong | Goodbye
+ClientFrame = (
+    Hello | Join | Leave | Multicast | StatusRequest | Replicate | SetRate | Ping | Pong | Goodbye
+)
 DaemonFrame = (
     Welcome
     | Message
@@ -519,6 +612,7 @@ DaemonFrame = (
     | StatusReply
     | Confirmed
     | Replication
+    | BlobHeld
     | Ping
     | Pong
     | Goodbye
@@ -530,6 +624,7 @@ Frame = (
     | Multicast
     | StatusRequest
     | Replicate
+    | SetRate
     | Welcome
     | Message
     | Membership
@@ -537,6 +632,7 @@ Frame = (
     | StatusReply
     | Confirmed
     | Replication
+    | BlobHeld
     | Ping
     | Pong
     | Goodbye
@@ -549,6 +645,7 @@ FRAME_TYPE_OF: dict[type[Frame], FrameType] = {
     Multicast: FrameType.MULTICAST,
     StatusRequest: FrameType.STATUS,
     Replicate: FrameType.REPLICATE,
+    SetRate: FrameType.SET_RATE,
     Welcome: FrameType.WELCOME,
     Message: FrameType.MESSAGE,
     Membership: FrameType.MEMBERSHIP,
@@ -556,6 +653,7 @@ FRAME_TYPE_OF: dict[type[Frame], FrameType] = {
     StatusReply: FrameType.STATUS_REPLY,
     Confirmed: FrameType.CONFIRMED,
     Replication: FrameType.REPLICATION,
+    BlobHeld: FrameType.BLOB_HELD,
     Ping: FrameType.PING,
     Pong: FrameType.PONG,
     Goodbye: FrameType.GOODBYE,
@@ -749,12 +847,18 @@ def _check(frame: object) -> None:
             fault = _range_fault(request_id, "request_id", 0, U32_MAX) or _report_fault(report)
         case Replicate():
             fault = _replicate_fault(frame)
+        case SetRate(rid, rate, token):
+            fault = _range_fault(token, "token", 0, U32_MAX) or _range_fault(rid, "rid", 0, U64_MAX)
+            if fault is None and (isinstance(rate, bool) or not isinstance(rate, float)):
+                fault = f"rate must be a float, not {type(rate).__name__}"
         case Replication(token, final, report):
             fault = _range_fault(token, "token", 0, U32_MAX) or (
                 _replication_fault(report, final)
                 if isinstance(final, bool)
                 else f"final must be a bool, not {type(final).__name__}"
             )
+        case BlobHeld():
+            fault = _blob_held_fault(frame)
         case Ping(nonce) | Pong(nonce):
             fault = _range_fault(nonce, "nonce", 0, U64_MAX)
         case Goodbye():
@@ -843,7 +947,11 @@ def _replicate_fault(frame: Replicate) -> str | None:
     if not math.isfinite(rate) or rate < 0:
         return f"rate {rate!r} is not a finite number of bytes/s >= 0 (0: no cap)"
     aware: object = frame.capacity_aware
-    return None if isinstance(aware, bool) else f"capacity_aware must be a bool, not {aware!r}"
+    if not isinstance(aware, bool):
+        return f"capacity_aware must be a bool, not {aware!r}"
+    if frame.buddy is None or frame.buddy == "":
+        return None
+    return _word_fault(frame.buddy, "buddy", MAX_DAEMON_NAME)
 
 
 def _targets_fault(text: object) -> str | None:
@@ -999,6 +1107,63 @@ def replication_report_fault(value: object, final: bool | None = None) -> str | 
         )
         if fault is not None:
             return fault
+    return None
+
+
+def _blob_held_fault(frame: BlobHeld) -> str | None:
+    digest: object = frame.digest
+    fault = (
+        _group_fault(frame.group)
+        or (
+            None
+            if isinstance(frame.rid, str) and _RID.match(frame.rid)
+            else "rid must be 16 lowercase hex digits"
+        )
+        or _str16_fault(frame.name, "name", 0, MAX_REPLICATE_PATH)
+        or _range_fault(frame.size, "size", 0, U64_MAX)
+        or _word_fault(frame.origin, "origin", MAX_DAEMON_NAME)
+    )
+    if fault is not None:
+        return fault
+    if not (
+        isinstance(digest, str)
+        and _HEX.match(digest)
+        and len(digest) % 2 == 0
+        and len(digest) <= 2 * MAX_BLOB_DIGEST
+    ):
+        return (
+            f"digest must be lowercase hex of at most {MAX_BLOB_DIGEST} bytes, not {digest!r:.80}"
+        )
+    complete: object = frame.complete
+    if not isinstance(complete, bool):
+        return f"complete must be a bool, not {complete!r}"
+    held: object = frame.held_by
+    missing: object = frame.missing
+    if not isinstance(held, tuple) or not isinstance(missing, tuple):
+        return "held_by and missing must be tuples"
+    if len(held) + len(missing) > MAX_BLOB_DAEMONS:
+        return f"{len(held) + len(missing)} daemons named, more than {MAX_BLOB_DAEMONS}"
+    if complete and missing:
+        return "a complete BLOB_HELD names daemons missing the blob"
+    names: list[object] = list(held)
+    for entry in missing:
+        if not isinstance(entry, BlobMissing):
+            return f"missing lists a {type(entry).__name__}, not a BlobMissing"
+        reason: object = entry.reason
+        fault = _range_fault(entry.held_bytes, "held_bytes", 0, U64_MAX) or (
+            _text_fault(reason, "reason", MAX_BLOB_REASON)
+            if isinstance(reason, str)
+            else f"reason must be a str, not {type(reason).__name__}"
+        )
+        if fault is not None:
+            return fault
+        names.append(entry.daemon)
+    for name in names:
+        fault = _word_fault(name, "daemon name", MAX_DAEMON_NAME)
+        if fault is not None:
+            return fault
+    if len(set(names)) != len(names):
+        return "a daemon is named twice"
     return None
 
 
@@ -1173,17 +1338,42 @@ def _encode_body(frame: Frame) -> list[bytes]:
             return [STATUS_HEAD.pack(request_id)]
         case StatusReply(report, request_id):
             return [STATUS_HEAD.pack(request_id), report.encode("utf-8")]
-        case Replicate(path, targets, tag, dest, rate, strategy, variant, tree, k, aware):
+        case Replicate(path, targets, tag, dest, rate, strategy, variant, tree, k, aware, buddy):
             bits = CAPACITY_AWARE_FLAG if aware else 0
             tail = REPLICATE_TAIL.pack(rate, strategy, variant, tree, k, bits)
-            return [REPLICATE_HEAD.pack(tag), _str16(path), _str16(targets), _str16(dest), tail]
+            body = [REPLICATE_HEAD.pack(tag), _str16(path), _str16(targets), _str16(dest), tail]
+            return body if buddy is None else [*body, _str16(buddy)]
+        case SetRate(rid, rate, tag):
+            return [SET_RATE_BODY.pack(tag, rid, rate)]
         case Replication(tag, final, report):
             return [REPLICATION_HEAD.pack(tag, int(final)), report.encode("utf-8")]
+        case BlobHeld():
+            return [blob_held_body(frame)]
         case Ping(nonce) | Pong(nonce):
             return [NONCE.pack(nonce)]
         case Goodbye():
             return []
     raise AssertionError(f"unhandled frame {frame!r}")  # _check accepted an unknown type
+
+
+def blob_held_body(frame: BlobHeld) -> bytes:
+    """The body of a BLOB_HELD frame (unchecked: `encode`, or `encode_blob_held`, checks)."""
+    flags = BLOB_COMPLETE_FLAG if frame.complete else 0
+    digest = bytes.fromhex(frame.digest)
+    parts = [
+        BLOB_HELD_HEAD.pack(int(frame.rid, 16), flags, frame.size),
+        _str8(frame.group),
+        _str8(frame.origin),
+        _str16(frame.name),
+        bytes((len(digest),)),
+        digest,
+        U16.pack(len(frame.held_by)),
+        *(_str8(d) for d in frame.held_by),
+        U16.pack(len(frame.missing)),
+    ]
+    for m in frame.missing:
+        parts += [_str8(m.daemon), BLOB_MISSING_HELD.pack(m.held_bytes), _str8(m.reason)]
+    return b"".join(parts)
 
 
 def encode(frame: Frame) -> bytes:
@@ -1352,12 +1542,24 @@ def _parse(ftype: FrameType, r: _Reader) -> Frame:
             if bits & ~KNOWN_REPLICATE_FLAGS:
                 raise _Fault(f"unknown flags 0x{bits & ~KNOWN_REPLICATE_FLAGS:02x}")
             aware = bool(bits & CAPACITY_AWARE_FLAG)
-            return Replicate(path, targets, tag, dest, rate, strategy, variant, tree, k, aware)
+            # (v6) the buddy's name: present or not, as the session's version has it
+            buddy = r.text("buddy", prefix=U16) if r.pos < r.end else None
+            return Replicate(
+                path, targets, tag, dest, rate, strategy, variant, tree, k, aware, buddy
+            )
+        case FrameType.SET_RATE:
+            if r.end - r.pos < SET_RATE_BODY.size:
+                raise _Fault(f"truncated SET_RATE: {r.end - r.pos} of {SET_RATE_BODY.size} bytes")
+            tag, rid, rate = SET_RATE_BODY.unpack_from(r.data, r.pos)
+            r.pos += SET_RATE_BODY.size
+            return SetRate(rid, rate, tag)
         case FrameType.REPLICATION:
             tag, final = r.ints(REPLICATION_HEAD, "REPLICATION header")
             if final > 1:
                 raise _Fault(f"final is {final}, not 0 or 1")
             return Replication(tag, bool(final), r.report(MAX_REPLICATION_REPORT))
+        case FrameType.BLOB_HELD:
+            return _parse_blob_held(r)
         case FrameType.PING:
             return Ping(*r.ints(NONCE, "nonce"))
         case FrameType.PONG:
@@ -1365,6 +1567,45 @@ def _parse(ftype: FrameType, r: _Reader) -> Frame:
         case FrameType.GOODBYE:
             return Goodbye()
     raise AssertionError(f"unhandled frame type {ftype!r}")
+
+
+def _parse_blob_held(r: _Reader) -> BlobHeld:
+    rid, flags, size = r.ints(BLOB_HELD_HEAD, "BLOB_HELD header")
+    if flags & ~BLOB_COMPLETE_FLAG:
+        raise _Fault(f"unknown flags 0x{flags & ~BLOB_COMPLETE_FLAG:02x}")
+    group = r.text("group name")
+    origin = r.text("origin")
+    name = r.text("name", prefix=U16)
+    (length,) = r.ints(U8, "digest length")
+    if length > MAX_BLOB_DIGEST:
+        raise _Fault(f"digest of {length} bytes, more than {MAX_BLOB_DIGEST}")
+    if r.end - r.pos < length:
+        raise _Fault(f"digest of {length} bytes runs past the end of the frame")
+    digest = bytes(r.data[r.pos : r.pos + length]).hex()
+    r.pos += length
+    (h,) = r.ints(U16, "held_by count")
+    held = r.names("held_by", h, MAX_BLOB_DAEMONS)
+    (m,) = r.ints(U16, "missing count")
+    if h + m > MAX_BLOB_DAEMONS:
+        raise _Fault(f"{h + m} daemons named, more than {MAX_BLOB_DAEMONS}")
+    if m * (2 + BLOB_MISSING_HELD.size) > r.end - r.pos:  # bound the loop before it runs
+        raise _Fault(f"{m} missing daemons, more than the {r.end - r.pos} bytes left hold")
+    missing = []
+    for i in range(m):
+        daemon = r.text(f"daemon of missing entry {i}")
+        (held_bytes,) = r.ints(BLOB_MISSING_HELD, f"held_bytes of missing entry {i}")
+        missing.append(BlobMissing(daemon, held_bytes, r.text(f"reason of missing entry {i}")))
+    return BlobHeld(
+        group,
+        f"{rid:016x}",
+        name,
+        size,
+        digest,
+        origin,
+        bool(flags & BLOB_COMPLETE_FLAG),
+        held,
+        tuple(missing),
+    )
 
 
 def _decode_frame(type_and_body: memoryview, accept: frozenset[FrameType]) -> Frame:
@@ -1531,4 +1772,3 @@ class FrameDecoder:
             raise DecodeError(f"stream out of sync: {self._failure}")
         if self.buffered:
             raise DecodeError(f"stream ended inside a frame ({self.buffered} bytes pending)")
-

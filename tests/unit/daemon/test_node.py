@@ -4,6 +4,7 @@ and the slow client's backlog handed out a chunk at a time."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import FrozenInstanceError, dataclass
@@ -37,6 +38,8 @@ from meshcast.wire.client import (
     Multicast,
     Ping,
     Pong,
+    Replicate,
+    SetRate,
     Welcome,
     encode,
 )
@@ -297,3 +300,34 @@ def test_the_drivers_status_sections_join_the_nodes_at_every_depth() -> None:
     assert daemon_counters["datagrams_received"] == 3
     assert daemon_counters["probes_sent"] == 0  # the node's, kept beside the driver's
     assert report["security"] == {"mode": "encrypted"}
+
+
+def test_set_rate_is_answered_with_a_typed_error_or_ends_an_old_session() -> None:
+    node = lone_daemon()
+    now = settle(node, 1.0)
+    node.client_connected(1, now)
+    (welcome,) = frames_to(1, node.client_data(1, encode(Hello("new")), now))
+    assert isinstance(welcome, Welcome)
+    assert welcome.version == 6
+    for frame, code in (
+        (SetRate(0xAB, 1e6, 7), ErrorCode.UNKNOWN_REPLICATION),
+        (SetRate(0xAB, math.nan, 8), ErrorCode.BAD_RATE),
+        (SetRate(0xAB, -1.0, 9), ErrorCode.BAD_RATE),
+    ):
+        (error,) = frames_to(1, node.client_data(1, encode(frame), now))
+        assert isinstance(error, ErrorReport)
+        assert (error.code, error.request_id) == (code, frame.token)
+    assert frames_to(1, node.client_data(1, encode(Ping(3)), now)) == [Pong(3)]  # goes on
+    # a version-5 session may neither SET_RATE nor name a buddy
+    old: tuple[tuple[int, SetRate | Replicate, str], ...] = (
+        (2, SetRate(0xAB, 1e6, 1), "SET_RATE needs protocol version 6, the session has 5"),
+        (3, Replicate("/f", "all", buddy="d2"), "REPLICATE with a buddy needs protocol version 6"),
+    )
+    for conn, request, text in old:
+        node.client_connected(conn, now)
+        node.client_data(conn, encode(Hello(f"old{conn}", max_version=5)), now)
+        effects = node.client_data(conn, encode(request), now)
+        (error,) = [f for f in frames_to(conn, effects) if isinstance(f, ErrorReport)]
+        assert error.code == ErrorCode.UNEXPECTED_FRAME
+        assert text in error.text
+        assert ClientClose(conn) in effects

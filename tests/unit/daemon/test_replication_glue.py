@@ -13,6 +13,7 @@ from meshcast.daemon.effects import DaemonEffect, DaemonEvent
 from meshcast.daemon.replication import (
     MAX_CONTROL_BACKLOG,
     DaemonReplication,
+    RateRefused,
     ReplicateAsk,
 )
 from meshcast.errors import BufferFull, UsageError
@@ -27,9 +28,18 @@ from meshcast.replicate.engine import (
     SendControl,
     StreamSend,
 )
-from meshcast.replicate.messages import Progress, ReceiverState, encode_control
-from meshcast.replicate.plan import Strategy, Tree, Variant
+from meshcast.replicate.messages import (
+    Offer,
+    Progress,
+    Rate,
+    ReceiverState,
+    decode_control,
+    encode_control,
+    encode_stream_message,
+)
+from meshcast.replicate.plan import PlanSpec, Strategy, Tree, Variant
 from meshcast.sim.replication import SyntheticFile, SyntheticStore
+from meshcast.wire.client import ErrorCode
 
 A, B, C, D = NodeId(1), NodeId(2), NodeId(3), NodeId(4)
 NAMES = {A: "a", B: "b", C: "c", D: "d"}
@@ -74,6 +84,7 @@ class Harness:
         hosts: dict[str, list[NodeId]] | None = None,
         path: str = "f",
         strategy: int = FANOUT,
+        buddy: str = "",
     ) -> list[DaemonEffect]:
         out: list[DaemonEffect] = []
         ask = ReplicateAsk(
@@ -87,6 +98,7 @@ class Harness:
             tree=list(Tree).index(Tree.CHAIN),
             max_connections=9,
             capacity_aware=False,
+            buddy=buddy,
         )
         self.glue.request(
             3,
@@ -218,11 +230,16 @@ def test_reports_are_json_with_daemon_names_and_end_once() -> None:
 
 def test_a_client_that_left_gets_no_reports() -> None:
     h = Harness()
-    _, _ = h.start("b")
+    rid, _ = h.start("b")
+    # the first report, at once: the replication's id while the file is hashed
+    (first,) = h.reports
+    assert first[:3] == (3, 7, False)
+    assert (first[3]["rid"], first[3]["state"], first[3]["name"]) == (f"{rid:016x}", "hashing", "f")
+    assert [(r["daemon"], r["state"]) for r in first[3]["recipients"]] == [("b", "waiting")]  # type: ignore[attr-defined]
     h.glue.forget_client(3)
     out: list[DaemonEffect] = []
     h.glue.apply(h.replicator.on_timer(0.5), out)
-    assert h.reports == []
+    assert h.reports == [first]
 
 
 def test_a_daemon_without_a_name_is_reported_by_number() -> None:
@@ -277,3 +294,82 @@ def test_a_refused_destination_is_dropped_and_the_rest_sent() -> None:
     assert [dest for dest, _ in h.controls] == [B, D]
     assert h.glue.controls_dropped == 1
     assert not h.glue.has_backlog()
+
+
+# ---------------------------------------------------------------- buddy, SET_RATE, stalls
+
+
+def test_the_buddy_is_resolved_and_left_out_of_all() -> None:
+    h = Harness()
+    rid, out = h.start("all", buddy="c")
+    assert peers_opened(out) == [B, D, C]  # the recipients' feeds, then the buddy's notice
+    assert h.replicator.runs(rid) == "origin"
+
+
+@pytest.mark.parametrize(
+    ("targets", "buddy", "why"),
+    [
+        ("b", "zz", "unknown daemon 'zz' as the buddy"),
+        ("b", "a", "the buddy a is the origin itself"),
+        ("b", "d", "the buddy d is not in this daemon's view"),
+        ("b,c", "c", "c is the buddy: it cannot be a recipient too"),
+    ],
+)
+def test_a_bad_buddy_fails_the_request(targets: str, buddy: str, why: str) -> None:
+    h = Harness()
+    assert h.ask(targets, buddy=buddy, view=(A, B, C)) == []
+    ((_, _, final, report),) = h.reports
+    assert final
+    assert (report["state"], report["detail"]) == ("failed", why)
+
+
+def test_set_rate_at_the_origin_reaches_every_recipient() -> None:
+    h = Harness()
+    rid, _ = h.start("b,c")
+    h.controls.clear()
+    out: list[DaemonEffect] = []
+    h.glue.set_rate(rid, 50_000.0, 0.2, out)
+    rates = {dest: decode_control(payload) for dest, payload in h.controls}
+    assert rates == {B: Rate(rid, 50_000.0), C: Rate(rid, 50_000.0)}
+    h.glue.set_rate(rid, 0.0, 0.3, out)  # 0: no cap
+    assert decode_control(h.controls[-1][1]) == Rate(rid, 0.0)
+    (transfer,) = h.glue.transfers()
+    assert transfer["rate"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("which", "rate", "code"),
+    [
+        ("other", 1e6, ErrorCode.UNKNOWN_REPLICATION),
+        ("received", 1e6, ErrorCode.NOT_THE_ORIGIN),
+        ("mine", 1e-3, ErrorCode.BAD_RATE),
+    ],
+)
+def test_set_rate_refusals_are_typed(which: str, rate: float, code: ErrorCode) -> None:
+    h = Harness()
+    rid, _ = h.start("b")
+    if which == "received":  # a replication b originates, with us (a) as a recipient
+        other = SyntheticFile("g", 5_000, 1024).manifest
+        spec = PlanSpec(B, (A,), other.chunk_count, Strategy.FANOUT)
+        offer = Offer(99, 0.0, "", ((0, other.chunk_count),), spec, other)
+        h.replicator.stream_accepted(1 << 32, B, 0.2)
+        h.replicator.stream_data(1 << 32, encode_stream_message(offer), 0.2)
+        rid = 99
+    elif which == "other":
+        rid += 1
+    with pytest.raises(RateRefused) as refused:
+        h.glue.set_rate(rid, rate, 0.3, [])
+    assert refused.value.code == code
+
+
+def test_a_stalled_transfer_names_the_daemons_it_waits_on() -> None:
+    h = Harness()
+    h.start("b,c")  # (FANOUT: the origin feeds both; neither answers its OFFER)
+    h.replicator.on_timer(30.0)
+    (transfer,) = h.glue.transfers()
+    stalled = transfer["stalled"]
+    assert isinstance(stalled, dict)
+    assert stalled["waiting_on"] == [2, 3]
+    assert stalled["waiting_on_daemons"] == ["b", "c"]
+    assert stalled["for"] >= 10.0
+    assert "2 receivers take no data" in stalled["why"]

@@ -27,16 +27,16 @@ class SlowLastBegin(ReplicationSim):
     delayed = False
     refuse: frozenset[int] = frozenset()
 
-    def _begin(self, i: int, rid: int, manifest: Manifest, dest: str | None) -> None:
+    def _begin(self, i: int, rid: int, manifest: Manifest, dest: str | None, epoch: int) -> None:
         if i == len(self.ids) - 1 and not self.delayed:
             self.delayed = True
-            self._at(self.now + SLOW_BEGIN, partial(self._begin, i, rid, manifest, dest))
+            self._at(self.now + SLOW_BEGIN, partial(self._begin, i, rid, manifest, dest, epoch))
             return
         self.begins[i] = self.begins.get(i, 0) + 1
         if i in self.refuse:
             self._input(i, lambda e: e.begun(rid, None, "no space left", self.now))
             return
-        super()._begin(i, rid, manifest, dest)
+        super()._begin(i, rid, manifest, dest, epoch)
 
     def hold_everywhere(self, size: int) -> None:
         """Every recipient holds the whole file already (an earlier replication)."""

@@ -40,15 +40,16 @@ def hexb(*fields: str) -> bytes:
 
 
 OFFER_BYTES = hexb(
-    "000000ae",  # length: type + 173 body bytes
+    "000000b4",  # length: type + 179 body bytes
     "01",  # OFFER
     "0102030405060708",  # rid
     "408f400000000000",  # rate 1000.0
     "0001 64",  # dest "d"
+    "0000",  # source "" (not an OFFER to the buddy)
     "0001 00000000 00000002",  # n = 1 range: chunks 0..2
     # spec: origin 7, recipients (8, 9), 2 chunks, fastreplica, 9 connections, K1, chain,
-    # not capacity-aware, no capacities
-    "00000007 00000002 00000008 00000009 00000002 00 09 01 00 00 00000000",
+    # not capacity-aware, no capacities, no buddy
+    "00000007 00000002 00000008 00000009 00000002 00 09 01 00 00 00000000 00000000",
     # manifest: name "f", size 5, chunk size 4, digest, 2 chunk hashes
     "0001 66 0000000000000005 00000004",
     DIGEST.hex(),
@@ -73,6 +74,26 @@ def test_offer_golden_bytes() -> None:
     assert decode(OFFER_BYTES) == OFFER
 
 
+def test_offer_to_the_buddy_golden_bytes() -> None:
+    spec = PlanSpec(NodeId(7), (NodeId(8), NodeId(9)), 2, buddy=NodeId(10))
+    offer = Offer(1, 0.0, "", (), spec, MANIFEST, source="/srv/f")
+    body = (
+        hexb(
+            "0000000000000001",  # rid
+            "0000000000000000",  # rate 0: no cap
+            "0000",  # dest ""
+            "0006 2f7372762f66",  # source "/srv/f": the file's path at the buddy
+            "0000",  # no ranges: the buddy is told, not fed
+            "00000007 00000002 00000008 00000009 00000002 00 09 01 00 00 00000000",
+            "0000000a",  # buddy 10
+        )
+        + OFFER_BYTES[-(3 + 8 + 4 + 32 + 4 + 64) :]  # the same manifest
+    )
+    framed = struct.pack("!IB", len(body) + 1, 1) + body
+    assert encode_stream_message(offer) == framed
+    assert decode(framed) == offer
+
+
 def test_offer_with_capacities_golden_bytes() -> None:
     spec = PlanSpec(
         NodeId(1),
@@ -91,10 +112,12 @@ def test_offer_with_capacities_golden_bytes() -> None:
             "0000000000000001",  # rid
             "0000000000000000",  # rate 0: no cap
             "0000",  # dest ""
+            "0000",  # source ""
             "0002 00000000 00000001 00000001 00000002",  # two ranges
             "00000001 00000002 00000002 00000003 00000002",  # origin, 2 recipients, 2 chunks
             "02 04 02 01 01",  # alm_tree, 4 connections, K2, balanced, capacity-aware
             "00000003 3ff0000000000000 4000000000000000 4010000000000000",  # 1.0, 2.0, 4.0
+            "00000000",  # no buddy
         )
         + OFFER_BYTES[-(3 + 8 + 4 + 32 + 4 + 64) :]  # the same manifest
     )
@@ -200,11 +223,13 @@ def offer_body(
         b"\x01",
         struct.pack("!Qd", 9, rate),
         struct.pack("!H", len(dest)) + dest,
+        struct.pack("!H", 0),  # source: none (not an OFFER to the buddy)
         struct.pack("!H", len(ranges)),
         *(struct.pack("!II", a, b) for a, b in ranges),
         struct.pack("!IIIII", 7, 2, 8, 9, spec_chunks),
         bytes([strategy, 9, variant, 0, 0]),
-        struct.pack("!I", 0),
+        struct.pack("!I", 0),  # no capacities
+        struct.pack("!I", 0),  # no buddy
         struct.pack("!H", 1) + b"f",
         struct.pack("!QI", size, chunk_size),
         DIGEST,

@@ -21,6 +21,8 @@ from meshcast.wire.client import (
     FROM_DAEMON,
     MAX_DEST_GROUPS,
     MAX_MEMBERS,
+    BlobHeld,
+    BlobMissing,
     Cause,
     Confirmed,
     DaemonLimits,
@@ -42,6 +44,7 @@ from meshcast.wire.client import (
     Replicate,
     Replication,
     ServiceLevel,
+    SetRate,
     SlowReceiverPolicy,
     ViewId,
     Welcome,
@@ -58,8 +61,10 @@ FAILED_REPORT = (
 )
 
 GOLDEN: list[tuple[Frame, str]] = [
-    # HELLO: length 17 | type 01 | magic "MCCP" | min 1 | max 5 | flags MEMBERSHIP | name "alice"
-    (Hello("alice"), "00000011 01 4d434350 0001 0005 0001 05 616c696365"),
+    # HELLO: length 17 | type 01 | magic "MCCP" | min 1 | max 6 | flags MEMBERSHIP | name "alice"
+    (Hello("alice"), "00000011 01 4d434350 0001 0006 0001 05 616c696365"),
+    # HELLO of a version-5 client: max 5
+    (Hello("alice", max_version=5), "00000011 01 4d434350 0001 0005 0001 05 616c696365"),
     # HELLO of a version-4 client: max 4
     (Hello("alice", max_version=4), "00000011 01 4d434350 0001 0004 0001 05 616c696365"),
     # HELLO of a version-3 client: max 3
@@ -67,7 +72,7 @@ GOLDEN: list[tuple[Frame, str]] = [
     # HELLO (v3) with a token: flags MEMBERSHIP|TOKEN (0x0003) | name "bob" | token "s3cret"
     (
         Hello("bob", token="s3cret"),
-        "00000016 01 4d434350 0001 0005 0003 03 626f62 06 733363726574",
+        "00000016 01 4d434350 0001 0006 0003 03 626f62 06 733363726574",
     ),
     # HELLO from a version-1 client letting the daemon pick its name, no membership events
     (Hello(max_version=1, flags=HelloFlag(0)), "0000000c 01 4d434350 0001 0001 0000 00"),
@@ -136,10 +141,50 @@ GOLDEN: list[tuple[Frame, str]] = [
         "00000023 06 ffffffff 0002 2f66 0007 67726f75703a67 0002 2f64"
         " 0000000000000000 02 02 01 ff 00",
     ),
+    # REPLICATE (v6): the same with a trailing buddy "D4" (str16)
+    (
+        Replicate("/f", "group:g", 0xFFFFFFFF, "/d", 0.0, 2, 2, 1, 255, buddy="D4"),
+        "00000027 06 ffffffff 0002 2f66 0007 67726f75703a67 0002 2f64"
+        " 0000000000000000 02 02 01 ff 00 0002 4434",
+    ),
+    # REPLICATE (v6) with no buddy: an empty str16
+    (
+        Replicate("/f", "all", 1, "", 0.0, 0, 1, 0, 9, buddy=""),
+        "0000001f 06 00000001 0002 2f66 0003 616c6c 0000 0000000000000000 00 01 00 09 00 0000",
+    ),
+    # SET_RATE (v6): token 3 | rid 0x0123456789abcdef | rate 1.25e6 bytes/s (f64)
+    (
+        SetRate(0x0123456789ABCDEF, 1.25e6, 3),
+        "00000015 07 00000003 0123456789abcdef 413312d000000000",
+    ),
+    # ERROR (v6): code 211 UNKNOWN_REPLICATION | request 3 | text "no" (str16)
+    (ErrorReport(ErrorCode.UNKNOWN_REPLICATION, "no", 3), "0000000b 44 00d3 00000003 0002 6e6f"),
     # REPLICATION (v5): token 7 | final 1 | the report's JSON text (the rest of the frame)
     (
         Replication(7, True, FAILED_REPORT),
         f"{5 + 1 + len(FAILED_REPORT):08x} 47 00000007 01 {FAILED_REPORT.encode().hex()}",
+    ),
+    # BLOB_HELD (v6): rid 0xab | flags 0 (incomplete) | size 3 | group "chat" | origin "D1"
+    # | name "a" (str16) | digest 2 bytes abcd | held_by D1 D2 | missing D3 (1 byte held, "x")
+    (
+        BlobHeld(
+            "chat",
+            "00000000000000ab",
+            "a",
+            3,
+            "abcd",
+            "D1",
+            False,
+            ("D1", "D2"),
+            (BlobMissing("D3", 1, "x"),),
+        ),
+        "00000037 48 00000000000000ab 00 0000000000000003 04 63686174 02 4431 0001 61"
+        " 02 abcd 0002 02 4431 02 4432 0001 02 4433 0000000000000001 01 78",
+    ),
+    # BLOB_HELD (v6): complete (flags 0x01) | empty name, no digest | held by the origin alone
+    (
+        BlobHeld("g", "ffffffffffffffff", "", 0, "", "D1", True, ("D1",)),
+        "00000021 48 ffffffffffffffff 01 0000000000000000 01 67 02 4431 0000 00 0001 02 4431 0000",
     ),
     # PING / PONG: nonce u64
     (Ping(0x0102030405060708), "00000009 81 0102030405060708"),
@@ -247,12 +292,13 @@ def test_a_token_stays_out_of_repr() -> None:
 
 
 def test_version_choice() -> None:
-    assert client.choose_version(Hello()) == 5
+    assert client.choose_version(Hello()) == 6
     assert client.choose_version(Hello(max_version=1)) == 1  # a version-1 client
     assert client.choose_version(Hello(max_version=3)) == 3  # cannot be told BUSY
     assert client.choose_version(Hello(max_version=4)) == 4  # cannot REPLICATE
-    assert client.choose_version(Hello(min_version=1, max_version=7)) == 5
-    assert client.choose_version(Hello(min_version=6, max_version=7)) is None
+    assert client.choose_version(Hello(max_version=5)) == 5  # no BLOB_HELD, cannot SET_RATE
+    assert client.choose_version(Hello(min_version=1, max_version=8)) == 6
+    assert client.choose_version(Hello(min_version=7, max_version=8)) is None
     assert client.choose_version(Hello(min_version=2, max_version=9), lowest=1, highest=4) == 4
 
 
@@ -525,7 +571,17 @@ def recipient(**changes: object) -> dict[str, object]:
         (frame_bytes(0x06, REPLICATE_BODY + replicate_tail(variant=3)), "variant 3 is outside"),
         (frame_bytes(0x06, REPLICATE_BODY + replicate_tail(tree=9)), "tree 9 is outside"),
         (frame_bytes(0x06, REPLICATE_BODY + replicate_tail(k=0)), "max_connections 0 is outside"),
-        (frame_bytes(0x06, REPLICATE_BODY + replicate_tail() + b"!"), "1 trailing bytes"),
+        (frame_bytes(0x06, REPLICATE_BODY + replicate_tail() + b"!"), "truncated length of buddy"),
+        (
+            frame_bytes(0x06, REPLICATE_BODY + replicate_tail() + b"\x00\x01D!"),
+            "1 trailing bytes",
+        ),
+        (
+            frame_bytes(0x06, REPLICATE_BODY + replicate_tail() + b"\x00\x02D#"),
+            "buddy 'D#' contains '#'",
+        ),
+        (frame_bytes(0x07, b"\x00" * 19), "truncated SET_RATE: 19 of 20 bytes"),
+        (frame_bytes(0x07, b"\x00" * 21), "SET_RATE frame: 1 trailing bytes"),
         (
             frame_bytes(
                 0x06, struct.pack("!I", 1) + b"\x00\x02ab" + REPLICATE_BODY[8:] + replicate_tail()
