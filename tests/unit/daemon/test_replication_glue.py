@@ -302,7 +302,7 @@ def test_a_refused_destination_is_dropped_and_the_rest_sent() -> None:
 def test_the_buddy_is_resolved_and_left_out_of_all() -> None:
     h = Harness()
     rid, out = h.start("all", buddy="c")
-    assert peers_opened(out) == [B, D, C]  # the recipients' feeds, then the buddy's notice
+    assert peers_opened(out) == [C, B, D]  # the buddy is told first, then the recipients fed
     assert h.replicator.runs(rid) == "origin"
 
 
