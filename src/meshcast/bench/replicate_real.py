@@ -111,6 +111,15 @@ def _cpu_seconds(pids: Sequence[int]) -> float:
     return sum(_cpu_split(pids))
 
 
+def _random_file(path: Path, size: int) -> Path:
+    """`size` random bytes at `path`, written 4 MiB at a time."""
+    with path.open("wb") as f:
+        for _ in range(size // (4 << 20)):
+            f.write(os.urandom(4 << 20))
+        f.write(os.urandom(size % (4 << 20)))
+    return path
+
+
 def _digest(path: Path) -> str:
     hasher = blake3.blake3()
     with path.open("rb") as f:
@@ -276,11 +285,7 @@ def run_real(
     cluster = _Cluster(workdir, recipients + 1, upload_bps, shaped, upload_bps * rate_fraction)
     results: dict[str, RealRun] = {}
     try:
-        source = workdir / "payload.bin"
-        with source.open("wb") as f:
-            for _ in range(size // (4 << 20)):
-                f.write(os.urandom(4 << 20))
-            f.write(os.urandom(size % (4 << 20)))
+        source = _random_file(workdir / "payload.bin", size)
         want = _digest(source)
         cluster.start()
         asyncio.run(_wait_ready(cluster))
@@ -478,11 +483,7 @@ def run_failure(
     names = [f"H{i}" for i in range(1, recipients + 1)]
     runs: list[FailureRun] = []
     try:
-        source = workdir / "payload.bin"
-        with source.open("wb") as f:
-            for _ in range(size // (4 << 20)):
-                f.write(os.urandom(4 << 20))
-            f.write(os.urandom(size % (4 << 20)))
+        source = _random_file(workdir / "payload.bin", size)
         want = _digest(source)
         cluster.start()
         asyncio.run(_wait_ready(cluster))
