@@ -30,8 +30,6 @@ from typing import Any
 
 import pytest
 
-from meshcast.bench.replicate_real import buddy_option
-
 from .daemon_helpers import marks, run_command, wait_agreed
 from .test_replication_real import (
     CHUNK,
@@ -131,11 +129,9 @@ async def test_the_buddy_and_a_recipient_killed_the_survivors_complete(tmp_path:
     source, data = payload(tmp_path)
     async with replication_cluster(tmp_path, 5) as cluster:
         # d5 is the origin's buddy: it holds the same file, at the same path (one host).
-        # TODO(r13-buddy-keyword): `buddy="d5"` once the client has the option; until then
-        # buddy_option passes nothing and d5 is only a bystander killed with d3.
         async with cluster.client() as c:
             handle = await c.replicate(
-                source, ["d2", "d3", "d4"], rate=RATE, strategy="fastreplica", **buddy_option("d5")
+                source, ["d2", "d3", "d4"], rate=RATE, strategy="fastreplica", buddy="d5"
             )
             await report_where(handle, lambda r: CHUNK <= held(r, "d3") < SIZE // 2)
             await kill(cluster, "d5")
@@ -151,14 +147,6 @@ async def test_the_buddy_and_a_recipient_killed_the_survivors_complete(tmp_path:
 # ---------------------------------------------------------------- (c)
 
 
-# Fails in about 2 runs of 5: a sender's feed to the restarted daemon is sometimes refused
-# or ended early, and it stays a chunk or more short. `ReplicationSim` shows the same (4
-# nodes at 12.8 Mbit/s, this file, node 2 crashed at 3.0 s and restarted at 4.5 s, seed 1:
-# "feed to 3 failed: refused"). Not strict while it is intermittent; remove once fixed.
-@pytest.mark.xfail(
-    reason="intermittent: a restarted recipient's feeds are sometimes refused or cut short",
-    strict=False,
-)
 @pytest.mark.asyncio
 async def test_a_recipient_restarted_mid_transfer_resumes_and_completes(tmp_path: Path) -> None:
     source, data = payload(tmp_path)

@@ -348,7 +348,7 @@ def measure_memory(quick: bool) -> dict[str, Any]:
 def measure_failure(quick: bool) -> dict[str, Any]:
     """One recipient SIGKILLed at 30 % of the bytes against the same run without."""
     from meshcast.bench import netns
-    from meshcast.bench.replicate_real import buddy_option, failure_summary, run_failure
+    from meshcast.bench.replicate_real import failure_summary, run_failure
 
     usable, reason = netns.available()
     recipients = FAILURE_QUICK_RECIPIENTS if quick else FAILURE_RECIPIENTS
@@ -373,7 +373,6 @@ def measure_failure(quick: bool) -> dict[str, Any]:
         "victims": "H1, H2, ... in turn, one per pair; restarted empty after its run",
         "buddy": buddy,
         "buddy_holds": "the same source path (one filesystem for every host)",
-        "buddy_in_request": bool(buddy_option(buddy)),
         "slowdown": "median survivors' completion with the failure / median without "
         "(runs interleaved: no failure, failure, ...)",
         "quick": quick,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import shutil
@@ -38,7 +37,7 @@ from typing import Any
 import blake3
 
 from meshcast.bench import netns
-from meshcast.client.connection import Client, connect
+from meshcast.client.connection import connect
 from meshcast.errors import MeshcastError
 from meshcast.replicate.bound import lower_bound
 
@@ -404,17 +403,6 @@ class FailureRun:
     missing: tuple[str, ...]  # the final report's recipients without a complete copy
 
 
-def buddy_option(name: str | None) -> dict[str, Any]:
-    """`{"buddy": name}` for `Client.replicate` where the client library has the option.
-
-    TODO(r13-buddy-keyword): the client's `buddy` option is added on another branch; at
-    merge, pass ``buddy=name`` to `replicate` directly and remove this helper.
-    """
-    if name is None or "buddy" not in inspect.signature(Client.replicate).parameters:
-        return {}
-    return {"buddy": name}
-
-
 async def _failure_run(
     cluster: _Cluster,
     source: Path,
@@ -432,7 +420,7 @@ async def _failure_run(
     async with await connect(f"unix:{cluster.socket(0)}", name="bench") as client:
         started = time.perf_counter()
         handle = await client.replicate(
-            str(source), to=list(recipients), strategy="fastreplica", **buddy_option(buddy)
+            str(source), to=list(recipients), strategy="fastreplica", buddy=buddy
         )
         survivors_at = float("inf")
         killed_at: float | None = None
