@@ -10,6 +10,7 @@ and one line on stderr. Every process is stopped and every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import shutil
 import socket
@@ -127,6 +128,9 @@ async def test_status_shows_view_links_groups_and_members(
             assert report["daemon"]["cluster"] == "test"
             assert report["daemon"]["incarnation"] >= 1
             assert report["daemon"]["uptime_seconds"] > 0
+            # a daemon process runs on uvloop whenever it is installed (a dependency)
+            uvloop = importlib.util.find_spec("uvloop") is not None
+            assert report["daemon"]["event_loop"] == ("uvloop" if uvloop else "asyncio")
             assert [m["name"] for m in report["view"]["members"]] == ["d1", "d2", "d3"]
             assert report["view"]["links"] == 3
             links = {link["name"]: link for link in report["links"]}

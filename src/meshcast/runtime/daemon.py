@@ -54,6 +54,7 @@ from meshcast.runtime.endpoints import (
 )
 from meshcast.runtime.keyfile import describe_keyring
 from meshcast.runtime.logs import EventLog, NodeLogAdapter
+from meshcast.runtime.loop import event_loop_name
 from meshcast.runtime.pump import DaemonPump, PumpStats
 from meshcast.runtime.replication_io import ReplicationIO
 from meshcast.runtime.sessions import (
@@ -443,6 +444,7 @@ class OverlayDaemon:
                 "address": f"{self._bound[0]}:{self._bound[1]}",
                 "routing": self.config.routing,
                 "pid": os.getpid(),
+                "event_loop": event_loop_name(),
             },
             "counters": {"daemon": asdict(self._counters())},
             "replication": {

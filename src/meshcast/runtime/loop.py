@@ -20,6 +20,12 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
+def event_loop_name() -> str:
+    """Which event loop runs the calling coroutine: "uvloop" or "asyncio"."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
+
+
 def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
     """Run `main` to completion like `asyncio.run`, on uvloop when it is installed."""
     factory = loop_factory() if use_uvloop else None
