@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from meshcast.ids import NodeId
 from meshcast.runtime.secure_stream import (
@@ -52,7 +52,8 @@ class _PlainReceiver(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # a stream transport (uvloop's is not an asyncio.Transport subclass)
+        transport = cast("asyncio.Transport", transport)
         self._transport = transport
         self._cpu = time.process_time()
 

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import cast
 
 from meshcast.errors import StreamFailed, StreamTruncated, UsageError
 from meshcast.ids import NodeId
@@ -249,7 +250,8 @@ class SecureStreamConnection(asyncio.BufferedProtocol):
     # -- asyncio protocol callbacks: pump only ---------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # a stream transport (uvloop's is not an asyncio.Transport subclass)
+        transport = cast("asyncio.Transport", transport)
         self._transport = transport
         transport.set_write_buffer_limits(high=self._write_buffer_bytes)
         sock = transport.get_extra_info("socket")
