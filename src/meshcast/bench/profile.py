@@ -273,35 +273,47 @@ def summarise_pstats(stats: Mapping[PstatsKey, Any]) -> LayerSummary:
     summary = LayerSummary("cProfile")
     memo: dict[PstatsKey, dict[str, float]] = {}
 
-    def charged(key: PstatsKey, depth: int, seen: frozenset[PstatsKey]) -> dict[str, float]:
-        """How a unit of `key`'s own time spreads over the layers."""
+    def charged(
+        key: PstatsKey, depth: int, seen: frozenset[PstatsKey]
+    ) -> tuple[dict[str, float], bool]:
+        """How a unit of `key`'s own time spreads over the layers (empty: only through
+        callers already on the path, a cycle), and whether a cycle was cut on the way
+        (then the answer holds for this path only and is not remembered)."""
         layer = _key_layer(key)
         if layer is not None:
-            return {layer: 1.0}
+            return {layer: 1.0}, False
         if key in memo:
-            return memo[key]
+            return memo[key], False
         entry = stats.get(key)
         callers: Mapping[PstatsKey, Sequence[float]] = entry[4] if entry else {}
-        weights = {
-            caller: float(values[2]) or float(values[1])
-            for caller, values in callers.items()
-            if caller not in seen
-        }
-        total = sum(weights.values())
-        if depth >= _MAX_CALLER_DEPTH or not total:
-            return {"other": 1.0}
+        if depth >= _MAX_CALLER_DEPTH or not callers:
+            return {"other": 1.0}, False
         spread: dict[str, float] = collections.defaultdict(float)
-        for caller, weight in weights.items():
-            for layer, part in charged(caller, depth + 1, seen | {key}).items():
-                spread[layer] += part * weight / total
-        memo[key] = dict(spread)  # a cycle cut elsewhere would change little: keep it
-        return memo[key]
+        total = 0.0
+        cut = False
+        for caller, values in callers.items():
+            if caller in seen:
+                cut = True
+                continue
+            weight = float(values[2]) or float(values[1]) or 1.0
+            parts, caller_cut = charged(caller, depth + 1, seen | {key})
+            cut |= caller_cut
+            if not parts:
+                continue
+            total += weight
+            for part_layer, part in parts.items():
+                spread[part_layer] += part * weight
+        result = {part_layer: value / total for part_layer, value in spread.items()}
+        if not cut:
+            memo[key] = result
+        return result, cut
 
     for key, entry in stats.items():
         own = float(entry[2])
         if own <= 0:
             continue
-        for layer, part in charged(key, 0, frozenset()).items():
+        parts = charged(key, 0, frozenset())[0] or {"other": 1.0}
+        for layer, part in parts.items():
             summary.weights[layer] += own * part
             summary.functions[(layer, key[2], f"{key[0]}:{key[1]}")] += own * part
             if layer == "syscalls":
