@@ -141,6 +141,11 @@ def test_a_raw_profile_summarises_to_shares_that_sum_to_one() -> None:
     described = summary.describe()
     assert described["samples"] == 100
     assert described["syscalls"] == {"epoll_wait": 0.5, "sendto": 0.2}
+    # without the half spent waiting in epoll_wait: where the CPU went
+    assert described["waiting"] == 0.5
+    busy = summary.busy_shares()
+    assert (busy["syscalls"], busy["wire"], busy["session"], busy["other"]) == (0.4, 0.3, 0.2, 0.1)
+    assert sum(busy.values()) == pytest.approx(1.0)
     top = described["top_functions"]
     assert isinstance(top, list)
     assert top[0] == {"layer": "syscalls", "function": "epoll_wait", "file": LIBC, "share": 0.5}
@@ -150,6 +155,7 @@ def test_an_empty_profile_has_zero_shares() -> None:
     summary = summarise_collapsed("")
     assert summary.total == 0
     assert set(summary.shares().values()) == {0.0}
+    assert set(summary.busy_shares().values()) == {0.0}
 
 
 # pstats: {(file, line, name): (primitive calls, calls, tottime, cumtime, callers)}
@@ -163,6 +169,8 @@ HELPER_KEY = (f"{STDLIB}/dataclasses.py", 10, "replace")  # a library function, 
 CYCLE_A = (f"{STDLIB}/enum.py", 1, "a")
 CYCLE_B = (f"{STDLIB}/enum.py", 2, "b")
 ORPHAN = ("/x/app.py", 1, "main")
+EPOLL_KEY = ("~", 0, "<method 'poll' of 'select.epoll' objects>")
+SELECTOR_KEY = (f"{STDLIB}/selectors.py", 451, "select")
 
 
 def _stats() -> dict[tuple[str, int, str], Any]:
@@ -186,6 +194,7 @@ def _stats() -> dict[tuple[str, int, str], Any]:
         CYCLE_A: (1, 1, 0.02, 0.04, {CYCLE_B: (1, 1, 0.01, 0.02), OVERLAY_KEY: (1, 1, 0.01, 0.02)}),
         CYCLE_B: (1, 1, 0.02, 0.04, {CYCLE_A: (1, 1, 0.02, 0.04)}),
         ORPHAN: (1, 1, 0.01, 0.01, {}),  # no layer and no caller: other
+        EPOLL_KEY: (2, 2, 0.2, 0.2, {SELECTOR_KEY: (2, 2, 0.2, 0.2)}),  # waiting for work
     }
 
 
@@ -193,20 +202,25 @@ def test_pstats_own_time_goes_to_layers_and_builtins_to_their_callers(tmp_path: 
     dump = tmp_path / "profile.pstats"
     dump.write_bytes(marshal.dumps(_stats()))
     summary = summarise_pstats(load_pstats(dump))
-    total = 0.2 + 0.1 + 0.1 + 0.4 + 0.05 + 0.05 + 0.05 + 0.02 + 0.02 + 0.01
+    total = 0.2 + 0.1 + 0.1 + 0.4 + 0.05 + 0.05 + 0.05 + 0.02 + 0.02 + 0.01 + 0.2
     assert summary.total == pytest.approx(total)
     weights = summary.weights
     assert weights["wire"] == pytest.approx(0.2 + 0.3)
     assert weights["overlay"] == pytest.approx(0.1 + 0.1 + 0.04)  # + len + the cycle
     assert weights["link"] == pytest.approx(0.1 + 0.05)  # + the library helper
-    assert weights["syscalls"] == pytest.approx(0.05)
+    assert weights["syscalls"] == pytest.approx(0.05 + 0.2)
+    assert summary.waiting == pytest.approx(0.2)
+    assert summary.busy_shares()["syscalls"] == pytest.approx(0.05 / (total - 0.2), abs=1e-4)
     assert weights["event_loop"] == pytest.approx(0.05)  # uvloop's methods
     assert weights["other"] == pytest.approx(0.01)
     assert sum(summary.shares().values()) == pytest.approx(1.0, abs=1e-3)
     described = summary.describe()
     assert described["profiler"] == "cProfile"
     assert described["seconds"] == pytest.approx(total)
-    assert described["syscalls"] == {SENDTO_KEY[2]: pytest.approx(0.05 / total, abs=1e-4)}
+    assert described["syscalls"] == {
+        EPOLL_KEY[2]: pytest.approx(0.2 / total, abs=1e-4),
+        SENDTO_KEY[2]: pytest.approx(0.05 / total, abs=1e-4),
+    }
 
 
 def test_a_file_that_is_no_pstats_dump_is_refused(tmp_path: Path) -> None:
