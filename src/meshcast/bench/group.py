@@ -18,6 +18,8 @@ limits: docs/benchmarks.md.
 * `cpu_us_per_msg`: CPU time (user + system) per message during each throughput cell,
   of all daemons together, all receivers together and the sender. On a shared 2-core
   machine this is the steadier figure, and it shows where the time goes.
+* `profile` (with `--profile DIR`): each daemon profiled during each throughput cell,
+  the profiles and their shares by layer under DIR (`meshcast.bench.profile`, docs/cli.md).
 * `runs`: per cell, the messages, seconds, out-of-order deliveries (one sender: with
   AGREED it must be 0) and whether a daemon installed a view meanwhile;
   `daemon_counters`: a few of the daemons' final counters (retransmissions, group
