@@ -116,6 +116,9 @@ def test_usage_errors_exit_2() -> None:
         ["--services", "loud"],
         ["--window", "0"],
         ["--only", "nothing"],
+        ["--profile-rate", "0"],
+        ["--profile-rate", "10001"],
+        ["--profiler", "perf"],
     ):
         completed = subprocess.run(
             [*COMMAND, *bad], capture_output=True, text=True, timeout=60, check=False

@@ -18,6 +18,8 @@ limits: docs/benchmarks.md.
 * `cpu_us_per_msg`: CPU time (user + system) per message during each throughput cell,
   of all daemons together, all receivers together and the sender. On a shared 2-core
   machine this is the steadier figure, and it shows where the time goes.
+* `profile` (with `--profile DIR`): each daemon profiled during each throughput cell,
+  the profiles and their shares by layer under DIR (`meshcast.bench.profile`, docs/cli.md).
 * `runs`: per cell, the messages, seconds, out-of-order deliveries (one sender: with
   AGREED it must be 0) and whether a daemon installed a view meanwhile;
   `daemon_counters`: a few of the daemons' final counters (retransmissions, group
@@ -67,6 +69,7 @@ from typing import Any
 
 from meshcast.argtypes import integer, seconds
 from meshcast.bench import plot
+from meshcast.bench import profile as profiling
 from meshcast.client import Client, Membership, Message, ServiceLevel, connect, service_level
 from meshcast.config import ClusterConfig, LimitsConfig, parse_config
 from meshcast.errors import MeshcastError
@@ -165,12 +168,13 @@ class RunningCluster:
 
 @contextlib.asynccontextmanager
 async def running_cluster(
-    count: int, tag: str, tuning: Tuning = Tuning()
+    count: int, tag: str, tuning: Tuning = Tuning(), env: dict[str, str] | None = None
 ) -> AsyncIterator[RunningCluster]:
-    """Start `count` daemons, wait until they agree on one view; yield their client
-    addresses (daemon 1 first). Every daemon is stopped on the way out, whatever happens."""
+    """Start `count` daemons (`env` added to their environment), wait until they agree
+    on one view; yield their client addresses (daemon 1 first). Every daemon is stopped
+    on the way out, whatever happens."""
     config = bench_config(count, tag, tuning)
-    async with LocalCluster(config) as cluster:  # a failed start stops what did start
+    async with LocalCluster(config, env=env) as cluster:  # a failed start stops what did start
         handle = await _ready(cluster, config)
         yield handle
     for daemon in cluster.daemons.values():
@@ -406,9 +410,14 @@ class FloodSetup:
     receivers: list[Worker]
     window: int  # messages (`Window.for_size`)
     timeout: float  # s: one cell, at most
+    profiler: profiling.DaemonProfiler | None = None  # --profile: each cell profiled
 
-    async def measure(self, count: int, size: int, service: ServiceLevel, tag: int) -> CellResult:
-        """One throughput cell: every receiver expects `count` messages tagged `tag`.
+    async def measure(
+        self, count: int, size: int, service: ServiceLevel, tag: int, *, profile: bool = True
+    ) -> CellResult:
+        """One throughput cell: every receiver expects `count` messages tagged `tag`;
+        profiled, from just before the first send to the last delivery, when this setup
+        has a profiler and `profile` holds.
 
         Raises `GroupBenchError` when a receiver misses a message or the cell times out.
         """
@@ -417,6 +426,9 @@ class FloodSetup:
             worker.command({"cmd": "expect", "tag": tag, "count": count})
         await asyncio.gather(*(w.wait_event("expecting", REQUEST_TIMEOUT) for w in receivers))
         what = f"{len(pids)} daemons, {count} x {size} bytes {service.name}"
+        if self.profiler is not None and profile:
+            daemons = {f"daemon{i}": pid for i, pid in enumerate(pids, 1)}
+            await self.profiler.start(cell_name(len(pids), size, service), daemons)
         views = self.cluster.views_installed()
         daemons_cpu = _process_cpu_seconds(pids)
         sender_cpu = _own_cpu_seconds()
@@ -429,10 +441,18 @@ class FloodSetup:
                     *(w.wait_event("done", self.timeout) for w in receivers)
                 )
         except TimeoutError:
+            if self.profiler is not None:
+                await self.profiler.close()
             raise GroupBenchError(
                 f"{what}: not delivered to every receiver within {self.timeout:g} s"
             ) from None
+        except BaseException:
+            if self.profiler is not None:  # every py-spy stopped and reaped; no profile
+                await self.profiler.close()
+            raise
         daemons_after = _process_cpu_seconds(pids)
+        if self.profiler is not None and profile:
+            await self.profiler.stop()
         if self.cluster.views_installed() != views:
             log.warning("%s: the daemons installed a new view during the run", what)
         disorder = sum(int(r["out_of_order"]) for r in reports)
@@ -462,16 +482,23 @@ async def flood_setup(
     window: int,
     timeout: float,  # noqa: ASYNC109 - per cell
     tuning: Tuning = Tuning(),
+    profiler: profiling.DaemonProfiler | None = None,
 ) -> AsyncIterator[FloodSetup]:
     """`count` daemons, a receiver process on each, the sender here; all stopped after."""
+    env = profiler.daemon_environment() if profiler is not None else None
     async with (
-        running_cluster(count, tag, tuning) as cluster,
+        running_cluster(count, tag, tuning, env) as cluster,
         running_workers(cluster.addresses, "r") as receivers,
         await connect(cluster.addresses[0], name="sender", timeout=REQUEST_TIMEOUT) as sender,
     ):
         await _join_all(receivers, FLOOD_GROUP, REQUEST_TIMEOUT)
         await sender.join(TOKEN_GROUP)
-        yield FloodSetup(cluster, sender, receivers, window, timeout)
+        yield FloodSetup(cluster, sender, receivers, window, timeout, profiler)
+
+
+def cell_name(daemons: int, size: int, service: ServiceLevel) -> str:
+    """A throughput cell's name in `--profile` output: ``3d-1000B-AGREED``."""
+    return f"{daemons}d-{size}B-{service.name}"
 
 
 def cell_messages(base: int, size: int, daemons: int) -> int:
@@ -490,14 +517,18 @@ async def measure_cluster(
     window: int,
     timeout: float,  # noqa: ASYNC109 - bounded wait per cell
     tuning: Tuning = Tuning(),
+    profiler: profiling.DaemonProfiler | None = None,
 ) -> tuple[dict[str, dict[str, CellResult]], dict[str, dict[str, Any]]]:
-    """Every (size, service) cell on one cluster of `count` daemons; also the daemons'
-    final statistics (`daemon_stopped`), by daemon name."""
+    """Every (size, service) cell on one cluster of `count` daemons (each profiled
+    when `profiler` is given); also the daemons' final statistics (`daemon_stopped`),
+    by daemon name."""
     results: dict[str, dict[str, CellResult]] = {}
-    async with flood_setup(count, tag, window, timeout, tuning) as setup:
+    async with flood_setup(count, tag, window, timeout, tuning, profiler) as setup:
         log.info("%d daemons: warm-up", count)
         tag_of_cell = 1
-        await setup.measure(WARMUP_MESSAGES, 1_000, ServiceLevel.RELIABLE, tag_of_cell)
+        await setup.measure(
+            WARMUP_MESSAGES, 1_000, ServiceLevel.RELIABLE, tag_of_cell, profile=False
+        )
         for size in sizes:
             for service in services:
                 tag_of_cell += 1
@@ -584,6 +615,13 @@ def _window(text: str) -> int:
     value = _positive(text)
     if value > MAX_WINDOW:
         raise argparse.ArgumentTypeError(f"at most {MAX_WINDOW}, got {value}")
+    return value
+
+
+def _profile_rate(text: str) -> int:
+    value = _positive(text)
+    if value > profiling.MAX_RATE:
+        raise argparse.ArgumentTypeError(f"at most {profiling.MAX_RATE}, got {value}")
     return value
 
 
@@ -692,6 +730,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="few messages and round trips (smoke run)"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="profile every daemon during each throughput cell (not the warm-up) and write "
+        "the raw profiles and a summary by layer under DIR/<cell>/<daemon>/ (layers.json, "
+        'layers.txt); the JSON gains "profile". Profiling slows the daemons: its '
+        "figures are not the bench's",
+    )
+    parser.add_argument(
+        "--profiler",
+        choices=("auto", "py-spy", "cprofile"),
+        default="auto",
+        help="with --profile: py-spy (sampling, from outside; needs the py-spy executable "
+        "and permission to attach), cprofile (inside each daemon) or auto (default: "
+        "py-spy when on PATH, else cprofile)",
+    )
+    parser.add_argument(
+        "--profile-rate",
+        type=_profile_rate,
+        default=profiling.DEFAULT_RATE,
+        metavar="HZ",
+        help=f"py-spy samples per second and daemon (default {profiling.DEFAULT_RATE})",
+    )
     plot.add_plot_argument(parser, "throughput and round-trip plots")
 
 
@@ -749,6 +812,18 @@ _COUNTERS = {
 }
 
 
+def _profiler(args: argparse.Namespace) -> profiling.DaemonProfiler | None:
+    """The `--profile` profiler, or None."""
+    if args.profile is None:
+        return None
+    try:
+        kind = profiling.choose(args.profiler)
+    except profiling.ProfileError as exc:
+        raise GroupBenchError(str(exc)) from None
+    args.profile.mkdir(parents=True, exist_ok=True)
+    return profiling.DaemonProfiler(args.profile, kind, rate=args.profile_rate)
+
+
 def daemon_counters(final_stats: dict[str, dict[str, Any]]) -> dict[str, int]:
     """A few counters of the daemons' final statistics, summed over the daemons."""
     totals = dict.fromkeys(_COUNTERS, 0)
@@ -790,21 +865,27 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
     counters: dict[str, object] = {}
     do_throughput = args.only in (None, "throughput")
     do_rtt = args.only == "rtt" or (args.only is None and not args.skip_rtt)
-    for count in args.daemons if do_throughput else ():
-        cells, final_stats = await measure_cluster(
-            count,
-            tag,
-            args.sizes,
-            args.services,
-            base,
-            window=args.window,
-            timeout=args.cell_timeout,
-            tuning=tuning,
-        )
-        throughput[str(count)] = _by_cell(cells, lambda size, cell: cell.rates(size))
-        cpu[str(count)] = _by_cell(cells, lambda _, cell: _cpu_per_message(cell))
-        runs[str(count)] = _by_cell(cells, lambda _, cell: cell.describe())
-        counters[str(count)] = daemon_counters(final_stats)
+    profiler = _profiler(args) if do_throughput else None
+    try:
+        for count in args.daemons if do_throughput else ():
+            cells, final_stats = await measure_cluster(
+                count,
+                tag,
+                args.sizes,
+                args.services,
+                base,
+                window=args.window,
+                timeout=args.cell_timeout,
+                tuning=tuning,
+                profiler=profiler,
+            )
+            throughput[str(count)] = _by_cell(cells, lambda size, cell: cell.rates(size))
+            cpu[str(count)] = _by_cell(cells, lambda _, cell: _cpu_per_message(cell))
+            runs[str(count)] = _by_cell(cells, lambda _, cell: cell.describe())
+            counters[str(count)] = daemon_counters(final_stats)
+    finally:
+        if profiler is not None:
+            await profiler.close()
     result: dict[str, object] = {}
     if do_throughput:
         result["throughput"] = throughput
@@ -819,6 +900,8 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         result["cpu_us_per_msg"] = cpu
         result["runs"] = runs
         result["daemon_counters"] = counters
+    if profiler is not None:
+        result["profile"] = profiler.describe()
     result["setup"] = {
         "only": args.only,
         "daemons": list(args.daemons) if do_throughput else [],

@@ -146,6 +146,7 @@ def daemon_command(args: argparse.Namespace) -> int:
     from meshcast.runtime.endpoints import ClientListen
     from meshcast.runtime.logs import configure_logging
     from meshcast.runtime.loop import run
+    from meshcast.runtime.profiling import install_from_environment as install_profiler
 
     if args.no_client_socket and args.client_socket is not None:
         print("meshcast daemon: error: --client-socket and --no-client-socket", file=sys.stderr)
@@ -169,6 +170,7 @@ def daemon_command(args: argparse.Namespace) -> int:
         log_format=args.log_format,
     )
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(config.name, args.name)
+    install_profiler()  # only for `bench group --profile` without py-spy
     try:
         return run(
             run_daemon(

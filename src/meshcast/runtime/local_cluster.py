@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -80,9 +80,16 @@ class DaemonProcess:
 class LocalCluster:
     """Start, watch and stop the daemons of `config` (ports are picked free at start)."""
 
-    def __init__(self, config: ClusterConfig, *, probe_interval: float | None = None) -> None:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        *,
+        probe_interval: float | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self._config = config
         self._probe_interval = probe_interval
+        self._env = dict(env or {})  # added to the daemons' environment
         self.daemons: dict[str, DaemonProcess] = {}
         self._readers: list[asyncio.Task[None]] = []
         self._workdir = tempfile.TemporaryDirectory(prefix="meshcast-demo-")
@@ -136,7 +143,7 @@ class LocalCluster:
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 limit=_LINE_LIMIT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, **self._env, "PYTHONUNBUFFERED": "1"},
             )
             daemon = DaemonProcess(spec.name, process)
             self.daemons[spec.name] = daemon
