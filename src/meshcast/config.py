@@ -1006,7 +1006,7 @@ def _field_keys(dataclass_fields: Iterable[Field[object]]) -> dict[str, _FieldKe
         elif annotation == "float":
             keys[name] = _FieldKey(name, "number")
         elif annotation == "int" and (
-            name.endswith(("_bytes", "_size")) or name in ("mtu", "max_backlog")
+            name.endswith(("_bytes", "_size", "mtu")) or name == "max_backlog"
         ):
             keys[name] = _FieldKey(name, "size")
         elif annotation == "int":

@@ -140,6 +140,9 @@ async def test_status_shows_view_links_groups_and_members(
                 assert link["srtt_ms"] is not None
                 assert link["srtt_ms"] >= 0
                 assert link["bandwidth_bps"] > 0
+                # loopback's route carries the largest UDP datagrams ([link] max_path_mtu)
+                if sys.platform.startswith("linux"):
+                    assert link["mtu"] == 65_507
             assert report["tree"]["source"] == 1
             assert sorted(child for _, child in report["tree"]["edges"]) == [2, 3]
             chat = group(report, "chat")

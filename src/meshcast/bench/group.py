@@ -142,7 +142,8 @@ def bench_config(count: int, tag: str, tuning: Tuning = Tuning()) -> ClusterConf
     names = [daemon_name(i, tag) for i in range(1, count + 1)]
     lines = loopback_mesh_toml("bench-group", names, port_base=4900, rate=LINK_RATE)
     if tuning.mtu is not None:
-        lines += ["", "[link]", f"mtu = {tuning.mtu}"]
+        # the datagram size on every link, loopback included
+        lines += ["", "[link]", f"mtu = {tuning.mtu}", f"max_path_mtu = {tuning.mtu}"]
     if tuning.insecure:
         lines += ["", "[security]", "insecure = true"]
     return parse_config("\n".join(lines) + "\n", source="<bench group>")
@@ -714,7 +715,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="BYTES",
         help=f"datagram size of the daemons' Hop links, {MIN_MTU}..{MAX_MTU} (default: "
-        f"the configuration default, {LinkConfig().mtu}, as Spread's ~1.4 KB packets)",
+        f"the configuration default: on loopback up to {LinkConfig().max_path_mtu:,}, "
+        f"the largest UDP payload, [link] max_path_mtu)",
     )
     parser.add_argument(
         "--insecure",
@@ -922,6 +924,7 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         "overlay": f"full mesh on 127.0.0.x, shortest-path routing, {LINK_RATE} uploads "
         "and links, everything else default, no emulated delay or loss",
         "mtu": args.mtu or LinkConfig().mtu,
+        "max_path_mtu": args.mtu or LinkConfig().max_path_mtu,  # loopback's datagrams
         "links": "in the clear (--insecure)"
         if args.insecure
         else "encrypted (AES-256-GCM, as users run them)",

@@ -48,7 +48,8 @@ def status_sections(daemon: DaemonNode, now: float) -> dict[str, object]:
     links: list[dict[str, object]] = []
     dropped = LinkDrops()
     for peer in sorted(node.config.neighbours):
-        stats = endpoint.link(peer).statistics() if peer in endpoint else None
+        link = endpoint.link(peer) if peer in endpoint else None
+        stats = None if link is None else link.statistics()
         is_up = peer in up
         drops = node.link_drops(peer)
         dropped += drops
@@ -59,6 +60,7 @@ def status_sections(daemon: DaemonNode, now: float) -> dict[str, object]:
                 "up": is_up,
                 "srtt_ms": round(stats.srtt * 1000, 3) if stats is not None and is_up else None,
                 "bandwidth_bps": node.advertised_bandwidth(peer),
+                "mtu": getattr(link, "mtu", None),  # Hop links: bytes per datagram
                 "weight": node.config.neighbours[peer].weight,
                 "emulated": peer in daemon.emulated,
                 "retransmissions": 0 if stats is None else stats.retransmissions,

@@ -11,6 +11,9 @@ from meshcast.wire import MAX_MTU, MIN_MTU
 @dataclass(frozen=True, slots=True)
 class LinkConfig:
     mtu: int = 1400  # bytes per datagram, headers included
+    # bytes per datagram where the route to the peer carries more than Ethernet's 1,500
+    # bytes (loopback, jumbo frames): fewer datagrams, seals and system calls per message
+    max_path_mtu: int = 65_507
     rate_bps: float = 100e6  # pacer rate in bits/s, IP+UDP overhead included
     burst_bytes: int = 16 * 1024  # token-bucket depth in bytes
     max_unacked_packets: int = 4096  # cap on seq_next - cum_ack: bounds retransmit memory
@@ -30,6 +33,8 @@ class LinkConfig:
     def __post_init__(self) -> None:
         if not MIN_MTU <= self.mtu <= MAX_MTU:
             raise ConfigError(f"must be between {MIN_MTU} and {MAX_MTU}", key="link.mtu")
+        if not MIN_MTU <= self.max_path_mtu <= MAX_MTU:
+            raise ConfigError(f"must be between {MIN_MTU} and {MAX_MTU}", key="link.max_path_mtu")
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, bool) and value <= 0:

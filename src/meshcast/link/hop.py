@@ -112,10 +112,10 @@ class HopLink:
         self._local = local
         self._peer = peer
         self._config = config
-        self._body_budget = config.mtu - HEADER_SIZE - STATE_BLOCK.size
-        self._max_nacks_per_packet = min(
-            wire.MAX_NACK_RANGES, (config.mtu - HEADER_SIZE - STATE_BLOCK.size) // NACK_RANGE.size
-        )
+        self._mtu = 0
+        self._body_budget = 0
+        self._max_nacks_per_packet = 0
+        self._set_mtu(config.mtu)
         self._epoch = epoch
         self._established = False
         self._failed = False
@@ -165,6 +165,12 @@ class HopLink:
     @property
     def epoch(self) -> int:
         return self._epoch
+
+    @property
+    def mtu(self) -> int:
+        """Bytes per datagram: the configured MTU, lowered to the peer's once its HELLO
+        arrived (each side announces the largest datagram it takes)."""
+        return self._mtu
 
     def can_send(self, size: int) -> bool:
         return not self._failed and self._queue.can_accept(size)
@@ -315,10 +321,16 @@ class HopLink:
         # Retry until the peer confirms our epoch; the silence timeout bounds the retries.
         self._hello_at = None if self._established else now + self._config.hello_interval
 
+    def _set_mtu(self, mtu: int) -> None:
+        self._mtu = mtu
+        self._body_budget = mtu - HEADER_SIZE - STATE_BLOCK.size
+        self._max_nacks_per_packet = min(wire.MAX_NACK_RANGES, self._body_budget // NACK_RANGE.size)
+
     def _on_hello(
         self, peer_epoch: int, hello: Hello, now: float, effects: list[LinkEffect]
     ) -> None:
         self._last_heard_at = now
+        self._set_mtu(min(self._config.mtu, hello.mtu))
         new_peer = peer_epoch != self._peer_epoch
         if new_peer:
             if self._peer_epoch != 0:

@@ -189,6 +189,11 @@ class SecureLink(HopLink):
 
     # ------------------------------------------------------------------ queries
 
+    @property
+    def mtu(self) -> int:
+        """Bytes per datagram on the wire, the seal included."""
+        return super().mtu + RECORD_OVERHEAD
+
     def _counter_values(self) -> dict[str, int]:
         values = super()._counter_values()
         drops = self._drops

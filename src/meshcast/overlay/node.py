@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 class Neighbour:
     weight: float  # routing cost of the link
     bandwidth_bps: float  # capacity of the link; its Hop pacer runs at this rate
+    mtu: int | None = None  # bytes per datagram on this link (None: the link config's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,7 +494,11 @@ class OverlayNode:
 
     def _open_link(self, peer: NodeId, now: float, effects: list[OverlayEffect]) -> None:
         neighbour = self.config.neighbours[peer]
-        link_config = replace(self.config.link, rate_bps=neighbour.bandwidth_bps)
+        link_config = replace(
+            self.config.link,
+            rate_bps=neighbour.bandwidth_bps,
+            mtu=neighbour.mtu or self.config.link.mtu,
+        )
         epoch = self._rng.randrange(1, 2**32)
         link: Link
         if self.security is None:

@@ -42,6 +42,7 @@ from meshcast.daemon.config import (
 from meshcast.errors import ConfigError, MeshcastError, UsageError
 from meshcast.group.sessions import SessionTable
 from meshcast.ids import NodeId
+from meshcast.overlay.node import OverlayConfig
 from meshcast.runtime.blob_store import DiskStore
 from meshcast.runtime.daemon_keys import DaemonKeys
 from meshcast.runtime.datagram import open_endpoint
@@ -55,6 +56,7 @@ from meshcast.runtime.endpoints import (
 from meshcast.runtime.keyfile import describe_keyring
 from meshcast.runtime.logs import EventLog, NodeLogAdapter
 from meshcast.runtime.loop import event_loop_name
+from meshcast.runtime.path_mtu import datagram_mtu
 from meshcast.runtime.pump import DaemonPump, PumpStats
 from meshcast.runtime.replication_io import ReplicationIO
 from meshcast.runtime.sessions import (
@@ -133,7 +135,7 @@ class OverlayDaemon:
         self.node = DaemonNode(
             self.local,
             settings,
-            overlay_config(config, name),
+            with_path_mtus(overlay_config(config, name), config, name),
             incarnation=incarnation,
             rng=random.Random(secrets.randbits(64)),
             wall_clock=time.time,
@@ -465,6 +467,20 @@ class OverlayDaemon:
 
 
 # ---------------------------------------------------------------------- entry point
+
+
+def with_path_mtus(overlay: OverlayConfig, config: ClusterConfig, name: str) -> OverlayConfig:
+    """`overlay` with each neighbour's datagram size set from the route to it
+    (`runtime.path_mtu`: larger than `[link] mtu` only on loopback and jumbo-frame LANs)."""
+    link = overlay.link
+    neighbours = {
+        NodeId(spec.node_id): replace(
+            overlay.neighbours[NodeId(spec.node_id)],
+            mtu=datagram_mtu(spec.host, link.mtu, link.max_path_mtu),
+        )
+        for spec, _ in config.neighbours(name)
+    }
+    return replace(overlay, neighbours=neighbours)
 
 
 async def run_daemon(

@@ -235,3 +235,33 @@ def test_pacer_holds_the_configured_rate() -> None:
     elapsed = pair.delivered_at[B][-1] - start
     wire_bytes = 2000 * (1000 + 3 + wire.HEADER_SIZE + wire.UDP_IP_OVERHEAD)
     assert wire_bytes * 8 / elapsed == pytest.approx(2e6, rel=0.03)
+
+
+@pytest.mark.parametrize(
+    ("mtu_a", "mtu_b"), [(1400, 1400), (16_384, 1400), (1400, 9000), (65_507, 9000)]
+)
+def test_each_side_sends_datagrams_no_larger_than_the_smaller_mtu(mtu_a: int, mtu_b: int) -> None:
+    sizes: dict[object, int] = {A: 0, B: 0}
+
+    def largest(src: object, datagram: bytes) -> bool:
+        sizes[src] = max(sizes[src], len(datagram))
+        return True
+
+    pair = Pair(
+        HopLink(A, B, LinkConfig(rate_bps=1e9, mtu=mtu_a), epoch=101),
+        HopLink(B, A, LinkConfig(rate_bps=1e9, mtu=mtu_b), epoch=202),
+        filter=largest,
+    )
+    pair.start()
+    pair.run(0.2)
+    smaller = min(mtu_a, mtu_b)
+    assert pair.a.mtu == pair.b.mtu == smaller
+    messages = [numbered(i, 1000) for i in range(300)] + [numbered(300, 200_000)]
+    for m in messages:
+        pair.send(A, m)
+        pair.send(B, m)
+    pair.run(5.0)
+    assert pair.delivered[A] == pair.delivered[B] == messages
+    # the data fills datagrams up to the smaller MTU, never beyond
+    assert smaller - 1100 < sizes[A] <= smaller
+    assert smaller - 1100 < sizes[B] <= smaller
