@@ -79,7 +79,6 @@ from meshcast.wire.client import (
     Join,
     Leave,
     Membership,
-    Message,
     Multicast,
     Ping,
     Pong,
@@ -94,6 +93,7 @@ from meshcast.wire.client import (
     clip_text,
     decode,
     encode,
+    encode_message,
     json_ready,
     private_name,
     split_private_name,
@@ -914,7 +914,7 @@ class SessionTable:
                 targets.setdefault(name, []).append(g)
         if not targets:
             return []
-        data = encode(Message(d.sender, d.groups, d.service, d.msg_type, d.payload))
+        data = encode_message(d.sender, d.groups, d.service, d.msg_type, d.payload)
         out: list[SessionEffect] = []
         for name in sorted(targets):
             s = self._by_name.get(name)
