@@ -372,17 +372,18 @@ class SessionTable:
         )
 
     def next_deadline(self) -> float | None:
-        deadlines = [
-            since + self.config.block_timeout
-            for conn in self._blocking
-            if (since := self._sessions[conn].blocked_since) is not None
-        ]
+        earliest = self.membership.next_deadline()  # a running minimum: asked per message
+        for conn in self._blocking:
+            since = self._sessions[conn].blocked_since
+            if since is not None:
+                at = since + self.config.block_timeout
+                if earliest is None or at < earliest:
+                    earliest = at
         if self._pending:
-            deadlines.append(next(iter(self._pending.values())))
-        below = self.membership.next_deadline()
-        if below is not None:
-            deadlines.append(below)
-        return min(deadlines, default=None)
+            at = next(iter(self._pending.values()))
+            if earliest is None or at < earliest:
+                earliest = at
+        return earliest
 
     def status(
         self, now: float, *, max_groups: int | None = None, max_members: int | None = None
