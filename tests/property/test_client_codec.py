@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import re
 import struct
 
 import pytest
@@ -610,3 +611,81 @@ def test_a_v6_replicate_is_the_v5_layout_and_a_trailing_buddy(frame: Replicate, 
     assert struct.unpack_from("!I", new)[0] == struct.unpack_from("!I", old)[0] + len(tail)
     assert decode(old) == v5
     assert decode(new) == v6
+
+
+# The data path's two frames: MULTICAST and MESSAGE are decoded by a shortcut (parsed and
+# checked without `_check`'s general dispatch), and the daemon encodes MESSAGE with
+# `encode_message`; both must say exactly what the general code says.
+
+any_names = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+loose_group_lists = st.lists(any_names | group_names, min_size=0, max_size=4).map(tuple)
+
+
+def _raw_frame(frame: Multicast | Message) -> bytes:
+    """`frame` laid out without `encode`'s checks (names of any form; str8 lengths fit)."""
+    body = b"".join(client._encode_body(frame))
+    return struct.pack("!IB", 1 + len(body), client.FRAME_TYPE_OF[type(frame)]) + body
+
+
+def _fits(frame: Multicast | Message) -> bool:
+    names = [*frame.groups, frame.sender] if isinstance(frame, Message) else [*frame.groups]
+    return all(len(n.encode("utf-8", "surrogatepass")) <= 255 for n in names)
+
+
+def _fault_of(frame: object) -> str | None:
+    """What `_check` (the general validation) finds wrong with `frame`."""
+    try:
+        client._check(frame)
+    except client._Fault as fault:
+        return str(fault)
+    return None
+
+
+@given(
+    st.builds(Multicast, loose_group_lists, payloads, services, u16, u32, st.booleans())
+    | st.builds(Message, any_names | private_names, loose_group_lists, services, u16, payloads)
+)
+def test_the_data_frames_decode_with_the_checks_of_encode(frame: Multicast | Message) -> None:
+    if not _fits(frame):
+        return
+    data = _raw_frame(frame)
+    fault = _fault_of(frame)
+    if fault is None:
+        assert decode(data) == frame
+        assert encode(frame) == data
+        return
+    name = client.FRAME_TYPE_OF[type(frame)].name
+    with pytest.raises(DecodeError, match=f"^{re.escape(f'{name} frame: {fault}')}$"):
+        decode(data)
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{type(frame).__name__}: {fault}')}$"):
+        encode(frame)
+
+
+@given(st.builds(Message, any_names | private_names, loose_group_lists, services, u16, payloads))
+def test_the_daemon_message_encoder_is_encode(frame: Message) -> None:
+    fields = (frame.sender, frame.groups, frame.service, frame.msg_type, frame.payload)
+    fault = _fault_of(frame)
+    if fault is None:
+        assert client.encode_message(*fields) == encode(frame)
+        return
+    # the same refusal, from the same checks
+    with pytest.raises(ValueError, match=f"^{re.escape(f'Message: {fault}')}$"):
+        client.encode_message(*fields)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ("#a#b", ("g",), ServiceLevel.AGREED, 0x1_0000, b""),  # msg_type over u16
+        ("#a#b", ("g",), ServiceLevel.AGREED, True, b""),  # a bool is no msg_type
+        ("#a#b", ["g"], ServiceLevel.AGREED, 0, b""),  # groups not a tuple
+        ("#a#b", (), ServiceLevel.AGREED, 0, b""),  # no group
+        ("#a#b", ("g",), ServiceLevel.AGREED, 0, "text"),  # payload not bytes
+        ("#a#b", ("g",), 99, 0, b""),  # unknown service
+    ],
+)
+def test_the_daemon_message_encoder_refuses_what_encode_refuses(fields: tuple[object, ...]) -> None:
+    fault = _fault_of(Message(*fields))  # type: ignore[arg-type]
+    assert fault is not None
+    with pytest.raises(ValueError, match=f"^{re.escape(f'Message: {fault}')}$"):
+        client.encode_message(*fields)  # type: ignore[arg-type]

@@ -4,12 +4,14 @@ decode would refuse."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from meshcast.errors import DecodeError
+from meshcast.wire import group
 from meshcast.wire.client import ServiceLevel
 from meshcast.wire.group import GroupData, GroupFlush, GroupNull, decode_group, encode_group
 
@@ -118,3 +120,26 @@ def test_unknown_kind_and_service_are_decode_errors() -> None:
         decode_group(bytes(raw))
     with pytest.raises(DecodeError):
         decode_group(encode_group(GroupNull(bytes(8), 1, 1, 1)) + b"x")
+
+
+def _outcome(decode: Callable[[bytes], object], raw: bytes) -> object:
+    try:
+        return decode(raw)
+    except DecodeError as exc:
+        return f"DecodeError: {exc}"
+
+
+@given(datas, st.data())
+def test_the_fast_data_decoder_agrees_with_the_checked_one(
+    message: GroupData, data: st.DataObject
+) -> None:
+    """DATA decodes by plain offsets and falls back to the step-by-step decoder for
+    anything unusual: the outcome, message or error text, is the step-by-step one."""
+    raw = bytearray(encode_group(message))
+    head_end = len(raw) - len(message.payload)  # mutate the fields, not the payload
+    for _ in range(data.draw(st.integers(0, 3))):
+        i = data.draw(st.integers(1, min(head_end, len(raw) - 1)))
+        raw[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(group.DATA_HEAD.size, len(raw)))
+    candidate = bytes(raw[:cut])
+    assert _outcome(decode_group, candidate) == _outcome(group._decode_data, candidate)

@@ -198,7 +198,12 @@ class Ordering:
 
     def hosts(self, groups: Iterable[str]) -> bool:
         """Does this daemon host a member of any of `groups`?"""
-        return any(self.local in self._group_daemons.get(g, ()) for g in groups)
+        local, daemons = self.local, self._group_daemons
+        for g in groups:  # a loop, not any() over a generator: asked per message
+            hosts = daemons.get(g)
+            if hosts is not None and local in hosts:
+                return True
+        return False
 
     def ack_vector(self) -> AckVector:
         """(member, pruned prefix, causal processed, total-order prefix) we hold, per

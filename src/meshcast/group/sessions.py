@@ -79,7 +79,6 @@ from meshcast.wire.client import (
     Join,
     Leave,
     Membership,
-    Message,
     Multicast,
     Ping,
     Pong,
@@ -94,6 +93,7 @@ from meshcast.wire.client import (
     clip_text,
     decode,
     encode,
+    encode_message,
     json_ready,
     private_name,
     split_private_name,
@@ -372,17 +372,18 @@ class SessionTable:
         )
 
     def next_deadline(self) -> float | None:
-        deadlines = [
-            since + self.config.block_timeout
-            for conn in self._blocking
-            if (since := self._sessions[conn].blocked_since) is not None
-        ]
+        earliest = self.membership.next_deadline()  # a running minimum: asked per message
+        for conn in self._blocking:
+            since = self._sessions[conn].blocked_since
+            if since is not None:
+                at = since + self.config.block_timeout
+                if earliest is None or at < earliest:
+                    earliest = at
         if self._pending:
-            deadlines.append(next(iter(self._pending.values())))
-        below = self.membership.next_deadline()
-        if below is not None:
-            deadlines.append(below)
-        return min(deadlines, default=None)
+            at = next(iter(self._pending.values()))
+            if earliest is None or at < earliest:
+                earliest = at
+        return earliest
 
     def status(
         self, now: float, *, max_groups: int | None = None, max_members: int | None = None
@@ -914,7 +915,7 @@ class SessionTable:
                 targets.setdefault(name, []).append(g)
         if not targets:
             return []
-        data = encode(Message(d.sender, d.groups, d.service, d.msg_type, d.payload))
+        data = encode_message(d.sender, d.groups, d.service, d.msg_type, d.payload)
         out: list[SessionEffect] = []
         for name in sorted(targets):
             s = self._by_name.get(name)

@@ -82,7 +82,9 @@ class LinkEndpoint:
         return effects
 
     def next_deadline(self) -> float | None:
-        return min(
-            (d for link in self._links.values() if (d := link.next_deadline()) is not None),
-            default=None,
-        )
+        earliest: float | None = None
+        for link in self._links.values():  # a loop, not min() over a generator: per message
+            at = link.next_deadline()
+            if at is not None and (earliest is None or at < earliest):
+                earliest = at
+        return earliest

@@ -193,20 +193,27 @@ class HopLink:
     def next_deadline(self) -> float | None:
         if self._failed or not self._started:
             return None
-        deadlines = [self._last_heard_at + self._silence_timeout()]
-        if self._hello_at is not None:
-            deadlines.append(self._hello_at)
-        if self._heartbeat_at is not None:
-            deadlines.append(self._heartbeat_at)
-        if self._ack_due_at is not None:
-            deadlines.append(self._ack_due_at)
-        if self._gap_heap:
-            deadlines.append(self._gap_heap[0][0])
-        if self._probe_at is not None:
-            deadlines.append(self._probe_at)
+        # Asked several times per message: a running minimum, no list.
+        deadline = self._last_heard_at + self._silence_timeout()
+        at = self._hello_at
+        if at is not None and at < deadline:
+            deadline = at
+        at = self._heartbeat_at
+        if at is not None and at < deadline:
+            deadline = at
+        at = self._ack_due_at
+        if at is not None and at < deadline:
+            deadline = at
+        if self._gap_heap and self._gap_heap[0][0] < deadline:
+            deadline = self._gap_heap[0][0]
+        at = self._probe_at
+        if at is not None and at < deadline:
+            deadline = at
         if self._has_sendable():
-            deadlines.append(self._pacer.ready_at(self._pacer_clock))
-        return min(deadlines)
+            at = self._pacer.ready_at(self._pacer_clock)
+            if at < deadline:
+                deadline = at
+        return deadline
 
     # ------------------------------------------------------------------ inputs
 

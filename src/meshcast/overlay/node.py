@@ -298,6 +298,9 @@ class OverlayNode:
         self._pacer: Pacer | None = None
         self._sent_to: dict[NodeId, int] = {}
         self._acked_by: dict[NodeId, int] = {}  # per destination, of its current incarnation
+        # destinations with a full window (sent - acked >= window_messages), kept up to
+        # date by every change of _sent_to/_acked_by: `window_open` runs per message
+        self._full: set[NodeId] = set()
         self._sources: dict[NodeId, _SourceState] = {}
         self._next_report_at: float | None = None
         self._counters = _Counters()
@@ -375,30 +378,30 @@ class OverlayNode:
         return held
 
     def window_open(self) -> bool:
-        view = self._view
-        if view is None:
-            return False
-        window = self.config.window_messages
-        acked = self._acked_by
-        return all(
-            sent - acked.get(dest, 0) < window
-            for dest, sent in self._sent_to.items()
-            if dest in view
-        )
+        # Every destination in _sent_to is in the view: _pump counts only those, and a
+        # new view drops the others.
+        return self._view is not None and not self._full
+
+    def _update_window(self, dest: NodeId) -> None:
+        """`dest`'s entry of `_full`, after its sent or acked count changed."""
+        sent = self._sent_to.get(dest)
+        if sent is not None and sent - self._acked_by.get(dest, 0) >= self.config.window_messages:
+            self._full.add(dest)
+        else:
+            self._full.discard(dest)
 
     def next_deadline(self) -> float | None:
         if not self._started:
             return None
-        deadlines = [
-            d
-            for d in (self._endpoint.next_deadline(), self._view_due_at, self._refresh_at)
-            if d is not None
-        ]
-        if self._next_report_at is not None:
-            deadlines.append(self._next_report_at)
+        deadline = self._endpoint.next_deadline()  # a running minimum: asked per message
+        for at in (self._view_due_at, self._refresh_at, self._next_report_at):
+            if at is not None and (deadline is None or at < deadline):
+                deadline = at
         if self._outbox and self._pacer is not None and self.window_open():
-            deadlines.append(self._pacer.ready_at(self._clock))
-        return min(deadlines, default=None)
+            at = self._pacer.ready_at(self._clock)
+            if deadline is None or at < deadline:
+                deadline = at
+        return deadline
 
     # ------------------------------------------------------------------ inputs
 
@@ -606,6 +609,9 @@ class OverlayNode:
         # Destinations that left stop holding the window; sources that left are forgotten.
         self._sent_to = {d: n for d, n in self._sent_to.items() if d in view}
         self._acked_by = {d: n for d, n in self._acked_by.items() if d in view}
+        self._full.clear()
+        for dest in self._sent_to:
+            self._update_window(dest)
         self._sources = {s: st for s, st in self._sources.items() if s in view}
         self._lsdb.forget({NodeId(lsa.origin) for lsa in self._lsdb.lsas()} - set(view.members))
         tree = self._routing.tree(self.local)
@@ -761,6 +767,7 @@ class OverlayNode:
         effects.append(OverlayDelivered(source, data.seq, data.payload, data.hops, data.upper))
         if source == self.local:
             self._acked_by[self.local] = state.delivered
+            self._update_window(self.local)
         elif state.delivered - state.reported >= self.config.feedback_every:
             self._report(source, state, now, effects)
         elif state.report_due_at is None:
@@ -806,6 +813,7 @@ class OverlayNode:
         """
         self._sent_to.pop(daemon, None)
         self._acked_by.pop(daemon, None)
+        self._full.discard(daemon)
         self._sources.pop(daemon, None)
 
     def _on_feedback(self, feedback: Feedback, now: float, effects: list[OverlayEffect]) -> None:
@@ -820,6 +828,7 @@ class OverlayNode:
             return  # from an incarnation of the reporter we do not (or no longer) count
         if feedback.delivered > self._acked_by.get(reporter, 0):
             self._acked_by[reporter] = min(feedback.delivered, self._sent_to.get(reporter, 0))
+            self._update_window(reporter)
 
     def _pump(self, now: float, effects: list[OverlayEffect]) -> None:
         """Send queued messages while the tree's rate and the window allow."""
@@ -831,8 +840,11 @@ class OverlayNode:
             self._seq += 1
             self._counters.data_originated += 1
             reachable = [d for d in dests if d in self._view]
+            sent_to, acked, window = self._sent_to, self._acked_by, self.config.window_messages
             for dest in reachable:
-                self._sent_to[dest] = self._sent_to.get(dest, 0) + 1
+                sent = sent_to[dest] = sent_to.get(dest, 0) + 1
+                if sent - acked.get(dest, 0) >= window:
+                    self._full.add(dest)  # a send only ever closes a window
             if self.local in reachable:
                 data = Data(
                     self.local, self.incarnation, self._seq, 0, upper, (self.local,), payload

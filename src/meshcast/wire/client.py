@@ -1298,6 +1298,53 @@ def _names(names: tuple[str, ...]) -> bytes:
     return U32.pack(len(names)) + b"".join(_str8(n) for n in names)
 
 
+_MESSAGE_TYPE = bytes((FrameType.MESSAGE,))
+_MULTICAST = FrameType.MULTICAST  # enum attribute lookups cost on the per-message path
+_MESSAGE = FrameType.MESSAGE
+
+
+def encode_message(
+    sender: str, groups: tuple[str, ...], service: ServiceLevel, msg_type: int, payload: bytes
+) -> bytes:
+    """A MESSAGE frame the daemon builds for a delivered message: `encode` of that
+    `Message`, byte for byte, without re-running `_check` on every delivery.
+
+    The fields come from a group DATA message (`meshcast.wire.group`), whose decoder
+    bounds them (service known, msg_type a u16, str8 names, 1..256 groups); what it does
+    not check is the names' form, a cached lookup here. Anything out of the ordinary goes
+    through `encode`, so a bad name raises the same ValueError as before.
+    """
+    if (
+        isinstance(sender, str)
+        and _valid_private(sender)
+        and type(groups) is tuple
+        and 1 <= len(groups) <= MAX_DEST_GROUPS
+        and all(isinstance(g, str) and _valid_group(g) for g in groups)
+        and (len(groups) == 1 or len(set(groups)) == len(groups))
+        and type(msg_type) is int
+        and 0 <= msg_type <= U16_MAX
+        and isinstance(service, ServiceLevel)
+        and isinstance(payload, bytes)
+    ):
+        raw_sender = sender.encode("utf-8")
+        parts = [
+            b"",
+            MESSAGE_HEAD.pack(service, msg_type),
+            bytes((len(raw_sender),)),
+            raw_sender,
+            U16.pack(len(groups)),
+        ]
+        for g in groups:
+            raw = g.encode("utf-8")
+            parts += (bytes((len(raw),)), raw)
+        parts.append(payload)
+        length = 1 + sum(map(len, parts))
+        if length <= U32_MAX:
+            parts[0] = LENGTH.pack(length) + _MESSAGE_TYPE
+            return b"".join(parts)
+    return encode(Message(sender, groups, service, msg_type, payload))
+
+
 def _encode_body(frame: Frame) -> list[bytes]:
     match frame:
         case Hello(name, min_version, max_version, flags, None):
@@ -1427,10 +1474,10 @@ class _Reader:
             (size,) = self.ints(prefix, f"length of {what}")
         if self.end - self.pos < size:
             raise _Fault(f"{what} of {size} bytes runs past the end of the frame")
-        raw = bytes(self.data[self.pos : self.pos + size])
+        start = self.pos
         self.pos += size
         try:
-            return raw.decode("utf-8")
+            return str(self.data[start : self.pos], "utf-8")  # no copy of the bytes first
         except UnicodeDecodeError as exc:
             raise _Fault(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
@@ -1441,7 +1488,22 @@ class _Reader:
             raise _Fault(
                 f"{what} has {count} names, more than the {self.end - self.pos} bytes left"
             )
-        return tuple(self.text(f"name {i} in {what}") for i in range(count))
+        # `text` inlined for well-formed names (one per message and group); a faulty
+        # one goes through `text` itself, for its error message
+        data, end = self.data, self.end
+        found: list[str] = []
+        for i in range(count):
+            pos = self.pos
+            if pos < end and pos + 1 + data[pos] <= end:
+                stop = pos + 1 + data[pos]
+                try:
+                    found.append(str(data[pos + 1 : stop], "utf-8"))
+                    self.pos = stop
+                    continue
+                except UnicodeDecodeError:
+                    pass
+            found.append(self.text(f"name {i} in {what}"))  # raises
+        return tuple(found)
 
     def rest(self) -> bytes:
         data = bytes(self.data[self.pos : self.end])
@@ -1464,6 +1526,36 @@ def _service(code: int) -> ServiceLevel:
     if level is None:
         raise _Fault(f"unknown service level {code}")
     return level
+
+
+def _parse_multicast(r: _Reader) -> Multicast:
+    request_id, service, msg_type, n = r.ints(MULTICAST_HEAD, "MULTICAST header")
+    level = _service(service & ~CONFIRM_FLAG)
+    groups = r.names("groups", n, MAX_DEST_GROUPS)
+    confirm = bool(service & CONFIRM_FLAG)
+    return Multicast(groups, r.rest(), level, msg_type, request_id, confirm)
+
+
+def _parse_message(r: _Reader) -> Message:
+    service, msg_type = r.ints(MESSAGE_HEAD, "MESSAGE header")
+    level = _service(service)
+    sender = r.text("sender")
+    (n,) = r.ints(U16, "group count")
+    groups = r.names("groups", n, MAX_DEST_GROUPS)
+    return Message(sender, groups, level, msg_type, r.rest())
+
+
+def _parsed_multicast_fault(frame: Multicast) -> str | None:
+    """`_check` of a parsed MULTICAST: the rest (service, integers, payload) the parser
+    already guarantees, so only the names are left to check, in `_check`'s order."""
+    return _names_fault(frame.groups, "groups", 1, MAX_DEST_GROUPS, private=False)
+
+
+def _parsed_message_fault(frame: Message) -> str | None:
+    """`_check` of a parsed MESSAGE (see `_parsed_multicast_fault`)."""
+    return _private_fault(frame.sender, "sender") or _names_fault(
+        frame.groups, "groups", 1, MAX_DEST_GROUPS, private=False
+    )
 
 
 def _parse(ftype: FrameType, r: _Reader) -> Frame:
@@ -1492,18 +1584,9 @@ def _parse(ftype: FrameType, r: _Reader) -> Frame:
             (request_id,) = r.ints(LEAVE_HEAD, "LEAVE header")
             return Leave(r.text("group name"), request_id)
         case FrameType.MULTICAST:
-            request_id, service, msg_type, n = r.ints(MULTICAST_HEAD, "MULTICAST header")
-            level = _service(service & ~CONFIRM_FLAG)
-            groups = r.names("groups", n, MAX_DEST_GROUPS)
-            confirm = bool(service & CONFIRM_FLAG)
-            return Multicast(groups, r.rest(), level, msg_type, request_id, confirm)
+            return _parse_multicast(r)
         case FrameType.MESSAGE:
-            service, msg_type = r.ints(MESSAGE_HEAD, "MESSAGE header")
-            level = _service(service)
-            sender = r.text("sender")
-            (n,) = r.ints(U16, "group count")
-            groups = r.names("groups", n, MAX_DEST_GROUPS)
-            return Message(sender, groups, level, msg_type, r.rest())
+            return _parse_message(r)
         case FrameType.MEMBERSHIP:
             group = r.text("group name")
             counter, coordinator, code = r.ints(VIEW_AND_CAUSE, "view id and cause")
@@ -1619,6 +1702,19 @@ def _decode_frame(type_and_body: memoryview, accept: frozenset[FrameType]) -> Fr
         raise DecodeError(f"unexpected {ftype.name} frame (accepted here: {allowed})")
     reader = _Reader(type_and_body[1:])
     try:
+        # the data path's two frames: parsed and checked without the general dispatch
+        if ftype is _MULTICAST:
+            multicast = _parse_multicast(reader)
+            fault = _parsed_multicast_fault(multicast)
+            if fault is not None:
+                raise _Fault(fault)
+            return multicast  # `rest` took every byte left: nothing trails
+        if ftype is _MESSAGE:
+            message = _parse_message(reader)
+            fault = _parsed_message_fault(message)
+            if fault is not None:
+                raise _Fault(fault)
+            return message
         frame = _parse(ftype, reader)
         if reader.pos != reader.end:
             raise _Fault(f"{reader.end - reader.pos} trailing bytes after the body")

@@ -156,6 +156,9 @@ def _check_u64(name: str, value: int) -> None:
         raise ValueError(f"{name} {value} is not a u64")
 
 
+_NONE = COUNT.pack(0)  # an empty FIFO list or vector
+
+
 def _str8(name: str, text: str, *, allow_empty: bool) -> bytes:
     raw = text.encode("utf-8")
     if len(raw) > 255 or (not raw and not allow_empty):
@@ -171,16 +174,24 @@ def encode_group(message: GroupMessage) -> bytes:
         return _encode_ack(message)
     if isinstance(message, GroupFlush):
         return _encode_flush(message)
-    for name in ("ts", "seq", "aru"):
-        _check_u64(name, getattr(message, name))
+    ts, seq, aru = message.ts, message.seq, message.aru
+    if not (0 <= ts <= U64_MAX and 0 <= seq <= U64_MAX and 0 <= aru <= U64_MAX):
+        for name in ("ts", "seq", "aru"):
+            _check_u64(name, getattr(message, name))  # raises for the first bad one
     if isinstance(message, GroupNull):
-        return NULL_MESSAGE.pack(KIND_NULL, message.view_id, message.ts, message.seq, message.aru)
+        return NULL_MESSAGE.pack(KIND_NULL, message.view_id, ts, seq, aru)
+    return _encode_data(message)
+
+
+def _encode_data(message: GroupData) -> bytes:
+    """A DATA message: once per message sent, so the checks stay in line."""
     _check_u64("msg_id", message.msg_id)
-    if not 0 <= message.msg_type <= U16_MAX:
-        raise ValueError(f"msg_type {message.msg_type} is not a u16")
-    if not 1 <= len(message.groups) <= MAX_GROUPS:
-        raise ValueError(f"a message names 1..{MAX_GROUPS} groups, got {len(message.groups)}")
-    if len(message.fifo) > MAX_FIFO_ENTRIES or len(message.vector) > MAX_VECTOR:
+    msg_type, groups, fifo, vector = message.msg_type, message.groups, message.fifo, message.vector
+    if not 0 <= msg_type <= U16_MAX:
+        raise ValueError(f"msg_type {msg_type} is not a u16")
+    if not 1 <= len(groups) <= MAX_GROUPS:
+        raise ValueError(f"a message names 1..{MAX_GROUPS} groups, got {len(groups)}")
+    if len(fifo) > MAX_FIFO_ENTRIES or len(vector) > MAX_VECTOR:
         raise ValueError("too many FIFO entries or vector entries")
     parts = [
         DATA_HEAD.pack(
@@ -191,24 +202,30 @@ def encode_group(message: GroupMessage) -> bytes:
             message.ts,
             message.seq,
             message.aru,
-            message.msg_type,
+            msg_type,
         ),
         _str8("sender", message.sender, allow_empty=True),
-        COUNT.pack(len(message.groups)),
+        COUNT.pack(len(groups)),
     ]
-    parts.extend(_str8("group name", g, allow_empty=False) for g in message.groups)
-    if len({dest for dest, _ in message.fifo}) != len(message.fifo):
-        raise ValueError("a FIFO destination is listed twice")
-    parts.append(COUNT.pack(len(message.fifo)))
-    for dest, seq in message.fifo:
-        if not 0 <= dest <= U32_MAX:
-            raise ValueError(f"destination {dest} is not a u32")
-        _check_u64("fifo seq", seq)
-        parts.append(FIFO_ENTRY.pack(dest, seq))
-    parts.append(COUNT.pack(len(message.vector)))
-    for count in message.vector:
-        _check_u64("vector entry", count)
-        parts.append(CLOCK.pack(count))
+    parts.extend([_str8("group name", g, allow_empty=False) for g in groups])
+    if fifo:
+        if len({dest for dest, _ in fifo}) != len(fifo):
+            raise ValueError("a FIFO destination is listed twice")
+        parts.append(COUNT.pack(len(fifo)))
+        for dest, number in fifo:
+            if not 0 <= dest <= U32_MAX:
+                raise ValueError(f"destination {dest} is not a u32")
+            _check_u64("fifo seq", number)
+            parts.append(FIFO_ENTRY.pack(dest, number))
+    else:
+        parts.append(_NONE)
+    if vector:
+        parts.append(COUNT.pack(len(vector)))
+        for count in vector:
+            _check_u64("vector entry", count)
+            parts.append(CLOCK.pack(count))
+    else:
+        parts.append(_NONE)
     parts.append(message.payload)
     return b"".join(parts)
 
@@ -327,6 +344,74 @@ def decode_group(message: bytes) -> GroupMessage:
         raise DecodeError(f"unknown group message kind 0x{kind:02x}")
     if len(message) < DATA_HEAD.size:
         raise DecodeError("truncated group DATA header")
+    try:
+        data = _decode_data_fast(message)
+    except (IndexError, struct.error, UnicodeDecodeError):
+        data = None
+    return data if data is not None else _decode_data(message)
+
+
+def _decode_data_fast(message: bytes) -> GroupData | None:
+    """A well-formed DATA message, decoded with plain offsets (once per message at every
+    daemon); None, or an exception, for anything else: `_decode_data` then says what is
+    wrong, so the errors are its own."""
+    _, service, view_id, msg_id, ts, seq, aru, msg_type = DATA_HEAD.unpack_from(message)
+    level = _SERVICES.get(service)
+    size = len(message)
+    pos = DATA_HEAD.size + 1
+    end = pos + message[pos - 1]
+    if level is None or end > size:
+        return None
+    sender = message[pos:end].decode("utf-8")
+    (n,) = COUNT.unpack_from(message, end)
+    pos = end + COUNT.size
+    if not 1 <= n <= MAX_GROUPS:
+        return None
+    groups = []
+    for _ in range(n):
+        end = pos + 1 + message[pos]
+        if end == pos + 1 or end > size:
+            return None
+        groups.append(message[pos + 1 : end].decode("utf-8"))
+        pos = end
+    (f,) = COUNT.unpack_from(message, pos)
+    pos += COUNT.size
+    fifo: tuple[tuple[int, int], ...] = ()
+    if f:
+        end = pos + f * FIFO_ENTRY.size
+        if f > MAX_FIFO_ENTRIES or end > size:
+            return None
+        fifo = tuple(FIFO_ENTRY.iter_unpack(message[pos:end]))
+        if len({d for d, _ in fifo}) != f:
+            return None
+        pos = end
+    (v,) = COUNT.unpack_from(message, pos)
+    pos += COUNT.size
+    vector: tuple[int, ...] = ()
+    if v:
+        end = pos + v * CLOCK.size
+        if v > MAX_VECTOR or end > size:
+            return None
+        vector = tuple(c for (c,) in CLOCK.iter_unpack(message[pos:end]))
+        pos = end
+    return GroupData(
+        level,
+        view_id,
+        msg_id,
+        ts,
+        seq,
+        aru,
+        msg_type,
+        sender,
+        tuple(groups),
+        fifo,
+        vector,
+        message[pos:],
+    )
+
+
+def _decode_data(message: bytes) -> GroupData:
+    """A DATA message, checked step by step: the reference, and the source of the errors."""
     _, service, view_id, msg_id, ts, seq, aru, msg_type = DATA_HEAD.unpack_from(message)
     level = _SERVICES.get(service)
     if level is None:

@@ -27,6 +27,7 @@ import math
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import lru_cache
 
 from meshcast.errors import DecodeError
 
@@ -43,6 +44,17 @@ FEEDBACK = struct.Struct("!BIIQII")
 MAX_LSA_ENTRIES = 4096
 MAX_DESTS = 4096
 MAX_HOPS = 255
+
+
+@lru_cache(maxsize=64)
+def _data_head(n: int) -> struct.Struct:
+    """DATA header and `n` destinations, one compiled layout per count (a handful in use)."""
+    return struct.Struct(f"{DATA_HEAD.format}{n}I")
+
+
+@lru_cache(maxsize=64)
+def _dests(n: int) -> struct.Struct:
+    return struct.Struct(f"!{n}I")
 
 
 class Upper(IntEnum):
@@ -111,9 +123,8 @@ def encode_data_head(
     """Everything of a DATA message but its payload, so a forwarder re-heads without copying twice."""
     if not dests or len(dests) > MAX_DESTS:
         raise ValueError(f"a data message needs 1..{MAX_DESTS} destinations, got {len(dests)}")
-    return DATA_HEAD.pack(
-        KIND_DATA, source, incarnation, seq, hops, upper, len(dests)
-    ) + struct.pack(f"!{len(dests)}I", *dests)
+    n = len(dests)
+    return _data_head(n).pack(KIND_DATA, source, incarnation, seq, hops, upper, n, *dests)
 
 
 def encode_data(data: Data) -> bytes:
@@ -148,8 +159,8 @@ def decode_overlay(message: bytes) -> OverlayMessage:
         end = DATA_HEAD.size + n * DEST.size
         if len(message) < end:
             raise DecodeError("truncated destination list")
-        dests = struct.unpack_from(f"!{n}I", message, DATA_HEAD.size)
-        if len(set(dests)) != n:
+        dests = _dests(n).unpack_from(message, DATA_HEAD.size)
+        if n > 1 and len(set(dests)) != n:
             raise DecodeError("duplicate destination in a data message")
         return Data(source, incarnation, seq, hops, upper, dests, message[end:])
     if kind == KIND_LSA:
