@@ -13,9 +13,13 @@ to check:
 * every client delivers every message exactly once, none corrupted;
 * all six deliver them in one and the same order;
 * each sender's messages in the order its daemon took them (FIFO);
-* no view change under the load, no warning logged, no contained bug counted
+* no view change under the load, no warning logged (a daemon's warning fails the test
+  at once: a broken stream would stall it until the timeout), no contained bug counted
   (`internal_errors`), and each daemon's RSS after the run is within RSS_GROWTH of
   what it was before.
+
+With the default limits, then (a strict xfail) with a hold-back bound of 1,000 messages
+and an overlay window of 100, which docs/design/group.md says is enough: a known bug.
 
 Test helpers (cluster, clients, payloads) are test_group_real.py's; the daemons' logs
 are written next to the cluster file (pytest's tmp_path) for the post-mortem.
@@ -26,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -65,6 +69,7 @@ FLOOD_WAIT = 300.0  # s: every message everywhere (10-20 s on a busy 2-core mach
 RETRY_PAUSE = 0.01  # s before a BUSY-refused message is sent again
 RSS_GROWTH = 64 * 1024 * 1024  # bytes a daemon's RSS may keep after the run
 RSS_WAIT = 30.0  # s for the daemons' memory to come back
+WATCH_INTERVAL = 0.5  # s between looks at the daemons' logs during the flood
 
 
 def size_of(sender: int, number: int) -> int:
@@ -158,6 +163,21 @@ def first_difference(a: Sequence[Key], b: Sequence[Key]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+async def watched(cluster: Cluster, work: Coroutine[None, None, None]) -> None:
+    """Run `work`; fail at once if a daemon logs a warning or worse meanwhile (a broken
+    stream stalls delivery for good: no use waiting for the timeout)."""
+    task = asyncio.create_task(work)
+    try:
+        while not task.done():
+            if problems := cluster.problems():
+                raise AssertionError(f"under load: {problems[:3]}")
+            await asyncio.wait([task], timeout=WATCH_INTERVAL)
+        await task
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+
+
 def daemon_rss(cluster: Cluster) -> dict[str, int]:
     return {name: memory(d.process.pid, "VmRSS") for name, d in cluster.daemons.items()}
 
@@ -173,14 +193,37 @@ async def rss_back(cluster: Cluster, before: Mapping[str, int]) -> dict[str, int
     return now
 
 
-async def test_six_senders_at_full_speed_agree_on_one_order(tmp_path: Path) -> None:
+DEFAULTS = f'[limits]\nblock_timeout = "{BLOCK_TIMEOUT}s"\n'
+# The hold-back bound sized as docs/design/group.md says is enough (above members x the
+# overlay's window: 6 x 100 = 600): hit within two seconds all the same, every stream
+# broken for the rest of the view, nothing delivered any more, and the repairs of the
+# dropped messages never end. Known bug, kept here until it is fixed (strict xfail).
+TIGHT = DEFAULTS + "window_messages = 100\n\n[group]\nmax_held_messages = 1000\n"
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        pytest.param(DEFAULTS, id="defaults"),
+        pytest.param(
+            TIGHT,
+            id="held-1000-window-100",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=AssertionError,
+                reason="hold-back bound reached under load: streams broken",
+            ),
+        ),
+    ],
+)
+async def test_six_senders_at_full_speed_agree_on_one_order(tmp_path: Path, limits: str) -> None:
     async with start_cluster(
         tmp_path,
         count=COUNT,
         edges=EDGES,
         failure_timeout=FAILURE_TIMEOUT,
-        block_timeout=BLOCK_TIMEOUT,
         view_timeout=START_WAIT,
+        extra_toml=limits,
     ) as cluster:
         async with connected(cluster, SHORTS, keep=False) as peers:
             everyone = list(peers.values())
@@ -194,7 +237,7 @@ async def test_six_senders_at_full_speed_agree_on_one_order(tmp_path: Path) -> N
             def enough(p: Peer) -> bool:  # checked at every event: O(1); which ones, below
                 return len(p.keys) >= len(expected)
 
-            async with asyncio.timeout(FLOOD_WAIT):  # one bound for the whole flood
+            async def flood() -> None:
                 await asyncio.gather(*(f.run() for f in floods))
                 await asyncio.gather(
                     *(
@@ -202,6 +245,9 @@ async def test_six_senders_at_full_speed_agree_on_one_order(tmp_path: Path) -> N
                         for p in everyone
                     )
                 )
+
+            async with asyncio.timeout(FLOOD_WAIT):  # one bound for the whole flood
+                await watched(cluster, flood())
             seconds = time.monotonic() - started
             # a fence: a duplicate or a straggler would come before it at every client
             fence = ("fence", "c1a", 0)

@@ -162,6 +162,7 @@ async def start_cluster(
     count: int = len(DAEMONS),
     edges: Sequence[tuple[int, int]] | None = None,
     view_timeout: float = VIEW_TIMEOUT,
+    extra_toml: str = "",
 ) -> AsyncIterator[Cluster]:
     """d1, d2, d3 in a triangle, clients on Unix sockets; every daemon stopped after.
 
@@ -170,11 +171,15 @@ async def start_cluster(
     (s) replaces the helpers' 0.5 s, for tests that load the daemons heavily;
     `block_timeout` (s) sets ``[limits] block_timeout``. `count` daemons d1..d<count>
     linked by `edges` (daemon numbers; default a ring) make another shape of cluster;
-    `view_timeout` (s) bounds the wait for its first views.
+    `view_timeout` (s) bounds the wait for its first views; `extra_toml` is appended to
+    the cluster file (sections of its own: not ``[limits]`` with `block_timeout`).
     """
     names = [f"d{i}" for i in range(1, count + 1)]
     edges = ring(count) if edges is None else edges
     config = write_cluster(tmp_path, count, edges)
+    if extra_toml:
+        with config.open("a", encoding="utf-8") as out:
+            out.write("\n" + extra_toml)
     if block_timeout is not None:
         with config.open("a", encoding="utf-8") as out:
             out.write(f'\n[limits]\nblock_timeout = "{block_timeout}s"\n')
