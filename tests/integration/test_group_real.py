@@ -132,9 +132,10 @@ class Cluster:
     def address(self, daemon: str) -> str:
         return f"unix:{self.sockets / f'{daemon}.sock'}"
 
-    def problems(self, names: Iterable[str] = DAEMONS) -> list[str]:
-        """What the daemons logged as warnings or worse: contained bugs, ordering faults,
-        lost group messages (none is expected in these tests)."""
+    def problems(self, names: Iterable[str] | None = None) -> list[str]:
+        """What the daemons (`names`, default all) logged as warnings or worse: contained
+        bugs, ordering faults, lost group messages (none is expected in these tests)."""
+        names = list(self.daemons) if names is None else list(names)
         return [
             f"{name}: {e}"
             for name in names
@@ -158,15 +159,27 @@ async def start_cluster(
     group_ready: bool = True,
     failure_timeout: float | None = None,
     block_timeout: float | None = None,
+    count: int = len(DAEMONS),
+    edges: Sequence[tuple[int, int]] | None = None,
+    view_timeout: float = VIEW_TIMEOUT,
+    extra_toml: str = "",
 ) -> AsyncIterator[Cluster]:
     """d1, d2, d3 in a triangle, clients on Unix sockets; every daemon stopped after.
 
     Ready once the daemons agree on the overlay view and, with `group_ready`, each has
     installed the group layer's view of the three (its flush is over). `failure_timeout`
     (s) replaces the helpers' 0.5 s, for tests that load the daemons heavily;
-    `block_timeout` (s) sets ``[limits] block_timeout``.
+    `block_timeout` (s) sets ``[limits] block_timeout``. `count` daemons d1..d<count>
+    linked by `edges` (daemon numbers; default a ring) make another shape of cluster;
+    `view_timeout` (s) bounds the wait for its first views; `extra_toml` is appended to
+    the cluster file (sections of its own: not ``[limits]`` with `block_timeout`).
     """
-    config = write_cluster(tmp_path, 3, ring(3))
+    names = [f"d{i}" for i in range(1, count + 1)]
+    edges = ring(count) if edges is None else edges
+    config = write_cluster(tmp_path, count, edges)
+    if extra_toml:
+        with config.open("a", encoding="utf-8") as out:
+            out.write("\n" + extra_toml)
     if block_timeout is not None:
         with config.open("a", encoding="utf-8") as out:
             out.write(f'\n[limits]\nblock_timeout = "{block_timeout}s"\n')
@@ -184,7 +197,7 @@ async def start_cluster(
         results = await asyncio.gather(
             *(
                 DaemonProcess.start(config, name, "--client-socket", str(sockets / f"{name}.sock"))
-                for name in DAEMONS
+                for name in names
             ),
             return_exceptions=True,
         )
@@ -194,12 +207,13 @@ async def start_cluster(
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        await wait_agreed(daemons.values(), {1, 2, 3}, VIEW_TIMEOUT, edges=3)
+        numbers = list(range(1, count + 1))
+        await wait_agreed(daemons.values(), set(numbers), view_timeout, edges=len(edges))
         if group_ready:
             await asyncio.gather(
                 *(
                     d.wait_event(
-                        "group_view", lambda e: e["members"] == [1, 2, 3], timeout=VIEW_TIMEOUT
+                        "group_view", lambda e: e["members"] == numbers, timeout=view_timeout
                     )
                     for d in daemons.values()
                 )
@@ -252,6 +266,7 @@ class Peer:
                 event = await self.client.receive()
             except meshcast.RequestRejected as exc:
                 self.rejected.append(exc)
+                self._changed.set()  # a sender waiting on its own messages resends it
                 continue
             except MeshcastError as exc:
                 self.error = exc
