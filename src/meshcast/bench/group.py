@@ -6,7 +6,8 @@ sockets, UDP between daemons on 127.0.0.x, no emulated delay or loss. Results an
 limits: docs/benchmarks.md.
 
 * `throughput`: for 1, 3 and 6 daemons (a full mesh; uploads and links at 10 Gbit/s, so
-  no configured rate limits anything; everything else default, MTU 1400 included),
+  no configured rate limits anything; everything else default, so datagrams as large as
+  loopback's route allows, `[link] max_path_mtu`),
   message sizes 100, 1,000 and 10,000 bytes, services RELIABLE and AGREED: one sender
   client on daemon 1 sends M messages to a group with one receiver client on every
   daemon. `msgs_per_s` is M over the time from the first send to the slowest receiver's
