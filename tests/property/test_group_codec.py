@@ -143,3 +143,51 @@ def test_the_fast_data_decoder_agrees_with_the_checked_one(
     cut = data.draw(st.integers(group.DATA_HEAD.size, len(raw)))
     candidate = bytes(raw[:cut])
     assert _outcome(decode_group, candidate) == _outcome(group._decode_data, candidate)
+
+
+@given(st.lists(st.one_of(datas, nulls), min_size=2, max_size=20))
+def test_batch_round_trip(messages: list[GroupData | GroupNull]) -> None:
+    """A BATCH gives back the messages it was made of, in order, each decodable alone."""
+    raws = [encode_group(m) for m in messages]
+    batch = group.encode_batch(raws)
+    assert group.is_batch(batch)
+    assert group.split_batch(batch) == raws
+    assert [decode_group(r) for r in group.split_batch(batch)] == messages
+
+
+@given(st.lists(nulls, min_size=2, max_size=5), st.data())
+def test_mutated_batches_split_or_raise_decode_error(
+    messages: list[GroupNull], data: st.DataObject
+) -> None:
+    raw = bytearray(group.encode_batch([encode_group(m) for m in messages]))
+    i = data.draw(st.integers(0, len(raw) - 1))
+    raw[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(raw)))
+    with contextlib.suppress(DecodeError):
+        group.split_batch(bytes(raw[:cut]))
+
+
+def test_batch_framing_refused() -> None:
+    one = encode_group(GroupNull(bytes(8), 1, 1, 0))
+    batch = group.encode_batch([one, one])
+    with pytest.raises(ValueError, match=r"holds 2\.\."):
+        group.encode_batch([one])
+    with pytest.raises(ValueError, match="not batches"):
+        group.encode_batch([one, batch])
+    with pytest.raises(ValueError, match="not batches"):
+        group.encode_batch([one, b""])
+    for bad, reason in [
+        (batch + b"x", "after the last"),
+        (batch[:-1], "wrong length"),
+        (batch[:3], "truncated"),
+        (bytes((group.KIND_BATCH, 0, 1)) + group.BATCH_ITEM.pack(len(one)) + one, "of 1"),
+        (
+            bytes((group.KIND_BATCH, 0, 2)) + (group.BATCH_ITEM.pack(len(batch)) + batch) * 2,
+            "inside a BATCH",
+        ),
+        (one, "not a group BATCH"),
+    ]:
+        with pytest.raises(DecodeError, match=reason):
+            group.split_batch(bad)
+    with pytest.raises(DecodeError, match="unknown group message kind 0x14"):
+        decode_group(batch)  # a batch is split first, never decoded as one message

@@ -34,7 +34,7 @@ from meshcast.sim.daemon import (
 )
 from meshcast.sim.network import LinkModel
 from meshcast.wire.client import ServiceLevel as S
-from meshcast.wire.group import GroupData, decode_group
+from meshcast.wire.group import GroupData, decode_group, is_batch, split_batch
 
 SEEDS = int(os.environ.get("MESHCAST_GROUP_SEEDS", "200"))
 GROUPS = ("g0", "g1", "g2", "g3")
@@ -84,9 +84,10 @@ class Run:
             return submit(groups, payload, *a)  # type: ignore[arg-type]
 
         def tapped_delivered(source: NodeId, payload: bytes, now: float) -> object:
-            message = decode_group(payload)
-            if isinstance(message, GroupData) and not message.groups[0].startswith("#"):
-                note(MESSAGE_ID.unpack_from(message.payload)[0])
+            for raw in split_batch(payload) if is_batch(payload) else [payload]:
+                message = decode_group(raw)
+                if isinstance(message, GroupData) and not message.groups[0].startswith("#"):
+                    note(MESSAGE_ID.unpack_from(message.payload)[0])
             return delivered(source, payload, now)
 
         engine.submit = tapped_submit  # type: ignore[assignment,method-assign]

@@ -85,11 +85,15 @@ from meshcast.wire.client import (
     clip_text,
     encode,
 )
+from meshcast.wire.group import MAX_BATCH_MESSAGES, encode_batch
 from meshcast.wire.keys import KeyRing
 from meshcast.wire.overlay import Upper
 
 DEFAULT_WRITE_CHUNK = 1024 * 1024  # bytes: a client socket's high-water mark
 DEFAULT_FRAMES_PER_TURN = 64  # client frames taken from one connection before the next's
+# a group BATCH stays within one loopback datagram (and a few on a 1,400-byte path)
+MAX_BATCH_BYTES = 60_000
+_BATCH_ROUNDS = 8  # batches sent after one input; what sending them delivers may send more
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +207,11 @@ class DaemonNode:
         self._agreed_digest: bytes | None = None  # digest of the latest ViewAgreed
         self._blocking = False  # the engine was last told some groups are blocked
         self._logged_unknown: set[type] = set()
+        # group messages to the same destinations, sent as one overlay message (a group
+        # BATCH) when this input has been handled or another kind of send comes first
+        self._batch: list[bytes] = []
+        self._batch_dests: tuple[NodeId, ...] = ()
+        self._batch_bytes = 0
         # counters (statistics())
         self._internal_errors = 0
         self._probes_sent = 0
@@ -442,6 +451,7 @@ class DaemonNode:
     def _overlay_input(
         self, where: str, feed: Callable[[], list[OverlayEffect]], out: list[DaemonEffect]
     ) -> None:
+        self._send_batch(out)  # the group's messages go before what this input brings
         effects = self._call(where, feed, out)
         if effects:
             self._apply_overlay(effects, out)
@@ -574,7 +584,7 @@ class DaemonNode:
                 self.clients.write(effect.conn, effect.data)
                 continue
             if isinstance(effect, Broadcast):
-                self._broadcast(effect.dests, effect.payload, out)
+                self._batch_broadcast(effect.dests, effect.payload, out)
                 continue
             # what the clients were sent goes out before what follows it (a view's last
             # deliveries before the event of the next view, a reply before a close)
@@ -646,6 +656,31 @@ class DaemonNode:
                     )
                 case _:
                     self._unknown(effect, "the session table", out)
+
+    def _batch_broadcast(
+        self, dests: tuple[NodeId, ...], payload: bytes, out: list[DaemonEffect]
+    ) -> None:
+        """Send a group message with the others this input sends to `dests`: the batch
+        goes out when the input has been handled (`_settle`), before the overlay's next
+        input, or when a message to other destinations comes, so the order holds."""
+        if self._batch and (
+            dests != self._batch_dests
+            or len(self._batch) >= MAX_BATCH_MESSAGES
+            or self._batch_bytes + len(payload) > MAX_BATCH_BYTES
+        ):
+            self._send_batch(out)
+        self._batch_dests = dests
+        self._batch.append(payload)
+        self._batch_bytes += len(payload)
+
+    def _send_batch(self, out: list[DaemonEffect]) -> None:
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        self._batch_bytes = 0
+        payload = batch[0] if len(batch) == 1 else encode_batch(batch)
+        self._broadcast(self._batch_dests, payload, out)
 
     def _broadcast(
         self, dests: tuple[NodeId, ...], payload: bytes, out: list[DaemonEffect]
@@ -835,6 +870,10 @@ class DaemonNode:
     def _settle(self, out: list[DaemonEffect]) -> list[DaemonEffect]:
         """Tell the engine which groups slow members block, hand out the coalesced client
         writes, and tell the driver which connections to read."""
+        for _ in range(_BATCH_ROUNDS):  # sending may deliver, which may send again
+            if not self._batch:
+                break
+            self._guard("group batch", lambda: self._send_batch(out), out)
         if self._blocking or not self.sessions.accepting:
             # a `block` member behind: the next ACK tells every daemon to hold back
             # senders to its groups (and, once none is, that they may go on)

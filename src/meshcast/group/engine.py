@@ -29,7 +29,14 @@ from meshcast.group.stability import Stability, StabilityStats
 from meshcast.group.view import GroupView
 from meshcast.ids import NodeId
 from meshcast.wire.client import ServiceLevel
-from meshcast.wire.group import GroupAck, GroupFlush, GroupMessage, decode_group
+from meshcast.wire.group import (
+    GroupAck,
+    GroupFlush,
+    GroupMessage,
+    decode_group,
+    is_batch,
+    split_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -279,17 +286,33 @@ class GroupEngine:
         return self._ordering.send(named, payload, service, sender, now, msg_type, token)
 
     def overlay_delivered(self, source: NodeId, payload: bytes, now: float) -> list[GroupEffect]:
-        """A group message the overlay handed up (sent by daemon `source`)."""
+        """A group message, or a BATCH of them, the overlay handed up (sent by daemon
+        `source`); a batch's messages are taken in order, each as if it came alone."""
         self._now = now
-        try:
-            message = decode_group(payload)
-        except DecodeError as exc:
-            self._undecodable += 1
-            log.debug("daemon %s: malformed group message from %s: %s", self.local, source, exc)
-            return []
         effects: list[GroupEffect] = []
-        self._on_message(source, message, payload, now, effects)
+        if is_batch(payload):
+            try:
+                raws = split_batch(payload)
+            except DecodeError as exc:
+                self._malformed(source, exc)
+                return effects
+            for raw in raws:
+                self._take(source, raw, now, effects)
+        else:
+            self._take(source, payload, now, effects)
         return effects
+
+    def _take(self, source: NodeId, raw: bytes, now: float, effects: list[GroupEffect]) -> None:
+        try:
+            message = decode_group(raw)
+        except DecodeError as exc:
+            self._malformed(source, exc)
+            return
+        self._on_message(source, message, raw, now, effects)
+
+    def _malformed(self, source: NodeId, exc: DecodeError) -> None:
+        self._undecodable += 1
+        log.debug("daemon %s: malformed group message from %s: %s", self.local, source, exc)
 
     def on_timer(self, now: float) -> list[GroupEffect]:
         self._now = now

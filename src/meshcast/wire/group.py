@@ -16,6 +16,7 @@ overlay's source field names the sending daemon. All integers are big-endian; ``
                flags u8 | n u16 | n x (member u32 | total_prefix u64) |
                m u32 | m x (source u32 | len u32 | a DATA message of from_view) |
                with RETRY only: held_incarnation u64 | held_round u64 | h u16 | h x part u32
+    0x14 BATCH n u16 | n x (len u32 | one DATA, NULL, ACK or FLUSH message)
 
 * ``view_id``: the group view the message was sent in (`meshcast.group.view_id`).
 * ``msg_id``: unique per sending daemon and view, from 1; duplicate detection for
@@ -50,6 +51,12 @@ overlay's source field names the sending daemon. All integers are big-endian; ``
   the parts missing from that list (all of them for another round). A probe is no part
   of the prober's own FLUSH: its ``part``/``parts`` are 0/1 and ignored.
 
+* BATCH: the group messages a daemon sends to the same destinations in one turn of its
+  event loop, in the order it sent them: one overlay message instead of one each, so the
+  overlay's per-message work (numbering, window, forwarding, acknowledgement) is paid once
+  per batch. The receiver takes the messages one by one as if each had come alone; a
+  batch holds 2..`MAX_BATCH_MESSAGES` messages and never another batch.
+
 Theory of operation: docs/design/group.md. `encode_group` refuses (``ValueError``) what
 `decode_group` would refuse; `decode_group` raises only `DecodeError`.
 """
@@ -57,6 +64,7 @@ Theory of operation: docs/design/group.md. `encode_group` refuses (``ValueError`
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from meshcast.errors import DecodeError
@@ -66,6 +74,7 @@ KIND_DATA = 0x10
 KIND_NULL = 0x11
 KIND_ACK = 0x12
 KIND_FLUSH = 0x13
+KIND_BATCH = 0x14
 
 VIEW_ID_SIZE = 8
 DATA_HEAD = struct.Struct("!BB8sQQQQH")  # kind, service, view, msg_id, ts, seq, aru, msg_type
@@ -85,12 +94,15 @@ PROBE_HEAD = struct.Struct("!QQH")  # held incarnation, held round, parts listed
 PROBE_PART = struct.Struct("!I")
 NO_VIEW = bytes(8)  # from_view of a daemon that never installed a view
 CLOCK = struct.Struct("!Q")
+BATCH_HEAD = struct.Struct("!BH")  # kind, n
+BATCH_ITEM = struct.Struct("!I")  # length of the message that follows
 
 MAX_GROUP_NAME = 255  # bytes (a str8)
 MAX_GROUPS = 256  # groups one message is addressed to (the client protocol's limit)
 MAX_FIFO_ENTRIES = 4096  # destination daemons of one FIFO message (the overlay's limit)
 MAX_VECTOR = 4096  # entries of a causal vector: daemons in a view
 MAX_BLOCKED_GROUPS = 256  # groups named by a BLOCKED ACK; more are sent as "every group"
+MAX_BATCH_MESSAGES = 1024  # messages in one BATCH
 U16_MAX = 0xFFFF
 U32_MAX = 0xFFFF_FFFF
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
@@ -324,6 +336,50 @@ class _Reader:
             return self.take(size, what).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise DecodeError(f"group DATA {what} is not UTF-8") from exc
+
+
+def encode_batch(messages: Sequence[bytes]) -> bytes:
+    """One BATCH of encoded group messages (2..MAX_BATCH_MESSAGES, none a BATCH)."""
+    if not 2 <= len(messages) <= MAX_BATCH_MESSAGES:
+        raise ValueError(f"a batch holds 2..{MAX_BATCH_MESSAGES} messages, got {len(messages)}")
+    parts = [BATCH_HEAD.pack(KIND_BATCH, len(messages))]
+    pack = BATCH_ITEM.pack
+    for message in messages:
+        if not message or message[0] == KIND_BATCH:
+            raise ValueError("a batch holds group messages, not batches or empty ones")
+        parts += (pack(len(message)), message)
+    return b"".join(parts)
+
+
+def is_batch(payload: bytes) -> bool:
+    return bool(payload) and payload[0] == KIND_BATCH
+
+
+def split_batch(payload: bytes) -> list[bytes]:
+    """The messages of a BATCH, in order, each still to be decoded (`decode_group`);
+    raises `DecodeError` if the framing is wrong (nothing of a bad batch is taken)."""
+    if len(payload) < BATCH_HEAD.size or payload[0] != KIND_BATCH:
+        raise DecodeError("not a group BATCH")
+    (_, n) = BATCH_HEAD.unpack_from(payload)
+    if not 2 <= n <= MAX_BATCH_MESSAGES:
+        raise DecodeError(f"a group BATCH of {n} messages")
+    messages = []
+    pos, size, unpack = BATCH_HEAD.size, len(payload), BATCH_ITEM.unpack_from
+    for _ in range(n):
+        if pos + BATCH_ITEM.size > size:
+            raise DecodeError("group BATCH truncated")
+        (length,) = unpack(payload, pos)
+        pos += BATCH_ITEM.size
+        end = pos + length
+        if length == 0 or end > size:
+            raise DecodeError("group BATCH message of a wrong length")
+        if payload[pos] == KIND_BATCH:
+            raise DecodeError("a group BATCH inside a BATCH")
+        messages.append(payload[pos:end])
+        pos = end
+    if pos != size:
+        raise DecodeError("bytes after the last message of a group BATCH")
+    return messages
 
 
 def decode_group(message: bytes) -> GroupMessage:
