@@ -1311,38 +1311,55 @@ def encode_message(
 
     The fields come from a group DATA message (`meshcast.wire.group`), whose decoder
     bounds them (service known, msg_type a u16, str8 names, 1..256 groups); what it does
-    not check is the names' form, a cached lookup here. Anything out of the ordinary goes
-    through `encode`, so a bad name raises the same ValueError as before.
+    not check is the names' form. The frame's head (everything but length and payload)
+    repeats for every message of a sender to the same groups, so it is built and checked
+    once and remembered. Anything out of the ordinary goes through `encode`, so a bad name
+    raises the same ValueError as before.
     """
     if (
-        isinstance(sender, str)
-        and _valid_private(sender)
-        and type(groups) is tuple
-        and 1 <= len(groups) <= MAX_DEST_GROUPS
-        and all(isinstance(g, str) and _valid_group(g) for g in groups)
-        and (len(groups) == 1 or len(set(groups)) == len(groups))
+        type(groups) is tuple
         and type(msg_type) is int
-        and 0 <= msg_type <= U16_MAX
         and isinstance(service, ServiceLevel)
         and isinstance(payload, bytes)
     ):
-        raw_sender = sender.encode("utf-8")
-        parts = [
-            b"",
-            MESSAGE_HEAD.pack(service, msg_type),
-            bytes((len(raw_sender),)),
-            raw_sender,
-            U16.pack(len(groups)),
-        ]
-        for g in groups:
-            raw = g.encode("utf-8")
-            parts += (bytes((len(raw),)), raw)
-        parts.append(payload)
-        length = 1 + sum(map(len, parts))
-        if length <= U32_MAX:
-            parts[0] = LENGTH.pack(length) + _MESSAGE_TYPE
-            return b"".join(parts)
+        try:
+            head = (_cached_head if len(groups) <= _CACHED_GROUPS else _message_head)(
+                sender, groups, service, msg_type
+            )
+        except TypeError:  # something unhashable where a name belongs
+            head = None
+        if head is not None:
+            length = 1 + len(head) + len(payload)
+            if length <= U32_MAX:
+                return b"".join((LENGTH.pack(length), _MESSAGE_TYPE, head, payload))
     return encode(Message(sender, groups, service, msg_type, payload))
+
+
+def _message_head(
+    sender: str, groups: tuple[str, ...], service: ServiceLevel, msg_type: int
+) -> bytes | None:
+    """MESSAGE_HEAD, sender and groups of a MESSAGE frame; None if `encode` must judge."""
+    if not (
+        isinstance(sender, str)
+        and _valid_private(sender)
+        and 1 <= len(groups) <= MAX_DEST_GROUPS
+        and all(isinstance(g, str) and _valid_group(g) for g in groups)
+        and (len(groups) == 1 or len(set(groups)) == len(groups))
+        and 0 <= msg_type <= U16_MAX
+    ):
+        return None
+    raw_sender = sender.encode("utf-8")
+    parts = [MESSAGE_HEAD.pack(service, msg_type), bytes((len(raw_sender),)), raw_sender]
+    parts.append(U16.pack(len(groups)))
+    for g in groups:
+        raw = g.encode("utf-8")
+        parts += (bytes((len(raw),)), raw)
+    return b"".join(parts)
+
+
+# heads of messages to a few groups are remembered: at most 1,024 x 8 x 256 bytes
+_CACHED_GROUPS = 8
+_cached_head = lru_cache(maxsize=1024)(_message_head)
 
 
 def _encode_body(frame: Frame) -> list[bytes]:

@@ -66,6 +66,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from meshcast.errors import DecodeError
 from meshcast.wire.client import ServiceLevel
@@ -216,10 +217,8 @@ def _encode_data(message: GroupData) -> bytes:
             message.aru,
             msg_type,
         ),
-        _str8("sender", message.sender, allow_empty=True),
-        COUNT.pack(len(groups)),
+        (_cached_names if len(groups) <= _CACHED_GROUPS else _names)(message.sender, groups),
     ]
-    parts.extend([_str8("group name", g, allow_empty=False) for g in groups])
     if fifo:
         if len({dest for dest, _ in fifo}) != len(fifo):
             raise ValueError("a FIFO destination is listed twice")
@@ -240,6 +239,19 @@ def _encode_data(message: GroupData) -> bytes:
         parts.append(_NONE)
     parts.append(message.payload)
     return b"".join(parts)
+
+
+def _names(sender: str, groups: tuple[str, ...]) -> bytes:
+    """The sender and group names of a DATA message (`groups`: 1..MAX_GROUPS, checked)."""
+    parts = [_str8("sender", sender, allow_empty=True), COUNT.pack(len(groups))]
+    parts += [_str8("group name", g, allow_empty=False) for g in groups]
+    return b"".join(parts)
+
+
+# the same sender sends to the same few groups message after message: remembered
+# (at most 1,024 x 9 x 256 bytes; a ValueError is not remembered)
+_CACHED_GROUPS = 8
+_cached_names = lru_cache(maxsize=1024)(_names)
 
 
 def _encode_ack(message: GroupAck) -> bytes:
