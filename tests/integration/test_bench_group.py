@@ -88,7 +88,11 @@ def test_tiny_run_prints_the_documented_json_and_stops_everything() -> None:
     setup = result["setup"]
     assert setup["daemons"] == [1, 3]
     assert setup["rtt_round_trips"] is None
-    assert set(result["cpu_us_per_msg"]) == {"1", "3"}
+    assert set(result["cpu_us_per_msg_by_cell"]) == {"1", "3"}
+    headline = result["cpu_us_per_msg"]  # all daemons' CPU per 1,000-byte AGREED message
+    assert set(headline) == {"1", "3"}
+    assert headline["3"] == result["cpu_us_per_msg_by_cell"]["3"]["1000"]["AGREED"]["daemons"]
+    assert headline["3"] > 0
     assert set(result["daemon_counters"]) == {"1", "3"}
 
     assert _processes_of_run(pid) == []
