@@ -707,28 +707,7 @@ class SessionTable:
     def _request(self, s: _Session, frame: Frame, now: float, out: list[SessionEffect]) -> None:
         limits = self.config.limits
         match frame:
-            case Join(group, policy, rid):
-                if (fault := self._group_fault(group)) is not None:
-                    out.append(self._refuse(s, ErrorCode.GROUP_NAME_TOO_LONG, fault, rid))
-                elif group in s.groups:
-                    out.append(
-                        self._refuse(s, ErrorCode.ALREADY_MEMBER, f"already in {group!r}", rid)
-                    )
-                elif len(s.groups) >= limits.max_groups_per_client:
-                    text = f"a session may be in at most {limits.max_groups_per_client} groups"
-                    out.append(self._refuse(s, ErrorCode.TOO_MANY_GROUPS, text, rid))
-                elif (denied := self._denied(s, Operation.JOIN, (group,), rid)) is not None:
-                    out.append(denied)
-                else:
-                    out += self._route(self.membership.join(s.name, group, now))
-                    s.groups[group] = policy
-            case Leave(group, rid):
-                if group not in s.groups:
-                    out.append(self._refuse(s, ErrorCode.NOT_A_MEMBER, f"not in {group!r}", rid))
-                else:
-                    out += self._route(self.membership.leave(s.name, group, now))
-                    del s.groups[group]
-            case Multicast(groups, payload, service, msg_type, rid, confirm):
+            case Multicast(groups, payload, service, msg_type, rid, confirm):  # most often
                 fault = next((f for g in groups if (f := self._group_fault(g)) is not None), None)
                 if fault is not None:
                     out.append(self._refuse(s, ErrorCode.GROUP_NAME_TOO_LONG, fault, rid))
@@ -757,6 +736,27 @@ class SessionTable:
                     else:
                         self._counters.messages_submitted += 1
                         out += self._route(effects)
+            case Join(group, policy, rid):
+                if (fault := self._group_fault(group)) is not None:
+                    out.append(self._refuse(s, ErrorCode.GROUP_NAME_TOO_LONG, fault, rid))
+                elif group in s.groups:
+                    out.append(
+                        self._refuse(s, ErrorCode.ALREADY_MEMBER, f"already in {group!r}", rid)
+                    )
+                elif len(s.groups) >= limits.max_groups_per_client:
+                    text = f"a session may be in at most {limits.max_groups_per_client} groups"
+                    out.append(self._refuse(s, ErrorCode.TOO_MANY_GROUPS, text, rid))
+                elif (denied := self._denied(s, Operation.JOIN, (group,), rid)) is not None:
+                    out.append(denied)
+                else:
+                    out += self._route(self.membership.join(s.name, group, now))
+                    s.groups[group] = policy
+            case Leave(group, rid):
+                if group not in s.groups:
+                    out.append(self._refuse(s, ErrorCode.NOT_A_MEMBER, f"not in {group!r}", rid))
+                else:
+                    out += self._route(self.membership.leave(s.name, group, now))
+                    del s.groups[group]
             case StatusRequest(rid):
                 out += self._status_reply(s, rid, now)
             case Ping(nonce):

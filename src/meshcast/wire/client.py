@@ -143,6 +143,7 @@ MAX_BLOB_HELD_FRAME = (
 )
 
 
+@lru_cache(maxsize=64)  # asked for every frame a daemon reads
 def frame_size_limit(max_message_size: int) -> int:
     """The largest frame (its length field) either side may send, given the daemon's limit.
 
