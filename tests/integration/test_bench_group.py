@@ -88,6 +88,7 @@ def test_tiny_run_prints_the_documented_json_and_stops_everything() -> None:
     setup = result["setup"]
     assert setup["daemons"] == [1, 3]
     assert setup["rtt_round_trips"] is None
+    assert setup["event_loop"] in {"uvloop", "asyncio (uvloop is not installed)"}
     assert set(result["cpu_us_per_msg_by_cell"]) == {"1", "3"}
     headline = result["cpu_us_per_msg"]  # all daemons' CPU per 1,000-byte AGREED message
     assert set(headline) == {"1", "3"}

@@ -80,6 +80,7 @@ from meshcast.errors import MeshcastError
 from meshcast.link import LinkConfig
 from meshcast.runtime.json_child import JsonChild, emit
 from meshcast.runtime.local_cluster import LocalCluster, loopback_mesh_toml
+from meshcast.runtime.loop import EVENT_LOOP_ENV, loop_factory
 from meshcast.runtime.loop import run as run_loop
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,11 @@ class Tuning:
 
     mtu: int | None = None  # the Hop links' datagram size; None: the default
     insecure: bool = False  # links in the clear (for comparison); default: encrypted
+    event_loop: str = "uvloop"  # the daemons' event loop: "uvloop" (if installed) or "asyncio"
+
+    def environment(self) -> dict[str, str]:
+        """What the daemons' environment gains for this tuning."""
+        return {EVENT_LOOP_ENV: "asyncio"} if self.event_loop == "asyncio" else {}
 
 
 def bench_config(count: int, tag: str, tuning: Tuning = Tuning()) -> ClusterConfig:
@@ -180,6 +186,7 @@ async def running_cluster(
     on one view; yield their client addresses (daemon 1 first). Every daemon is stopped
     on the way out, whatever happens."""
     config = bench_config(count, tag, tuning)
+    env = {**tuning.environment(), **(env or {})}
     async with LocalCluster(config, env=env) as cluster:  # a failed start stops what did start
         handle = await _ready(cluster, config)
         yield handle
@@ -729,6 +736,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the daemons' links in the clear, to compare with the default (encrypted)",
     )
     parser.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the daemons' event loop: uvloop (the default, where installed) or the "
+        "standard library's asyncio loop, to measure what uvloop buys",
+    )
+    parser.add_argument(
         "--cell-timeout",
         type=seconds,
         default=DEFAULT_CELL_TIMEOUT,
@@ -869,7 +883,7 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
     cpu: dict[str, object] = {}
     headline_cpu: dict[str, float | None] = {}  # all daemons, the 1,000-byte AGREED cell
     runs: dict[str, object] = {}
-    tuning = Tuning(mtu=args.mtu, insecure=args.insecure)
+    tuning = Tuning(mtu=args.mtu, insecure=args.insecure, event_loop=args.event_loop)
     counters: dict[str, object] = {}
     do_throughput = args.only in (None, "throughput")
     do_rtt = args.only == "rtt" or (args.only is None and not args.skip_rtt)
@@ -935,6 +949,9 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         "and links, everything else default, no emulated delay or loss",
         "mtu": args.mtu or LinkConfig().mtu,
         "max_path_mtu": args.mtu or LinkConfig().max_path_mtu,  # loopback's datagrams
+        "event_loop": args.event_loop
+        if args.event_loop == "asyncio" or loop_factory() is not None
+        else "asyncio (uvloop is not installed)",
         "links": "in the clear (--insecure)"
         if args.insecure
         else "encrypted (AES-256-GCM, as users run them)",

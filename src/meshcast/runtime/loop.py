@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
+# "asyncio": run on the standard library's loop even where uvloop is installed (to
+# measure what uvloop buys, or to rule it out); anything else: uvloop when it exists
+EVENT_LOOP_ENV = "MESHCAST_EVENT_LOOP"
+
+
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """`uvloop.new_event_loop` when uvloop is importable, else None (the default loop)."""
+    """`uvloop.new_event_loop` when uvloop is importable (and MESHCAST_EVENT_LOOP is not
+    "asyncio"), else None (the default loop)."""
+    if os.environ.get(EVENT_LOOP_ENV) == "asyncio":
+        return None
     try:
         uvloop = importlib.import_module("uvloop")
     except ImportError:
