@@ -689,3 +689,45 @@ def test_the_daemon_message_encoder_refuses_what_encode_refuses(fields: tuple[ob
     assert fault is not None
     with pytest.raises(ValueError, match=f"^{re.escape(f'Message: {fault}')}$"):
         client.encode_message(*fields)  # type: ignore[arg-type]
+
+
+@given(st.builds(Multicast, loose_group_lists, payloads, services, u16, u32, st.booleans()))
+def test_the_client_multicast_encoder_is_encode(frame: Multicast) -> None:
+    fields = (
+        frame.groups,
+        frame.payload,
+        frame.service,
+        frame.msg_type,
+        frame.request_id,
+        frame.confirm,
+    )
+    fault = _fault_of(frame)
+    if fault is None:
+        assert client.encode_multicast(*fields) == encode(frame)
+        assert client.encode_multicast(*fields) == encode(frame)  # remembered: the same
+        return
+    with pytest.raises(ValueError, match=f"^{re.escape(f'Multicast: {fault}')}$"):
+        client.encode_multicast(*fields)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (("g",), b"", ServiceLevel.AGREED, 0x1_0000, 1, False),  # msg_type over u16
+        (("g",), b"", ServiceLevel.AGREED, True, 1, False),  # a bool is no msg_type
+        (("g",), b"", ServiceLevel.AGREED, 0, 2**32, False),  # request id over u32
+        (["g"], b"", ServiceLevel.AGREED, 0, 1, False),  # groups not a tuple
+        ((), b"", ServiceLevel.AGREED, 0, 1, False),  # no group
+        (("g", "g"), b"", ServiceLevel.AGREED, 0, 1, False),  # a group twice
+        (("g",), "text", ServiceLevel.AGREED, 0, 1, False),  # payload not bytes
+        (("g",), b"", 99, 0, 1, False),  # unknown service
+        ((["g"],), b"", ServiceLevel.AGREED, 0, 1, False),  # an unhashable name
+    ],
+)
+def test_the_client_multicast_encoder_refuses_what_encode_refuses(
+    fields: tuple[object, ...],
+) -> None:
+    fault = _fault_of(Multicast(*fields))  # type: ignore[arg-type]
+    assert fault is not None
+    with pytest.raises(ValueError, match=f"^{re.escape(f'Multicast: {fault}')}$"):
+        client.encode_multicast(*fields)  # type: ignore[arg-type]

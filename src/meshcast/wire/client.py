@@ -1300,6 +1300,7 @@ def _names(names: tuple[str, ...]) -> bytes:
 
 
 _MESSAGE_TYPE = bytes((FrameType.MESSAGE,))
+_MULTICAST_TYPE = bytes((FrameType.MULTICAST,))
 _MULTICAST = FrameType.MULTICAST  # enum attribute lookups cost on the per-message path
 _MESSAGE = FrameType.MESSAGE
 
@@ -1356,6 +1357,49 @@ def _message_head(
         raw = g.encode("utf-8")
         parts += (bytes((len(raw),)), raw)
     return b"".join(parts)
+
+
+def encode_multicast(
+    groups: tuple[str, ...],
+    payload: bytes,
+    service: ServiceLevel,
+    msg_type: int = 0,
+    request_id: int = 0,
+    confirm: bool = False,
+) -> bytes:
+    """`encode(Multicast(...))`, byte for byte, for the client's data path: the group
+    names of a sender repeat message after message, so their section is checked and
+    built once and remembered (`encode` checks every field of every frame). Anything out
+    of the ordinary goes through `encode` and raises its ValueError."""
+    if (
+        type(groups) is tuple
+        and 1 <= len(groups) <= _CACHED_GROUPS
+        and isinstance(service, ServiceLevel)
+        and type(msg_type) is int
+        and 0 <= msg_type <= U16_MAX
+        and type(request_id) is int
+        and 0 <= request_id <= U32_MAX
+        and isinstance(payload, bytes)
+    ):
+        try:
+            names = _multicast_names(groups)
+        except TypeError:  # something unhashable where a name belongs
+            names = None
+        if names is not None:
+            length = 1 + MULTICAST_HEAD.size + len(names) + len(payload)
+            if length <= U32_MAX:
+                bits = CONFIRM_FLAG if confirm else 0
+                head = MULTICAST_HEAD.pack(request_id, service | bits, msg_type, len(groups))
+                return b"".join((LENGTH.pack(length), _MULTICAST_TYPE, head, names, payload))
+    return encode(Multicast(groups, payload, service, msg_type, request_id, confirm))
+
+
+@lru_cache(maxsize=1024)
+def _multicast_names(groups: tuple[str, ...]) -> bytes | None:
+    """The group names of a MULTICAST (at most _CACHED_GROUPS), None if not valid."""
+    if _names_fault(groups, "groups", 1, MAX_DEST_GROUPS, private=False) is not None:
+        return None
+    return b"".join(_str8(g) for g in groups)
 
 
 # heads of messages to a few groups are remembered: at most 1,024 x 8 x 256 bytes
