@@ -93,7 +93,8 @@ def test_tiny_run_prints_the_documented_json_and_stops_everything() -> None:
     headline = result["cpu_us_per_msg"]  # all daemons' CPU per 1,000-byte AGREED message
     assert set(headline) == {"1", "3"}
     assert headline["3"] == result["cpu_us_per_msg_by_cell"]["3"]["1000"]["AGREED"]["daemons"]
-    assert headline["3"] > 0
+    assert headline["3"] is not None
+    assert headline["3"] >= 0  # 20 messages: may round to 0 at the clock's 10 ms ticks
     assert set(result["daemon_counters"]) == {"1", "3"}
 
     assert _processes_of_run(pid) == []
