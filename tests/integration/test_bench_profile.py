@@ -195,6 +195,9 @@ def test_a_profiled_cell_leaves_a_profile_per_daemon(tmp_path: Path, profiler: s
     argv = [sys.executable, "-m", "meshcast", "bench", "group", "--json", "--quick"]
     argv += ["--daemons", "3", "--sizes", "1000", "--services", "agreed", "--skip-rtt"]
     argv += ["--profile", str(directory), "--profiler", profiler]
+    # a cell long enough for py-spy to attach and sample each daemon (a --quick cell of
+    # 66 messages can end before it has, on a loaded machine)
+    argv += ["--messages", "3000"]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = process.communicate(timeout=RUN_TIMEOUT)
