@@ -151,6 +151,11 @@ class Neighbours:
         """System calls that sent a run of two or more datagrams with UDP GSO."""
         return 0 if self._segmenting is None else self._segmenting.gso_sends
 
+    @property
+    def gso_datagrams(self) -> int:
+        """The datagrams those system calls carried."""
+        return 0 if self._segmenting is None else self._segmenting.gso_datagrams
+
     def impairment(self) -> dict[NodeId, ImpairmentStats]:
         return {peer: shim.statistics() for peer, shim in self._impaired.items()}
 

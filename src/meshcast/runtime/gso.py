@@ -71,6 +71,7 @@ class SegmentingSender:
         self._buffered: Callable[[], int] | None = getattr(transport, "get_write_buffer_size", None)
         self.enabled = enabled and self._buffered is not None
         self.gso_sends = 0  # sendmsg calls that carried a run of 2 or more datagrams
+        self.gso_datagrams = 0  # the datagrams those runs carried
         self._refused: set[Address] = set()  # addresses GSO failed towards: sendto only
 
     def send(self, datagrams: list[bytes], address: Address) -> None:
@@ -105,6 +106,7 @@ class SegmentingSender:
                 log.debug("UDP GSO towards %s refused (%s): sendto from now on", address, exc)
             return False  # the transport sends each and reports its own errors
         self.gso_sends += 1
+        self.gso_datagrams += len(run)
         return True
 
 
