@@ -229,3 +229,35 @@ def test_a_run_queues_behind_what_the_transport_holds(
 
     run_on(loop_name, main)
     assert receive(receiver, len(batch)) == batch
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+            return gso_supported(probe)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback with UDP GSO")
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_run_over_ipv6(loop_name: str) -> None:
+    batch = datagrams(*[1400] * 6, 10)
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("::1", 0))
+        receiver.settimeout(RECEIVE_TIMEOUT)
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            sock = open_udp_socket(("::1", 0), 1024 * 1024)
+            transport, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, sock=sock)
+            try:
+                sender = SegmentingSender(sock, transport, enabled=True)
+                sender.send(batch, receiver.getsockname()[:2])
+                assert (sender.gso_sends, sender.gso_datagrams) == (1, len(batch))
+            finally:
+                transport.close()
+
+        run_on(loop_name, main)
+        assert receive(receiver, len(batch)) == batch

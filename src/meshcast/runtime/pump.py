@@ -4,11 +4,11 @@ one timer (aioquic's `asyncio/protocol.py` is the model).
 Inputs come from the UDP socket (`datagram_received`, mapped from the source address to a
 neighbour), the client server (`ClientEvents`) and the timer. Effects go to the
 neighbours' addresses (`Transmit`: the datagrams of one input are collected per neighbour
-and sent after it, in order, runs of equal size in one system call where UDP GSO works),
-the client sockets (`ClientWrite`, written once per
-loop iteration; `ClientReading`; `ClientClose`) and the event log (`DaemonEvent`). After a
-burst of inputs, once the loop has run every ready callback, the pump writes the client
-bytes and re-arms the timer from `next_deadline()` (one deadline scan per burst).
+and sent once its other effects are applied, in order, a run of equal size in one system
+call where UDP GSO works: runtime/gso.py), the client sockets (`ClientWrite`, written once
+per loop iteration; `ClientReading`; `ClientClose`) and the event log (`DaemonEvent`).
+After a burst of inputs, once the loop has run every ready callback, the pump writes the
+client bytes and re-arms the timer from `next_deadline()` (one deadline scan per burst).
 
 Every input runs in a bulkhead: an exception is logged (rate-limited), counted
 (`internal_errors`) and the daemon goes on; after a failing `on_timer` the timer is held
