@@ -163,6 +163,7 @@ async def start_cluster(
     edges: Sequence[tuple[int, int]] | None = None,
     view_timeout: float = VIEW_TIMEOUT,
     extra_toml: str = "",
+    mtu: int | None = None,
 ) -> AsyncIterator[Cluster]:
     """d1, d2, d3 in a triangle, clients on Unix sockets; every daemon stopped after.
 
@@ -172,7 +173,9 @@ async def start_cluster(
     `block_timeout` (s) sets ``[limits] block_timeout``. `count` daemons d1..d<count>
     linked by `edges` (daemon numbers; default a ring) make another shape of cluster;
     `view_timeout` (s) bounds the wait for its first views; `extra_toml` is appended to
-    the cluster file (sections of its own: not ``[limits]`` with `block_timeout`).
+    the cluster file (sections of its own: not ``[limits]`` with `block_timeout`);
+    `mtu` sets the links' datagram size (``[link] mtu`` and ``max_path_mtu``: loopback's
+    routes would take the largest UDP datagrams otherwise).
     """
     names = [f"d{i}" for i in range(1, count + 1)]
     edges = ring(count) if edges is None else edges
@@ -183,6 +186,14 @@ async def start_cluster(
     if block_timeout is not None:
         with config.open("a", encoding="utf-8") as out:
             out.write(f'\n[limits]\nblock_timeout = "{block_timeout}s"\n')
+    if mtu is not None:
+        text, changed = re.subn(
+            r"(?m)^\[link\]$",
+            f"[link]\nmtu = {mtu}\nmax_path_mtu = {mtu}",
+            config.read_text(encoding="utf-8"),
+        )
+        assert changed == 1
+        config.write_text(text, encoding="utf-8")
     if failure_timeout is not None:
         text, changed = re.subn(
             r"(?m)^failure_timeout = .*$",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 import shutil
 import socket
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 import meshcast
+from meshcast.runtime.gso import gso_supported, gso_wanted
 
 from .daemon_helpers import DaemonProcess, ring, run_command, wait_agreed, write_cluster
 
@@ -131,6 +133,10 @@ async def test_status_shows_view_links_groups_and_members(
             # a daemon process runs on uvloop whenever it is installed (a dependency)
             uvloop = importlib.util.find_spec("uvloop") is not None
             assert report["daemon"]["event_loop"] == ("uvloop" if uvloop else "asyncio")
+            # runs of datagrams leave with UDP GSO wherever the kernel offers it
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                gso = gso_supported(probe) and gso_wanted(os.environ)
+            assert report["daemon"]["udp_gso"] is gso
             assert [m["name"] for m in report["view"]["members"]] == ["d1", "d2", "d3"]
             assert report["view"]["links"] == 3
             links = {link["name"]: link for link in report["links"]}

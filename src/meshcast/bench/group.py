@@ -822,6 +822,8 @@ async def _run_stoppable(args: argparse.Namespace) -> dict[str, object]:
 # daemon does not report counts 0
 _COUNTERS = {
     "datagrams_sent": ("", "datagrams_sent"),
+    "gso_sends": ("", "gso_sends"),  # sendmsg calls that carried a run (UDP GSO)
+    "gso_datagrams": ("", "gso_datagrams"),  # the datagrams those runs carried
     "link_retransmissions": ("links", "retransmissions"),
     "link_nacks_sent": ("links", "nacks_sent"),
     "overlay_data_originated": ("overlay", "data_originated"),

@@ -21,6 +21,7 @@ import os
 import random
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
@@ -53,6 +54,7 @@ from meshcast.runtime.endpoints import (
     daemon_address,
     incarnation_now,
 )
+from meshcast.runtime.gso import SegmentingSender, gso_supported, gso_wanted
 from meshcast.runtime.keyfile import describe_keyring
 from meshcast.runtime.logs import EventLog, NodeLogAdapter
 from meshcast.runtime.loop import event_loop_name
@@ -211,7 +213,7 @@ class OverlayDaemon:
             daemon.pump.socket_error,
             daemon._on_connection_lost,
         )
-        daemon._attach(transport, sockname)
+        daemon._attach(transport, sockname, sock)
         try:
             await daemon._open_clients()
             if daemon.replication is not None:  # TCP on the UDP socket's address and port
@@ -250,10 +252,20 @@ class OverlayDaemon:
         if listen.tcp_port is not None:
             await server.start_tcp(listen.tcp_host, listen.tcp_port)
 
-    def _attach(self, transport: asyncio.DatagramTransport, sockname: tuple[str, int]) -> None:
+    def _attach(
+        self,
+        transport: asyncio.DatagramTransport,
+        sockname: tuple[str, int],
+        sock: socket.socket,
+    ) -> None:
         self._transport = transport
         self._bound = (sockname[0], sockname[1])
-        self.neighbours.attach(transport.sendto)
+        # The transport works on this very socket (uvloop and asyncio alike): a run sent
+        # with `sendmsg` here and the transport's `sendto` share one send queue.
+        gso = gso_wanted(os.environ) and gso_supported(sock)
+        segmenting = SegmentingSender(sock, transport, enabled=True) if gso else None
+        self.neighbours.attach(transport.sendto, segmenting)
+        self._log.debug("UDP GSO %s", "on" if gso else "off")
 
     @property
     def address(self) -> Address:
@@ -447,6 +459,7 @@ class OverlayDaemon:
                 "routing": self.config.routing,
                 "pid": os.getpid(),
                 "event_loop": event_loop_name(),
+                "udp_gso": self.neighbours.udp_gso,
             },
             "counters": {"daemon": asdict(self._counters())},
             "replication": {

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from meshcast.config import ClusterConfig, DaemonSpec, Emulation
 from meshcast.group.access import AccessPolicy
 from meshcast.ids import NodeId
+from meshcast.runtime.gso import SegmentingSender
 from meshcast.runtime.impair import ImpairedSender, Impairment
 from meshcast.runtime.sessions import check_client_access, socket_group_id
 from meshcast.runtime.stats import ImpairmentStats
@@ -91,13 +92,20 @@ class Neighbours:
                 self.emulations[peer] = link.emulation
         self._senders: dict[NodeId, Callable[[bytes, Address], None]] = {}
         self._impaired: dict[NodeId, ImpairedSender] = {}
+        self._segmenting: SegmentingSender | None = None
 
     @property
     def peers(self) -> list[NodeId]:
         return sorted(self._addresses)
 
-    def attach(self, send: Callable[[bytes, Address], None]) -> None:
-        """Send through `send` (the bound socket's sendto) from now on."""
+    def attach(
+        self,
+        send: Callable[[bytes, Address], None],
+        segmenting: SegmentingSender | None = None,
+    ) -> None:
+        """Send through `send` (the bound socket's sendto) from now on; runs of datagrams
+        to a link that is not emulated through `segmenting` (UDP GSO) when given."""
+        self._segmenting = segmenting
         for peer in self._addresses:
             emulation = self.emulations.get(peer)
             if emulation is None:
@@ -117,6 +125,36 @@ class Neighbours:
             return False
         send(datagram, self._addresses[peer])
         return True
+
+    def send_all(self, peer: NodeId, datagrams: list[bytes]) -> bool:
+        """Hand `datagrams` to `peer`'s address in this order, runs of equal size in one
+        system call where UDP GSO works; False if `peer` is no neighbour."""
+        send = self._senders.get(peer)
+        if send is None:
+            return False
+        address = self._addresses[peer]
+        segmenting = self._segmenting
+        if segmenting is not None and peer not in self._impaired:
+            segmenting.send(datagrams, address)
+        else:
+            for datagram in datagrams:
+                send(datagram, address)
+        return True
+
+    @property
+    def udp_gso(self) -> bool:
+        """Whether runs of datagrams go out with UDP GSO (the kernel offers it, not off)."""
+        return self._segmenting is not None and self._segmenting.enabled
+
+    @property
+    def gso_sends(self) -> int:
+        """System calls that sent a run of two or more datagrams with UDP GSO."""
+        return 0 if self._segmenting is None else self._segmenting.gso_sends
+
+    @property
+    def gso_datagrams(self) -> int:
+        """The datagrams those system calls carried."""
+        return 0 if self._segmenting is None else self._segmenting.gso_datagrams
 
     def impairment(self) -> dict[NodeId, ImpairmentStats]:
         return {peer: shim.statistics() for peer, shim in self._impaired.items()}

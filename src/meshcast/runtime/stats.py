@@ -58,6 +58,8 @@ class DaemonStats:
 
     datagrams_received: int = 0  # datagrams read from the socket
     datagrams_sent: int = 0  # datagrams handed to the socket (or to an impairment shim)
+    gso_sends: int = 0  # system calls that each sent a run of datagrams (UDP GSO)
+    gso_datagrams: int = 0  # datagrams among datagrams_sent that left in those runs
     foreign_dropped: int = 0  # from an address that is no configured neighbour's
     unroutable_dropped: int = 0  # transmissions to a node that is not a neighbour
     socket_errors: int = 0  # errors the socket reported (ICMP port unreachable, ...)
