@@ -731,3 +731,46 @@ def test_the_client_multicast_encoder_refuses_what_encode_refuses(
     assert fault is not None
     with pytest.raises(ValueError, match=f"^{re.escape(f'Multicast: {fault}')}$"):
         client.encode_multicast(*fields)  # type: ignore[arg-type]
+
+
+@given(
+    st.builds(Multicast, loose_group_lists, payloads, services, u16, u32, st.booleans())
+    | st.builds(Message, any_names | private_names, loose_group_lists, services, u16, payloads),
+    payloads,
+    u32,
+)
+def test_a_remembered_data_frame_head_decodes_as_the_general_decoder(
+    frame: Multicast | Message, other_payload: bytes, other_id: int
+) -> None:
+    """Data frames whose head (all but payload and request id) was seen before are not
+    parsed again: the result, and the refusal, are still the general decoder's."""
+    if not _fits(frame):
+        return
+    first = _raw_frame(frame)
+    again = dataclasses.replace(frame, payload=other_payload)
+    if isinstance(again, Multicast):
+        again = dataclasses.replace(again, request_id=other_id)
+    second = _raw_frame(again)
+    for data in (first, second, first):  # the first time through the general decoder
+        body = memoryview(data)[4:]
+        try:
+            expected: object = client._decode_body(client._FRAME_TYPES[data[4]], body)
+        except DecodeError as exc:
+            expected = str(exc)
+        try:
+            got: object = decode(data)
+        except DecodeError as exc:
+            got = str(exc)
+        assert got == expected
+    decoder = client.FrameDecoder()
+    decoder.feed(first + second)
+    if _fault_of(frame) is None:
+        assert list(decoder) == [frame, again]
+
+
+def test_remembered_heads_stay_bounded() -> None:
+    for k in range(client._KNOWN_HEADS_MAX + 10):
+        decode(encode(Message(f"#c{k}#d", ("g",), ServiceLevel.AGREED, 0, b"p")))
+        decode(encode(Multicast((f"g{k}",), b"p", ServiceLevel.AGREED, 0, k)))
+    assert len(client._known_messages) <= client._KNOWN_HEADS_MAX
+    assert len(client._known_multicasts) <= client._KNOWN_HEADS_MAX

@@ -1753,6 +1753,89 @@ def _parse_blob_held(r: _Reader) -> BlobHeld:
     )
 
 
+# The heads of data frames seen lately (MESSAGE: everything before the payload; MULTICAST:
+# the same after the request id) and the fields they decoded to: a stream repeats a few
+# heads frame after frame, and a head decodes and checks the same way every time, so a
+# known one is not parsed and checked again. Bounded: emptied when full.
+_KNOWN_HEADS_MAX = 1024
+_known_messages: dict[bytes, tuple[str, tuple[str, ...], ServiceLevel, int]] = {}
+_known_multicasts: dict[bytes, tuple[tuple[str, ...], ServiceLevel, int, bool]] = {}
+_MULTICAST_FIXED = 1 + MULTICAST_HEAD.size  # type byte and head, before the names
+_MULTICAST_KEY_START = 1 + 4  # the key leaves out the type byte and the request id
+
+
+def _names_end(data: memoryview, pos: int, count: int) -> int:
+    """Where `count` str8 names starting at `pos` end (past the end: malformed)."""
+    for _ in range(count):
+        if pos >= len(data):
+            return len(data) + 1
+        pos += 1 + data[pos]
+    return pos
+
+
+def _known_data_frame(ftype: FrameType, frame: memoryview) -> Frame | None:
+    """A MESSAGE or MULTICAST whose head was decoded before (None: not known yet; it is
+    remembered here after the general decoder accepted it)."""
+    size = len(frame)
+    if ftype is _MESSAGE:
+        if size < 1 + MESSAGE_HEAD.size + 1:
+            return None
+        pos = 1 + MESSAGE_HEAD.size + 1 + frame[1 + MESSAGE_HEAD.size]
+        if pos + U16.size > size:
+            return None
+        (n,) = U16.unpack_from(frame, pos)
+        end = _names_end(frame, pos + U16.size, n)
+        if end > size:
+            return None
+        head = bytes(frame[1:end])
+        fields = _known_messages.get(head)
+        if fields is None:
+            message = _decode_fresh(frame)
+            if isinstance(message, Message):
+                if len(_known_messages) >= _KNOWN_HEADS_MAX:
+                    _known_messages.clear()
+                _known_messages[head] = (
+                    message.sender,
+                    message.groups,
+                    message.service,
+                    message.msg_type,
+                )
+            return message
+        sender, groups, service, msg_type = fields
+        return Message(sender, groups, service, msg_type, bytes(frame[end:]))
+    if size < _MULTICAST_FIXED:
+        return None
+    request_id, _, _, n = MULTICAST_HEAD.unpack_from(frame, 1)
+    end = _names_end(frame, _MULTICAST_FIXED, n)
+    if end > size:
+        return None
+    head = bytes(frame[_MULTICAST_KEY_START:end])
+    known = _known_multicasts.get(head)
+    if known is None:
+        multicast = _decode_fresh(frame)
+        if isinstance(multicast, Multicast):
+            if len(_known_multicasts) >= _KNOWN_HEADS_MAX:
+                _known_multicasts.clear()
+            _known_multicasts[head] = (
+                multicast.groups,
+                multicast.service,
+                multicast.msg_type,
+                multicast.confirm,
+            )
+        return multicast
+    groups, service, msg_type, confirm = known
+    return Multicast(groups, bytes(frame[end:]), service, msg_type, request_id, confirm)
+
+
+def _decode_fresh(frame: memoryview) -> Frame | None:
+    """The general decoder's frame (None if it raised: the caller decodes again, and
+    raises its DecodeError itself)."""
+    try:
+        return _decode_body(_FRAME_TYPES[frame[0]], frame)
+    except DecodeError:
+        return None
+
+
 def _decode_frame(type_and_body: memoryview, accept: frozenset[FrameType]) -> Frame:
     """Decode `type u8 | body` (the bytes the length prefix counts; at least one)."""
     code = type_and_body[0]
@@ -1762,6 +1845,15 @@ def _decode_frame(type_and_body: memoryview, accept: frozenset[FrameType]) -> Fr
     if ftype not in accept:
         allowed = ", ".join(t.name for t in sorted(accept))
         raise DecodeError(f"unexpected {ftype.name} frame (accepted here: {allowed})")
+    if ftype is _MESSAGE or ftype is _MULTICAST:
+        known = _known_data_frame(ftype, type_and_body)
+        if known is not None:
+            return known
+    return _decode_body(ftype, type_and_body)
+
+
+def _decode_body(ftype: FrameType, type_and_body: memoryview) -> Frame:
+    """Parse and check a frame of a known, accepted type (the general decoder)."""
     reader = _Reader(type_and_body[1:])
     try:
         # the data path's two frames: parsed and checked without the general dispatch
