@@ -102,13 +102,21 @@ class TotalOrder(Generic[T]):
     def ready(self, clock: int) -> list[T]:
         """Pop the messages deliverable now, in the total order."""
         out: list[T] = []
+        pending = self._pending
+        if not pending:
+            return out
         aru = self.aru(clock)
-        stable = self.stable(clock)
-        while self._pending:
-            ts, _, _, safe, item, _ = self._pending[0]
-            if ts > (stable if safe else aru):
+        stable: int | None = None  # `stable(clock)`, worked out only for a SAFE message
+        while pending:
+            ts, _, _, safe, item, _ = pending[0]
+            if safe:
+                if stable is None:
+                    stable = min([aru, *self.aru_of.values()])
+                if ts > stable:
+                    break
+            elif ts > aru:
                 break
-            heapq.heappop(self._pending)
+            heapq.heappop(pending)
             out.append(item)
         return out
 
