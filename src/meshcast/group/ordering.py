@@ -254,7 +254,7 @@ class Ordering:
         if streams is None:
             raise UsageError("no view installed: nothing can be sent yet")
         self._check_room(streams, service)
-        data, dests = self._stamp(streams, groups, payload, service, sender, msg_type)
+        data, dests = self._stamp(streams, groups, payload, service, sender, msg_type, token)
         try:
             encoded = encode_group(data)
         except ValueError as exc:
@@ -384,6 +384,7 @@ class Ordering:
         service: ServiceLevel,
         sender: str,
         msg_type: int,
+        token: int = 0,
     ) -> tuple[GroupData, tuple[NodeId, ...]]:
         """Number a local message in its service's stream; return it and whom it goes to.
         Nothing is taken yet (`_commit`): a message that does not encode uses no number,
@@ -417,6 +418,7 @@ class Ordering:
             fifo,
             vector,
             payload,
+            confirm=token != 0,
         )
         return data, dests
 
@@ -518,9 +520,30 @@ class Ordering:
         safe = held is not None and held.data.service == ServiceLevel.SAFE
         self._stability.retain(source, "total", ((0, seq),), raw, now)
         streams.total.offer(source, seq, message.ts, message.aru, held, safe)
-        streams.null_prompt = True  # if we now owe a NULL (timestamp or ARU), owe it at once
+        # if we now owe a NULL, owe it at once where another daemon waits for it: for our
+        # timestamp (`_awaited_elsewhere`), or for our ARU (a NULL moved it, SAFE waits)
+        if held is None:
+            if streams.max_safe_ts > streams.last_stream_aru:
+                streams.null_prompt = True
+        elif self._awaited_elsewhere(held.data):
+            streams.null_prompt = True
         self._deliver_total(streams, effects)
         return True
+
+    def _awaited_elsewhere(self, data: GroupData) -> bool:
+        """Does another daemon wait to deliver `data`, so that our timestamp is owed at
+        once? It does if it hosts a member of one of its groups, if the sender asked for
+        a confirmation (its daemon delivers it first), or for SAFE (ARUs must travel).
+        Otherwise the NULL waits for idle_ts_interval, and our own next message (a reply)
+        usually carries the timestamp first: no NULL, no datagram per message and peer."""
+        if data.confirm or data.service == ServiceLevel.SAFE:
+            return True
+        local, daemons = self.local, self._group_daemons
+        for g in data.groups:  # a loop, not any() over a generator: asked per message
+            hosts = daemons.get(g)
+            if hosts and (len(hosts) > 1 or local not in hosts):
+                return True
+        return False
 
     def _duplicate(self) -> None:
         """A copy we had: a repair or a flush. Say what we hold at the next ACK even if
