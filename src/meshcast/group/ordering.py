@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 ORDERED_TOTAL = (ServiceLevel.AGREED, ServiceLevel.SAFE)
 PRUNED = (ServiceLevel.RELIABLE, ServiceLevel.FIFO)
+# a NULL nobody waited for is stamped ahead only if this daemon sent no ordered message of
+# its own for this many idle_ts_intervals (`Ordering.on_timer`)
+DEFERRED_QUIET_FACTOR = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,12 +311,17 @@ class Ordering:
             return
         # One NULL answers everything received since our last stream message: at most one
         # per timer firing, i.e. per batch of input the driver ran before its timer.
-        streams.null_prompt = False
+        prompt, streams.null_prompt = streams.null_prompt, False
         # Stamped ahead by a daemon that sent no ordered message of its own lately (it
         # hosts no member, or only listeners): its one NULL then covers the others' next
         # messages, which is what keeps NULLs few under a flood. A daemon that does send
-        # stamps at clock + 1, or its next message would wait one answer round.
-        quiet = now >= streams.own_ordered_at + self.config.idle_ts_interval
+        # stamps at clock + 1, or its next message would wait one answer round. A NULL
+        # nobody waited for goes idle_ts_interval after our last stream message, so it
+        # looks further back: one side of a request/reply slower than idle_ts_interval
+        # would otherwise jump its clock every round, and its every request would wait
+        # for an answer round from each idle daemon before delivery.
+        lately = self.config.idle_ts_interval * (1 if prompt else DEFERRED_QUIET_FACTOR)
+        quiet = now >= streams.own_ordered_at + lately
         self._clock += self.config.null_lead if quiet else 1
         aru = streams.total.aru(self._clock)
         null = GroupNull(streams.view.view_id, self._clock, streams.total.next_own_seq(), aru)

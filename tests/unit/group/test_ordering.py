@@ -329,6 +329,28 @@ def test_a_reply_carries_the_timestamp_nobody_else_waits_for() -> None:
     assert m.engines[A].statistics().nulls_sent == nulls[0] + 1
 
 
+def test_a_slow_request_reply_does_not_make_the_idle_daemon_answer_every_round() -> None:
+    # requests and replies slower than idle_ts_interval: the NULLs nobody waited for go
+    # out first, stamped at clock + 1, so C's one NULL stamped ahead keeps covering them
+    m = Mesh([A, B, C], GroupConfig(ack_interval=60.0))
+    m.host("out", [B])
+    m.host("back", [A])
+    for k in range(21):  # the first round trip: C's first NULL
+        for sender, receiver, group in ((A, B, "out"), (B, A, "back")):
+            m.send(sender, S.AGREED, (group,), bytes([k]))
+            m.feed(receiver, m.take(receiver))
+            if k:  # C's timestamp is here already
+                assert m.bodies(receiver)[-1:] == [bytes([k])]
+            m.exchange()
+            m.tick(0.0)
+            m.exchange()
+            m.tick(0.015)  # the receiver's NULL for it, idle_ts_interval later
+            m.exchange()
+        if not k:
+            nulls = m.engines[C].statistics().nulls_sent
+    assert m.engines[C].statistics().nulls_sent == nulls
+
+
 @pytest.mark.parametrize("hosts", [[B], [B, C]])
 def test_a_timestamp_another_daemon_waits_for_is_sent_at_once(hosts: list[NodeId]) -> None:
     # A's message waits at A for B's timestamp when A's client asked for a confirmation
