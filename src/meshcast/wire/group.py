@@ -18,6 +18,9 @@ overlay's source field names the sending daemon. All integers are big-endian; ``
                with RETRY only: held_incarnation u64 | held_round u64 | h u16 | h x part u32
     0x14 BATCH n u16 | n x (len u32 | one DATA, NULL, ACK or FLUSH message)
 
+* ``service``: the `ServiceLevel`; high bit (`SERVICE_CONFIRM`, 0x80): the sending client
+  asked for a confirmation, so its daemon waits to deliver the message (the others owe it
+  their timestamps at once, docs/design/group.md "Prompt answer").
 * ``view_id``: the group view the message was sent in (`meshcast.group.view_id`).
 * ``msg_id``: unique per sending daemon and view, from 1; duplicate detection for
   UNRELIABLE and RELIABLE messages.
