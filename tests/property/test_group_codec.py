@@ -35,6 +35,7 @@ datas = st.builds(
     fifo,
     st.lists(u64, max_size=10).map(tuple),
     st.binary(max_size=200),
+    st.booleans(),  # confirm: the service byte's high bit
 )
 nulls = st.builds(GroupNull, view_ids, u64, u64, u64)
 
@@ -116,6 +117,9 @@ def test_unknown_kind_and_service_are_decode_errors() -> None:
     with pytest.raises(DecodeError):
         decode_group(b"\x7f" + bytes(raw[1:]))
     raw[1] = 9
+    with pytest.raises(DecodeError):
+        decode_group(bytes(raw))
+    raw[1] = 9 | group.SERVICE_CONFIRM  # the flag does not make an unknown service known
     with pytest.raises(DecodeError):
         decode_group(bytes(raw))
     with pytest.raises(DecodeError):

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 ORDERED_TOTAL = (ServiceLevel.AGREED, ServiceLevel.SAFE)
 PRUNED = (ServiceLevel.RELIABLE, ServiceLevel.FIFO)
+# a NULL nobody waited for is stamped ahead only if this daemon sent no ordered message of
+# its own for this many idle_ts_intervals (`Ordering.on_timer`)
+DEFERRED_QUIET_FACTOR = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +257,7 @@ class Ordering:
         if streams is None:
             raise UsageError("no view installed: nothing can be sent yet")
         self._check_room(streams, service)
-        data, dests = self._stamp(streams, groups, payload, service, sender, msg_type)
+        data, dests = self._stamp(streams, groups, payload, service, sender, msg_type, token)
         try:
             encoded = encode_group(data)
         except ValueError as exc:
@@ -308,12 +311,17 @@ class Ordering:
             return
         # One NULL answers everything received since our last stream message: at most one
         # per timer firing, i.e. per batch of input the driver ran before its timer.
-        streams.null_prompt = False
+        prompt, streams.null_prompt = streams.null_prompt, False
         # Stamped ahead by a daemon that sent no ordered message of its own lately (it
         # hosts no member, or only listeners): its one NULL then covers the others' next
         # messages, which is what keeps NULLs few under a flood. A daemon that does send
-        # stamps at clock + 1, or its next message would wait one answer round.
-        quiet = now >= streams.own_ordered_at + self.config.idle_ts_interval
+        # stamps at clock + 1, or its next message would wait one answer round. A NULL
+        # nobody waited for goes idle_ts_interval after our last stream message, so it
+        # looks further back: one side of a request/reply slower than idle_ts_interval
+        # would otherwise jump its clock every round, and its every request would wait
+        # for an answer round from each idle daemon before delivery.
+        lately = self.config.idle_ts_interval * (1 if prompt else DEFERRED_QUIET_FACTOR)
+        quiet = now >= streams.own_ordered_at + lately
         self._clock += self.config.null_lead if quiet else 1
         aru = streams.total.aru(self._clock)
         null = GroupNull(streams.view.view_id, self._clock, streams.total.next_own_seq(), aru)
@@ -384,6 +392,7 @@ class Ordering:
         service: ServiceLevel,
         sender: str,
         msg_type: int,
+        token: int = 0,
     ) -> tuple[GroupData, tuple[NodeId, ...]]:
         """Number a local message in its service's stream; return it and whom it goes to.
         Nothing is taken yet (`_commit`): a message that does not encode uses no number,
@@ -417,6 +426,7 @@ class Ordering:
             fifo,
             vector,
             payload,
+            confirm=token != 0,
         )
         return data, dests
 
@@ -518,9 +528,30 @@ class Ordering:
         safe = held is not None and held.data.service == ServiceLevel.SAFE
         self._stability.retain(source, "total", ((0, seq),), raw, now)
         streams.total.offer(source, seq, message.ts, message.aru, held, safe)
-        streams.null_prompt = True  # if we now owe a NULL (timestamp or ARU), owe it at once
+        # if we now owe a NULL, owe it at once where another daemon waits for it: for our
+        # timestamp (`_awaited_elsewhere`), or for our ARU (a NULL moved it, SAFE waits)
+        if held is None:
+            if streams.max_safe_ts > streams.last_stream_aru:
+                streams.null_prompt = True
+        elif self._awaited_elsewhere(held.data):
+            streams.null_prompt = True
         self._deliver_total(streams, effects)
         return True
+
+    def _awaited_elsewhere(self, data: GroupData) -> bool:
+        """Does another daemon wait to deliver `data`, so that our timestamp is owed at
+        once? It does if it hosts a member of one of its groups, if the sender asked for
+        a confirmation (its daemon delivers it first), or for SAFE (ARUs must travel).
+        Otherwise the NULL waits for idle_ts_interval, and our own next message (a reply)
+        usually carries the timestamp first: no NULL, no datagram per message and peer."""
+        if data.confirm or data.service == ServiceLevel.SAFE:
+            return True
+        local, daemons = self.local, self._group_daemons
+        for g in data.groups:  # a loop, not any() over a generator: asked per message
+            hosts = daemons.get(g)
+            if hosts and (len(hosts) > 1 or local not in hosts):
+                return True
+        return False
 
     def _duplicate(self) -> None:
         """A copy we had: a repair or a flush. Say what we hold at the next ACK even if

@@ -165,6 +165,10 @@ class DaemonPump:
         now = self.now(self._timer.fired_at())
         if self._closed:
             return
+        if self._settle_pending and self.client_server is not None:
+            # the loop runs due timers before the settle the last burst asked for: its
+            # deliveries go out first, not after the timer's work (NACKs, link pumps)
+            self.client_server.flush()
         try:
             effects = self.node.on_timer(now)
         except Exception:

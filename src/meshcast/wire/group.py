@@ -18,6 +18,9 @@ overlay's source field names the sending daemon. All integers are big-endian; ``
                with RETRY only: held_incarnation u64 | held_round u64 | h u16 | h x part u32
     0x14 BATCH n u16 | n x (len u32 | one DATA, NULL, ACK or FLUSH message)
 
+* ``service``: the `ServiceLevel`; high bit (`SERVICE_CONFIRM`, 0x80): the sending client
+  asked for a confirmation, so its daemon waits to deliver the message (the others owe it
+  their timestamps at once, docs/design/group.md "Prompt answer").
 * ``view_id``: the group view the message was sent in (`meshcast.group.view_id`).
 * ``msg_id``: unique per sending daemon and view, from 1; duplicate detection for
   UNRELIABLE and RELIABLE messages.
@@ -109,6 +112,9 @@ U32_MAX = 0xFFFF_FFFF
 U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 _SERVICES = {int(s): s for s in ServiceLevel}
+# high bit of a DATA message's service byte: the sending client asked for a confirmation,
+# so its daemon waits to deliver the message (the others owe it their timestamps at once)
+SERVICE_CONFIRM = 0x80
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +131,7 @@ class GroupData:
     fifo: tuple[tuple[int, int], ...]  # (destination daemon, fifo seq): FIFO only
     vector: tuple[int, ...]  # causal messages processed per view member: CAUSAL only
     payload: bytes
+    confirm: bool = False  # the sender waits for its daemon's delivery (SERVICE_CONFIRM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +216,7 @@ def _encode_data(message: GroupData) -> bytes:
     parts = [
         DATA_HEAD.pack(
             KIND_DATA,
-            int(message.service),
+            int(message.service) | (SERVICE_CONFIRM if message.confirm else 0),
             message.view_id,
             message.msg_id,
             message.ts,
@@ -424,7 +431,7 @@ def _decode_data_fast(message: bytes) -> GroupData | None:
     daemon); None, or an exception, for anything else: `_decode_data` then says what is
     wrong, so the errors are its own."""
     _, service, view_id, msg_id, ts, seq, aru, msg_type = DATA_HEAD.unpack_from(message)
-    level = _SERVICES.get(service)
+    level = _SERVICES.get(service & ~SERVICE_CONFIRM)
     size = len(message)
     pos = DATA_HEAD.size + 1
     end = pos + message[pos - 1]
@@ -475,13 +482,14 @@ def _decode_data_fast(message: bytes) -> GroupData | None:
         fifo,
         vector,
         message[pos:],
+        bool(service & SERVICE_CONFIRM),
     )
 
 
 def _decode_data(message: bytes) -> GroupData:
     """A DATA message, checked step by step: the reference, and the source of the errors."""
     _, service, view_id, msg_id, ts, seq, aru, msg_type = DATA_HEAD.unpack_from(message)
-    level = _SERVICES.get(service)
+    level = _SERVICES.get(service & ~SERVICE_CONFIRM)
     if level is None:
         raise DecodeError(f"group DATA with unknown service {service}")
     reader = _Reader(message, DATA_HEAD.size)
@@ -509,7 +517,19 @@ def _decode_data(message: bytes) -> GroupData:
     vector = tuple(int(c) for (c,) in CLOCK.iter_unpack(raw))
     payload = message[reader.pos :]
     return GroupData(
-        level, view_id, msg_id, ts, seq, aru, msg_type, sender, tuple(groups), fifo, vector, payload
+        level,
+        view_id,
+        msg_id,
+        ts,
+        seq,
+        aru,
+        msg_type,
+        sender,
+        tuple(groups),
+        fifo,
+        vector,
+        payload,
+        bool(service & SERVICE_CONFIRM),
     )
 
 

@@ -301,6 +301,74 @@ def test_a_null_is_owed_only_for_new_input() -> None:
     assert engine.statistics().nulls_sent == 1
 
 
+def test_a_reply_carries_the_timestamp_nobody_else_waits_for() -> None:
+    # a round trip between two senders that are not members (bench group's rtt): each
+    # group is hosted only where it arrives, so nobody else waits for the receiver's
+    # timestamp; the reply carries it, and the next request the requester's: no NULLs
+    m = Mesh([A, B], GroupConfig(idle_ts_interval=60.0, ack_interval=60.0))
+    m.host("out", [B])
+    m.host("back", [A])
+    m.send(B, S.AGREED, ("back",), b"")  # B's first stream message of the view
+    m.settle()
+    nulls = [m.engines[n].statistics().nulls_sent for n in (A, B)]
+    for k in range(5):
+        m.send(A, S.AGREED, ("out",), bytes([k]))
+        m.feed(B, m.take(B))
+        assert m.bodies(B)[-1:] == [bytes([k])]  # delivered where it is hosted, at once
+        m.tick(0.0)
+        assert null_count(m.inbox[A]) == 0  # owed, but not at once
+        m.send(B, S.AGREED, ("back",), bytes([k]))
+        m.feed(A, m.take(A))
+        assert m.bodies(A)[-1:] == [bytes([k])]
+        m.tick(0.0)
+        m.exchange()
+    assert [m.engines[n].statistics().nulls_sent for n in (A, B)] == nulls
+    assert len(m.bodies(A)) == 6
+    assert len(m.bodies(B)) == 5
+    m.tick(60.0)  # the last reply is owed A's timestamp: idle_ts_interval's NULL
+    assert m.engines[A].statistics().nulls_sent == nulls[0] + 1
+
+
+def test_a_slow_request_reply_does_not_make_the_idle_daemon_answer_every_round() -> None:
+    # requests and replies slower than idle_ts_interval: the NULLs nobody waited for go
+    # out first, stamped at clock + 1, so C's one NULL stamped ahead keeps covering them
+    m = Mesh([A, B, C], GroupConfig(ack_interval=60.0))
+    m.host("out", [B])
+    m.host("back", [A])
+    for k in range(21):  # the first round trip: C's first NULL
+        for sender, receiver, group in ((A, B, "out"), (B, A, "back")):
+            m.send(sender, S.AGREED, (group,), bytes([k]))
+            m.feed(receiver, m.take(receiver))
+            if k:  # C's timestamp is here already
+                assert m.bodies(receiver)[-1:] == [bytes([k])]
+            m.exchange()
+            m.tick(0.0)
+            m.exchange()
+            m.tick(0.015)  # the receiver's NULL for it, idle_ts_interval later
+            m.exchange()
+        if not k:
+            nulls = m.engines[C].statistics().nulls_sent
+    assert m.engines[C].statistics().nulls_sent == nulls
+
+
+@pytest.mark.parametrize("hosts", [[B], [B, C]])
+def test_a_timestamp_another_daemon_waits_for_is_sent_at_once(hosts: list[NodeId]) -> None:
+    # A's message waits at A for B's timestamp when A's client asked for a confirmation
+    # (the DATA says so), and at C when C hosts a member
+    m = Mesh([A, B, C], GroupConfig(idle_ts_interval=60.0, ack_interval=60.0, null_lead=1))
+    m.host("g", hosts)
+    confirm = hosts == [B]
+    m.apply(A, m.engines[A].submit(("g",), b"m", S.AGREED, "#c#1", m.now, token=int(confirm)))
+    for _ in range(3):  # no time passes: only prompt NULLs can unblock it
+        m.exchange()
+        m.tick(0.0)
+    assert m.bodies(B) == [b"m"]
+    if confirm:
+        assert SubmitConfirmed(1) in m.events[A]
+    else:
+        assert m.bodies(C) == [b"m"]
+
+
 def test_concurrent_agreed_messages_get_one_order_everywhere() -> None:
     for seed in range(20):
         rng = random.Random(seed)
