@@ -8,7 +8,7 @@ from meshcast.ids import NodeId
 from meshcast.wire.client import ServiceLevel
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per message: not frozen, see `meshcast.wire.group.GroupData`
 class Broadcast:
     """Command to the daemon: pass `payload` to `OverlayNode.multicast(dests, ...)`."""
 
@@ -16,7 +16,7 @@ class Broadcast:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per message: not frozen, see `meshcast.wire.group.GroupData`
 class Deliver:
     """Hand one message to the local clients that are members of `groups`."""
 

@@ -151,7 +151,7 @@ class SessionConfig:
                 raise ConfigError(f"must be a positive number of seconds, got {value!r}", key=key)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per message: not frozen, see `meshcast.wire.group.GroupData`
 class SendBytes:
     conn: int
     data: bytes

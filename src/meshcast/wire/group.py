@@ -117,7 +117,11 @@ _SERVICES = {int(s): s for s in ServiceLevel}
 SERVICE_CONFIRM = 0x80
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though nothing changes one once built: one is built per message at every
+# daemon, and a frozen dataclass's __init__ (object.__setattr__ per field) costs five
+# times a plain one's (1.5 against 0.3 us for these 13 fields). The same for the
+# per-message effects (Broadcast, Deliver, SendBytes).
+@dataclass(slots=True)
 class GroupData:
     service: ServiceLevel
     view_id: bytes  # 8 bytes
