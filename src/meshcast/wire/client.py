@@ -56,7 +56,7 @@ from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag, StrEnum
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, TypeVar
 
 from meshcast.errors import DecodeError
 
@@ -1758,6 +1758,7 @@ def _parse_blob_held(r: _Reader) -> BlobHeld:
 # heads frame after frame, and a head decodes and checks the same way every time, so a
 # known one is not parsed and checked again. Bounded: emptied when full.
 _KNOWN_HEADS_MAX = 1024
+_Fields = TypeVar("_Fields")
 _known_messages: dict[bytes, tuple[str, tuple[str, ...], ServiceLevel, int]] = {}
 _known_multicasts: dict[bytes, tuple[tuple[str, ...], ServiceLevel, int, bool]] = {}
 _MULTICAST_FIXED = 1 + MULTICAST_HEAD.size  # type byte and head, before the names
@@ -1792,14 +1793,8 @@ def _known_data_frame(ftype: FrameType, frame: memoryview) -> Frame | None:
         if fields is None:
             message = _decode_fresh(frame)
             if isinstance(message, Message):
-                if len(_known_messages) >= _KNOWN_HEADS_MAX:
-                    _known_messages.clear()
-                _known_messages[head] = (
-                    message.sender,
-                    message.groups,
-                    message.service,
-                    message.msg_type,
-                )
+                fields = (message.sender, message.groups, message.service, message.msg_type)
+                _remember(_known_messages, head, fields)
             return message
         sender, groups, service, msg_type = fields
         return Message(sender, groups, service, msg_type, bytes(frame[end:]))
@@ -1814,17 +1809,17 @@ def _known_data_frame(ftype: FrameType, frame: memoryview) -> Frame | None:
     if known is None:
         multicast = _decode_fresh(frame)
         if isinstance(multicast, Multicast):
-            if len(_known_multicasts) >= _KNOWN_HEADS_MAX:
-                _known_multicasts.clear()
-            _known_multicasts[head] = (
-                multicast.groups,
-                multicast.service,
-                multicast.msg_type,
-                multicast.confirm,
-            )
+            known = (multicast.groups, multicast.service, multicast.msg_type, multicast.confirm)
+            _remember(_known_multicasts, head, known)
         return multicast
     groups, service, msg_type, confirm = known
     return Multicast(groups, bytes(frame[end:]), service, msg_type, request_id, confirm)
+
+
+def _remember(table: dict[bytes, _Fields], head: bytes, fields: _Fields) -> None:
+    if len(table) >= _KNOWN_HEADS_MAX:
+        table.clear()
+    table[head] = fields
 
 
 def _decode_fresh(frame: memoryview) -> Frame | None:
