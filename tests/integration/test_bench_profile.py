@@ -238,7 +238,8 @@ def test_a_cell_that_times_out_leaves_no_py_spy(tmp_path: Path) -> None:
     directory = tmp_path / "prof"
     argv = [sys.executable, "-m", "meshcast", "bench", "group", "--json", "--skip-rtt"]
     argv += ["--daemons", "3", "--sizes", "1000", "--services", "agreed"]
-    argv += ["--messages", "60000", "--cell-timeout", "2", "--profile", str(directory)]
+    # 200,000 messages a cell: far longer than 2 s however fast the daemons get
+    argv += ["--messages", "600000", "--cell-timeout", "2", "--profile", str(directory)]
     argv += ["--profiler", "py-spy"]
     completed = subprocess.run(
         argv, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
@@ -246,8 +247,8 @@ def test_a_cell_that_times_out_leaves_no_py_spy(tmp_path: Path) -> None:
     if "could not attach" in completed.stderr:
         pytest.skip(f"py-spy may not attach to processes here (ptrace): {completed.stderr[-500:]}")
     assert completed.returncode == 1
-    # the profiled cell (20,000 messages: longer than 2 s here) timed out, not the warm-up
-    assert "20000 x 1000 bytes AGREED: not delivered" in completed.stderr, completed.stderr[-2000:]
+    # the profiled cell timed out, not the warm-up
+    assert "200000 x 1000 bytes AGREED: not delivered" in completed.stderr, completed.stderr[-2000:]
     assert (directory / CELL / "daemon1").is_dir()  # its py-spy had started
     assert _live_py_spies(directory) == []
     assert not (directory / CELL / "layers.txt").exists()  # no profile of a failed cell
