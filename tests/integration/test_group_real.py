@@ -152,6 +152,13 @@ class Cluster:
         return stats
 
 
+def _replace_line(config: Path, line: str, replacement: str) -> None:
+    """Replace the one line of the cluster file matching the regex `line`."""
+    text, changed = re.subn(f"(?m)^{line}$", replacement, config.read_text(encoding="utf-8"))
+    assert changed == 1
+    config.write_text(text, encoding="utf-8")
+
+
 @asynccontextmanager
 async def start_cluster(
     tmp_path: Path,
@@ -187,21 +194,9 @@ async def start_cluster(
         with config.open("a", encoding="utf-8") as out:
             out.write(f'\n[limits]\nblock_timeout = "{block_timeout}s"\n')
     if mtu is not None:
-        text, changed = re.subn(
-            r"(?m)^\[link\]$",
-            f"[link]\nmtu = {mtu}\nmax_path_mtu = {mtu}",
-            config.read_text(encoding="utf-8"),
-        )
-        assert changed == 1
-        config.write_text(text, encoding="utf-8")
+        _replace_line(config, r"\[link\]", f"[link]\nmtu = {mtu}\nmax_path_mtu = {mtu}")
     if failure_timeout is not None:
-        text, changed = re.subn(
-            r"(?m)^failure_timeout = .*$",
-            f"failure_timeout = {failure_timeout}",
-            config.read_text(encoding="utf-8"),
-        )
-        assert changed == 1
-        config.write_text(text, encoding="utf-8")
+        _replace_line(config, r"failure_timeout = .*", f"failure_timeout = {failure_timeout}")
     sockets = Path(tempfile.mkdtemp(prefix="mcg", dir="/tmp"))  # short: AF_UNIX path limit
     daemons: dict[str, DaemonProcess] = {}
     try:

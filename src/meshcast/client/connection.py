@@ -87,7 +87,6 @@ from meshcast.wire.client import (
     check_group_name,
     check_token,
     encode,
-    encode_multicast,
     split_private_name,
 )
 from meshcast.wire.client import Replication as ReplicationFrame
@@ -495,12 +494,7 @@ class Client:
             raise UsageError(f"confirm must be True or False, got {confirm!r}")
         if not confirm:
             request_id = self._describe(names, data)
-            try:
-                frame = encode_multicast(names, data, level, tag, request_id)
-            except ValueError as exc:  # the checks above should have caught it
-                raise UsageError(str(exc)) from None
-            self._check_usable()
-            await self._write_raw(frame)
+            await self._write(Multicast(names, data, level, tag, request_id))
             self._count_sent(data)
             return request_id
         if self.version < 2:

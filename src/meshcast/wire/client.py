@@ -1367,10 +1367,10 @@ def encode_multicast(
     request_id: int = 0,
     confirm: bool = False,
 ) -> bytes:
-    """`encode(Multicast(...))`, byte for byte, for the client's data path: the group
-    names of a sender repeat message after message, so their section is checked and
-    built once and remembered (`encode` checks every field of every frame). Anything out
-    of the ordinary goes through `encode` and raises its ValueError."""
+    """A MULTICAST frame, byte for byte what checking every field would build: the
+    group names of a sender repeat message after message, so their section is checked
+    and built once and remembered. Anything out of the ordinary has every field checked
+    and raises the same ValueError."""
     if (
         type(groups) is tuple
         and 1 <= len(groups) <= _CACHED_GROUPS
@@ -1391,7 +1391,7 @@ def encode_multicast(
                 bits = CONFIRM_FLAG if confirm else 0
                 head = MULTICAST_HEAD.pack(request_id, service | bits, msg_type, len(groups))
                 return b"".join((LENGTH.pack(length), _MULTICAST_TYPE, head, names, payload))
-    return encode(Multicast(groups, payload, service, msg_type, request_id, confirm))
+    return _encode_checked(Multicast(groups, payload, service, msg_type, request_id, confirm))
 
 
 @lru_cache(maxsize=1024)
@@ -1487,6 +1487,20 @@ def blob_held_body(frame: BlobHeld) -> bytes:
 
 def encode(frame: Frame) -> bytes:
     """The complete frame, length prefix included. ValueError if `frame` is invalid."""
+    if type(frame) is Multicast:  # the data path's frame: its names checked once
+        return encode_multicast(
+            frame.groups,
+            frame.payload,
+            frame.service,
+            frame.msg_type,
+            frame.request_id,
+            frame.confirm,
+        )
+    return _encode_checked(frame)
+
+
+def _encode_checked(frame: Frame) -> bytes:
+    """`encode`, every field checked."""
     try:
         _check(frame)
     except _Fault as fault:
