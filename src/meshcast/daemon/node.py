@@ -43,7 +43,6 @@ from meshcast.group import (
     Broadcast,
     GroupConfig,
     GroupEngine,
-    OrderingFault,
     OrderingReset,
     ViewTransition,
 )
@@ -224,6 +223,8 @@ class DaemonNode:
         self._unknown_effects = 0
         self._client_frames = 0
         self._client_turns = 0
+        # the effects of a run of MULTICAST frames, taken as one batch (`_take_frames`)
+        self._client_batch: list[SessionEffect] | None = None
 
     # ------------------------------------------------------------------ queries
 
@@ -635,14 +636,6 @@ class DaemonNode:
                             },
                         )
                     )
-                case OrderingFault(source, stream, reason):
-                    out.append(
-                        DaemonEvent(
-                            "group_fault",
-                            {"source": int(source), "stream": stream, "reason": reason},
-                            "error",
-                        )
-                    )
                 case ViewTransition(old_view_id, old_members, survivors):
                     out.append(
                         DaemonEvent(
@@ -734,26 +727,45 @@ class DaemonNode:
             self.clients.take_turn(conn)
 
     def _take_frames(self, conn: int, now: float, out: list[DaemonEffect]) -> None:
-        streams = self.clients
+        try:
+            self._take_frames_batched(conn, now, out)
+        finally:  # even after a bug: the group layer must not stay in a batch
+            self._end_batch(now, out)
+
+    def _take_frames_batched(self, conn: int, now: float, out: list[DaemonEffect]) -> None:
+        """Take up to `frames_per_turn` frames; a run of MULTICAST frames is one batch for
+        the group layer (`SessionTable.begin_batch`), ended by any other frame."""
+        streams, sessions = self.clients, self.sessions
         for _ in range(self.config.frames_per_turn):
             try:
                 frame = streams.head(conn)
             except DecodeError as exc:
+                self._end_batch(now, out)
                 streams.stop_reading(conn)
                 self._session_input(
-                    "decode_failed", partial(self.sessions.decode_failed, conn, str(exc), now), out
+                    "decode_failed", partial(sessions.decode_failed, conn, str(exc), now), out
                 )
                 return
             if frame is None:
                 return  # it needs more bytes
             # the frame stays the connection's head (it is not read meanwhile) while:
-            if not self.sessions.handshaking(conn) and not self.can_submit():
+            handshaking = sessions.handshaking(conn)
+            if not handshaking and not self.can_submit():
                 return  # the overlay outbox or the group window is full
+            multicast = isinstance(frame, Multicast)
             if isinstance(frame, Multicast) and self.engine.holds_back(frame.groups):
                 return  # a slow `block` member is in one of its groups
             streams.pop_head(conn)
             self._client_frames += 1
-            version = self.sessions.session_version(conn)
+            if multicast and not handshaking:
+                batch = self._client_batch
+                if batch is None:
+                    batch = self._client_batch = []
+                    sessions.begin_batch()
+                batch += sessions.frame_received(conn, frame, now)
+                continue
+            self._end_batch(now, out)
+            version = sessions.session_version(conn)
             if (
                 isinstance(frame, Replicate)
                 and version >= REPLICATE_VERSION
@@ -765,12 +777,22 @@ class DaemonNode:
                 self._guard("set_rate", partial(self._set_rate, conn, frame, now, out), out)
                 continue
             self._session_input(
-                "frame_received", partial(self.sessions.frame_received, conn, frame, now), out
+                "frame_received", partial(sessions.frame_received, conn, frame, now), out
             )
-            streams.set_frame_limit(conn, self.sessions.frame_limit(conn))
+            streams.set_frame_limit(conn, sessions.frame_limit(conn))
         self._client_turns += 1
         with contextlib.suppress(DecodeError):  # raised again at its next turn
             streams.head(conn)  # decoded now: the connection is paused if one is left
+
+    def _end_batch(self, now: float, out: list[DaemonEffect]) -> None:
+        """Apply what a run of MULTICAST frames brought, then what ordering them as one
+        batch delivers."""
+        batch = self._client_batch
+        if batch is None:
+            return
+        self._client_batch = None
+        self._apply_sessions(batch, out)
+        self._session_input("end_batch", partial(self.sessions.end_batch, now), out)
 
     def _replicate(self, conn: int, frame: Replicate, now: float, out: list[DaemonEffect]) -> None:
         """A client's REPLICATE: this daemon is the origin."""

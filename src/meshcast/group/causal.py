@@ -37,6 +37,10 @@ class CausalReceiver(Generic[T]):
         """Is the stamp well formed for this view (its own entry is seq - 1)?"""
         return len(vector) == len(self.processed) and seq >= 1 and vector[sender] == seq - 1
 
+    def deliverable(self, sender: int, seq: int, vector: tuple[int, ...]) -> bool:
+        """Would this valid stamp be delivered at once (nothing before it is missing)?"""
+        return seq == self.processed[sender] + 1 and self._satisfied(sender, vector)
+
     def offer(self, sender: int, seq: int, vector: tuple[int, ...], item: T) -> list[T]:
         """Add a valid, non-duplicate item; return the items now causally ready, in order."""
         self._held[sender, seq] = (vector, item)

@@ -50,10 +50,11 @@ class GroupConfig:
     # move on data. A daemon that sends stamps its NULLs at clock + 1.
     null_lead: int = 1 << 20
     # messages: everything held back at once (FIFO and causal gaps, total-order stream
-    # gaps, total-order messages waiting for timestamps or acks). A peer's message beyond
-    # it is dropped and breaks that peer's stream (OrderingFault); an in-order NULL takes
-    # no room and is always processed. A local AGREED/SAFE submit is refused
-    # (BufferFull) while half this many total-order messages wait for delivery.
+    # gaps, total-order messages waiting for timestamps or acks). A peer's message that
+    # cannot be taken in order is dropped beyond it, as if lost (its source sends it
+    # again after repair_after); one that comes in order is always taken. A local
+    # AGREED/SAFE submit waits while max_held_messages / (2 x daemons of the view) of
+    # ours wait for delivery: every member's wait at every other member too.
     max_held_messages: int = 10_000
     # messages: received for a view (or a flush) this daemon has not reached yet, kept
     # until it does. Others may finish a flush first and send; the overlay window bounds
@@ -74,8 +75,8 @@ class GroupConfig:
     # change, nothing else would recover it)
     repair_after: float = 1.0
     # messages: copies kept for a flush (not yet held by every destination). A peer's
-    # message beyond it breaks that peer's stream (OrderingFault); a local submit is
-    # refused (BufferFull) while a quarter of it is our own.
+    # message that cannot be taken in order is dropped beyond it, as if lost; a local
+    # submit is refused (BufferFull) while a quarter of it is our own.
     max_retained_messages: int = 100_000
     # bytes: a local submit is also refused while our own copies not yet held by every
     # destination reach a quarter of this (the end-to-end window of a sending daemon:
@@ -110,7 +111,7 @@ class OrderingConfig:
     # s, timestamps, messages: as the GroupConfig fields of the same names
     idle_ts_interval: float = 0.01
     null_lead: int = 1 << 20
-    max_held_messages: int = 10_000  # own AGREED/SAFE waiting: at most half of it
+    max_held_messages: int = 10_000  # own AGREED/SAFE waiting: half of it / members
     # msg ids remembered per source for duplicate detection of UNRELIABLE/RELIABLE data
     dedup_window: int = 4096
 

@@ -55,8 +55,7 @@ class GroupStats:
     future_buffered: int = 0  # sent in a view not installed here yet: kept
     future_dropped: int = 0  # ...and dropped (buffer full, or that view never came)
     not_member_dropped: int = 0  # from a daemon outside the view
-    holdback_overflow: int = 0  # a peer's message dropped at max_held_messages
-    broken_stream_dropped: int = 0  # later messages of a stream broken by an overflow
+    holdback_overflow: int = 0  # a peer's message dropped at a bound (sent again later)
     undeliverable_on_view_change: int = 0  # discarded by a flush: lost with a daemon
     views_installed: int = 0
     acks_sent: int = 0
@@ -147,7 +146,6 @@ class GroupEngine:
             future_dropped=f.future_dropped,
             not_member_dropped=f.not_member_dropped,
             holdback_overflow=o.holdback_overflow,
-            broken_stream_dropped=o.broken_stream_dropped,
             undeliverable_on_view_change=f.undeliverable_on_view_change,
             views_installed=f.views_installed,
             acks_sent=s.acks_sent,
@@ -285,6 +283,17 @@ class GroupEngine:
             raise UsageError("no view installed: nothing can be sent yet")
         return self._ordering.send(named, payload, service, sender, now, msg_type, token)
 
+    def begin_batch(self) -> None:
+        """`submit`s of one batch follow (a client's frames of one turn): their AGREED and
+        SAFE deliveries here wait for `end_batch`, one pass over the total order."""
+        self._ordering.begin_batch()
+
+    def end_batch(self) -> list[GroupEffect]:
+        """The batch's deliveries, in the order they would have had one by one."""
+        effects: list[GroupEffect] = []
+        self._ordering.end_batch(effects)
+        return effects
+
     def overlay_delivered(self, source: NodeId, payload: bytes, now: float) -> list[GroupEffect]:
         """A group message, or a BATCH of them, the overlay handed up (sent by daemon
         `source`); a batch's messages are taken in order, each as if it came alone."""
@@ -296,8 +305,12 @@ class GroupEngine:
             except DecodeError as exc:
                 self._malformed(source, exc)
                 return effects
-            for raw in raws:
-                self._take(source, raw, now, effects)
+            self._ordering.begin_batch()
+            try:
+                for raw in raws:
+                    self._take(source, raw, now, effects)
+            finally:
+                self._ordering.end_batch(effects)
         else:
             self._take(source, payload, now, effects)
         return effects
@@ -340,6 +353,8 @@ class GroupEngine:
         effects: list[GroupEffect],
     ) -> None:
         if isinstance(message, GroupFlush):
+            # what a batch made deliverable goes before a flush starts (it freezes that)
+            self._ordering.end_batch(effects)
             self._on_flush(source, message, raw, now, effects)
             return
         if not self._flush.admit(source, message, raw):

@@ -53,17 +53,6 @@ class OrderingReset:
 
 
 @dataclass(frozen=True, slots=True)
-class OrderingFault:
-    """A bound was hit on a peer's message: that source's `stream` is broken until the
-    next view (its later messages in that stream are dropped). The daemon should treat
-    `source` as failed; only a view change without it, or a flush, restores progress."""
-
-    source: NodeId
-    stream: str  # "fifo", "causal" or "total"
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class SubmitConfirmed:
     """A local message submitted with `token` was delivered here, in the view it was
     sent in (a SAFE one: once every daemon of that view held it), hosted or not."""
@@ -94,12 +83,4 @@ class ViewTransition:
     survivors: tuple[NodeId, ...]
 
 
-GroupEffect = (
-    Broadcast
-    | Deliver
-    | OrderingReset
-    | OrderingFault
-    | SubmitConfirmed
-    | SubmitLost
-    | ViewTransition
-)
+GroupEffect = Broadcast | Deliver | OrderingReset | SubmitConfirmed | SubmitLost | ViewTransition

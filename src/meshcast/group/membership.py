@@ -211,6 +211,13 @@ class GroupMembership:
             self.engine.submit(groups, payload, service, sender, now, msg_type, token), now
         )
 
+    def begin_batch(self) -> None:
+        """Client messages of one batch follow (`GroupEngine.begin_batch`)."""
+        self.engine.begin_batch()
+
+    def end_batch(self, now: float) -> list[MembershipEffect]:
+        return self._filter(self.engine.end_batch(), now)
+
     # ------------------------------------------------------------------ inputs
 
     def view_installed(

@@ -34,7 +34,6 @@ from meshcast.group.events import (
     Deliver,
     GroupEffect,
     MessageRef,
-    OrderingFault,
     SubmitConfirmed,
     ViewTransition,
 )
@@ -68,8 +67,7 @@ class OrderingStats:
     ordered_not_hosted: int = 0  # processed for ordering, no local member to deliver to
     duplicates_dropped: int = 0
     malformed_dropped: int = 0  # fields that do not fit the view
-    holdback_overflow: int = 0  # a peer's message dropped at max_held_messages
-    broken_stream_dropped: int = 0  # later messages of a stream broken by an overflow
+    holdback_overflow: int = 0  # a peer's message dropped at a bound (sent again later)
     held_messages: int = 0  # held back now (gauge)
     clock: int = 0  # the Lamport clock (gauge)
 
@@ -85,7 +83,6 @@ class _Counters:
     duplicates_dropped: int = 0
     malformed_dropped: int = 0
     holdback_overflow: int = 0
-    broken_stream_dropped: int = 0
 
 
 @dataclass(slots=True)
@@ -123,7 +120,6 @@ class _Streams:
         self.next_msg_id = 1
         self.pruned_sent: dict[NodeId, int] = {}
         self.recent: dict[NodeId, tuple[deque[int], set[int]]] = {}
-        self.broken: set[tuple[NodeId, str]] = set()
         self.frozen = False  # a flush decides what is left: deliver no more AGREED/SAFE
         # total-order stream bookkeeping for NULLs
         self.last_stream_ts = 0  # timestamp of our last stream message
@@ -157,15 +153,34 @@ class Ordering:
         self.local = local
         self.config = config
         self._stability = stability  # keeps a copy of each message taken in
-        self._own_limit = max(config.max_held_messages // 2, 1)
+        self._own_limit = 1  # own AGREED/SAFE messages waiting for delivery (`reset`)
         self._group_daemons: dict[str, frozenset[NodeId]] = {}
         self._streams: _Streams | None = None
         self._clock = 0  # Lamport clock, kept across views (it only ever grows)
         self._counters = _Counters()
+        # inside a batch (`begin_batch`), AGREED/SAFE delivery waits for its end: one
+        # pass over the total order per batch, not one per message
+        self._batching = False
+        self._total_due = False  # a message of the batch may have made some deliverable
 
     def reset(self, view: GroupView) -> None:
         """A new view: every stream starts again (the clock goes on)."""
         self._streams = _Streams(self.local, view)
+        self._total_due = False
+        # every member's own messages waiting for delivery wait at every other member
+        # too: half the hold-back bound, shared by the members
+        self._own_limit = max(self.config.max_held_messages // (2 * len(view.members)), 1)
+
+    def begin_batch(self) -> None:
+        """Messages follow as one batch (a client's frames of one turn, an overlay
+        BATCH): until `end_batch`, the AGREED/SAFE messages they make deliverable wait.
+        They keep their order; anything else delivered meanwhile goes after them."""
+        self._batching = True
+
+    def end_batch(self, effects: list[GroupEffect]) -> None:
+        """Deliver what the batch made deliverable in the total order."""
+        self._batching = False
+        self._release_total(effects)
 
     # ------------------------------------------------------------------ queries
 
@@ -183,7 +198,6 @@ class Ordering:
             duplicates_dropped=c.duplicates_dropped,
             malformed_dropped=c.malformed_dropped,
             holdback_overflow=c.holdback_overflow,
-            broken_stream_dropped=c.broken_stream_dropped,
             held_messages=self.held(),
             clock=self._clock,
         )
@@ -485,25 +499,16 @@ class Ordering:
         self._deliver(held, effects)
         return True
 
-    def _admit(
-        self, streams: _Streams, source: NodeId, stream: str, effects: list[GroupEffect]
-    ) -> bool:
-        """May one more of `source`'s messages be held back in `stream`?"""
-        if (source, stream) in streams.broken:
-            self._counters.broken_stream_dropped += 1
-            return False
-        full = None
-        if streams.held() >= self.config.max_held_messages:
-            full = "hold-back limit reached"
-        elif self._stability.full():
-            full = "retention limit reached"
-        if full is not None:
-            streams.broken.add((source, stream))
-            self._counters.holdback_overflow += 1
-            log.warning("daemon %s: %s, %s stream of %s broken", self.local, full, stream, source)
-            effects.append(OrderingFault(source, stream, full))
-            return False
-        return True
+    def _admit(self, streams: _Streams, source: NodeId, stream: str) -> bool:
+        """May one more of `source`'s messages, one that cannot be taken in order, be held
+        back in `stream`? Not at a bound: it is dropped as if lost (our ACKs do not cover
+        it, so its source sends it again, `meshcast.group.repair`). A message that comes
+        in order is always taken: it only ever lets held ones go."""
+        if streams.held() < self.config.max_held_messages and not self._stability.full():
+            return True
+        self._counters.holdback_overflow += 1
+        log.debug("daemon %s: hold-back full, %s message of %s dropped", self.local, stream, source)
+        return False
 
     def _on_stream(
         self,
@@ -522,9 +527,8 @@ class Ordering:
         if streams.total.is_duplicate(source, seq):
             self._duplicate()
             return False
-        occupies = held is not None or seq != streams.total.next_expected(source)
-        if occupies and not self._admit(streams, source, "total", effects):
-            return True  # an in-order NULL takes no room: it is always taken
+        if seq != streams.total.next_expected(source) and not self._admit(streams, source, "total"):
+            return True
         safe = held is not None and held.data.service == ServiceLevel.SAFE
         self._stability.retain(source, "total", ((0, seq),), raw, now)
         streams.total.offer(source, seq, message.ts, message.aru, held, safe)
@@ -570,7 +574,9 @@ class Ordering:
         if streams.causal.is_duplicate(sender, seq):
             self._duplicate()
             return False
-        if not self._admit(streams, source, "causal", effects):
+        if not streams.causal.deliverable(sender, seq, vector) and not self._admit(
+            streams, source, "causal"
+        ):
             return True
         self._stability.retain(source, "causal", ((0, seq),), held.raw, now)
         for ready in streams.causal.offer(sender, seq, vector, held):
@@ -587,7 +593,7 @@ class Ordering:
         if streams.fifo.is_duplicate(source, seq):
             self._duplicate()
             return False
-        if not self._admit(streams, source, "pruned", effects):
+        if seq != streams.fifo.prefix(source) + 1 and not self._admit(streams, source, "pruned"):
             return True
         self._stability.retain(source, "pruned", held.data.fifo, held.raw, now)
         in_order = held.data.service == ServiceLevel.FIFO
@@ -598,13 +604,25 @@ class Ordering:
     # ------------------------------------------------------------------ delivering
 
     def _deliver_total(self, streams: _Streams, effects: list[GroupEffect]) -> None:
-        if streams.frozen:
-            return  # a flush decides: our prefix may outgrow what we reported
-        for ready in streams.total.ready(self._clock):
-            self._deliver(ready, effects)
+        if self._batching:
+            self._total_due = True
+        elif not streams.frozen:  # frozen: a flush decides; our prefix may outgrow it
+            for ready in streams.total.ready(self._clock):
+                self._deliver(ready, effects)
+
+    def _release_total(self, effects: list[GroupEffect]) -> None:
+        """Deliver the AGREED/SAFE messages a batch made deliverable so far."""
+        if self._total_due:
+            self._total_due = False
+            streams = self._streams
+            if streams is not None and not streams.frozen:
+                for ready in streams.total.ready(self._clock):
+                    self._deliver(ready, effects)
 
     def _deliver(self, held: Held, effects: list[GroupEffect]) -> None:
         d = held.data
+        if self._total_due and d.service not in ORDERED_TOTAL:
+            self._release_total(effects)  # what the batch sent before this goes first
         if not self.hosts(d.groups):
             self._counters.ordered_not_hosted += 1
         else:

@@ -12,8 +12,8 @@ and applies the effects:
 * `SendBytes(conn, data)`: write encoded frames to that connection;
 * `CloseConnection(conn, abort)`: close it (after writing what is queued unless `abort`);
 * `Broadcast` (from the engine): `OverlayNode.multicast(dests, payload, now)`;
-* `ClientConnected`, `ClientDisconnected`, `MembershipChanged`, `OrderingReset`,
-  `OrderingFault`: for the log.
+* `ClientConnected`, `ClientDisconnected`, `MembershipChanged`, `OrderingReset`: for
+  the log.
 
 Access control (`meshcast.group.access`): a connection the runtime marks `remote` (it
 came in on a TCP port open beyond loopback) must present a valid token in its HELLO; any
@@ -240,6 +240,7 @@ class SessionStats:
 StatusProvider = Callable[[float], Mapping[str, object]]
 STATUS_FORMAT = 1  # the report's "format": bumped when a key changes meaning or goes away
 MAX_DECISIONS = 256  # access decisions remembered per session (groups), then forgotten
+MAX_CACHED_TARGETS = 1024  # sets of groups whose local members are remembered
 
 
 class _State(Enum):
@@ -290,6 +291,9 @@ class SessionTable:
         # the membership layer's effects can change a group and deliver a message to it,
         # in total order, and each delivery must see the table of its place in that order
         self._local_members: dict[str, tuple[str, ...]] = {}
+        # a message's groups -> (local member, its groups among them), sorted by name:
+        # worked out once per set of groups until a membership changes
+        self._targets: dict[tuple[str, ...], tuple[tuple[str, tuple[str, ...]], ...]] = {}
         self._next_auto = 1
         self._blocking: set[int] = set()  # paused sessions holding local senders back
         # connections before HELLO -> deadline of their handshake, earliest first (the
@@ -512,6 +516,14 @@ class SessionTable:
             out.append(self._error(s, ErrorCode.INTERNAL_ERROR, str(exc), _request_id(frame)))
         return out
 
+    def begin_batch(self) -> None:
+        """MULTICAST frames of one turn follow (`frame_received`): the group layer orders
+        them in one pass; `end_batch` returns the deliveries that pass makes."""
+        self.membership.begin_batch()
+
+    def end_batch(self, now: float) -> list[SessionEffect]:
+        return self._route(self.membership.end_batch(now))
+
     def send_denied(self, conn: int, group: str) -> str | None:
         """Why the access rules keep `conn`'s session from sending to `group` (None: they
         do not). A replication to a group ends with a message into it, so asking for one
@@ -705,37 +717,11 @@ class SessionTable:
     # ------------------------------------------------------------------ requests
 
     def _request(self, s: _Session, frame: Frame, now: float, out: list[SessionEffect]) -> None:
+        if isinstance(frame, Multicast):  # most often: no pattern match
+            self._multicast(s, frame, now, out)
+            return
         limits = self.config.limits
         match frame:
-            case Multicast(groups, payload, service, msg_type, rid, confirm):  # most often
-                fault = next((f for g in groups if (f := self._group_fault(g)) is not None), None)
-                if fault is not None:
-                    out.append(self._refuse(s, ErrorCode.GROUP_NAME_TOO_LONG, fault, rid))
-                elif (denied := self._denied(s, Operation.SEND, groups, rid)) is not None:
-                    out.append(denied)
-                elif len(payload) > limits.max_message_size:
-                    text = f"payload of {len(payload)} bytes, more than {limits.max_message_size}"
-                    out.append(self._refuse(s, ErrorCode.MESSAGE_TOO_LARGE, text, rid))
-                elif confirm and s.unconfirmed >= MAX_UNCONFIRMED:
-                    text = f"{s.unconfirmed} CONFIRM messages are not confirmed yet"
-                    out.append(self._refuse(s, ErrorCode.TOO_MANY_UNCONFIRMED, text, rid))
-                else:
-                    token = 0
-                    if confirm:  # registered first: a RELIABLE one is confirmed at once
-                        token = self._next_token
-                        self._next_token += 1
-                        self._confirming[token] = (s.conn, rid)
-                        s.unconfirmed += 1
-                    try:
-                        effects = self.membership.submit(
-                            groups, payload, service, s.name, now, msg_type, token
-                        )
-                    except UsageError:  # BufferFull too: answered in `frame_received`
-                        self._unconfirm(token)
-                        raise
-                    else:
-                        self._counters.messages_submitted += 1
-                        out += self._route(effects)
             case Join(group, policy, rid):
                 if (fault := self._group_fault(group)) is not None:
                     out.append(self._refuse(s, ErrorCode.GROUP_NAME_TOO_LONG, fault, rid))
@@ -797,6 +783,39 @@ class SessionTable:
                     now,
                 )
 
+    def _multicast(
+        self, s: _Session, frame: Multicast, now: float, out: list[SessionEffect]
+    ) -> None:
+        groups, payload, rid = frame.groups, frame.payload, frame.request_id
+        limits = self.config.limits
+        fault = self._groups_fault(groups)
+        if fault is not None:
+            out.append(self._refuse(s, ErrorCode.GROUP_NAME_TOO_LONG, fault, rid))
+        elif (denied := self._denied(s, Operation.SEND, groups, rid)) is not None:
+            out.append(denied)
+        elif len(payload) > limits.max_message_size:
+            text = f"payload of {len(payload)} bytes, more than {limits.max_message_size}"
+            out.append(self._refuse(s, ErrorCode.MESSAGE_TOO_LARGE, text, rid))
+        elif frame.confirm and s.unconfirmed >= MAX_UNCONFIRMED:
+            text = f"{s.unconfirmed} CONFIRM messages are not confirmed yet"
+            out.append(self._refuse(s, ErrorCode.TOO_MANY_UNCONFIRMED, text, rid))
+        else:
+            token = 0
+            if frame.confirm:  # registered first: a RELIABLE one is confirmed at once
+                token = self._next_token
+                self._next_token += 1
+                self._confirming[token] = (s.conn, rid)
+                s.unconfirmed += 1
+            try:
+                effects = self.membership.submit(
+                    groups, payload, frame.service, s.name, now, frame.msg_type, token
+                )
+            except UsageError:  # BufferFull too: answered in `frame_received`
+                self._unconfirm(token)
+                raise
+            self._counters.messages_submitted += 1
+            out += self._route(effects)
+
     def _status_reply(self, s: _Session, rid: int, now: float) -> list[SessionEffect]:
         try:
             text = self.status_text(now)
@@ -844,6 +863,15 @@ class SessionTable:
             return f"group name of {size} bytes, more than {limit}"
         return None
 
+    def _groups_fault(self, groups: tuple[str, ...]) -> str | None:
+        """The first of `groups` whose name is too long (a message's, asked per message:
+        a name of at most a quarter of the limit in characters fits in UTF-8)."""
+        quarter = self.config.limits.max_group_name // 4
+        for g in groups:
+            if len(g) > quarter and (fault := self._group_fault(g)) is not None:
+                return fault
+        return None
+
     # ------------------------------------------------------------------ effects of the layers below
 
     def _route(self, effects: list[MembershipEffect]) -> list[SessionEffect]:
@@ -859,6 +887,7 @@ class SessionTable:
                     self._local_members[effect.group] = local
                 else:
                     self._local_members.pop(effect.group, None)
+                self._targets.clear()
                 out.append(effect)
                 out += self._membership(effect)
             elif isinstance(effect, SubmitConfirmed | SubmitLost):
@@ -909,19 +938,30 @@ class SessionTable:
     def _deliver(self, d: Deliver) -> list[SessionEffect]:
         if d.sender == DAEMON_SENDER:
             return self._daemon_event(d)
-        targets: dict[str, list[str]] = {}
-        for g in d.groups:
-            for name in self._local_members.get(g, ()):
-                targets.setdefault(name, []).append(g)
+        targets = self._targets.get(d.groups)
+        if targets is None:
+            targets = self._targets_of(d.groups)
         if not targets:
             return []
         data = encode_message(d.sender, d.groups, d.service, d.msg_type, d.payload)
         out: list[SessionEffect] = []
-        for name in sorted(targets):
+        for name, groups in targets:
             s = self._by_name.get(name)
             if s is not None and s.state is _State.OPEN:
-                out += self._send(s, data, tuple(targets[name]), d.service, message=True)
+                out += self._send(s, data, groups, d.service, message=True)
         return out
+
+    def _targets_of(self, groups: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The local members of any of `groups`, each with its groups among them."""
+        found: dict[str, list[str]] = {}
+        for g in groups:
+            for name in self._local_members.get(g, ()):
+                found.setdefault(name, []).append(g)
+        targets = tuple((name, tuple(found[name])) for name in sorted(found))
+        if len(self._targets) >= MAX_CACHED_TARGETS:
+            self._targets.clear()
+        self._targets[groups] = targets
+        return targets
 
     def _daemon_event(self, d: Deliver) -> list[SessionEffect]:
         """A daemon's message (`announce`): one BLOB_HELD frame, built and checked once,

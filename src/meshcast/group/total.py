@@ -25,6 +25,7 @@ from typing import Generic, TypeVar
 from meshcast.ids import NodeId
 
 T = TypeVar("T")
+_NO_BOUND = 2**64  # above every timestamp (u64)
 
 
 class TotalOrder(Generic[T]):
@@ -39,6 +40,9 @@ class TotalOrder(Generic[T]):
         }
         self._gap_count = 0
         self.heard: dict[NodeId, int] = dict.fromkeys(self._others, 0)
+        # min(heard), kept by `offer` (asked for every message stamped or delivered);
+        # with nobody else, no bound below the local clock
+        self._heard_floor = 0 if self._others else _NO_BOUND
         self.aru_of: dict[NodeId, int] = dict.fromkeys(self._others, 0)
         # heap by (ts, source); the counter keeps a peer's repeated timestamp comparable;
         # last: the message's place in its source's stream (for a flush)
@@ -60,7 +64,8 @@ class TotalOrder(Generic[T]):
 
     def aru(self, clock: int) -> int:
         """Every stream message with a timestamp up to this one is here."""
-        return min([clock, *self.heard.values()])
+        floor = self._heard_floor
+        return clock if clock < floor else floor
 
     def stable(self, clock: int) -> int:
         """Every member has every stream message with a timestamp up to this one."""
@@ -88,6 +93,9 @@ class TotalOrder(Generic[T]):
         gaps[seq] = (ts, aru, item, safe)
         self._gap_count += 1
         expected = self._next[source]
+        if expected not in gaps:
+            return
+        was_floor = self.heard[source] == self._heard_floor
         while expected in gaps:
             ts_, aru_, item_, safe_ = gaps.pop(expected)
             self._gap_count -= 1
@@ -98,6 +106,8 @@ class TotalOrder(Generic[T]):
                 heapq.heappush(self._pending, entry)
             expected += 1
         self._next[source] = expected
+        if was_floor:
+            self._heard_floor = min(self.heard.values())
 
     def ready(self, clock: int) -> list[T]:
         """Pop the messages deliverable now, in the total order."""

@@ -92,6 +92,39 @@ def test_agreed_waits_for_every_members_timestamp() -> None:
     assert ordering.clock == 1  # NULLs do not move the clock
 
 
+def agreed(seq: int, ts: int, body: bytes) -> GroupData:
+    return GroupData(S.AGREED, VIEW.view_id, seq, ts, seq, 0, 0, "#c", ("g",), (), (), body)
+
+
+def feed_b_and_c(ordering: Ordering, effects: list[GroupEffect]) -> None:
+    """B's AGREED 1 and 2, a NULL of C covering both, B's RELIABLE "r", then C's AGREED."""
+    ordering.received(B, agreed(1, 2, b"b1"), b"rb1", 0.0, effects)
+    ordering.received(B, agreed(2, 3, b"b2"), b"rb2", 0.0, effects)
+    ordering.received(C, GroupNull(VIEW.view_id, 4, 1, 0), b"nc", 0.0, effects)
+    ordering.received(B, fifo_from_b(1, b"r", S.RELIABLE), b"rr", 0.0, effects)
+    ordering.received(C, agreed(2, 5, b"c5"), b"rc5", 0.0, effects)
+    ordering.received(B, GroupNull(VIEW.view_id, 6, 3, 0), b"nb", 0.0, effects)
+
+
+def test_a_batch_delivers_what_one_by_one_delivers_in_the_same_order() -> None:
+    alone, _ = stack()
+    one_by_one: list[GroupEffect] = []
+    alone.send(("g",), b"own", S.AGREED, "#c#A", 0.0)
+    feed_b_and_c(alone, one_by_one)
+
+    batched, _ = stack()
+    effects: list[GroupEffect] = []
+    batched.begin_batch()
+    batched.send(("g",), b"own", S.AGREED, "#c#A", 0.0)
+    feed_b_and_c(batched, effects)
+    # the RELIABLE message released the AGREED ones received before it, first
+    assert bodies(effects) == [b"own", b"b1", b"b2", b"r"]
+    batched.end_batch(effects)
+    assert bodies(effects) == bodies(one_by_one) == [b"own", b"b1", b"b2", b"r", b"c5"]
+    batched.end_batch(effects)  # nothing is left to deliver twice
+    assert len(bodies(effects)) == 5
+
+
 @pytest.mark.parametrize("service", [S.AGREED, S.CAUSAL, S.FIFO])
 def test_a_message_that_does_not_encode_takes_no_number(service: S) -> None:
     ordering, _ = stack()
@@ -109,8 +142,8 @@ def test_a_message_that_does_not_encode_takes_no_number(service: S) -> None:
     assert ordering.ack_vector()[0] == (A, 0, int(service == S.CAUSAL), int(service == S.AGREED))
 
 
-def test_own_agreed_messages_are_bounded_by_half_the_hold_back() -> None:
-    ordering, _ = stack(OrderingConfig(max_held_messages=4))
+def test_own_agreed_messages_are_bounded_by_a_members_share_of_half_the_hold_back() -> None:
+    ordering, _ = stack(OrderingConfig(max_held_messages=12))  # 12 / (2 x 3 members)
     for _ in range(2):
         ordering.send(("g",), b"x", S.AGREED, "#c#A", 0.0)
     assert not ordering.can_send()
@@ -119,14 +152,21 @@ def test_own_agreed_messages_are_bounded_by_half_the_hold_back() -> None:
     ordering.send(("g",), b"fifo still goes", S.FIFO, "#c#A", 0.0)
 
 
-def test_a_hold_back_overflow_breaks_the_stream() -> None:
-    ordering, _ = stack(OrderingConfig(max_held_messages=1))
+def test_at_the_hold_back_bound_only_messages_out_of_order_are_dropped() -> None:
+    ordering, keep = stack(OrderingConfig(max_held_messages=2))
     effects: list[GroupEffect] = []
-    ordering.received(B, fifo_from_b(3, b"c"), b"r3", 0.0, effects)
-    ordering.received(B, fifo_from_b(2, b"b"), b"r2", 0.0, effects)  # no room: broken
-    ordering.received(B, fifo_from_b(4, b"d"), b"r4", 0.0, effects)
-    stats = ordering.statistics()
-    assert (stats.holdback_overflow, stats.broken_stream_dropped) == (1, 1)
+    ordering.received(B, agreed(2, 3, b"b2"), b"rb2", 0.0, effects)
+    ordering.received(B, agreed(3, 4, b"b3"), b"rb3", 0.0, effects)  # the bound
+    ordering.received(B, agreed(4, 5, b"b4"), b"rb4", 0.0, effects)  # dropped, as if lost
+    assert (ordering.held(), ordering.statistics().holdback_overflow) == (2, 1)
+    ordering.received(C, GroupNull(VIEW.view_id, 9, 1, 0), b"nc", 0.0, effects)  # in order
+    ordering.received(B, agreed(1, 2, b"b1"), b"rb1", 0.0, effects)  # in order: taken
+    assert bodies(effects) == [b"b1", b"b2", b"b3"]
+    assert ordering.statistics().holdback_overflow == 1
+    assert keep.retained == 4  # not the one dropped: its source sends it again
+    assert ordering.ack_vector()[1] == (B, 0, 0, 3)  # and our ACK says we lack it
+    ordering.received(B, agreed(4, 5, b"b4"), b"rb4", 0.0, effects)  # the repair
+    assert bodies(effects)[-1] == b"b4"
 
 
 def test_finish_delivers_what_is_left_and_reports_the_transition() -> None:
