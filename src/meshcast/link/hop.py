@@ -176,6 +176,11 @@ class HopLink:
         arrived (each side announces the largest datagram it takes)."""
         return self._mtu
 
+    @property
+    def queued_messages(self) -> int:
+        """Messages accepted by `send` and not yet put in a packet."""
+        return len(self._queue)
+
     def can_send(self, size: int) -> bool:
         return not self._failed and self._queue.can_accept(size)
 
