@@ -60,6 +60,7 @@ class LinkStats:
     retransmissions: int = 0
     probes_sent: int = 0
     nacks_sent: int = 0
+    gaps_opened: int = 0  # packets found missing: a later one, or news of one, came first
     state_packets_sent: int = 0
     duplicates_dropped: int = 0
     malformed_dropped: int = 0

@@ -84,6 +84,7 @@ class _Counters:
     retransmissions: int = 0
     probes_sent: int = 0
     nacks_sent: int = 0
+    gaps_opened: int = 0
     state_packets_sent: int = 0
     duplicates_dropped: int = 0
     malformed_dropped: int = 0
@@ -314,11 +315,13 @@ class HopLink:
             return effects
         counters.packets_received += 1
         self._last_heard_at = now
-        if state is not None:
-            self._on_state(state, now)
         if header.ptype is PacketType.DATA:
             self._on_data(header.seq, fragments, now, effects)
-        elif header.ptype is PacketType.HEARTBEAT:
+        # After the data: a piggybacked state's send_high counts the packet it rides in,
+        # which must not look like a lost tail first.
+        if state is not None:
+            self._on_state(state, now)
+        if header.ptype is PacketType.HEARTBEAT:
             assert isinstance(body, Heartbeat)
             self._on_heartbeat(body, now, effects)
         self._pump(now, effects)
@@ -453,6 +456,7 @@ class HopLink:
     def _open_gaps(self, first: int, end: int, now: float) -> None:
         """Seqs in [first, end) are missing: NACK them after the reorder allowance."""
         nack_at = now + self._config.nack_delay_interval
+        self._counters.gaps_opened += end - first
         gaps = self._gaps
         for seq in range(first, end):
             gaps[seq] = _Gap(nack_at, now)

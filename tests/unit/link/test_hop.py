@@ -123,6 +123,33 @@ def hold_back(seqs: set[int], held: list[bytes]) -> Callable[[object, bytes], bo
     return keep
 
 
+def test_an_in_order_exchange_opens_no_gap() -> None:
+    # Each side answers the other, so most data packets carry a piggybacked ACK whose
+    # send_high names the very packet it rides in.
+    pair = make_pair(delay=0.001)
+    for i in range(50):
+        pair.send(A, numbered(i))
+        pair.run(pair.now + 0.003)
+        pair.send(B, numbered(i))
+        pair.run(pair.now + 0.003)
+    pair.run(pair.now + 0.5)
+    assert len(pair.delivered[A]) == len(pair.delivered[B]) == 50
+    for link in (pair.a, pair.b):
+        stats = link.statistics()
+        assert stats.retransmissions == 0
+        assert stats.gaps_opened == 0
+
+
+def test_a_late_packet_opens_one_gap() -> None:
+    held: list[bytes] = []
+    pair = make_pair(delay=0.01, filter=hold_back({2}, held))
+    for i in range(1, 4):
+        pair.send(A, numbered(i))
+    pair.run(pair.now + 0.011)
+    pair.inject(B, held.pop())
+    assert pair.b.statistics().gaps_opened == 1
+
+
 def test_a_filled_gap_sets_no_deadline() -> None:
     held: list[bytes] = []
     pair = make_pair(delay=0.01, filter=hold_back({2}, held))
