@@ -145,6 +145,10 @@ class _ExplodingLink:
     def start(self, now: float) -> list[LinkEffect]:
         return self._inner.start(now)
 
+    @property
+    def queued_messages(self) -> int:
+        return self._inner.queued_messages
+
     def can_send(self, size: int) -> bool:
         return self._inner.can_send(size)
 

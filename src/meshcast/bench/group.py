@@ -826,6 +826,9 @@ _COUNTERS = {
     "gso_datagrams": ("", "gso_datagrams"),  # the datagrams those runs carried
     "link_retransmissions": ("links", "retransmissions"),
     "link_nacks_sent": ("links", "nacks_sent"),
+    "link_gaps_opened": ("links", "gaps_opened"),  # packets a receiver found missing
+    "link_probes_sent": ("links", "probes_sent"),  # tail probes (each resent, twice if idle)
+    "link_duplicates_dropped": ("links", "duplicates_dropped"),  # e.g. a needless probe's
     "overlay_data_originated": ("overlay", "data_originated"),
     "group_repairs_sent": ("group", "repairs_sent"),
     "group_duplicates_dropped": ("group", "duplicates_dropped"),

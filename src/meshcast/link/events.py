@@ -60,6 +60,7 @@ class LinkStats:
     retransmissions: int = 0
     probes_sent: int = 0
     nacks_sent: int = 0
+    gaps_opened: int = 0  # packets found missing: a later one, or news of one, came first
     state_packets_sent: int = 0
     duplicates_dropped: int = 0
     malformed_dropped: int = 0
@@ -95,6 +96,8 @@ class Link(Protocol):
     def established(self) -> bool: ...
     @property
     def failed(self) -> bool: ...
+    @property
+    def queued_messages(self) -> int: ...  # accepted by `send`, not yet in a packet: O(1)
 
     def start(self, now: float) -> list[LinkEffect]: ...
     def can_send(self, size: int) -> bool: ...

@@ -84,6 +84,7 @@ class _Counters:
     retransmissions: int = 0
     probes_sent: int = 0
     nacks_sent: int = 0
+    gaps_opened: int = 0
     state_packets_sent: int = 0
     duplicates_dropped: int = 0
     malformed_dropped: int = 0
@@ -137,7 +138,11 @@ class HopLink:
         self._rcv_high = 0
         self._rcv_above: set[int] = set()
         self._gaps: dict[int, _Gap] = {}
-        self._gap_heap: list[tuple[float, int]] = []
+        # NACK times as a min-heap, and how many open gaps wait for each: a filled gap only
+        # lowers its time's count, and a time nobody waits for is dropped from the heap top,
+        # so the top is always a NACK that is really due.
+        self._gap_heap: list[float] = []
+        self._gaps_waiting: dict[float, int] = {}
         self._ack_pending = 0
         self._ack_due_at: float | None = None
         self._reassembly = Reassembler(config.max_message_size, config.max_reassembly_bytes)
@@ -172,6 +177,11 @@ class HopLink:
         arrived (each side announces the largest datagram it takes)."""
         return self._mtu
 
+    @property
+    def queued_messages(self) -> int:
+        """Messages accepted by `send` and not yet put in a packet."""
+        return len(self._queue)
+
     def can_send(self, size: int) -> bool:
         return not self._failed and self._queue.can_accept(size)
 
@@ -204,8 +214,8 @@ class HopLink:
         at = self._ack_due_at
         if at is not None and at < deadline:
             deadline = at
-        if self._gap_heap and self._gap_heap[0][0] < deadline:
-            deadline = self._gap_heap[0][0]
+        if self._gap_heap and self._gap_heap[0] < deadline:
+            deadline = self._gap_heap[0]
         at = self._probe_at
         if at is not None and at < deadline:
             deadline = at
@@ -254,7 +264,7 @@ class HopLink:
             self._send_hello(now, effects)
         if self._heartbeat_at is not None and now >= self._heartbeat_at:
             self._send_heartbeat(now, effects)
-        due_gaps = bool(self._gap_heap) and self._gap_heap[0][0] <= now
+        due_gaps = bool(self._gap_heap) and self._gap_heap[0] <= now
         if due_gaps and not self._send_nacks(now, effects):
             return effects
         if self._ack_due_at is not None and now >= self._ack_due_at:
@@ -305,11 +315,13 @@ class HopLink:
             return effects
         counters.packets_received += 1
         self._last_heard_at = now
-        if state is not None:
-            self._on_state(state, now)
         if header.ptype is PacketType.DATA:
             self._on_data(header.seq, fragments, now, effects)
-        elif header.ptype is PacketType.HEARTBEAT:
+        # After the data: a piggybacked state's send_high counts the packet it rides in,
+        # which must not look like a lost tail first.
+        if state is not None:
+            self._on_state(state, now)
+        if header.ptype is PacketType.HEARTBEAT:
             assert isinstance(body, Heartbeat)
             self._on_heartbeat(body, now, effects)
         self._pump(now, effects)
@@ -363,6 +375,7 @@ class HopLink:
         self._rcv_above.clear()
         self._gaps.clear()
         self._gap_heap.clear()
+        self._gaps_waiting.clear()
         self._ack_pending = 0
         self._ack_due_at = None
         self._reassembly.clear()
@@ -408,7 +421,9 @@ class HopLink:
             self._open_gaps(self._rcv_high + 1, seq, now)
             self._rcv_high = seq
         else:
-            self._gaps.pop(seq, None)
+            gap = self._gaps.pop(seq, None)
+            if gap is not None:
+                self._gap_filled(gap)
         self._ack_pending += 1
         if self._ack_pending >= self._config.ack_every_packets:
             self._ack_due_at = now
@@ -441,11 +456,34 @@ class HopLink:
     def _open_gaps(self, first: int, end: int, now: float) -> None:
         """Seqs in [first, end) are missing: NACK them after the reorder allowance."""
         nack_at = now + self._config.nack_delay_interval
+        self._counters.gaps_opened += end - first
         gaps = self._gaps
         for seq in range(first, end):
             gaps[seq] = _Gap(nack_at, now)
         if end > first:
-            heapq.heappush(self._gap_heap, (nack_at, first))
+            self._schedule_nacks(nack_at, end - first)
+
+    def _schedule_nacks(self, nack_at: float, count: int) -> None:
+        """`count` more gaps are due for a NACK at `nack_at`."""
+        waiting = self._gaps_waiting.get(nack_at, 0)
+        self._gaps_waiting[nack_at] = waiting + count
+        if not waiting:
+            heapq.heappush(self._gap_heap, nack_at)
+
+    def _gap_filled(self, gap: _Gap) -> None:
+        waiting = self._gaps_waiting[gap.nack_at] - 1
+        if waiting:
+            self._gaps_waiting[gap.nack_at] = waiting
+        else:
+            del self._gaps_waiting[gap.nack_at]
+            self._drop_unwaited_nack_times()
+
+    def _drop_unwaited_nack_times(self) -> None:
+        # Each time is pushed once and popped once: amortised O(log n) a NACK time.
+        heap = self._gap_heap
+        waiting = self._gaps_waiting
+        while heap and heap[0] not in waiting:
+            heapq.heappop(heap)
 
     def _renack_interval(self) -> float:
         return max(
@@ -456,10 +494,12 @@ class HopLink:
     def _send_nacks(self, now: float, effects: list[LinkEffect]) -> bool:
         """NACK every gap that is due; False if one was NACKed too often (link failed)."""
         heap = self._gap_heap
-        while heap and heap[0][0] <= now:
-            heapq.heappop(heap)
+        waiting = self._gaps_waiting
+        while heap and heap[0] <= now:
+            waiting.pop(heapq.heappop(heap), None)  # every gap due by now is NACKed below
         due = sorted(seq for seq, gap in self._gaps.items() if gap.nack_at <= now)
         if not due:
+            self._drop_unwaited_nack_times()
             return True
         renack_at = now + self._renack_interval()
         ranges: list[tuple[int, int]] = []
@@ -477,7 +517,8 @@ class HopLink:
                 ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
             else:
                 ranges.append((seq, 1))
-        heapq.heappush(heap, (renack_at, due[0]))
+        self._schedule_nacks(renack_at, len(due))
+        self._drop_unwaited_nack_times()
         step = self._max_nacks_per_packet
         for i in range(0, len(ranges), step):
             self._counters.nacks_sent += 1

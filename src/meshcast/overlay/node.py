@@ -295,6 +295,11 @@ class OverlayNode:
         self._refresh_at: float | None = None  # when our LSA is next re-originated
         self._seq = 0
         self._outbox: deque[tuple[tuple[NodeId, ...], bytes, int]] = deque()
+        # Outbox positions, so `backlogged` needs no scan: messages ever queued, messages
+        # that left, and for each destination the position of the latest one for it.
+        self._outbox_queued = 0
+        self._outbox_left = 0
+        self._latest_queued_for: dict[NodeId, int] = {}
         self._pacer: Pacer | None = None
         self._sent_to: dict[NodeId, int] = {}
         self._acked_by: dict[NodeId, int] = {}  # per destination, of its current incarnation
@@ -327,14 +332,19 @@ class OverlayNode:
         return self._endpoint
 
     def backlogged(self, dest: NodeId) -> bool:
-        """Does the first hop towards `dest` still queue messages of ours, not yet sent?
-        Then what we sent `dest` earlier waits in that reliable link's queue, not lost:
-        sending it again would only queue a duplicate. (Packets merely unacknowledged
-        do not count: a link with delay always has some in flight.)"""
+        """Does this daemon still hold a message for `dest`, not yet sent: in the outbox
+        (waiting for the source's rate or window) or in the queue of the link to the first
+        hop towards `dest`? Then what we sent `dest` earlier is on its way, not lost, and
+        sending it again would only queue a duplicate behind it. Packets merely
+        unacknowledged do not count (a link with delay always has some in flight), nor
+        can a forwarding daemon's queues: there the caller's own test must do (the group
+        layer's: `dest`'s ACKs stopped advancing). Two counters and a length, no scan."""
+        if self._latest_queued_for.get(dest, 0) > self._outbox_left:
+            return True
         hop = self._routing.next_hop(self.local, dest)
         if hop is None or hop not in self._endpoint:
             return False
-        return self._endpoint.link(hop).statistics().queued_messages > 0
+        return self._endpoint.link(hop).queued_messages > 0
 
     def advertised_bandwidth(self, peer: NodeId) -> float:
         """The bandwidth (bits/s) our LSA reports for the link to `peer`."""
@@ -421,6 +431,7 @@ class OverlayNode:
         timeout. Links stay up to deliver what is in flight; nothing new is sent."""
         self._leaving = True
         self._outbox.clear()
+        self._outbox_left = self._outbox_queued
         effects: list[OverlayEffect] = []
         self._originate(now, effects)
         return effects
@@ -441,7 +452,12 @@ class OverlayNode:
             raise BufferFull(f"{len(self._outbox)} messages wait for the source's rate and window")
         if not 0 <= upper <= 0xFF:
             raise UsageError(f"upper protocol must fit one byte, got {upper!r}")
-        self._outbox.append((tuple(sorted(set(dests))), payload, upper))
+        listed = tuple(sorted(set(dests)))
+        self._outbox.append((listed, payload, upper))
+        self._outbox_queued += 1
+        latest = self._latest_queued_for
+        for dest in listed:
+            latest[dest] = self._outbox_queued
         effects: list[OverlayEffect] = []
         self._pump(now, effects)
         return effects
@@ -837,6 +853,7 @@ class OverlayNode:
             if pacer is not None and not pacer.ready(now):
                 return
             dests, payload, upper = self._outbox.popleft()
+            self._outbox_left += 1
             self._seq += 1
             self._counters.data_originated += 1
             reachable = [d for d in dests if d in self._view]

@@ -317,6 +317,10 @@ class TcpLink:
         """Our current stream incarnation; bumped when the peer restarts."""
         return self._epoch
 
+    @property
+    def queued_messages(self) -> int:
+        return len(self._queue)
+
     def can_send(self, size: int) -> bool:
         return not self._failed and self._queue.can_accept(size)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from meshcast import wire
@@ -105,6 +107,77 @@ def test_gap_is_nacked_repeatedly_until_recovered() -> None:
     pair.run(pair.now + 2)
     assert len(pair.delivered[B]) == 10
     assert pair.a.statistics().retransmissions >= 2
+
+
+def hold_back(seqs: set[int], held: list[bytes]) -> Callable[[object, bytes], bool]:
+    """A pipe filter that keeps the first copy of A's data packets `seqs` in `held`."""
+
+    def keep(src: object, datagram: bytes) -> bool:
+        seq = data_seq(datagram)
+        if src == A and seq in seqs:
+            seqs.discard(seq)
+            held.append(datagram)
+            return False
+        return True
+
+    return keep
+
+
+def test_an_in_order_exchange_opens_no_gap() -> None:
+    # Each side answers the other, so most data packets carry a piggybacked ACK whose
+    # send_high names the very packet it rides in.
+    pair = make_pair(delay=0.001)
+    for i in range(50):
+        pair.send(A, numbered(i))
+        pair.run(pair.now + 0.003)
+        pair.send(B, numbered(i))
+        pair.run(pair.now + 0.003)
+    pair.run(pair.now + 0.5)
+    assert len(pair.delivered[A]) == len(pair.delivered[B]) == 50
+    for link in (pair.a, pair.b):
+        stats = link.statistics()
+        assert stats.retransmissions == 0
+        assert stats.gaps_opened == 0
+
+
+def test_a_late_packet_opens_one_gap() -> None:
+    held: list[bytes] = []
+    pair = make_pair(delay=0.01, filter=hold_back({2}, held))
+    for i in range(1, 4):
+        pair.send(A, numbered(i))
+    pair.run(pair.now + 0.011)
+    pair.inject(B, held.pop())
+    assert pair.b.statistics().gaps_opened == 1
+
+
+def test_a_filled_gap_sets_no_deadline() -> None:
+    held: list[bytes] = []
+    pair = make_pair(delay=0.01, filter=hold_back({2}, held))
+    for i in range(1, 4):
+        pair.send(A, numbered(i))
+    gap_nack_at = pair.now + 0.01 + CONFIG.nack_delay_interval
+    pair.run(pair.now + 0.011)  # 1 and 3 arrived: a gap at 2
+    assert pair.b.next_deadline() == pytest.approx(gap_nack_at)
+    pair.inject(B, held.pop())  # 2 arrives late, within the reorder allowance
+    deadline = pair.b.next_deadline()
+    assert deadline is not None
+    assert deadline > gap_nack_at + 0.001  # the delayed ACK, not the filled gap
+    pair.run(pair.now + 0.5)
+    assert pair.b.statistics().nacks_sent == 0
+
+
+def test_a_partly_filled_gap_is_still_nacked() -> None:
+    held: list[bytes] = []
+    pair = make_pair(delay=0.01, filter=hold_back({2, 3}, held))
+    for i in range(1, 5):
+        pair.send(A, numbered(i))
+    gap_nack_at = pair.now + 0.01 + CONFIG.nack_delay_interval
+    pair.run(pair.now + 0.011)  # 1 and 4 arrived: a gap at 2-3
+    pair.inject(B, held.pop(0))  # 2 arrives; 3 is still missing
+    assert pair.b.next_deadline() == pytest.approx(gap_nack_at)
+    pair.run(pair.now + 0.5)
+    assert pair.b.statistics().nacks_sent >= 1
+    assert sorted(pair.delivered[B]) == sorted(numbered(i) for i in range(1, 5))
 
 
 @pytest.mark.parametrize("size", [3000, 1 << 20])

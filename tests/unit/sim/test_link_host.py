@@ -39,6 +39,10 @@ class StubLink:
     def start(self, now: float) -> list[LinkEffect]:
         return [Transmit(self._peer, b"hello")]
 
+    @property
+    def queued_messages(self) -> int:
+        return 0
+
     def can_send(self, size: int) -> bool:
         return True
 
