@@ -8,6 +8,12 @@ to one whose ACKs of our messages stopped advancing (one still taking them in is
 slow), and whose path holds nothing of ours any more (`backlogged`: a message queued or in
 flight on a reliable link arrives; sending it again would only queue a duplicate behind it).
 The copies and ACKs are the stability protocol's (`meshcast.group.stability`).
+
+A destination repaired once is *recovering* until a look finds nothing it lacks: while its
+ACKs show that our repairs arrive, it gets the next `max_repairs_per_look` copies at the
+next look, every `repair_after / RECOVERY_LOOKS_PER_REPAIR`, instead of waiting to look
+stuck again (a link that lost thousands of messages is repaired at ACK pace, not 256 a
+stall).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from meshcast.group.events import Broadcast, GroupEffect
 from meshcast.group.stability import AckVector, Stability
 from meshcast.group.view import GroupView
 from meshcast.ids import NodeId
+
+RECOVERY_LOOKS_PER_REPAIR = 10  # looks per repair_after while a destination recovers
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +60,15 @@ class Repair:
         self._backlogged = backlogged
         self._others: tuple[NodeId, ...] = ()
         self._repair_at = 0.0  # next look for own copies some destination still lacks
+        # destinations recovering (see the module docstring): when we last repaired each
+        self._recovering: dict[NodeId, float] = {}
         self._counters = _Counters()
 
     def reset(self, view: GroupView) -> None:
         """A new view (its copies start afresh in `Stability.reset`)."""
         self._others = tuple(m for m in view.members if m != self.local)
         self._repair_at = 0.0
+        self._recovering.clear()
 
     def statistics(self) -> RepairStats:
         return RepairStats(repairs_sent=self._counters.repairs_sent, looks=self._counters.looks)
@@ -80,21 +91,28 @@ class Repair:
         due = now - self.config.repair_after
         acked = self._stability.acked_by(holding)
         # Only to a destination whose ACKs of our messages stopped advancing: one that
-        # still takes them in is being fed (our outbox or window is merely slow).
+        # still takes them in is being fed (our outbox or window is merely slow) — unless
+        # what it takes in is our repairs (recovering).
         # ...and whose path holds nothing of ours any more: a message queued or in flight
         # on a reliable link arrives; sending it again only adds a duplicate to the queue
+        recovering = self._recovering
         stuck = [
             m
             for m in self._others
-            if self._stability.progress_at(m) <= due and not self._backlogged(m)
+            if (
+                self._stability.progress_at(m) <= due
+                or self._stability.progress_at(m) > recovering.get(m, now)
+            )
+            and not self._backlogged(m)
         ]
         if not stuck:
             return
         stuck_set = set(stuck)
+        lacked: set[NodeId] = set()  # stuck members an old copy was sent again to
         budget = self.config.max_repairs_per_look
         for copy in self._stability.copies(self.local):
             if copy.sent_at > due:
-                continue
+                continue  # sent (or repaired) lately: it may still be on its way
             stream, numbers = copy.stream, copy.numbers
             if stream == "pruned":
                 lacking = [
@@ -109,7 +127,16 @@ class Repair:
                 continue
             copy.sent_at = now
             effects.append(Broadcast(tuple(lacking), copy.encoded))
+            lacked.update(lacking)
             self._counters.repairs_sent += 1
             budget -= 1
             if budget == 0:
-                return
+                break
+        for m in stuck:
+            if m in lacked:
+                recovering[m] = now
+            elif budget:  # every old copy looked at: what it lacks is on its way
+                recovering.pop(m, None)
+        if recovering:
+            step = self.config.repair_after / RECOVERY_LOOKS_PER_REPAIR
+            self._repair_at = min(self._repair_at, now + step)
