@@ -931,11 +931,19 @@ class Client:
 
     async def _take_frames(self) -> bool:
         """Handle the frames decoded so far; False once the session is over."""
+        events, queue_size = self._events, self._queue_size
+        queued = False  # messages queued without `_enqueue`: wake `receive` once for all
         for frame in self._decoder:
+            if isinstance(frame, Message):  # most frames: queued at once while there is room
+                self._counters.messages_received += 1
+                if len(events) < queue_size and not self._closed:
+                    events.append(frame)
+                    queued = True
+                    continue
+                self._readable.set()  # full: the reader must drain it before we go on
+                await self._enqueue(frame)
+                continue
             match frame:
-                case Message():
-                    self._counters.messages_received += 1
-                    await self._enqueue(frame)
                 case Membership():
                     self._counters.memberships_received += 1
                     self._on_membership(frame)
@@ -971,6 +979,8 @@ class Client:
                     return False
                 case _:
                     raise DecodeError(f"unexpected {type(frame).__name__} after the handshake")
+        if queued:
+            self._readable.set()
         return True
 
     def _on_replication(self, frame: ReplicationFrame) -> None:
