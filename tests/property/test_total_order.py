@@ -37,6 +37,15 @@ def test_the_aru_is_the_least_of_the_clock_and_every_member_heard(
         assert total.aru(clock) == min([clock, *total.heard.values()])
     for k, stream in enumerate(stamps):
         assert total.heard[others[k]] == (stream[-1] if stream else 0)
+        assert total.next_expected(others[k]) == len(stream) + 1
+    # what every member has been heard up to, in (timestamp, source) order
+    floor = min(s[-1] if s else 0 for s in stamps)
+    everything = sorted(
+        (ts, others[k], seq) for k, s in enumerate(stamps) for seq, ts in enumerate(s)
+    )
+    ready = [f"{source}:{seq}" for ts, source, seq in everything if ts <= floor]
+    assert total.ready(10**6) == ready
+    assert total.held == len(everything) - len(ready)
 
 
 def test_alone_the_aru_is_the_clock() -> None:

@@ -48,6 +48,7 @@ from meshcast.wire.membership import (
 log = logging.getLogger(__name__)
 
 MEMBERSHIP_GROUP = "#membership"  # reserved: the group of membership operations
+_MEMBERSHIP_GROUPS = (MEMBERSHIP_GROUP,)
 MEMBERSHIP_MSG_TYPE = 0xFFFF  # msg_type of membership operations (informative only)
 _OP_CAUSES = {
     OpKind.JOIN: Cause.JOIN,
@@ -322,10 +323,17 @@ class GroupMembership:
         effects: list[MembershipEffect] = []
         announce = False
         for effect in raw:
-            if isinstance(effect, Deliver) and effect.groups == (MEMBERSHIP_GROUP,):
-                effects.extend(self._apply(effect.source, effect.payload))
-            elif isinstance(effect, Deliver) and any(g.startswith("#") for g in effect.groups):
-                self._counters.malformed_dropped += 1  # only daemons name reserved groups
+            if isinstance(effect, Deliver):  # most effects: a loop, no generator
+                groups = effect.groups
+                if groups == _MEMBERSHIP_GROUPS:
+                    effects.extend(self._apply(effect.source, effect.payload))
+                    continue
+                for g in groups:
+                    if g.startswith("#"):
+                        self._counters.malformed_dropped += 1  # only daemons name these
+                        break
+                else:
+                    effects.append(effect)
             elif isinstance(effect, ViewTransition):
                 effects.extend(self._transition(effect.survivors))
                 effects.append(effect)

@@ -49,11 +49,16 @@ class Retention:
     def keep(
         self, source: NodeId, stream: str, numbers: Numbers, encoded: bytes, now: float
     ) -> None:
-        self._streams.setdefault((source, stream), deque()).append(
-            Copy(source, stream, numbers, encoded, now)
-        )
+        # once per message kept: no default deque or list built for setdefault to discard
+        key = (source, stream)
+        copies = self._streams.get(key)
+        if copies is None:
+            copies = self._streams[key] = deque()
+        copies.append(Copy(source, stream, numbers, encoded, now))
         self.count += 1
-        counts = self._by_source.setdefault(source, [0, 0])
+        counts = self._by_source.get(source)
+        if counts is None:
+            counts = self._by_source[source] = [0, 0]
         counts[0] += 1
         counts[1] += len(encoded)
 

@@ -90,6 +90,19 @@ class TotalOrder(Generic[T]):
     ) -> None:
         """A stream message from another member (item None: a NULL), not a duplicate."""
         gaps = self._gaps[source]
+        if not gaps and seq == self._next[source]:  # in order, none held: most messages
+            heard = self.heard
+            was_floor = heard[source] == self._heard_floor
+            if ts > heard[source]:
+                heard[source] = ts
+            if aru > self.aru_of[source]:
+                self.aru_of[source] = aru
+            if item is not None:
+                heapq.heappush(self._pending, (ts, source, next(self._tiebreak), safe, item, seq))
+            self._next[source] = seq + 1
+            if was_floor:
+                self._heard_floor = min(heard.values())
+            return
         gaps[seq] = (ts, aru, item, safe)
         self._gap_count += 1
         expected = self._next[source]

@@ -430,6 +430,28 @@ def decode_group(message: bytes) -> GroupMessage:
     return data if data is not None else _decode_data(message)
 
 
+# the names sections (sender, groups) decoded lately: a sender sends to the same groups
+_known_names: dict[bytes, tuple[str, tuple[str, ...]]] = {}
+_KNOWN_NAMES_MAX = 1024
+
+
+def _remember_names(raw: bytes, n: int) -> tuple[str, tuple[str, ...]]:
+    """Decode a names section whose lengths were checked (UnicodeDecodeError if not UTF-8)."""
+    pos = 1 + raw[0]
+    sender = raw[1:pos].decode("utf-8")
+    pos += COUNT.size
+    groups = []
+    for _ in range(n):
+        end = pos + 1 + raw[pos]
+        groups.append(raw[pos + 1 : end].decode("utf-8"))
+        pos = end
+    names = (sender, tuple(groups))
+    if len(_known_names) >= _KNOWN_NAMES_MAX:
+        _known_names.clear()
+    _known_names[raw] = names
+    return names
+
+
 def _decode_data_fast(message: bytes) -> GroupData | None:
     """A well-formed DATA message, decoded with plain offsets (once per message at every
     daemon); None, or an exception, for anything else: `_decode_data` then says what is
@@ -437,22 +459,24 @@ def _decode_data_fast(message: bytes) -> GroupData | None:
     _, service, view_id, msg_id, ts, seq, aru, msg_type = DATA_HEAD.unpack_from(message)
     level = _SERVICES.get(service & ~SERVICE_CONFIRM)
     size = len(message)
-    pos = DATA_HEAD.size + 1
-    end = pos + message[pos - 1]
-    if level is None or end > size:
+    start = DATA_HEAD.size
+    pos = start + 1 + message[start]  # past the sender
+    (n,) = COUNT.unpack_from(message, pos)
+    pos += COUNT.size
+    if level is None or not 1 <= n <= MAX_GROUPS:
         return None
-    sender = message[pos:end].decode("utf-8")
-    (n,) = COUNT.unpack_from(message, end)
-    pos = end + COUNT.size
-    if not 1 <= n <= MAX_GROUPS:
-        return None
-    groups = []
     for _ in range(n):
-        end = pos + 1 + message[pos]
-        if end == pos + 1 or end > size:
+        length = message[pos]
+        if not length:
             return None
-        groups.append(message[pos + 1 : end].decode("utf-8"))
-        pos = end
+        pos += 1 + length
+    if pos > size:
+        return None
+    names_raw = message[start:pos]
+    names = _known_names.get(names_raw)
+    if names is None:
+        names = _remember_names(names_raw, n)
+    sender, groups = names
     (f,) = COUNT.unpack_from(message, pos)
     pos += COUNT.size
     fifo: tuple[tuple[int, int], ...] = ()
@@ -482,7 +506,7 @@ def _decode_data_fast(message: bytes) -> GroupData | None:
         aru,
         msg_type,
         sender,
-        tuple(groups),
+        groups,
         fifo,
         vector,
         message[pos:],
