@@ -34,6 +34,7 @@ from meshcast.wire.client import (
     Frame,
     Goodbye,
     Hello,
+    HelloFlag,
     Join,
     Leave,
     Membership,
@@ -77,9 +78,11 @@ def aborted(effects: list[SessionEffect], conn: int) -> bool:
     return any(isinstance(e, CloseConnection) and e.conn == conn and e.abort for e in effects)
 
 
-def hello(t: SessionTable, conn: int, name: str = "", flags: int = 1) -> str:
+def hello(
+    t: SessionTable, conn: int, name: str = "", flags: HelloFlag = HelloFlag.MEMBERSHIP
+) -> str:
     t.connected(conn)
-    effects = t.frame_received(conn, Hello(name, flags=flags), 0.0)  # type: ignore[arg-type]
+    effects = t.frame_received(conn, Hello(name, flags=flags), 0.0)
     (welcome,) = frames(effects, conn)
     assert isinstance(welcome, Welcome)
     assert welcome.limits == LIMITS
