@@ -7,8 +7,10 @@ import os
 
 from setuptools.build_meta import *  # noqa: F403 (the backend's other hooks, unchanged)
 
-# mypy brings mypyc; mypyc type-checks the hot modules, which import cryptography
-COMPILE_REQUIRES = ["mypy>=2.4", "cryptography>=42"]
+# mypy brings mypyc; mypyc type-checks the hot modules against what they import:
+# cryptography (the links), numpy (overlay/node.py's trees), blake3 (daemon/node.py's
+# replication)
+COMPILE_REQUIRES = ["mypy>=2.4", "cryptography>=42", "numpy>=1.26", "blake3>=0.4"]
 
 
 def _requires() -> list[str]:

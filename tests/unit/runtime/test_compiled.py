@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,20 @@ def test_compiled_says_whether_the_hot_modules_are_extension_modules() -> None:
 )
 def test_the_suite_runs_on_the_build_ci_asked_for() -> None:
     assert compiled.compiled() == (os.environ["MESHCAST_EXPECT_COMPILED"] == "1")
+
+
+def test_the_compile_hints_need_no_mypy_extensions() -> None:
+    """The pure package runs without mypy_extensions: `mypyc_attr` then changes nothing."""
+    code = (
+        "import sys\n"
+        "sys.modules['mypy_extensions'] = None  # an import of it fails\n"
+        "from meshcast.compile_hints import mypyc_attr\n"
+        "@mypyc_attr(allow_interpreted_subclasses=True)\n"
+        "class Layer:\n"
+        "    pass\n"
+        "print(Layer.__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "Layer"
