@@ -21,7 +21,7 @@ import pytest
 SRC = Path(__file__).resolve().parent.parent / "src" / "meshcast"
 ROOT = "meshcast"  # the unit of src/meshcast/__init__.py: the public API
 
-BASE = {"errors", "ids"}
+BASE = {"errors", "ids", "compile_hints"}
 WIRE = BASE | {"wire"}
 LINK = WIRE | {"link"}
 OVERLAY = LINK | {"overlay"}
@@ -33,6 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     # leaves, usable from anywhere
     "errors": set(),  # the one exception hierarchy
     "ids": {"errors"},  # NodeId, GroupName, ...
+    "compile_hints": set(),  # what mypyc is told about a class (the optional compiled build)
     "socket_paths": set(),  # where a daemon's client socket is: shared by runtime and client
     "argtypes": {"errors"},  # CLI value types, parser, handler runner: shared by every CLI
     # the sans-I/O protocol stack, each layer above the previous one

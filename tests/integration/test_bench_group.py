@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from meshcast.runtime.compiled import compiled
+
 pytestmark = pytest.mark.timeout(120)
 
 COMMAND = (sys.executable, "-m", "meshcast", "bench", "group", "--json")
@@ -88,6 +90,7 @@ def test_tiny_run_prints_the_documented_json_and_stops_everything() -> None:
     setup = result["setup"]
     assert setup["daemons"] == [1, 3]
     assert setup["rtt_round_trips"] is None
+    assert setup["compiled"] is compiled()  # the build the daemons ran
     assert setup["event_loop"] in {"uvloop", "asyncio (uvloop is not installed)"}
     assert set(result["cpu_us_per_msg_by_cell"]) == {"1", "3"}
     headline = result["cpu_us_per_msg"]  # all daemons' CPU per 1,000-byte AGREED message

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 import meshcast
+from meshcast.runtime.compiled import compiled
 from meshcast.runtime.gso import gso_supported, gso_wanted
 
 from .daemon_helpers import DaemonProcess, ring, run_command, wait_agreed, write_cluster
@@ -137,6 +138,8 @@ async def test_status_shows_view_links_groups_and_members(
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
                 gso = gso_supported(probe) and gso_wanted(os.environ)
             assert report["daemon"]["udp_gso"] is gso
+            # the daemon runs the modules this process imports: the same build
+            assert report["daemon"]["compiled"] is compiled()
             assert [m["name"] for m in report["view"]["members"]] == ["d1", "d2", "d3"]
             assert report["view"]["links"] == 3
             links = {link["name"]: link for link in report["links"]}

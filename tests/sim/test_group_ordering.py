@@ -7,7 +7,8 @@ Invariants: docs/design/group.md, "Tests".
 workload: checked); "d sends" is "d's client sends MULTICAST" (a client in none of the
 groups too); "d delivers m" is "d's client got MESSAGE m". Everything is checked at the
 clients; SAFE stability also needs when each daemon's group layer first had a message,
-read from its input (a tap on the engine's `submit` and `overlay_delivered`).
+read from its input (an engine subclass that notes what `submit` and `overlay_delivered`
+are given, built by every daemon through `DaemonLayers`).
 
 MESHCAST_GROUP_SEEDS sets the number of seeds (default 200).
 """
@@ -16,12 +17,16 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
 import pytest
 
 from meshcast.daemon import ClientWrite
+from meshcast.daemon.layers import DaemonLayers
+from meshcast.group import GroupEngine
+from meshcast.group.events import GroupEffect
 from meshcast.ids import NodeId
 from meshcast.overlay.routing import POLICIES
 from meshcast.sim.daemon import (
@@ -70,29 +75,6 @@ class Run:
     def delivered(self, node: NodeId) -> list[int]:
         return self.group.delivered(self.process(node))
 
-    def tap(self, node: NodeId) -> None:
-        """Note when the daemon's group layer first has each client message."""
-        engine = self.dsim.node(node).engine
-        submit, delivered = engine.submit, engine.overlay_delivered
-
-        def note(hid: int) -> None:
-            self.have.setdefault(hid, set()).add(node)
-
-        def tapped_submit(groups: tuple[str, ...], payload: bytes, *a: object) -> object:
-            if not any(g.startswith("#") for g in groups):
-                note(MESSAGE_ID.unpack_from(payload)[0])
-            return submit(groups, payload, *a)  # type: ignore[arg-type]
-
-        def tapped_delivered(source: NodeId, payload: bytes, now: float) -> object:
-            for raw in split_batch(payload) if is_batch(payload) else [payload]:
-                message = decode_group(raw)
-                if isinstance(message, GroupData) and not message.groups[0].startswith("#"):
-                    note(MESSAGE_ID.unpack_from(message.payload)[0])
-            return delivered(source, payload, now)
-
-        engine.submit = tapped_submit  # type: ignore[assignment,method-assign]
-        engine.overlay_delivered = tapped_delivered  # type: ignore[assignment,method-assign]
-
     def observe(self, node: NodeId, effect: object, now: float) -> None:
         """After `GroupClients` took the frames: a SAFE message its client just got must
         be held by every daemon of the view already."""
@@ -107,6 +89,40 @@ class Run:
                     missing = sorted(set(self.nodes) - have)
                     self.safe_early.append(f"daemon {node} delivered SAFE {hid} before {missing}")
         self._seen[p] = len(line)
+
+
+def tapping_engine(have: dict[int, set[NodeId]]) -> type[GroupEngine]:
+    """An engine that notes in `have` when each daemon's group layer first has each client
+    message: submitted there, or handed up by the overlay."""
+
+    class TappingEngine(GroupEngine):
+        def note(self, hid: int) -> None:
+            have.setdefault(hid, set()).add(self.local)
+
+        def submit(
+            self,
+            groups: Sequence[str],
+            payload: bytes,
+            service: S,
+            sender: str,
+            now: float,
+            msg_type: int = 0,
+            token: int = 0,
+        ) -> list[GroupEffect]:
+            if not any(g.startswith("#") for g in groups):
+                self.note(MESSAGE_ID.unpack_from(payload)[0])
+            return super().submit(groups, payload, service, sender, now, msg_type, token)
+
+        def overlay_delivered(
+            self, source: NodeId, payload: bytes, now: float
+        ) -> list[GroupEffect]:
+            for raw in split_batch(payload) if is_batch(payload) else [payload]:
+                message = decode_group(raw)
+                if isinstance(message, GroupData) and not message.groups[0].startswith("#"):
+                    self.note(MESSAGE_ID.unpack_from(message.payload)[0])
+            return super().overlay_delivered(source, payload, now)
+
+    return TappingEngine
 
 
 def topology(rng: random.Random, n: int) -> list[tuple[int, int]]:
@@ -146,12 +162,12 @@ def scenario(seed: int, messages: int = 30) -> Run:
         for a, b in topology(rng, n)
     ]
     hosts = {g: sorted(rng.sample(nodes, rng.randint(1, n))) for g in GROUPS}
-    dsim = build_daemon_sim(links, seed=seed, policy=rng.choice(POLICIES))
+    have: dict[int, set[NodeId]] = {}
+    layers = DaemonLayers(engine=tapping_engine(have))
+    dsim = build_daemon_sim(links, seed=seed, policy=rng.choice(POLICIES), layers=layers)
     sim = dsim.sim
     group = GroupClients(dsim, hosts)
-    run = Run(seed, dsim, group, hosts, nodes)
-    for node in nodes:
-        run.tap(node)
+    run = Run(seed, dsim, group, hosts, nodes, have)
     sim.observe(run.observe)
     sim.call_at(CONNECT, group.connect_all)
     sim.run(until=SETTLE)

@@ -78,6 +78,7 @@ from meshcast.client import Client, Membership, Message, ServiceLevel, connect, 
 from meshcast.config import ClusterConfig, LimitsConfig, parse_config
 from meshcast.errors import MeshcastError
 from meshcast.link import LinkConfig
+from meshcast.runtime.compiled import compiled
 from meshcast.runtime.json_child import JsonChild, emit
 from meshcast.runtime.local_cluster import LocalCluster, loopback_mesh_toml
 from meshcast.runtime.loop import EVENT_LOOP_ENV, loop_factory
@@ -957,6 +958,8 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         "event_loop": args.event_loop
         if args.event_loop == "asyncio" or loop_factory() is not None
         else "asyncio (uvloop is not installed)",
+        # the daemons are started with this process's modules: the same build
+        "compiled": compiled(),
         "links": "in the clear (--insecure)"
         if args.insecure
         else "encrypted (AES-256-GCM, as users run them)",

@@ -30,6 +30,7 @@ from typing import TypeVar
 
 from meshcast.daemon.clients import ClientStreams
 from meshcast.daemon.effects import ClientClose, DaemonEffect, DaemonEvent
+from meshcast.daemon.layers import DAEMON_LAYERS, DaemonLayers
 from meshcast.daemon.probes import Probe, decode_probe, encode_probe
 from meshcast.daemon.replication import DaemonReplication, RateRefused, ReplicateAsk
 from meshcast.daemon.status import (
@@ -42,11 +43,10 @@ from meshcast.errors import BufferFull, ConfigError, DecodeError, UsageError
 from meshcast.group import (
     Broadcast,
     GroupConfig,
-    GroupEngine,
     OrderingReset,
     ViewTransition,
 )
-from meshcast.group.membership import GroupMembership, MembershipChanged
+from meshcast.group.membership import MembershipChanged
 from meshcast.group.sessions import (
     ClientConnected,
     ClientDisconnected,
@@ -54,7 +54,6 @@ from meshcast.group.sessions import (
     SendBytes,
     SessionConfig,
     SessionEffect,
-    SessionTable,
 )
 from meshcast.ids import NodeId
 from meshcast.link.events import Transmit
@@ -64,7 +63,6 @@ from meshcast.overlay.node import (
     OverlayConfig,
     OverlayDelivered,
     OverlayEffect,
-    OverlayNode,
     ViewAgreed,
     ViewInstalled,
 )
@@ -162,23 +160,25 @@ class DaemonNode:
         store: ChunkStore | None = None,
         replication: ReplicatorConfig | None = None,
         capacities: Mapping[NodeId, float] | None = None,
+        layers: DaemonLayers = DAEMON_LAYERS,
     ) -> None:
         """`wall_clock` stamps probes (the simulator passes its virtual clock); `names`
         are the cluster's daemon names and `emulated` the links the driver impairs, for
         events and status; `status` adds the driver's sections to a STATUS report
         (socket address, pid, keys). `store` holds replicated files (None: this daemon
         takes no part in replication); `capacities` are the daemons' upload bits/s, for
-        capacity-aware plans."""
+        capacity-aware plans. `layers`: the classes of the layers it builds (tests pass
+        subclasses)."""
         self.local = local
         self.config = config
-        self.overlay = OverlayNode(
+        self.overlay = layers.overlay(
             local, overlay, incarnation=incarnation, rng=rng, security=security
         )
         # the overlay tells the engine when a repair would only duplicate a message still
         # queued on a reliable link (docs/design/group.md, "Flush costs")
-        self.engine = GroupEngine(local, group, backlogged=self.overlay.backlogged)
-        self.sessions = SessionTable(
-            config.name, GroupMembership(self.engine), sessions, status=self._status
+        self.engine = layers.engine(local, group, backlogged=self.overlay.backlogged)
+        self.sessions = layers.sessions(
+            config.name, layers.membership(self.engine), sessions, status=self._status
         )
         self.clients = ClientStreams(write_chunk=config.write_chunk)
         self.names: Mapping[NodeId, str] = names if names is not None else {}
@@ -579,7 +579,9 @@ class DaemonNode:
                 case _:
                     self._unknown(effect, "the overlay", out)
 
-    def _apply_sessions(self, effects: Iterable[SessionEffect], out: list[DaemonEffect]) -> None:
+    def _apply_sessions(self, effects: Iterable[object], out: list[DaemonEffect]) -> None:
+        # object, not SessionEffect: compiled code would check each effect's type before
+        # the `case _` below could count one of a kind it does not know
         for effect in effects:
             if isinstance(effect, SendBytes):
                 self.clients.write(effect.conn, effect.data)

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from meshcast.compile_hints import mypyc_attr
 from meshcast.errors import BufferFull, DecodeError, UsageError
 from meshcast.group.config import GroupConfig, split_config
 from meshcast.group.events import GroupEffect, OrderingReset, SubmitLost
@@ -87,6 +88,7 @@ class StackStats:
     undecodable_dropped: int
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # DaemonLayers: tests subclass it
 class GroupEngine:
     """The group stack of one daemon. Inputs return effects; nothing here does I/O or
     reads a clock. Call `view_installed` before anything is sent or received."""

@@ -31,6 +31,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from meshcast.compile_hints import mypyc_attr
 from meshcast.errors import BufferFull, DecodeError, UsageError
 from meshcast.group.engine import GroupEngine
 from meshcast.group.events import Broadcast, Deliver, GroupEffect, OrderingReset, ViewTransition
@@ -121,6 +122,7 @@ def canonical(g: _Group) -> None:
     g.members.sort(key=lambda member: (member[1], member[0]))
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # DaemonLayers: tests subclass it
 class GroupMembership:
     """Group membership on top of one daemon's `GroupEngine` (sans-I/O).
 

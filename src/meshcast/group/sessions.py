@@ -44,10 +44,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
+from meshcast.compile_hints import mypyc_attr
 from meshcast.errors import BufferFull, ConfigError, DecodeError, UsageError
 from meshcast.group.access import AccessPolicy, Operation, Principal
 from meshcast.group.events import Deliver, SubmitConfirmed, SubmitLost
@@ -269,6 +270,7 @@ class _Session:
     decisions: dict[str, frozenset[Operation]] = field(default_factory=dict)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # DaemonLayers: tests subclass it
 class SessionTable:
     """Every client session of one daemon (see the module docstring)."""
 
@@ -874,7 +876,10 @@ class SessionTable:
 
     # ------------------------------------------------------------------ effects of the layers below
 
-    def _route(self, effects: list[MembershipEffect]) -> list[SessionEffect]:
+    def _route(self, effects: Sequence[object]) -> list[SessionEffect]:
+        # `effects` are the membership layer's (MembershipEffect), read as objects: an
+        # effect of a kind this table does not know goes up as it is, for the daemon's
+        # bulkhead to count, where compiled code would refuse it here (docs/compiled.md)
         out: list[SessionEffect] = []
         for effect in effects:
             if isinstance(effect, Deliver):
@@ -893,7 +898,7 @@ class SessionTable:
             elif isinstance(effect, SubmitConfirmed | SubmitLost):
                 out += self._confirmed(effect)
             else:
-                out.append(effect)
+                out.append(effect)  # type: ignore[arg-type]
         return out
 
     def _unconfirm(self, token: int) -> tuple[_Session, int] | None:

@@ -225,6 +225,11 @@ class SecureStream:
     def failure(self) -> Failed | None:
         return self._failure
 
+    def _failed(self) -> bool:
+        # a call, not `self._failure is None` after `self._parse()`, which may set it: mypy
+        # keeps an attribute's narrowing across calls, and mypyc compiles it in (TypeError)
+        return self._failure is not None
+
     @property
     def peer_closed(self) -> bool:
         return self._state is _State.PEER_CLOSED
@@ -307,19 +312,19 @@ class SecureStream:
             pos, end = 0, len(view)
             # Complete the buffered record from the new bytes, copying no more than it
             # needs; whole records after it are opened in place.
-            while buffer and pos < end and self._failure is None:
+            while buffer and pos < end and not self._failed():
                 take = min(self._unit_size() - len(buffer), end - pos)
                 buffer += view[pos : pos + take]
                 pos += take
                 with memoryview(buffer) as held:
                     used = self._parse(held, effects)
                 del buffer[:used]
-            if pos < end and self._failure is None:
+            if pos < end and not self._failed():
                 pos += self._parse(view[pos:], effects)
-                if self._failure is None:
+                if not self._failed():
                     buffer += view[pos:]
             view.release()
-        if self._failure is not None:
+        if self._failed():
             buffer.clear()
         return effects
 

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import astuple, dataclass, field, replace
 
+from meshcast.compile_hints import mypyc_attr
 from meshcast.errors import BufferFull, ConfigError, DecodeError, UsageError
 from meshcast.ids import NodeId
 from meshcast.link import (
@@ -263,6 +264,7 @@ class OverlayStats:
     link_messages_sent: int = 0
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # DaemonLayers: tests subclass it
 class OverlayNode:
     """The overlay layer of one daemon. Inputs return effects; nothing here does I/O."""
 

@@ -45,6 +45,7 @@ from meshcast.group.sessions import SessionTable
 from meshcast.ids import NodeId
 from meshcast.overlay.node import OverlayConfig
 from meshcast.runtime.blob_store import DiskStore
+from meshcast.runtime.compiled import compiled
 from meshcast.runtime.daemon_keys import DaemonKeys
 from meshcast.runtime.datagram import open_endpoint
 from meshcast.runtime.endpoints import (
@@ -460,6 +461,7 @@ class OverlayDaemon:
                 "pid": os.getpid(),
                 "event_loop": event_loop_name(),
                 "udp_gso": self.neighbours.udp_gso,
+                "compiled": compiled(),  # the mypyc build of the hot modules (docs/compiled.md)
             },
             "counters": {"daemon": asdict(self._counters())},
             "replication": {

@@ -33,7 +33,7 @@ import os
 import socket
 import stat
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from meshcast.daemon.node import DEFAULT_WRITE_CHUNK
 from meshcast.errors import ConfigError
@@ -225,7 +225,9 @@ class ClientServer:
             lambda: _Connection(self, remote=remote), host, port
         )
         self._servers.append(server)
-        name = server.sockets[0].getsockname()
+        # read untyped: uvloop's Server.sockets is a list where typeshed says tuple, and
+        # the compiled build checks the type it reads (docs/compiled.md)
+        name = cast("Any", server).sockets[0].getsockname()
         self.tcp_address = (str(name[0]), int(name[1]))
 
     @property

@@ -29,6 +29,7 @@ from meshcast.daemon import (
     DaemonNode,
     DaemonNodeConfig,
 )
+from meshcast.daemon.layers import DAEMON_LAYERS, DaemonLayers
 from meshcast.errors import DecodeError
 from meshcast.group import GroupConfig
 from meshcast.group.sessions import SessionConfig
@@ -268,10 +269,12 @@ def build_daemon_sim(
     high_water: int = DEFAULT_HIGH_WATER,
     probe_interval: float | None = None,
     secure: bool = True,
+    layers: DaemonLayers = DAEMON_LAYERS,
 ) -> DaemonSim:
     """Daemons over `links`, each a `DaemonNode` named ``d<id>``; links are encrypted, as
     a daemon's are, unless `secure` is False. Bugs are not contained: an exception inside
-    a daemon fails the run."""
+    a daemon fails the run. `layers`: the classes of each daemon's layers (a test's
+    subclasses: `DaemonLayers`)."""
     nodes = sorted({n for e in links for n in (e.a, e.b)})
     config_of = overlay_configs(links, policy=policy, link=link)
     names = {NodeId(n): f"d{n}" for n in nodes}
@@ -291,6 +294,7 @@ def build_daemon_sim(
             security=None if security is None else security(rng),
             names=names,
             contain_bugs=False,
+            layers=layers,
         )
 
     def start(node: DaemonNode, now: float) -> list[object]:

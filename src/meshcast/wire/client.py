@@ -1503,8 +1503,8 @@ def _encode_checked(frame: Frame) -> bytes:
     """`encode`, every field checked."""
     try:
         _check(frame)
-    except _Fault as fault:
-        raise ValueError(f"{type(frame).__name__}: {fault}") from None
+    except _Fault as error:
+        raise ValueError(f"{type(frame).__name__}: {error}") from None
     parts = _encode_body(frame)
     length = 1 + sum(len(p) for p in parts)
     if length > U32_MAX:
@@ -1882,8 +1882,8 @@ def _decode_body(ftype: FrameType, type_and_body: memoryview) -> Frame:
         if reader.pos != reader.end:
             raise _Fault(f"{reader.end - reader.pos} trailing bytes after the body")
         _check(frame)
-    except _Fault as fault:
-        raise DecodeError(f"{ftype.name} frame: {fault}") from None
+    except _Fault as error:  # not `fault`: that name holds a str above (mypyc types it so)
+        raise DecodeError(f"{ftype.name} frame: {error}") from None
     return frame
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import FrozenInstanceError, dataclass
 
 import pytest
@@ -23,11 +23,13 @@ from meshcast.daemon import (
     DaemonNodeConfig,
 )
 from meshcast.daemon.clients import ClientStreams
+from meshcast.daemon.layers import DaemonLayers
 from meshcast.daemon.probes import Probe, decode_probe, encode_probe
 from meshcast.errors import ConfigError, DecodeError
+from meshcast.group.sessions import SessionEffect, SessionTable
 from meshcast.ids import NodeId
 from meshcast.link import LinkConfig
-from meshcast.overlay.node import OverlayConfig
+from meshcast.overlay.node import OverlayConfig, OverlayNode
 from meshcast.sim.daemon import GroupLink, build_daemon_sim
 from meshcast.sim.network import LinkModel
 from meshcast.wire.client import (
@@ -44,6 +46,29 @@ from meshcast.wire.client import (
     encode,
 )
 from meshcast.wire.overlay import Upper
+
+
+class FullOutbox(OverlayNode):
+    """An overlay whose outbox reports full while `full` is set."""
+
+    full = False
+
+    def can_multicast(self) -> bool:
+        return not self.full and super().can_multicast()
+
+
+class FaultySessions(SessionTable):
+    """A session table whose `connected` returns `answer`'s effects, or raises what it
+    raises."""
+
+    answer: Callable[[], list[object]] | None = None
+
+    def connected(
+        self, conn: int, now: float | None = None, *, remote: bool = False
+    ) -> list[SessionEffect]:
+        if self.answer is None:
+            return super().connected(conn, now, remote=remote)
+        return self.answer()  # type: ignore[return-value]
 
 
 def lone_daemon(**kwargs: object) -> DaemonNode:
@@ -106,19 +131,18 @@ def test_one_connection_pouring_frames_in_does_not_starve_another() -> None:
     assert node.statistics().client_turns >= 3
 
 
-def test_a_frame_that_cannot_be_taken_keeps_its_connection_paused(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    node = lone_daemon()
+def test_a_frame_that_cannot_be_taken_keeps_its_connection_paused() -> None:
+    node = lone_daemon(layers=DaemonLayers(overlay=FullOutbox))
     now = settle(node, 1.0)
     node.client_connected(1, now)
     node.client_data(1, encode(Hello("c")), now)
-    monkeypatch.setattr(node.overlay, "can_multicast", lambda: False)  # the outbox is full
+    assert isinstance(node.overlay, FullOutbox)
+    node.overlay.full = True
     effects = node.client_data(1, encode(Multicast(("g",), b"x")), now)
     assert ClientReading(1, paused=True) in effects
     assert not frames_to(1, effects)  # not taken, not refused: it waits
     assert node.next_deadline() != now  # and nothing spins meanwhile
-    monkeypatch.undo()
+    node.overlay.full = False
     effects = node.on_timer(max(now, node.next_deadline() or now))
     effects += node.on_timer(node.next_deadline() or now)
     assert ClientReading(1, paused=False) in effects
@@ -136,23 +160,29 @@ def test_bytes_that_do_not_decode_end_the_session_with_bad_frame() -> None:
     assert node.client_data(1, encode(Hello("late")), now) == []  # no longer read
 
 
-def test_a_layer_that_raises_is_contained_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
-    node = lone_daemon()
+def faulty_sessions(node: DaemonNode, answer: Callable[[], list[object]]) -> None:
+    """From now on, `node`'s session table answers a new connection with `answer()`."""
+    assert isinstance(node.sessions, FaultySessions)
+    node.sessions.answer = answer
+
+
+def test_a_layer_that_raises_is_contained_and_counted() -> None:
+    node = lone_daemon(layers=DaemonLayers(sessions=FaultySessions))
     now = settle(node, 1.0)
 
-    def broken(*_: object, **__: object) -> list[object]:
+    def broken() -> list[object]:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(node.sessions, "connected", broken)
+    faulty_sessions(node, broken)
     effects = node.client_connected(1, now)
     bugs = [e for e in effects if isinstance(e, DaemonEvent) and e.name == "bug_contained"]
     assert len(bugs) == 1
     assert bugs[0].level == "error"
     assert "boom" in str(bugs[0].fields["error"])
     assert node.statistics().internal_errors == 1
-    strict = lone_daemon(contain_bugs=False)
+    strict = lone_daemon(contain_bugs=False, layers=DaemonLayers(sessions=FaultySessions))
     settle(strict, 1.0)
-    monkeypatch.setattr(strict.sessions, "connected", broken)
+    faulty_sessions(strict, broken)
     with pytest.raises(RuntimeError, match="boom"):
         strict.client_connected(1, now)
 
@@ -162,20 +192,18 @@ class Novel:
     value: int
 
 
-def test_unknown_effects_are_counted_once_logged_or_fail_in_strict_mode(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    node = lone_daemon()
+def test_unknown_effects_are_counted_once_logged_or_fail_in_strict_mode() -> None:
+    node = lone_daemon(layers=DaemonLayers(sessions=FaultySessions))
     now = settle(node, 1.0)
-    monkeypatch.setattr(node.sessions, "connected", lambda *_a, **_k: [Novel(1), Novel(2)])
+    faulty_sessions(node, lambda: [Novel(1), Novel(2)])
     effects = node.client_connected(1, now)
     events = [e for e in effects if isinstance(e, DaemonEvent) and e.name == "unknown_effect"]
     assert len(events) == 1
     assert "Novel" in str(events[0].fields["effect"])
     assert node.statistics().unknown_effects == 2
-    strict = lone_daemon(contain_bugs=False)
+    strict = lone_daemon(contain_bugs=False, layers=DaemonLayers(sessions=FaultySessions))
     settle(strict, 1.0)
-    monkeypatch.setattr(strict.sessions, "connected", lambda *_a, **_k: [Novel(1)])
+    faulty_sessions(strict, lambda: [Novel(1)])
     with pytest.raises(AssertionError, match=r"unknown effect .*Novel"):
         strict.client_connected(1, now)
 

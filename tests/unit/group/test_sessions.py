@@ -9,7 +9,7 @@ import pytest
 
 from meshcast.group import GroupConfig, GroupEngine
 from meshcast.group.events import Deliver
-from meshcast.group.membership import GroupMembership, MembershipChanged
+from meshcast.group.membership import GroupMembership, MembershipChanged, MembershipEffect
 from meshcast.group.sessions import (
     ClientConnected,
     ClientDisconnected,
@@ -34,6 +34,7 @@ from meshcast.wire.client import (
     Frame,
     Goodbye,
     Hello,
+    HelloFlag,
     Join,
     Leave,
     Membership,
@@ -53,10 +54,26 @@ from meshcast.wire.client import (
 LIMITS = DaemonLimits(max_message_size=100, max_group_name=8, max_groups_per_client=2)
 
 
+class ScriptedMembership(GroupMembership):
+    """A membership layer whose next overlay delivery yields `script` when one is set."""
+
+    script: list[MembershipEffect] | None = None
+
+    def overlay_delivered(
+        self, source: NodeId, payload: bytes, now: float
+    ) -> list[MembershipEffect]:
+        if self.script is None:
+            return super().overlay_delivered(source, payload, now)
+        return self.script
+
+
 def table(
-    max_clients: int = 3, max_backlog: int = 10_000, block_timeout: float = 30.0
+    max_clients: int = 3,
+    max_backlog: int = 10_000,
+    block_timeout: float = 30.0,
+    membership_layer: type[GroupMembership] = GroupMembership,
 ) -> SessionTable:
-    membership = GroupMembership(GroupEngine(NodeId(1)))
+    membership = membership_layer(GroupEngine(NodeId(1)))
     config = SessionConfig(LIMITS, max_clients, max_backlog, block_timeout=block_timeout)
     sessions = SessionTable("D1", membership, config)
     sessions.view_installed([NodeId(1)], 0.0)
@@ -77,9 +94,11 @@ def aborted(effects: list[SessionEffect], conn: int) -> bool:
     return any(isinstance(e, CloseConnection) and e.conn == conn and e.abort for e in effects)
 
 
-def hello(t: SessionTable, conn: int, name: str = "", flags: int = 1) -> str:
+def hello(
+    t: SessionTable, conn: int, name: str = "", flags: HelloFlag = HelloFlag.MEMBERSHIP
+) -> str:
     t.connected(conn)
-    effects = t.frame_received(conn, Hello(name, flags=flags), 0.0)  # type: ignore[arg-type]
+    effects = t.frame_received(conn, Hello(name, flags=flags), 0.0)
     (welcome,) = frames(effects, conn)
     assert isinstance(welcome, Welcome)
     assert welcome.limits == LIMITS
@@ -436,14 +455,13 @@ def test_statistics_are_frozen_snapshots_that_count() -> None:
         members.changes = 0  # type: ignore[misc]
 
 
-def test_each_delivery_sees_the_membership_of_its_place_in_the_total_order(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_each_delivery_sees_the_membership_of_its_place_in_the_total_order() -> None:
     """One batch of the membership layer drops a local member from g (a merge's STATE
     catch-up), delivers a message to g, then adds the member back: the member gets the
     two MEMBERSHIP frames and not the message, as its own frames say it was out (found by
     the virtual synchrony suite, seed 120: it used to get the message in between)."""
-    t = table()
+    t = table(membership_layer=ScriptedMembership)
+    assert isinstance(t.membership, ScriptedMembership)
     name = hello(t, 1, "alice")
     t.frame_received(1, Join("g"), 0.0)
     assert t.membership.local_members("g") == (name,)
@@ -451,11 +469,11 @@ def test_each_delivery_sees_the_membership_of_its_place_in_the_total_order(
     out = MembershipChanged("g", view, (), Cause.NETWORK, (name,), ())
     back = MembershipChanged("g", ViewId(10, 1), (name,), Cause.NETWORK, (name,), (NodeId(1),))
     message = Deliver("#bob#D2", ("g",), ServiceLevel.AGREED, 0, b"m44", NodeId(2), 44)
-    monkeypatch.setattr(t.membership, "overlay_delivered", lambda *_: [out, message, back])
+    t.membership.script = [out, message, back]
     got = frames(t.overlay_delivered(NodeId(2), b"", 1.0), 1)
     assert [type(f) for f in got] == [Membership, Membership]
     message_after = Deliver("#bob#D2", ("g",), ServiceLevel.AGREED, 0, b"m45", NodeId(2), 45)
-    monkeypatch.setattr(t.membership, "overlay_delivered", lambda *_: [message_after])
+    t.membership.script = [message_after]
     assert frames(t.overlay_delivered(NodeId(2), b"", 1.0), 1) == [
         Message("#bob#D2", ("g",), ServiceLevel.AGREED, 0, b"m45")
     ]
