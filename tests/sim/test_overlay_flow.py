@@ -14,6 +14,7 @@ import pytest
 
 from meshcast.errors import BufferFull
 from meshcast.ids import NodeId
+from meshcast.overlay.node import NeighbourChanged, ViewInstalled
 from meshcast.overlay.routing import Tree
 from meshcast.sim.network import LinkModel
 from meshcast.sim.overlay import OverlayEdge, full_mesh
@@ -232,4 +233,51 @@ def test_quick_restart_of_a_destination_does_not_stall_the_source() -> None:
     h.run(10.0 + LIFE_TIME)
     late = [d for d in h.deliveries if d.node == NodeId(3) and d.at > 6.0]
     assert late, "daemon 3, never down, received nothing after daemon 2's restart"
+    check_exactly_once(h, min_required=1)
+
+
+@pytest.mark.parametrize("outage", ["back-at-once", "long"])
+def test_messages_lost_with_a_failed_link_do_not_hold_the_window(outage: str) -> None:
+    """The link 1-2 is cut while the source streams to all: the window's worth of
+    messages it held for daemon 2 die with it (a failed link drops its buffers), so 2
+    never delivers them. The window must stop counting them, or it stays closed for good:
+    nothing newer could reach 2 to show they are gone.
+
+    back-at-once: the pipe is back the moment 1 sees the link fail; a fresh link comes up
+    within `view_settle_interval`, so no view changes (the case no new view can repair).
+    long: the pipe is back after a second; 2 is reached through 3 meanwhile (two views)."""
+    h = OverlayHarness(full_mesh(3), seed=1, window_messages=50)
+    views: list[float] = []
+    cut_at = 4.0
+
+    def watch(node: NodeId, effect: object, now: float) -> None:
+        if now >= cut_at and isinstance(effect, ViewInstalled):
+            views.append(now)
+        if (
+            outage == "back-at-once"
+            and node == SOURCE
+            and isinstance(effect, NeighbourChanged)
+            and effect.neighbour == NodeId(2)
+            and not effect.up
+        ):
+            h.sim.call_at(now, lambda: h.restore(NodeId(1), NodeId(2)))
+
+    h.sim.observe(watch)
+    h.run(2.0)
+    h.stream([SOURCE], 2.0, 10.0, 0.01)
+    h.run(cut_at)
+    h.cut(NodeId(1), NodeId(2))
+    if outage == "long":
+        h.run(cut_at + 1.0)  # the link failed (5 silent heartbeat rounds of 0.1 s)
+        h.restore(NodeId(1), NodeId(2))
+    h.run(10.0 + LIFE_TIME)
+    if outage == "back-at-once":
+        assert not views, f"views installed at {views}: not the case under test"
+    else:
+        assert len(views) >= 2
+    for node in h.nodes:
+        late = [d for d in h.deliveries if d.node == node and d.at > 7.0]
+        assert len(late) > 250, f"daemon {node} delivered {len(late)} messages after 7 s"
+    # Quiet again: the whole window is free, none of it held by the lost messages.
+    assert {d: len(q) for d, q in h.overlay(SOURCE)._in_flight.items() if q} == {}
     check_exactly_once(h, min_required=1)

@@ -13,7 +13,7 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass, field, replace
 
 from meshcast.compile_hints import mypyc_attr
@@ -178,6 +178,7 @@ class _SourceState:
     incarnation: int
     delivered: int = 0
     reported: int = 0
+    highest: int = 0  # the highest seq delivered: what progress reports carry
     report_due_at: float | None = None
     recent: deque[int] = field(default_factory=deque)
     recent_set: set[int] = field(default_factory=set)
@@ -303,10 +304,13 @@ class OverlayNode:
         self._outbox_left = 0
         self._latest_queued_for: dict[NodeId, int] = {}
         self._pacer: Pacer | None = None
-        self._sent_to: dict[NodeId, int] = {}
-        self._acked_by: dict[NodeId, int] = {}  # per destination, of its current incarnation
-        # destinations with a full window (sent - acked >= window_messages), kept up to
-        # date by every change of _sent_to/_acked_by: `window_open` runs per message
+        # Per destination (of its current incarnation, never this daemon): the seqs of our
+        # messages it has not reported delivered, oldest first. A report of seq S clears
+        # everything up to S, so a message lost on the way (with a failed link) stops
+        # counting once a later one arrives.
+        self._in_flight: dict[NodeId, deque[int]] = {}
+        # destinations with a full window (window_messages in flight), kept up to date by
+        # every change of _in_flight: `window_open` runs per message
         self._full: set[NodeId] = set()
         self._sources: dict[NodeId, _SourceState] = {}
         self._next_report_at: float | None = None
@@ -390,17 +394,30 @@ class OverlayNode:
         return held
 
     def window_open(self) -> bool:
-        # Every destination in _sent_to is in the view: _pump counts only those, and a
+        # Every destination in _in_flight is in the view: _pump counts only those, and a
         # new view drops the others.
         return self._view is not None and not self._full
 
     def _update_window(self, dest: NodeId) -> None:
-        """`dest`'s entry of `_full`, after its sent or acked count changed."""
-        sent = self._sent_to.get(dest)
-        if sent is not None and sent - self._acked_by.get(dest, 0) >= self.config.window_messages:
+        """`dest`'s entry of `_full`, after its messages in flight changed."""
+        in_flight = self._in_flight.get(dest)
+        if in_flight is not None and len(in_flight) >= self.config.window_messages:
             self._full.add(dest)
         else:
             self._full.discard(dest)
+
+    def _give_up_in_flight(self, dests: Iterable[NodeId]) -> None:
+        """Stop counting our messages in flight to `dests`: they went a way that broke.
+
+        Some may still arrive; the window then admits up to that many more for a while, a
+        bounded excess. Counting lost ones forever would close the window for good once
+        a whole window of them was lost: nothing newer could go out to clear them.
+        """
+        for dest in dests:
+            in_flight = self._in_flight.get(dest)
+            if in_flight:
+                in_flight.clear()
+                self._full.discard(dest)
 
     def next_deadline(self) -> float | None:
         if not self._started:
@@ -542,12 +559,14 @@ class OverlayNode:
             elif isinstance(effect, LinkEstablished):
                 self._neighbour_up(effect.peer, now, effects)
             elif isinstance(effect, LinkFailed):
+                self._link_lost(effect.peer)
                 self._neighbour_down(effect.peer, effect.reason, now, effects)
                 # A fresh link listens and says HELLO at once: there is never a moment
                 # when the neighbour's datagrams would find no link (both ends would
                 # otherwise retry out of phase forever).
                 self._open_link(effect.peer, now, effects)
             elif isinstance(effect, PeerRestarted):
+                self._link_lost(effect.peer)
                 self._neighbour_down(effect.peer, "peer restarted", now, effects)
 
     def _emit_link_effects(
@@ -555,6 +574,16 @@ class OverlayNode:
     ) -> None:
         """Effects of a send: only transmissions can come back from it."""
         effects.extend(e for e in link_effects if isinstance(e, Transmit))
+
+    def _link_lost(self, peer: NodeId) -> None:
+        """The link to `peer` dropped what it held: our messages queued or unacknowledged
+        on it never arrive. The view may not even change (a link back within
+        `view_settle_interval`), so the window is told here."""
+        tree = self._routing.tree(self.local)
+        if tree is None:
+            return
+        via_peer = tree.next_hops(self.local)
+        self._give_up_in_flight(d for d in list(self._in_flight) if via_peer.get(d) == peer)
 
     def _neighbour_up(self, peer: NodeId, now: float, effects: list[OverlayEffect]) -> None:
         self._up.add(peer)
@@ -621,14 +650,18 @@ class OverlayNode:
         if self._view is not None and view.digest == self._view.digest:
             self._check_agreed(effects)
             return
+        old_paths = self._paths_in_flight()
         self._view = view
         self._routing.install(view)
         self._counters.views_installed += 1
         # Destinations that left stop holding the window; sources that left are forgotten.
-        self._sent_to = {d: n for d, n in self._sent_to.items() if d in view}
-        self._acked_by = {d: n for d, n in self._acked_by.items() if d in view}
+        self._in_flight = {d: q for d, q in self._in_flight.items() if d in view}
+        # Messages to a destination whose path changed went by a way that broke (or was
+        # left): what was lost on it would hold the window forever.
+        new_paths = self._paths_in_flight()
+        self._give_up_in_flight(d for d, path in old_paths.items() if new_paths.get(d) != path)
         self._full.clear()
-        for dest in self._sent_to:
+        for dest in self._in_flight:
             self._update_window(dest)
         self._sources = {s: st for s, st in self._sources.items() if s in view}
         self._lsdb.forget({NodeId(lsa.origin) for lsa in self._lsdb.lsas()} - set(view.members))
@@ -638,6 +671,21 @@ class OverlayNode:
         self._pacer = Pacer(rate * self.config.rate_share, 64 * 1024, now) if paced else None
         effects.append(ViewInstalled(view))
         self._originate(now, effects)  # announce the digest we installed
+
+    def _paths_in_flight(self) -> dict[NodeId, tuple[NodeId, ...]]:
+        """The tree path to each destination with messages in flight (none: unreachable)."""
+        tree = self._routing.tree(self.local) if self._view is not None else None
+        paths: dict[NodeId, tuple[NodeId, ...]] = {}
+        if tree is None:
+            return paths
+        for dest, in_flight in self._in_flight.items():
+            if not in_flight or dest not in tree.parent:
+                continue
+            path = [dest]
+            while path[-1] != self.local:
+                path.append(tree.parent[path[-1]])
+            paths[dest] = tuple(path)
+        return paths
 
     def _check_agreed(self, effects: list[OverlayEffect]) -> None:
         view = self._view
@@ -781,11 +829,12 @@ class OverlayNode:
         if len(state.recent) > self.config.dedup_window:
             state.recent_set.discard(state.recent.popleft())
         state.delivered += 1
+        if data.seq > state.highest:
+            state.highest = data.seq
         self._counters.data_delivered += 1
         effects.append(OverlayDelivered(source, data.seq, data.payload, data.hops, data.upper))
         if source == self.local:
-            self._acked_by[self.local] = state.delivered
-            self._update_window(self.local)
+            pass  # delivered at once in _pump: never in flight
         elif state.delivered - state.reported >= self.config.feedback_every:
             self._report(source, state, now, effects)
         elif state.report_due_at is None:
@@ -800,9 +849,7 @@ class OverlayNode:
     ) -> None:
         state.reported = state.delivered
         state.report_due_at = None
-        feedback = Feedback(
-            source, state.incarnation, state.delivered, self.local, self.incarnation
-        )
+        feedback = Feedback(source, state.incarnation, state.highest, self.local, self.incarnation)
         self._route_feedback(feedback, now, effects)
 
     def _send_reports(self, now: float, effects: list[OverlayEffect]) -> None:
@@ -829,8 +876,7 @@ class OverlayNode:
         hence no view change) does not leave our window waiting for progress reports that
         its new incarnation, counting from zero, will never send.
         """
-        self._sent_to.pop(daemon, None)
-        self._acked_by.pop(daemon, None)
+        self._in_flight.pop(daemon, None)
         self._full.discard(daemon)
         self._sources.pop(daemon, None)
 
@@ -844,8 +890,14 @@ class OverlayNode:
         known = self._lsdb.get(reporter)
         if known is None or known.incarnation != feedback.reporter_incarnation:
             return  # from an incarnation of the reporter we do not (or no longer) count
-        if feedback.delivered > self._acked_by.get(reporter, 0):
-            self._acked_by[reporter] = min(feedback.delivered, self._sent_to.get(reporter, 0))
+        in_flight = self._in_flight.get(reporter)
+        if in_flight:
+            # Everything up to the highest seq it delivered is done: delivered, or lost on
+            # the way (a later message overtook it only if it was dropped or is being
+            # repaired on a link, whose own buffers bound it).
+            highest = feedback.highest_delivered
+            while in_flight and in_flight[0] <= highest:
+                in_flight.popleft()
             self._update_window(reporter)
 
     def _pump(self, now: float, effects: list[OverlayEffect]) -> None:
@@ -859,10 +911,15 @@ class OverlayNode:
             self._seq += 1
             self._counters.data_originated += 1
             reachable = [d for d in dests if d in self._view]
-            sent_to, acked, window = self._sent_to, self._acked_by, self.config.window_messages
+            in_flight, window, seq = self._in_flight, self.config.window_messages, self._seq
             for dest in reachable:
-                sent = sent_to[dest] = sent_to.get(dest, 0) + 1
-                if sent - acked.get(dest, 0) >= window:
+                if dest == self.local:
+                    continue
+                pending = in_flight.get(dest)
+                if pending is None:
+                    pending = in_flight[dest] = deque()
+                pending.append(seq)
+                if len(pending) >= window:
                     self._full.add(dest)  # a send only ever closes a window
             if self.local in reachable:
                 data = Data(

@@ -6,7 +6,7 @@ Every overlay message starts with one kind byte:
                    n x (neighbour u32 | weight f64 | bandwidth_bps f64)
     0x02 DATA      source u32 | incarnation u32 | seq u64 | hops u8 | upper u8 | n u16 |
                    n x dest u32 | payload (the rest)
-    0x03 FEEDBACK  source u32 | incarnation u32 | delivered u64 | reporter u32 |
+    0x03 FEEDBACK  source u32 | incarnation u32 | highest_delivered u64 | reporter u32 |
                    reporter_incarnation u32
 
 * LSA: a daemon's live overlay links (link-state advertisement), flooded to all daemons;
@@ -15,8 +15,8 @@ Every overlay message starts with one kind byte:
   claim 4); every daemon on the way splits the list per next hop. `hops` counts links.
   `upper` names the protocol the payload is for at the destination (`Upper`): the daemon
   hands it to that layer without looking inside; forwarders pass it on unread.
-* FEEDBACK: a destination tells a source how many of its messages it has delivered, for
-  the source's end-to-end window (Spread §2.1: a slow receiver slows the sender).
+* FEEDBACK: a destination tells a source the highest seq of its messages it has delivered,
+  for the source's end-to-end window (Spread §2.1: a slow receiver slows the sender).
 
 Decoders raise only `DecodeError`.
 """
@@ -97,7 +97,7 @@ class Data:
 class Feedback:
     source: int
     incarnation: int
-    delivered: int
+    highest_delivered: int  # the highest of the source's seqs the reporter delivered
     reporter: int
     reporter_incarnation: int  # a restarted destination counts from 0 again
 
@@ -139,7 +139,7 @@ def encode_feedback(feedback: Feedback) -> bytes:
         KIND_FEEDBACK,
         feedback.source,
         feedback.incarnation,
-        feedback.delivered,
+        feedback.highest_delivered,
         feedback.reporter,
         feedback.reporter_incarnation,
     )
@@ -185,6 +185,6 @@ def decode_overlay(message: bytes) -> OverlayMessage:
     if kind == KIND_FEEDBACK:
         if len(message) != FEEDBACK.size:
             raise DecodeError("feedback has the wrong size")
-        _, source, incarnation, delivered, reporter, reporter_incarnation = FEEDBACK.unpack(message)
-        return Feedback(source, incarnation, delivered, reporter, reporter_incarnation)
+        _, source, incarnation, highest, reporter, reporter_incarnation = FEEDBACK.unpack(message)
+        return Feedback(source, incarnation, highest, reporter, reporter_incarnation)
     raise DecodeError(f"unknown overlay message kind 0x{kind:02x}")

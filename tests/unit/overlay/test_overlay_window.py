@@ -21,10 +21,9 @@ def scanned_window_open(node: OverlayNode) -> bool:
     view = node.view
     if view is None:
         return False
-    acked = node._acked_by
     return all(
-        sent - acked.get(dest, 0) < node.config.window_messages
-        for dest, sent in node._sent_to.items()
+        len(in_flight) < node.config.window_messages
+        for dest, in_flight in node._in_flight.items()
         if dest in view
     )
 
