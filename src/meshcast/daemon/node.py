@@ -754,12 +754,11 @@ class DaemonNode:
             handshaking = sessions.handshaking(conn)
             if not handshaking and not self.can_submit():
                 return  # the overlay outbox or the group window is full
-            multicast = isinstance(frame, Multicast)
             if isinstance(frame, Multicast) and self.engine.holds_back(frame.groups):
                 return  # a slow `block` member is in one of its groups
             streams.pop_head(conn)
             self._client_frames += 1
-            if multicast and not handshaking:
+            if isinstance(frame, Multicast) and not handshaking:
                 batch = self._client_batch
                 if batch is None:
                     batch = self._client_batch = []

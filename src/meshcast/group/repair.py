@@ -99,10 +99,7 @@ class Repair:
         stuck = [
             m
             for m in self._others
-            if (
-                self._stability.progress_at(m) <= due
-                or self._stability.progress_at(m) > recovering.get(m, now)
-            )
+            if not due < self._stability.progress_at(m) <= recovering.get(m, now)
             and not self._backlogged(m)
         ]
         if not stuck:

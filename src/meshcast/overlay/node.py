@@ -834,8 +834,8 @@ class OverlayNode:
         self._counters.data_delivered += 1
         effects.append(OverlayDelivered(source, data.seq, data.payload, data.hops, data.upper))
         if source == self.local:
-            pass  # delivered at once in _pump: never in flight
-        elif state.delivered - state.reported >= self.config.feedback_every:
+            return  # delivered at once in _pump: never in flight, nothing to report
+        if state.delivered - state.reported >= self.config.feedback_every:
             self._report(source, state, now, effects)
         elif state.report_due_at is None:
             state.report_due_at = now + self.config.feedback_interval

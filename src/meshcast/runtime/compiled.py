@@ -8,6 +8,7 @@ file before meshcast's dependencies are installed.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.machinery
 import pkgutil
@@ -76,6 +77,7 @@ def hot_module_names() -> list[str]:
     return [name for name in names if name not in PURE_MODULES]
 
 
+@functools.cache  # a STATUS report asks: the modules a process runs do not change
 def compiled() -> bool:
     """Whether this process runs the compiled build: every hot module is an extension."""
     return all(is_extension_module(name) for name in hot_module_names())

@@ -430,26 +430,23 @@ def decode_group(message: bytes) -> GroupMessage:
     return data if data is not None else _decode_data(message)
 
 
-# the names sections (sender, groups) decoded lately: a sender sends to the same groups
-_known_names: dict[bytes, tuple[str, tuple[str, ...]]] = {}
-_KNOWN_NAMES_MAX = 1024
-
-
-def _remember_names(raw: bytes, n: int) -> tuple[str, tuple[str, ...]]:
-    """Decode a names section whose lengths were checked (UnicodeDecodeError if not UTF-8)."""
+def _decode_names(raw: bytes) -> tuple[str, tuple[str, ...]]:
+    """A names section (sender, groups) whose lengths were checked; UnicodeDecodeError
+    if a name is not UTF-8."""
     pos = 1 + raw[0]
     sender = raw[1:pos].decode("utf-8")
+    (n,) = COUNT.unpack_from(raw, pos)
     pos += COUNT.size
     groups = []
     for _ in range(n):
         end = pos + 1 + raw[pos]
         groups.append(raw[pos + 1 : end].decode("utf-8"))
         pos = end
-    names = (sender, tuple(groups))
-    if len(_known_names) >= _KNOWN_NAMES_MAX:
-        _known_names.clear()
-    _known_names[raw] = names
-    return names
+    return sender, tuple(groups)
+
+
+# a sender sends to the same groups message after message: each section decoded once
+_decoded_names = lru_cache(maxsize=1024)(_decode_names)
 
 
 def _decode_data_fast(message: bytes) -> GroupData | None:
@@ -472,11 +469,7 @@ def _decode_data_fast(message: bytes) -> GroupData | None:
         pos += 1 + length
     if pos > size:
         return None
-    names_raw = message[start:pos]
-    names = _known_names.get(names_raw)
-    if names is None:
-        names = _remember_names(names_raw, n)
-    sender, groups = names
+    sender, groups = _decoded_names(message[start:pos])
     (f,) = COUNT.unpack_from(message, pos)
     pos += COUNT.size
     fifo: tuple[tuple[int, int], ...] = ()
