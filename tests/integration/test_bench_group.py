@@ -83,6 +83,7 @@ def test_tiny_run_prints_the_documented_json_and_stops_everything() -> None:
     assert cell["mbit_per_s"] == pytest.approx(cell["msgs_per_s"] * 1000 * 8 / 1e6, rel=0.01)
 
     assert "rtt_ms" not in result
+    assert "rtt_floor_ms" not in result
 
     runs = result["runs"]["3"]["100"]["AGREED"]
     assert runs["messages"] == 20  # 60 / 3 daemons
@@ -103,19 +104,33 @@ def test_tiny_run_prints_the_documented_json_and_stops_everything() -> None:
     assert _processes_of_run(pid) == []
 
 
-def test_only_rtt_measures_the_round_trips_with_2_3_and_6_daemons() -> None:
+def _floor_processes() -> list[str]:
+    """Command lines of live relays and echoes of the round-trip floor."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "meshcast.bench.rtt_floor" in text:
+            found.append(text)
+    return found
+
+
+def test_only_rtt_measures_the_round_trips_and_their_floor_with_2_3_and_6_daemons() -> None:
     completed, pid = _run("--only", "rtt", "--rtt-round-trips", "5")
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(completed.stdout)
-    assert set(result) == {"rtt_ms", "setup"}
-    rtt = result["rtt_ms"]
-    assert set(rtt) == {"2", "3", "6"}
-    for by_daemons in rtt.values():
-        assert set(by_daemons) == {"min", "median", "p99"}
-        assert 0 < by_daemons["min"] <= by_daemons["median"] <= by_daemons["p99"]
+    assert set(result) == {"rtt_ms", "rtt_floor_ms", "setup"}
+    for part in ("rtt_ms", "rtt_floor_ms"):
+        assert set(result[part]) == {"2", "3", "6"}
+        for by_daemons in result[part].values():
+            assert set(by_daemons) == {"min", "median", "p99"}
+            assert 0 < by_daemons["min"] <= by_daemons["median"] <= by_daemons["p99"]
     assert result["setup"]["rtt_daemons"] == [2, 3, 6]
     assert result["setup"]["rtt_round_trips"] == 5
     assert _processes_of_run(pid) == []
+    assert _floor_processes() == []
 
 
 def test_usage_errors_exit_2() -> None:

@@ -16,6 +16,9 @@ limits: docs/benchmarks.md.
   round trip of a 1,000-byte AGREED message from a client on daemon 1 to an echoing
   client on daemon 2 and back, after a warm-up; the other daemons host no client, but
   every AGREED message waits for their timestamps (docs/design/group.md, "NULLs").
+  `rtt_floor_ms`: the same for the same chain of processes and sockets with daemons that
+  only forward bytes (`meshcast.bench.rtt_floor`): what Python processes and the kernel
+  cost here before any of meshcast's work.
 * `cpu_us_per_msg`: per cluster size, the CPU time (user + system, from /proc/PID/stat)
   of all daemons together per message sent (each delivered to every receiver) in the
   1,000-byte AGREED cell, when it ran: {"1": ..., "3": ..., "6": ...}. On a shared
@@ -74,6 +77,7 @@ from typing import Any
 from meshcast.argtypes import integer, seconds
 from meshcast.bench import plot
 from meshcast.bench import profile as profiling
+from meshcast.bench.rtt_floor import measure_floor
 from meshcast.client import Client, Membership, Message, ServiceLevel, connect, service_level
 from meshcast.config import ClusterConfig, LimitsConfig, parse_config
 from meshcast.errors import MeshcastError
@@ -927,6 +931,12 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
             )
             for count in RTT_DAEMONS
         }
+        result["rtt_floor_ms"] = {
+            str(count): summarise_rtt(
+                await measure_floor(count, round_trips, RTT_WARMUP, RTT_SIZE, tuning.environment())
+            )
+            for count in RTT_DAEMONS
+        }
     if do_throughput:
         result["cpu_us_per_msg"] = headline_cpu
         result["cpu_us_per_msg_by_cell"] = cpu
@@ -971,6 +981,9 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         "rtt": f"{RTT_SIZE}-byte AGREED message from a client on daemon 1 to an echoing "
         "client on daemon 2 and back, in clusters of "
         f"{', '.join(map(str, RTT_DAEMONS))} daemons (full mesh, the others idle)",
+        "rtt_floor": "the same chain with relays for daemons that only forward: each sends "
+        "its client's bytes to every other relay over UDP and writes what it receives to "
+        "its client (meshcast.bench.rtt_floor)",
         "cpu_us_per_msg": "user+system CPU of all daemons per message, 1000-byte AGREED",
         "cpu_us_per_msg_by_cell": "user+system CPU of all daemons / all receivers / the "
         "sender during a cell, per message",

@@ -220,7 +220,7 @@ def group(directory: Path, result: Mapping[str, Any]) -> None:
         _group_throughput(plt, directory, throughput)
     rtt = result.get("rtt_ms")
     if rtt:
-        _group_rtt(plt, directory, rtt)
+        _group_rtt(plt, directory, rtt, result.get("rtt_floor_ms"))
 
 
 def _group_throughput(plt: Any, directory: Path, throughput: Mapping[str, Any]) -> None:
@@ -244,22 +244,28 @@ def _group_throughput(plt: Any, directory: Path, throughput: Mapping[str, Any]) 
     _save(plt, figure, directory, "group_throughput.png")
 
 
-def _group_rtt(plt: Any, directory: Path, rtt: Mapping[str, Any]) -> None:
-    by_count = rtt  # cluster size -> {"min", "median", "p99"}
-    counts = sorted(by_count, key=int)
-    medians = [by_count[c]["median"] for c in counts]
+def _group_rtt(
+    plt: Any, directory: Path, rtt: Mapping[str, Any], floor: Mapping[str, Any] | None
+) -> None:
     figure, axes = plt.subplots(figsize=(6, 4))
-    axes.errorbar(
-        [int(c) for c in counts],
-        medians,
-        yerr=[
-            [m - by_count[c]["min"] for m, c in zip(medians, counts, strict=True)],
-            [by_count[c]["p99"] - m for m, c in zip(medians, counts, strict=True)],
-        ],
-        fmt="o",
-        capsize=6,
-        label="median (bars: min to p99)",
-    )
+    series = [(rtt, "meshcast median (bars: min to p99)", 0.0)]
+    if floor:
+        series.append((floor, "floor: relays that only forward", 0.08))
+    for by_count, label, shift in series:  # cluster size -> {"min", "median", "p99"}
+        counts = sorted(by_count, key=int)
+        medians = [by_count[c]["median"] for c in counts]
+        axes.errorbar(
+            [int(c) + shift for c in counts],
+            medians,
+            yerr=[
+                [m - by_count[c]["min"] for m, c in zip(medians, counts, strict=True)],
+                [by_count[c]["p99"] - m for m, c in zip(medians, counts, strict=True)],
+            ],
+            fmt="o",
+            capsize=6,
+            label=label,
+        )
+    counts = sorted(rtt, key=int)
     axes.set(
         xlabel="daemons in the cluster",
         ylabel="round trip (ms)",
