@@ -17,13 +17,17 @@ from meshcast.replicate.engine import (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per message: not frozen, __init__ written out (GroupData)
 class ClientWrite:
     """Write these bytes (whole frames) to client connection `conn`, after what was
     written to it before."""
 
     conn: int
     data: bytes
+
+    def __init__(self, conn: int, data: bytes) -> None:
+        self.conn = conn
+        self.data = data
 
 
 @dataclass(frozen=True, slots=True)

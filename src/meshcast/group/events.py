@@ -8,15 +8,19 @@ from meshcast.ids import NodeId
 from meshcast.wire.client import ServiceLevel
 
 
-@dataclass(slots=True)  # per message: not frozen, see `meshcast.wire.group.GroupData`
+@dataclass(slots=True)  # per message: not frozen, __init__ written out (GroupData)
 class Broadcast:
     """Command to the daemon: pass `payload` to `OverlayNode.multicast(dests, ...)`."""
 
     dests: tuple[NodeId, ...]  # sorted, never the local daemon
     payload: bytes
 
+    def __init__(self, dests: tuple[NodeId, ...], payload: bytes) -> None:
+        self.dests = dests
+        self.payload = payload
 
-@dataclass(slots=True)  # per message: not frozen, see `meshcast.wire.group.GroupData`
+
+@dataclass(slots=True)  # per message: not frozen, __init__ written out (GroupData)
 class Deliver:
     """Hand one message to the local clients that are members of `groups`."""
 
@@ -27,6 +31,24 @@ class Deliver:
     payload: bytes
     source: NodeId  # the sending daemon
     msg_id: int  # unique per source and view
+
+    def __init__(
+        self,
+        sender: str,
+        groups: tuple[str, ...],
+        service: ServiceLevel,
+        msg_type: int,
+        payload: bytes,
+        source: NodeId,
+        msg_id: int,
+    ) -> None:
+        self.sender = sender
+        self.groups = groups
+        self.service = service
+        self.msg_type = msg_type
+        self.payload = payload
+        self.source = source
+        self.msg_id = msg_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,6 +94,12 @@ class Held:
     raw: bytes  # as received or sent: the copy a flush carries
     token: int = 0  # own message: SubmitConfirmed(token) once delivered (0: not asked)
 
+    def __init__(self, source: NodeId, data: GroupData, raw: bytes, token: int = 0) -> None:
+        self.source = source
+        self.data = data
+        self.raw = raw
+        self.token = token
+
     def ref(self) -> MessageRef:
         d = self.data
         return MessageRef(self.source, d.msg_id, d.service, d.sender, d.groups)

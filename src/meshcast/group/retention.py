@@ -29,6 +29,15 @@ class Copy:
     encoded: bytes
     sent_at: float  # kept, or last sent again (a repair)
 
+    def __init__(
+        self, source: NodeId, stream: str, numbers: Numbers, encoded: bytes, sent_at: float
+    ) -> None:
+        self.source = source
+        self.stream = stream
+        self.numbers = numbers
+        self.encoded = encoded
+        self.sent_at = sent_at
+
 
 class Retention:
     def __init__(self) -> None:

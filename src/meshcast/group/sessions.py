@@ -152,10 +152,14 @@ class SessionConfig:
                 raise ConfigError(f"must be a positive number of seconds, got {value!r}", key=key)
 
 
-@dataclass(slots=True)  # per message: not frozen, see `meshcast.wire.group.GroupData`
+@dataclass(slots=True)  # per message: not frozen, __init__ written out (GroupData)
 class SendBytes:
     conn: int
     data: bytes
+
+    def __init__(self, conn: int, data: bytes) -> None:
+        self.conn = conn
+        self.data = data
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,20 +8,28 @@ from typing import Protocol
 from meshcast.ids import NodeId
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per message: not frozen, __init__ written out (GroupData)
 class Transmit:
     """Send these bytes to that neighbour (one datagram, or one chunk of a stream)."""
 
     to: NodeId
     datagram: bytes
 
+    def __init__(self, to: NodeId, datagram: bytes) -> None:
+        self.to = to
+        self.datagram = datagram
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)  # per message: not frozen, __init__ written out (GroupData)
 class Delivered:
     """A complete message arrived from `peer` (handed up at once, in arrival order)."""
 
     peer: NodeId
     payload: bytes
+
+    def __init__(self, peer: NodeId, payload: bytes) -> None:
+        self.peer = peer
+        self.payload = payload
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,11 @@ class _Outstanding:
     sent_at: float
     retransmitted: bool = False
 
+    def __init__(self, body: bytes, sent_at: float, retransmitted: bool = False) -> None:
+        self.body = body
+        self.sent_at = sent_at
+        self.retransmitted = retransmitted
+
 
 @dataclass(slots=True)
 class _Counters:

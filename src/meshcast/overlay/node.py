@@ -138,7 +138,7 @@ class OverlayConfig:
             )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per message: not frozen, __init__ written out (GroupData)
 class OverlayDelivered:
     """A message for this daemon arrived (each message is delivered once)."""
 
@@ -147,6 +147,15 @@ class OverlayDelivered:
     payload: bytes
     hops: int  # overlay links it crossed
     upper: int = Upper.RAW  # the protocol the payload is for (wire.overlay.Upper)
+
+    def __init__(
+        self, source: NodeId, seq: int, payload: bytes, hops: int, upper: int = Upper.RAW
+    ) -> None:
+        self.source = source
+        self.seq = seq
+        self.payload = payload
+        self.hops = hops
+        self.upper = upper
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,7 +82,7 @@ class Lsa:
     entries: tuple[LsaEntry, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per message: not frozen, __init__ written out (GroupData)
 class Data:
     source: int
     incarnation: int
@@ -91,6 +91,24 @@ class Data:
     upper: int  # an `Upper` value; unknown ones are forwarded and dropped at delivery
     dests: tuple[int, ...]
     payload: bytes
+
+    def __init__(
+        self,
+        source: int,
+        incarnation: int,
+        seq: int,
+        hops: int,
+        upper: int,
+        dests: tuple[int, ...],
+        payload: bytes,
+    ) -> None:
+        self.source = source
+        self.incarnation = incarnation
+        self.seq = seq
+        self.hops = hops
+        self.upper = upper
+        self.dests = dests
+        self.payload = payload
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,7 +81,7 @@ class HeartbeatKind(IntEnum):
     REPLY = 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per message: not frozen, __init__ written out (GroupData)
 class Header:
     ptype: PacketType
     sender: int
@@ -90,8 +90,24 @@ class Header:
     flags: int = 0
     key_id: int = 0
 
+    def __init__(
+        self,
+        ptype: PacketType,
+        sender: int,
+        epoch: int,
+        seq: int = 0,
+        flags: int = 0,
+        key_id: int = 0,
+    ) -> None:
+        self.ptype = ptype
+        self.sender = sender
+        self.epoch = epoch
+        self.seq = seq
+        self.flags = flags
+        self.key_id = key_id
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)  # per message: not frozen, __init__ written out (GroupData)
 class LinkState:
     """Receiver feedback: cumulative ACK and selective NACK ranges, plus our send head."""
 
@@ -100,18 +116,32 @@ class LinkState:
     send_high: int  # highest seq the sender of this block has sent on its own stream
     nacks: tuple[tuple[int, int], ...] = ()  # (first missing seq, count)
 
+    def __init__(
+        self, ack_epoch: int, cum_ack: int, send_high: int, nacks: tuple[tuple[int, int], ...] = ()
+    ) -> None:
+        self.ack_epoch = ack_epoch
+        self.cum_ack = cum_ack
+        self.send_high = send_high
+        self.nacks = nacks
+
 
 @dataclass(frozen=True, slots=True)
 class WholeMessage:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per message: not frozen, __init__ written out (GroupData)
 class MessagePiece:
     msg_id: int
     total: int
     offset: int
     data: bytes
+
+    def __init__(self, msg_id: int, total: int, offset: int, data: bytes) -> None:
+        self.msg_id = msg_id
+        self.total = total
+        self.offset = offset
+        self.data = data
 
 
 Fragment = WholeMessage | MessagePiece
