@@ -24,7 +24,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from meshcast.errors import BufferFull, UsageError
 from meshcast.group.causal import CausalReceiver
@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 
 ORDERED_TOTAL = (ServiceLevel.AGREED, ServiceLevel.SAFE)
 PRUNED = (ServiceLevel.RELIABLE, ServiceLevel.FIFO)
+# The levels compared per message, read once: compiled, a Final name is a C static, while
+# `ServiceLevel.SAFE` goes through the enum class's __getattr__ hook at every use.
+UNRELIABLE: Final = ServiceLevel.UNRELIABLE
+FIFO: Final = ServiceLevel.FIFO
+CAUSAL: Final = ServiceLevel.CAUSAL
+SAFE: Final = ServiceLevel.SAFE
 # a NULL nobody waited for is stamped ahead only if this daemon sent no ordered message of
 # its own for this many idle_ts_intervals (`Ordering.on_timer`)
 DEFERRED_QUIET_FACTOR = 10
@@ -146,7 +152,7 @@ def _numbering(data: GroupData | GroupNull) -> tuple[str, Numbers]:
     """The stream a message is numbered in by its source, and its numbers there."""
     if isinstance(data, GroupNull) or data.service in ORDERED_TOTAL:
         return "total", ((0, data.seq),)
-    if data.service == ServiceLevel.CAUSAL:
+    if data.service == CAUSAL:
         return "causal", ((0, data.seq),)
     return "pruned", data.fifo
 
@@ -313,10 +319,10 @@ class Ordering:
         held = Held(source, message, raw)
         if service in ORDERED_TOTAL:
             streams.max_order_ts = max(streams.max_order_ts, message.ts)
-            if service == ServiceLevel.SAFE:
+            if service == SAFE:
                 streams.max_safe_ts = max(streams.max_safe_ts, message.ts)
             return self._on_stream(streams, source, message, held, raw, now, effects)
-        if service == ServiceLevel.CAUSAL:
+        if service == CAUSAL:
             return self._on_causal(streams, source, held, now, effects)
         if service in PRUNED:
             return self._on_pruned(streams, source, held, now, effects)
@@ -401,7 +407,7 @@ class Ordering:
     def _check_room(self, streams: _Streams, service: ServiceLevel) -> None:
         if service in ORDERED_TOTAL and streams.total.pending >= self._own_limit:
             raise BufferFull(f"{streams.total.pending} ordered messages wait for delivery")
-        if service != ServiceLevel.UNRELIABLE and not self._stability.window_open():
+        if service != UNRELIABLE and not self._stability.window_open():
             raise BufferFull("too many of our messages are not yet held by every destination")
 
     def _stamp(
@@ -424,7 +430,7 @@ class Ordering:
         if service in ORDERED_TOTAL:
             dests = streams.others
             seq = streams.total.prefix(self.local) + 1
-        elif service == ServiceLevel.CAUSAL:
+        elif service == CAUSAL:
             dests = streams.others
             vector = tuple(streams.causal.processed)
             seq = vector[streams.view.index[self.local]] + 1
@@ -456,7 +462,7 @@ class Ordering:
         streams.next_msg_id += 1
         if data.service in ORDERED_TOTAL:
             streams.total.next_own_seq()
-        elif data.service == ServiceLevel.CAUSAL:
+        elif data.service == CAUSAL:
             streams.causal.stamp(streams.view.index[self.local])
         for d, n in data.fifo:
             streams.pruned_sent[NodeId(d)] = n
@@ -475,7 +481,7 @@ class Ordering:
         streams.last_stream_at = streams.own_ordered_at = now
         streams.null_prompt = False  # this message carries our timestamp and ARU
         streams.max_order_ts = max(streams.max_order_ts, ts)
-        safe = data.service == ServiceLevel.SAFE
+        safe = data.service == SAFE
         if safe:
             streams.max_safe_ts = max(streams.max_safe_ts, ts)
         streams.total.add_own(ts, safe, own)
@@ -535,7 +541,7 @@ class Ordering:
             return False
         if seq != streams.total.next_expected(source) and not self._admit(streams, source, "total"):
             return True
-        safe = held is not None and held.data.service == ServiceLevel.SAFE
+        safe = held is not None and held.data.service == SAFE
         self._stability.retain(source, "total", ((0, seq),), raw, now)
         streams.total.offer(source, seq, message.ts, message.aru, held, safe)
         # if we now owe a NULL, owe it at once where another daemon waits for it: for our
@@ -554,7 +560,7 @@ class Ordering:
         a confirmation (its daemon delivers it first), or for SAFE (ARUs must travel).
         Otherwise the NULL waits for idle_ts_interval, and our own next message (a reply)
         usually carries the timestamp first: no NULL, no datagram per message and peer."""
-        if data.confirm or data.service == ServiceLevel.SAFE:
+        if data.confirm or data.service == SAFE:
             return True
         local, daemons = self.local, self._group_daemons
         for g in data.groups:  # a loop, not any() over a generator: asked per message
@@ -602,7 +608,7 @@ class Ordering:
         if seq != streams.fifo.prefix(source) + 1 and not self._admit(streams, source, "pruned"):
             return True
         self._stability.retain(source, "pruned", held.data.fifo, held.raw, now)
-        in_order = held.data.service == ServiceLevel.FIFO
+        in_order = held.data.service == FIFO
         for ready in streams.fifo.offer(source, seq, held, in_order=in_order):
             self._deliver(ready, effects)
         return True
