@@ -30,6 +30,9 @@ AckVector = tuple[tuple[int, int, int, int], ...]
 # acked(member, source): the (pruned, causal, total) prefixes `member` holds of `source`
 Acked = Callable[[NodeId, NodeId], tuple[int, int, int]]
 
+# the floor of a stream without members: every copy is stable
+_NO_MEMBER_LACKS = 1 << 64
+
 
 @dataclass(frozen=True, slots=True)
 class StabilityStats:
@@ -273,11 +276,19 @@ class Stability:
         assert self.view is not None
         acked = self.acked_by(holding)
         members = self.view.members
+        # what every member holds of a source's causal (1) or total (2) stream: worked out
+        # once per stream and ACK, not once per copy
+        floors: dict[tuple[NodeId, int], int] = {}
 
         def stable(source: NodeId, stream: str, numbers: Numbers) -> bool:
             if stream == "pruned":
                 return all(acked(NodeId(d), source)[0] >= n for d, n in numbers)
-            k = 1 if stream == "causal" else 2
-            return all(acked(m, source)[k] >= numbers[0][1] for m in members)
+            key = (source, 1 if stream == "causal" else 2)
+            floor = floors.get(key)
+            if floor is None:
+                floor = floors[key] = min(
+                    (acked(m, source)[key[1]] for m in members), default=_NO_MEMBER_LACKS
+                )
+            return floor >= numbers[0][1]
 
         self._retained.collect(stable)
