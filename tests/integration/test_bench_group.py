@@ -8,15 +8,15 @@ process behind.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from meshcast.runtime.compiled import compiled
+
+from .process_helpers import live_command_lines, processes_of_bench_run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,22 +24,6 @@ COMMAND = (sys.executable, "-m", "meshcast", "bench", "group", "--json")
 SIZES = ("100", "1000", "10000")
 SERVICES = ("RELIABLE", "AGREED")
 RUN_TIMEOUT = 100.0  # s: the tiny run takes 10-30 s on a loaded 2-core machine
-
-
-def _processes_of_run(tag: int) -> list[str]:
-    """Command lines of live processes started for the run whose bench process was `tag`:
-    its daemons are named g<i>-<tag>, its clients connect to their sockets."""
-    name = re.compile(rf"g\d+-{tag}(?!\d)")
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().split(b"\0")
-        except OSError:  # the process has gone meanwhile
-            continue
-        text = " ".join(a.decode(errors="replace") for a in argv)
-        if "meshcast" in text and name.search(text):
-            found.append(text)
-    return found
 
 
 def _run(*args: str) -> tuple[subprocess.CompletedProcess[str], int]:
@@ -101,20 +85,7 @@ def test_tiny_run_prints_the_documented_json_and_stops_everything() -> None:
     assert headline["3"] >= 0  # 20 messages: may round to 0 at the clock's 10 ms ticks
     assert set(result["daemon_counters"]) == {"1", "3"}
 
-    assert _processes_of_run(pid) == []
-
-
-def _floor_processes() -> list[str]:
-    """Command lines of live relays and echoes of the round-trip floor."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "meshcast.bench.rtt_floor" in text:
-            found.append(text)
-    return found
+    assert processes_of_bench_run(pid) == []
 
 
 def test_only_rtt_measures_the_round_trips_and_their_floor_with_2_3_and_6_daemons() -> None:
@@ -129,8 +100,8 @@ def test_only_rtt_measures_the_round_trips_and_their_floor_with_2_3_and_6_daemon
             assert 0 < by_daemons["min"] <= by_daemons["median"] <= by_daemons["p99"]
     assert result["setup"]["rtt_daemons"] == [2, 3, 6]
     assert result["setup"]["rtt_round_trips"] == 5
-    assert _processes_of_run(pid) == []
-    assert _floor_processes() == []
+    assert processes_of_bench_run(pid) == []
+    assert live_command_lines(lambda text: "meshcast.bench.rtt_floor" in text) == []
 
 
 def test_usage_errors_exit_2() -> None:

@@ -12,7 +12,6 @@ import asyncio
 import atexit
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,8 @@ import pytest
 from meshcast.bench import profile
 from meshcast.bench.profile import LAYERS, DaemonProfiler, ProfileError, load_pstats
 from meshcast.runtime import profiling
+
+from .process_helpers import live_command_lines, processes_of_bench_run
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -163,28 +164,7 @@ async def test_close_stops_a_running_py_spy(tmp_path: Path) -> None:
 
 
 def _live_py_spies(directory: Path) -> list[str]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "py-spy" in text and str(directory) in text:
-            found.append(text)
-    return found
-
-
-def _live_daemons(tag: int) -> list[str]:
-    name = re.compile(rf"g\d+-{tag}(?!\d)")
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "meshcast" in text and name.search(text):
-            found.append(text)
-    return found
+    return live_command_lines(lambda text: "py-spy" in text and str(directory) in text)
 
 
 @pytest.mark.parametrize("profiler", ["cprofile", "py-spy"])
@@ -209,7 +189,7 @@ def test_a_profiled_cell_leaves_a_profile_per_daemon(tmp_path: Path, profiler: s
         pytest.skip(f"py-spy may not attach to processes here (ptrace): {err[-500:]}")
     assert process.returncode == 0, err[-3000:]
     assert _live_py_spies(directory) == []
-    assert _live_daemons(process.pid) == []
+    assert processes_of_bench_run(process.pid) == []
 
     result = json.loads(out)
     summary = result["profile"]
