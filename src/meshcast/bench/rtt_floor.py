@@ -51,15 +51,15 @@ class _Child(JsonChild):
 # ---------------------------------------------------------------------- child side
 
 
-class _Relay(asyncio.DatagramProtocol, asyncio.Protocol):
-    """Both sockets of one relay: its client's stream and the relays' datagrams."""
+class _Relay(asyncio.DatagramProtocol):
+    """One relay: the other relays' datagrams to its client, its client's bytes to them."""
 
     def __init__(self, peers: Sequence[tuple[str, int]]) -> None:
         self.peers = peers
         self.udp: asyncio.DatagramTransport | None = None
         self.client: asyncio.Transport | None = None
 
-    def data_received(self, data: bytes) -> None:  # from the client
+    def from_client(self, data: bytes) -> None:
         udp = self.udp
         if udp is not None:
             for peer in self.peers:
@@ -120,7 +120,7 @@ class _ClientSide(asyncio.Protocol):
         self._seen.set()
 
     def data_received(self, data: bytes) -> None:
-        self._relay.data_received(data)
+        self._relay.from_client(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._relay.client = None
