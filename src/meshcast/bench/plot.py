@@ -274,5 +274,5 @@ def _group_rtt(
     )
     axes.set_xticks([int(c) for c in counts])
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="small", loc="upper left")
     _save(plt, figure, directory, "group_rtt.png")
