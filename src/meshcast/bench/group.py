@@ -83,7 +83,7 @@ from meshcast.config import ClusterConfig, LimitsConfig, parse_config
 from meshcast.errors import MeshcastError
 from meshcast.link import LinkConfig
 from meshcast.runtime.compiled import compiled
-from meshcast.runtime.json_child import JsonChild, emit
+from meshcast.runtime.json_child import JsonChild, emit, stdin_reader
 from meshcast.runtime.local_cluster import LocalCluster, loopback_mesh_toml
 from meshcast.runtime.loop import EVENT_LOOP_ENV, loop_factory
 from meshcast.runtime.loop import run as run_loop
@@ -998,19 +998,14 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
 
 async def _commands(queue: asyncio.Queue[dict[str, Any]], stop: asyncio.Event) -> None:
     """Commands from stdin into `queue`; "stop" or the end of stdin sets `stop`."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
-    )
     try:
-        while line := await reader.readline():
-            command = json.loads(line)
-            if command.get("cmd") == "stop":
-                break
-            queue.put_nowait(command)
+        async with stdin_reader() as reader:
+            while line := await reader.readline():
+                command = json.loads(line)
+                if command.get("cmd") == "stop":
+                    break
+                queue.put_nowait(command)
     finally:
-        transport.close()
         stop.set()
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import cast
 
 from meshcast.errors import MeshcastError
-from meshcast.runtime.json_child import JsonChild, emit
+from meshcast.runtime.json_child import JsonChild, emit, stdin_reader
 from meshcast.runtime.loop import run as run_loop
 
 READY_TIMEOUT = 20.0  # s: a child up and serving, a client accepted
@@ -72,16 +72,9 @@ class _Relay(asyncio.DatagramProtocol):
 
 
 async def _until_stdin_ends() -> None:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
-    )
-    try:
+    async with stdin_reader() as reader:
         while await reader.readline():
             pass
-    finally:
-        transport.close()
 
 
 async def relay_main(unix_path: str, udp_fd: int, peers: Sequence[tuple[str, int]]) -> None:

@@ -8,12 +8,28 @@ import asyncio
 import contextlib
 import json
 import sys
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
 from meshcast.errors import MeshcastError
 
 KILL_WAIT = 5.0  # s: after SIGTERM, then after SIGKILL
+
+
+@contextlib.asynccontextmanager
+async def stdin_reader() -> AsyncIterator[asyncio.StreamReader]:
+    """Child side: stdin as a stream on the running loop (the parent's commands, one JSON
+    line each; its end means "stop")."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+    )
+    try:
+        yield reader
+    finally:
+        transport.close()
 
 
 def emit(event: dict[str, Any]) -> None:

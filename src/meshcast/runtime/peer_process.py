@@ -39,7 +39,14 @@ from meshcast.errors import MeshcastError
 from meshcast.ids import NodeId
 from meshcast.link.config import LinkConfig
 from meshcast.runtime.impair import Impairment
-from meshcast.runtime.json_child import KILL_WAIT, JsonChild, emit, read_event, terminate
+from meshcast.runtime.json_child import (
+    KILL_WAIT,
+    JsonChild,
+    emit,
+    read_event,
+    stdin_reader,
+    terminate,
+)
 from meshcast.runtime.keyfile import read_key_file
 from meshcast.runtime.loop import run
 from meshcast.runtime.stats import DriverStats
@@ -134,31 +141,26 @@ class _Progress:
 async def _read_commands(
     peer_info: asyncio.Future[tuple[NodeId, Address]], stop: asyncio.Event
 ) -> None:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
-    )
     try:
-        while True:
-            line = await reader.readline()
-            if not line:
-                log.info("stdin closed: the parent is gone, stopping")
-                break
-            try:
-                command = json.loads(line)
-                kind = command["cmd"]
-                if kind == "stop":
+        async with stdin_reader() as reader:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    log.info("stdin closed: the parent is gone, stopping")
                     break
-                if kind == "peer" and not peer_info.done():
-                    address = (str(command["host"]), int(command["port"]))
-                    peer_info.set_result((NodeId(int(command["node"])), address))
-                else:
-                    log.warning("ignoring command %r", command)
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring malformed command %r: %s", line, exc)
+                try:
+                    command = json.loads(line)
+                    kind = command["cmd"]
+                    if kind == "stop":
+                        break
+                    if kind == "peer" and not peer_info.done():
+                        address = (str(command["host"]), int(command["port"]))
+                        peer_info.set_result((NodeId(int(command["node"])), address))
+                    else:
+                        log.warning("ignoring command %r", command)
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("ignoring malformed command %r: %s", line, exc)
     finally:
-        transport.close()
         stop.set()
 
 
